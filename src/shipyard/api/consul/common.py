@@ -1,0 +1,193 @@
+"""What every Consul endpoint shares: headers, error texts, durations, bodies and blocking queries.
+
+Consul answers errors as plain text with its own wording; clients match on those, so we do too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from shipyard.store import Compacted, Store
+
+DEFAULT_WAIT = 300.0
+MAX_WAIT = 600.0
+MAX_JSON_BODY = 1 << 20  # Consul's default http_max_header/body limits are of this order
+
+
+class ConsulError(web.HTTPException):
+    """An error answered the way Consul does: a status code and a plain-text message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status_code = status
+        super().__init__(text=message, content_type="text/plain")
+
+
+def bad_request(message: str) -> ConsulError:
+    return ConsulError(400, message)
+
+
+def not_found(message: str) -> ConsulError:
+    return ConsulError(404, message)
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any, field: str = "duration") -> float:
+    """Seconds from a Go duration string ("10s", "1m30s", "500ms") or a number of nanoseconds."""
+    if value is None or value == "":
+        return 0.0
+    if isinstance(value, bool):
+        raise bad_request(f"Request decode failed: invalid duration for {field}: {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise bad_request(f"Request decode failed: negative duration for {field}")
+        return float(value) / 1e9
+    if not isinstance(value, str):
+        raise bad_request(f"Request decode failed: invalid duration for {field}: {value!r}")
+    text = value.strip()
+    if text == "0":
+        return 0.0
+    pos = 0
+    total = 0.0
+    sign = 1.0
+    if text.startswith("-"):
+        sign, pos = -1.0, 1
+    if pos == len(text):
+        raise bad_request(f'Request decode failed: time: invalid duration "{value}"')
+    while pos < len(text):
+        m = _DURATION_PART.match(text, pos)
+        if m is None:
+            raise bad_request(f'Request decode failed: time: invalid duration "{value}"')
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        pos = m.end()
+    if sign < 0:
+        raise bad_request(f"Request decode failed: negative duration for {field}")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """Go-style rendering for durations we echo back ("10s", "1m30s", "500ms")."""
+    if seconds == 0:
+        return "0s"
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    whole = int(seconds)
+    h, rem = divmod(whole, 3600)
+    m, s = divmod(rem, 60)
+    frac = seconds - whole
+    out = ""
+    if h:
+        out += f"{h}h"
+    if h or m:
+        out += f"{m}m"
+    out += f"{s + frac:g}s"
+    return out
+
+
+async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
+    """The request body as JSON, or Consul's 400 "Request decode failed" text."""
+    if request.content_length is not None and request.content_length > MAX_JSON_BODY:
+        raise ConsulError(413, f"Request body too large, max size: {MAX_JSON_BODY} bytes")
+    body = await request.content.read(MAX_JSON_BODY + 1)
+    if len(body) > MAX_JSON_BODY:
+        raise ConsulError(413, f"Request body too large, max size: {MAX_JSON_BODY} bytes")
+    if not body.strip():
+        if allow_empty:
+            return None
+        raise bad_request("Request decode failed: EOF")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"Request decode failed: {exc}") from None
+
+
+def json_response(data: Any, *, index: int | None = None, status: int = 200) -> web.Response:
+    headers = {"X-Consul-KnownLeader": "true", "X-Consul-LastContact": "0"}
+    if index is not None:
+        headers["X-Consul-Index"] = str(max(index, 1))
+    body = orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
+    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
+
+
+def query_flag(request: web.Request, name: str) -> bool:
+    """Consul treats `?name` (no value) and `?name=true` alike as set."""
+    if name not in request.query:
+        return False
+    return request.query[name].lower() not in ("false", "0")
+
+
+def blocking_params(request: web.Request) -> tuple[int, float] | None:
+    """(index, wait seconds) when the request is a blocking query, else None."""
+    raw = request.query.get("index")
+    if raw is None or raw == "":
+        return None
+    try:
+        index = int(raw)
+    except ValueError:
+        raise bad_request(f"Invalid index: {raw!r}") from None
+    if index < 0:
+        raise bad_request(f"Invalid index: {raw!r}")
+    wait = DEFAULT_WAIT
+    if "wait" in request.query:
+        try:
+            wait = parse_duration(request.query["wait"], "wait")
+        except ConsulError:
+            raise bad_request(f"Invalid wait time: {request.query['wait']!r}") from None
+    wait = min(wait, MAX_WAIT) if wait > 0 else DEFAULT_WAIT
+    wait += random.uniform(0, wait / 16)  # Consul's jitter, so watchers don't return in lockstep
+    return index, wait
+
+
+ReadResult = tuple[Any, int, int]  # (result, consul index, store revision read at)
+
+
+async def blocking_query(
+    request: web.Request,
+    store: Store,
+    read: Callable[[], Awaitable[ReadResult]],
+    watch_key: str,
+    *,
+    prefix: bool,
+) -> tuple[Any, int]:
+    """Runs `read`, and for a blocking request waits until its index passes the client's one.
+
+    Only changes under `watch_key` wake the wait, so a write elsewhere never returns early; a
+    change there that leaves the result's index unchanged keeps waiting until the deadline."""
+    result, index, revision = await read()
+    params = blocking_params(request)
+    if params is None:
+        return result, index
+    min_index, wait = params
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while index <= min_index:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        try:
+            watcher = store.watch(watch_key, prefix=prefix, from_revision=revision + 1)
+        except Compacted:
+            return await _reread(read)
+        try:
+            await asyncio.wait_for(watcher.__anext__(), remaining)
+        except (TimeoutError, StopAsyncIteration):
+            watcher.cancel()
+            break
+        finally:
+            watcher.cancel()
+        result, index, revision = await read()
+    return result, index
+
+
+async def _reread(read: Callable[[], Awaitable[ReadResult]]) -> tuple[Any, int]:
+    result, index, _ = await read()
+    return result, index

@@ -1,0 +1,50 @@
+"""The running platform as the HTTP edges see it: the store, this node, and the registry parts.
+
+Built once by the server and shared read-only through the aiohttp app; it owns no logic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from shipyard.registry.catalog import Catalog
+    from shipyard.registry.health import HealthChecker
+    from shipyard.registry.kv import ConsulKV
+    from shipyard.registry.node import NodeIdentity
+    from shipyard.registry.sessions import SessionManager
+    from shipyard.store import Store
+
+
+@dataclass
+class ServerConfig:
+    data_dir: str | None  # None: --dev, state in memory only
+    bind: str = "127.0.0.1"
+    http_port: int = 8500
+    node_name: str = ""
+    datacenter: str = "dc1"
+    enable_script_checks: bool = False
+    insecure_bind: bool = False
+
+
+@dataclass
+class Platform:
+    config: ServerConfig
+    store: Store
+    node: NodeIdentity
+    catalog: Catalog
+    health: HealthChecker
+    kv: ConsulKV
+    sessions: SessionManager
+    started_at: float = 0.0
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+PLATFORM: web.AppKey[Platform] = web.AppKey("platform", Platform)
+
+
+def platform_of(request: web.Request) -> Platform:
+    return request.app[PLATFORM]

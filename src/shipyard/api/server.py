@@ -1,0 +1,141 @@
+"""Composition root of `shipyard server`: opens the store, builds the registry, serves the APIs.
+
+It wires parts together and runs them; the behaviour lives in the parts, never here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import ipaddress
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from shipyard.api.consul import add_consul_routes
+from shipyard.api.context import PLATFORM, Platform, ServerConfig
+from shipyard.api.errors import error_middleware
+from shipyard.errors import ShipyardError
+from shipyard.registry.catalog import Catalog
+from shipyard.registry.health import HealthChecker
+from shipyard.registry.kv import ConsulKV
+from shipyard.registry.node import NodeIdentity
+from shipyard.registry.sessions import SessionManager
+from shipyard.store import SqliteStore
+
+log = logging.getLogger("shipyard.server")
+
+# Consul's agent accepts bodies this large on its HTTP API; KV values are capped lower (512 KiB).
+MAX_REQUEST_BODY = 8 << 20
+
+
+class DataDirInUse(ShipyardError):
+    status = 409
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def lock_data_dir(data_dir: str) -> int:
+    """Holds an exclusive lock on the data dir for the life of the process (released on exit or kill)."""
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(data_dir) / "LOCK"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DataDirInUse(
+            f"data dir {data_dir} is in use by another shipyard server (pid {holder})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+async def build_platform(config: ServerConfig) -> Platform:
+    db_path = None if config.data_dir is None else os.path.join(config.data_dir, "store.db")
+    store = await SqliteStore.open(db_path)
+    node = NodeIdentity.load(
+        config.data_dir, name=config.node_name, address=config.bind, datacenter=config.datacenter
+    )
+    catalog = Catalog(store, node)
+    health = HealthChecker(store, catalog, node, enable_script_checks=config.enable_script_checks)
+    kv = ConsulKV(store)
+    sessions = SessionManager(store, catalog, kv, node)
+    return Platform(config, store, node, catalog, health, kv, sessions, started_at=time.time())
+
+
+async def start_platform(platform: Platform) -> None:
+    await platform.catalog.start()
+    await platform.sessions.start()
+    await platform.health.start()
+
+
+async def stop_platform(platform: Platform) -> None:
+    for part in (platform.health, platform.sessions, platform.catalog):
+        with contextlib.suppress(Exception):
+            await part.stop()
+    await platform.store.close()
+
+
+def build_app(platform: Platform) -> web.Application:
+    app = web.Application(client_max_size=MAX_REQUEST_BODY, middlewares=[error_middleware])
+    app[PLATFORM] = platform
+    add_consul_routes(app)
+    return app
+
+
+async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> None:
+    """Runs the server until SIGINT/SIGTERM."""
+    if not is_loopback(config.bind) and not config.insecure_bind:
+        raise ShipyardError(
+            f"refusing to bind to non-loopback address {config.bind}: the API has no access control yet "
+            "(pass --insecure-bind to do it anyway)",
+            status=2,
+        )
+    if not is_loopback(config.bind):
+        log.warning("binding to %s: the API has no access control; anyone who can reach it controls it", config.bind)
+    lock_fd = lock_data_dir(config.data_dir) if config.data_dir is not None else None
+    platform = await build_platform(config)
+    runner: web.AppRunner | None = None
+    try:
+        await start_platform(platform)
+        app = build_app(platform)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await runner.setup()
+        site = web.TCPSite(runner, config.bind, config.http_port, backlog=1024, reuse_address=True)
+        await site.start()
+        log.info(
+            "shipyard server ready: http://%s:%d (node %s, data dir %s)",
+            config.bind,
+            config.http_port,
+            platform.node.name,
+            config.data_dir or "in memory (--dev)",
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("shipyard server stopping")
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await stop_platform(platform)
+        if lock_fd is not None:
+            os.close(lock_fd)

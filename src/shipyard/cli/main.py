@@ -1,0 +1,101 @@
+"""Entry point of the `shipyard` command and its top-level options.
+
+Sub-commands live in sibling modules; this file only assembles them and maps errors to one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+from rich.console import Console
+
+from shipyard.errors import ShipyardError
+
+err_console = Console(stderr=True)
+
+
+class ShipyardGroup(click.Group):
+    """Turns any ShipyardError (and connection failures) into one red line and exit code 1."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
+        try:
+            return super().invoke(ctx)
+        except ShipyardError as exc:
+            err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
+            sys.exit(1)
+
+
+@click.group(cls=ShipyardGroup)
+@click.option(
+    "--http-addr",
+    envvar=["SHIPYARD_HTTP_ADDR", "CONSUL_HTTP_ADDR"],
+    default="127.0.0.1:8500",
+    show_default=True,
+    help="Address of the server's control API.",
+)
+@click.pass_context
+def cli(ctx: click.Context, http_addr: str) -> None:
+    """Shipyard: registry, config, gateway, scheduler and bus for your microservices."""
+    ctx.obj = {"http_addr": http_addr}
+
+
+@cli.command()
+@click.option("--data-dir", default="./shipyard-data", show_default=True, help="Where state is kept.")
+@click.option("--bind", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--http-port", default=8500, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--node", "node_name", default="", help="Node name (default: the host name).")
+@click.option("--datacenter", default="dc1", show_default=True)
+@click.option("--dev", is_flag=True, help="Keep all state in memory only (nothing on disk).")
+@click.option("--enable-script-checks", is_flag=True, help="Allow health checks that run commands.")
+@click.option("--insecure-bind", is_flag=True, help="Allow binding to a non-loopback address.")
+@click.option("--log-level", default="info", show_default=True)
+def server(
+    data_dir: str,
+    bind: str,
+    http_port: int,
+    node_name: str,
+    datacenter: str,
+    dev: bool,
+    enable_script_checks: bool,
+    insecure_bind: bool,
+    log_level: str,
+) -> None:
+    """Run the Shipyard server (control API on --http-port)."""
+    import uvloop
+
+    from shipyard.api.context import ServerConfig
+    from shipyard.api.server import serve
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    config = ServerConfig(
+        data_dir=None if dev else data_dir,
+        bind=bind,
+        http_port=http_port,
+        node_name=node_name,
+        datacenter=datacenter,
+        enable_script_checks=enable_script_checks,
+        insecure_bind=insecure_bind,
+    )
+    uvloop.run(serve(config))
+
+
+def _register_subcommands() -> None:
+    from shipyard.cli import registry_commands
+
+    registry_commands.register(cli)
+
+
+def main() -> None:
+    _register_subcommands()
+    try:
+        cli(prog_name="shipyard")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

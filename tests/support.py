@@ -1,0 +1,106 @@
+"""Helpers for integration tests: free ports and a real `shipyard server` process.
+
+Tests use these to talk to the server the way any client would; nothing here reaches inside it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+REQUIRE_PEERS = os.environ.get("SHIPYARD_REQUIRE_PEERS") == "1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need_peer(name: str, available: bool, why: str) -> None:
+    """Skip when a peer is absent, except under SHIPYARD_REQUIRE_PEERS=1 (CI), where it fails."""
+    if available:
+        return
+    if REQUIRE_PEERS:
+        pytest.fail(f"required peer {name} is missing: {why}")
+    pytest.skip(f"peer {name} is missing: {why}")
+
+
+def need_binary(name: str) -> str:
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    need_peer(name, path is not None, f"{name} not on PATH (apt-get install it)")
+    assert path is not None
+    return path
+
+
+class ServerProcess:
+    """A real `shipyard server` on free ports in its own data dir."""
+
+    def __init__(self, data_dir: Path, *extra: str, dev: bool = False) -> None:
+        self.data_dir = data_dir
+        self.extra = list(extra)
+        self.dev = dev
+        self.http_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "shipyard.cli.main", "server", "--http-port", str(self.http_port)]
+        cmd += ["--dev"] if self.dev else ["--data-dir", str(self.data_dir)]
+        return cmd + self.extra
+
+    def start(self, timeout: float = 20.0) -> ServerProcess:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                if requests.get(self.url + "/v1/status/leader", timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not become ready: {self.log_tail()}")
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+
+    def restart(self) -> ServerProcess:
+        self.stop()
+        return self.start()
