@@ -1,0 +1,55 @@
+"""A small synchronous client for the server's HTTP API, used by CLI commands.
+
+Turns every transport or HTTP failure into a ShipyardError with one clear line; never retries writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from shipyard.errors import ShipyardError
+
+
+class ServerUnreachable(ShipyardError):
+    status = 503
+
+
+class ApiClient:
+    def __init__(self, http_addr: str, *, timeout: float = 30.0) -> None:
+        base = http_addr if "://" in http_addr else f"http://{http_addr}"
+        self.base_url = base.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    def request(
+        self, method: str, path: str, *, params: dict[str, Any] | None = None, content: bytes | None = None,
+        json: Any = None, ok_statuses: tuple[int, ...] = (200,),
+    ) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, params=params, content=content, json=json)
+        except httpx.ConnectError:
+            raise ServerUnreachable(
+                f"cannot reach the shipyard server at {self.base_url} (is `shipyard server` running?)"
+            ) from None
+        except httpx.TimeoutException:
+            raise ServerUnreachable(f"the shipyard server at {self.base_url} did not answer in time") from None
+        except httpx.HTTPError as exc:
+            raise ServerUnreachable(f"talking to {self.base_url} failed: {exc}") from None
+        if response.status_code not in ok_statuses:
+            text = _error_text(response)
+            raise ShipyardError(f"{method} {path} failed ({response.status_code}): {text}", status=response.status_code)
+        return response
+
+    def get_json(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params or None).json()
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        if isinstance(body, dict) and "error" in body:
+            return str(body["error"])
+    except ValueError:
+        pass
+    return " ".join(response.text.split())[:300] or response.reason_phrase
