@@ -20,6 +20,7 @@ from aiohttp import web
 from shipyard.api.consul import add_consul_routes
 from shipyard.api.context import PLATFORM, Platform, ServerConfig
 from shipyard.api.errors import error_middleware
+from shipyard.api.native import add_native_routes
 from shipyard.errors import ShipyardError
 from shipyard.registry.catalog import Catalog
 from shipyard.registry.health import HealthChecker
@@ -95,6 +96,7 @@ def build_app(platform: Platform) -> web.Application:
     app = web.Application(client_max_size=MAX_REQUEST_BODY, middlewares=[error_middleware])
     app[PLATFORM] = platform
     add_consul_routes(app)
+    add_native_routes(app)
     return app
 
 

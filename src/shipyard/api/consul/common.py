@@ -14,6 +14,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from shipyard.api.body import read_limited
+from shipyard.errors import PayloadTooLarge
 from shipyard.store import Compacted, Store
 
 DEFAULT_WAIT = 300.0
@@ -95,11 +97,10 @@ def format_duration(seconds: float) -> str:
 
 async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
     """The request body as JSON, or Consul's 400 "Request decode failed" text."""
-    if request.content_length is not None and request.content_length > MAX_JSON_BODY:
-        raise ConsulError(413, f"Request body too large, max size: {MAX_JSON_BODY} bytes")
-    body = await request.content.read(MAX_JSON_BODY + 1)
-    if len(body) > MAX_JSON_BODY:
-        raise ConsulError(413, f"Request body too large, max size: {MAX_JSON_BODY} bytes")
+    try:
+        body = await read_limited(request, MAX_JSON_BODY)
+    except PayloadTooLarge:
+        raise ConsulError(413, f"Request body too large, max size: {MAX_JSON_BODY} bytes") from None
     if not body.strip():
         if allow_empty:
             return None

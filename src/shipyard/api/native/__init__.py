@@ -1,0 +1,14 @@
+"""Shipyard's own HTTP API under /api: the store for other processes (gateway workers, remote agents, SDK).
+
+Mounts route tables only; JSON in, JSON out, errors as {"error", "detail"}.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from shipyard.api.native import store_api
+
+
+def add_native_routes(app: web.Application) -> None:
+    app.router.add_routes(store_api.routes)

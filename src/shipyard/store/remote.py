@@ -1,0 +1,230 @@
+"""A Store that lives in another process: the server's /api/v1/store over HTTP.
+
+Gateway workers, remote agents and tools use it to read, write and watch; it keeps no state of its
+own beyond connections, and it never opens the server's SQLite file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+from shipyard.store.base import (
+    Compacted,
+    Compare,
+    Delete,
+    Event,
+    EventType,
+    Get,
+    KeyValue,
+    Lease,
+    LeaseNotFound,
+    Op,
+    Put,
+    RangeResult,
+    StoreError,
+    TxnResult,
+    WatchOverflow,
+)
+
+BASE = "/api/v1/store"
+
+
+def _kv(raw: dict[str, Any]) -> KeyValue:
+    return KeyValue(
+        raw["key"],
+        base64.b64decode(raw["value"]),
+        raw["create_revision"],
+        raw["mod_revision"],
+        raw["version"],
+        raw["lease"],
+    )
+
+
+def _event(raw: dict[str, Any]) -> Event:
+    prev = raw.get("prev_kv")
+    return Event(EventType[raw["type"]], _kv(raw["kv"]), _kv(prev) if prev else None)
+
+
+class RemoteWatcher:
+    """Reads the server's NDJSON watch stream; yields one batch per revision."""
+
+    def __init__(self, store: RemoteStore, key: str, prefix: bool, from_revision: int) -> None:
+        self._store = store
+        self._params = {"prefix": "1" if prefix else "0", "from_revision": str(from_revision)}
+        self._path = f"{BASE}/watch/{quote(key, safe='/')}"
+        self._response: aiohttp.ClientResponse | None = None
+        self._cancelled = False
+
+    def __aiter__(self) -> RemoteWatcher:
+        return self
+
+    async def _open(self) -> aiohttp.ClientResponse:
+        session = await self._store.session()
+        response = await session.get(
+            self._store.base_url + self._path, params=self._params, timeout=aiohttp.ClientTimeout(total=None)
+        )
+        if response.status == 410:
+            body = await response.json()
+            response.release()
+            raise Compacted(body.get("detail", {}).get("compact_revision", 0))
+        if response.status != 200:
+            text = await response.text()
+            response.release()
+            raise StoreError(f"watch failed ({response.status}): {text}")
+        await response.content.readline()  # the opening line: the revision the watch started at
+        return response
+
+    async def __anext__(self) -> list[Event]:
+        if self._cancelled:
+            raise StopAsyncIteration
+        if self._response is None:
+            self._response = await self._open()
+        while True:
+            line = await self._response.content.readline()
+            if not line:
+                raise StopAsyncIteration
+            if not line.strip():
+                continue  # heartbeat
+            data = orjson.loads(line)
+            if "error" in data:
+                raise WatchOverflow(data["error"])
+            if data["events"]:
+                return [_event(e) for e in data["events"]]
+
+    async def start(self) -> RemoteWatcher:
+        """Opens the stream now, so that events from this point on are not missed."""
+        if self._response is None:
+            self._response = await self._open()
+        return self
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._response is not None:
+            self._response.close()
+
+
+class RemoteStore:
+    """Store protocol over HTTP. `watch()` returns a watcher whose stream opens on first use
+    (or `await watcher.start()`); pass from_revision to be gap-free across reconnects."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+        self._revision = 0
+
+    async def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        return self._session
+
+    async def _call(self, method: str, path: str, *, params: dict[str, str] | None = None, data: Any = None) -> Any:
+        session = await self.session()
+        try:
+            async with session.request(method, self.base_url + path, params=params, data=data) as response:
+                body = await response.read()
+                if response.status >= 400:
+                    try:
+                        message = orjson.loads(body).get("error", "")
+                    except orjson.JSONDecodeError:
+                        message = body.decode(errors="replace")
+                    raise StoreError(message or f"HTTP {response.status}", status=response.status)
+                return orjson.loads(body)
+        except aiohttp.ClientError as exc:
+            raise StoreError(f"store at {self.base_url} unreachable: {exc}", status=503) from None
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    @property
+    def compact_revision(self) -> int:
+        return 0
+
+    async def get(self, key: str) -> KeyValue | None:
+        result = await self.range(key)
+        return result.kvs[0] if result.kvs else None
+
+    async def range(self, key: str, *, prefix: bool = False) -> RangeResult:
+        data = await self._call("GET", f"{BASE}/kv/{quote(key, safe='/')}", params={"prefix": "1" if prefix else "0"})
+        self._revision = max(self._revision, data["revision"])
+        return RangeResult([_kv(k) for k in data["kvs"]], data["revision"], data["index"])
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        data = await self._call("PUT", f"{BASE}/kv/{quote(key, safe='/')}", params={"lease": str(lease)}, data=value)
+        self._revision = max(self._revision, data["revision"])
+        return data["revision"]
+
+    async def delete(self, key: str, *, prefix: bool = False) -> tuple[int, int]:
+        data = await self._call(
+            "DELETE", f"{BASE}/kv/{quote(key, safe='/')}", params={"prefix": "1" if prefix else "0"}
+        )
+        return data["deleted"], data["revision"]
+
+    async def txn(self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        def op_json(op: Op) -> dict[str, Any]:
+            if isinstance(op, Put):
+                return {"op": "put", "key": op.key, "value": base64.b64encode(op.value).decode(), "lease": op.lease}
+            if isinstance(op, Delete):
+                return {"op": "delete", "key": op.key, "prefix": op.prefix}
+            assert isinstance(op, Get)
+            return {"op": "get", "key": op.key, "prefix": op.prefix}
+
+        def compare_json(c: Compare) -> dict[str, Any]:
+            value: Any = c.value
+            if isinstance(value, bytes):
+                value = base64.b64encode(value).decode()
+            return {"key": c.key, "target": c.target, "op": c.op, "value": value}
+
+        body = {
+            "compare": [compare_json(c) for c in compares],
+            "success": [op_json(op) for op in success],
+            "failure": [op_json(op) for op in failure],
+        }
+        data = await self._call("POST", f"{BASE}/txn", data=orjson.dumps(body))
+        responses: list[object] = []
+        for raw in data["responses"]:
+            if raw is None:
+                responses.append(None)
+            elif isinstance(raw, dict):
+                responses.append(_kv(raw))
+            else:
+                responses.append([_kv(k) for k in raw])
+        return TxnResult(data["succeeded"], data["revision"], responses)
+
+    def watch(self, key: str, *, prefix: bool = False, from_revision: int = 0) -> RemoteWatcher:
+        return RemoteWatcher(self, key, prefix, from_revision)
+
+    async def grant_lease(self, ttl: int) -> Lease:
+        data = await self._call("POST", f"{BASE}/leases", data=orjson.dumps({"ttl": ttl}))
+        return Lease(data["id"], data["ttl"])
+
+    async def keepalive(self, lease: int) -> int:
+        try:
+            return (await self._call("PUT", f"{BASE}/leases/{lease}/keepalive"))["ttl"]
+        except StoreError as exc:
+            if exc.status == 404:
+                raise LeaseNotFound(lease) from None
+            raise
+
+    async def revoke_lease(self, lease: int) -> None:
+        try:
+            await self._call("DELETE", f"{BASE}/leases/{lease}")
+        except StoreError as exc:
+            if exc.status == 404:
+                raise LeaseNotFound(lease) from None
+            raise
+
+    async def compact(self, revision: int) -> None:
+        raise StoreError("compaction is run by the server, not by remote clients", status=405)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            await asyncio.sleep(0)
