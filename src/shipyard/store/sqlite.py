@@ -59,18 +59,28 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 _WATCH_QUEUE_LIMIT = 50_000
 
 
-def _prefix_end(prefix: str) -> str:
-    """The smallest string greater than every string that starts with prefix."""
-    return prefix + "\U0010ffff"
+def _keys_under(keys: SortedDict, prefix: str) -> list[str]:
+    """The sorted keys of `keys` that start with prefix.
+
+    Walks from prefix and stops at the first key that does not start with it, rather than using an
+    upper bound like prefix + max-char, which would miss keys containing that very character."""
+    out = []
+    for k in keys.irange(minimum=prefix):
+        if not k.startswith(prefix):
+            break
+        out.append(k)
+    return out
 
 
 class _SqliteWatcher:
     """Queue of event batches fed by the store; iterate it, cancel it when done."""
 
-    def __init__(self, store: SqliteStore, key: str, prefix: bool) -> None:
+    def __init__(self, store: SqliteStore, key: str, prefix: bool, min_revision: int = 0) -> None:
         self._store = store
         self.key = key
         self.prefix = prefix
+        # A watch from a revision still in the future must not see the writes before it.
+        self.min_revision = min_revision
         self._queue: asyncio.Queue[list[Event] | BaseException] = asyncio.Queue()
         self._cancelled = False
         self.last_revision = 0
@@ -79,7 +89,7 @@ class _SqliteWatcher:
         return key.startswith(self.key) if self.prefix else key == self.key
 
     def deliver(self, batch: list[Event]) -> None:
-        if self._cancelled:
+        if self._cancelled or batch[0].revision < self.min_revision:
             return
         if self._queue.qsize() >= _WATCH_QUEUE_LIMIT:
             self._queue.put_nowait(WatchOverflow(f"watcher on {self.key!r} fell behind"))
@@ -224,11 +234,16 @@ class SqliteStore:
             return
         self._closed = True
         self._wakeup.set()
-        for task in self._tasks:
+        writer, *others = self._tasks
+        for task in others:
             task.cancel()
-        for task in self._tasks:
+        for task in others:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        # The writer is not cancelled: a group it has taken is committed (or fails) and its callers
+        # are answered, instead of being left waiting forever on futures nobody will resolve.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await writer
         for req in self._pending:
             if not req.future.done():
                 req.future.set_exception(StoreError("store closed"))
@@ -267,10 +282,9 @@ class SqliteStore:
             kvs = [kv] if kv is not None else []
             index = kv.mod_revision if kv is not None else self._tombstones.get(key, 0)
             return RangeResult(kvs, self._revision, index)
-        end = _prefix_end(key)
-        kvs = [self._kv[k] for k in self._kv.irange(key, end, inclusive=(True, False))]
+        kvs = [self._kv[k] for k in _keys_under(self._kv, key)]
         index = max((kv.mod_revision for kv in kvs), default=0)
-        for k in self._tombstones.irange(key, end, inclusive=(True, False)):
+        for k in _keys_under(self._tombstones, key):
             index = max(index, self._tombstones[k])
         return RangeResult(kvs, self._revision, index)
 
@@ -291,9 +305,18 @@ class SqliteStore:
     ) -> TxnResult:
         if self._closed:
             raise StoreError("store closed")
-        if not any(isinstance(op, Put | Delete | _DeleteLeaseKeys) for op in (*success, *failure)):
+        writes = False
+        for op in (*success, *failure):
+            if isinstance(op, Put):
+                writes = True
+                # Checked here so a bad value fails its caller alone, never a group's SQLite commit.
+                if not isinstance(op.value, bytes):
+                    raise StoreError(f"value of {op.key!r} must be bytes, not {type(op.value).__name__}", status=400)
+            elif isinstance(op, Delete | _DeleteLeaseKeys):
+                writes = True
+        if not writes:
             # Read-only: answer from memory now; no revision, no fsync.
-            return self._evaluate(compares, success, failure, {}, self._revision)[0]
+            return self._evaluate(compares, success, failure, {}, set(), self._revision)[0]
         future: asyncio.Future[TxnResult] = asyncio.get_running_loop().create_future()
         self._pending.append(_WriteRequest(compares, success, failure, future))
         self._wakeup.set()
@@ -305,7 +328,7 @@ class SqliteStore:
         return self._kv.get(key)
 
     def _keys_with_prefix(self, prefix: str, overlay: dict[str, KeyValue | None]) -> list[str]:
-        keys = set(self._kv.irange(prefix, _prefix_end(prefix), inclusive=(True, False)))
+        keys = set(_keys_under(self._kv, prefix))
         keys.update(k for k in overlay if k.startswith(prefix))
         return sorted(k for k in keys if self._lookup(k, overlay) is not None)
 
@@ -329,6 +352,8 @@ class SqliteStore:
             return actual != expected
         if actual is None or expected is None:
             return False
+        if isinstance(actual, bytes) != isinstance(expected, bytes):
+            raise StoreError(f"cannot compare {cmp.target} of {cmp.key!r} with {expected!r}", status=400)
         if cmp.op == "<":
             return actual < expected  # type: ignore[operator]
         return actual > expected  # type: ignore[operator]
@@ -339,16 +364,22 @@ class SqliteStore:
         success: Sequence[Op],
         failure: Sequence[Op],
         overlay: dict[str, KeyValue | None],
+        revoked: set[int],
         revision: int,
     ) -> tuple[TxnResult, list[Event]]:
         """Runs one txn against memory plus the group's overlay; records its writes in overlay.
 
-        `revision` is the revision this txn's writes would get. Raises LeaseNotFound before
-        touching the overlay, so a rejected txn leaves no trace."""
+        `revision` is the revision this txn's writes would get; `revoked` holds the leases revoked
+        earlier in this group (gone for every later txn). Raises LeaseNotFound before touching the
+        overlay, so a rejected txn leaves no trace."""
         succeeded = all(self._compare(c, overlay) for c in compares)
         ops = success if succeeded else failure
         for op in ops:
-            if isinstance(op, Put) and op.lease and op.lease not in self._leases:
+            if (
+                isinstance(op, Put | _DeleteLeaseKeys)
+                and op.lease
+                and (op.lease not in self._leases or op.lease in revoked)
+            ):
                 raise LeaseNotFound(op.lease)
         responses: list[object] = []
         events: list[Event] = []
@@ -375,9 +406,11 @@ class SqliteStore:
                 responses.append(prev)
             else:
                 if isinstance(op, _DeleteLeaseKeys):
-                    state = self._leases.get(op.lease)
-                    attached = sorted(state.keys) if state else []
-                    keys = [k for k in attached if (cur := self._lookup(k, overlay)) and cur.lease == op.lease]
+                    # Keys attached by earlier txns of this same group are only in the overlay yet.
+                    attached = set(self._leases[op.lease].keys)
+                    attached.update(k for k, kv in overlay.items() if kv is not None and kv.lease == op.lease)
+                    keys = [k for k in sorted(attached) if (cur := self._lookup(k, overlay)) and cur.lease == op.lease]
+                    revoked.add(op.lease)
                 elif op.prefix:
                     keys = self._keys_with_prefix(op.key, overlay)
                 else:
@@ -402,13 +435,14 @@ class SqliteStore:
                 continue
             batch, self._pending = self._pending, []
             overlay: dict[str, KeyValue | None] = {}
+            revoked: set[int] = set()
             revision = self._revision
             outcomes: list[tuple[_WriteRequest, TxnResult | BaseException]] = []
             group_events: list[list[Event]] = []
             for req in batch:
                 try:
                     result, events = self._evaluate(
-                        req.compares, req.success, req.failure, overlay, revision + 1
+                        req.compares, req.success, req.failure, overlay, revoked, revision + 1
                     )
                 except Exception as exc:  # a bad request fails alone, never the group
                     outcomes.append((req, exc))
@@ -419,17 +453,17 @@ class SqliteStore:
                 else:
                     result.revision = revision
                 outcomes.append((req, result))
-            if group_events:
+            if group_events or revoked:
                 try:
                     if self._db is not None:
-                        await loop.run_in_executor(self._executor, self._commit, group_events, revision)
+                        await loop.run_in_executor(self._executor, self._commit, group_events, revision, revoked)
                 except Exception as exc:
                     log.error("store commit failed: %s", exc)
                     for req, _ in outcomes:
                         if not req.future.done():
                             req.future.set_exception(StoreError(f"commit failed: {exc}"))
                     continue
-                self._apply(group_events, revision)
+                self._apply(group_events, revision, revoked)
             for req, outcome in outcomes:
                 if req.future.done():
                     continue
@@ -438,7 +472,7 @@ class SqliteStore:
                 else:
                     req.future.set_result(outcome)
 
-    def _commit(self, group_events: list[list[Event]], revision: int) -> None:
+    def _commit(self, group_events: list[list[Event]], revision: int, revoked: set[int]) -> None:
         """Writes one group in one SQLite transaction: one fsync for all of it."""
         db = self._db
         assert db is not None
@@ -465,14 +499,17 @@ class SqliteStore:
             dels = [(k,) for k, row in kv_rows.items() if row is None]
             if dels:
                 db.executemany("DELETE FROM kv WHERE key = ?", dels)
-            db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", event_rows)
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('revision', ?)", (revision,))
+            if event_rows:
+                db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", event_rows)
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('revision', ?)", (revision,))
+            if revoked:
+                db.executemany("DELETE FROM leases WHERE id = ?", [(lease,) for lease in revoked])
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
-    def _apply(self, group_events: list[list[Event]], revision: int) -> None:
+    def _apply(self, group_events: list[list[Event]], revision: int, revoked: set[int]) -> None:
         """Makes a durable group visible: memory state, history, leases, then watchers."""
         for events in group_events:
             for ev in events:
@@ -490,6 +527,8 @@ class SqliteStore:
                     self._tombstones[key] = ev.kv.mod_revision
                 self._history.append(ev)
                 self._history_revs.append(ev.kv.mod_revision)
+        for lease in revoked:
+            self._leases.pop(lease, None)
         self._revision = revision
         for events in group_events:
             self._notify(events)
@@ -514,7 +553,7 @@ class SqliteStore:
             raise StoreError("store closed")
         if from_revision and from_revision <= self._compact_revision:
             raise Compacted(self._compact_revision)
-        watcher = _SqliteWatcher(self, key, prefix)
+        watcher = _SqliteWatcher(self, key, prefix, from_revision)
         if from_revision and from_revision <= self._revision:
             # Replay history; registration below happens in the same loop step, so no gap.
             start = bisect.bisect_left(self._history_revs, from_revision)
@@ -578,20 +617,12 @@ class SqliteStore:
         return max(0.0, state.deadline - time.monotonic())
 
     async def revoke_lease(self, lease: int) -> None:
-        state = self._leases.get(lease)
-        if state is None:
+        if lease not in self._leases:
             raise LeaseNotFound(lease)
-        if state.keys:
-            # Resolved by the writer at commit time: only keys still attached to this lease go.
-            await self.txn((), (_DeleteLeaseKeys(lease),))
-        self._leases.pop(lease, None)
-        if self._db is not None:
-            db = self._db
-
-            def forget() -> None:
-                db.execute("DELETE FROM leases WHERE id = ?", (lease,))
-
-            await asyncio.get_running_loop().run_in_executor(self._executor, forget)
+        # Always through the writer, even with no keys attached yet: a put with this lease may be in
+        # the same or the in-flight group. The writer deletes the keys still attached at that point,
+        # forgets the lease in the same commit, and rejects every later put with it.
+        await self.txn((), (_DeleteLeaseKeys(lease),))
 
     async def _lease_loop(self) -> None:
         while not self._closed:

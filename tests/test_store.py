@@ -1,0 +1,779 @@
+"""Unit tests of the embedded store (SqliteStore) in-process, against a real SQLite file in a temp dir.
+
+They check the store contract of shipyard.store.base; they never look at SQLite rows directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from shipyard.store import (
+    Compacted,
+    Compare,
+    Delete,
+    Event,
+    EventType,
+    Get,
+    KeyValue,
+    LeaseNotFound,
+    Put,
+    SqliteStore,
+    StoreError,
+)
+
+# Generous upper bound for anything that should happen "soon"; never a performance assertion.
+SOON = 10.0
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "store" / "state.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
+    s = await SqliteStore.open(db_path)
+    yield s
+    await s.close()
+
+
+async def next_batch(watcher) -> list[Event]:  # type: ignore[no-untyped-def]
+    return await asyncio.wait_for(watcher.__anext__(), SOON)
+
+
+async def collect_revisions(watcher, until: int) -> list[int]:  # type: ignore[no-untyped-def]
+    """Revisions of every event the watcher yields, until one at revision `until` arrives."""
+    seen: list[int] = []
+    while not seen or seen[-1] < until:
+        batch = await next_batch(watcher)
+        assert len({ev.revision for ev in batch}) == 1, "a batch holds the events of exactly one revision"
+        seen.extend(ev.revision for ev in batch)
+    return seen
+
+
+# ---- revision / create / mod / version bookkeeping -------------------------------------------------
+
+
+async def test_fresh_store_is_empty_at_revision_zero(store: SqliteStore) -> None:
+    assert store.revision == 0
+    assert store.compact_revision == 0
+    assert await store.get("missing") is None
+    result = await store.range("", prefix=True)
+    assert result.kvs == []
+    assert result.revision == 0
+    assert result.index == 0
+
+
+async def test_put_bookkeeping(store: SqliteStore) -> None:
+    r1 = await store.put("a", b"1")
+    r2 = await store.put("b", b"2")
+    r3 = await store.put("a", b"3")
+    assert (r1, r2, r3) == (1, 2, 3)
+    assert store.revision == 3
+    assert await store.get("a") == KeyValue("a", b"3", create_revision=1, mod_revision=3, version=2, lease=0)
+    assert await store.get("b") == KeyValue("b", b"2", create_revision=2, mod_revision=2, version=1, lease=0)
+
+
+async def test_delete_and_recreate_resets_create_revision_and_version(store: SqliteStore) -> None:
+    await store.put("k", b"v1")
+    await store.put("k", b"v2")
+    count, rev = await store.delete("k")
+    assert (count, rev) == (1, 3)
+    assert await store.get("k") is None
+    r = await store.put("k", b"v3")
+    assert r == 4
+    assert await store.get("k") == KeyValue("k", b"v3", create_revision=4, mod_revision=4, version=1)
+
+
+async def test_deleting_nothing_leaves_revision_unchanged(store: SqliteStore) -> None:
+    await store.put("k", b"v")
+    assert await store.delete("other") == (0, 1)
+    assert await store.delete("nothing/", prefix=True) == (0, 1)
+    assert store.revision == 1
+
+
+async def test_delete_prefix_takes_one_revision(store: SqliteStore) -> None:
+    for k in ("dir/a", "dir/b", "dir/c/d", "dirx", "other"):
+        await store.put(k, b"v")
+    count, rev = await store.delete("dir/", prefix=True)
+    assert (count, rev) == (3, 6)
+    assert [kv.key for kv in (await store.range("", prefix=True)).kvs] == ["dirx", "other"]
+
+
+async def test_non_bytes_value_is_rejected_without_harm(store: SqliteStore) -> None:
+    with pytest.raises(StoreError) as err:
+        await store.put("k", "text")  # type: ignore[arg-type]
+    assert err.value.status == 400
+    assert store.revision == 0
+    assert await store.put("k", b"ok") == 1
+
+
+# ---- range --------------------------------------------------------------------------------------------
+
+
+async def test_range_prefix_is_sorted_and_exact(store: SqliteStore) -> None:
+    for k in ("app/z", "app/a", "ap", "app", "app/m/n", "apq", "app0", "app/\U0010ffffx", "b"):
+        await store.put(k, k.encode())
+    result = await store.range("app/", prefix=True)
+    assert [kv.key for kv in result.kvs] == ["app/a", "app/m/n", "app/z", "app/\U0010ffffx"]
+    assert all(kv.value == kv.key.encode() for kv in result.kvs)
+    assert result.revision == store.revision
+    every = await store.range("", prefix=True)
+    assert [kv.key for kv in every.kvs] == sorted(kv.key for kv in every.kvs)
+    assert len(every.kvs) == 9
+    single = await store.range("app")
+    assert [kv.key for kv in single.kvs] == ["app"]
+
+
+async def test_range_index_is_max_mod_revision(store: SqliteStore) -> None:
+    await store.put("p/a", b"1")  # 1
+    await store.put("p/b", b"2")  # 2
+    await store.put("q", b"3")  # 3
+    assert (await store.range("p/", prefix=True)).index == 2
+    assert (await store.range("p/a")).index == 1
+    assert (await store.range("q")).index == 3
+    assert (await store.range("p/", prefix=True)).revision == 3
+
+
+async def test_range_index_counts_tombstones(store: SqliteStore) -> None:
+    await store.put("p/a", b"1")  # 1
+    await store.put("p/b", b"2")  # 2
+    await store.delete("p/a")  # 3
+    await store.put("other", b"x")  # 4
+    prefix = await store.range("p/", prefix=True)
+    assert [kv.key for kv in prefix.kvs] == ["p/b"]
+    assert prefix.index == 3, "the deletion of p/a must move the prefix index"
+    gone = await store.range("p/a")
+    assert gone.kvs == []
+    assert gone.index == 3
+    assert (await store.range("never")).index == 0
+    # Re-creating the key replaces its tombstone with the live entry.
+    await store.put("p/a", b"again")  # 5
+    assert (await store.range("p/a")).index == 5
+    # A prefix with only tombstones still reports the deletion.
+    await store.delete("p/", prefix=True)  # 6
+    emptied = await store.range("p/", prefix=True)
+    assert emptied.kvs == []
+    assert emptied.index == 6
+
+
+# ---- txn ------------------------------------------------------------------------------------------------
+
+
+COMPARE_CASES = [
+    # existing key "k": value b"v2", version 2, create 1, mod 3, lease 0 (see compare_store)
+    ("version", "=", 2, True),
+    ("version", "!=", 2, False),
+    ("version", "<", 3, True),
+    ("version", ">", 2, False),
+    ("create", "=", 1, True),
+    ("create", ">", 0, True),
+    ("create", "<", 1, False),
+    ("mod", "=", 3, True),
+    ("mod", "!=", 3, False),
+    ("mod", ">", 2, True),
+    ("mod", "<", 3, False),
+    ("value", "=", b"v2", True),
+    ("value", "!=", b"v2", False),
+    ("value", ">", b"v1", True),
+    ("value", "<", b"v1", False),
+    ("lease", "=", 0, True),
+    ("lease", "!=", 0, False),
+    ("lease", ">", 0, False),
+]
+
+MISSING_CASES = [
+    # a missing key has version/create/mod/lease 0 and value None
+    ("version", "=", 0, True),
+    ("version", ">", 0, False),
+    ("create", "=", 0, True),
+    ("create", "<", 1, True),
+    ("mod", "=", 0, True),
+    ("mod", "!=", 0, False),
+    ("lease", "=", 0, True),
+    ("value", "=", None, True),
+    ("value", "=", b"", False),
+    ("value", "!=", b"x", True),
+    ("value", ">", b"", False),
+    ("value", "<", b"z", False),
+]
+
+
+async def _compare_store(store: SqliteStore) -> None:
+    await store.put("k", b"v1")  # 1
+    await store.put("other", b"x")  # 2
+    await store.put("k", b"v2")  # 3
+
+
+@pytest.mark.parametrize(("target", "op", "value", "expected"), COMPARE_CASES)
+async def test_txn_compare_existing_key(store: SqliteStore, target, op, value, expected) -> None:  # type: ignore[no-untyped-def]
+    await _compare_store(store)
+    result = await store.txn([Compare("k", target, op, value)], [Get("k")], [Get("other")])
+    assert result.succeeded is expected
+    assert result.responses[0][0].key == ("k" if expected else "other")  # type: ignore[index]
+    assert result.revision == 3
+
+
+@pytest.mark.parametrize(("target", "op", "value", "expected"), MISSING_CASES)
+async def test_txn_compare_missing_key(store: SqliteStore, target, op, value, expected) -> None:  # type: ignore[no-untyped-def]
+    await _compare_store(store)
+    result = await store.txn([Compare("absent", target, op, value)], [Put("won", b"1")], [Put("lost", b"1")])
+    assert result.succeeded is expected
+    assert await store.get("won" if expected else "lost") is not None
+    assert await store.get("lost" if expected else "won") is None
+
+
+async def test_txn_compare_lease_of_leased_key(store: SqliteStore) -> None:
+    lease = await store.grant_lease(60)
+    await store.put("k", b"v", lease=lease.id)
+    assert (await store.txn([Compare("k", "lease", "=", lease.id)], [])).succeeded
+    assert not (await store.txn([Compare("k", "lease", "=", 0)], [])).succeeded
+
+
+async def test_txn_all_compares_must_hold(store: SqliteStore) -> None:
+    await _compare_store(store)
+    both = [Compare("k", "version", "=", 2), Compare("other", "value", "=", b"x")]
+    assert (await store.txn(both, [])).succeeded
+    one_off = [Compare("k", "version", "=", 2), Compare("other", "value", "=", b"y")]
+    assert not (await store.txn(one_off, [])).succeeded
+    assert (await store.txn([], [])).succeeded, "no compares means success"
+
+
+async def test_txn_compare_of_mismatched_types_fails_alone(store: SqliteStore) -> None:
+    await store.put("k", b"v")
+    with pytest.raises(StoreError) as err:
+        await store.txn([Compare("k", "value", "<", 5)], [Put("x", b"1")])
+    assert err.value.status == 400
+    with pytest.raises(StoreError):
+        await store.txn([Compare("k", "version", ">", b"1")], [Get("k")])
+    assert await store.get("x") is None
+    assert await store.put("y", b"1") == 2
+
+
+async def test_txn_responses(store: SqliteStore) -> None:
+    await store.put("a/1", b"one")  # 1
+    await store.put("a/2", b"two")  # 2
+    await store.put("b", b"bee")  # 3
+    result = await store.txn(
+        [],
+        [
+            Get("a/", prefix=True),
+            Put("b", b"bee2"),
+            Put("c", b"new"),
+            Delete("a/", prefix=True),
+            Get("a/", prefix=True),
+            Get("c"),
+            Delete("nothing"),
+        ],
+    )
+    assert result.succeeded
+    assert result.revision == 4, "one txn is one revision"
+    got, prev_b, prev_c, deleted, got_after, got_c, deleted_none = result.responses
+    assert [kv.key for kv in got] == ["a/1", "a/2"]  # type: ignore[attr-defined]
+    assert prev_b == KeyValue("b", b"bee", 3, 3, 1)
+    assert prev_c is None
+    assert [(kv.key, kv.value) for kv in deleted] == [("a/1", b"one"), ("a/2", b"two")]  # type: ignore[attr-defined]
+    assert got_after == []
+    assert got_c == [KeyValue("c", b"new", 4, 4, 1)]
+    assert deleted_none == []
+    assert await store.get("b") == KeyValue("b", b"bee2", 3, 4, 2)
+
+
+async def test_read_only_txn_takes_no_revision(store: SqliteStore) -> None:
+    await store.put("a", b"1")
+    result = await store.txn([Compare("a", "version", "=", 1)], [Get("a")], [])
+    assert result.succeeded
+    assert result.revision == 1
+    assert store.revision == 1
+    failed_write = await store.txn([Compare("a", "version", "=", 9)], [Put("a", b"x")], [])
+    assert not failed_write.succeeded
+    assert failed_write.revision == 1
+    assert store.revision == 1
+
+
+async def test_txn_is_atomic_when_an_op_is_rejected(store: SqliteStore) -> None:
+    await store.put("a", b"old")
+    with pytest.raises(LeaseNotFound):
+        await store.txn([], [Put("a", b"new"), Put("b", b"x", lease=424242)])
+    assert (await store.get("a")).value == b"old"  # type: ignore[union-attr]
+    assert await store.get("b") is None
+    assert store.revision == 1
+    assert await store.put("c", b"ok") == 2, "a rejected txn consumes no revision"
+
+
+async def test_rejected_txn_does_not_disturb_its_group(store: SqliteStore) -> None:
+    results = await asyncio.gather(
+        store.put("x", b"1"),
+        store.txn([], [Put("y", b"1"), Put("z", b"1", lease=99)]),
+        store.put("w", b"1"),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], LeaseNotFound)
+    assert sorted([results[0], results[2]]) == [1, 2]  # type: ignore[type-var]
+    assert [kv.key for kv in (await store.range("", prefix=True)).kvs] == ["w", "x"]
+
+
+async def test_concurrent_compare_and_swap_is_serialised(store: SqliteStore) -> None:
+    await store.put("counter", b"0")
+
+    async def increment() -> None:
+        while True:
+            kv = await store.get("counter")
+            assert kv is not None
+            new = str(int(kv.value) + 1).encode()
+            result = await store.txn([Compare("counter", "mod", "=", kv.mod_revision)], [Put("counter", new)])
+            if result.succeeded:
+                return
+
+    await asyncio.gather(*(increment() for _ in range(50)))
+    assert (await store.get("counter")).value == b"50"  # type: ignore[union-attr]
+
+
+# ---- watch ----------------------------------------------------------------------------------------------
+
+
+async def test_watch_from_past_revision_replays_then_goes_live(store: SqliteStore) -> None:
+    for i in range(10):
+        await store.put(f"w/{i}", str(i).encode())  # revisions 1..10
+    await store.put("elsewhere", b"x")  # 11
+    watcher = store.watch("w/", prefix=True, from_revision=4)
+
+    async def writer() -> None:
+        for i in range(10, 20):
+            await store.put(f"w/{i}", str(i).encode())  # 12..21
+
+    task = asyncio.create_task(writer())
+    revisions = await collect_revisions(watcher, until=21)
+    await task
+    watcher.cancel()
+    assert revisions == [*range(4, 11), *range(12, 22)], "no gaps, no duplicates, nothing from other keys"
+
+
+async def test_watch_registered_while_writes_are_in_flight_has_no_gap(store: SqliteStore) -> None:
+    await store.put("k", b"0")
+    writers = [asyncio.create_task(store.put("k", str(i).encode())) for i in range(1, 30)]
+    await asyncio.sleep(0)  # let the writes queue up and the writer take a group
+    start = store.revision + 1
+    watcher = store.watch("k", from_revision=start)
+    await asyncio.gather(*writers)
+    revisions = await collect_revisions(watcher, until=30)
+    watcher.cancel()
+    assert revisions == list(range(start, 31))
+
+
+async def test_watch_events_carry_values_and_prev(store: SqliteStore) -> None:
+    watcher = store.watch("k")
+    await store.put("k", b"a")  # 1
+    await store.put("k", b"b")  # 2
+    await store.delete("k")  # 3
+    first, second, third = [await next_batch(watcher) for _ in range(3)]
+    watcher.cancel()
+    assert first == [Event(EventType.PUT, KeyValue("k", b"a", 1, 1, 1), None)]
+    assert second[0].type == EventType.PUT
+    assert second[0].kv == KeyValue("k", b"b", 1, 2, 2)
+    assert second[0].prev_kv == KeyValue("k", b"a", 1, 1, 1)
+    assert third[0].type == EventType.DELETE
+    assert third[0].kv.key == "k"
+    assert third[0].revision == 3
+    assert third[0].prev_kv == KeyValue("k", b"b", 1, 2, 2)
+
+
+async def test_watch_of_exact_key_is_not_woken_by_other_keys(store: SqliteStore) -> None:
+    watcher = store.watch("svc")
+    for k in ("svc2", "svc/x", "sv", "other"):
+        await store.put(k, b"noise")
+    await store.delete("svc/", prefix=True)
+    rev = await store.put("svc", b"mine")
+    batch = await next_batch(watcher)
+    watcher.cancel()
+    assert [(ev.kv.key, ev.revision) for ev in batch] == [("svc", rev)]
+
+
+async def test_prefix_watch_gets_one_batch_per_revision(store: SqliteStore) -> None:
+    watcher = store.watch("p/", prefix=True)
+    await store.txn([], [Put("p/a", b"1"), Put("q", b"1"), Put("p/b", b"1")])
+    await store.delete("p/", prefix=True)
+    first = await next_batch(watcher)
+    second = await next_batch(watcher)
+    watcher.cancel()
+    assert [(ev.type, ev.kv.key) for ev in first] == [(EventType.PUT, "p/a"), (EventType.PUT, "p/b")]
+    assert [(ev.type, ev.kv.key) for ev in second] == [(EventType.DELETE, "p/a"), (EventType.DELETE, "p/b")]
+    assert {ev.revision for ev in first} == {1}
+    assert {ev.revision for ev in second} == {2}
+
+
+async def test_watch_from_future_revision_skips_earlier_writes(store: SqliteStore) -> None:
+    await store.put("k", b"0")  # 1
+    watcher = store.watch("k", from_revision=4)
+    for i in range(1, 5):
+        await store.put("k", str(i).encode())  # 2..5
+    revisions = await collect_revisions(watcher, until=5)
+    watcher.cancel()
+    assert revisions == [4, 5]
+
+
+async def test_cancelled_watch_stops_iterating(store: SqliteStore) -> None:
+    watcher = store.watch("k")
+    await store.put("k", b"1")
+    watcher.cancel()
+    await store.put("k", b"2")
+    seen = [batch async for batch in watcher]
+    assert len(seen) <= 1
+    assert store.watcher_count() == 0
+
+
+async def test_close_ends_watchers(db_path: Path) -> None:
+    s = await SqliteStore.open(db_path)
+    watcher = s.watch("k")
+    await s.close()
+    with pytest.raises(StopAsyncIteration):
+        await next_batch(watcher)
+    with pytest.raises(StoreError):
+        s.watch("k")
+    with pytest.raises(StoreError):
+        await s.put("k", b"v")
+
+
+# ---- compaction -----------------------------------------------------------------------------------------
+
+
+async def test_compaction_trims_history(store: SqliteStore) -> None:
+    for i in range(10):
+        await store.put("k", str(i).encode())  # 1..10
+    await store.put("gone", b"x")  # 11
+    await store.delete("gone")  # 12
+    await store.compact(6)
+    assert store.compact_revision == 6
+    with pytest.raises(Compacted) as err:
+        store.watch("k", from_revision=6)
+    assert err.value.compact_revision == 6
+    assert err.value.status == 410
+    with pytest.raises(Compacted):
+        store.watch("k", from_revision=1)
+    watcher = store.watch("k", from_revision=7)
+    assert await collect_revisions(watcher, until=10) == [7, 8, 9, 10]
+    watcher.cancel()
+    # Current state is untouched by compaction.
+    assert await store.get("k") == KeyValue("k", b"9", 1, 10, 10)
+    assert (await store.range("gone")).index == 12, "a tombstone newer than the compaction stays"
+
+
+async def test_compaction_forgets_old_tombstones(store: SqliteStore) -> None:
+    await store.put("t/a", b"1")  # 1
+    await store.delete("t/a")  # 2
+    await store.put("x", b"1")  # 3
+    await store.compact(2)
+    assert (await store.range("t/", prefix=True)).index == 0
+
+
+async def test_compaction_bounds(store: SqliteStore) -> None:
+    await store.put("k", b"1")
+    await store.put("k", b"2")
+    with pytest.raises(StoreError):
+        await store.compact(5)
+    await store.compact(1)
+    with pytest.raises(Compacted):
+        await store.compact(1)
+    await store.compact(2)
+    assert store.compact_revision == 2
+    watcher = store.watch("k", from_revision=3)
+    rev = await store.put("k", b"3")
+    assert await collect_revisions(watcher, until=rev) == [3]
+    watcher.cancel()
+
+
+async def test_reopen_keeps_compact_revision_and_remaining_history(db_path: Path) -> None:
+    s = await SqliteStore.open(db_path)
+    for i in range(8):
+        await s.put(f"k{i % 2}", str(i).encode())  # 1..8
+    await s.compact(5)
+    await s.close()
+
+    s = await SqliteStore.open(db_path)
+    try:
+        assert s.compact_revision == 5
+        assert s.revision == 8
+        with pytest.raises(Compacted):
+            s.watch("k0", from_revision=5)
+        watcher = s.watch("k", prefix=True, from_revision=6)
+        assert await collect_revisions(watcher, until=8) == [6, 7, 8]
+        watcher.cancel()
+    finally:
+        await s.close()
+
+
+async def test_automatic_compaction_keeps_the_retention(db_path: Path) -> None:
+    s = await SqliteStore.open(db_path, history_retention=5)
+    try:
+        for i in range(20):
+            await s.put("k", str(i).encode())
+        # The background compactor runs on its own schedule; compacting by hand exercises the same path.
+        await s.compact(s.revision - 5)
+        assert s.compact_revision == 15
+        watcher = s.watch("k", from_revision=16)
+        assert await collect_revisions(watcher, until=20) == [16, 17, 18, 19, 20]
+        watcher.cancel()
+    finally:
+        await s.close()
+
+
+# ---- leases ---------------------------------------------------------------------------------------------
+
+
+async def test_lease_expiry_deletes_attached_keys(store: SqliteStore) -> None:
+    lease = await store.grant_lease(1)
+    assert lease.ttl == 1
+    await store.put("session/a", b"1", lease=lease.id)
+    await store.put("session/b", b"1", lease=lease.id)
+    await store.put("plain", b"1")
+    watcher = store.watch("session/", prefix=True)
+    batch = await next_batch(watcher)
+    watcher.cancel()
+    assert sorted((ev.type, ev.kv.key) for ev in batch) == [
+        (EventType.DELETE, "session/a"),
+        (EventType.DELETE, "session/b"),
+    ]
+    assert await store.get("plain") is not None
+    with pytest.raises(LeaseNotFound):
+        await store.keepalive(lease.id)
+    with pytest.raises(LeaseNotFound):
+        await store.put("late", b"1", lease=lease.id)
+
+
+async def test_keepalive_holds_the_lease(store: SqliteStore) -> None:
+    lease = await store.grant_lease(1)
+    await store.put("held", b"1", lease=lease.id)
+    watcher = store.watch("held")
+    # Keep it alive for well over its TTL; the key must stay.
+    for _ in range(8):
+        assert await store.keepalive(lease.id) == 1
+        assert store.lease_remaining(lease.id) > 0
+        await asyncio.sleep(0.25)
+    assert await store.get("held") is not None
+    # Once the keepalives stop, it expires.
+    batch = await next_batch(watcher)
+    watcher.cancel()
+    assert batch[0].type == EventType.DELETE
+    assert await store.get("held") is None
+
+
+async def test_revoke_deletes_attached_keys_at_once(store: SqliteStore) -> None:
+    lease = await store.grant_lease(600)
+    await store.put("a", b"1", lease=lease.id)
+    await store.put("b", b"1", lease=lease.id)
+    before = store.revision
+    await store.revoke_lease(lease.id)
+    assert await store.get("a") is None
+    assert await store.get("b") is None
+    assert store.revision == before + 1, "a revoke deletes its keys in one revision"
+    with pytest.raises(LeaseNotFound):
+        await store.revoke_lease(lease.id)
+    with pytest.raises(LeaseNotFound):
+        await store.keepalive(lease.id)
+
+
+async def test_revoking_a_lease_without_keys(store: SqliteStore) -> None:
+    lease = await store.grant_lease(600)
+    await store.revoke_lease(lease.id)
+    assert store.revision == 0
+    with pytest.raises(LeaseNotFound):
+        await store.put("k", b"v", lease=lease.id)
+
+
+async def test_reput_without_lease_detaches_the_key(store: SqliteStore) -> None:
+    lease = await store.grant_lease(600)
+    other = await store.grant_lease(600)
+    await store.put("detached", b"1", lease=lease.id)
+    await store.put("detached", b"2")
+    await store.put("moved", b"1", lease=lease.id)
+    await store.put("moved", b"2", lease=other.id)
+    await store.put("stays", b"1", lease=lease.id)
+    await store.revoke_lease(lease.id)
+    assert (await store.get("detached")).lease == 0  # type: ignore[union-attr]
+    assert (await store.get("moved")).lease == other.id  # type: ignore[union-attr]
+    assert await store.get("stays") is None
+    await store.revoke_lease(other.id)
+    assert await store.get("moved") is None
+
+
+async def test_put_with_unknown_lease_is_rejected(store: SqliteStore) -> None:
+    with pytest.raises(LeaseNotFound) as err:
+        await store.put("k", b"v", lease=12345)
+    assert err.value.status == 404
+    assert store.revision == 0
+
+
+async def test_bad_lease_ttl_is_rejected(store: SqliteStore) -> None:
+    with pytest.raises(StoreError) as err:
+        await store.grant_lease(0)
+    assert err.value.status == 400
+
+
+async def test_put_racing_a_revoke_never_leaves_an_orphan(store: SqliteStore) -> None:
+    # The put and the revoke land in the same group; whichever order, no key may outlive its lease.
+    for i in range(20):
+        lease = await store.grant_lease(600)
+        await store.put(f"anchor/{i}", b"v", lease=lease.id)  # so the revoke has keys to delete
+        key = f"race/{i}"
+        if i % 2:
+            outcome = await asyncio.gather(
+                store.put(key, b"v", lease=lease.id), store.revoke_lease(lease.id), return_exceptions=True
+            )
+        else:
+            outcome = await asyncio.gather(
+                store.revoke_lease(lease.id), store.put(key, b"v", lease=lease.id), return_exceptions=True
+            )
+        assert not any(isinstance(o, BaseException) and not isinstance(o, LeaseNotFound) for o in outcome)
+        assert await store.get(key) is None, f"{key} outlived its revoked lease ({outcome})"
+        assert await store.get(f"anchor/{i}") is None
+
+
+async def test_leases_survive_reopen(db_path: Path) -> None:
+    s = await SqliteStore.open(db_path)
+    lease = await s.grant_lease(600)
+    await s.put("leased", b"1", lease=lease.id)
+    revoked = await s.grant_lease(600)
+    await s.put("revoked", b"1", lease=revoked.id)
+    await s.revoke_lease(revoked.id)
+    await s.close()
+
+    s = await SqliteStore.open(db_path)
+    try:
+        assert (await s.get("leased")).lease == lease.id  # type: ignore[union-attr]
+        assert await s.get("revoked") is None
+        with pytest.raises(LeaseNotFound):
+            await s.keepalive(revoked.id)
+        assert await s.keepalive(lease.id) == 600
+        fresh = await s.grant_lease(600)
+        assert fresh.id != lease.id
+        await s.revoke_lease(lease.id)
+        assert await s.get("leased") is None
+    finally:
+        await s.close()
+
+
+# ---- group commit and durability ----------------------------------------------------------------------
+
+
+class CountingStore(SqliteStore):
+    """A real SqliteStore that also counts its SQLite commits (one fsync each)."""
+
+    commits = 0
+
+    def _commit(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._commit(*args, **kwargs)
+        self.commits += 1
+
+
+async def test_group_commit_gives_each_write_its_own_revision(db_path: Path) -> None:
+    s = await CountingStore.open(db_path)
+    n = 300
+    revisions = await asyncio.gather(*(s.put(f"g/{i:04d}", f"value-{i}".encode()) for i in range(n)))
+    assert sorted(revisions) == list(range(1, n + 1)), "every write has its own revision"
+    assert s.revision == n
+    assert 1 <= s.commits < n, "concurrent writes share commits"
+    for i, rev in enumerate(revisions):
+        assert await s.get(f"g/{i:04d}") == KeyValue(f"g/{i:04d}", f"value-{i}".encode(), rev, rev, 1)
+    await s.close()
+
+    s = await SqliteStore.open(db_path)
+    try:
+        assert s.revision == n
+        kvs = (await s.range("g/", prefix=True)).kvs
+        assert [(kv.key, kv.value, kv.mod_revision) for kv in kvs] == [
+            (f"g/{i:04d}", f"value-{i}".encode(), revisions[i]) for i in range(n)
+        ]
+    finally:
+        await s.close()
+
+
+async def test_same_key_written_many_times_in_one_group(db_path: Path) -> None:
+    s = await SqliteStore.open(db_path)
+    revisions = await asyncio.gather(*(s.put("hot", str(i).encode()) for i in range(100)))
+    final = await s.get("hot")
+    assert final is not None
+    assert final.version == 100
+    assert final.mod_revision == max(revisions)
+    await s.close()
+    s = await SqliteStore.open(db_path)
+    try:
+        assert await s.get("hot") == final
+    finally:
+        await s.close()
+
+
+async def test_reopen_after_close_keeps_everything(db_path: Path) -> None:
+    s = await SqliteStore.open(db_path)
+    await s.put("a", b"1")  # 1
+    await s.put("b", b"\x00\xffbinary")  # 2
+    await s.put("a", b"2")  # 3
+    await s.put("dead", b"x")  # 4
+    await s.delete("dead")  # 5
+    await s.txn([], [Put("t/1", b"1"), Put("t/2", b"2")])  # 6
+    before = {kv.key: kv for kv in (await s.range("", prefix=True)).kvs}
+    await s.close()
+
+    s = await SqliteStore.open(db_path)
+    try:
+        assert s.revision == 6
+        after = {kv.key: kv for kv in (await s.range("", prefix=True)).kvs}
+        assert after == before
+        assert (await s.range("dead")).index == 5, "tombstones survive a restart"
+        watcher = s.watch("", prefix=True, from_revision=1)
+        assert await collect_revisions(watcher, until=6) == [1, 2, 3, 4, 5, 6, 6]
+        watcher.cancel()
+        assert await s.put("c", b"1") == 7, "revisions continue after a restart"
+    finally:
+        await s.close()
+
+
+async def test_close_answers_every_inflight_write(db_path: Path) -> None:
+    s = await SqliteStore.open(db_path)
+    writes = [asyncio.create_task(s.put(f"c/{i}", b"v")) for i in range(200)]
+    # Let the writer take the group and start committing it, then close under it.
+    for _ in range(3):
+        await asyncio.sleep(0)
+    await s.close()
+    outcomes = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), SOON)
+    acknowledged = [i for i, o in enumerate(outcomes) if isinstance(o, int)]
+    assert all(isinstance(o, int | StoreError) for o in outcomes)
+    s = await SqliteStore.open(db_path)
+    try:
+        for i in acknowledged:
+            assert await s.get(f"c/{i}") is not None, "an acknowledged write is durable"
+    finally:
+        await s.close()
+
+
+# ---- dev mode -------------------------------------------------------------------------------------------
+
+
+async def test_dev_mode_keeps_state_in_memory_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = await SqliteStore.open(None)
+    try:
+        revs = await asyncio.gather(*(s.put(f"d/{i}", b"v") for i in range(50)))
+        assert sorted(revs) == list(range(1, 51))
+        lease = await s.grant_lease(600)
+        await s.put("d/leased", b"v", lease=lease.id)
+        watcher = s.watch("d/", prefix=True, from_revision=10)
+        assert (await next_batch(watcher))[0].revision == 10
+        watcher.cancel()
+        await s.revoke_lease(lease.id)
+        assert await s.get("d/leased") is None
+        assert (await s.delete("d/", prefix=True))[0] == 50
+        await s.compact(s.revision)
+        result = await s.txn([Compare("d/1", "version", "=", 0)], [Put("x", b"1")])
+        assert result.succeeded
+    finally:
+        await s.close()
+    assert list(tmp_path.iterdir()) == [], "dev mode writes no files"
+    fresh = await SqliteStore.open(None)
+    try:
+        assert fresh.revision == 0
+    finally:
+        await fresh.close()
