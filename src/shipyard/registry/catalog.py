@@ -1,13 +1,622 @@
-"""Catalog of nodes, services and checks (being written)."""
+"""The service catalog: nodes, service instances and health checks, stored under catalog/ in Consul's shapes.
+
+Owns every write under catalog/ and the read model the Consul endpoints answer from; it never runs a check.
+"""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, unquote
+
+import orjson
+
+from shipyard.errors import NotFound
+from shipyard.registry.node import NodeIdentity
+from shipyard.store import Compare, Delete, KeyValue, Put, Store
+
+log = logging.getLogger("shipyard.catalog")
+
+PREFIX = "catalog/"
+NODES = "catalog/nodes/"
+SERVICES = "catalog/services/"
+CHECKS = "catalog/checks/"
+# One key per service name, touched in the same txn as every change that alters that service's
+# catalog or health answers: its mod_revision is the X-Consul-Index of per-service queries, and it
+# survives the last instance's removal so a blocking reader still sees the removal as a change.
+SERVICE_INDEX = "catalog/service-index/"
+
+PASSING, WARNING, CRITICAL, MAINTENANCE = "passing", "warning", "critical", "maintenance"
+STATUSES = (PASSING, WARNING, CRITICAL)
+
+SERF_CHECK_ID = "serfHealth"
+NODE_MAINT_CHECK_ID = "_node_maintenance"
+SERVICE_MAINT_PREFIX = "_service_maintenance:"
+DEFAULT_SERVICE_MAINT_REASON = (
+    "Maintenance mode is enabled for this service, but no reason was provided. This is a default message."
+)
+DEFAULT_NODE_MAINT_REASON = (
+    "Maintenance mode is enabled for this node, but no reason was provided. This is a default message."
+)
+# Types of checks the health checker runs; anything else (catalog-registered, maintenance) is only stored.
+RUNNABLE_TYPES = ("http", "tcp", "ttl", "script")
+MAX_CAS_RETRIES = 50
+
+
+def _q(part: str) -> str:
+    return quote(part, safe="")
+
+
+def node_key(node: str) -> str:
+    return NODES + _q(node)
+
+
+def service_key(node: str, service_id: str) -> str:
+    return f"{SERVICES}{_q(node)}/{_q(service_id)}"
+
+
+def check_key(node: str, check_id: str) -> str:
+    return f"{CHECKS}{_q(node)}/{_q(check_id)}"
+
+
+def service_index_key(name: str) -> str:
+    return SERVICE_INDEX + _q(name)
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
+def _split_key(key: str, prefix: str) -> tuple[str, str]:
+    node, _, rest = key[len(prefix) :].partition("/")
+    return unquote(node), unquote(rest)
+
+
+def service_maintenance_check_id(service_id: str) -> str:
+    return SERVICE_MAINT_PREFIX + service_id
+
+
+@dataclass
+class Entry:
+    """A parsed catalog record with the store revisions Consul reports as CreateIndex/ModifyIndex."""
+
+    data: dict[str, Any]
+    create_index: int
+    modify_index: int
+
+    def with_indexes(self) -> dict[str, Any]:
+        out = dict(self.data)
+        out["CreateIndex"] = self.create_index
+        out["ModifyIndex"] = self.modify_index
+        return out
+
+
+def _entry(kv: KeyValue) -> Entry | None:
+    try:
+        data = orjson.loads(kv.value)
+    except orjson.JSONDecodeError:
+        log.error("ignoring undecodable catalog record %s", kv.key)
+        return None
+    if not isinstance(data, dict):
+        return None
+    return Entry(data, kv.create_revision, kv.mod_revision)
+
+
+@dataclass
+class CatalogSnapshot:
+    """Everything under catalog/ as of one store revision, indexed for the queries the API makes."""
+
+    revision: int
+    index: int  # range index of the whole catalog/ prefix (entries and remembered deletions)
+    nodes: dict[str, Entry] = field(default_factory=dict)
+    services: dict[tuple[str, str], Entry] = field(default_factory=dict)  # (node, service id)
+    checks: dict[tuple[str, str], Entry] = field(default_factory=dict)  # (node, check id)
+    service_index: dict[str, int] = field(default_factory=dict)  # service name -> mod revision
+    nodes_index: int = 0
+    services_index: int = 0
+    checks_index: int = 0
+
+    # ---- lookups ----------------------------------------------------------------------------
+
+    def services_named(self, name: str) -> list[tuple[str, Entry]]:
+        found = [(node, e) for (node, _), e in self.services.items() if e.data.get("Service") == name]
+        found.sort(key=lambda pair: (pair[0], pair[1].data.get("ID", "")))
+        return found
+
+    def node_checks(self, node: str) -> list[Entry]:
+        return [e for (n, _), e in self.checks.items() if n == node and not e.data.get("ServiceID")]
+
+    def service_checks(self, node: str, service_id: str) -> list[Entry]:
+        return [e for (n, _), e in self.checks.items() if n == node and e.data.get("ServiceID") == service_id]
+
+    def checks_of_node(self, node: str) -> list[Entry]:
+        return [e for (n, _), e in self.checks.items() if n == node]
+
+    def services_of_node(self, node: str) -> list[Entry]:
+        return [e for (n, _), e in self.services.items() if n == node]
+
+    def name_index(self, name: str) -> int:
+        """X-Consul-Index of per-service-name queries."""
+        return self.service_index.get(name, 0)
+
+    # ---- Consul shapes ----------------------------------------------------------------------
+
+    def node_shape(self, node: str) -> dict[str, Any]:
+        entry = self.nodes.get(node)
+        if entry is None:
+            # Services registered for a node that has since vanished still need a node body.
+            return {"ID": "", "Node": node, "Address": "", "Datacenter": "", "TaggedAddresses": {}, "Meta": {},
+                    "CreateIndex": 0, "ModifyIndex": 0}
+        return entry.with_indexes()
+
+    def check_shape(self, entry: Entry) -> dict[str, Any]:
+        out = entry.with_indexes()
+        definition = out.get("Definition")
+        if isinstance(definition, dict):
+            # The *Duration fields (nanoseconds) are for the checker; clients see Consul's strings.
+            out["Definition"] = {k: v for k, v in definition.items() if not k.endswith("Duration")}
+        out.setdefault("ServiceTags", [])
+        return out
+
+    def catalog_service_shape(self, node: str, entry: Entry) -> dict[str, Any]:
+        n = self.node_shape(node)
+        s = entry.data
+        return {
+            "ID": n.get("ID", ""),
+            "Node": node,
+            "Address": n.get("Address", ""),
+            "Datacenter": n.get("Datacenter", ""),
+            "TaggedAddresses": n.get("TaggedAddresses") or {},
+            "NodeMeta": n.get("Meta") or {},
+            "ServiceKind": s.get("Kind", ""),
+            "ServiceID": s.get("ID", ""),
+            "ServiceName": s.get("Service", ""),
+            "ServiceTags": s.get("Tags") or [],
+            "ServiceAddress": s.get("Address", ""),
+            "ServiceTaggedAddresses": s.get("TaggedAddresses") or {},
+            "ServiceWeights": s.get("Weights") or {"Passing": 1, "Warning": 1},
+            "ServiceMeta": s.get("Meta") or {},
+            "ServicePort": s.get("Port", 0),
+            "ServiceSocketPath": s.get("SocketPath", ""),
+            "ServiceEnableTagOverride": bool(s.get("EnableTagOverride", False)),
+            "ServiceProxy": s.get("Proxy") or {},
+            "ServiceConnect": s.get("Connect") or {},
+            "CreateIndex": entry.create_index,
+            "ModifyIndex": entry.modify_index,
+        }
+
+    def node_service_shape(self, entry: Entry) -> dict[str, Any]:
+        out = entry.with_indexes()
+        out.setdefault("Tags", [])
+        out.setdefault("Meta", {})
+        out.setdefault("Weights", {"Passing": 1, "Warning": 1})
+        out.pop("Datacenter", None)
+        return out
+
+    def agent_service_shape(self, entry: Entry, datacenter: str) -> dict[str, Any]:
+        out = self.node_service_shape(entry)
+        out["Datacenter"] = datacenter
+        return out
+
+    def health_entries(self, name: str) -> list[dict[str, Any]]:
+        """Consul's ServiceEntry list for a service name: node, instance and all checks that bear on it."""
+        out = []
+        for node, entry in self.services_named(name):
+            sid = entry.data.get("ID", "")
+            checks = self.node_checks(node) + self.service_checks(node, sid)
+            out.append({
+                "Node": self.node_shape(node),
+                "Service": self.node_service_shape(entry),
+                "Checks": [self.check_shape(c) for c in sorted(checks, key=_check_order)],
+            })
+        return out
+
+
+def _check_order(entry: Entry) -> tuple[str, str]:
+    return (entry.data.get("ServiceID", ""), entry.data.get("CheckID", ""))
+
+
+def _node_record(node: NodeIdentity) -> dict[str, Any]:
+    return {
+        "ID": node.id,
+        "Node": node.name,
+        "Address": node.address,
+        "Datacenter": node.datacenter,
+        "TaggedAddresses": {
+            "lan": node.address,
+            "lan_ipv4": node.address,
+            "wan": node.address,
+            "wan_ipv4": node.address,
+        },
+        "Meta": {"consul-network-segment": ""},
+    }
+
+
+def _serf_check(node: str) -> dict[str, Any]:
+    return {
+        "Node": node,
+        "CheckID": SERF_CHECK_ID,
+        "Name": "Serf Health Status",
+        "Status": PASSING,
+        "Notes": "",
+        "Output": "Agent alive and reachable",
+        "ServiceID": "",
+        "ServiceName": "",
+        "ServiceTags": [],
+        "Type": "",
+        "Interval": "",
+        "Timeout": "",
+        "ExposedPort": 0,
+        "Definition": {},
+    }
+
 
 class Catalog:
-    def __init__(self, store, node) -> None:  # type: ignore[no-untyped-def]
+    """Registers this node, and applies service and check registrations to the store atomically."""
+
+    def __init__(self, store: Store, node: NodeIdentity) -> None:
         self.store = store
         self.node = node
+        self._cache: CatalogSnapshot | None = None
 
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        await self.register_node(_node_record(self.node), [_serf_check(self.node.name)])
 
-    async def stop(self) -> None: ...
+    async def stop(self) -> None:
+        self._cache = None
+
+    # ---- reads ------------------------------------------------------------------------------
+
+    async def snapshot(self) -> CatalogSnapshot:
+        """The whole catalog at one revision; re-parsed only when something under catalog/ changed."""
+        rr = await self.store.range(PREFIX, prefix=True)
+        cached = self._cache
+        if cached is not None and cached.index == rr.index:
+            cached.revision = rr.revision
+            return cached
+        snap = CatalogSnapshot(revision=rr.revision, index=rr.index)
+        for kv in rr.kvs:
+            key = kv.key
+            if key.startswith(SERVICE_INDEX):
+                snap.service_index[unquote(key[len(SERVICE_INDEX) :])] = kv.mod_revision
+                continue
+            entry = _entry(kv)
+            if entry is None:
+                continue
+            if key.startswith(NODES):
+                snap.nodes[unquote(key[len(NODES) :])] = entry
+            elif key.startswith(SERVICES):
+                snap.services[_split_key(key, SERVICES)] = entry
+            elif key.startswith(CHECKS):
+                snap.checks[_split_key(key, CHECKS)] = entry
+        snap.nodes_index = (await self.store.range(NODES, prefix=True)).index
+        snap.services_index = (await self.store.range(SERVICES, prefix=True)).index
+        snap.checks_index = (await self.store.range(CHECKS, prefix=True)).index
+        self._cache = snap
+        return snap
+
+    async def get_check(self, node: str, check_id: str) -> dict[str, Any] | None:
+        kv = await self.store.get(check_key(node, check_id))
+        if kv is None:
+            return None
+        entry = _entry(kv)
+        return None if entry is None else entry.data
+
+    async def get_service(self, node: str, service_id: str) -> dict[str, Any] | None:
+        kv = await self.store.get(service_key(node, service_id))
+        if kv is None:
+            return None
+        entry = _entry(kv)
+        return None if entry is None else entry.data
+
+    async def checks_of_node(self, node: str) -> tuple[list[dict[str, Any]], int]:
+        """(checks, store revision read at) for the health checker's reconcile."""
+        rr = await self.store.range(f"{CHECKS}{_q(node)}/", prefix=True)
+        out = []
+        for kv in rr.kvs:
+            entry = _entry(kv)
+            if entry is not None:
+                out.append(entry.data)
+        return out, rr.revision
+
+    # ---- writes -----------------------------------------------------------------------------
+
+    async def register_node(self, record: dict[str, Any], checks: list[dict[str, Any]]) -> None:
+        """Writes a node and node-level checks, skipping records that are already exactly so."""
+        name = record["Node"]
+        snap = await self.snapshot()
+        ops: list[Put | Delete] = []
+        existing = snap.nodes.get(name)
+        if existing is None or existing.data != record:
+            ops.append(Put(node_key(name), _dumps(record)))
+        for check in checks:
+            current = snap.checks.get((name, check["CheckID"]))
+            if current is None or current.data != check:
+                ops.append(Put(check_key(name, check["CheckID"]), _dumps(check)))
+        if ops:
+            ops += [Put(service_index_key(n), b"{}") for n in self._names_on_node(snap, name)]
+            await self.store.txn((), ops)
+
+    async def register_service(
+        self,
+        node: str,
+        service: dict[str, Any],
+        checks: list[dict[str, Any]],
+        *,
+        replace_existing_checks: bool = False,
+    ) -> None:
+        """Adds or replaces a service instance and its checks in one txn.
+
+        A re-registered check keeps its current Status and Output, as Consul's agent does, so
+        re-registering a healthy service does not make it flap to critical."""
+        sid = service["ID"]
+        for _ in range(MAX_CAS_RETRIES):
+            snap = await self.snapshot()
+            compares: list[Compare] = []
+            ops: list[Put | Delete] = []
+            old = snap.services.get((node, sid))
+            skey = service_key(node, sid)
+            compares.append(Compare(skey, "mod", "=", old.modify_index if old else 0))
+            ops.append(Put(skey, _dumps(service)))
+            new_ids = {c["CheckID"] for c in checks}
+            for check in checks:
+                check = dict(check)
+                check["Node"] = node
+                check["ServiceID"] = sid
+                check["ServiceName"] = service["Service"]
+                check["ServiceTags"] = list(service.get("Tags") or [])
+                ckey = check_key(node, check["CheckID"])
+                current = snap.checks.get((node, check["CheckID"]))
+                compares.append(Compare(ckey, "mod", "=", current.modify_index if current else 0))
+                if current is not None:
+                    check["Status"] = current.data.get("Status", check["Status"])
+                    check["Output"] = current.data.get("Output", check.get("Output", ""))
+                ops.append(Put(ckey, _dumps(check)))
+            for existing in snap.service_checks(node, sid):
+                cid = existing.data.get("CheckID", "")
+                if cid in new_ids:
+                    continue
+                ckey = check_key(node, cid)
+                if replace_existing_checks and not cid.startswith(SERVICE_MAINT_PREFIX):
+                    ops.append(Delete(ckey))
+                elif existing.data.get("ServiceTags") != service.get("Tags") or (
+                    existing.data.get("ServiceName") != service["Service"]
+                ):
+                    updated = dict(existing.data, ServiceName=service["Service"], ServiceTags=service.get("Tags") or [])
+                    compares.append(Compare(ckey, "mod", "=", existing.modify_index))
+                    ops.append(Put(ckey, _dumps(updated)))
+            names = {service["Service"]}
+            if old is not None:
+                names.add(old.data.get("Service", ""))
+            ops += [Put(service_index_key(n), b"{}") for n in sorted(names) if n]
+            result = await self.store.txn(compares, ops)
+            if result.succeeded:
+                return
+        raise RuntimeError(f"service {sid!r} registration kept conflicting with concurrent writes")
+
+    async def register_check(self, node: str, check: dict[str, Any]) -> None:
+        """Adds or replaces one check; keeps the current status of a check re-registered with the same ID.
+
+        Raises NotFound when it names a ServiceID this node does not have."""
+        cid = check["CheckID"]
+        for _ in range(MAX_CAS_RETRIES):
+            snap = await self.snapshot()
+            check = dict(check, Node=node)
+            compares: list[Compare] = []
+            names: set[str] = set()
+            sid = check.get("ServiceID") or ""
+            if sid:
+                svc = snap.services.get((node, sid))
+                if svc is None:
+                    raise NotFound(f'ServiceID "{sid}" does not exist')
+                compares.append(Compare(service_key(node, sid), "mod", "=", svc.modify_index))
+                check["ServiceName"] = svc.data.get("Service", "")
+                check["ServiceTags"] = list(svc.data.get("Tags") or [])
+                names.add(check["ServiceName"])
+            else:
+                check["ServiceName"] = ""
+                check["ServiceTags"] = []
+                names |= self._names_on_node(snap, node)
+            ckey = check_key(node, cid)
+            current = snap.checks.get((node, cid))
+            compares.append(Compare(ckey, "mod", "=", current.modify_index if current else 0))
+            if current is not None:
+                check["Status"] = current.data.get("Status", check["Status"])
+                check["Output"] = current.data.get("Output", check.get("Output", ""))
+                old_sid = current.data.get("ServiceName")
+                if old_sid:
+                    names.add(old_sid)
+            ops: list[Put | Delete] = [Put(ckey, _dumps(check))]
+            ops += [Put(service_index_key(n), b"{}") for n in sorted(names) if n]
+            result = await self.store.txn(compares, ops)
+            if result.succeeded:
+                return
+        raise RuntimeError(f"check {cid!r} registration kept conflicting with concurrent writes")
+
+    async def deregister_service(self, node: str, service_id: str) -> bool:
+        """Removes a service instance and every check attached to it. False when it was not there."""
+        snap = await self.snapshot()
+        entry = snap.services.get((node, service_id))
+        if entry is None:
+            return False
+        ops: list[Put | Delete] = [Delete(service_key(node, service_id))]
+        ops += [Delete(check_key(node, c.data.get("CheckID", ""))) for c in snap.service_checks(node, service_id)]
+        ops.append(Put(service_index_key(entry.data.get("Service", "")), b"{}"))
+        await self.store.txn((), ops)
+        return True
+
+    async def deregister_check(self, node: str, check_id: str) -> bool:
+        snap = await self.snapshot()
+        entry = snap.checks.get((node, check_id))
+        if entry is None:
+            return False
+        ops: list[Put | Delete] = [Delete(check_key(node, check_id))]
+        ops += [Put(service_index_key(n), b"{}") for n in sorted(self._names_for_check(snap, node, entry))]
+        await self.store.txn((), ops)
+        return True
+
+    async def deregister_node(self, node: str) -> bool:
+        """Removes a node with all its services and checks (catalog-level deregistration)."""
+        snap = await self.snapshot()
+        if node not in snap.nodes and not snap.services_of_node(node) and not snap.checks_of_node(node):
+            return False
+        names = self._names_on_node(snap, node)
+        ops: list[Put | Delete] = [
+            Delete(node_key(node)),
+            Delete(f"{SERVICES}{_q(node)}/", prefix=True),
+            Delete(f"{CHECKS}{_q(node)}/", prefix=True),
+        ]
+        ops += [Put(service_index_key(n), b"{}") for n in sorted(names)]
+        await self.store.txn((), ops)
+        return True
+
+    async def update_check_status(self, node: str, check_id: str, status: str, output: str) -> bool:
+        """Sets a check's Status and Output; writes only when either changes. True when it wrote.
+
+        Guarded by the record's mod revision, so a check deregistered meanwhile is never recreated."""
+        key = check_key(node, check_id)
+        for _ in range(MAX_CAS_RETRIES):
+            kv = await self.store.get(key)
+            if kv is None:
+                return False
+            entry = _entry(kv)
+            if entry is None:
+                return False
+            data = entry.data
+            if data.get("Status") == status and data.get("Output", "") == output:
+                return False
+            updated = dict(data, Status=status, Output=output)
+            ops: list[Put | Delete] = [Put(key, _dumps(updated))]
+            snap = await self.snapshot()
+            ops += [Put(service_index_key(n), b"{}") for n in sorted(self._names_for_check(snap, node, entry))]
+            result = await self.store.txn([Compare(key, "mod", "=", kv.mod_revision)], ops)
+            if result.succeeded:
+                return True
+        return False
+
+    # ---- maintenance ------------------------------------------------------------------------
+
+    async def enable_service_maintenance(self, node: str, service_id: str, reason: str) -> None:
+        svc = await self.get_service(node, service_id)
+        if svc is None:
+            raise NotFound(f'No service registered with ID "{service_id}"')
+        cid = service_maintenance_check_id(service_id)
+        if await self.get_check(node, cid) is not None:
+            return  # Consul leaves an existing maintenance check (and its reason) alone
+        await self.register_check(node, {
+            "CheckID": cid,
+            "Name": "Service Maintenance Mode",
+            "Status": CRITICAL,
+            "Notes": reason or DEFAULT_SERVICE_MAINT_REASON,
+            "Output": "",
+            "ServiceID": service_id,
+            "Type": MAINTENANCE,
+            "Interval": "",
+            "Timeout": "",
+            "ExposedPort": 0,
+            "Definition": {},
+        })
+
+    async def disable_service_maintenance(self, node: str, service_id: str) -> None:
+        if await self.get_service(node, service_id) is None:
+            raise NotFound(f'No service registered with ID "{service_id}"')
+        await self.deregister_check(node, service_maintenance_check_id(service_id))
+
+    async def enable_node_maintenance(self, node: str, reason: str) -> None:
+        if await self.get_check(node, NODE_MAINT_CHECK_ID) is not None:
+            return
+        await self.register_check(node, {
+            "CheckID": NODE_MAINT_CHECK_ID,
+            "Name": "Node Maintenance Mode",
+            "Status": CRITICAL,
+            "Notes": reason or DEFAULT_NODE_MAINT_REASON,
+            "Output": "",
+            "ServiceID": "",
+            "Type": MAINTENANCE,
+            "Interval": "",
+            "Timeout": "",
+            "ExposedPort": 0,
+            "Definition": {},
+        })
+
+    async def disable_node_maintenance(self, node: str) -> None:
+        await self.deregister_check(node, NODE_MAINT_CHECK_ID)
+
+    # ---- catalog-level registration (PUT /v1/catalog/register) ------------------------------
+
+    async def register_catalog_entry(
+        self,
+        name: str,
+        node: dict[str, Any] | None,
+        service: dict[str, Any] | None,
+        checks: list[dict[str, Any]],
+    ) -> None:
+        """Applies a catalog registration: an optional node update, service and checks, in one txn.
+
+        Such checks are stored as given and never run, as in Consul."""
+        for _ in range(MAX_CAS_RETRIES):
+            snap = await self.snapshot()
+            compares: list[Compare] = []
+            ops: list[Put | Delete] = []
+            names: set[str] = set()
+            if node is not None:
+                existing = snap.nodes.get(name)
+                merged = dict(existing.data) if existing else {}
+                merged.update(node)
+                if existing is None or existing.data != merged:
+                    ops.append(Put(node_key(name), _dumps(merged)))
+                    names |= self._names_on_node(snap, name)
+            services_after = {e.data.get("ID"): e.data for e in snap.services_of_node(name)}
+            if service is not None:
+                svc = service
+                old = snap.services.get((name, svc["ID"]))
+                compares.append(Compare(service_key(name, svc["ID"]), "mod", "=", old.modify_index if old else 0))
+                if old is not None:
+                    names.add(old.data.get("Service", ""))
+                names.add(svc["Service"])
+                ops.append(Put(service_key(name, svc["ID"]), _dumps(svc)))
+                services_after[svc["ID"]] = svc
+            for check in checks:
+                check = dict(check, Node=name)
+                sid = check.get("ServiceID") or ""
+                if sid:
+                    owner = services_after.get(sid)
+                    if owner is None:
+                        raise NotFound(f'Unknown service ID "{sid}" for check ID "{check["CheckID"]}"')
+                    check["ServiceName"] = owner.get("Service", "")
+                    check["ServiceTags"] = list(owner.get("Tags") or [])
+                    names.add(check["ServiceName"])
+                else:
+                    names |= self._names_on_node(snap, name)
+                    if service is not None:
+                        names.add(service["Service"])
+                ckey = check_key(name, check["CheckID"])
+                current = snap.checks.get((name, check["CheckID"]))
+                compares.append(Compare(ckey, "mod", "=", current.modify_index if current else 0))
+                ops.append(Put(ckey, _dumps(check)))
+            if not ops:
+                return
+            ops += [Put(service_index_key(n), b"{}") for n in sorted(names) if n]
+            result = await self.store.txn(compares, ops)
+            if result.succeeded:
+                return
+        raise RuntimeError("catalog registration kept conflicting with concurrent writes")
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _names_on_node(snap: CatalogSnapshot, node: str) -> set[str]:
+        return {e.data.get("Service", "") for e in snap.services_of_node(node)} - {""}
+
+    def _names_for_check(self, snap: CatalogSnapshot, node: str, entry: Entry) -> set[str]:
+        """Service names whose health answers a change to this check alters."""
+        if entry.data.get("ServiceID"):
+            name = entry.data.get("ServiceName") or ""
+            svc = snap.services.get((node, entry.data["ServiceID"]))
+            if svc is not None:
+                name = svc.data.get("Service", name)
+            return {name} - {""}
+        return self._names_on_node(snap, node)
+
+
