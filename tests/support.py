@@ -104,3 +104,45 @@ class ServerProcess:
     def restart(self) -> ServerProcess:
         self.stop()
         return self.start()
+
+
+class EtcdProcess:
+    """A private etcd (Debian's etcd-server) on free ports in a temporary data dir."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.binary = need_binary("etcd")
+        self.data_dir = data_dir
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def start(self, timeout: float = 20.0) -> EtcdProcess:
+        log = open(self.data_dir.parent / f"{self.data_dir.name}-etcd.log", "ab")
+        self.proc = subprocess.Popen(
+            [
+                self.binary, "--name", "test", "--data-dir", str(self.data_dir),
+                "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
+                "--initial-cluster", f"test=http://127.0.0.1:{self.peer_port}",
+            ],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if requests.post(self.url + "/v3/maintenance/status", json={}, timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("etcd did not become ready")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)

@@ -28,6 +28,7 @@ class ServerConfig:
     datacenter: str = "dc1"
     enable_script_checks: bool = False
     insecure_bind: bool = False
+    store_url: str = ""  # "": embedded SQLite in data_dir; "etcd://host:port[/namespace]": an etcd cluster
 
 
 @dataclass

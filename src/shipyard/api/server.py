@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -27,7 +28,8 @@ from shipyard.registry.health import HealthChecker
 from shipyard.registry.kv import ConsulKV
 from shipyard.registry.node import NodeIdentity
 from shipyard.registry.sessions import SessionManager
-from shipyard.store import SqliteStore
+from shipyard.store import SqliteStore, Store, StoreError
+from shipyard.store.etcd import EtcdStore
 
 log = logging.getLogger("shipyard.server")
 
@@ -66,9 +68,23 @@ def lock_data_dir(data_dir: str) -> int:
     return fd
 
 
-async def build_platform(config: ServerConfig) -> Platform:
+async def open_store(config: ServerConfig) -> Store:
+    """The embedded SQLite store by default; etcd when --store etcd://host:port[/namespace] is given."""
+    if config.store_url:
+        parsed = urlsplit(config.store_url)
+        if parsed.scheme not in ("etcd", "etcd+http") or not parsed.netloc:
+            raise ShipyardError(f"unsupported --store {config.store_url!r}: use etcd://host:port[/namespace]")
+        namespace = parsed.path.strip("/") + "/" if parsed.path.strip("/") else "shipyard/"
+        try:
+            return await EtcdStore.open(f"http://{parsed.netloc}", namespace=namespace)
+        except (StoreError, OSError, TimeoutError) as exc:
+            raise ShipyardError(f"cannot use etcd at {parsed.netloc}: {exc}") from None
     db_path = None if config.data_dir is None else os.path.join(config.data_dir, "store.db")
-    store = await SqliteStore.open(db_path)
+    return await SqliteStore.open(db_path)
+
+
+async def build_platform(config: ServerConfig) -> Platform:
+    store = await open_store(config)
     node = NodeIdentity.load(
         config.data_dir, name=config.node_name, address=config.bind, datacenter=config.datacenter
     )

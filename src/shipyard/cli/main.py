@@ -48,6 +48,10 @@ def cli(ctx: click.Context, http_addr: str) -> None:
 @click.option("--node", "node_name", default="", help="Node name (default: the host name).")
 @click.option("--datacenter", default="dc1", show_default=True)
 @click.option("--dev", is_flag=True, help="Keep all state in memory only (nothing on disk).")
+@click.option(
+    "--store", "store_url", default="", envvar="SHIPYARD_STORE",
+    help="Keep state in etcd instead: etcd://host:port[/namespace].",
+)
 @click.option("--enable-script-checks", is_flag=True, help="Allow health checks that run commands.")
 @click.option("--insecure-bind", is_flag=True, help="Allow binding to a non-loopback address.")
 @click.option("--log-level", default="info", show_default=True)
@@ -58,6 +62,7 @@ def server(
     node_name: str,
     datacenter: str,
     dev: bool,
+    store_url: str,
     enable_script_checks: bool,
     insecure_bind: bool,
     log_level: str,
@@ -79,6 +84,7 @@ def server(
         datacenter=datacenter,
         enable_script_checks=enable_script_checks,
         insecure_bind=insecure_bind,
+        store_url=store_url,
     )
     uvloop.run(serve(config))
 

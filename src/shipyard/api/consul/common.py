@@ -181,8 +181,9 @@ async def blocking_query(
         try:
             await asyncio.wait_for(watcher.__anext__(), remaining)
         except (TimeoutError, StopAsyncIteration):
-            watcher.cancel()
             break
+        except Compacted:
+            return await _reread(read)
         finally:
             watcher.cancel()
         result, index, revision = await read()

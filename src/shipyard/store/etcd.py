@@ -1,0 +1,347 @@
+"""The store on an etcd v3 cluster, through etcd's HTTP/JSON gateway: the 1:1 mapping of our model.
+
+Keys live under a namespace prefix; nothing above the store can tell this backend from SQLite, and
+this module never keeps state that etcd does not have, except the deletion memory described below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+from sortedcontainers import SortedDict
+
+from shipyard.store.base import (
+    Compacted,
+    Compare,
+    Delete,
+    Event,
+    EventType,
+    Get,
+    KeyValue,
+    Lease,
+    LeaseNotFound,
+    Op,
+    Put,
+    RangeResult,
+    StoreError,
+    TxnResult,
+)
+
+log = logging.getLogger(__name__)
+
+_TARGETS = {
+    "version": ("VERSION", "version"),
+    "create": ("CREATE", "create_revision"),
+    "mod": ("MOD", "mod_revision"),
+    "value": ("VALUE", "value"),
+    "lease": ("LEASE", "lease"),
+}
+_RESULTS = {"=": "EQUAL", "!=": "NOT_EQUAL", "<": "LESS", ">": "GREATER"}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def prefix_range_end(prefix: bytes) -> bytes:
+    """etcd's GetPrefixRangeEnd: the prefix with its last non-0xff byte incremented."""
+    end = bytearray(prefix)
+    for i in range(len(end) - 1, -1, -1):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
+    return b"\x00"  # the whole keyspace
+
+
+class EtcdWatcher:
+    """One etcd watch stream; yields one batch per revision. Opens on first use or `start()`."""
+
+    def __init__(self, store: EtcdStore, key: str, prefix: bool, from_revision: int) -> None:
+        self._store = store
+        self._request = store._key_range(key, prefix)
+        self._request.update({"prev_kv": True})
+        if from_revision:
+            self._request["start_revision"] = str(from_revision)
+        self._response: aiohttp.ClientResponse | None = None
+        self._pending: list[list[Event]] = []
+        self._cancelled = False
+
+    def __aiter__(self) -> EtcdWatcher:
+        return self
+
+    async def start(self) -> EtcdWatcher:
+        if self._response is None:
+            session = await self._store.session()
+            self._response = await session.post(
+                self._store.url + "/v3/watch",
+                data=orjson.dumps({"create_request": self._request}),
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+            if self._response.status != 200:
+                text = await self._response.text()
+                raise StoreError(f"etcd watch failed ({self._response.status}): {text}")
+        return self
+
+    async def __anext__(self) -> list[Event]:
+        if self._cancelled:
+            raise StopAsyncIteration
+        await self.start()
+        assert self._response is not None
+        while not self._pending:
+            line = await self._response.content.readline()
+            if not line:
+                raise StopAsyncIteration
+            if not line.strip():
+                continue
+            result = orjson.loads(line).get("result", {})
+            if result.get("canceled"):
+                if "compact_revision" in result:
+                    raise Compacted(int(result["compact_revision"]))
+                raise StoreError(f"etcd cancelled the watch: {result.get('cancel_reason', '')}")
+            batch: list[Event] = []
+            for raw in result.get("events", []):
+                event = self._store._event(raw)
+                if batch and batch[-1].revision != event.revision:
+                    self._pending.append(batch)
+                    batch = []
+                batch.append(event)
+            if batch:
+                self._pending.append(batch)
+        return self._pending.pop(0)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._response is not None:
+            self._response.close()
+
+
+class EtcdStore:
+    """Store protocol on etcd. `url` is a client URL such as http://127.0.0.1:2379.
+
+    etcd forgets deletions once they are compacted and does not report them in a range, so this
+    backend follows every change under its namespace with one watch and remembers deletions seen
+    since it started: that is what makes a prefix's index include tombstones, as with SQLite."""
+
+    def __init__(self, url: str, *, namespace: str = "shipyard/") -> None:
+        self.url = url.rstrip("/")
+        self.namespace = namespace
+        self._ns = namespace.encode()
+        self._session: aiohttp.ClientSession | None = None
+        self._revision = 0
+        self._compact_revision = 0
+        self._tombstones: SortedDict = SortedDict()
+        self._follower: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, url: str, *, namespace: str = "shipyard/") -> EtcdStore:
+        store = cls(url, namespace=namespace)
+        status = await store._call("/v3/maintenance/status", {})
+        store._revision = int(status["header"].get("revision", 0))
+        ready = asyncio.Event()
+        store._follower = asyncio.create_task(store._follow(ready), name="etcd-follow")
+        await asyncio.wait_for(ready.wait(), 10)
+        return store
+
+    async def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=256)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30))
+        return self._session
+
+    async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        session = await self.session()
+        try:
+            async with session.post(self.url + path, data=orjson.dumps(body)) as response:
+                data = orjson.loads(await response.read())
+        except aiohttp.ClientError as exc:
+            raise StoreError(f"etcd at {self.url} unreachable: {exc}", status=503) from None
+        if response.status != 200 or "error" in data:
+            message = data.get("error") or data.get("message") or f"HTTP {response.status}"
+            if "lease not found" in message:
+                raise LeaseNotFound(int(body.get("ID", 0)))
+            if "compacted" in message:
+                raise Compacted(self._compact_revision)
+            raise StoreError(f"etcd: {message}")
+        header = data.get("header") or {}
+        if "revision" in header:
+            self._revision = max(self._revision, int(header["revision"]))
+        return data
+
+    # ---- encoding -----------------------------------------------------------------------------
+
+    def _key_range(self, key: str, prefix: bool) -> dict[str, Any]:
+        raw = self._ns + key.encode()
+        request: dict[str, Any] = {"key": _b64(raw)}
+        if prefix:
+            request["range_end"] = _b64(prefix_range_end(raw))
+        return request
+
+    def _kv(self, raw: dict[str, Any]) -> KeyValue:
+        key = base64.b64decode(raw["key"])[len(self._ns) :].decode()
+        return KeyValue(
+            key,
+            base64.b64decode(raw.get("value", "")),
+            int(raw.get("create_revision", 0)),
+            int(raw.get("mod_revision", 0)),
+            int(raw.get("version", 0)),
+            int(raw.get("lease", 0)),
+        )
+
+    def _event(self, raw: dict[str, Any]) -> Event:
+        kind = EventType.DELETE if raw.get("type") == "DELETE" else EventType.PUT
+        prev = raw.get("prev_kv")
+        return Event(kind, self._kv(raw["kv"]), self._kv(prev) if prev else None)
+
+    def _compare(self, cmp: Compare) -> dict[str, Any]:
+        if cmp.target == "value" and cmp.value is None:
+            # "value is absent" is "version is 0" in etcd's terms
+            version_op = {"=": "=", "!=": ">"}.get(cmp.op)
+            if version_op is None:
+                raise StoreError("value compares with None support only = and !=", status=400)
+            return self._compare(Compare(cmp.key, "version", version_op, 0))
+        target, field = _TARGETS[cmp.target]
+        value: Any = _b64(cmp.value) if isinstance(cmp.value, bytes) else str(cmp.value or 0)
+        return {
+            "key": _b64(self._ns + cmp.key.encode()),
+            "target": target,
+            "result": _RESULTS[cmp.op],
+            field: value,
+        }
+
+    def _op(self, op: Op) -> dict[str, Any]:
+        if isinstance(op, Put):
+            put = {"key": _b64(self._ns + op.key.encode()), "value": _b64(op.value), "prev_kv": True}
+            if op.lease:
+                put["lease"] = str(op.lease)
+            return {"request_put": put}
+        if isinstance(op, Delete):
+            return {"request_delete_range": {**self._key_range(op.key, op.prefix), "prev_kv": True}}
+        assert isinstance(op, Get)
+        return {"request_range": self._key_range(op.key, op.prefix)}
+
+    # ---- protocol -----------------------------------------------------------------------------
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    @property
+    def compact_revision(self) -> int:
+        return self._compact_revision
+
+    async def get(self, key: str) -> KeyValue | None:
+        result = await self.range(key)
+        return result.kvs[0] if result.kvs else None
+
+    async def range(self, key: str, *, prefix: bool = False) -> RangeResult:
+        data = await self._call("/v3/kv/range", self._key_range(key, prefix))
+        kvs = [self._kv(raw) for raw in data.get("kvs", [])]
+        index = max((kv.mod_revision for kv in kvs), default=0)
+        if prefix:
+            for k in self._tombstones.irange(key, key + "\U0010ffff", inclusive=(True, False)):
+                index = max(index, self._tombstones[k])
+        elif not kvs:
+            index = self._tombstones.get(key, 0)
+        return RangeResult(kvs, int(data["header"]["revision"]), index)
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        return (await self.txn((), (Put(key, value, lease),))).revision
+
+    async def delete(self, key: str, *, prefix: bool = False) -> tuple[int, int]:
+        result = await self.txn((), (Delete(key, prefix),))
+        deleted = result.responses[0]
+        assert isinstance(deleted, list)
+        return len(deleted), result.revision
+
+    async def txn(
+        self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+    ) -> TxnResult:
+        body = {
+            "compare": [self._compare(c) for c in compares],
+            "success": [self._op(op) for op in success],
+            "failure": [self._op(op) for op in failure],
+        }
+        data = await self._call("/v3/kv/txn", body)
+        succeeded = bool(data.get("succeeded", False))
+        responses: list[object] = []
+        for raw in data.get("responses", []):
+            if "response_put" in raw:
+                prev = raw["response_put"].get("prev_kv")
+                responses.append(self._kv(prev) if prev else None)
+            elif "response_delete_range" in raw:
+                deleted = [self._kv(kv) for kv in raw["response_delete_range"].get("prev_kvs", [])]
+                revision = int(data["header"]["revision"])
+                for kv in deleted:
+                    self._tombstones[kv.key] = revision
+                responses.append(deleted)
+            else:
+                responses.append([self._kv(kv) for kv in raw.get("response_range", {}).get("kvs", [])])
+        return TxnResult(succeeded, int(data["header"]["revision"]), responses)
+
+    def watch(self, key: str, *, prefix: bool = False, from_revision: int = 0) -> EtcdWatcher:
+        return EtcdWatcher(self, key, prefix, from_revision)
+
+    async def _follow(self, ready: asyncio.Event) -> None:
+        """Keeps the revision current and remembers deletions (see the class docstring)."""
+        next_revision = self._revision + 1
+        while True:
+            watcher = self.watch("", prefix=True, from_revision=next_revision)
+            try:
+                await watcher.start()
+                ready.set()
+                async for batch in watcher:
+                    for event in batch:
+                        if event.type == EventType.DELETE:
+                            self._tombstones[event.kv.key] = event.revision
+                        else:
+                            self._tombstones.pop(event.kv.key, None)
+                    next_revision = batch[-1].revision + 1
+                    self._revision = max(self._revision, batch[-1].revision)
+            except asyncio.CancelledError:
+                watcher.cancel()
+                raise
+            except Compacted as exc:
+                self._compact_revision = exc.compact_revision
+                next_revision = exc.compact_revision + 1
+            except Exception as exc:
+                log.warning("etcd follow stream broke (%s); reconnecting", exc)
+                await asyncio.sleep(0.5)
+            finally:
+                watcher.cancel()
+
+    async def grant_lease(self, ttl: int) -> Lease:
+        if ttl <= 0:
+            raise StoreError("lease TTL must be positive", status=400)
+        data = await self._call("/v3/lease/grant", {"TTL": str(ttl)})
+        return Lease(int(data["ID"]), int(data["TTL"]))
+
+    async def keepalive(self, lease: int) -> int:
+        data = await self._call("/v3/lease/keepalive", {"ID": str(lease)})
+        ttl = int(data.get("result", {}).get("TTL", 0))
+        if ttl <= 0:
+            raise LeaseNotFound(lease)
+        return ttl
+
+    async def revoke_lease(self, lease: int) -> None:
+        await self._call("/v3/lease/revoke", {"ID": str(lease)})
+
+    async def compact(self, revision: int) -> None:
+        await self._call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+        self._compact_revision = max(self._compact_revision, revision)
+        for key in [k for k, rev in self._tombstones.items() if rev <= revision]:
+            del self._tombstones[key]
+
+    async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._follower
+        if self._session is not None:
+            await self._session.close()
