@@ -49,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", default="shipyard-data")
     parser.add_argument("--http-port", type=int, default=8500)
+    parser.add_argument("--dns-port", type=int, default=8600)
     parser.add_argument("--exit-when-healthy", action="store_true", help="Stop once everything is healthy.")
     args = parser.parse_args()
     if port_taken(args.http_port):
@@ -64,7 +65,7 @@ def main() -> None:
             server_log = open(log_dir / "server.log", "ab")
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "shipyard.cli.main", "server", "--data-dir", args.data_dir,
-                 "--http-port", str(args.http_port)],
+                 "--http-port", str(args.http_port), "--dns-port", str(args.dns_port)],
                 stdout=server_log, stderr=subprocess.STDOUT,
             ))
             wait_until(lambda: httpx.get(api + "/v1/status/leader").status_code == 200, 30, "server start")
@@ -92,6 +93,7 @@ def main() -> None:
 Shipyard control API: [bold]{api}[/bold] (Consul-compatible)
 Try:
   curl -s {api}/v1/health/service/hello?passing
+  dig @127.0.0.1 -p {args.dns_port} hello.service.consul SRV
   curl -s -X PUT -d 'debug' {api}/v1/kv/config/hello/log-level
   curl -s {api}/v1/kv/config/hello/log-level?raw
   .venv/bin/shipyard --http-addr 127.0.0.1:{args.http_port} services

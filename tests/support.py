@@ -50,6 +50,7 @@ class ServerProcess:
         self.extra = list(extra)
         self.dev = dev
         self.http_port = free_port()
+        self.dns_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
 
@@ -63,6 +64,7 @@ class ServerProcess:
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "shipyard.cli.main", "server", "--http-port", str(self.http_port)]
+        cmd += ["--dns-port", str(self.dns_port)]
         cmd += ["--dev"] if self.dev else ["--data-dir", str(self.data_dir)]
         return cmd + self.extra
 

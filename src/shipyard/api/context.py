@@ -24,6 +24,7 @@ class ServerConfig:
     data_dir: str | None  # None: --dev, state in memory only
     bind: str = "127.0.0.1"
     http_port: int = 8500
+    dns_port: int = 8600  # 0: no DNS interface
     node_name: str = ""
     datacenter: str = "dc1"
     enable_script_checks: bool = False

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from shipyard.api.consul import add_consul_routes
 from shipyard.api.context import PLATFORM, Platform, ServerConfig
+from shipyard.api.dns import DnsServer
 from shipyard.api.errors import error_middleware
 from shipyard.api.native import add_native_routes
 from shipyard.errors import ShipyardError
@@ -129,6 +130,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     lock_fd = lock_data_dir(config.data_dir) if config.data_dir is not None else None
     platform = await build_platform(config)
     runner: web.AppRunner | None = None
+    dns_server: DnsServer | None = None
     try:
         await start_platform(platform)
         app = build_app(platform)
@@ -136,10 +138,14 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         await runner.setup()
         site = web.TCPSite(runner, config.bind, config.http_port, backlog=1024, reuse_address=True)
         await site.start()
+        if config.dns_port:
+            dns_server = DnsServer(platform.catalog, config.datacenter, config.bind, config.dns_port)
+            await dns_server.start()
         log.info(
-            "shipyard server ready: http://%s:%d (node %s, data dir %s)",
+            "shipyard server ready: http://%s:%d, DNS on port %s (node %s, data dir %s)",
             config.bind,
             config.http_port,
+            config.dns_port or "off",
             platform.node.name,
             config.data_dir or "in memory (--dev)",
         )
@@ -152,6 +158,8 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         await stop.wait()
         log.info("shipyard server stopping")
     finally:
+        if dns_server is not None:
+            await dns_server.stop()
         if runner is not None:
             await runner.cleanup()
         await stop_platform(platform)

@@ -45,6 +45,7 @@ def cli(ctx: click.Context, http_addr: str) -> None:
 @click.option("--data-dir", default="./shipyard-data", show_default=True, help="Where state is kept.")
 @click.option("--bind", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--http-port", default=8500, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--dns-port", default=8600, show_default=True, type=click.IntRange(0, 65535), help="0: no DNS.")
 @click.option("--node", "node_name", default="", help="Node name (default: the host name).")
 @click.option("--datacenter", default="dc1", show_default=True)
 @click.option("--dev", is_flag=True, help="Keep all state in memory only (nothing on disk).")
@@ -59,6 +60,7 @@ def server(
     data_dir: str,
     bind: str,
     http_port: int,
+    dns_port: int,
     node_name: str,
     datacenter: str,
     dev: bool,
@@ -80,6 +82,7 @@ def server(
         data_dir=None if dev else data_dir,
         bind=bind,
         http_port=http_port,
+        dns_port=dns_port,
         node_name=node_name,
         datacenter=datacenter,
         enable_script_checks=enable_script_checks,
