@@ -1,0 +1,642 @@
+"""The shipyard.yaml schema: typed, frozen job specs, their validation with file:line:field errors, and JSON forms.
+
+It must never start, stop or look up anything: parsing a spec is pure, so the CLI, API and scheduler agree on it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from shipyard.errors import Unprocessable
+
+# The field names each section accepts; the JSON Schema and the validator both read these.
+PROJECT_FIELDS = ("project", "services", "workers")
+TASK_FIELDS = (
+    "cmd", "args", "instances", "env", "ports", "health", "resources", "depends_on",
+    "update", "restart", "stop_grace", "tags", "meta", "routes",
+)
+WORKER_FIELDS = tuple(f for f in TASK_FIELDS if f != "routes")
+HEALTH_FIELDS = ("http", "tcp", "command", "port", "interval", "timeout", "grace", "failures")
+RESOURCE_FIELDS = ("cpu", "memory")
+UPDATE_FIELDS = ("max_parallel", "min_healthy_time", "healthy_deadline", "auto_revert", "canary")
+RESTART_FIELDS = ("initial", "factor", "max", "attempts", "reset_after")
+PORT_FIELDS = ("static",)
+DEPENDENCY_CONDITIONS = ("started", "healthy")
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+PORT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h))+$")
+DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str
+    static: int | None = None  # None: the agent picks a free port from its dynamic range
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    kind: str  # "http" | "tcp" | "command"
+    target: str  # http: the path; tcp: the port name; command: a shell command
+    port: str | None = None  # http: which named port to probe
+    interval: float = 10.0
+    timeout: float = 2.0
+    grace: float = 5.0
+    failures: int = 3
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: int = 100  # MHz
+    memory: int = 128  # MB
+
+
+@dataclass(frozen=True)
+class UpdatePolicy:
+    max_parallel: int = 1
+    min_healthy_time: float = 5.0
+    healthy_deadline: float = 60.0
+    auto_revert: bool = False
+    canary: int = 0
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    initial: float = 1.0
+    factor: float = 2.0
+    max: float = 60.0
+    attempts: int | None = None  # None: restart forever
+    reset_after: float = 60.0  # the backoff starts over after an instance has run this long
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One service or worker: what the scheduler calls a job."""
+
+    name: str
+    kind: str  # "service" | "worker"
+    cmd: str | None = None
+    args: tuple[str, ...] = ()
+    instances: int = 1
+    env: Mapping[str, str] = field(default_factory=dict)
+    ports: tuple[Port, ...] = ()
+    health: HealthCheck | None = None
+    resources: Resources = Resources()
+    depends_on: Mapping[str, str] = field(default_factory=dict)
+    update: UpdatePolicy = UpdatePolicy()
+    restart: RestartPolicy = RestartPolicy()
+    stop_grace: float = 5.0
+    tags: tuple[str, ...] = ()
+    meta: Mapping[str, str] = field(default_factory=dict)
+    routes: tuple[Mapping[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return task_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskSpec:
+        """Rebuild from to_dict() output (as stored in the store); validates like a file does."""
+        name, kind = data.get("name"), data.get("kind", "service")
+        body = {k: v for k, v in data.items() if k not in ("name", "kind")}
+        section = "workers" if kind == "worker" else "services"
+        project = _Validator("<stored job>", {}, check_references=False).project({section: {name: body}})
+        return (project.workers if kind == "worker" else project.services)[name]
+
+    def content_hash(self) -> str:
+        """Stable over re-parsing and key order: an unchanged spec gives the same hash, so no new version."""
+        return _digest(self.to_dict())
+
+    def template_hash(self) -> str:
+        """The hash of what a running instance depends on: a change here replaces instances, others don't."""
+        data = self.to_dict()
+        for key in ("instances", "update", "depends_on"):
+            data.pop(key, None)
+        return _digest(data)
+
+
+@dataclass(frozen=True)
+class ProjectSpec:
+    services: Mapping[str, TaskSpec] = field(default_factory=dict)
+    workers: Mapping[str, TaskSpec] = field(default_factory=dict)
+    project: str | None = None
+
+    @property
+    def tasks(self) -> dict[str, TaskSpec]:
+        return {**self.services, **self.workers}
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.project is not None:
+            out["project"] = self.project
+        out["services"] = {n: _without_identity(t.to_dict()) for n, t in self.services.items()}
+        out["workers"] = {n: _without_identity(t.to_dict()) for n, t in self.workers.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<json>") -> ProjectSpec:
+        return _Validator(source, {}).project(data)
+
+    def content_hash(self) -> str:
+        return _digest(self.to_dict())
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    source: str
+    line: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line is not None else self.source
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class SpecError(Unprocessable):
+    """A spec with problems; all of them are listed, each naming file, line and field path."""
+
+    def __init__(self, problems: list[SpecProblem]) -> None:
+        self.problems = problems
+        super().__init__(
+            "\n".join(str(p) for p in problems),
+            [{"file": p.source, "line": p.line, "path": p.path, "message": p.message} for p in problems],
+        )
+
+
+def parse_project(text: str, source: str = "shipyard.yaml") -> ProjectSpec:
+    """Parse and validate shipyard.yaml text; raise SpecError listing every problem found."""
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise SpecError([SpecProblem(source, line, "", f"invalid YAML: {exc.problem or exc}")]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([SpecProblem(source, None, "", f"invalid YAML: {exc}")]) from None
+    lines: dict[tuple[Any, ...], int] = {}
+    problems: list[SpecProblem] = []
+    data = {} if node is None else _plain(node, (), lines, problems, source)
+    validator = _Validator(source, lines)
+    validator.problems.extend(problems)
+    return validator.project(data)
+
+
+def load_project(path: str) -> ProjectSpec:
+    with open(path, encoding="utf-8") as fh:
+        return parse_project(fh.read(), source=path)
+
+
+def parse_duration(value: Any) -> float:
+    """'1m30s' / '500ms' / 10 -> seconds; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(value)
+        return float(value)
+    if isinstance(value, str) and DURATION_RE.match(value):
+        return sum(float(n) * DURATION_UNITS[u] for n, u in DURATION_PART_RE.findall(value))
+    raise ValueError(value)
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _without_identity(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k not in ("name", "kind")}
+
+
+def task_to_dict(t: TaskSpec) -> dict[str, Any]:
+    """The canonical JSON form: every field written out, so defaults changing later don't alter stored jobs."""
+    out: dict[str, Any] = {"name": t.name, "kind": t.kind}
+    if t.cmd is not None:
+        out["cmd"] = t.cmd
+    else:
+        out["args"] = list(t.args)
+    out["instances"] = t.instances
+    out["env"] = dict(sorted(t.env.items()))
+    out["ports"] = {p.name: ({"static": p.static} if p.static is not None else {}) for p in t.ports}
+    if t.health is not None:
+        h = t.health
+        out["health"] = {h.kind: h.target, "interval": h.interval, "timeout": h.timeout,
+                         "grace": h.grace, "failures": h.failures}
+        if h.port is not None:
+            out["health"]["port"] = h.port
+    out["resources"] = {"cpu": t.resources.cpu, "memory": t.resources.memory}
+    out["depends_on"] = dict(sorted(t.depends_on.items()))
+    u, r = t.update, t.restart
+    out["update"] = {"max_parallel": u.max_parallel, "min_healthy_time": u.min_healthy_time,
+                     "healthy_deadline": u.healthy_deadline, "auto_revert": u.auto_revert, "canary": u.canary}
+    out["restart"] = {"initial": r.initial, "factor": r.factor, "max": r.max, "attempts": r.attempts,
+                      "reset_after": r.reset_after}
+    out["stop_grace"] = t.stop_grace
+    out["tags"] = list(t.tags)
+    out["meta"] = dict(sorted(t.meta.items()))
+    if t.kind == "service":
+        out["routes"] = [dict(r) for r in t.routes]
+    return out
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    pass
+
+
+_SCALARS = yaml.SafeLoader("")
+
+
+def _plain(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int],
+           problems: list[SpecProblem], source: str) -> Any:
+    """YAML node tree -> plain data, remembering each path's line and reporting duplicate keys."""
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        try:
+            _SCALARS.flatten_mapping(node)  # resolves '<<: *defaults' merge keys
+        except yaml.MarkedYAMLError as exc:
+            line = node.start_mark.line + 1
+            problems.append(SpecProblem(source, line, _dotted(path), f"invalid merge: {exc.problem}"))
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = _scalar(key_node, path, problems, source) if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str):
+                problems.append(SpecProblem(source, key_node.start_mark.line + 1, _dotted(path),
+                                            f"keys must be strings, got {_describe(key)}"))
+                continue
+            child = (*path, key)
+            if key in out:
+                problems.append(SpecProblem(source, key_node.start_mark.line + 1, _dotted(child), "duplicate key"))
+                continue
+            lines[child] = key_node.start_mark.line + 1
+            out[key] = _plain(value_node, child, lines, problems, source)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_plain(item, (*path, i), lines, problems, source) for i, item in enumerate(node.value)]
+    return _scalar(node, path, problems, source)
+
+
+def _scalar(node: yaml.Node, path: tuple[Any, ...], problems: list[SpecProblem], source: str) -> Any:
+    # Calling the constructor directly (not construct_object) keeps the shared loader free of per-node caches.
+    constructor = _SCALARS.yaml_constructors.get(node.tag)
+    if constructor is None:
+        problems.append(SpecProblem(source, node.start_mark.line + 1, _dotted(path), f"unsupported tag {node.tag}"))
+        return None
+    try:
+        return constructor(_SCALARS, node)
+    except (yaml.YAMLError, ValueError) as exc:
+        problems.append(SpecProblem(source, node.start_mark.line + 1, _dotted(path), f"invalid value: {exc}"))
+        return None
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return str(value)
+
+
+class _Validator:
+    """Walks plain data, collecting every problem before failing, so a user fixes a file in one pass.
+
+    Top-level keys starting with "x-" are ignored, as in docker compose, to hold YAML anchors.
+    """
+
+    def __init__(self, source: str, lines: dict[tuple[Any, ...], int], *, check_references: bool = True) -> None:
+        self.source = source
+        self.lines = lines
+        self.check_references = check_references
+        self.problems: list[SpecProblem] = []
+
+    def fail(self, path: tuple[Any, ...], message: str) -> None:
+        line = None
+        for n in range(len(path), -1, -1):
+            if path[:n] in self.lines:
+                line = self.lines[path[:n]]
+                break
+        self.problems.append(SpecProblem(self.source, line, _dotted(path), message))
+
+    def expect(self, path: tuple[Any, ...], value: Any, what: str) -> None:
+        self.fail(path, f"expected {what}, got {_describe(value)}")
+
+    def mapping(self, path: tuple[Any, ...], value: Any, allowed: tuple[str, ...] | None) -> dict[str, Any] | None:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.expect(path, value, "a mapping")
+            return None
+        if allowed is not None:
+            for key in value:
+                if key not in allowed and not (path == () and key.startswith("x-")):
+                    close = difflib.get_close_matches(key, allowed, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(allowed)})"
+                    self.fail((*path, key), f"unknown field{hint}")
+        return value
+
+    def integer(self, path: tuple[Any, ...], value: Any, minimum: int, maximum: int | None = None) -> int | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        if ok and (maximum is None or value <= maximum):
+            return value
+        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        self.expect(path, value, f"an integer {bound}")
+        return None
+
+    def number(self, path: tuple[Any, ...], value: Any, minimum: float) -> float | None:
+        if isinstance(value, int | float) and not isinstance(value, bool) and value >= minimum:
+            return float(value)
+        self.expect(path, value, f"a number >= {minimum:g}")
+        return None
+
+    def duration(self, path: tuple[Any, ...], value: Any) -> float | None:
+        try:
+            return parse_duration(value)
+        except ValueError:
+            self.expect(path, value, 'a duration like "10s", "500ms", "1m" or a number of seconds')
+            return None
+
+    def string(self, path: tuple[Any, ...], value: Any, pattern: re.Pattern[str] | None = None,
+               what: str = "a non-empty string") -> str | None:
+        if isinstance(value, str) and value and (pattern is None or pattern.match(value)):
+            return value
+        self.expect(path, value, what)
+        return None
+
+    def string_map(self, path: tuple[Any, ...], value: Any, key_re: re.Pattern[str] | None = None) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for key, item in (self.mapping(path, value, None) or {}).items():
+            if key_re is not None and not key_re.match(key):
+                self.fail((*path, key), "invalid name (letters, digits and _, not starting with a digit)")
+            elif isinstance(item, str):
+                out[key] = item
+            elif isinstance(item, int | float) and not isinstance(item, bool):
+                out[key] = str(item)  # YAML reads PORT: 8080 as a number; the environment wants its text
+            else:
+                self.expect((*path, key), item, "a string")
+        return out
+
+    def string_list(self, path: tuple[Any, ...], value: Any, non_empty: bool = False) -> tuple[str, ...]:
+        if not isinstance(value, list) or (non_empty and not value):
+            self.expect(path, value, "a non-empty list of strings" if non_empty else "a list of strings")
+            return ()
+        return tuple(s for i, item in enumerate(value)
+                     if (s := self.string((*path, i), item, what="a string")) is not None)
+
+    # --- sections -------------------------------------------------------------------------------------------
+
+    def project(self, data: Any) -> ProjectSpec:
+        root = self.mapping((), data, PROJECT_FIELDS)
+        services: dict[str, TaskSpec] = {}
+        workers: dict[str, TaskSpec] = {}
+        project_name = None
+        if root is not None:
+            if "project" in root:
+                project_name = self.string(("project",), root["project"], NAME_RE, "a lowercase name")
+            service_names = set(root.get("services") or ()) if isinstance(root.get("services"), dict) else set()
+            for section, kind, out in (("services", "service", services), ("workers", "worker", workers)):
+                for name, body in (self.mapping((section,), root.get(section), None) or {}).items():
+                    if not NAME_RE.match(name):
+                        self.fail((section, name), "invalid name (lowercase letters, digits and -, at most 63)")
+                    elif kind == "worker" and name in service_names:
+                        self.fail((section, name), "name already used by a service")
+                    else:
+                        task = self.task((section, name), name, kind, body)
+                        if task is not None:
+                            out[name] = task
+            if not services and not workers and not self.problems:
+                self.fail((), "no services or workers defined")
+            if self.check_references:
+                self.dependencies(services, workers)
+        if self.problems:
+            raise SpecError(sorted(self.problems, key=lambda p: p.line or 0))
+        return ProjectSpec(services=services, workers=workers, project=project_name)
+
+    def task(self, path: tuple[Any, ...], name: str, kind: str, body: Any) -> TaskSpec | None:
+        allowed = TASK_FIELDS if kind == "service" else WORKER_FIELDS
+        if kind == "worker" and isinstance(body, dict) and "routes" in body:
+            self.fail((*path, "routes"), "unknown field (routes are only for services)")
+            body = {k: v for k, v in body.items() if k != "routes"}
+        spec = self.mapping(path, body, allowed)
+        if spec is None:
+            return None
+        before = len(self.problems)
+        values: dict[str, Any] = {"name": name, "kind": kind}
+        if ("cmd" in spec) == ("args" in spec):
+            self.fail(path, "exactly one of cmd or args is required")
+        elif "cmd" in spec:
+            values["cmd"] = self.string((*path, "cmd"), spec["cmd"])
+        else:
+            values["args"] = self.string_list((*path, "args"), spec["args"], non_empty=True)
+        if "instances" in spec:
+            values["instances"] = self.integer((*path, "instances"), spec["instances"], 0)
+        values["env"] = self.string_map((*path, "env"), spec.get("env"), ENV_NAME_RE)
+        values["ports"] = self.ports((*path, "ports"), spec.get("ports"))
+        if spec.get("health") is not None:
+            values["health"] = self.health((*path, "health"), spec["health"], values["ports"])
+        values["resources"] = self.resources((*path, "resources"), spec.get("resources"))
+        values["depends_on"] = self.depends_on((*path, "depends_on"), spec.get("depends_on"))
+        values["update"] = self.update((*path, "update"), spec.get("update"))
+        values["restart"] = self.restart((*path, "restart"), spec.get("restart"))
+        if "stop_grace" in spec:
+            values["stop_grace"] = self.duration((*path, "stop_grace"), spec["stop_grace"])
+        if spec.get("tags") is not None:
+            values["tags"] = self.string_list((*path, "tags"), spec["tags"])
+        values["meta"] = self.string_map((*path, "meta"), spec.get("meta"))
+        if kind == "service" and spec.get("routes") is not None:
+            values["routes"] = self.routes((*path, "routes"), spec["routes"])
+        if len(self.problems) > before:
+            return None
+        return TaskSpec(**values)
+
+    def ports(self, path: tuple[Any, ...], value: Any) -> tuple[Port, ...]:
+        if value is None:
+            return ()
+        entries: list[tuple[tuple[Any, ...], str, Any]] = []
+        if isinstance(value, list):
+            entries = [((*path, i), item, None) for i, item in enumerate(value)]
+        elif isinstance(value, dict):
+            entries = [((*path, name), name, body) for name, body in value.items()]
+        else:
+            self.expect(path, value, "a mapping of port names or a list of port names")
+            return ()
+        ports: list[Port] = []
+        seen_static: dict[int, str] = {}
+        for where, name, body in entries:
+            if not isinstance(name, str) or not PORT_NAME_RE.match(name):
+                self.expect(where, name, "a port name (lowercase letters, digits and _)")
+                continue
+            if any(p.name == name for p in ports):
+                self.fail(where, "duplicate port name")
+                continue
+            options = self.mapping(where, body, PORT_FIELDS)
+            static = None
+            if options and options.get("static") is not None:
+                static = self.integer((*where, "static"), options["static"], 1, 65535)
+                if static is not None and static in seen_static:
+                    self.fail((*where, "static"), f"port {static} is already used by port {seen_static[static]!r}")
+                elif static is not None:
+                    seen_static[static] = name
+            ports.append(Port(name, static))
+        return tuple(ports)
+
+    def health(self, path: tuple[Any, ...], value: Any, ports: tuple[Port, ...]) -> HealthCheck | None:
+        spec = self.mapping(path, value, HEALTH_FIELDS)
+        if spec is None:
+            return None
+        kinds = [k for k in ("http", "tcp", "command") if k in spec]
+        if len(kinds) != 1:
+            self.fail(path, "exactly one of http, tcp or command is required")
+            return None
+        kind = kinds[0]
+        port_names = [p.name for p in ports]
+        target: str | None
+        port = None
+        if kind == "http":
+            target = self.string((*path, "http"), spec["http"], re.compile(r"^/"), 'a path starting with "/"')
+            if "port" in spec:
+                port = self.string((*path, "port"), spec["port"])
+                if port is not None and port not in port_names:
+                    self.fail((*path, "port"), f"no port named {port!r} (ports: {', '.join(port_names) or 'none'})")
+            elif not ports:
+                self.fail((*path, "http"), "an http check needs a port; declare one under ports")
+            else:
+                port = ports[0].name
+        else:
+            if "port" in spec:
+                self.fail((*path, "port"), f"unknown field (port is for http checks; {kind} names its own)")
+            target = self.string((*path, kind), spec[kind])
+            if kind == "tcp" and target is not None and target not in port_names:
+                self.fail((*path, "tcp"), f"no port named {target!r} (ports: {', '.join(port_names) or 'none'})")
+        values: dict[str, Any] = {}
+        for key in ("interval", "timeout", "grace"):
+            if key in spec:
+                values[key] = self.duration((*path, key), spec[key])
+        if "failures" in spec:
+            values["failures"] = self.integer((*path, "failures"), spec["failures"], 1)
+        if target is None or None in values.values():
+            return None
+        return HealthCheck(kind=kind, target=target, port=port, **values)
+
+    def resources(self, path: tuple[Any, ...], value: Any) -> Resources:
+        spec = self.mapping(path, value, RESOURCE_FIELDS) or {}
+        values = {k: self.integer((*path, k), spec[k], 1) for k in RESOURCE_FIELDS if k in spec}
+        return Resources(**{k: v for k, v in values.items() if v is not None})
+
+    def depends_on(self, path: tuple[Any, ...], value: Any) -> dict[str, str]:
+        if isinstance(value, list):  # a plain list means "started", as in docker compose
+            value = {name: "started" for name in self.string_list(path, value)}
+        out: dict[str, str] = {}
+        for name, condition in (self.mapping(path, value, None) or {}).items():
+            if condition not in DEPENDENCY_CONDITIONS:
+                self.expect((*path, name), condition, "started or healthy")
+            else:
+                out[name] = condition
+        return out
+
+    def update(self, path: tuple[Any, ...], value: Any) -> UpdatePolicy:
+        spec = self.mapping(path, value, UPDATE_FIELDS) or {}
+        values: dict[str, Any] = {}
+        if "max_parallel" in spec:
+            values["max_parallel"] = self.integer((*path, "max_parallel"), spec["max_parallel"], 1)
+        if "canary" in spec:
+            values["canary"] = self.integer((*path, "canary"), spec["canary"], 0)
+        for key in ("min_healthy_time", "healthy_deadline"):
+            if key in spec:
+                values[key] = self.duration((*path, key), spec[key])
+        if "auto_revert" in spec:
+            if isinstance(spec["auto_revert"], bool):
+                values["auto_revert"] = spec["auto_revert"]
+            else:
+                self.expect((*path, "auto_revert"), spec["auto_revert"], "true or false")
+        return UpdatePolicy(**{k: v for k, v in values.items() if v is not None})
+
+    def restart(self, path: tuple[Any, ...], value: Any) -> RestartPolicy:
+        spec = self.mapping(path, value, RESTART_FIELDS) or {}
+        values: dict[str, Any] = {}
+        for key in ("initial", "max", "reset_after"):
+            if key in spec:
+                values[key] = self.duration((*path, key), spec[key])
+        if "factor" in spec:
+            values["factor"] = self.number((*path, "factor"), spec["factor"], 1)
+        if spec.get("attempts") is not None:
+            values["attempts"] = self.integer((*path, "attempts"), spec["attempts"], 0)
+        return RestartPolicy(**{k: v for k, v in values.items() if v is not None})
+
+    def routes(self, path: tuple[Any, ...], value: Any) -> tuple[Mapping[str, Any], ...]:
+        # Opaque here: the gateway owns route semantics; we only promise a list of mappings.
+        if not isinstance(value, list):
+            self.expect(path, value, "a list of route mappings")
+            return ()
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, dict) and item:
+                out.append(item)
+            else:
+                self.expect((*path, i), item, "a non-empty mapping")
+        return tuple(out)
+
+    def dependencies(self, services: dict[str, TaskSpec], workers: dict[str, TaskSpec]) -> None:
+        tasks = {**services, **workers}
+        for name, task in tasks.items():
+            section = "services" if task.kind == "service" else "workers"
+            for dep, condition in task.depends_on.items():
+                target = tasks.get(dep)
+                if dep == name:
+                    self.fail((section, name, "depends_on", dep), "a job cannot depend on itself")
+                elif target is None:
+                    close = difflib.get_close_matches(dep, list(tasks), n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    self.fail((section, name, "depends_on", dep), f"no service or worker named {dep!r}{hint}")
+                elif condition == "healthy" and target.health is None:
+                    self.fail((section, name, "depends_on", dep), f"{dep!r} has no health check to wait for")
+        cycle = _find_cycle({n: list(t.depends_on) for n, t in tasks.items()})
+        if cycle:
+            first = tasks[cycle[0]]
+            section = "services" if first.kind == "service" else "workers"
+            self.fail((section, cycle[0], "depends_on"), "dependency cycle: " + " -> ".join([*cycle, cycle[0]]))
+
+
+def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in graph:
+                continue
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
