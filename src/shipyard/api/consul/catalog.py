@@ -229,7 +229,8 @@ async def catalog_register(request: web.Request) -> web.Response:
             "Address": address,
             "Datacenter": platform.node.datacenter,
             "TaggedAddresses": tagged or {},
-            "Meta": as_str_map(r, "NodeMeta", "RegisterRequest"),
+            # py-consul sends node_meta as ?node-meta=k:v rather than NodeMeta; honour both.
+            "Meta": as_str_map(r, "NodeMeta", "RegisterRequest") or node_meta_filters(request),
         }
     service = _catalog_service(r["Service"]) if r.get("Service") is not None else None
     raw_checks: list[Any] = []
