@@ -163,6 +163,12 @@ class _OpFailed(Exception):
     pass
 
 
+def _index_matches(entry: KVEntry, index: int) -> bool:
+    """An entry written earlier in the same txn gets the commit's revision, unknown while playing:
+    no client-supplied index can be known to match it, so index checks against it fail."""
+    return entry.modify_index != 0 and entry.modify_index == index
+
+
 class _Simulation:
     """Plays a Consul txn against what the store holds, recording what it read so the write can be guarded."""
 
@@ -372,7 +378,7 @@ class ConsulKV:
         elif verb == "cas":
             existing = await sim.entry(key)
             if (op.index == 0 and existing is not None) or (
-                op.index != 0 and (existing is None or existing.modify_index != op.index)
+                op.index != 0 and (existing is None or not _index_matches(existing, op.index))
             ):
                 raise _OpFailed(f'failed to set key "{key}", index is stale')
             plan = ("entry", (self._set(sim, existing, op), False))
@@ -382,7 +388,7 @@ class ConsulKV:
         elif verb == "delete-cas":
             existing = await sim.entry(key)
             if existing is not None:
-                if existing.modify_index != op.index:
+                if not _index_matches(existing, op.index):
                     raise _OpFailed(f'failed to delete key "{key}", index is stale')
                 sim.delete(key)
         elif verb == "delete-tree":
@@ -414,10 +420,10 @@ class ConsulKV:
             existing = await sim.entry(key)
             if existing is None:
                 raise _OpFailed(f'failed to check index, key "{key}" doesn\'t exist')
-            if existing.modify_index != op.index:
+            if not _index_matches(existing, op.index):
                 raise _OpFailed(
                     f'failed index check for key "{key}", current modify index '
-                    f"{existing.modify_index} != {op.index}"
+                    f"{existing.modify_index or 'of this transaction'} != {op.index}"
                 )
             plan = ("entry", (existing, False))
         elif verb == "check-session":

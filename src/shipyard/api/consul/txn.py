@@ -3,7 +3,9 @@
 Decodes and validates the body here; the transaction itself is shipyard.registry.kv.ConsulKV.transact.
 
 Limits: only KV operations (no Node/Service/Check ops); delete-tree and get-tree act on what is under
-the prefix when the txn commits; lock inside a txn ignores lock-delay, as Consul's does.
+the prefix when the txn commits; an index check (cas, delete-cas, check-index) on a key written earlier
+in the same txn fails, its new ModifyIndex being unknown before commit; lock inside a txn ignores
+lock-delay, as Consul's does.
 """
 
 from __future__ import annotations
