@@ -1,0 +1,119 @@
+"""plan(snapshot) -> Plan: every job reconciled, every new instance given a node or a reason why not.
+
+It must never do I/O, read a clock or start anything; the caller writes the plan to the store, agents act on it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import replace
+
+from shipyard.errors import Conflict
+from shipyard.scheduler.model import Allocation, Deployment, Job, Plan, Snapshot, Unplaceable
+from shipyard.scheduler.placement import NodePool
+from shipyard.scheduler.reconcile import JobDecision, reconcile_job, reconcile_stopped
+
+
+def plan(snapshot: Snapshot, *, spread: bool = False, candidates: int = 2) -> Plan:
+    """Reconcile every job in the snapshot; jobs are visited in id order so a plan is deterministic.
+
+    spread: prefer, among equally good fits, nodes with fewer instances of the same job.
+    candidates: how many fitting nodes to rank per placement (more = tighter packing, slower).
+    """
+    pool = NodePool(snapshot.nodes, snapshot.allocations)
+    alive = frozenset(pool.index_of)
+    by_job: dict[str, list[Allocation]] = defaultdict(list)
+    for alloc in snapshot.allocations:
+        by_job[alloc.job].append(alloc)
+    latest: dict[str, Deployment] = {d.job: d for d in snapshot.deployments}
+    jobs = {job.id: job for job in snapshot.jobs}
+    result = Plan()
+    seq = 0
+
+    for job_id in sorted(set(by_job) | set(latest)):
+        if job_id not in jobs:
+            _merge(result, reconcile_stopped(job_id, by_job.get(job_id, []), latest.get(job_id), "job deleted"))
+
+    for job_id in sorted(jobs):
+        job = jobs[job_id]
+        allocs = by_job.get(job_id, [])
+        template = job.spec.template_hash()
+        if job.status == "stopped":
+            decision = reconcile_stopped(job_id, allocs, latest.get(job_id), "job stopped")
+        else:
+            decision = reconcile_job(job, allocs, latest.get(job_id), alive, snapshot.now, template)
+        _merge(result, decision)
+        if decision.place:
+            seq = _place(result, pool, job, template, decision, allocs, snapshot, seq, spread, candidates)
+    return result
+
+
+def _merge(result: Plan, decision: JobDecision) -> None:
+    result.stop.extend(decision.stop)
+    result.update.extend(decision.update)
+    result.deployments.extend(decision.changed)
+    if decision.revert is not None:
+        result.reverts.append(decision.revert)
+
+
+def _place(result: Plan, pool: NodePool, job: Job, template: str, decision: JobDecision, allocs: list[Allocation],
+           snapshot: Snapshot, seq: int, spread: bool, candidates: int) -> int:
+    resources = job.spec.resources
+    cpu, mem = resources.cpu, resources.memory
+    counts: dict[int, int] | None = None
+    if spread:
+        counts = defaultdict(int)
+        for a in allocs:
+            if a.desired == "run" and a.node in pool.index_of:
+                counts[pool.index_of[a.node]] += 1
+    total = max(1, job.spec.instances)
+    deployment_id = decision.deployment.id if decision.deployment is not None else None
+    ids, choose, reserve, place = pool.ids, pool.choose, pool.reserve, result.place.append
+    prefix = f"{job.id}."
+    suffix = f".{snapshot.revision}-"
+    failed: list[int] = []
+    for index, canary in decision.place:
+        if failed:  # capacity only shrinks within a plan: what did not fit once will not fit again
+            failed.append(index)
+            continue
+        i = choose(cpu, mem, counts, total, candidates)
+        if i is None:
+            failed.append(index)
+            continue
+        reserve(i, cpu, mem)
+        if counts is not None:
+            counts[i] += 1
+        seq += 1
+        place(Allocation(f"{prefix}{index}{suffix}{seq}", job.id, job.version, index, ids[i], cpu, mem, template,
+                         job.generation, "run", "pending", deployment_id, canary, snapshot.now, None))
+    if failed:
+        reason = pool.unplaceable_reason(cpu, mem)
+        result.unplaceable.append(Unplaceable(job.id, tuple(failed), reason))
+        _account_unplaced(result, deployment_id, decision, failed, reason)
+    return seq
+
+
+def _account_unplaced(result: Plan, deployment_id: str | None, decision: JobDecision, failed: list[int],
+                      reason: str) -> None:
+    """The deployment record counts only what was really placed, and says why the rest was not."""
+    canaries = sum(1 for index, canary in decision.place if canary and index in set(failed))
+    for n, d in enumerate(result.deployments):
+        if d.id == deployment_id:
+            result.deployments[n] = replace(d, placed=d.placed - len(failed),
+                                            placed_canaries=d.placed_canaries - canaries,
+                                            description=f"{len(failed)} instance(s) unplaceable: {reason}")
+
+
+def check_conflict(job_change: Job, active_deployment: Deployment | None, force: bool = False) -> None:
+    """Refuse (409) a change to a job whose deployment is still rolling out, unless forced.
+
+    A forced change supersedes the running deployment: the next plan cancels it and starts the new one.
+    """
+    d = active_deployment
+    if d is None or force or not d.active or d.job != job_change.id:
+        return
+    raise Conflict(
+        f"job {job_change.id!r} has a deployment in progress ({d.id}, {d.status}); "
+        "wait for it, promote it, or force the change",
+        {"job": job_change.id, "deployment": d.id, "status": d.status, "version": d.version},
+    )

@@ -1,0 +1,172 @@
+"""Per-job reconciliation: which instances to start, keep, relabel or stop, and how the job's deployment advances.
+
+It must never pick nodes (placement.py does) and never reads a clock: `now` comes from the snapshot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from shipyard.scheduler.model import TERMINAL, Allocation, Deployment, Job, JobRevert, Stop, VersionUpdate
+
+
+@dataclass
+class JobDecision:
+    """What one job needs; `place` lists (index, canary) pairs still to be given nodes."""
+
+    place: list[tuple[int, bool]] = field(default_factory=list)
+    stop: list[Stop] = field(default_factory=list)
+    update: list[VersionUpdate] = field(default_factory=list)
+    deployment: Deployment | None = None  # the deployment new placements belong to
+    changed: list[Deployment] = field(default_factory=list)  # deployments to write (new, advanced, cancelled)
+    revert: JobRevert | None = None
+
+
+def deployment_id(job: Job) -> str:
+    # Deterministic, so planning twice from the same snapshot yields the same plan.
+    return f"{job.id}.v{job.version}.g{job.generation}"
+
+
+def stable(alloc: Allocation, now: float, min_healthy_time: float) -> bool:
+    since = alloc.healthy_since
+    return alloc.client == "healthy" and since is not None and now - since >= min_healthy_time
+
+
+def _stop(alloc: Allocation, reason: str) -> Stop:
+    return Stop(alloc.id, alloc.job, alloc.node, reason)
+
+
+def reconcile_stopped(job_id: str, allocs: list[Allocation], deployment: Deployment | None,
+                      reason: str) -> JobDecision:
+    """A deleted or stopped job: every live instance stops and an unfinished deployment is cancelled."""
+    decision = JobDecision()
+    live = sorted((a for a in allocs if a.desired == "run"), key=lambda a: -a.index)
+    decision.stop = [_stop(a, reason) for a in live]
+    if deployment is not None and deployment.active:
+        decision.changed.append(replace(deployment, status="cancelled", description=reason))
+    return decision
+
+
+def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None, alive_nodes: set[str] | frozenset,
+                  now: float, template: str) -> JobDecision:
+    decision = JobDecision()
+    spec = job.spec
+    policy = spec.update
+    wanted = 0 if job.status == "stopped" else spec.instances
+
+    # Instances whose node vanished or whose process is done hold nothing and get replaced.
+    live: list[Allocation] = []
+    for a in allocs:
+        if a.desired != "run":
+            continue
+        if a.node not in alive_nodes or a.client == "lost":
+            decision.stop.append(_stop(a, "node lost"))
+        elif a.client in TERMINAL:
+            decision.stop.append(_stop(a, f"instance {a.client}"))
+        else:
+            live.append(a)
+
+    # Scaling down stops the highest indexes first.
+    for a in sorted((a for a in live if a.index >= wanted), key=lambda a: -a.index):
+        decision.stop.append(_stop(a, "scaled down" if wanted else "job stopped"))
+    live = [a for a in live if a.index < wanted]
+
+    current: dict[int, Allocation] = {}
+    outdated: dict[int, Allocation] = {}
+    for a in sorted(live, key=lambda a: (a.client != "healthy", a.created_at)):
+        bucket = current if a.template == template and a.generation == job.generation else outdated
+        if a.index in bucket:
+            decision.stop.append(_stop(a, "duplicate instance"))  # keeps the healthy, older one
+        else:
+            bucket[a.index] = a
+
+    # The deployment of this version and restart generation, created on first sight.
+    d = latest
+    if d is None or (d.version, d.generation) != (job.version, job.generation):
+        if d is not None and d.active:
+            decision.changed.append(replace(d, status="cancelled", description=f"superseded by version {job.version}"))
+        canaries = min(policy.canary, len(outdated)) if outdated else 0
+        d = Deployment(id=deployment_id(job), job=job.id, version=job.version, generation=job.generation,
+                       status="running", created_at=now, desired_canaries=canaries,
+                       description="placing canaries" if canaries else "deploying")
+    decision.deployment = d
+
+    for a in current.values():
+        if a.version != job.version:
+            decision.update.append(VersionUpdate(a.id, job.id, job.version))
+
+    if d.status in ("failed", "cancelled"):
+        # A failed rollout is frozen where it stands (the old version keeps serving) until the job changes.
+        if d.status == "failed" and policy.auto_revert and job.stable_version not in (None, job.version):
+            decision.revert = JobRevert(job.id, job.stable_version, f"deployment {d.id} failed: {d.description}")
+        return decision
+
+    ours = [a for a in current.values() if a.deployment == d.id]
+    gave_up = [a for a in allocs if a.desired == "run" and a.client == "failed" and a.deployment == d.id]
+    failure = _deadline_failure(ours, gave_up, now, policy.healthy_deadline)
+    if failure and d.active:
+        d = replace(d, status="failed", description=failure)
+        if policy.auto_revert and job.stable_version not in (None, job.version):
+            decision.revert = JobRevert(job.id, job.stable_version, f"deployment {d.id} failed: {failure}")
+        decision.changed.append(_count(d, ours, 0, 0, now, policy.min_healthy_time))
+        return decision
+
+    # Indexes with nothing at all are placed at once: a new job, scale-up, or a lost instance.
+    missing = [i for i in range(wanted) if i not in current and i not in outdated]
+    decision.place.extend((i, False) for i in missing)
+    waiting = sorted(i for i in outdated if i not in current)
+    placed_canaries = 0
+
+    canary_phase = d.active and d.desired_canaries > 0 and not d.promoted
+    if canary_phase:
+        have = sum(1 for a in ours if a.canary)
+        for i in waiting[:max(0, d.desired_canaries - have)]:
+            decision.place.append((i, True))
+            placed_canaries += 1
+        canaries = [a for a in ours if a.canary]
+        if len(canaries) == d.desired_canaries and all(stable(a, now, policy.min_healthy_time) for a in canaries):
+            d = replace(d, status="paused-for-promotion", description="canaries healthy; waiting for promotion")
+    else:
+        if d.status == "paused-for-promotion":
+            d = replace(d, status="running", description="promoted")
+        # Old instances go only once their replacement has been healthy for min_healthy_time (surge, never dip).
+        in_flight = 0
+        for i, old in sorted(outdated.items()):
+            new = current.get(i)
+            if new is None:
+                continue
+            if stable(new, now, policy.min_healthy_time):
+                decision.stop.append(_stop(old, f"replaced by {new.id}"))
+            else:
+                in_flight += 1
+        for i in waiting[:max(0, policy.max_parallel - in_flight)]:
+            decision.place.append((i, False))
+
+    if not d.active:
+        return decision  # a successful deployment only keeps the count up; its record stays as it ended
+    d = _count(d, ours, len(decision.place), placed_canaries, now, policy.min_healthy_time)
+    replaced_all = all(i in current and stable(current[i], now, policy.min_healthy_time) for i in outdated)
+    if (d.active and not canary_phase and not decision.place and replaced_all and len(current) == wanted
+            and all(stable(a, now, policy.min_healthy_time) for a in current.values())):
+        d = replace(d, status="successful", description="all instances healthy")
+    decision.deployment = d
+    if d != latest:
+        decision.changed.append(d)
+    return decision
+
+
+def _deadline_failure(ours: list[Allocation], gave_up: list[Allocation], now: float, deadline: float) -> str:
+    for a in sorted(gave_up, key=lambda a: a.index):
+        return f"instance {a.index} ({a.id}) failed"
+    for a in sorted(ours, key=lambda a: a.index):
+        if a.client != "healthy" and now - a.created_at > deadline:
+            return f"instance {a.index} ({a.id}) not healthy within {deadline:g}s (status {a.client})"
+    return ""
+
+
+def _count(d: Deployment, ours: list[Allocation], placing: int, placing_canaries: int, now: float,
+           min_healthy_time: float) -> Deployment:
+    healthy = sum(1 for a in ours if stable(a, now, min_healthy_time))
+    unhealthy = sum(1 for a in ours if a.client == "unhealthy")
+    return replace(d, placed=len(ours) + placing, placed_canaries=sum(1 for a in ours if a.canary) + placing_canaries,
+                   healthy=healthy, unhealthy=unhealthy)
