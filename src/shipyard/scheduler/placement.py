@@ -58,7 +58,7 @@ class NodePool:
                candidates: int = 2) -> int | None:
         """The best-fitting eligible node for (cpu, mem), or None when none fits.
 
-        With spread, nodes already running instances of the same job lose up to one point of fitness.
+        With spread, nodes already running instances of the same job are penalised as in Nomad.
         """
         cpu_free, mem_free = self.cpu_free, self.mem_free
         walks = [(self.by_mem.irange((mem, -1)), True), (self.by_cpu.irange((cpu, -1)), False)]
@@ -85,7 +85,12 @@ class NodePool:
         if len(found) == 1:
             return found[0]
         if spread:
-            return max(found, key=lambda i: self.fitness(i, cpu, mem) - spread.get(i, 0) / spread_total)
+            # As Nomad's job anti-affinity: normalised fitness minus (collisions + 1) / count on busy nodes.
+            def score(i: int) -> float:
+                collisions = spread.get(i, 0)
+                penalty = (collisions + 1) / spread_total if collisions else 0.0
+                return self.fitness(i, cpu, mem) / 18.0 - penalty
+            return max(found, key=score)
         return max(found, key=lambda i: self.fitness(i, cpu, mem))
 
     def reserve(self, i: int, cpu: int, mem: int) -> None:
