@@ -488,8 +488,7 @@ class Catalog:
                 return False
             updated = dict(data, Status=status, Output=output)
             ops: list[Put | Delete] = [Put(key, _dumps(updated))]
-            snap = await self.snapshot()
-            ops += [Put(service_index_key(n), b"{}") for n in sorted(self._names_for_check(snap, node, entry))]
+            ops += [Put(service_index_key(n), b"{}") for n in sorted(await self._names_for_status(node, data))]
             result = await self.store.txn([Compare(key, "mod", "=", kv.mod_revision)], ops)
             if result.succeeded:
                 return True
@@ -608,6 +607,18 @@ class Catalog:
     @staticmethod
     def _names_on_node(snap: CatalogSnapshot, node: str) -> set[str]:
         return {e.data.get("Service", "") for e in snap.services_of_node(node)} - {""}
+
+    async def _names_for_status(self, node: str, check: dict[str, Any]) -> set[str]:
+        """Like _names_for_check, without parsing the whole catalog: status changes are the hot path."""
+        if check.get("ServiceID"):
+            return {check.get("ServiceName") or ""} - {""}
+        rr = await self.store.range(f"{SERVICES}{_q(node)}/", prefix=True)
+        names = set()
+        for kv in rr.kvs:
+            entry = _entry(kv)
+            if entry is not None and entry.data.get("Service"):
+                names.add(entry.data["Service"])
+        return names
 
     def _names_for_check(self, snap: CatalogSnapshot, node: str, entry: Entry) -> set[str]:
         """Service names whose health answers a change to this check alters."""
