@@ -277,6 +277,14 @@ def test_oversize_value_is_413_and_nothing_is_written(server: ServerProcess, cli
     assert r.status_code == 413
     assert client.kv.get(key)[1]["Value"] == b"x" * (512 * 1024)
 
+    def under_limit():  # a chunked body under the limit arrives whole, not just its first chunk
+        for i in range(7):
+            yield bytes([i]) * 65536
+
+    r = requests.put(f"{server.url}/v1/kv/{key}", data=under_limit())
+    assert r.status_code == 200
+    assert client.kv.get(key)[1]["Value"] == b"".join(bytes([i]) * 65536 for i in range(7))
+
 
 def test_values_survive_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
     proc = ServerProcess(tmp_path / "data").start()
@@ -290,3 +298,26 @@ def test_values_survive_restart(tmp_path) -> None:  # type: ignore[no-untyped-de
         assert after == before
     finally:
         proc.stop()
+
+
+def test_concurrent_cas_increments_lose_no_update(client: consul.Consul, server: ServerProcess) -> None:
+    key = unique("counter")
+    client.kv.put(key, "0")
+    successes: list[int] = []
+
+    def worker() -> None:
+        c = consul.Consul(host="127.0.0.1", port=server.http_port)
+        done = 0
+        while done < 10:
+            _, item = c.kv.get(key)
+            if c.kv.put(key, str(int(item["Value"]) + 1), cas=item["ModifyIndex"]):
+                done += 1
+        successes.append(done)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(successes) == 40
+    assert client.kv.get(key)[1]["Value"] == b"40"

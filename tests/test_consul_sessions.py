@@ -103,12 +103,16 @@ def test_destroy_with_behavior_delete_removes_held_keys(client: consul.Consul) -
 
 def test_ttl_expiry_with_behavior_delete_removes_keys(client: consul.Consul) -> None:
     key = unique("ttl")
-    sid = client.session.create(behavior="delete", ttl=10, lock_delay=0)
+    sid = client.session.create(behavior="delete", ttl=10, lock_delay=30)
     assert client.kv.put(key, "alive", acquire=sid) is True
     assert client.kv.get(key)[1]["Session"] == sid
     # never renewed: Consul invalidates after the TTL (it may take up to twice as long)
     assert eventually(lambda: client.session.info(sid)[1] is None, timeout=40)
     assert eventually(lambda: client.kv.get(key)[1] is None, timeout=10)
+    # the expired holder's lock delay keeps others from taking the key straight away
+    other = client.session.create(lock_delay=0)
+    assert client.kv.put(key, "next", acquire=other) is False
+    client.session.destroy(other)
 
 
 def test_renewed_session_outlives_its_ttl(client: consul.Consul) -> None:
@@ -208,3 +212,16 @@ def test_sessions_and_locks_survive_restart(tmp_path) -> None:  # type: ignore[n
         assert "Session" not in c.kv.get("svc/leader")[1]
     finally:
         proc.stop()
+
+
+def test_node_deregistration_invalidates_its_sessions(client: consul.Consul) -> None:
+    node = unique("node")
+    assert client.catalog.register(node, "127.0.0.2")
+    sid = client.session.create(node=node, checks=[], lock_delay=0)
+    key = unique("on-node")
+    assert client.kv.put(key, "x", acquire=sid) is True
+    _, on_node = client.session.node(node)
+    assert [s["ID"] for s in on_node] == [sid]
+    assert client.catalog.deregister(node)
+    assert eventually(lambda: client.session.info(sid)[1] is None)
+    assert eventually(lambda: "Session" not in client.kv.get(key)[1])

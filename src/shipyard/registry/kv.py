@@ -62,12 +62,17 @@ def validate_key(key: str, *, allow_empty: bool = False) -> str:
     return key
 
 
+def value_too_large_message(size: int) -> str:
+    """Consul's wording for a KV body over kv_max_value_size."""
+    return (
+        f"Request body({size} bytes) too large, max size: {MAX_VALUE_SIZE} bytes. "
+        "See https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size."
+    )
+
+
 def validate_value(key: str, value: bytes) -> None:
     if len(value) > MAX_VALUE_SIZE:
-        raise PayloadTooLarge(
-            f"Request body({len(value)} bytes) too large, max size: {MAX_VALUE_SIZE} bytes. "
-            "See https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size."
-        )
+        raise PayloadTooLarge(value_too_large_message(len(value)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,9 +9,11 @@ from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 
-from shipyard.api.consul.common import bad_request, blocking_query, json_response
+from shipyard.api.body import read_limited
+from shipyard.api.consul.common import ConsulError, bad_request, blocking_query, json_response
 from shipyard.api.context import platform_of
-from shipyard.registry.kv import MAX_VALUE_SIZE, store_key, validate_key, validate_value
+from shipyard.errors import PayloadTooLarge
+from shipyard.registry.kv import MAX_VALUE_SIZE, store_key, validate_key, value_too_large_message
 
 routes = web.RouteTableDef()
 
@@ -93,11 +95,11 @@ async def kv_get(request: web.Request) -> web.StreamResponse:
 
 
 async def _read_value(request: web.Request, key: str) -> bytes:
-    if request.content_length is not None and request.content_length > MAX_VALUE_SIZE:
-        validate_value(key, b"\0" * request.content_length)
-    body = await request.content.read(MAX_VALUE_SIZE + 1)
-    validate_value(key, body)
-    return body
+    size = request.content_length
+    try:
+        return await read_limited(request, MAX_VALUE_SIZE)
+    except PayloadTooLarge:
+        raise ConsulError(413, value_too_large_message(size if size is not None else MAX_VALUE_SIZE + 1)) from None
 
 
 @routes.put("/v1/kv/{key:.*}")

@@ -17,9 +17,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from shipyard.api.body import read_limited
 from shipyard.api.consul.common import ConsulError, json_response
 from shipyard.api.context import platform_of
-from shipyard.errors import BadRequest
+from shipyard.errors import BadRequest, PayloadTooLarge
 from shipyard.registry.kv import MAX_TXN_OPS, MAX_VALUE_SIZE, TxnOp, validate_key
 
 routes = web.RouteTableDef()
@@ -98,12 +99,10 @@ def parse_ops(body: Any) -> list[TxnOp]:
 
 @routes.put("/v1/txn")
 async def txn_apply(request: web.Request) -> web.Response:
-    too_large = ConsulError(413, f"Request body too large, max size: {MAX_TXN_BODY} bytes")
-    if request.content_length is not None and request.content_length > MAX_TXN_BODY:
-        raise too_large
-    body = await request.content.read(MAX_TXN_BODY + 1)
-    if len(body) > MAX_TXN_BODY:
-        raise too_large
+    try:
+        body = await read_limited(request, MAX_TXN_BODY)
+    except PayloadTooLarge:
+        raise ConsulError(413, f"Request body too large, max size: {MAX_TXN_BODY} bytes") from None
     try:
         decoded = orjson.loads(body) if body.strip() else None
     except orjson.JSONDecodeError as exc:
