@@ -30,11 +30,12 @@ class RotatingLogFile:
             chunk = data[:room]
             if len(data) > room:
                 cut = chunk.rfind(b"\n")
-                if cut >= 0 and self._size > 0:
+                if cut >= 0:
                     chunk = chunk[: cut + 1]
-                elif cut < 0 and self._size > 0:
+                elif self._size > 0:
                     self._rotate()
                     continue
+                # else: one line longer than a whole file; it has to be split.
             self._fh.write(chunk)
             self._size += len(chunk)
             data = data[len(chunk) :]

@@ -195,6 +195,13 @@ class ShimRun:
                 if self.phase == KILLING and remaining:
                     _signal_all(remaining, pgid, signal.SIGKILL)  # catches anything forked mid-sweep
 
+        # Everything left is a zombie now (killed processes re-parented to us); reap them all, or they would
+        # be handed to init when we exit, and not every init reaps.
+        while True:
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
         for fd in list(streams):
             self._drain(fd, streams, selector)
         out_log.close()
