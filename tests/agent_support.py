@@ -65,3 +65,18 @@ def read_pid_file(path: Path) -> int | None:
     except FileNotFoundError:
         return None
     return int(text) if text else None
+
+
+def stop_leftover_shims(data_dir: Path) -> None:
+    """After a failed test: SIGTERM every shim still running from `data_dir` (they stop their instances)."""
+    import json
+    import signal
+
+    for state_file in data_dir.glob("instances/*/state.json"):
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue
+        stat = proc_stat(state["shim_pid"])
+        if stat is not None and stat[3] == state["shim_start_time"] and stat[0] != "Z":
+            os.kill(state["shim_pid"], signal.SIGTERM)

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_support import PYTHON, alive, exists, read_pid_file, wait_until, write_script
 
+from agent_support import PYTHON, alive, exists, read_pid_file, wait_until, write_script
 from shipyard.agent.drivers.exec import ExecDriver, InstanceStartError
 from shipyard.agent.limits import CgroupSupport
 from shipyard.agent.ports import PortAllocator
