@@ -64,7 +64,8 @@ class Supervisor:
         self._instance = instance
         self._adopted = instance is not None
         self._state = RUNNING if instance is not None else STARTING
-        self._run_started = time.monotonic()
+        # An adopted run started before this process did: its stability counts from its real start.
+        self._run_started = time.monotonic() - (max(0.0, time.time() - instance.started_at) if instance else 0.0)
         self._restarts = 0
         self._consecutive = 0
         self._last_exit: ExitRecord | None = None

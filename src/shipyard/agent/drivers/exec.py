@@ -153,7 +153,7 @@ class ExecInstance:
 
     def signal_group(self, sig: int) -> None:
         """Send `sig` to the instance's process group (e.g. SIGHUP to reload); not a stop."""
-        if is_same_live_process(self.state.pid, self.state.start_time) or self.running:
+        if self.running and is_same_live_process(self.state.pid, self.state.start_time):
             try:
                 os.killpg(self.state.pgid, sig)
             except ProcessLookupError:
