@@ -1,0 +1,202 @@
+"""Where the scheduler's records live in the store and how they are encoded: the contract between
+the job API, the scheduler loop and the node agents.
+
+Keys and JSON codecs only; it never decides anything and never talks to anything but the store.
+
+Layout (each value is a JSON object):
+  nodes/<node>                    Node: capacity an agent offers (written by that node's agent)
+  jobs/<job>                      Job: the current version of a service or worker (written by the job API)
+  job-versions/<job>/<version>    the TaskSpec of every version, for history and auto-revert
+  deployments/<job>               the latest Deployment of a job (written by the scheduler loop)
+  allocs/<node>/<alloc>           Allocation as the scheduler wants it: desired run|stop (scheduler loop)
+  alloc-status/<node>/<alloc>     what the agent sees: client status, healthy_since, ports, restarts...
+                                  (written only by that node's agent; merged into Allocation for planning)
+  unplaceable/<job>               the planner's reason why instances of a job could not be placed
+Writers never share a key, so no two components overwrite each other's fields.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+from urllib.parse import quote, unquote
+
+import orjson
+
+from shipyard.scheduler.model import Allocation, Deployment, Job, Node, Snapshot
+from shipyard.spec import TaskSpec
+from shipyard.store import KeyValue, Store
+
+NODES = "nodes/"
+JOBS = "jobs/"
+JOB_VERSIONS = "job-versions/"
+DEPLOYMENTS = "deployments/"
+ALLOCS = "allocs/"
+ALLOC_STATUS = "alloc-status/"
+UNPLACEABLE = "unplaceable/"
+
+
+def _q(part: str) -> str:
+    return quote(part, safe="")
+
+
+def node_key(node: str) -> str:
+    return NODES + _q(node)
+
+
+def job_key(job: str) -> str:
+    return JOBS + _q(job)
+
+
+def job_version_key(job: str, version: int) -> str:
+    return f"{JOB_VERSIONS}{_q(job)}/{version:010d}"
+
+
+def deployment_key(job: str) -> str:
+    return DEPLOYMENTS + _q(job)
+
+
+def alloc_key(node: str, alloc: str) -> str:
+    return f"{ALLOCS}{_q(node)}/{_q(alloc)}"
+
+
+def alloc_status_key(node: str, alloc: str) -> str:
+    return f"{ALLOC_STATUS}{_q(node)}/{_q(alloc)}"
+
+
+def unplaceable_key(job: str) -> str:
+    return UNPLACEABLE + _q(job)
+
+
+def split_node_alloc(key: str, prefix: str) -> tuple[str, str]:
+    node, _, alloc = key[len(prefix) :].partition("/")
+    return unquote(node), unquote(alloc)
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+# ---- codecs ---------------------------------------------------------------------------------------
+
+
+def encode_node(node: Node) -> bytes:
+    return dumps(asdict(node))
+
+
+def decode_node(raw: bytes) -> Node:
+    data = orjson.loads(raw)
+    return Node(data["id"], int(data["cpu"]), int(data["memory"]), dict(data.get("attributes") or {}),
+                bool(data.get("eligible", True)))
+
+
+def encode_job(job: Job) -> bytes:
+    data = asdict(job)
+    data["spec"] = job.spec.to_dict()
+    return dumps(data)
+
+
+def decode_job(raw: bytes) -> Job:
+    data = orjson.loads(raw)
+    return Job(
+        id=data["id"],
+        version=int(data["version"]),
+        spec=TaskSpec.from_dict(data["spec"]),
+        status=data.get("status", "running"),
+        generation=int(data.get("generation", 0)),
+        stable_version=data.get("stable_version"),
+    )
+
+
+def encode_alloc(alloc: Allocation) -> bytes:
+    """The scheduler's side only: client status and health come from alloc-status/ instead."""
+    data = asdict(alloc)
+    data.pop("client", None)
+    data.pop("healthy_since", None)
+    return dumps(data)
+
+
+def decode_alloc(raw: bytes) -> Allocation:
+    data = orjson.loads(raw)
+    data.pop("client", None)
+    data.pop("healthy_since", None)
+    return Allocation(**data)
+
+
+def encode_deployment(deployment: Deployment) -> bytes:
+    return dumps(asdict(deployment))
+
+
+def decode_deployment(raw: bytes) -> Deployment:
+    return Deployment(**orjson.loads(raw))
+
+
+@dataclass
+class AllocStatus:
+    """What a node's agent reports about one allocation."""
+
+    client: str = "pending"  # pending | running | healthy | unhealthy | failed | lost | complete
+    healthy_since: float | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+    address: str = "127.0.0.1"
+    pid: int | None = None
+    restarts: int = 0
+    crash_looping: bool = False
+    last_exit: dict[str, Any] | None = None  # code, signal, reason, stderr tail
+    next_restart_at: float | None = None
+    limits: str = ""  # how cpu/memory limits are enforced on this node, or why they are not
+    message: str = ""
+    updated_at: float = 0.0
+
+
+def encode_status(status: AllocStatus) -> bytes:
+    return dumps(asdict(status))
+
+
+def decode_status(raw: bytes) -> AllocStatus:
+    data = orjson.loads(raw)
+    known = AllocStatus.__dataclass_fields__
+    return AllocStatus(**{k: v for k, v in data.items() if k in known})
+
+
+# ---- the planner's snapshot -----------------------------------------------------------------------
+
+
+def _decode_all(kvs: list[KeyValue], decode: Any) -> list[Any]:
+    out = []
+    for kv in kvs:
+        try:
+            out.append(decode(kv.value))
+        except Exception:  # a record we cannot read is skipped, not fatal for the whole cluster
+            continue
+    return out
+
+
+async def read_snapshot(store: Store, now: float | None = None) -> Snapshot:
+    """Everything the planner needs, with each allocation's client status merged in from its agent."""
+    nodes = await store.range(NODES, prefix=True)
+    jobs = await store.range(JOBS, prefix=True)
+    deployments = await store.range(DEPLOYMENTS, prefix=True)
+    allocs = await store.range(ALLOCS, prefix=True)
+    statuses = await store.range(ALLOC_STATUS, prefix=True)
+    status_by_alloc: dict[str, AllocStatus] = {}
+    for kv in statuses.kvs:
+        try:
+            status_by_alloc[split_node_alloc(kv.key, ALLOC_STATUS)[1]] = decode_status(kv.value)
+        except Exception:
+            continue
+    merged = []
+    for alloc in _decode_all(allocs.kvs, decode_alloc):
+        status = status_by_alloc.get(alloc.id)
+        if status is not None:
+            alloc = replace(alloc, client=status.client, healthy_since=status.healthy_since)
+        merged.append(alloc)
+    return Snapshot(
+        nodes=_decode_all(nodes.kvs, decode_node),
+        jobs=_decode_all(jobs.kvs, decode_job),
+        allocations=merged,
+        deployments=_decode_all(deployments.kvs, decode_deployment),
+        now=time.time() if now is None else now,
+        revision=min(nodes.revision, jobs.revision, deployments.revision, allocs.revision, statuses.revision),
+    )
