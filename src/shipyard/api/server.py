@@ -23,6 +23,7 @@ from shipyard.api.context import PLATFORM, Platform, ServerConfig
 from shipyard.api.dns import DnsServer
 from shipyard.api.errors import error_middleware
 from shipyard.api.native import add_native_routes
+from shipyard.bus.embedded import EmbeddedBroker
 from shipyard.errors import ShipyardError
 from shipyard.registry.catalog import Catalog
 from shipyard.registry.health import HealthChecker
@@ -93,7 +94,12 @@ async def build_platform(config: ServerConfig) -> Platform:
     health = HealthChecker(store, catalog, node, enable_script_checks=config.enable_script_checks)
     kv = ConsulKV(store)
     sessions = SessionManager(store, catalog, kv, node)
-    return Platform(config, store, node, catalog, health, kv, sessions, started_at=time.time())
+    platform = Platform(config, store, node, catalog, health, kv, sessions, started_at=time.time())
+    # The bus keeps its own SQLite file: message traffic must not churn the revisioned store.
+    platform.extras["bus"] = await EmbeddedBroker.open(
+        None if config.data_dir is None else os.path.join(config.data_dir, "bus.db")
+    )
+    return platform
 
 
 async def start_platform(platform: Platform) -> None:
@@ -106,6 +112,9 @@ async def stop_platform(platform: Platform) -> None:
     for part in (platform.health, platform.sessions, platform.catalog):
         with contextlib.suppress(Exception):
             await part.stop()
+    bus = platform.extras.get("bus")
+    if isinstance(bus, EmbeddedBroker):
+        await bus.close()
     await platform.store.close()
 
 
