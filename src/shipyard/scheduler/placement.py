@@ -23,7 +23,11 @@ class NodePool:
     other, so full nodes cost nothing. Candidates are then ranked with Nomad's binpack fitness.
     """
 
-    def __init__(self, nodes: Iterable[Node], allocations: Iterable[Allocation] = ()) -> None:
+    def __init__(self, nodes: Iterable[Node], allocations: Iterable[Allocation] = (), floor: tuple[int, int] = (0, 0),
+                 ) -> None:
+        # Nodes with less than the smallest demand of this plan (floor: cpu, memory) leave the indexes, so
+        # nodes that are full in either dimension never slow down a search.
+        self.floor_cpu, self.floor_mem = floor
         self.ids: list[str] = []
         self.cpu_total: list[int] = []
         self.mem_total: list[int] = []
@@ -44,7 +48,7 @@ class NodePool:
             if i is not None and alloc.desired == "run" and alloc.client not in TERMINAL:
                 self.cpu_free[i] -= alloc.cpu
                 self.mem_free[i] -= alloc.memory
-        live = [i for i, ok in enumerate(self.eligible) if ok]
+        live = [i for i, ok in enumerate(self.eligible) if ok and self._useful(i)]
         self.by_cpu = SortedList((self.cpu_free[i], i) for i in live)
         self.by_mem = SortedList((self.mem_free[i], i) for i in live)
 
@@ -93,23 +97,31 @@ class NodePool:
             return max(found, key=score)
         return max(found, key=lambda i: self.fitness(i, cpu, mem))
 
+    def _useful(self, i: int) -> bool:
+        return self.cpu_free[i] >= self.floor_cpu and self.mem_free[i] >= self.floor_mem
+
     def reserve(self, i: int, cpu: int, mem: int) -> None:
-        if self.eligible[i]:
+        indexed = self.eligible[i] and self._useful(i)
+        if indexed:
             self.by_cpu.remove((self.cpu_free[i], i))
             self.by_mem.remove((self.mem_free[i], i))
-            self.by_cpu.add((self.cpu_free[i] - cpu, i))
-            self.by_mem.add((self.mem_free[i] - mem, i))
         self.cpu_free[i] -= cpu
         self.mem_free[i] -= mem
+        if indexed and self._useful(i):
+            self.by_cpu.add((self.cpu_free[i], i))
+            self.by_mem.add((self.mem_free[i], i))
 
     def unplaceable_reason(self, cpu: int, mem: int) -> str:
         """Why choose() found nothing, naming the closest node, e.g. 'no node has 512 MB free memory (...)'."""
-        if not self.by_mem:
+        # Rare (once per job that does not fit), so a scan of the eligible nodes is fine here.
+        eligible = [i for i, ok in enumerate(self.eligible) if ok]
+        if not eligible:
             return "no eligible nodes" if self.ids else "no nodes"
-        most_mem, mi = self.by_mem[-1]
-        most_cpu, ci = self.by_cpu[-1]
-        biggest_mem = max((self.mem_total[i], i) for _, i in self.by_mem)
-        biggest_cpu = max((self.cpu_total[i], i) for _, i in self.by_cpu)
+        most_mem, mi = max((self.mem_free[i], -i) for i in eligible)
+        most_cpu, ci = max((self.cpu_free[i], -i) for i in eligible)
+        mi, ci = -mi, -ci
+        biggest_mem = max((self.mem_total[i], i) for i in eligible)
+        biggest_cpu = max((self.cpu_total[i], i) for i in eligible)
         if mem > biggest_mem[0]:
             return f"needs {mem} MB memory, more than any node has (largest: {self.ids[biggest_mem[1]]} " \
                    f"with {biggest_mem[0]} MB)"

@@ -20,7 +20,9 @@ def plan(snapshot: Snapshot, *, spread: bool = False, candidates: int = 2) -> Pl
     spread: prefer, among equally good fits, nodes with fewer instances of the same job.
     candidates: how many fitting nodes to rank per placement (more = tighter packing, slower).
     """
-    pool = NodePool(snapshot.nodes, snapshot.allocations)
+    demands = [(j.spec.resources.cpu, j.spec.resources.memory) for j in snapshot.jobs]
+    floor = (min(c for c, _ in demands), min(m for _, m in demands)) if demands else (0, 0)
+    pool = NodePool(snapshot.nodes, snapshot.allocations, floor)
     alive = frozenset(pool.index_of)
     by_job: dict[str, list[Allocation]] = defaultdict(list)
     for alloc in snapshot.allocations:
