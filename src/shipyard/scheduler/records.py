@@ -12,6 +12,7 @@ Layout (each value is a JSON object):
   alloc-status/<node>/<alloc>     what the agent sees: client status, healthy_since, ports, restarts...
                                   (written only by that node's agent; merged into Allocation for planning)
   unplaceable/<job>               the planner's reason why instances of a job could not be placed
+  scheduler/plan                  bumped by every committed plan: concurrent scheduler loops serialise on it
 Writers never share a key, so no two components overwrite each other's fields.
 """
 
@@ -35,6 +36,7 @@ DEPLOYMENTS = "deployments/"
 ALLOCS = "allocs/"
 ALLOC_STATUS = "alloc-status/"
 UNPLACEABLE = "unplaceable/"
+PLAN_GUARD = "scheduler/plan"
 
 
 def _q(part: str) -> str:

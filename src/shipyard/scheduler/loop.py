@@ -1,0 +1,343 @@
+"""SchedulerLoop: the level-triggered reconciler from jobs/ to allocs/ — reads a snapshot, plans, commits the plan.
+
+It decides nothing itself (planner.plan does) and never starts a process (agents do); each plan is committed in
+one txn guarded by compares, so concurrent loops or API writes make it re-plan, never corrupt state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+
+from shipyard.scheduler.jobs import decode_version, revert_ops
+from shipyard.scheduler.model import Allocation, Deployment, Job, Node, Plan, Snapshot
+from shipyard.scheduler.planner import plan as make_plan
+from shipyard.scheduler.records import (
+    ALLOC_STATUS,
+    ALLOCS,
+    DEPLOYMENTS,
+    JOBS,
+    NODES,
+    PLAN_GUARD,
+    UNPLACEABLE,
+    alloc_key,
+    decode_alloc,
+    decode_deployment,
+    decode_job,
+    decode_node,
+    decode_status,
+    deployment_key,
+    dumps,
+    encode_alloc,
+    encode_deployment,
+    encode_job,
+    job_key,
+    job_version_key,
+    split_node_alloc,
+    unplaceable_key,
+)
+from shipyard.store import Compare, Delete, Get, KeyValue, Put, Store
+
+log = logging.getLogger("shipyard.scheduler")
+
+WATCHED = (NODES, JOBS, DEPLOYMENTS, ALLOCS, ALLOC_STATUS)
+# A failed compare means someone wrote in between; re-read and re-plan up to this many times per pass.
+PLAN_ATTEMPTS = 8
+# While a deployment is active, time alone (min_healthy_time, deadlines) moves it on: look again at least this often.
+ACTIVE_RECHECK = 1.0
+MIN_RECHECK = 0.02
+ERROR_BACKOFF = 1.0
+
+
+@dataclass
+class StoreState:
+    """A snapshot plus the raw records it came from, whose revisions guard the commit."""
+
+    snapshot: Snapshot
+    jobs: dict[str, tuple[Job, KeyValue]] = field(default_factory=dict)
+    deployments: dict[str, KeyValue] = field(default_factory=dict)
+    allocs: dict[str, tuple[Allocation, KeyValue]] = field(default_factory=dict)  # merged with client status
+    statuses: dict[str, KeyValue] = field(default_factory=dict)  # alloc id -> alloc-status record
+    unplaceable: dict[str, KeyValue] = field(default_factory=dict)  # job -> record
+    guard: KeyValue | None = None
+
+
+async def read_state(store: Store, now: float | None = None) -> StoreState:
+    """Everything at one revision: a read-only txn is a consistent snapshot in both backends."""
+    read = await store.txn((), [Get(p, True) for p in (NODES, JOBS, DEPLOYMENTS, ALLOCS, ALLOC_STATUS, UNPLACEABLE)]
+                           + [Get(PLAN_GUARD)])
+    node_kvs, job_kvs, dep_kvs, alloc_kvs, status_kvs, unplaceable_kvs, guard_kvs = read.responses
+    nodes: list[Node] = []
+    for kv in node_kvs:  # type: ignore[union-attr]
+        with contextlib.suppress(Exception):  # an unreadable record is skipped, never fatal for the cluster
+            nodes.append(decode_node(kv.value))
+    state = StoreState(Snapshot((), ()))
+    for kv in job_kvs:  # type: ignore[union-attr]
+        with contextlib.suppress(Exception):
+            job = decode_job(kv.value)
+            state.jobs[job.id] = (job, kv)
+    deployments: list[Deployment] = []
+    for kv in dep_kvs:  # type: ignore[union-attr]
+        with contextlib.suppress(Exception):
+            d = decode_deployment(kv.value)
+            deployments.append(d)
+            state.deployments[d.job] = kv
+    client: dict[str, tuple[str, float | None]] = {}
+    for kv in status_kvs:  # type: ignore[union-attr]
+        with contextlib.suppress(Exception):
+            alloc_id = split_node_alloc(kv.key, ALLOC_STATUS)[1]
+            state.statuses[alloc_id] = kv
+            status = decode_status(kv.value)
+            client[alloc_id] = (status.client, status.healthy_since)
+    for kv in alloc_kvs:  # type: ignore[union-attr]
+        with contextlib.suppress(Exception):
+            alloc = decode_alloc(kv.value)
+            if alloc.id in client:
+                c, since = client[alloc.id]
+                alloc = replace(alloc, client=c, healthy_since=since)
+            state.allocs[alloc.id] = (alloc, kv)
+    for kv in unplaceable_kvs:  # type: ignore[union-attr]
+        with contextlib.suppress(Exception):
+            state.unplaceable[orjson.loads(kv.value)["job"]] = kv
+    state.guard = guard_kvs[0] if guard_kvs else None  # type: ignore[index]
+    state.snapshot = Snapshot(
+        nodes=nodes,
+        jobs=[job for job, _ in state.jobs.values()],
+        allocations=[a for a, _ in state.allocs.values()],
+        deployments=deployments,
+        now=time.time() if now is None else now,
+        revision=read.revision,
+    )
+    return state
+
+
+class SchedulerLoop:
+    """Watches the scheduler's inputs and re-plans on every change, and on a short timer while rolling out."""
+
+    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        self.passes = 0
+        self.commits = 0
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        self._tasks = [asyncio.create_task(self._watch(prefix), name=f"scheduler-watch-{prefix}")
+                       for prefix in WATCHED]
+        self._tasks.append(asyncio.create_task(self._run(), name="scheduler-loop"))
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def wake(self) -> None:
+        """Ask for a pass soon (the API calls this after a write so no watch latency is added)."""
+        self._dirty.set()
+
+    # ---- one pass --------------------------------------------------------------------------------
+
+    async def run_once(self) -> tuple[Plan, float | None]:
+        """Plan from the store and commit; returns the committed plan and when to look again (None: on events).
+
+        On a failed compare the store changed under us: read again and plan again."""
+        self.passes += 1
+        for _ in range(PLAN_ATTEMPTS):
+            state = await read_state(self.store, self.clock())
+            result = make_plan(state.snapshot)
+            compares, ops = await self._commit_ops(state, result)
+            if not ops:
+                return result, next_recheck(state.snapshot, result)
+            outcome = await self.store.txn(compares, ops)
+            if outcome.succeeded:
+                self.commits += 1
+                return result, next_recheck(state.snapshot, result)
+        log.info("scheduler: plan kept conflicting with concurrent writes; trying again shortly")
+        return Plan(), MIN_RECHECK * 10
+
+    async def _commit_ops(self, state: StoreState, plan: Plan) -> tuple[list[Compare], list[Any]]:
+        compares: list[Compare] = []
+        ops: list[Any] = []
+        touched: set[str] = set()
+        changed_allocs: dict[str, Allocation] = {}
+
+        for stop in plan.stop:
+            alloc = changed_allocs.get(stop.alloc) or state.allocs[stop.alloc][0]
+            if alloc.desired != "stop":
+                changed_allocs[stop.alloc] = replace(alloc, desired="stop")
+            touched.add(stop.job)
+        for update in plan.update:
+            alloc = changed_allocs.get(update.alloc) or state.allocs[update.alloc][0]
+            changed_allocs[update.alloc] = replace(alloc, version=update.version)
+            touched.add(update.job)
+        for alloc_id, alloc in changed_allocs.items():
+            kv = state.allocs[alloc_id][1]
+            compares.append(Compare(kv.key, "mod", "=", kv.mod_revision))
+            ops.append(Put(kv.key, encode_alloc(alloc)))
+        for alloc in plan.place:
+            key = alloc_key(alloc.node, alloc.id)
+            compares.append(Compare(key, "create", "=", 0))
+            ops.append(Put(key, encode_alloc(alloc)))
+            touched.add(alloc.job)
+
+        job_puts: dict[str, Job] = {}
+        for d in plan.deployments:
+            ops.append(Put(deployment_key(d.job), encode_deployment(d)))
+            touched.add(d.job)
+            entry = state.jobs.get(d.job)
+            if d.status == "successful" and entry is not None:
+                job = entry[0]
+                if (job.version, job.generation) == (d.version, d.generation) and job.stable_version != d.version:
+                    job_puts[d.job] = replace(job, stable_version=d.version)
+        for revert in plan.reverts:
+            entry = state.jobs.get(revert.job)
+            version_kv = await self.store.get(job_version_key(revert.job, revert.to_version))
+            if entry is None or version_kv is None:
+                log.warning("scheduler: cannot revert %s to version %s: version record missing",
+                            revert.job, revert.to_version)
+                continue
+            reverted, revert_compares, revert_puts = revert_ops(entry[0], entry[1], decode_version(version_kv.value),
+                                                                revert.reason)
+            log.info("scheduler: reverting %s to version %s as version %s: %s", revert.job, revert.to_version,
+                     reverted.version, revert.reason)
+            job_puts.pop(revert.job, None)
+            compares.extend(c for c in revert_compares if c.key != job_key(revert.job))
+            ops.extend(revert_puts)
+            touched.add(revert.job)
+        for job_id, job in job_puts.items():
+            ops.append(Put(job_key(job_id), encode_job(job)))
+
+        ops.extend(self._unplaceable_ops(state, plan, touched))
+        ops.extend(self._collect_ops(state, compares))
+
+        if not ops:
+            return [], []
+        # What the plan was decided from must still hold: the job, its deployment, and no other plan in between.
+        for job_id in sorted(touched):
+            entry = state.jobs.get(job_id)
+            dep = state.deployments.get(job_id)
+            compares.append(Compare(job_key(job_id), "mod", "=", entry[1].mod_revision if entry else 0))
+            compares.append(Compare(deployment_key(job_id), "mod", "=", dep.mod_revision if dep else 0))
+        compares.append(Compare(PLAN_GUARD, "mod", "=", state.guard.mod_revision if state.guard else 0))
+        ops.append(Put(PLAN_GUARD, dumps({"revision": state.snapshot.revision, "at": state.snapshot.now})))
+        return compares, ops
+
+    def _unplaceable_ops(self, state: StoreState, plan: Plan, touched: set[str]) -> list[Any]:
+        ops: list[Any] = []
+        reported = set()
+        for u in plan.unplaceable:
+            reported.add(u.job)
+            record = {"job": u.job, "indexes": list(u.indexes), "count": len(u.indexes), "reason": u.reason,
+                      "since": state.snapshot.now}
+            old = state.unplaceable.get(u.job)
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    previous = orjson.loads(old.value)
+                    if previous.get("indexes") == record["indexes"] and previous.get("reason") == u.reason:
+                        continue
+                    if previous.get("reason") == u.reason:
+                        record["since"] = previous.get("since", record["since"])
+            ops.append(Put(unplaceable_key(u.job), dumps(record)))
+            touched.add(u.job)
+        for job_id, kv in state.unplaceable.items():
+            if job_id not in reported:
+                ops.append(Delete(kv.key))
+        return ops
+
+    def _collect_ops(self, state: StoreState, compares: list[Compare]) -> list[Any]:
+        """Stopped allocations leave allocs/ once their agent is done (it deletes its status record),
+        or at once when their node is gone and no agent will ever report on them again."""
+        nodes = {n.id for n in state.snapshot.nodes}
+        ops: list[Any] = []
+        for alloc_id, (alloc, kv) in state.allocs.items():
+            if alloc.desired != "stop":
+                continue
+            status = state.statuses.get(alloc_id)
+            if alloc.node in nodes and status is not None:
+                continue
+            compares.append(Compare(kv.key, "mod", "=", kv.mod_revision))
+            ops.append(Delete(kv.key))
+            if status is not None:
+                ops.append(Delete(status.key))
+        return ops
+
+    # ---- running ---------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        self._dirty.set()
+        recheck: float | None = None
+        while True:
+            if recheck is None:
+                await self._dirty.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._dirty.wait(), recheck)
+            self._dirty.clear()
+            try:
+                _, recheck = await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scheduler pass failed; retrying")
+                recheck = ERROR_BACKOFF
+
+    async def _watch(self, prefix: str) -> None:
+        # Level-triggered: an event only says "look again", so a broken watch just restarts and marks dirty.
+        while True:
+            try:
+                watcher = self.store.watch(prefix, prefix=True)
+                try:
+                    async for _ in watcher:
+                        self._dirty.set()
+                finally:
+                    watcher.cancel()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("scheduler watch on %s ended (%s); restarting", prefix, exc)
+                await asyncio.sleep(ERROR_BACKOFF)
+            self._dirty.set()
+
+
+def next_recheck(snapshot: Snapshot, plan: Plan) -> float | None:
+    """Seconds until time alone could change the plan (a replacement turns stable, a deadline passes)."""
+    latest = {d.job: d for d in snapshot.deployments}
+    latest.update({d.job: d for d in plan.deployments})
+    active = {job for job, d in latest.items() if d.active}
+    jobs = {j.id: j for j in snapshot.jobs}
+    # A job whose current version has no deployment record yet gets one on the next pass.
+    for job in snapshot.jobs:
+        d = latest.get(job.id)
+        if job.status == "running" and (d is None or (d.version, d.generation) != (job.version, job.generation)):
+            return MIN_RECHECK * 10
+    if not active:
+        return None
+    now = snapshot.now
+    soonest: float | None = None
+    for alloc in (*snapshot.allocations, *plan.place):
+        job = jobs.get(alloc.job)
+        if job is None or alloc.job not in active or alloc.desired != "run":
+            continue
+        policy = job.spec.update
+        if alloc.client == "healthy" and alloc.healthy_since is not None:
+            at = alloc.healthy_since + policy.min_healthy_time
+        else:
+            at = alloc.created_at + policy.healthy_deadline
+        if at > now and (soonest is None or at < soonest):
+            soonest = at
+    if soonest is None:
+        return ACTIVE_RECHECK
+    return min(ACTIVE_RECHECK, max(MIN_RECHECK, soonest - now + 0.01))
