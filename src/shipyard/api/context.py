@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from shipyard.registry.kv import ConsulKV
     from shipyard.registry.node import NodeIdentity
     from shipyard.registry.sessions import SessionManager
+    from shipyard.scheduler.jobs import JobService
+    from shipyard.scheduler.loop import SchedulerLoop
     from shipyard.store import Store
 
 
@@ -42,6 +44,8 @@ class Platform:
     kv: ConsulKV
     sessions: SessionManager
     started_at: float = 0.0
+    jobs: JobService | None = None
+    scheduler: SchedulerLoop | None = None
     extras: dict[str, object] = field(default_factory=dict)
 
 

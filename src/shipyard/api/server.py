@@ -30,6 +30,8 @@ from shipyard.registry.health import HealthChecker
 from shipyard.registry.kv import ConsulKV
 from shipyard.registry.node import NodeIdentity
 from shipyard.registry.sessions import SessionManager
+from shipyard.scheduler.jobs import JobService
+from shipyard.scheduler.loop import SchedulerLoop
 from shipyard.store import SqliteStore, Store, StoreError
 from shipyard.store.etcd import EtcdStore
 
@@ -95,6 +97,8 @@ async def build_platform(config: ServerConfig) -> Platform:
     kv = ConsulKV(store)
     sessions = SessionManager(store, catalog, kv, node)
     platform = Platform(config, store, node, catalog, health, kv, sessions, started_at=time.time())
+    platform.jobs = JobService(store)
+    platform.scheduler = SchedulerLoop(store)
     # The bus keeps its own SQLite file: message traffic must not churn the revisioned store.
     platform.extras["bus"] = await EmbeddedBroker.open(
         None if config.data_dir is None else os.path.join(config.data_dir, "bus.db")
@@ -106,9 +110,14 @@ async def start_platform(platform: Platform) -> None:
     await platform.catalog.start()
     await platform.sessions.start()
     await platform.health.start()
+    if platform.scheduler is not None:
+        await platform.scheduler.start()
 
 
 async def stop_platform(platform: Platform) -> None:
+    if platform.scheduler is not None:
+        with contextlib.suppress(Exception):
+            await platform.scheduler.stop()
     for part in (platform.health, platform.sessions, platform.catalog):
         with contextlib.suppress(Exception):
             await part.stop()
