@@ -182,21 +182,30 @@ class HttpBus(Bus):
     def _q(self, queue: str) -> str:
         return "/queues/" + quote(check_name(queue), safe="")
 
+    async def _read_own_settles(self) -> None:
+        # Settles travel on the consumers' streams; a later request on another connection must see them.
+        await asyncio.gather(*(c.sync() for c in list(self._consumers)))
+
     async def dead_letters(self, queue: str, limit: int = 100) -> list[Message]:
+        await self._read_own_settles()
         return [_message(d) for d in await self.request("GET", f"{self._q(queue)}/dead-letters?limit={limit}")]
 
     async def dead_letter(self, queue: str, message_id: str) -> Message:
+        await self._read_own_settles()
         return _message(await self.request("GET", f"{self._q(queue)}/dead-letters/{quote(str(message_id), safe='')}"))
 
     async def retry_dead_letters(self, queue: str, ids: Iterable[str] | None = None) -> int:
+        await self._read_own_settles()
         body = {} if ids is None else {"ids": list(ids)}
         return (await self.request("POST", f"{self._q(queue)}/dead-letters/retry", body))["retried"]
 
     async def purge_dead_letters(self, queue: str, ids: Iterable[str] | None = None) -> int:
+        await self._read_own_settles()
         body = {} if ids is None else {"ids": list(ids)}
         return (await self.request("POST", f"{self._q(queue)}/dead-letters/purge", body))["purged"]
 
     async def stats(self, queue: str | None = None) -> list[QueueStats]:
+        await self._read_own_settles()
         if queue is None:
             return [QueueStats(**d) for d in await self.request("GET", "/queues")]
         return [QueueStats(**await self.request("GET", self._q(queue)))]
@@ -220,11 +229,14 @@ class HttpDelivery(Delivery):
     async def ack(self) -> None:
         self.consumer.settle(self, "ack", self.tag)
 
+    # A nack or a fail is rare and often followed by a look at the dead letters: it waits for the server.
     async def nack(self, delay: float | None = None) -> None:
         self.consumer.settle(self, "nack", [self.tag, delay])
+        await self.consumer.sync()
 
     async def fail(self, reason: str = "") -> None:
         self.consumer.settle(self, "fail", [self.tag, reason])
+        await self.consumer.sync()
 
 
 class HttpConsumer(Consumer):
@@ -241,6 +253,9 @@ class HttpConsumer(Consumer):
         self.closed = False
         self.cancelled = False
         self.runner: asyncio.Task[None] | None = None
+        self.seq = 0  # settle frames that asked for a receipt
+        self.receipt = 0
+        self.receipts = asyncio.Condition()
 
     async def _open(self) -> None:
         url = f"{self.bus.url}/queues/{quote(self.queue, safe='')}/consume?prefetch={self.prefetch}&lease={self.lease}"
@@ -273,6 +288,8 @@ class HttpConsumer(Consumer):
                 sender.cancel()
                 with contextlib.suppress(BaseException):
                     await sender
+                async with self.receipts:
+                    self.receipts.notify_all()  # sync() waiters: their settles died with the connection
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         generation = self.generation
@@ -280,6 +297,10 @@ class HttpConsumer(Consumer):
             if msg.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                 break
             data = orjson.loads(msg.data)
+            if "settled" in data:
+                async with self.receipts:
+                    self.receipt = data["settled"]
+                    self.receipts.notify_all()
             if "error" in data:
                 log.warning("bus server rejected a frame: %s", data.get("detail"))
             for d in data.get("deliveries", ()):
@@ -298,6 +319,20 @@ class HttpConsumer(Consumer):
             return  # its connection is gone; the server has already put it back
         self.outbox.setdefault(kind, []).append(item)
         self.wake.set()
+
+    async def sync(self) -> None:
+        """Returns once the server has processed every settle sent so far (or the connection was lost)."""
+        if self.closed or self.ws is None or self.ws.closed:
+            return
+        self.seq += 1
+        target, generation = self.seq, self.generation
+        self.outbox["seq"] = target  # type: ignore[assignment]
+        self.wake.set()
+        async with self.receipts:
+            await self.receipts.wait_for(
+                lambda: self.receipt >= target or self.generation != generation or self.closed
+                or self.ws is None or self.ws.closed
+            )
 
     async def get(self, timeout: float | None = None) -> Delivery | None:
         if self.closed:

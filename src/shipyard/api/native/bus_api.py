@@ -250,7 +250,7 @@ def _float_query(request: web.Request, name: str, default: float, low: float, hi
 @routes.get(PREFIX + "/queues/{queue}/consume")
 async def consume(request: web.Request) -> web.StreamResponse:
     """WebSocket: the server sends {"deliveries": [...]} while fewer than `prefetch` are unsettled; the client
-    sends settle frames (see _settles) and {"cancel": true}. The connection is the consumer's lease: when it
+    sends settle frames (see _settles), {"cancel": true}, and "seq": n when it wants {"settled": n} back. The connection is the consumer's lease: when it
     drops or misses heartbeats for `lease` seconds, what it held is redelivered to others."""
     broker, queue = broker_of(request), _queue(request)
     try:
@@ -264,10 +264,11 @@ async def consume(request: web.Request) -> web.StreamResponse:
     outbox: list[Entry] = []
     wake = asyncio.Event()
     closing = False
+    settled_seq: int | None = None  # the client's last settle frame processed, reported back when it asks
 
     def push(entries: list[Entry]) -> None:
         nonlocal closing
-        if not entries:
+        if not entries:  # the broker is closing
             closing = True
         outbox.extend(entries)
         wake.set()
@@ -275,13 +276,18 @@ async def consume(request: web.Request) -> web.StreamResponse:
     consumer: BrokerConsumer = await broker.attach(queue, prefetch, push, patterns)
 
     async def send_deliveries() -> None:
-        nonlocal outbox
+        nonlocal outbox, settled_seq
         while not ws.closed:
             await wake.wait()
             wake.clear()
+            frame: dict[str, Any] = {}
             if outbox:
                 batch, outbox = outbox, []
-                await ws.send_bytes(orjson.dumps({"deliveries": [delivery_json(e) for e in batch]}))
+                frame["deliveries"] = [delivery_json(e) for e in batch]
+            if settled_seq is not None:
+                frame["settled"], settled_seq = settled_seq, None
+            if frame:
+                await ws.send_bytes(orjson.dumps(frame))
             if closing:
                 await ws.close()
                 return
@@ -298,6 +304,9 @@ async def consume(request: web.Request) -> web.StreamResponse:
                 if data.get("cancel"):
                     broker.cancel(consumer)
                 broker.settle(consumer, **_settles(data))
+                if isinstance(data.get("seq"), int):
+                    settled_seq = data["seq"]
+                    wake.set()
             except (orjson.JSONDecodeError, BadRequest) as exc:
                 await ws.send_bytes(orjson.dumps({"error": "bad frame", "detail": str(exc)}))
     finally:
