@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from shipyard.agent.node_agent import NodeAgent
     from shipyard.registry.catalog import Catalog
     from shipyard.registry.health import HealthChecker
     from shipyard.registry.kv import ConsulKV
@@ -32,6 +33,7 @@ class ServerConfig:
     enable_script_checks: bool = False
     insecure_bind: bool = False
     store_url: str = ""  # "": embedded SQLite in data_dir; "etcd://host:port[/namespace]": an etcd cluster
+    drain_delay: float = 1.0  # seconds between deregistering an instance and signalling it
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Platform:
     started_at: float = 0.0
     jobs: JobService | None = None
     scheduler: SchedulerLoop | None = None
+    agent: NodeAgent | None = None
     extras: dict[str, object] = field(default_factory=dict)
 
 

@@ -11,13 +11,16 @@ import fcntl
 import ipaddress
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from shipyard.agent.node_agent import NodeAgent
 from shipyard.api.consul import add_consul_routes
 from shipyard.api.context import PLATFORM, Platform, ServerConfig
 from shipyard.api.dns import DnsServer
@@ -99,6 +102,15 @@ async def build_platform(config: ServerConfig) -> Platform:
     platform = Platform(config, store, node, catalog, health, kv, sessions, started_at=time.time())
     platform.jobs = JobService(store)
     platform.scheduler = SchedulerLoop(store)
+    # Instances outlive the server under their shims; a --dev server has no data dir to adopt them from.
+    agent_dir = (
+        os.path.join(config.data_dir, "agent") if config.data_dir is not None
+        else tempfile.mkdtemp(prefix="shipyard-agent-")
+    )
+    platform.agent = NodeAgent(
+        store, catalog, node, agent_dir, config.drain_delay,
+        health=health, keep_instances_on_stop=config.data_dir is not None,
+    )  # fmt: skip
     # The bus keeps its own SQLite file: message traffic must not churn the revisioned store.
     platform.extras["bus"] = await EmbeddedBroker.open(
         None if config.data_dir is None else os.path.join(config.data_dir, "bus.db")
@@ -112,9 +124,16 @@ async def start_platform(platform: Platform) -> None:
     await platform.health.start()
     if platform.scheduler is not None:
         await platform.scheduler.start()
+    if platform.agent is not None:
+        await platform.agent.start()
 
 
 async def stop_platform(platform: Platform) -> None:
+    if platform.agent is not None:
+        with contextlib.suppress(Exception):
+            await platform.agent.stop()
+        if platform.config.data_dir is None:
+            shutil.rmtree(platform.agent.data_dir, ignore_errors=True)
     if platform.scheduler is not None:
         with contextlib.suppress(Exception):
             await platform.scheduler.stop()

@@ -55,6 +55,10 @@ def cli(ctx: click.Context, http_addr: str) -> None:
 )
 @click.option("--enable-script-checks", is_flag=True, help="Allow health checks that run commands.")
 @click.option("--insecure-bind", is_flag=True, help="Allow binding to a non-loopback address.")
+@click.option(
+    "--drain-delay", default=1.0, show_default=True, type=click.FloatRange(0, 600),
+    help="Seconds between deregistering an instance and sending it SIGTERM (lets the gateway drain it).",
+)
 @click.option("--log-level", default="info", show_default=True)
 def server(
     data_dir: str,
@@ -67,6 +71,7 @@ def server(
     store_url: str,
     enable_script_checks: bool,
     insecure_bind: bool,
+    drain_delay: float,
     log_level: str,
 ) -> None:
     """Run the Shipyard server (control API on --http-port)."""
@@ -88,6 +93,7 @@ def server(
         enable_script_checks=enable_script_checks,
         insecure_bind=insecure_bind,
         store_url=store_url,
+        drain_delay=drain_delay,
     )
     uvloop.run(serve(config))
 

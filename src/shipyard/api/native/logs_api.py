@@ -1,0 +1,132 @@
+"""Instance logs over HTTP (/api/v1/allocs/{id}/logs): the last lines of stdout or stderr, optionally followed.
+
+It only reads the files the shim writes (off the event loop); it never touches the instance or its process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from aiohttp import web
+
+from shipyard.agent.logfiles import read_tail_lines
+from shipyard.api.context import platform_of
+from shipyard.errors import BadRequest, NotFound, ShipyardError
+
+routes = web.RouteTableDef()
+
+PREFIX = "/api/v1/allocs"
+DEFAULT_TAIL = 100
+MAX_TAIL = 100_000
+FOLLOW_POLL = 0.2
+READ_CHUNK = 64 * 1024
+
+
+def _tail_param(request: web.Request) -> int:
+    raw = request.query.get("tail")
+    if raw is None or raw == "":
+        return DEFAULT_TAIL
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter tail must be an integer, got {raw!r}") from None
+    if not 0 <= value <= MAX_TAIL:
+        raise BadRequest(f"query parameter tail must be between 0 and {MAX_TAIL}")
+    return value
+
+
+def _follow_param(request: web.Request) -> bool:
+    return request.query.get("follow", "false").lower() in ("1", "true", "yes", "")
+
+
+class _LogReader:
+    """Reads what is appended to a log file, across rotations (the live file renamed to .1, a new one made)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = None
+        self._inode: int | None = None
+
+    def open_at_end(self) -> None:
+        try:
+            self._fh = open(self.path, "rb")
+        except FileNotFoundError:
+            return
+        self._fh.seek(0, os.SEEK_END)
+        self._inode = os.fstat(self._fh.fileno()).st_ino
+
+    def read_new(self) -> bytes:
+        data = b""
+        if self._fh is not None:
+            data = self._fh.read(READ_CHUNK)
+            if data:
+                return data
+        try:
+            inode = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return data
+        if inode != self._inode:
+            # Rotated: what the old file got after our last read was read above; go on with the new one.
+            if self._fh is not None:
+                self._fh.close()
+            self._fh = open(self.path, "rb")
+            self._inode = inode
+            return self._fh.read(READ_CHUNK)
+        if self._fh is not None and self._fh.tell() > os.fstat(self._fh.fileno()).st_size:
+            self._fh.seek(0)  # truncated (a single-file rotation)
+        return data
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+@routes.get(PREFIX + "/{id}/logs")
+async def alloc_logs(request: web.Request) -> web.StreamResponse:
+    platform = platform_of(request)
+    agent = getattr(platform, "agent", None)
+    if agent is None:
+        raise ShipyardError("this server runs no node agent", status=503)
+    alloc_id = request.match_info["id"]
+    stream = request.query.get("stream", "stdout")
+    if stream not in ("stdout", "stderr"):
+        raise BadRequest(f"query parameter stream must be stdout or stderr, not {stream!r}")
+    tail = _tail_param(request)
+    follow = _follow_param(request)
+    path = agent.log_file(alloc_id, stream)
+    if not path.parent.is_dir():
+        raise NotFound(f"no logs for allocation {alloc_id!r}")
+
+    reader = _LogReader(path)
+
+    def start() -> list[str]:
+        lines = read_tail_lines(path, tail) if tail else []
+        if follow:
+            reader.open_at_end()
+        return lines
+
+    lines = await asyncio.to_thread(start)
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    try:
+        if lines:
+            await response.write(("\n".join(lines) + "\n").encode())
+        if not follow:
+            await response.write_eof()
+            return response
+        # Follow until the client goes away or the instance is stopped for good (and its last lines are sent).
+        while True:
+            data = await asyncio.to_thread(reader.read_new)
+            if data:
+                await response.write(data)
+                continue
+            if alloc_id not in agent.runners:
+                break
+            await asyncio.sleep(FOLLOW_POLL)
+        await response.write_eof()
+    finally:
+        await asyncio.to_thread(reader.close)
+    return response
