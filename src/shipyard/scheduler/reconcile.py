@@ -87,7 +87,7 @@ def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None,
             decision.changed.append(replace(d, status="cancelled", description=f"superseded by version {job.version}"))
         canaries = min(policy.canary, len(outdated)) if outdated else 0
         d = Deployment(id=deployment_id(job), job=job.id, version=job.version, generation=job.generation,
-                       status="running", created_at=now, desired_canaries=canaries,
+                       status="running", created_at=now, desired_total=wanted, desired_canaries=canaries,
                        description="placing canaries" if canaries else "deploying")
     decision.deployment = d
 
