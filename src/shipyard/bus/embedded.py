@@ -566,7 +566,8 @@ class LocalConsumer(Consumer):
         if self.closed:
             return None
         try:
-            entry = await asyncio.wait_for(self.inbox.get(), timeout)
+            entry = self.inbox.get_nowait() if not self.inbox.empty() else await asyncio.wait_for(
+                self.inbox.get(), timeout)
         except TimeoutError:
             return None
         if entry is None:

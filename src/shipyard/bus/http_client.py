@@ -28,8 +28,12 @@ from shipyard.bus.base import (
     Message,
     QueueStats,
     Task,
+    check_delay,
+    check_headers,
     check_name,
     check_prefetch,
+    check_priority,
+    check_topic,
     patterns_list,
 )
 from shipyard.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ShipyardError
@@ -63,8 +67,8 @@ class HttpBus(Bus):
         self.url = url.rstrip("/") + "/api/v1/bus"
         self.retry_for = retry_for
         self._session: aiohttp.ClientSession | None = None
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
-        self._inflight = 0
+        self._pending: dict[str, list[tuple[dict[str, Any], asyncio.Future[Any]]]] = {}
+        self._inflight: dict[str, int] = {}
         self._consumers: set[HttpConsumer] = set()
         self._flushers: set[asyncio.Task[None]] = set()
 
@@ -107,21 +111,30 @@ class HttpBus(Bus):
 
     async def publish(self, topic: str, message: bytes, headers: dict[str, str] | None = None) -> None:
         """Joins the next batch request; returns when the server has made that batch durable."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(({"topic": topic, "message": _b64(message), "headers": headers}, fut))
-        if self._inflight < MAX_INFLIGHT:
-            self._inflight += 1
-            task = asyncio.create_task(self._flush_publishes())
+        # Checked here so one caller's bad input can't fail the batch it would share with others.
+        check_topic(topic)
+        check_headers(headers)
+        await self._batched("/publish/batch", "events", {"topic": topic, "message": _b64(message), "headers": headers})
+
+    async def _batched(self, path: str, key: str, item: dict[str, Any]) -> Any:
+        """Concurrent calls share requests: up to BATCH items each, MAX_INFLIGHT requests per path at once."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(path, []).append((item, fut))
+        if self._inflight.get(path, 0) < MAX_INFLIGHT:
+            self._inflight[path] = self._inflight.get(path, 0) + 1
+            task = asyncio.create_task(self._flush(path, key))
             self._flushers.add(task)
             task.add_done_callback(self._flushers.discard)
-        await fut
+        return await fut
 
-    async def _flush_publishes(self) -> None:
+    async def _flush(self, path: str, key: str) -> None:
+        pending = self._pending[path]
         try:
-            while self._pending:
-                batch, self._pending = self._pending[:BATCH], self._pending[BATCH:]
+            while pending:
+                batch = pending[:BATCH]
+                del pending[:BATCH]
                 try:
-                    await self.request("POST", "/publish/batch", {"events": [e for e, _ in batch]})
+                    answer = await self.request("POST", path, {key: [item for item, _ in batch]})
                 except BaseException as exc:
                     for _, fut in batch:
                         if not fut.done():
@@ -129,11 +142,12 @@ class HttpBus(Bus):
                     if not isinstance(exc, Exception):
                         raise
                 else:
-                    for _, fut in batch:
+                    results = answer.get("ids") or [None] * len(batch)
+                    for (_, fut), result in zip(batch, results, strict=True):
                         if not fut.done():
-                            fut.set_result(None)
+                            fut.set_result(result)
         finally:
-            self._inflight -= 1
+            self._inflight[path] -= 1
 
     async def publish_many(self, events: Sequence[tuple[str, bytes, dict[str, str] | None]]) -> None:
         items = [{"topic": t, "message": _b64(m), "headers": h} for t, m, h in events]
@@ -162,8 +176,13 @@ class HttpBus(Bus):
 
     async def enqueue(self, queue: str, payload: bytes, *, delay: float = 0.0, priority: int = 0,
                       idempotency_key: str | None = None, headers: dict[str, str] | None = None) -> str | None:
-        body = _task_json(Task(payload, delay, priority, idempotency_key, headers))
-        return (await self.request("POST", f"/queues/{quote(check_name(queue), safe='')}/enqueue", body))["id"]
+        check_delay(delay)
+        check_priority(priority)
+        check_headers(headers)
+        if idempotency_key is not None and (not isinstance(idempotency_key, str) or len(idempotency_key) > 512):
+            raise BadRequest("idempotency_key must be a string of at most 512 characters")
+        item = _task_json(Task(payload, delay, priority, idempotency_key, headers))
+        return await self._batched(f"/queues/{quote(check_name(queue), safe='')}/enqueue/batch", "tasks", item)
 
     async def enqueue_many(self, queue: str, tasks: Sequence[Task]) -> list[str | None]:
         path = f"/queues/{quote(check_name(queue), safe='')}/enqueue/batch"
@@ -337,6 +356,8 @@ class HttpConsumer(Consumer):
     async def get(self, timeout: float | None = None) -> Delivery | None:
         if self.closed:
             return None
+        if not self.inbox.empty():
+            return self.inbox.get_nowait()  # no timer per message when work is waiting
         try:
             return await asyncio.wait_for(self.inbox.get(), timeout)
         except TimeoutError:

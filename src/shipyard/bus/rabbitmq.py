@@ -223,7 +223,15 @@ class RabbitBus(Bus):
         if idempotency_key is not None and not await self._retrying(lambda: self._claim(queue, idempotency_key)):
             return None
         msg_id = uuid.uuid4().hex
-        await self._retrying(lambda: self._send_to_queue(queue, self._message(payload, hdrs, priority, msg_id), delay))
+        message = self._message(payload, hdrs, priority, msg_id)
+        channel = self.channel
+        if delay <= 0 and queue in self._declared and channel is not None and not channel.is_closed:
+            try:  # the common case, without the retry machinery
+                await channel.default_exchange.publish(message, routing_key=amqp_name(queue))
+            except RETRYABLE:
+                await self._retrying(lambda: self._send_to_queue(queue, message, delay))
+        else:
+            await self._retrying(lambda: self._send_to_queue(queue, message, delay))
         self._meter(self.published, queue)
         return msg_id
 
@@ -400,7 +408,6 @@ class RabbitDelivery(Delivery):
         # After a reconnect the old channel is gone and the broker has already requeued the message.
         with contextlib.suppress(*RETRYABLE):
             await op()
-        self.consumer.unsettled.discard(self)
 
     async def ack(self) -> None:
         await self._settle(self.incoming.ack)
@@ -444,7 +451,6 @@ class RabbitConsumer(Consumer):
     def __init__(self, bus: RabbitBus, queue: str, prefetch: int, channel: AbstractChannel) -> None:
         self.bus, self.queue, self.prefetch, self.channel = bus, queue, prefetch, channel
         self.inbox: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
-        self.unsettled: set[RabbitDelivery] = set()
         self.closed = False
 
     async def push(self, incoming: AbstractIncomingMessage) -> None:
@@ -452,17 +458,18 @@ class RabbitConsumer(Consumer):
 
     async def get(self, timeout: float | None = None) -> Delivery | None:
         while not self.closed:
-            try:
-                incoming = await asyncio.wait_for(self.inbox.get(), timeout)
-            except TimeoutError:
-                return None
+            if not self.inbox.empty():
+                incoming = self.inbox.get_nowait()  # no timer per message when work is waiting
+            else:
+                try:
+                    incoming = await asyncio.wait_for(self.inbox.get(), timeout)
+                except TimeoutError:
+                    return None
             if incoming is None:
                 return None
             if incoming.channel.is_closed:
                 continue  # from a channel lost in a reconnect: already back in the queue
-            delivery = self.bus.delivery_of(self, incoming)
-            self.unsettled.add(delivery)
-            return delivery
+            return self.bus.delivery_of(self, incoming)
         return None
 
     async def cancel(self) -> None:

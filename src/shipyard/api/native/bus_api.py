@@ -250,8 +250,9 @@ def _float_query(request: web.Request, name: str, default: float, low: float, hi
 @routes.get(PREFIX + "/queues/{queue}/consume")
 async def consume(request: web.Request) -> web.StreamResponse:
     """WebSocket: the server sends {"deliveries": [...]} while fewer than `prefetch` are unsettled; the client
-    sends settle frames (see _settles), {"cancel": true}, and "seq": n when it wants {"settled": n} back. The connection is the consumer's lease: when it
-    drops or misses heartbeats for `lease` seconds, what it held is redelivered to others."""
+    sends settle frames (see _settles), {"cancel": true}, and "seq": n when it wants {"settled": n} back.
+    The connection is the consumer's lease: when it drops or misses heartbeats for `lease` seconds, what it
+    held is redelivered to others."""
     broker, queue = broker_of(request), _queue(request)
     try:
         prefetch = check_prefetch(int(request.query.get("prefetch", DEFAULT_PREFETCH)))
