@@ -5,6 +5,7 @@ Tests use these to talk to the server the way any client would; nothing here rea
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -94,17 +95,35 @@ class ServerProcess:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.kill9()
+    def stop(self, *, keep_instances: bool = False) -> None:
+        """SIGTERM the server. Its instances outlive it under their shims (as in production, for adoption by the
+        next server); unless keep_instances, they are then stopped too, so that a test leaves nothing running."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        if not keep_instances:
+            self.stop_instances()
+
+    def stop_instances(self) -> None:
+        """SIGTERM every instance shim still running from this server's data dir (each stops its instance)."""
+        for state_file in (self.data_dir / "agent" / "instances").glob("*/state.json"):
+            try:
+                state = json.loads(state_file.read_text())
+                stat = Path(f"/proc/{state['shim_pid']}/stat").read_bytes()
+            except (OSError, ValueError, KeyError):
+                continue
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            if fields[0] not in (b"Z", b"X") and int(fields[19]) == state.get("shim_start_time"):
+                try:
+                    os.kill(state["shim_pid"], signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     def restart(self) -> ServerProcess:
-        self.stop()
+        self.stop(keep_instances=True)
         return self.start()
 
 

@@ -587,6 +587,14 @@ class NodeAgent:
             if missing.exit is not None:
                 why += f"; last exit: {missing.exit.describe()}"
             self._missing[missing.state.alloc_id] = (dict(missing.state.ports), why)
+            if missing.state.alloc_id in wanted:
+                # Replace the last status (it may still say healthy) before anyone plans with it.
+                old = previous.get(missing.state.alloc_id)
+                await self.write_status(missing.state.alloc_id, AllocStatus(
+                    client="pending", ports=dict(missing.state.ports), address=self.address,
+                    restarts=old.restarts if old is not None else 0, last_exit=exit_dict(missing.exit),
+                    message=f"starting again after a server restart: {why}", updated_at=time.time(),
+                ))  # fmt: skip
         for alloc_id in report.reaped_alloc_ids:
             await self.catalog.deregister_service(self.node.name, alloc_id)
             await self.store.delete(alloc_status_key(self.node.name, alloc_id))
@@ -656,6 +664,8 @@ class NodeAgent:
                 with contextlib.suppress(Exception):
                     previous = decode_status(previous_kv.value)
             note = f"restarted after a server restart: {note}"
+        if previous is not None:
+            previous = replace(previous, restarts=previous.restarts + 1)  # the run that died while we were away
         runner = AllocRunner(self, alloc, spec, supervisor, previous=previous, note=note)
         self.runners[alloc.id] = runner
         runner.start()
