@@ -374,3 +374,37 @@ def test_server_kill9_then_restart_adopts_instances_and_restarts_missing_ones(tm
         assert platform.registered("durable") == []
     finally:
         server.stop()
+
+
+def test_tcp_and_command_health_checks(platform: Platform, tmp_path: Path) -> None:
+    flag = tmp_path / "command-fails"
+    platform.deploy("tcpsvc", health={"tcp": "http", "interval": "1s", "timeout": "1s"})
+    # The command runs with the instance's environment (PORT), which a script check of the registry would not have.
+    platform.deploy("cmdsvc", env={"FLAG": str(flag)}, health={
+        "command": 'test ! -e "$FLAG" && python3 -c "import socket; socket.create_connection((\'127.0.0.1\', $PORT))"',
+        "interval": "1s", "timeout": "2s", "grace": "1s", "failures": 2,
+    })  # fmt: skip
+    platform.wait_healthy("tcpsvc", 1)
+    (alloc,) = platform.wait_healthy("cmdsvc", 1)
+    (tcp_entry,) = wait_for(lambda: platform.passing("tcpsvc"), what="tcp check passing")
+    assert [c["Type"] for c in tcp_entry["Checks"] if c["ServiceID"]] == ["tcp"]
+    (cmd_entry,) = wait_for(lambda: platform.passing("cmdsvc"), what="command check passing")
+    assert [c["Type"] for c in cmd_entry["Checks"] if c["ServiceID"]] == ["ttl"]
+    flag.touch()
+    status = wait_for(lambda: (s := platform.statuses("cmdsvc")) and s[0]["restarts"] >= 1 and s[0],
+                      what="a restart for a failing command check")
+    assert "health check failed" in status["last_exit"]["reason"]
+    assert status["pid"] != alloc["status"]["pid"]
+
+
+def test_dev_server_stops_its_instances_when_it_stops(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "data", dev=True).start()
+    try:
+        platform = Platform(server, tmp_path)
+        platform.deploy("ephemeral", instances=2)
+        allocs = platform.wait_healthy("ephemeral", 2)
+    finally:
+        server.stop(keep_instances=True)
+    # Nothing could adopt them (no data dir), so the server took them down on its way out.
+    assert instance_processes("ephemeral") == []
+    assert not any(alive(a["status"]["pid"]) for a in allocs)
