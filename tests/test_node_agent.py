@@ -408,3 +408,18 @@ def test_dev_server_stops_its_instances_when_it_stops(tmp_path: Path) -> None:
     # Nothing could adopt them (no data dir), so the server took them down on its way out.
     assert instance_processes("ephemeral") == []
     assert not any(alive(a["status"]["pid"]) for a in allocs)
+
+
+def test_scale_down_keeps_the_remaining_instance_and_updates_its_registration(platform: Platform) -> None:
+    platform.deploy("scaled", instances=2, update={"min_healthy_time": "500ms"})
+    allocs = platform.wait_healthy("scaled", 2)
+    url = platform.server.url + "/api/v1/jobs/scaled/scale"
+    r = requests.post(url, json={"instances": 1, "force": True}, timeout=10)
+    assert r.status_code == 200, r.text
+    version = r.json()["job"]["version"]
+    (kept,) = wait_for(lambda: (a := platform.healthy("scaled", 1)) and a[0]["version"] == version and a,
+                       what="one instance at the new version")
+    assert kept["status"]["pid"] in {a["status"]["pid"] for a in allocs}  # the same process, not a new one
+    (entry,) = wait_for(lambda: (e := platform.passing("scaled")) and len(e) == 1
+                        and e[0]["Service"]["Meta"]["version"] == str(version) and e, what="registration updated")
+    assert entry["Service"]["ID"] == kept["id"]

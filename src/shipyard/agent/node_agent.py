@@ -165,6 +165,7 @@ class AllocRunner:
         self._task: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._restarting = False
+        self._registration_stale = False
 
     @property
     def health_interval(self) -> float:
@@ -182,6 +183,7 @@ class AllocRunner:
         self.alloc = alloc
         if spec is not None:
             self.spec = spec
+        self._registration_stale = True
         self.wake()
 
     def observe_check(self, status: str, output: str) -> None:
@@ -227,6 +229,9 @@ class AllocRunner:
             await self._run_ended(status.last_exit)
         if instance is not None and instance.pid != self._run_pid:
             await self._run_began(instance)
+        if self._registration_stale:
+            self._registration_stale = False
+            await self._sync_registration(instance is not None)
 
         message = self._note
         if instance is not None:
