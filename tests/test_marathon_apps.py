@@ -56,7 +56,8 @@ def test_every_job_name_has_an_app_id_that_leads_back_to_it(job: str) -> None:
 
 @pytest.mark.parametrize("app_id, why", [("/my.app", "'.'"), ("/a--b", "'--'"), ("/Web", "regular expression"),
                                          ("/-web", "regular expression"), ("/" + "a" * 64, "too long"),
-                                         ("/", "non-empty"), ("", "non-empty"), (None, "non-empty")])
+                                         ("/a/tasks", "reserved"), ("/", "non-empty"), ("", "non-empty"),
+                                         (None, "non-empty")])
 def test_app_ids_that_cannot_name_a_job_are_refused_with_the_reason(app_id, why: str) -> None:
     problems = app_id_problems(app_id)
     assert problems and why in problems[0]

@@ -25,6 +25,7 @@ from shipyard.api.consul import add_consul_routes
 from shipyard.api.context import PLATFORM, Platform, ServerConfig
 from shipyard.api.dns import DnsServer
 from shipyard.api.errors import error_middleware
+from shipyard.api.marathon import add_marathon_routes
 from shipyard.api.native import add_native_routes
 from shipyard.bus.embedded import EmbeddedBroker
 from shipyard.errors import ShipyardError
@@ -151,6 +152,7 @@ def build_app(platform: Platform) -> web.Application:
     app[PLATFORM] = platform
     add_consul_routes(app)
     add_native_routes(app)
+    add_marathon_routes(app)
     return app
 
 

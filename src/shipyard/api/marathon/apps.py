@@ -28,6 +28,8 @@ from shipyard.spec import ENV_NAME_RE, NAME_RE, PORT_NAME_RE, SpecError, TaskSpe
 
 SEGMENT_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 GROUP_SEPARATOR = "--"
+# /v2/apps/{id}/restart, /tasks and /versions would be ambiguous if an app's last segment had these names.
+RESERVED_LAST_SEGMENTS = frozenset({"restart", "tasks", "versions"})
 
 # Shown by GET and accepted back unchanged on PUT, but they describe state, not the definition.
 READ_ONLY_FIELDS = frozenset({
@@ -113,6 +115,8 @@ def app_id_problems(app_id: Any) -> list[str]:
             problems.append(f"segment {segment!r}: '--' is reserved to join group segments into a job name")
         elif not SEGMENT_RE.match(segment):
             problems.append(f"segment {segment!r} must fully match regular expression '{SEGMENT_RE.pattern}'")
+    if not problems and segments[-1] in RESERVED_LAST_SEGMENTS:
+        problems.append(f"the last segment may not be {segments[-1]!r} (reserved by the /v2/apps API)")
     if not problems and not NAME_RE.match(GROUP_SEPARATOR.join(segments)):
         problems.append("too long: the joined job name must be at most 63 characters")
     return problems

@@ -1,0 +1,59 @@
+"""The Marathon-compatible HTTP API: /v2 (apps, tasks, deployments, events, info, leader) and /ping.
+
+Mounts the routes as a /v2 sub-application whose errors take Marathon's JSON shape; it holds no logic itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from aiohttp import web
+
+from shipyard.api.context import PLATFORM
+from shipyard.api.marathon import endpoints, events
+from shipyard.api.marathon.apps import AppInvalid
+from shipyard.errors import Conflict, ShipyardError
+
+log = logging.getLogger("shipyard.marathon")
+
+
+def marathon_error(status: int, message: str, **extra: object) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps({"message": message, **extra}),
+                        content_type="application/json")
+
+
+@web.middleware
+async def marathon_errors(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    """Marathon's error bodies: {"message": ...}; 422 adds details; a 409 for a busy app names deployments."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return marathon_error(exc.status, f"HTTP {exc.status} {exc.reason}")
+    except AppInvalid as exc:
+        return marathon_error(422, "Object is not valid", details=exc.details)
+    except Conflict as exc:
+        detail = exc.detail if isinstance(exc.detail, dict) else {}
+        deployment = detail.get("deployment") or detail.get("active_deployment")
+        if deployment:
+            return marathon_error(409, f"App is locked by one or more deployments. Override with the option "
+                                       f"'?force=true'. View details at '/v2/deployments/<DEPLOYMENT_ID>'. "
+                                       f"({exc.message})", deployments=[{"id": deployment}])
+        return marathon_error(409, exc.message)
+    except ShipyardError as exc:
+        extra = {"details": exc.detail} if isinstance(exc.detail, list) else {}
+        return marathon_error(exc.status, exc.message, **extra)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return marathon_error(500, "internal server error")
+
+
+def add_marathon_routes(app: web.Application) -> None:
+    v2 = web.Application(middlewares=[marathon_errors], client_max_size=app._client_max_size)
+    v2[PLATFORM] = app[PLATFORM]
+    v2.router.add_routes(events.routes)
+    v2.router.add_routes(endpoints.routes)
+    app.add_subapp("/v2", v2)
+    app.router.add_get("/ping", endpoints.ping)
