@@ -21,14 +21,15 @@ from shipyard.errors import Unprocessable
 PROJECT_FIELDS = ("project", "services", "workers")
 TASK_FIELDS = (
     "cmd", "args", "instances", "env", "ports", "health", "resources", "depends_on",
-    "update", "restart", "stop_grace", "tags", "meta", "routes",
+    "update", "restart", "stop_grace", "tags", "meta", "routes", "workdir",
 )
-WORKER_FIELDS = tuple(f for f in TASK_FIELDS if f != "routes")
+WORKER_FIELDS = (*(f for f in TASK_FIELDS if f != "routes"), "autoscale")
 HEALTH_FIELDS = ("http", "tcp", "command", "port", "interval", "timeout", "grace", "failures")
 RESOURCE_FIELDS = ("cpu", "memory")
 UPDATE_FIELDS = ("max_parallel", "min_healthy_time", "healthy_deadline", "auto_revert", "canary")
 RESTART_FIELDS = ("initial", "factor", "max", "attempts", "reset_after")
 PORT_FIELDS = ("static",)
+AUTOSCALE_FIELDS = ("queue", "min", "max", "target_depth", "cooldown")
 DEPENDENCY_CONDITIONS = ("started", "healthy")
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -37,6 +38,7 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h))+$")
 DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")  # the bus's portable queue names
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,17 @@ class RestartPolicy:
 
 
 @dataclass(frozen=True)
+class Autoscale:
+    """A worker's instance count follows the work waiting in its queue: about target_depth messages each."""
+
+    queue: str
+    min: int = 0
+    max: int = 10
+    target_depth: int = 100
+    cooldown: float = 60.0  # seconds without a scaling change before it scales down
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """One service or worker: what the scheduler calls a job."""
 
@@ -97,9 +110,11 @@ class TaskSpec:
     update: UpdatePolicy = UpdatePolicy()
     restart: RestartPolicy = RestartPolicy()
     stop_grace: float = 5.0
+    workdir: str | None = None  # where the command runs; `shipyard up` resolves it against the project dir
     tags: tuple[str, ...] = ()
     meta: Mapping[str, str] = field(default_factory=dict)
     routes: tuple[Mapping[str, Any], ...] = ()
+    autoscale: Autoscale | None = None  # workers only
 
     def to_dict(self) -> dict[str, Any]:
         return task_to_dict(self)
@@ -120,7 +135,7 @@ class TaskSpec:
     def template_hash(self) -> str:
         """The hash of what a running instance depends on: a change here replaces instances, others don't."""
         data = self.to_dict()
-        for key in ("instances", "update", "depends_on"):
+        for key in ("instances", "update", "depends_on", "autoscale"):
             data.pop(key, None)
         return _digest(data)
 
@@ -242,10 +257,16 @@ def task_to_dict(t: TaskSpec) -> dict[str, Any]:
     out["restart"] = {"initial": r.initial, "factor": r.factor, "max": r.max, "attempts": r.attempts,
                       "reset_after": r.reset_after}
     out["stop_grace"] = t.stop_grace
+    if t.workdir is not None:
+        out["workdir"] = t.workdir
     out["tags"] = list(t.tags)
     out["meta"] = dict(sorted(t.meta.items()))
     if t.kind == "service":
         out["routes"] = [dict(r) for r in t.routes]
+    if t.autoscale is not None:  # only when set: jobs stored before autoscaling existed keep their hashes
+        a = t.autoscale
+        out["autoscale"] = {"queue": a.queue, "min": a.min, "max": a.max, "target_depth": a.target_depth,
+                            "cooldown": a.cooldown}
     return out
 
 
@@ -461,11 +482,15 @@ class _Validator:
         values["restart"] = self.restart((*path, "restart"), spec.get("restart"))
         if "stop_grace" in spec:
             values["stop_grace"] = self.duration((*path, "stop_grace"), spec["stop_grace"])
+        if spec.get("workdir") is not None:
+            values["workdir"] = self.string((*path, "workdir"), spec["workdir"])
         if spec.get("tags") is not None:
             values["tags"] = self.string_list((*path, "tags"), spec["tags"])
         values["meta"] = self.string_map((*path, "meta"), spec.get("meta"))
         if kind == "service" and spec.get("routes") is not None:
             values["routes"] = self.routes((*path, "routes"), spec["routes"])
+        if kind == "worker" and spec.get("autoscale") is not None:
+            values["autoscale"] = self.autoscale((*path, "autoscale"), spec["autoscale"])
         if len(self.problems) > before:
             return None
         return TaskSpec(**values)
@@ -583,6 +608,35 @@ class _Validator:
         if spec.get("attempts") is not None:
             values["attempts"] = self.integer((*path, "attempts"), spec["attempts"], 0)
         return RestartPolicy(**{k: v for k, v in values.items() if v is not None})
+
+    def autoscale(self, path: tuple[Any, ...], value: Any) -> Autoscale | None:
+        spec = self.mapping(path, value, AUTOSCALE_FIELDS)
+        if spec is None:
+            return None
+        if "queue" not in spec:
+            self.fail(path, "queue is required (the bus queue whose depth drives the instance count)")
+            return None
+        values: dict[str, Any] = {
+            "queue": self.string((*path, "queue"), spec["queue"], QUEUE_NAME_RE,
+                                 "a queue name (1-200 of letters, digits, _ . : -)"),
+        }
+        for key in ("min", "max"):
+            if key in spec:
+                values[key] = self.integer((*path, key), spec[key], 0)
+        if "target_depth" in spec:
+            values["target_depth"] = self.integer((*path, "target_depth"), spec["target_depth"], 1)
+        if "cooldown" in spec:
+            values["cooldown"] = self.duration((*path, "cooldown"), spec["cooldown"])
+        if None in values.values():
+            return None
+        policy = Autoscale(**values)
+        if policy.max < policy.min:
+            self.fail((*path, "max"), f"max ({policy.max}) is below min ({policy.min})")
+            return None
+        if policy.max < 1:
+            self.fail((*path, "max"), "max must be at least 1")
+            return None
+        return policy
 
     def routes(self, path: tuple[Any, ...], value: Any) -> tuple[Mapping[str, Any], ...]:
         # Opaque here: the gateway owns route semantics; we only promise a list of mappings.

@@ -47,10 +47,13 @@ def _task(fields: tuple[str, ...]) -> dict[str, Any]:
         "update": {"$ref": "#/$defs/update"},
         "restart": {"$ref": "#/$defs/restart"},
         "stop_grace": {**DURATION, "default": "5s", "description": "SIGTERM, then SIGKILL after this long."},
+        "workdir": {"type": "string", "description": "Working directory of the command; relative paths are "
+                    "resolved against the directory of shipyard.yaml when deployed with `shipyard up`/`deploy`."},
         "tags": {"type": "array", "items": {"type": "string"}},
         "meta": _string_map(),
         "routes": {"type": "array", "items": {"type": "object", "minProperties": 1},
                    "description": "Gateway routes; their fields belong to the gateway."},
+        "autoscale": {"$ref": "#/$defs/autoscale"},
     }
     return _object({k: v for k, v in props.items() if k in fields}, fields,
                    oneOf=[{"required": ["cmd"]}, {"required": ["args"]}])
@@ -59,6 +62,7 @@ def _task(fields: tuple[str, ...]) -> dict[str, Any]:
 def json_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) for a shipyard.yaml project file."""
     d_update, d_restart = spec.UpdatePolicy(), spec.RestartPolicy()
+    d_autoscale = spec.Autoscale(queue="")
     defs = {
         "duration": {"oneOf": [{"type": "string", "pattern": spec.DURATION_RE.pattern},
                                {"type": "number", "minimum": 0}],
@@ -92,6 +96,17 @@ def json_schema() -> dict[str, Any]:
             "attempts": {"type": ["integer", "null"], "minimum": 0, "description": "null: restart forever"},
             "reset_after": {**DURATION, "default": d_restart.reset_after},
         }, spec.RESTART_FIELDS),
+        "autoscale": _object({
+            "queue": {"type": "string", "pattern": spec.QUEUE_NAME_RE.pattern,
+                      "description": "The bus queue whose depth drives the instance count."},
+            "min": {"type": "integer", "minimum": 0, "default": d_autoscale.min},
+            "max": {"type": "integer", "minimum": 1, "default": d_autoscale.max},
+            "target_depth": {"type": "integer", "minimum": 1, "default": d_autoscale.target_depth,
+                             "description": "Waiting messages per instance."},
+            "cooldown": {**DURATION, "default": d_autoscale.cooldown,
+                         "description": "Time without a scaling change before scaling down."},
+        }, spec.AUTOSCALE_FIELDS, required=["queue"],
+            description="Workers only: scale on queue depth between min and max instances."),
         "service": _task(spec.TASK_FIELDS),
         "worker": _task(spec.WORKER_FIELDS),
     }

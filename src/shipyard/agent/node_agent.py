@@ -117,6 +117,7 @@ def instance_spec_for(
         memory_mb=spec.resources.memory,
         cpus=round(spec.resources.cpu / mhz_per_core, 3),
         health_cmd=spec.health.target if spec.health is not None and spec.health.kind == "command" else None,
+        workdir=spec.workdir,
     )
 
 

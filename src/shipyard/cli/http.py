@@ -5,6 +5,8 @@ Turns every transport or HTTP failure into a ShipyardError with one clear line; 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -40,6 +42,25 @@ class ApiClient:
             text = _error_text(response)
             raise ShipyardError(f"{method} {path} failed ({response.status_code}): {text}", status=response.status_code)
         return response
+
+    @contextlib.contextmanager
+    def stream(self, method: str, path: str, *, params: dict[str, Any] | None = None) -> Iterator[httpx.Response]:
+        """A streamed response (for logs -f); same one-line errors as request()."""
+        try:
+            with self._http.stream(method, path, params=params, timeout=httpx.Timeout(30, read=None)) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise ShipyardError(
+                        f"{method} {path} failed ({response.status_code}): {_error_text(response)}",
+                        status=response.status_code,
+                    )
+                yield response
+        except httpx.ConnectError:
+            raise ServerUnreachable(
+                f"cannot reach the shipyard server at {self.base_url} (is `shipyard server` running?)"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise ServerUnreachable(f"talking to {self.base_url} failed: {exc}") from None
 
     def get_json(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params or None).json()

@@ -99,9 +99,10 @@ def server(
 
 
 def _register_subcommands() -> None:
-    from shipyard.cli import registry_commands
+    from shipyard.cli import jobs_commands, registry_commands
 
     registry_commands.register(cli)
+    jobs_commands.register(cli)
 
 
 def main() -> None:
