@@ -94,9 +94,11 @@ def machine_capacity() -> tuple[int, int]:
 
 
 def instance_spec_for(
-    spec: JobSpec, alloc: Allocation, *, mhz_per_core: int, static_ports: dict[str, int] | None = None
+    spec: JobSpec, alloc: Allocation, *, mhz_per_core: int, static_ports: dict[str, int] | None = None,
+    platform_env: dict[str, str] | None = None,
 ) -> InstanceSpec:
-    """The agent's description of one instance of `spec` for `alloc` (what the exec driver runs)."""
+    """The agent's description of one instance of `spec` for `alloc` (what the exec driver runs).
+    `platform_env` (e.g. SHIPYARD_BUS_URL) comes first, so a spec's own env can override it."""
     statics = {p.name: p.static for p in spec.ports if p.static is not None}
     statics.update(static_ports or {})
     policy = RestartPolicy(
@@ -109,7 +111,7 @@ def instance_spec_for(
         instance=alloc.index,
         args=tuple(spec.args) if spec.cmd is None else None,
         cmd=spec.cmd,
-        env=dict(spec.env),
+        env={**(platform_env or {}), "SHIPYARD_STOP_GRACE": f"{spec.stop_grace:g}", **spec.env},
         ports=tuple(p.name for p in spec.ports),
         static_ports=statics,
         stop_grace=spec.stop_grace,
@@ -483,8 +485,10 @@ class NodeAgent:
         capacity: tuple[int, int] | None = None,
         keep_instances_on_stop: bool = True,
         port_range: tuple[int, int] | None = None,
+        platform_env: dict[str, str] | None = None,
     ) -> None:
         self.store = store
+        self.platform_env = dict(platform_env or {})  # given to every instance: where the bus is, etc.
         self.catalog = catalog
         self.node = node
         self.data_dir = Path(data_dir)
@@ -660,7 +664,7 @@ class NodeAgent:
                 client="failed", address=self.address, updated_at=time.time(), message=str(exc.message),
             ))  # fmt: skip
             return
-        task = instance_spec_for(spec, alloc, mhz_per_core=self.mhz_per_core)
+        task = instance_spec_for(spec, alloc, mhz_per_core=self.mhz_per_core, platform_env=self.platform_env)
         ports = {name: ports[name] for name in names if name in ports}
         supervisor = Supervisor(self.driver, task, ports)
         previous = None
