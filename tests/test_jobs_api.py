@@ -83,6 +83,9 @@ class Cluster:
             d = await self.jobs.deployment(job)
             if d is not None and not d.active and not await self._pending_stops():
                 await self.step()  # collects what the agents finished stopping
+                commits = self.loop.commits
+                await self.step()
+                assert self.loop.commits == commits, "a converged cluster must not be rewritten on every pass"
                 return
         raise AssertionError(f"no convergence: {await self.jobs.deployment(job)}")
 
@@ -335,6 +338,9 @@ async def test_unplaceable_reason_is_reported(cluster: Cluster) -> None:
     assert record is not None and record["indexes"] == [0, 1] and "memory" in record["reason"]
     d = await cluster.jobs.deployment("web")
     assert d is not None and "unplaceable" in d.description
+    commits = cluster.loop.commits
+    await cluster.step()
+    assert cluster.loop.commits == commits  # the same reason again is not a new write (no busy loop)
 
     await cluster.add_node("big", cpu=4000, memory=2_000_000)
     await cluster.step()
@@ -488,6 +494,18 @@ def test_http_conflict_and_force(server) -> None:  # type: ignore[no-untyped-def
     r = requests.post(_api(server, "/jobs/api-held/rollback"), timeout=10)
     assert r.status_code == 200 and r.json()["job"]["spec"]["cmd"] == "sleep 30"
     assert requests.delete(_api(server, "/jobs/api-held"), timeout=10).status_code == 200
+
+
+def test_http_unplaceable_reason_is_visible(server) -> None:  # type: ignore[no-untyped-def]
+    spec = {"name": "api-huge", "cmd": "sleep 30", "instances": 2, "resources": {"memory": 50_000_000}}
+    assert requests.post(_api(server, "/jobs"), json=spec, timeout=10).status_code == 201
+    deadline = time.monotonic() + 20
+    while (body := requests.get(_api(server, "/jobs/api-huge"), timeout=10).json())["unplaceable"] is None:
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+    assert body["unplaceable"]["indexes"] == [0, 1] and body["unplaceable"]["reason"]
+    assert body["allocations"] == []
+    assert requests.delete(_api(server, "/jobs/api-huge"), timeout=10).status_code == 200
 
 
 def test_http_bad_input_gets_clear_errors(server) -> None:  # type: ignore[no-untyped-def]

@@ -195,7 +195,12 @@ class SchedulerLoop:
 
         job_puts: dict[str, Job] = {}
         for d in plan.deployments:
-            ops.append(Put(deployment_key(d.job), encode_deployment(d)))
+            encoded = encode_deployment(d)
+            stored = state.deployments.get(d.job)
+            # The planner may hand back a deployment exactly as stored; rewriting it would wake us forever.
+            if stored is not None and stored.value == encoded:
+                continue
+            ops.append(Put(deployment_key(d.job), encoded))
             touched.add(d.job)
             entry = state.jobs.get(d.job)
             if d.status == "successful" and entry is not None:
