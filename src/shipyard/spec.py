@@ -38,6 +38,7 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h))+$")
 DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_YAML_NODES = 200_000  # far beyond any real project file
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")  # the bus's portable queue names
 
 
@@ -281,6 +282,9 @@ def _plain(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], 
            problems: list[SpecProblem], source: str) -> Any:
     """YAML node tree -> plain data, remembering each path's line and reporting duplicate keys."""
     lines.setdefault(path, node.start_mark.line + 1)
+    if len(lines) > MAX_YAML_NODES:  # aliases can expand a small file exponentially ("billion laughs")
+        raise SpecError([SpecProblem(source, node.start_mark.line + 1, _dotted(path),
+                                     f"document expands to more than {MAX_YAML_NODES} values (alias bomb?)")])
     if isinstance(node, yaml.MappingNode):
         try:
             _SCALARS.flatten_mapping(node)  # resolves '<<: *defaults' merge keys
