@@ -1,6 +1,7 @@
-"""Scheduler benchmark: the planner's placement rate on Nomad's C1M shape, and (later) deploy-to-healthy time.
+"""Scheduler benchmark: the planner's placement rate on Nomad's C1M shape, and deploy-to-healthy time.
 
-Owns only the simulated snapshot and the timing; never starts processes for the planner part (planning is pure).
+Owns the simulated snapshot and the timing; the planner part starts no process (planning is pure), the
+time-to-healthy part runs a real server with real instances.
 
 Usage: python bench/scheduler.py [--quick] [--spread]
   (progress on stderr, one JSON line with all figures on stdout)
@@ -9,12 +10,21 @@ Usage: python bench/scheduler.py [--quick] [--spread]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import platform
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
+
+import httpx
 
 from shipyard.scheduler import Job, Node, Snapshot, plan
 from shipyard.spec import Resources, TaskSpec
@@ -91,12 +101,94 @@ def bench_planner(nodes: int, jobs: int, instances: int, spread: bool) -> dict[s
     }
 
 
-def bench_time_to_healthy(quick: bool) -> dict[str, Any] | None:
-    """Deploy 1, 10 and 100 instances of a small HTTP service and time until all are healthy.
+APP = Path(__file__).resolve().parent.parent / "tests" / "apps" / "versioned_http.py"
 
-    Needs the node agent, which runs allocations; until it exists this reports nothing rather than a guess.
-    """
-    return None
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deploy_spec(instances: int) -> dict[str, Any]:
+    return {"services": {"bench": {
+        "cmd": f"{sys.executable} {APP}", "instances": instances, "ports": ["http"],
+        "health": {"http": "/health", "interval": "1s", "timeout": "1s"},
+        "resources": {"cpu": 10, "memory": 32}, "stop_grace": "2s",
+        "update": {"max_parallel": max(1, instances), "min_healthy_time": "0s"},
+    }}}
+
+
+def _job(api: str) -> dict[str, Any]:
+    return httpx.get(f"{api}/api/v1/jobs/bench", timeout=10).json()
+
+
+def _wait(predicate: Any, timeout: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise TimeoutError(f"not reached in {timeout}s")
+
+
+def bench_time_to_healthy(quick: bool) -> dict[str, Any] | None:
+    """Deploy 1, 10 and 100 instances of a small HTTP service on a real server and time until all are
+    healthy (passing their HTTP check); then kill -9 one instance and time until it is healthy again."""
+    counts = (1, 10) if quick else (1, 10, 100)
+    out: dict[str, Any] = {"target_100_s": 10.0}
+    with tempfile.TemporaryDirectory(prefix="shipyard-bench-") as tmp:
+        port = _free_port()
+        api = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen(
+            [sys.executable, "-m", "shipyard.cli.main", "server", "--data-dir", f"{tmp}/data",
+             "--http-port", str(port), "--dns-port", "0", "--drain-delay", "0.2"],
+            stdout=open(f"{tmp}/server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            _wait(lambda: _ok(api), 30)
+            for n in counts:
+                started = time.monotonic()
+                httpx.post(f"{api}/api/v1/jobs", json=_deploy_spec(n), timeout=30).raise_for_status()
+                _wait(lambda n=n: _job(api)["instances"]["healthy"] == n, 120)
+                out[f"instances_{n}_s"] = round(time.monotonic() - started, 2)
+                log(f"time to healthy: {n} instance(s) in {out[f'instances_{n}_s']}s")
+                if n == counts[-1]:
+                    out["restart_after_kill9_s"] = _kill_one_and_time(api)
+                    log(f"kill -9 of one instance: healthy again in {out['restart_after_kill9_s']}s")
+                httpx.delete(f"{api}/api/v1/jobs/bench", timeout=30).raise_for_status()
+                _wait(lambda: not httpx.get(f"{api}/api/v1/allocs", timeout=10).json()["allocations"], 120)
+        finally:
+            # A stopping server leaves instances running for the next one to adopt: delete them first.
+            with contextlib.suppress(Exception):
+                httpx.delete(f"{api}/api/v1/jobs/bench", timeout=30)
+                _wait(lambda: not httpx.get(f"{api}/api/v1/allocs", timeout=30).json()["allocations"], 120)
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
+    if "instances_100_s" in out:
+        out["meets_target"] = out["instances_100_s"] < out["target_100_s"]
+    return out
+
+
+def _ok(api: str) -> bool:
+    try:
+        return httpx.get(f"{api}/v1/status/leader", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _kill_one_and_time(api: str) -> float:
+    alloc = next(a for a in _job(api)["allocations"] if a["desired"] == "run")
+    pid = alloc["status"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+
+    def healthy_again() -> bool:
+        status = httpx.get(f"{api}/api/v1/allocs/{alloc['id']}", timeout=10).json()["allocation"]["status"]
+        return status["pid"] != pid and status["client"] == "healthy"
+
+    _wait(healthy_again, 60)
+    return round(time.monotonic() - killed, 2)
 
 
 def main() -> None:

@@ -174,6 +174,32 @@ def instance_pids(root_pid: int, pgid: int, table: dict[int, tuple[int, int, str
     return {pid for pid in found if table.get(pid, (0, 0, "X"))[2] not in ("Z", "X")}
 
 
+def descendant_pids(root_pid: int) -> set[int]:
+    """Every descendant of root_pid, found through /proc/<pid>/task/<tid>/children.
+
+    Costs reads proportional to the instance's own process tree, not to every process on the machine:
+    a shim polls this every second, and with a hundred shims a full /proc scan each would cost cores."""
+    found: set[int] = set()
+    stack = [root_pid]
+    while stack:
+        pid = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children", "rb") as fh:
+                    children = [int(c) for c in fh.read().split()]
+            except (OSError, ValueError):
+                continue
+            for child in children:
+                if child not in found:
+                    found.add(child)
+                    stack.append(child)
+    return found
+
+
 def rss_bytes(pids: set[int]) -> int:
     total = 0
     for pid in pids:

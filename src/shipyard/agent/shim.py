@@ -24,7 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shipyard.agent.limits import cgroup_oom_killed, instance_pids, kill_cgroup, remove_instance_cgroup, rss_bytes
+from shipyard.agent.limits import (
+    cgroup_oom_killed,
+    descendant_pids,
+    instance_pids,
+    kill_cgroup,
+    remove_instance_cgroup,
+    rss_bytes,
+)
 from shipyard.agent.logfiles import LineTail, RotatingLogFile
 from shipyard.agent.state import ExitRecord, InstanceState, proc_start_time, write_json_atomic
 
@@ -180,7 +187,8 @@ class ShimRun:
                     self._terminate(pid, pgid, None)
                 elif memory_limit and now >= next_memory_check:
                     next_memory_check = now + poll_interval
-                    used = rss_bytes(instance_pids(os.getpid(), pgid))
+                    # The shim is the instance's subreaper: every process of it is a descendant.
+                    used = rss_bytes(descendant_pids(os.getpid()))
                     if used > memory_limit:
                         mb = 1024 * 1024
                         self.kill_reason = f"memory limit exceeded: RSS {used // mb} MB > {memory_limit // mb} MB"
