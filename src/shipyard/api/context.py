@@ -34,6 +34,7 @@ class ServerConfig:
     insecure_bind: bool = False
     store_url: str = ""  # "": embedded SQLite in data_dir; "etcd://host:port[/namespace]": an etcd cluster
     drain_delay: float = 1.0  # seconds between deregistering an instance and signalling it
+    bus_url: str = ""  # "": the embedded broker; "rabbitmq://user:pass@host:port/vhost" (or amqp://): RabbitMQ
 
 
 @dataclass

@@ -27,6 +27,9 @@ from shipyard.api.dns import DnsServer
 from shipyard.api.errors import error_middleware
 from shipyard.api.marathon import add_marathon_routes
 from shipyard.api.native import add_native_routes
+from shipyard.bus import Bus
+from shipyard.bus.autoscaler import BusAutoscaler
+from shipyard.bus.directory import DirectoryBus, QueueDirectory
 from shipyard.bus.embedded import EmbeddedBroker
 from shipyard.errors import ShipyardError
 from shipyard.registry.catalog import Catalog
@@ -91,7 +94,37 @@ async def open_store(config: ServerConfig) -> Store:
     return await SqliteStore.open(db_path)
 
 
+def check_bus_url(config: ServerConfig) -> None:
+    if config.bus_url and urlsplit(config.bus_url).scheme not in ("rabbitmq", "amqp", "amqps"):
+        raise ShipyardError(f"unsupported --bus {config.bus_url!r}: use rabbitmq://user:pass@host:port/vhost "
+                            "(or leave it out for the embedded bus)")
+
+
+def platform_env(config: ServerConfig) -> dict[str, str]:
+    """What every instance the agent starts is told about the platform: the control API and the bus."""
+    host = config.bind if config.bind not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    http_addr = f"[{host}]:{config.http_port}" if ":" in host else f"{host}:{config.http_port}"
+    env = {"SHIPYARD_HTTP_ADDR": http_addr, "SHIPYARD_BUS_URL": config.bus_url or f"http://{http_addr}"}
+    if config.bus_url:
+        from shipyard.bus.rabbitmq import RabbitBus
+
+        # Teams who bring their own Celery point it at the same broker (Celery wants amqp://).
+        env["CELERY_BROKER_URL"] = RabbitBus(config.bus_url).amqp_url
+    return env
+
+
+async def open_bus(config: ServerConfig, store: Store) -> Bus:
+    """The embedded broker (own SQLite file), or a RabbitMQ client whose queues the server lists from the store."""
+    if config.bus_url:
+        from shipyard.bus.rabbitmq import RabbitBus
+
+        return DirectoryBus(RabbitBus(config.bus_url), QueueDirectory(store))
+    # The bus keeps its own SQLite file: message traffic must not churn the revisioned store.
+    return await EmbeddedBroker.open(None if config.data_dir is None else os.path.join(config.data_dir, "bus.db"))
+
+
 async def build_platform(config: ServerConfig) -> Platform:
+    check_bus_url(config)
     store = await open_store(config)
     node = NodeIdentity.load(
         config.data_dir, name=config.node_name, address=config.bind, datacenter=config.datacenter
@@ -110,12 +143,10 @@ async def build_platform(config: ServerConfig) -> Platform:
     )
     platform.agent = NodeAgent(
         store, catalog, node, agent_dir, config.drain_delay,
-        health=health, keep_instances_on_stop=config.data_dir is not None,
+        health=health, keep_instances_on_stop=config.data_dir is not None, platform_env=platform_env(config),
     )  # fmt: skip
-    # The bus keeps its own SQLite file: message traffic must not churn the revisioned store.
-    platform.extras["bus"] = await EmbeddedBroker.open(
-        None if config.data_dir is None else os.path.join(config.data_dir, "bus.db")
-    )
+    platform.extras["bus"] = bus = await open_bus(config, store)
+    platform.extras["autoscaler"] = BusAutoscaler(platform.jobs, bus)
     return platform
 
 
@@ -127,9 +158,15 @@ async def start_platform(platform: Platform) -> None:
         await platform.scheduler.start()
     if platform.agent is not None:
         await platform.agent.start()
+    autoscaler = platform.extras.get("autoscaler")
+    if isinstance(autoscaler, BusAutoscaler):
+        await autoscaler.start()
 
 
 async def stop_platform(platform: Platform) -> None:
+    autoscaler = platform.extras.get("autoscaler")
+    if isinstance(autoscaler, BusAutoscaler):
+        await autoscaler.stop()
     if platform.agent is not None:
         with contextlib.suppress(Exception):
             await platform.agent.stop()
@@ -142,8 +179,9 @@ async def stop_platform(platform: Platform) -> None:
         with contextlib.suppress(Exception):
             await part.stop()
     bus = platform.extras.get("bus")
-    if isinstance(bus, EmbeddedBroker):
-        await bus.close()
+    if isinstance(bus, Bus):
+        with contextlib.suppress(Exception):
+            await bus.close()
     await platform.store.close()
 
 

@@ -101,6 +101,8 @@ class QueueStats:
     ack_rate: float
     patterns: list[str] = field(default_factory=list)
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    published_total: int = 0  # since the broker (or, for RabbitMQ, the client reporting) started
+    acked_total: int = 0
 
 
 @dataclass

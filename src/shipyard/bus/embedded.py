@@ -77,6 +77,7 @@ class RateMeter:
     def __init__(self) -> None:
         self.buckets = [0] * 60
         self.seconds = [0] * 60
+        self.total = 0
 
     def add(self, n: int, now: float) -> None:
         second = int(now)
@@ -84,6 +85,7 @@ class RateMeter:
         if self.seconds[i] != second:
             self.seconds[i], self.buckets[i] = second, 0
         self.buckets[i] += n
+        self.total += n
 
     def rate(self, now: float) -> float:
         second = int(now)
@@ -511,6 +513,7 @@ class EmbeddedBroker(Bus):
                 oldest_age=max(0.0, now - oldest.enqueued_at) if oldest else 0.0,
                 publish_rate=q.published.rate(now), ack_rate=q.acked.rate(now),
                 patterns=list(q.patterns), max_attempts=q.max_attempts,
+                published_total=q.published.total, acked_total=q.acked.total,
             ))
         return out
 

@@ -387,6 +387,8 @@ class RabbitBus(Bus):
                     publish_rate=self.published.get(name, RateMeter()).rate(now),
                     ack_rate=self.acked.get(name, RateMeter()).rate(now),
                     max_attempts=self.max_attempts.get(name, DEFAULT_MAX_ATTEMPTS),
+                    published_total=self.published.get(name, RateMeter()).total,
+                    acked_total=self.acked.get(name, RateMeter()).total,
                 ))
             finally:
                 with contextlib.suppress(Exception):

@@ -53,6 +53,10 @@ def cli(ctx: click.Context, http_addr: str) -> None:
     "--store", "store_url", default="", envvar="SHIPYARD_STORE",
     help="Keep state in etcd instead: etcd://host:port[/namespace].",
 )
+@click.option(
+    "--bus", "bus_url", default="embedded", show_default=True, envvar="SHIPYARD_BUS",
+    help="Message bus: the embedded broker, or RabbitMQ at rabbitmq://user:pass@host:port/vhost.",
+)
 @click.option("--enable-script-checks", is_flag=True, help="Allow health checks that run commands.")
 @click.option("--insecure-bind", is_flag=True, help="Allow binding to a non-loopback address.")
 @click.option(
@@ -69,6 +73,7 @@ def server(
     datacenter: str,
     dev: bool,
     store_url: str,
+    bus_url: str,
     enable_script_checks: bool,
     insecure_bind: bool,
     drain_delay: float,
@@ -94,15 +99,17 @@ def server(
         insecure_bind=insecure_bind,
         store_url=store_url,
         drain_delay=drain_delay,
+        bus_url="" if bus_url in ("", "embedded") else bus_url,
     )
     uvloop.run(serve(config))
 
 
 def _register_subcommands() -> None:
-    from shipyard.cli import jobs_commands, registry_commands
+    from shipyard.cli import bus_commands, jobs_commands, registry_commands
 
     registry_commands.register(cli)
     jobs_commands.register(cli)
+    bus_commands.register(cli)
 
 
 def main() -> None:

@@ -21,8 +21,10 @@ from shipyard.api.context import platform_of
 from shipyard.bus.base import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_PREFETCH,
+    Bus,
     BusError,
     Message,
+    QueueStats,
     Task,
     check_max_attempts,
     check_name,
@@ -42,10 +44,19 @@ MAX_BATCH_ITEMS = 10000
 DEFAULT_LEASE = 10.0
 
 
+def bus_of(request: web.Request) -> Bus:
+    """The server's bus: the embedded broker, or a RabbitMQ client when the server runs with --bus rabbitmq://."""
+    bus = platform_of(request).extras.get("bus")
+    if not isinstance(bus, Bus):
+        raise BusError("this server has no bus")
+    return bus
+
+
 def broker_of(request: web.Request) -> EmbeddedBroker:
-    broker = platform_of(request).extras.get("bus")
+    """Consuming through the server is the embedded broker's transport; RabbitMQ consumers connect to it directly."""
+    broker = bus_of(request)
     if not isinstance(broker, EmbeddedBroker):
-        raise BusError("this server has no embedded bus")
+        raise BusError("this server's bus is RabbitMQ: consume from it directly (the SHIPYARD_BUS_URL of services)")
     return broker
 
 
@@ -131,7 +142,7 @@ def _ids(data: dict[str, Any]) -> list[str] | None:
 @routes.post(PREFIX + "/publish")
 async def publish(request: web.Request) -> web.Response:
     data = await _body(request, MAX_MESSAGE * 2)
-    await broker_of(request).publish_many([_event(data)])
+    await bus_of(request).publish_many([_event(data)])
     return _json({"published": 1})
 
 
@@ -139,39 +150,76 @@ async def publish(request: web.Request) -> web.Response:
 async def publish_batch(request: web.Request) -> web.Response:
     data = await _body(request, MAX_BATCH_BODY)
     events = [_event(item) for item in _list(data, "events")]
-    await broker_of(request).publish_many(events)
+    await bus_of(request).publish_many(events)
     return _json({"published": len(events)})
 
 
 @routes.get(PREFIX + "/queues")
 async def list_queues(request: web.Request) -> web.Response:
-    return _json([asdict(s) for s in await broker_of(request).stats()])
+    return _json([asdict(s) for s in await bus_of(request).stats()])
+
+
+# (name, type, help, QueueStats attribute) of each metric family GET /api/v1/bus/metrics exposes, per queue.
+METRICS = (
+    ("shipyard_bus_queue_depth", "gauge", "Messages in the queue: ready, delayed and in flight.", "depth"),
+    ("shipyard_bus_queue_ready", "gauge", "Messages ready for delivery.", "ready"),
+    ("shipyard_bus_queue_in_flight", "gauge", "Messages delivered and not yet settled.", "in_flight"),
+    ("shipyard_bus_queue_delayed", "gauge", "Messages waiting for their delay or backoff.", "delayed"),
+    ("shipyard_bus_queue_oldest_age_seconds", "gauge", "Age of the oldest waiting message.", "oldest_age"),
+    ("shipyard_bus_queue_consumers", "gauge", "Consumers attached to the queue.", "consumers"),
+    ("shipyard_bus_dead_letters", "gauge", "Messages in the queue's dead-letter queue.", "dead_letters"),
+    ("shipyard_bus_published_total", "counter", "Messages published or enqueued into the queue.", "published_total"),
+    ("shipyard_bus_acked_total", "counter", "Messages acknowledged by consumers of the queue.", "acked_total"),
+)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def metrics_text(stats: list[QueueStats]) -> str:
+    """The Prometheus text exposition format (version 0.0.4) of the queues' figures."""
+    lines: list[str] = []
+    for metric, kind, help_text, attr in METRICS:
+        lines.append(f"# HELP {metric} {help_text}")
+        lines.append(f"# TYPE {metric} {kind}")
+        for s in stats:
+            value = getattr(s, attr)
+            text = repr(float(value)) if isinstance(value, float) else str(int(value))
+            lines.append(f'{metric}{{queue="{_label(s.queue)}",kind="{_label(s.kind)}"}} {text}')
+    return "\n".join(lines) + "\n"
+
+
+@routes.get(PREFIX + "/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    text = metrics_text(await bus_of(request).stats())
+    return web.Response(text=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 @routes.get(PREFIX + "/queues/{queue}")
 async def queue_stats(request: web.Request) -> web.Response:
-    return _json(asdict((await broker_of(request).stats(_queue(request)))[0]))
+    return _json(asdict((await bus_of(request).stats(_queue(request)))[0]))
 
 
 @routes.put(PREFIX + "/queues/{queue}")
 async def declare_queue(request: web.Request) -> web.Response:
     queue, data = _queue(request), await _body(request, 65536)
-    await broker_of(request).declare_queue(queue, max_attempts=check_max_attempts(
+    await bus_of(request).declare_queue(queue, max_attempts=check_max_attempts(
         data.get("max_attempts", DEFAULT_MAX_ATTEMPTS)))
-    return _json(asdict((await broker_of(request).stats(queue))[0]))
+    return _json(asdict((await bus_of(request).stats(queue))[0]))
 
 
 @routes.put(PREFIX + "/subscriptions/{queue}")
 async def declare_subscription(request: web.Request) -> web.Response:
     queue, data = _queue(request), await _body(request, 65536)
-    await broker_of(request).declare_subscription(queue, patterns_list(data.get("patterns") or []))
-    return _json(asdict((await broker_of(request).stats(queue))[0]))
+    await bus_of(request).declare_subscription(queue, patterns_list(data.get("patterns") or []))
+    return _json(asdict((await bus_of(request).stats(queue))[0]))
 
 
 @routes.post(PREFIX + "/queues/{queue}/enqueue")
 async def enqueue(request: web.Request) -> web.Response:
     queue, data = _queue(request), await _body(request, MAX_MESSAGE * 2)
-    [mid] = await broker_of(request).enqueue_many(queue, [_task(data)])
+    [mid] = await bus_of(request).enqueue_many(queue, [_task(data)])
     return _json({"id": mid, "duplicate": mid is None})
 
 
@@ -179,7 +227,7 @@ async def enqueue(request: web.Request) -> web.Response:
 async def enqueue_batch(request: web.Request) -> web.Response:
     queue, data = _queue(request), await _body(request, MAX_BATCH_BODY)
     tasks = [_task(item) for item in _list(data, "tasks")]
-    return _json({"ids": await broker_of(request).enqueue_many(queue, tasks)})
+    return _json({"ids": await bus_of(request).enqueue_many(queue, tasks)})
 
 
 def _settles(data: dict[str, Any]) -> dict[str, list[Any]]:
@@ -216,25 +264,25 @@ async def dead_letters(request: web.Request) -> web.Response:
         raise BadRequest("limit must be an integer") from None
     if not 1 <= limit <= 10000:
         raise BadRequest("limit must be 1..10000")
-    items = await broker_of(request).dead_letters(_queue(request), limit)
+    items = await bus_of(request).dead_letters(_queue(request), limit)
     return _json([message_json(m) for m in items])
 
 
 @routes.get(PREFIX + "/queues/{queue}/dead-letters/{id}")
 async def dead_letter(request: web.Request) -> web.Response:
-    return _json(message_json(await broker_of(request).dead_letter(_queue(request), request.match_info["id"])))
+    return _json(message_json(await bus_of(request).dead_letter(_queue(request), request.match_info["id"])))
 
 
 @routes.post(PREFIX + "/queues/{queue}/dead-letters/retry")
 async def retry_dead_letters(request: web.Request) -> web.Response:
     queue, data = _queue(request), await _body(request, MAX_BATCH_BODY)
-    return _json({"retried": await broker_of(request).retry_dead_letters(queue, _ids(data))})
+    return _json({"retried": await bus_of(request).retry_dead_letters(queue, _ids(data))})
 
 
 @routes.post(PREFIX + "/queues/{queue}/dead-letters/purge")
 async def purge_dead_letters(request: web.Request) -> web.Response:
     queue, data = _queue(request), await _body(request, MAX_BATCH_BODY)
-    return _json({"purged": await broker_of(request).purge_dead_letters(queue, _ids(data))})
+    return _json({"purged": await bus_of(request).purge_dead_letters(queue, _ids(data))})
 
 
 def _float_query(request: web.Request, name: str, default: float, low: float, high: float) -> float:
