@@ -524,6 +524,12 @@ def test_http_bad_input_gets_clear_errors(server) -> None:  # type: ignore[no-un
     _error(requests.post(jobs, data=b"x" * (2 << 20), timeout=30), 413)
     _error(requests.post(jobs + "?force=maybe", data="services:\n  a:\n    cmd: x\n", timeout=10), 400)
     _error(requests.post(jobs, json={"name": "huge", "cmd": "x", "instances": 10**9}, timeout=10), 422)
+    # A YAML alias bomb: a few hundred bytes that would expand to 9^9 values.
+    bomb = ["x-bomb:", '  a0: &a0 ["x","x","x","x","x","x","x","x","x"]']
+    bomb += [f"  a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    bomb += ["services:", "  web:", "    cmd: x", "    tags: *a8"]
+    body = _error(requests.post(jobs, data="\n".join(bomb), timeout=60), 422)
+    assert "expands" in body["error"]
 
     _error(requests.get(_api(server, "/jobs/no-such-job"), timeout=10), 404)
     _error(requests.delete(_api(server, "/jobs/no-such-job"), timeout=10), 404)
