@@ -69,8 +69,11 @@ class StoreState:
     guard: KeyValue | None = None
 
 
-async def read_state(store: Store, now: float | None = None) -> StoreState:
-    """Everything at one revision: a read-only txn is a consistent snapshot in both backends."""
+async def read_state(store: Store, now: float | None = None,
+                     job_cache: dict[str, tuple[int, Job]] | None = None) -> StoreState:
+    """Everything at one revision: a read-only txn is a consistent snapshot in both backends.
+
+    job_cache (key -> (mod_revision, Job)) spares re-validating unchanged specs on every pass."""
     read = await store.txn((), [Get(p, True) for p in (NODES, JOBS, DEPLOYMENTS, ALLOCS, ALLOC_STATUS, UNPLACEABLE)]
                            + [Get(PLAN_GUARD)])
     node_kvs, job_kvs, dep_kvs, alloc_kvs, status_kvs, unplaceable_kvs, guard_kvs = read.responses
@@ -79,10 +82,18 @@ async def read_state(store: Store, now: float | None = None) -> StoreState:
         with contextlib.suppress(Exception):  # an unreadable record is skipped, never fatal for the cluster
             nodes.append(decode_node(kv.value))
     state = StoreState(Snapshot((), ()))
+    seen = set()
     for kv in job_kvs:  # type: ignore[union-attr]
         with contextlib.suppress(Exception):
-            job = decode_job(kv.value)
+            cached = job_cache.get(kv.key) if job_cache is not None else None
+            job = cached[1] if cached is not None and cached[0] == kv.mod_revision else decode_job(kv.value)
             state.jobs[job.id] = (job, kv)
+            seen.add(kv.key)
+            if job_cache is not None:
+                job_cache[kv.key] = (kv.mod_revision, job)
+    if job_cache is not None:
+        for key in [k for k in job_cache if k not in seen]:
+            del job_cache[key]
     deployments: list[Deployment] = []
     for kv in dep_kvs:  # type: ignore[union-attr]
         with contextlib.suppress(Exception):
@@ -128,6 +139,7 @@ class SchedulerLoop:
         self.commits = 0
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._job_cache: dict[str, tuple[int, Job]] = {}
 
     async def start(self) -> None:
         if self._tasks:
@@ -156,7 +168,7 @@ class SchedulerLoop:
         On a failed compare the store changed under us: read again and plan again."""
         self.passes += 1
         for _ in range(PLAN_ATTEMPTS):
-            state = await read_state(self.store, self.clock())
+            state = await read_state(self.store, self.clock(), self._job_cache)
             result = make_plan(state.snapshot)
             compares, ops = await self._commit_ops(state, result)
             if not ops:
