@@ -204,3 +204,16 @@ workers:
     while time.monotonic() < deadline and instances() != 0:
         time.sleep(0.2)
     assert instances() == 0
+
+
+async def test_redeploying_keeps_the_autoscaled_count(parts: tuple[JobService, EmbeddedBroker]) -> None:
+    jobs, _ = parts
+    policy = Autoscale(queue="q", min=1, max=4, target_depth=10, cooldown=0)
+    await jobs.deploy(worker_spec("sized", policy))
+    await jobs.scale("sized", 3)
+    again = await jobs.deploy(worker_spec("sized", policy))  # the same file deployed again: nothing changes
+    assert not again.changed and again.job.spec.instances == 3
+    tighter = await jobs.deploy(worker_spec("sized", Autoscale(queue="q", min=1, max=2, target_depth=10)))
+    assert tighter.changed and tighter.job.spec.instances == 2  # within the new bounds
+    plain = await jobs.deploy(TaskSpec(name="sized", kind="worker", cmd="true", instances=1))
+    assert plain.job.spec.instances == 1  # without a policy the file's count rules again

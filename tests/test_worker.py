@@ -215,3 +215,28 @@ def test_kill9_mid_task_redelivers_it_to_the_next_worker(setup: Setup) -> None:
     starts = [e for e in s.events() if e["event"] == "start"]
     assert len(starts) == 2 and starts[0]["pid"] != starts[1]["pid"]
     wait_for(lambda: (s.stats(s.queue) or {}).get("depth") == 0, what="acked")
+
+
+def test_instances_get_the_bus_url_and_celery_broker_with_rabbitmq(setup: Setup) -> None:
+    """What the agent puts in every instance's environment: SHIPYARD_BUS_URL (the embedded broker's http URL or the
+    amqp URL), CELERY_BROKER_URL only with RabbitMQ, and the stop grace the worker runtime uses."""
+    s = setup
+    name = f"envdump-{uuid.uuid4().hex[:6]}"
+    dump = s.tmp / "env.json"
+    code = f"import json, os, time; json.dump(dict(os.environ), open({str(dump)!r}, 'w')); time.sleep(3600)"
+    spec = {"name": name, "kind": "worker", "args": [sys.executable, "-c", code], "stop_grace": 7}
+    r = requests.post(f"{s.server.url}/api/v1/jobs", json=spec, timeout=30)
+    assert r.status_code == 201, r.text
+    try:
+        env = wait_for(lambda: dump.exists() and dump.stat().st_size and json.loads(dump.read_text()),
+                       what="instance started")
+    finally:
+        requests.delete(f"{s.server.url}/api/v1/jobs/{name}", timeout=30)
+    assert env["SHIPYARD_HTTP_ADDR"] == s.server.addr
+    assert env["SHIPYARD_STOP_GRACE"] == "7"
+    if s.backend == "rabbitmq":
+        assert env["SHIPYARD_BUS_URL"] == RABBIT_URL
+        assert env["CELERY_BROKER_URL"] == "amqp://guest:guest@127.0.0.1:5672/"
+    else:
+        assert env["SHIPYARD_BUS_URL"] == s.server.url
+        assert "CELERY_BROKER_URL" not in env

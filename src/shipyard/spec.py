@@ -267,7 +267,7 @@ def task_to_dict(t: TaskSpec) -> dict[str, Any]:
     if t.autoscale is not None:  # only when set: jobs stored before autoscaling existed keep their hashes
         a = t.autoscale
         out["autoscale"] = {"queue": a.queue, "min": a.min, "max": a.max, "target_depth": a.target_depth,
-                            "cooldown": a.cooldown}
+                            "cooldown": float(a.cooldown)}
     return out
 
 

@@ -81,6 +81,15 @@ def check_limits(spec: TaskSpec, source: str = "request body") -> None:
                                      f"at most {MAX_INSTANCES} instances per job, got {spec.instances}")])
 
 
+def keep_autoscaled_count(spec: TaskSpec, current: Job | None) -> TaskSpec:
+    """A worker the autoscaler sizes keeps its current count when redeployed (within the new bounds): the file's
+    `instances` is only where it starts, or every `shipyard up` would undo the scaling."""
+    if current is None or spec.autoscale is None or current.spec.autoscale is None:
+        return spec
+    policy = spec.autoscale
+    return replace(spec, instances=max(policy.min, min(policy.max, current.spec.instances)))
+
+
 def check_job_id(job_id: Any) -> str:
     if not isinstance(job_id, str) or not job_id:
         raise BadRequest("job id must be a non-empty string")
@@ -179,12 +188,13 @@ class JobService:
         def change(current: Job | None) -> tuple[Job, str] | None:
             if current is None:
                 return Job(spec.name, 1, spec), "deployed"
-            if current.spec.content_hash() == spec.content_hash():
+            wanted = keep_autoscaled_count(spec, current)
+            if current.spec.content_hash() == wanted.content_hash():
                 if current.status == "running":
                     return None
                 # Same spec on a stopped job: start it again as a fresh rollout of the same version.
                 return replace(current, status="running", generation=current.generation + 1), ""
-            return replace(current, version=current.version + 1, spec=spec, status="running"), "deployed"
+            return replace(current, version=current.version + 1, spec=wanted, status="running"), "deployed"
 
         job, changed = await self._change(spec.name, change, force=force, must_exist=False)
         return DeployResult(job, changed, deployment_id(job) if changed else None)
@@ -198,7 +208,9 @@ class JobService:
             conflicts = []
             for spec in tasks:
                 kv = await self._job_kv(spec.name)
-                if kv is None or decode_job(kv.value).spec.content_hash() == spec.content_hash():
+                current = decode_job(kv.value) if kv is not None else None
+                if current is None or current.spec.content_hash() == keep_autoscaled_count(
+                        spec, current).content_hash():
                     continue
                 d = await self.deployment(spec.name)
                 if d is not None and d.active:
