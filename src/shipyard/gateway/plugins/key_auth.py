@@ -1,0 +1,105 @@
+"""The key-auth plugin: identifies the consumer by an API key in a header or the query string (Kong's key-auth).
+
+Never logs or forwards the key when hide_credentials is set; never does I/O (keys come from the ConsumerIndex).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode
+
+from shipyard.gateway.plugins.base import Plugin, Reject, RequestContext, register
+from shipyard.gateway.plugins.config_schema import ConfigReader
+
+KEY_AUTH_CHALLENGE = ("WWW-Authenticate", 'Key realm="shipyard"')
+
+
+def consumers_of(ctx: RequestContext):  # type: ignore[no-untyped-def]
+    """The ConsumerIndex the data plane put in ctx.shared (None when there is none)."""
+    return ctx.shared.get("consumers")
+
+
+def anonymous_consumer(ctx: RequestContext, anonymous: str) -> bool:
+    """Kong's `anonymous`: let the request through as that consumer instead of refusing it."""
+    if not anonymous:
+        return False
+    index = consumers_of(ctx)
+    consumer = index.get(anonymous) if index is not None else None
+    if consumer is None:
+        return False
+    ctx.consumer = consumer
+    ctx.credential = None
+    ctx.set_header("X-Anonymous-Consumer", "true")
+    ctx.set_header("X-Consumer-ID", consumer.id)
+    ctx.set_header("X-Consumer-Username", consumer.username)
+    return True
+
+
+def identify(ctx: RequestContext, consumer, credential) -> None:  # type: ignore[no-untyped-def]
+    ctx.consumer = consumer
+    ctx.credential = credential
+    ctx.set_header("X-Consumer-ID", consumer.id)
+    if consumer.username:
+        ctx.set_header("X-Consumer-Username", consumer.username)
+    if consumer.custom_id:
+        ctx.set_header("X-Consumer-Custom-ID", consumer.custom_id)
+    if credential and credential.get("id"):
+        ctx.set_header("X-Credential-Identifier", str(credential["id"]))
+
+
+@register
+class KeyAuthPlugin(Plugin):
+    name = "key-auth"
+    priority = 1250
+
+    def __init__(self, config):  # type: ignore[no-untyped-def]
+        super().__init__(config)
+        r = ConfigReader(config)
+        self.key_names = [k.lower() for k in r.str_list("key_names", ["apikey"])]
+        self.key_in_header = r.bool("key_in_header", True)
+        self.key_in_query = r.bool("key_in_query", True)
+        self.hide_credentials = r.bool("hide_credentials", False)
+        self.anonymous = r.str("anonymous", "")
+        r.finish()
+        if not self.key_names:
+            raise_error("key_names: must have at least one name")
+
+    def _find_key(self, ctx: RequestContext) -> tuple[str, str, str] | None:
+        if self.key_in_header:
+            for name, value in ctx.request_headers:
+                if name.lower() in self.key_names:
+                    return "header", name, value
+        if self.key_in_query and ctx.query:
+            for name, value in parse_qsl(ctx.query, keep_blank_values=True):
+                if name.lower() in self.key_names:
+                    return "query", name, value
+        return None
+
+    async def access(self, ctx: RequestContext) -> Reject | None:
+        if ctx.consumer is not None and self.anonymous:
+            return None  # already identified by another auth plugin (Kong's "logical OR")
+        found = self._find_key(ctx)
+        if found is None or not found[2]:
+            if anonymous_consumer(ctx, self.anonymous):
+                return None
+            return Reject(401, "No API key found in request", headers=[KEY_AUTH_CHALLENGE])
+        where, name, key = found
+        index = consumers_of(ctx)
+        hit = index.lookup_key(key) if index is not None else None
+        if hit is None:
+            if anonymous_consumer(ctx, self.anonymous):
+                return None
+            return Reject(401, "Invalid authentication credentials", headers=[KEY_AUTH_CHALLENGE])
+        if self.hide_credentials:
+            if where == "header":
+                ctx.remove_header(name)
+            else:
+                ctx.query = urlencode([(k, v) for k, v in parse_qsl(ctx.query, keep_blank_values=True)
+                                       if k.lower() not in self.key_names])
+        identify(ctx, *hit)
+        return None
+
+
+def raise_error(message: str) -> None:
+    from shipyard.gateway.plugins.base import PluginConfigError
+
+    raise PluginConfigError(message)

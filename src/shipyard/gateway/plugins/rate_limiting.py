@@ -1,0 +1,93 @@
+"""The rate-limiting plugin: requests per second/minute/hour/day by consumer, credential or IP (Kong's
+rate-limiting, policy "local"), counted in the node's shared counters file so every worker sees one count.
+
+Never makes a network call per request; never counts a refused request against a window.
+"""
+
+from __future__ import annotations
+
+import math
+
+from shipyard.gateway.counters import WINDOWS, SharedCounters, shared_counters
+from shipyard.gateway.plugins.base import Plugin, PluginConfigError, Reject, RequestContext, register
+from shipyard.gateway.plugins.config_schema import ConfigReader
+
+
+def counters_for(ctx: RequestContext) -> SharedCounters:
+    """The data plane may hand its counters in ctx.shared["counters"]; else $SHIPYARD_GATEWAY_SHARED is opened."""
+    counters = ctx.shared.get("counters")
+    return counters if isinstance(counters, SharedCounters) else shared_counters()
+
+
+@register
+class RateLimitingPlugin(Plugin):
+    name = "rate-limiting"
+    priority = 910
+
+    def __init__(self, config):  # type: ignore[no-untyped-def]
+        super().__init__(config)
+        r = ConfigReader(config)
+        self.limits = [(period, seconds, r.int(period, None, minimum=1)) for period, seconds in WINDOWS.items()]
+        self.limits = [(p, s, n) for p, s, n in self.limits if n is not None]
+        self.limit_by = r.choice("limit_by", ("consumer", "credential", "ip", "header", "service"), "consumer")
+        self.header_name = r.str("header_name", "")
+        self.policy = r.choice("policy", ("local",), "local")
+        self.hide_client_headers = r.bool("hide_client_headers", False)
+        self.fault_tolerant = r.bool("fault_tolerant", True)
+        r.finish()
+        if not self.limits:
+            raise PluginConfigError("at least one of these fields must be non-empty: second, minute, hour, day")
+        if self.limit_by == "header" and not self.header_name:
+            raise PluginConfigError("header_name: required when limit_by is header")
+        # Distinct configs never share counts (two plugins on two routes with the same consumer).
+        self.scope = f"{sorted(config.items())!r}"
+
+    def identifier(self, ctx: RequestContext) -> str:
+        if self.limit_by == "consumer" and ctx.consumer is not None:
+            return f"c:{ctx.consumer.id}"
+        if self.limit_by == "credential" and ctx.credential is not None and ctx.credential.get("id"):
+            return f"k:{ctx.credential['id']}"
+        if self.limit_by == "header":
+            value = ctx.header(self.header_name)
+            if value:
+                return f"h:{value}"
+        if self.limit_by == "service":
+            return f"s:{ctx.service_name}"
+        return f"ip:{ctx.client_ip}"  # Kong falls back to the IP when the chosen identity is missing
+
+    async def access(self, ctx: RequestContext) -> Reject | None:
+        key = f"rl|{ctx.route_id}|{ctx.service_name}|{self.scope}|{self.identifier(ctx)}"
+        try:
+            counters = counters_for(ctx)
+            taken: list[int] = []
+            uses = []
+            refused = None
+            for period, seconds, limit in self.limits:
+                use = counters.acquire(key, seconds, limit)
+                uses.append((period, use))
+                if not use.allowed:
+                    refused = use
+                    break
+                taken.append(seconds)
+            if refused is not None:
+                for seconds in taken:
+                    counters.release(key, seconds)
+        except OSError:
+            if self.fault_tolerant:
+                return None
+            raise
+        headers: list[tuple[str, str]] = []
+        if not self.hide_client_headers:
+            for period, use in uses:
+                suffix = period.capitalize()
+                headers.append((f"X-RateLimit-Limit-{suffix}", str(use.limit)))
+                headers.append((f"X-RateLimit-Remaining-{suffix}", str(use.remaining)))
+            tightest = refused or min((u for _, u in uses), key=lambda u: (u.remaining, -u.reset))
+            headers.append(("RateLimit-Limit", str(tightest.limit)))
+            headers.append(("RateLimit-Remaining", str(tightest.remaining)))
+            headers.append(("RateLimit-Reset", str(max(1, math.ceil(tightest.reset)))))
+        if refused is not None:
+            headers.append(("Retry-After", str(max(1, math.ceil(refused.reset)))))
+            return Reject(429, "API rate limit exceeded", headers=headers)
+        ctx.response_headers.extend(headers)
+        return None
