@@ -545,6 +545,7 @@ class NodeAgent:
             await asyncio.gather(*(r.supervisor.stop() for r in runners), return_exceptions=True)
             await asyncio.gather(*(r.detach() for r in runners), return_exceptions=True)
         self.runners.clear()
+        await self.driver.close()  # the shim fork server exits; the shims it forked run on
 
     async def write_node(self) -> None:
         """This node's capacity for the planner; keeps an operator's eligibility (drain) as it is."""

@@ -1,14 +1,22 @@
 """The exec driver: runs an instance as a process group under a per-instance shim, and stops it.
 
 It owns instance processes, their environment and their files; it must never decide placement or restarts.
+
+Shims are forked by the driver's fork server (agent/forkserver.py: its docstring has the protocol), which saves
+each instance an interpreter start-up; when the fork server is lost it is replaced, and when that keeps failing
+the shim is spawned as `python -m shipyard.agent.shim` instead, so a start never fails because of it.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import json
+import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +37,7 @@ from shipyard.agent.state import (
     ExitRecord,
     InstanceState,
     is_same_live_process,
+    proc_stat,
     read_json,
     write_json_atomic,
 )
@@ -39,6 +48,15 @@ INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "
 HANDSHAKE_TIMEOUT = 30.0
 # How long past stop_grace we trust the shim before killing the instance's group ourselves.
 SHIM_STOP_MARGIN = 5.0
+# Tries through the fork server per start (a lost one is replaced in between) before spawning the shim directly.
+FORK_SERVER_ATTEMPTS = 2
+# Consecutive fork servers lost before launching a single shim: something is wrong with them, stop using one.
+FORK_SERVER_GIVE_UP = 3
+FORK_SERVER_LOG = "forkserver.log"
+# A forked shim is reaped by the fork server, a moment after we see it exit; how long we wait to see it gone.
+REAP_WAIT = 1.0
+
+log = logging.getLogger("shipyard.agent")
 
 
 class InstanceStartError(ShipyardError):
@@ -99,15 +117,31 @@ async def wait_for_pid_exit(pid: int, start_time: int | None) -> None:
         pass
 
 
+async def wait_until_reaped(pid: int, start_time: int | None, timeout: float = REAP_WAIT) -> None:
+    """After `pid` exited: wait (briefly, bounded) until its parent has reaped it, so no caller sees a zombie."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stat = proc_stat(pid)
+        if stat is None or (start_time is not None and stat[3] != start_time):
+            return
+        await asyncio.sleep(0.005)
+
+
 class ExecInstance:
     """A running instance: its shim, process group and files. Started by ExecDriver.start or adopted."""
 
     def __init__(
-        self, driver: ExecDriver, state: InstanceState, process: asyncio.subprocess.Process | None = None
+        self,
+        driver: ExecDriver,
+        state: InstanceState,
+        process: asyncio.subprocess.Process | None = None,
+        *,
+        adopted: bool | None = None,
     ) -> None:
         self.driver = driver
         self.state = state
-        self.adopted = process is None
+        # A shim from our fork server is not our child either, but it is ours, not adopted.
+        self.adopted = process is None if adopted is None else adopted
         self.spec = TaskSpec.from_dict(state.spec)
         self._process = process
         self._exit: asyncio.Future[ExitRecord] = asyncio.get_running_loop().create_future()
@@ -199,6 +233,8 @@ class ExecInstance:
                 await self._process.wait()
             else:
                 await wait_for_pid_exit(self.state.shim_pid, self.state.shim_start_time)
+                if not self.adopted:
+                    await wait_until_reaped(self.state.shim_pid, self.state.shim_start_time)
             exit_file = self.driver.instance_dir(self.alloc_id) / EXIT_FILE
             data = await asyncio.to_thread(read_json, exit_file)
             if data is not None:
@@ -231,6 +267,7 @@ class ExecDriver:
         self.memory_poll_interval = memory_poll_interval
         self.python = python
         self.running: dict[str, ExecInstance] = {}
+        self.fork_server = ShimForkServer(python, self.data_dir)
 
     def instance_dir(self, alloc_id: str) -> Path:
         return self.instances_dir / quote(alloc_id, safe="")
@@ -264,40 +301,56 @@ class ExecDriver:
             "spec": spec.to_dict(),
         }
         shim_log = await asyncio.to_thread(self._prepare_run, spec, directory, launch)
-        env = dict(os.environ)
-        # The shim must import this very package, however the server itself was put on sys.path.
-        package_root = str(Path(shipyard.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         try:
-            process = await asyncio.create_subprocess_exec(
-                self.python, "-m", "shipyard.agent.shim", str(launch_path),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=shim_log,
-                start_new_session=True,  # the server's signals and terminal never reach the shim
-                env=env,
-                cwd=str(directory),
-            )  # fmt: skip
+            launched = await self._launch_shim(spec.alloc_id, directory, launch_path, shim_log)
         finally:
             shim_log.close()
-        assert process.stdout is not None
         try:
-            line = await asyncio.wait_for(process.stdout.readline(), HANDSHAKE_TIMEOUT)
+            line = await asyncio.wait_for(launched.reader.readline(), HANDSHAKE_TIMEOUT)
         except TimeoutError:
-            process.kill()
-            await process.wait()
+            await launched.kill()
             raise InstanceStartError(f"shim for {spec.alloc_id} did not start within {HANDSHAKE_TIMEOUT:g}s") from None
+        finally:
+            launched.close()
         handshake = _parse_handshake(line)
         if not handshake.get("ok"):
-            await process.wait()
+            await launched.wait()
             shim_errors = await read_tail(directory / SHIM_LOG, 5)
             raise InstanceStartError(handshake.get("error") or "shim failed: " + " | ".join(shim_errors))
         data = await asyncio.to_thread(read_json, directory / STATE_FILE)
         if data is None:
             raise InstanceStartError(f"shim for {spec.alloc_id} wrote no state file")
-        instance = ExecInstance(self, InstanceState.from_dict(data), process)
+        instance = ExecInstance(self, InstanceState.from_dict(data), launched.process, adopted=False)
         self.running[spec.alloc_id] = instance
         return instance
+
+    async def close(self) -> None:
+        """Let the fork server go (it exits; running shims and instances are not touched)."""
+        await self.fork_server.close()
+
+    async def _launch_shim(self, alloc_id: str, directory: Path, launch_path: Path, shim_log: BinaryIO) -> LaunchedShim:
+        for _ in range(FORK_SERVER_ATTEMPTS):
+            if not self.fork_server.usable:
+                break
+            try:
+                return await self.fork_server.launch(launch_path, directory, shim_log.fileno())
+            except ForkServerLost as exc:
+                log.warning("fork server could not launch the shim for %s: %s", alloc_id, exc)
+        return await self._spawn_shim(directory, launch_path, shim_log)
+
+    async def _spawn_shim(self, directory: Path, launch_path: Path, shim_log: BinaryIO) -> LaunchedShim:
+        """The way without a fork server: a fresh interpreter running the shim module."""
+        process = await asyncio.create_subprocess_exec(
+            self.python, "-m", "shipyard.agent.shim", str(launch_path),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=shim_log,
+            start_new_session=True,  # the server's signals and terminal never reach the shim
+            env=shim_environment(),
+            cwd=str(directory),
+        )  # fmt: skip
+        assert process.stdout is not None
+        return LaunchedShim(process.stdout, process=process)
 
     def attach(self, state: InstanceState) -> ExecInstance:
         """Take over a still-running instance from its state file (adoption); idempotent per alloc id."""
@@ -332,6 +385,238 @@ class ExecDriver:
     def _forget_running(self, instance: ExecInstance) -> None:
         if self.running.get(instance.alloc_id) is instance:
             del self.running[instance.alloc_id]
+
+
+def shim_environment() -> dict[str, str]:
+    """The server's environment, plus what it takes for a fresh interpreter to import this very package."""
+    env = dict(os.environ)
+    package_root = str(Path(shipyard.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+class ForkServerLost(Exception):
+    """No shim was started for this request: the fork server is gone, stuck, or could not fork."""
+
+
+class LaunchedShim:
+    """A shim that exists and is about to send its handshake line: our child, or the fork server's."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        *,
+        process: asyncio.subprocess.Process | None = None,
+        writer: asyncio.StreamWriter | None = None,
+        shim_pid: int = 0,
+        shim_start_time: int | None = None,
+    ) -> None:
+        self.reader = reader
+        self.process = process
+        self._writer = writer
+        self.shim_pid = process.pid if process is not None else shim_pid
+        self.shim_start_time = shim_start_time
+
+    async def wait(self) -> None:
+        if self.process is not None:
+            await self.process.wait()
+        else:
+            await wait_for_pid_exit(self.shim_pid, self.shim_start_time)
+
+    async def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+        elif is_same_live_process(self.shim_pid, self.shim_start_time):
+            os.kill(self.shim_pid, signal.SIGKILL)
+        await self.wait()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+class ShimForkServer:
+    """The driver's handle on its fork server (agent/forkserver.py): started on first use, replaced when lost.
+
+    It is started with a fresh interpreter (close_fds, own session), so it holds neither the server's memory nor
+    its descriptors. Its exit is watched with a pidfd, so it is reaped at once whenever it dies.
+    """
+
+    def __init__(self, python: str, data_dir: Path) -> None:
+        self.python = python
+        self.data_dir = data_dir
+        self.generation = 0
+        self.lost_in_a_row = 0  # consecutive generations lost before they launched anything
+        self._process: subprocess.Popen[bytes] | None = None
+        self._channel: socket.socket | None = None
+        self._pidfd: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._launched = False
+        self._lock = asyncio.Lock()
+        self._send_lock = asyncio.Lock()
+
+    @property
+    def usable(self) -> bool:
+        return self.lost_in_a_row < FORK_SERVER_GIVE_UP
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    async def launch(self, launch_path: Path, cwd: Path, shim_log_fd: int) -> LaunchedShim:
+        """Have a shim forked for `launch_path`; returns once it exists. Raises ForkServerLost if none was."""
+        channel, generation = await self._ensure_running()
+        ours, theirs = socket.socketpair()
+        try:
+            request = json.dumps({"launch": str(launch_path), "cwd": str(cwd)}).encode()
+            try:
+                await self._send(channel, request, [theirs.fileno(), shim_log_fd])
+            except OSError as exc:
+                await self._replace(generation)
+                raise ForkServerLost(f"request not delivered: {exc}") from None
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # from now on only the fork server or its child hold the other end
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        try:
+            line = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
+        except TimeoutError:
+            writer.close()
+            await self._replace(generation)
+            raise ForkServerLost(f"no answer within {HANDSHAKE_TIMEOUT:g}s") from None
+        except BaseException:
+            writer.close()
+            raise
+        data = _parse_handshake(line)
+        if not isinstance(data.get("shim_pid"), int):
+            writer.close()
+            if not line:  # EOF before a child existed: the fork server died with our request
+                await self._replace(generation)
+                raise ForkServerLost("the fork server exited")
+            raise ForkServerLost(str(data.get("error") or "unexpected answer"))
+        self._launched = True
+        self.lost_in_a_row = 0
+        return LaunchedShim(
+            reader, writer=writer, shim_pid=data["shim_pid"], shim_start_time=data.get("shim_start_time")
+        )
+
+    async def close(self) -> None:
+        """Close the request channel (the fork server exits by itself) and reap it."""
+        process = self._process
+        self._forget()
+        if process is None:
+            return
+        try:
+            await asyncio.to_thread(process.wait, 10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait)
+
+    async def _ensure_running(self) -> tuple[socket.socket, int]:
+        async with self._lock:
+            if self._channel is not None and self._process is not None and self._process.poll() is None:
+                return self._channel, self.generation
+            if self._channel is not None:
+                self._lost()
+            try:
+                await self._start()
+            except OSError as exc:
+                self.lost_in_a_row += 1
+                raise ForkServerLost(f"cannot start: {exc}") from None
+            assert self._channel is not None
+            return self._channel, self.generation
+
+    async def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._process = await asyncio.to_thread(self._popen, theirs)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._channel = ours
+        self._launched = False
+        self.generation += 1
+        try:
+            self._pidfd = os.pidfd_open(self._process.pid)
+        except OSError:
+            return  # reaped on the next launch or at close instead
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._pidfd, self._on_exit, self.generation)
+
+    def _popen(self, channel: socket.socket) -> subprocess.Popen[bytes]:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.data_dir / FORK_SERVER_LOG, "ab") as errors:
+            return subprocess.Popen(
+                [self.python, "-m", "shipyard.agent.forkserver"],
+                stdin=channel.fileno(),
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                close_fds=True,
+                start_new_session=True,  # the server's signals and terminal never reach it, nor its shims
+                env=shim_environment(),
+                cwd=str(self.data_dir),
+            )
+
+    def _on_exit(self, generation: int) -> None:
+        if generation == self.generation:
+            self._lost()
+
+    async def _replace(self, generation: int) -> None:
+        """A request to `generation` failed: make sure the next one goes to a fresh fork server."""
+        async with self._lock:
+            if generation == self.generation and self._channel is not None:
+                self._lost()
+
+    def _lost(self) -> None:
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()  # stuck rather than dead: its children (shims) are in their own sessions, unharmed
+            process.wait()
+        self.lost_in_a_row = 0 if self._launched else self.lost_in_a_row + 1
+        if process is not None:
+            log.warning("shim fork server (pid %d) lost with exit status %s; starting another on next use",
+                        process.pid, process.returncode)  # fmt: skip
+        self._forget()
+
+    def _forget(self) -> None:
+        if self._pidfd is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self._process is not None:
+            self._process.poll()
+            self._process = None
+
+    async def _send(self, channel: socket.socket, data: bytes, fds: list[int]) -> None:
+        # One sender at a time: add_writer keeps one callback per fd, so concurrent waiters would lose wake-ups.
+        async with self._send_lock:
+            loop = asyncio.get_running_loop()
+            while True:
+                try:
+                    channel.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                    return
+                except BlockingIOError:
+                    pass
+                writable: asyncio.Future[None] = loop.create_future()
+                loop.add_writer(channel.fileno(), _resolve, writable)
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(channel.fileno())
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _parse_handshake(line: bytes) -> dict:
