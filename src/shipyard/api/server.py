@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -105,6 +106,9 @@ def platform_env(config: ServerConfig) -> dict[str, str]:
     host = config.bind if config.bind not in ("", "0.0.0.0", "::") else "127.0.0.1"
     http_addr = f"[{host}]:{config.http_port}" if ":" in host else f"{host}:{config.http_port}"
     env = {"SHIPYARD_HTTP_ADDR": http_addr, "SHIPYARD_BUS_URL": config.bus_url or f"http://{http_addr}"}
+    # `python` and `shipyard` in a spec's cmd mean the platform's own (its venv), so services can use the
+    # SDK and `shipyard worker` without knowing where Shipyard is installed.
+    env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), os.environ.get("PATH", "")) if p)
     if config.bus_url:
         from shipyard.bus.rabbitmq import RabbitBus
 
