@@ -105,11 +105,12 @@ def server(
 
 
 def _register_subcommands() -> None:
-    from shipyard.cli import bus_commands, jobs_commands, registry_commands
+    from shipyard.cli import bus_commands, gateway_commands, jobs_commands, registry_commands
 
     registry_commands.register(cli)
     jobs_commands.register(cli)
     bus_commands.register(cli)
+    gateway_commands.register(cli)
 
 
 def main() -> None:

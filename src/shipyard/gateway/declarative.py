@@ -218,8 +218,10 @@ async def desired_state(config: Mapping[str, Any]) -> list[Entry]:
     return entries
 
 
-def _plugin_label(record: Mapping[str, Any]) -> str:
-    scope = [f"{k}={record[k]}" for k in ("service", "route", "consumer") if record.get(k)]
+def _plugin_label(record: Mapping[str, Any], names: Mapping[str, str] | None = None) -> str:
+    """"rate-limiting (route=catalog-api)": ids shown by name where the file names them."""
+    names = names or {}
+    scope = [f"{k}={names.get(record[k], record[k])}" for k in ("service", "route", "consumer") if record.get(k)]
     return f"{record['name']} ({', '.join(scope) or 'global'})"
 
 
@@ -249,7 +251,8 @@ def _check_references(entries: list[Entry]) -> None:
                     raise SchemaError({f"plugins.{r['name']}.consumer": f"consumer '{r['consumer']}' is not in "
                                                                         "the file"})
             r["id"] = stable_id("plugin", _natural("plugin", r))
-            e.label = _plugin_label(r)
+            e.label = _plugin_label(r, {**{v: k for k, v in route_names.items()},
+                                        **{v: k for k, v in consumer_names.items()}})
         natural = (e.kind, _natural(e.kind, r))
         if natural in seen:
             raise SchemaError({e.kind: f"'{e.label}' appears twice in the file"})
