@@ -52,6 +52,7 @@ class ServerProcess:
         self.dev = dev
         self.http_port = free_port()
         self.dns_port = free_port()
+        self.gateway_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
 
@@ -60,12 +61,18 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.http_port}"
 
     @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
     def addr(self) -> str:
         return f"127.0.0.1:{self.http_port}"
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "shipyard.cli.main", "server", "--http-port", str(self.http_port)]
         cmd += ["--dns-port", str(self.dns_port)]
+        if "--no-gateway" not in self.extra and "--gateway-port" not in self.extra:
+            cmd += ["--gateway-port", str(self.gateway_port), "--gateway-workers", "1"]
         cmd += ["--dev"] if self.dev else ["--data-dir", str(self.data_dir)]
         return cmd + self.extra
 

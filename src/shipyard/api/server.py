@@ -33,6 +33,7 @@ from shipyard.bus.autoscaler import BusAutoscaler
 from shipyard.bus.directory import DirectoryBus, QueueDirectory
 from shipyard.bus.embedded import EmbeddedBroker
 from shipyard.errors import ShipyardError
+from shipyard.gateway.supervisor import GatewaySupervisor
 from shipyard.registry.catalog import Catalog
 from shipyard.registry.health import HealthChecker
 from shipyard.registry.kv import ConsulKV
@@ -198,6 +199,20 @@ def build_app(platform: Platform) -> web.Application:
     return app
 
 
+def gateway_supervisor(config: ServerConfig) -> GatewaySupervisor | None:
+    """The gateway workers as a system job of this server (None with --no-gateway)."""
+    if not config.gateway_port:
+        return None
+    host = config.bind if config.bind not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    control = f"http://[{host}]:{config.http_port}" if ":" in host else f"http://{host}:{config.http_port}"
+    if config.data_dir is not None:
+        shared = os.path.join(config.data_dir, "gateway-counters")
+    else:
+        shared = os.path.join(tempfile.gettempdir(), f"shipyard-gateway-{os.getpid()}-{config.gateway_port}")
+    return GatewaySupervisor(control, bind=config.bind, port=config.gateway_port, workers=config.gateway_workers,
+                             shared_path=shared)
+
+
 async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> None:
     """Runs the server until SIGINT/SIGTERM."""
     if not is_loopback(config.bind) and not config.insecure_bind:
@@ -212,6 +227,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     platform = await build_platform(config)
     runner: web.AppRunner | None = None
     dns_server: DnsServer | None = None
+    gateway: GatewaySupervisor | None = None
     try:
         await start_platform(platform)
         app = build_app(platform)
@@ -222,6 +238,10 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         if config.dns_port:
             dns_server = DnsServer(platform.catalog, config.datacenter, config.bind, config.dns_port)
             await dns_server.start()
+        gateway = gateway_supervisor(config)
+        if gateway is not None:
+            platform.extras["gateway"] = gateway
+            await gateway.start()
         log.info(
             "shipyard server ready: http://%s:%d, DNS on port %s (node %s, data dir %s)",
             config.bind,
@@ -239,6 +259,11 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         await stop.wait()
         log.info("shipyard server stopping")
     finally:
+        if gateway is not None:
+            await gateway.stop()
+            if config.data_dir is None:
+                with contextlib.suppress(OSError):
+                    os.unlink(gateway.shared_path)
         if dns_server is not None:
             await dns_server.stop()
         if runner is not None:

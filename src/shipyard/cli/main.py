@@ -63,6 +63,11 @@ def cli(ctx: click.Context, http_addr: str) -> None:
     "--drain-delay", default=1.0, show_default=True, type=click.FloatRange(0, 600),
     help="Seconds between deregistering an instance and sending it SIGTERM (lets the gateway drain it).",
 )
+@click.option("--gateway-port", default=8080, show_default=True, type=click.IntRange(0, 65535),
+              help="Port of the API gateway's workers.")
+@click.option("--gateway-workers", default=0, type=click.IntRange(0, 256),
+              help="Gateway worker processes (default: the number of cores).")
+@click.option("--no-gateway", is_flag=True, help="Do not run the API gateway.")
 @click.option("--log-level", default="info", show_default=True)
 def server(
     data_dir: str,
@@ -77,6 +82,9 @@ def server(
     enable_script_checks: bool,
     insecure_bind: bool,
     drain_delay: float,
+    gateway_port: int,
+    gateway_workers: int,
+    no_gateway: bool,
     log_level: str,
 ) -> None:
     """Run the Shipyard server (control API on --http-port)."""
@@ -99,6 +107,8 @@ def server(
         insecure_bind=insecure_bind,
         store_url=store_url,
         drain_delay=drain_delay,
+        gateway_port=0 if no_gateway else gateway_port,
+        gateway_workers=gateway_workers,
         bus_url="" if bus_url in ("", "embedded") else bus_url,
     )
     uvloop.run(serve(config))

@@ -1,0 +1,977 @@
+"""The client side of the data plane: one asyncio Protocol per client connection, HTTP/1.1 proxying to upstreams.
+
+Owns parsing, limits, keep-alive and pipelining, streaming with flow control both ways, WebSocket tunnels, the
+plugin phases and retries; it never blocks, never buffers a whole body, and never reads the store (the worker
+hands it the current route table).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+import httptools
+import orjson
+
+from shipyard.gateway.plugins.base import Reject, RequestContext
+
+if TYPE_CHECKING:
+    from shipyard.gateway.routes import Target
+    from shipyard.gateway.table import Match
+    from shipyard.gateway.upstream import UpstreamConnection
+    from shipyard.gateway.worker import GatewayWorker
+
+log = logging.getLogger("shipyard.gateway.proxy")
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+MAX_PENDING = 256 * 1024  # request body bytes held while the upstream connection is being set up
+
+# Request headers we never forward as they came: hop-by-hop ones (RFC 9110 7.6.1) and the ones we rewrite.
+(H_DROP, H_HOST, H_CL, H_TE, H_CONNECTION, H_UPGRADE, H_XFF, H_VIA) = range(8)
+REQUEST_SPECIAL = {
+    b"host": H_HOST, b"content-length": H_CL, b"transfer-encoding": H_TE, b"connection": H_CONNECTION,
+    b"upgrade": H_UPGRADE, b"x-forwarded-for": H_XFF, b"via": H_VIA,
+    b"keep-alive": H_DROP, b"proxy-connection": H_DROP, b"te": H_DROP, b"trailer": H_DROP,
+    b"proxy-authorization": H_DROP, b"x-forwarded-proto": H_DROP, b"x-forwarded-host": H_DROP,
+    b"x-forwarded-port": H_DROP,
+}
+RESPONSE_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"trailer", b"te",
+    b"proxy-authenticate", b"via",
+})
+
+STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+
+
+def status_line(status: int) -> bytes:
+    line = STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
+
+
+def json_body(message: str, **extra: Any) -> bytes:
+    return orjson.dumps({"message": message, **extra})
+
+
+NO_ROUTE = json_body("no Route matched with those values")
+
+
+@dataclass
+class GatewaySettings:
+    """Limits and timeouts of one worker (seconds, bytes)."""
+
+    max_header_size: int = 32 * 1024
+    max_headers: int = 100
+    max_body_size: int = 0  # 0: no gateway-wide limit (the request-size-limiting plugin sets per-route ones)
+    header_timeout: float = 10.0  # from the first byte of a request (or connection open) to the end of its head
+    keepalive_timeout: float = 60.0  # an idle client connection between requests
+    body_timeout: float = 60.0  # between two reads of a request body
+    write_timeout: float = 60.0  # a client that stops reading the response
+    port: int = 8080
+    via: bytes = b"1.1 shipyard"
+
+
+class _Refuse(Exception):
+    """Raised from parser callbacks: answer with this status and close."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Request:
+    """One request on a client connection, from its first byte to the end of its response."""
+
+    __slots__ = (
+        "attempts",
+        "body_received",
+        "chunked",
+        "close_after",
+        "complete",
+        "connection",
+        "content_length",
+        "counted",
+        "ctx",
+        "discard",
+        "down_chunked",
+        "excluded",
+        "has_body",
+        "head_sent",
+        "headers",
+        "host",
+        "hsize",
+        "interim",
+        "keep_alive",
+        "match",
+        "method",
+        "nheaders",
+        "path",
+        "pending",
+        "query",
+        "response_done",
+        "started",
+        "target",
+        "te",
+        "upgrade",
+        "upgrade_value",
+        "upstream",
+        "url",
+        "version",
+        "via",
+        "xff",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.nheaders = 0
+        self.hsize = 0
+        self.host: bytes | None = None
+        self.content_length: bytes | None = None
+        self.te: bytes | None = None
+        self.connection: bytes | None = None
+        self.upgrade_value: bytes | None = None
+        self.xff: bytes | None = None
+        self.via: bytes | None = None
+        self.method = b""
+        self.path = b"/"
+        self.query = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.chunked = False
+        self.has_body = False
+        self.upgrade = False
+        self.complete = False
+        self.pending: list[bytes] | None = []  # body held until an upstream is attached; None once streaming
+        self.body_received = 0
+        self.match: Match | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.target: Target | None = None
+        self.attempts = 0
+        self.excluded: set[str] | None = None
+        self.head_sent = False
+        self.response_done = False
+        self.down_chunked = False
+        self.close_after = False
+        self.discard = False
+        self.interim = False
+        self.ctx: RequestContext | None = None
+        self.counted = False
+        self.started = 0.0
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client TCP connection (uvicorn's httptools protocol shape): callbacks drive everything, a task is made
+    only to connect an upstream or to run async plugin phases."""
+
+    def __init__(self, worker: GatewayWorker) -> None:
+        self.gw = worker
+        self.settings = worker.settings
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = "0.0.0.0"
+        self.client_ip_b = b"0.0.0.0"
+        self.current: Request | None = None
+        self.parsing: Request | None = None
+        self.queue: deque[Request] = deque()
+        self.down_buf: list[bytes] = []
+        self.in_head = True
+        self.head_bytes = 0
+        self.head_started = worker.clock
+        self.last_activity = worker.clock
+        self.up_activity = worker.clock
+        self.reading_paused = False
+        self.up_paused = False
+        self.down_paused = False
+        self.down_paused_at = 0.0
+        self.pending_size = 0
+        self.closing = False  # answer the current request with Connection: close, then close
+        self.closed = False
+        self.upgraded = False  # the parser is done: the connection became (or is becoming) a tunnel
+        self.tunnel: UpstreamConnection | None = None
+        self.error_pending: _Refuse | None = None
+
+    # ---- asyncio.Protocol -------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip = peer[0]
+            self.client_ip_b = peer[0].encode()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.gw.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.gw.connections.discard(self)
+        req = self.current
+        if self.tunnel is not None:
+            self.tunnel.client = None
+            self.tunnel.close()
+            self.tunnel = None
+        if req is not None:
+            if req.upstream is not None:
+                self._release(req, reusable=False)
+            self._log_phase(req)
+        self.current = None
+        self.queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.gw.clock
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.transport.write(data)  # type: ignore[union-attr]
+            return
+        if self.upgraded:
+            req = self.current
+            if req is not None and req.pending is not None:
+                req.pending.append(data)
+                self.pending_size += len(data)
+                self._update_reading()
+            return
+        was_in_head = self.in_head
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._client_upgraded(data[exc.args[0] if exc.args else len(data) :])
+        except _Refuse as exc:
+            self._refuse(exc)
+            return
+        except httptools.HttpParserError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, _Refuse):
+                self._refuse(cause)
+            else:
+                self._refuse(_Refuse(400, "Bad request"))
+            return
+        if self.in_head:
+            self.head_bytes = (self.head_bytes if was_in_head else 0) + len(data)
+            if self.head_bytes > self.settings.max_header_size:
+                self._refuse(_Refuse(431, "Request header fields too large"))
+                return
+        if self.down_buf:
+            self.flush_down()
+
+    def eof_received(self) -> bool | None:
+        # Half-close from the client: finish the response in flight, then close (no more requests can come).
+        if self.current is None:
+            return None
+        self.closing = True
+        return True
+
+    def pause_writing(self) -> None:
+        self.down_paused = True
+        self.down_paused_at = self.gw.clock
+        up = self.tunnel or (self.current.upstream if self.current is not None else None)
+        if up is not None and up.transport is not None:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.down_paused = False
+        up = self.tunnel or (self.current.upstream if self.current is not None else None)
+        if up is not None and up.transport is not None:
+            up.transport.resume_reading()
+
+    # ---- httptools request callbacks ---------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.parsing = Request()
+        if not self.in_head:
+            self.in_head = True
+            self.head_bytes = 0
+            self.head_started = self.gw.clock
+
+    def on_url(self, url: bytes) -> None:
+        self.parsing.url += url  # type: ignore[union-attr]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.parsing
+        assert req is not None
+        req.nheaders += 1
+        req.hsize += len(name) + len(value) + 4
+        if req.nheaders > self.settings.max_headers or req.hsize > self.settings.max_header_size:
+            raise _Refuse(431, "Request header fields too large")
+        lname = name.lower()
+        special = REQUEST_SPECIAL.get(lname)
+        if special is None:
+            req.headers.append((name, value))
+        elif special == H_HOST:
+            if req.host is not None:
+                raise _Refuse(400, "Bad request: more than one Host header")
+            req.host = value
+        elif special == H_CL:
+            req.content_length = value
+        elif special == H_TE:
+            req.te = value if req.te is None else req.te + b", " + value
+        elif special == H_CONNECTION:
+            req.connection = value if req.connection is None else req.connection + b", " + value
+        elif special == H_UPGRADE:
+            req.upgrade_value = value
+        elif special == H_XFF:
+            req.xff = value if req.xff is None else req.xff + b", " + value
+        elif special == H_VIA:
+            req.via = value if req.via is None else req.via + b", " + value
+
+    def on_headers_complete(self) -> None:
+        req = self.parsing
+        assert req is not None
+        parser = self.parser
+        self.in_head = False
+        req.started = self.gw.clock
+        req.method = parser.get_method()
+        req.version = parser.get_http_version()
+        req.keep_alive = parser.should_keep_alive()
+        if req.te is not None:
+            if req.te.strip().lower() != b"chunked":
+                raise _Refuse(400, "Bad request: unsupported Transfer-Encoding")
+            req.chunked = True
+        length = 0
+        if req.content_length is not None:
+            length = int(req.content_length)  # llhttp accepted only digits
+        limit = self.settings.max_body_size
+        if limit and length > limit:
+            raise _Refuse(413, "Request size limit exceeded")
+        req.has_body = req.chunked or length > 0
+        if req.method == b"CONNECT":
+            raise _Refuse(400, "Bad request: CONNECT is not supported")
+        if parser.should_upgrade() and req.upgrade_value:
+            req.upgrade = True
+            req.keep_alive = False  # no HTTP after an upgrade attempt on this connection
+        if req.connection is not None:
+            tokens = {t.strip().lower() for t in req.connection.split(b",")} - {b"keep-alive", b"close", b"upgrade"}
+            if tokens:  # headers the client declared hop-by-hop
+                req.headers = [(n, v) for n, v in req.headers if n.lower() not in tokens]
+        url = req.url
+        if url[:1] == b"/":
+            q = url.find(b"?")
+            if q >= 0:
+                req.path, req.query = url[:q], url[q + 1 :]
+            else:
+                req.path = url
+        elif url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                raise _Refuse(400, "Bad request: invalid request target") from None
+            req.path = parsed.path or b"/"
+            req.query = parsed.query or b""
+            if parsed.host:
+                req.host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+        else:
+            raise _Refuse(400, "Bad request: invalid request target")
+        if b"/." in req.path or b"%2" in req.path or b"//" in req.path:
+            req.path = normalize_path(req.path)
+        if req.host is None:
+            if req.version != "1.0":
+                raise _Refuse(400, "Bad request: missing Host header")
+            req.host = b""
+        if self.current is None:
+            self.current = req
+            self._dispatch(req)
+        else:
+            self.queue.append(req)
+            self._update_reading()
+
+    def on_body(self, body: bytes) -> None:
+        req = self.parsing
+        assert req is not None
+        req.body_received += len(body)
+        limit = self.settings.max_body_size
+        if limit and req.body_received > limit:
+            raise _Refuse(413, "Request size limit exceeded")
+        if req.discard:
+            return
+        up = req.upstream
+        if up is not None and req.pending is None:
+            if req.chunked:
+                up.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))  # type: ignore[union-attr]
+            else:
+                up.transport.write(body)  # type: ignore[union-attr]
+            return
+        if req.pending is not None:
+            req.pending.append(body)
+            self.pending_size += len(body)
+            if self.pending_size > MAX_PENDING:
+                self._update_reading()
+
+    def on_message_complete(self) -> None:
+        req = self.parsing
+        assert req is not None
+        self.parsing = None
+        req.complete = True
+        if req.upgrade:
+            return  # HttpParserUpgrade follows; the tunnel decides what happens next
+        if req.upstream is not None and req.pending is None and req.chunked and not req.discard:
+            req.upstream.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+        if req.response_done and req is self.current:
+            self._finish(req)
+
+    # ---- dispatch ------------------------------------------------------------------------------------------
+    def _dispatch(self, req: Request) -> None:
+        table = self.gw.table
+        host = req.host or b""
+        colon = host.rfind(b":")
+        if colon > 0 and host[colon + 1 :].isdigit() and not host.endswith(b"]"):
+            host = host[:colon]
+        host = host.lower()
+        match = table.match(req.method, host, req.path,
+                            (lambda: self._header_map(req)) if table.uses_headers else None)
+        if match is None:
+            self._respond(req, 404, NO_ROUTE)
+            return
+        req.match = match
+        chain = match.route.plugins
+        if chain is not None:
+            req.ctx = self._context(req, match, table)
+            self.gw.spawn(self._access(req, chain))
+            return
+        self._forward(req)
+
+    def _header_map(self, req: Request) -> dict[str, str]:
+        out = {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in req.headers}
+        out["host"] = (req.host or b"").decode("latin-1")
+        return out
+
+    def _context(self, req: Request, match: Match, table: Any) -> RequestContext:
+        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in req.headers]
+        ctx = RequestContext(
+            method=req.method.decode("latin-1"), path=req.path.decode("latin-1"),
+            query=req.query.decode("latin-1"), host=(req.host or b"").decode("latin-1"), client_ip=self.client_ip,
+            scheme="http", request_headers=headers, route_id=match.route.spec.id,
+            service_name=match.route.backend.name, started_at=time.time(),
+            body_size=int(req.content_length) if req.content_length is not None else None,
+        )
+        ctx.shared["consumers"] = table.consumers
+        ctx.shared["match"] = match
+        return ctx
+
+    async def _access(self, req: Request, chain: Any) -> None:
+        ctx = req.ctx
+        assert ctx is not None
+        try:
+            reject = await chain.run_access(ctx)
+        except Exception:
+            log.exception("plugin access phase failed on route %s", ctx.route_id)
+            reject = Reject(500, "An unexpected error occurred")
+        if self.closed or req is not self.current:
+            return
+        if reject is not None:
+            body = reject.body if reject.body is not None else json_body(reject.message or HTTPStatus(
+                reject.status).phrase if reject.status in STATUS_LINES else str(reject.status))
+            extra = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in [*ctx.response_headers, *reject.headers]]
+            has_type = any(n.lower() == b"content-type" for n, _ in extra)
+            ctx.upstream_status = reject.status
+            self._respond(req, reject.status, body, extra, json=not has_type)
+            return
+        self._forward(req)
+
+    def _forward(self, req: Request) -> None:
+        match = req.match
+        assert match is not None
+        backend = match.route.backend
+        balancer = backend.balancer
+        if not req.attempts:
+            self.gw.budget.deposit()
+        key = self._hash_key(req, balancer.spec) if balancer.spec.algorithm == "consistent-hashing" else None
+        target = balancer.pick(self.gw.board, key, req.excluded or ())
+        if target is None:
+            if req.attempts:
+                self._respond(req, 502, json_body("An invalid response was received from the upstream server"))
+            else:
+                self._respond(req, 503, json_body(f"no healthy instance of service '{backend.name}'"))
+            return
+        req.target = target
+        conn = self.gw.pool.take(target.address)
+        if conn is not None:
+            self._attach(req, conn)
+        else:
+            self.gw.spawn(self._connect(req, target))
+
+    def _hash_key(self, req: Request, spec: Any) -> bytes | None:
+        if spec.hash_on == "ip":
+            return self.client_ip_b
+        if spec.hash_on == "header":
+            wanted = spec.hash_on_header.encode()
+            for name, value in req.headers:
+                if name.lower() == wanted:
+                    return value
+            return None
+        if spec.hash_on == "cookie":
+            wanted = spec.hash_on_cookie.encode() + b"="
+            for name, value in req.headers:
+                if name.lower() == b"cookie":
+                    for part in value.split(b";"):
+                        part = part.strip()
+                        if part.startswith(wanted):
+                            return part[len(wanted) :]
+        return None
+
+    async def _connect(self, req: Request, target: Target) -> None:
+        backend = req.match.route.backend  # type: ignore[union-attr]
+        try:
+            conn = await self.gw.pool.connect(target, backend.spec.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            if self.closed or req is not self.current:
+                return
+            self._upstream_failure(req, target, timeout=isinstance(exc, TimeoutError), connect=True)
+            self.flush_down()
+            return
+        if self.closed or req is not self.current or req.response_done:
+            self.gw.pool.give_back(conn, self.gw.clock)
+            return
+        self._attach(req, conn)
+
+    def _attach(self, req: Request, conn: UpstreamConnection) -> None:
+        req.upstream = conn
+        conn.client = self
+        conn.body_started = False
+        req.attempts += 1
+        self.up_activity = self.gw.clock
+        if req.match.route.backend.balancer.tracks_active:  # type: ignore[union-attr]
+            self.gw.board.state(conn.address).active += 1
+            req.counted = True
+        head = self._request_head(req, conn)
+        pending = req.pending
+        if req.upgrade:
+            conn.transport.write(head)  # type: ignore[union-attr]
+            return  # what the client sent after its upgrade request waits for the 101
+        if pending:
+            parts = [head]
+            if req.chunked:
+                for chunk in pending:
+                    parts += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+            else:
+                parts += pending
+            if req.complete and req.chunked:
+                parts.append(b"0\r\n\r\n")
+            self.pending_size = 0
+            req.pending = None
+            conn.transport.writelines(parts)  # type: ignore[union-attr]
+            self._update_reading()
+            return
+        req.pending = None
+        if req.complete and req.chunked:
+            head += b"0\r\n\r\n"
+        conn.transport.write(head)  # type: ignore[union-attr]
+
+    def _request_head(self, req: Request, conn: UpstreamConnection) -> bytes:
+        match = req.match
+        assert match is not None and req.target is not None
+        path = match.upstream_path
+        parts = [req.method, b" ", path]
+        if req.query:
+            parts += (b"?", req.query)
+        host = req.host if match.route.spec.preserve_host and req.host else req.target.host_header
+        parts += (b" HTTP/1.1\r\nHost: ", host, b"\r\n")
+        ctx = req.ctx
+        if ctx is None:
+            for name, value in req.headers:
+                parts += (name, b": ", value, b"\r\n")
+        else:
+            for name, value in ctx.request_headers:
+                lname = name.lower()
+                if lname in ("host", "content-length", "transfer-encoding", "connection"):
+                    continue
+                parts += (name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n")
+        xff = self.client_ip_b if req.xff is None else req.xff + b", " + self.client_ip_b
+        parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ", req.host or b"",
+                  b"\r\nX-Forwarded-Port: ", self.gw.port_b, b"\r\nVia: ",
+                  self.settings.via if req.via is None else req.via + b", " + self.settings.via, b"\r\n")
+        if req.upgrade:
+            parts += (b"Connection: Upgrade\r\nUpgrade: ", req.upgrade_value or b"", b"\r\n")
+        if req.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif req.content_length is not None:
+            parts += (b"Content-Length: ", req.content_length, b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    # ---- upstream callbacks --------------------------------------------------------------------------------
+    def upstream_head(self, conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]],
+                      version: str) -> None:
+        req = self.current
+        if req is None or req.upstream is not conn:
+            return
+        self.up_activity = self.gw.clock
+        if 100 <= status < 200 and status != 101:
+            req.interim = True
+            if status == 100 and not req.head_sent:
+                self.down_buf.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return
+        if status == 101 and not req.upgrade:
+            self._upstream_failure(req, req.target, timeout=False, connect=False, invalid=True)  # type: ignore[arg-type]
+            return
+        ctx = req.ctx
+        if ctx is not None:
+            ctx.upstream_status = status
+            ctx.upstream_latency = time.time() - ctx.started_at
+            ctx.upstream_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+            try:
+                req.match.route.plugins.run_response(ctx)  # type: ignore[union-attr]
+            except Exception:
+                log.exception("plugin response phase failed on route %s", ctx.route_id)
+            status = ctx.upstream_status
+            headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in ctx.upstream_headers]
+            headers += [(n.encode("latin-1"), v.encode("latin-1")) for n, v in ctx.response_headers]
+        parts = [status_line(status)]
+        chunked_up = False
+        has_length = False
+        via = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname in RESPONSE_HOP:
+                if lname == b"transfer-encoding":
+                    chunked_up = True
+                elif lname == b"via":
+                    via = value
+                elif status == 101 and lname in (b"upgrade", b"connection"):
+                    parts += (name, b": ", value, b"\r\n")
+                continue
+            if lname == b"content-length":
+                has_length = True
+            parts += (name, b": ", value, b"\r\n")
+        no_body = req.method == b"HEAD" or status in (204, 304) or status == 101
+        if no_body:
+            if chunked_up and status != 101:
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif chunked_up or not has_length:
+            if req.version == "1.1":
+                req.down_chunked = True
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                req.close_after = True  # an HTTP/1.0 client reads to the close
+        parts += (b"Via: ", self.settings.via if via is None else via + b", " + self.settings.via, b"\r\n")
+        if status != 101:
+            if self.closing or not req.keep_alive or req.close_after or not req.complete or self.gw.stopping:
+                req.close_after = True
+                parts.append(b"Connection: close\r\n")
+            elif req.version == "1.0":
+                parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self.down_buf += parts
+        req.head_sent = True
+        if status == 101:
+            conn.tunnel = True
+            self.tunnel = conn
+            return
+        if req.method == b"HEAD":
+            # The response parser does not know the request was HEAD and would wait for Content-Length bytes.
+            conn.reset_parser = True
+            self.upstream_done(conn)
+
+    def upstream_body(self, body: bytes) -> None:
+        req = self.current
+        if req is None:
+            return
+        self.up_activity = self.gw.clock
+        if req.down_chunked:
+            self.down_buf += (b"%x\r\n" % len(body), body, b"\r\n")
+        else:
+            self.down_buf.append(body)
+
+    def upstream_done(self, conn: UpstreamConnection) -> None:
+        req = self.current
+        if req is None or req.upstream is not conn or conn.tunnel:
+            return
+        if req.interim:
+            req.interim = False
+            return
+        if req.response_done:
+            return
+        if req.down_chunked:
+            self.down_buf.append(b"0\r\n\r\n")
+        req.response_done = True
+        self.gw.board.report_success(conn.address)
+        self._release(req, reusable=conn.keep_alive and req.complete and not req.upgrade)
+        self._log_phase(req)
+        if req.complete or req.close_after:
+            self._finish(req)
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        """The upstream switched protocols: from now on bytes flow unparsed both ways."""
+        conn = self.tunnel
+        req = self.current
+        if conn is None or req is None:
+            return
+        if rest:
+            self.down_buf.append(rest)
+        self.flush_down()
+        if req.pending:
+            conn.transport.writelines(req.pending)  # type: ignore[union-attr]
+        req.pending = None
+        self.pending_size = 0
+        self._update_reading()
+
+    def tunnel_from_upstream(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def upstream_lost(self, conn: UpstreamConnection) -> None:
+        """The upstream connection closed while this client owned it."""
+        if conn is self.tunnel:
+            self.tunnel = None
+            if self.transport is not None:
+                self.transport.close()
+            return
+        req = self.current
+        if req is None or req.upstream is not conn or req.response_done:
+            return
+        if req.head_sent and not req.down_chunked and not req.close_after:
+            # Content-Length body cut short: closing is the only way to tell the client.
+            self._release(req, reusable=False)
+            self._abort()
+            return
+        if req.head_sent:
+            # Close-delimited (or chunked) body ended by the close: end it properly for the client.
+            if req.down_chunked and not conn.keep_alive:
+                self.down_buf.append(b"0\r\n\r\n")
+                req.response_done = True
+                self._release(req, reusable=False)
+                self._finish(req)
+                return
+            if req.close_after and not req.down_chunked:
+                req.response_done = True
+                self._release(req, reusable=False)
+                self._finish(req)
+                return
+            self._release(req, reusable=False)
+            self._abort()
+            return
+        stale = conn.reused and not conn.body_started  # a kept-alive connection the upstream had just closed
+        self._upstream_failure(req, req.target, timeout=False, connect=False, stale=stale)  # type: ignore[arg-type]
+        self.flush_down()
+
+    def upstream_failed(self, conn: UpstreamConnection, message: str, *, timeout: bool) -> None:
+        req = self.current
+        if req is None or req.upstream is not conn:
+            return
+        if req.head_sent:
+            self._release(req, reusable=False)
+            self._abort()
+            return
+        self._upstream_failure(req, req.target, timeout=timeout, connect=False, invalid=True)  # type: ignore[arg-type]
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        self.up_paused = paused
+        self._update_reading()
+
+    def _upstream_failure(self, req: Request, target: Target, *, timeout: bool, connect: bool,
+                          stale: bool = False, invalid: bool = False) -> None:
+        """A failed attempt before any response byte reached the client: retry it elsewhere or answer 502/504."""
+        if req.upstream is not None:
+            self._release(req, reusable=False)
+        backend = req.match.route.backend  # type: ignore[union-attr]
+        if not stale:
+            self.gw.board.report_failure(target.address, backend.spec.balancing)
+        retryable = (
+            not req.upgrade and not req.has_body and req.method in IDEMPOTENT and not invalid
+            and req.attempts <= backend.spec.retries and (stale or self.gw.budget.withdraw())
+        )
+        if retryable:
+            if not stale:
+                if req.excluded is None:
+                    req.excluded = set()
+                req.excluded.add(target.address)
+            req.pending = []
+            self._forward(req)
+            return
+        if timeout:
+            self._respond(req, 504, json_body("The upstream server is timing out"))
+        else:
+            self._respond(req, 502, json_body("An invalid response was received from the upstream server"))
+
+    def _release(self, req: Request, *, reusable: bool) -> None:
+        conn = req.upstream
+        if conn is None:
+            return
+        req.upstream = None
+        if req.counted:
+            req.counted = False
+            self.gw.board.state(conn.address).active -= 1
+        if conn.client is self:
+            conn.client = None
+        if reusable:
+            conn.reused = False
+            self.gw.pool.give_back(conn, self.gw.clock)
+        else:
+            conn.abort() if not conn.keep_alive or conn.transport is None else conn.close()
+
+    # ---- answering ------------------------------------------------------------------------------------------
+    def _respond(self, req: Request, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None,
+                 json: bool = True) -> None:
+        """A response made by the gateway itself (no route, no instance, plugin rejection, upstream failure)."""
+        close = self.closing or not req.keep_alive or (req.has_body and not req.complete) or self.gw.stopping
+        parts = [status_line(status)]
+        if json:
+            parts.append(b"Content-Type: application/json; charset=utf-8\r\n")
+        if extra:
+            for name, value in extra:
+                parts += (name, b": ", value, b"\r\n")
+        parts += (b"Content-Length: %d\r\nServer: shipyard\r\n" % len(body),
+                  b"Connection: close\r\n\r\n" if close else b"\r\n", body)
+        self.down_buf += parts
+        req.head_sent = True
+        req.response_done = True
+        req.discard = True
+        if close:
+            req.close_after = True
+        if req.upstream is not None:
+            self._release(req, reusable=False)
+        if req.ctx is not None:
+            req.ctx.upstream_status = req.ctx.upstream_status or status
+        self._log_phase(req)
+        if req.complete or close:
+            self._finish(req)
+
+    def _log_phase(self, req: Request) -> None:
+        ctx = req.ctx
+        if ctx is not None and req.match is not None and req.match.route.plugins is not None:
+            req.ctx = None
+            req.match.route.plugins.run_log(ctx)
+
+    def _finish(self, req: Request) -> None:
+        """The exchange is over: next pipelined request, wait for one, or close."""
+        if req is not self.current:
+            return
+        self.current = None
+        if self.closing or req.close_after or not req.keep_alive or not req.complete or self.gw.stopping:
+            self.flush_down()
+            self._close()
+            return
+        if self.error_pending is not None:
+            self._refuse(self.error_pending)
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            self.current = nxt
+            self._dispatch(nxt)
+        else:
+            self.last_activity = self.gw.clock
+        self._update_reading()
+
+    def _refuse(self, exc: _Refuse) -> None:
+        """A protocol error (400/408/413/431): answer it once the exchange in flight is done, then close."""
+        if self.closed:
+            return
+        if self.current is not None and self.current.head_sent and not self.current.response_done:
+            self.error_pending = exc
+            self.upgraded = True  # the parser is in an error state: read no more requests
+            self._update_reading()
+            return
+        req = self.current
+        if req is not None and req.upstream is not None:
+            self._release(req, reusable=False)
+        self.current = None
+        self.queue.clear()
+        body = json_body(exc.message)
+        self.down_buf += (status_line(exc.status),
+                          b"Content-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n" % len(body),
+                          b"Server: shipyard\r\nConnection: close\r\n\r\n", body)
+        self.flush_down()
+        self._close()
+
+    def _client_upgraded(self, rest: bytes) -> None:
+        self.upgraded = True
+        req = self.current
+        if req is None or not req.upgrade:
+            self._refuse(_Refuse(400, "Bad request"))
+            return
+        if rest and req.pending is not None:
+            req.pending.append(rest)
+            self.pending_size += len(rest)
+
+    def flush_down(self) -> None:
+        buf = self.down_buf
+        if not buf or self.transport is None:
+            return
+        self.down_buf = []
+        if len(buf) == 1:
+            self.transport.write(buf[0])
+        else:
+            self.transport.writelines(buf)
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.closed:
+            return
+        pause = self.up_paused or bool(self.queue) or self.pending_size > MAX_PENDING or (
+            self.error_pending is not None) or (self.upgraded and self.tunnel is None and self.pending_size > 0)
+        if pause and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        elif not pause and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def _abort(self) -> None:
+        self.down_buf = []
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+    # ---- timeouts (called by the worker's ticker, about twice a second) ----------------------------------------
+    def check_timeouts(self, now: float) -> None:
+        s = self.settings
+        if self.down_paused and now - self.down_paused_at > s.write_timeout:
+            self._abort()  # the client stopped reading
+            return
+        if self.tunnel is not None or self.closed:
+            return
+        req = self.current
+        if req is None:
+            if self.parsing is not None or self.in_head:
+                # A request head in progress, or a new connection that has not sent one: slowloris gets 408.
+                if now - self.head_started > s.header_timeout:
+                    self._refuse(_Refuse(408, "Request timeout"))
+            elif now - self.last_activity > s.keepalive_timeout:
+                self._close()
+            return
+        if not req.complete and not req.upgrade:
+            if now - self.last_activity > s.body_timeout:
+                if req.head_sent:
+                    self._release(req, reusable=False)
+                    self._abort()
+                else:
+                    self._refuse(_Refuse(408, "Request timeout"))
+            return
+        if req.upstream is not None and not req.response_done and not self.down_paused:
+            read_timeout = req.match.route.backend.spec.read_timeout  # type: ignore[union-attr]
+            if now - self.up_activity > read_timeout:
+                if req.head_sent:
+                    self._release(req, reusable=False)
+                    self._abort()
+                else:
+                    self._upstream_failure(req, req.target, timeout=True, connect=False,  # type: ignore[arg-type]
+                                           invalid=True)
+                    self.flush_down()
+
+
+def normalize_path(path: bytes) -> bytes:
+    """Removes dot segments (also percent-encoded dots) and empty segments, so /public/../admin cannot dodge a
+    route; other percent-escapes are left as they are."""
+    decoded = path.replace(b"%2e", b".").replace(b"%2E", b".")
+    out: list[bytes] = []
+    segments = decoded.split(b"/")[1:]
+    for segment in segments:
+        if segment == b"..":
+            if out:
+                out.pop()
+        elif segment not in (b".", b""):
+            out.append(segment)
+    result = b"/" + b"/".join(out)
+    if segments and segments[-1] in (b"", b".", b"..") and result != b"/":
+        result += b"/"
+    return result

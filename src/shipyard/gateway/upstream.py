@@ -1,0 +1,194 @@
+"""Connections to upstream instances: one asyncio Protocol each, kept alive in per-instance idle pools.
+
+It parses responses and hands them to the client connection that owns the exchange; it never decides routing,
+never retries on its own and never buffers a response body (flow control pauses the side that is ahead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+if TYPE_CHECKING:
+    from shipyard.gateway.proxy import ClientConnection
+    from shipyard.gateway.routes import Target
+
+MAX_IDLE_PER_TARGET = 1024
+IDLE_TIMEOUT = 4.0  # below the common 5 s keep-alive of upstream servers, so we rarely reuse a closing connection
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One TCP connection to an instance. `client` is the exchange owner while a request is in flight."""
+
+    __slots__ = (
+        "address", "body_started", "chunked", "client", "closed", "content_length", "headers", "idle_since",
+        "keep_alive", "parser", "pool", "reset_parser", "reused", "transport", "tunnel",
+    )
+
+    def __init__(self, pool: UpstreamPool, address: str) -> None:
+        self.pool = pool
+        self.address = address
+        self.transport: asyncio.Transport | None = None
+        self.client: ClientConnection | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunked = False
+        self.content_length: bytes | None = None
+        self.keep_alive = True
+        self.closed = False
+        self.tunnel = False
+        self.reused = False
+        self.reset_parser = False
+        self.body_started = False
+        self.idle_since = 0.0
+
+    # ---- asyncio.Protocol ----
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            # Bytes on an idle connection: the upstream broke protocol; never hand this connection out again.
+            self.close()
+            return
+        if self.tunnel:
+            client.tunnel_from_upstream(data)
+            return
+        self.body_started = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args else len(data)
+            if self.client is not None:
+                self.client.upstream_upgraded(data[offset:])
+        except httptools.HttpParserError as exc:
+            if self.client is not None:
+                self.client.upstream_failed(self, f"invalid response from upstream: {exc}", timeout=False)
+            self.close()
+            return
+        if self.reset_parser:
+            self.reset_parser = False
+            self.parser = httptools.HttpResponseParser(self)
+        client.flush_down()  # the exchange may have finished (and let go of us) inside feed_data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        client = self.client
+        if client is not None:
+            self.client = None
+            client.upstream_lost(self)
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.upstream_write_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.upstream_write_paused(False)
+
+    # ---- httptools callbacks ----
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.chunked = False
+        self.content_length = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        self.keep_alive = parser.should_keep_alive()
+        if self.client is not None:
+            self.client.upstream_head(self, parser.get_status_code(), self.headers, parser.get_http_version())
+
+    def on_body(self, body: bytes) -> None:
+        if self.client is not None:
+            self.client.upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.client is not None:
+            self.client.upstream_done(self)
+
+    # ---- use ----
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per instance address; LIFO so warm connections are reused first."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.idle: dict[str, list[UpstreamConnection]] = {}
+
+    def take(self, address: str) -> UpstreamConnection | None:
+        conns = self.idle.get(address)
+        while conns:
+            conn = conns.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                conn.reused = True
+                return conn
+        return None
+
+    async def connect(self, target: Target, timeout: float) -> UpstreamConnection:
+        address = target.address
+        async with asyncio.timeout(timeout):
+            _, protocol = await self.loop.create_connection(
+                lambda: UpstreamConnection(self, address), target.host, target.port
+            )
+        return protocol
+
+    def give_back(self, conn: UpstreamConnection, now: float) -> None:
+        if conn.closed or conn.tunnel or conn.transport is None or conn.transport.is_closing():
+            conn.close()
+            return
+        conn.client = None
+        conn.idle_since = now
+        conns = self.idle.setdefault(conn.address, [])
+        if len(conns) >= MAX_IDLE_PER_TARGET:
+            conn.close()
+            return
+        conns.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        conns = self.idle.get(conn.address)
+        if conns and conn in conns:
+            conns.remove(conn)
+
+    def close_idle(self, now: float, max_idle: float = IDLE_TIMEOUT) -> None:
+        """Closes connections idle longer than max_idle (all of them when max_idle is 0)."""
+        for address, conns in list(self.idle.items()):
+            keep = []
+            for conn in conns:
+                if max_idle and now - conn.idle_since < max_idle and not conn.closed:
+                    keep.append(conn)
+                else:
+                    conn.close()
+            if keep:
+                self.idle[address] = keep
+            else:
+                del self.idle[address]
+
+    def stats(self) -> dict[str, Any]:
+        return {address: len(conns) for address, conns in self.idle.items()}

@@ -1,0 +1,258 @@
+"""A gateway worker process: `python -m shipyard.gateway.worker --control URL --port 8080`.
+
+Owns one listening socket (SO_REUSEPORT, shared with its sibling workers), the route table it follows from the
+store by watch through the server's HTTP API, upstream pools and passive health; it never opens the store's
+files and never writes to the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import importlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import aiohttp
+import uvloop
+
+from shipyard.gateway.balancer import HealthBoard, RetryBudget
+from shipyard.gateway.plugin_chain import ConsumerIndex
+from shipyard.gateway.proxy import ClientConnection, GatewaySettings
+from shipyard.gateway.table import RouteTable, build_route_table
+from shipyard.gateway.upstream import UpstreamPool
+from shipyard.store.base import Compacted, StoreError, WatchOverflow
+from shipyard.store.remote import RemoteStore
+
+log = logging.getLogger("shipyard.gateway.worker")
+
+WATCHED_PREFIXES = ("gateway/", "catalog/", "jobs/")
+TICK = 0.5  # seconds: the coarse clock and timeout checks
+REBUILD_DELAY = 0.02  # coalesce bursts of store events into one table build
+
+
+class GatewayWorker:
+    """The state one worker process shares between its client connections."""
+
+    def __init__(self, settings: GatewaySettings, loop: asyncio.AbstractEventLoop) -> None:
+        self.settings = settings
+        self.loop = loop
+        self.table = RouteTable([], ConsumerIndex())
+        self.pool = UpstreamPool(loop)
+        self.board = HealthBoard()
+        self.budget = RetryBudget()
+        self.clock = loop.time()
+        self.connections: set[ClientConnection] = set()
+        self.stopping = False
+        self.port_b = str(settings.port).encode()
+        self.server: asyncio.AbstractServer | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A task for an exchange's async step (upstream connect, plugin phases), referenced until done."""
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def set_table(self, table: RouteTable) -> None:
+        self.table = table  # connections read it per request: in-flight exchanges keep their match
+
+    def _tick(self) -> None:
+        now = self.clock = self.loop.time()
+        for conn in list(self.connections):
+            try:
+                conn.check_timeouts(now)
+            except Exception:
+                log.exception("timeout check failed")
+        self.pool.close_idle(now)
+        self._ticker = self.loop.call_later(TICK, self._tick)
+
+    async def listen(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+        self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=4096)
+        self._ticker = self.loop.call_later(TICK, self._tick)
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting, let every exchange in flight finish (with Connection: close), then return."""
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        deadline = self.loop.time() + grace
+        while self.loop.time() < deadline:
+            for conn in list(self.connections):
+                if conn.current is None and conn.parsing is None and conn.tunnel is None:
+                    conn._close()
+            if not self.connections:
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn._abort()
+        self.pool.close_idle(self.loop.time(), 0)
+        if self._ticker is not None:
+            self._ticker.cancel()
+
+
+class RouteFollower:
+    """Keeps the worker's table equal to build_route_table(store contents): one range then a watch per prefix,
+    resumed from the last revision seen; on any error it starts over (level-triggered, so nothing is lost)."""
+
+    def __init__(self, store: RemoteStore, on_table: Callable[[RouteTable], None]) -> None:
+        self.store = store
+        self.on_table = on_table
+        self.contents: dict[str, bytes] = {}
+        self.revision = 0
+        self.ready = asyncio.Event()
+        self._rebuild: asyncio.TimerHandle | None = None
+
+    async def run(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self._follow()
+                delay = 0.2
+            except (StoreError, Compacted, WatchOverflow, aiohttp.ClientError, OSError, TimeoutError,
+                    ValueError, KeyError) as exc:
+                log.warning("following the store failed (%s); starting over in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _follow(self) -> None:
+        contents: dict[str, bytes] = {}
+        watchers = []
+        try:
+            for prefix in WATCHED_PREFIXES:
+                result = await self.store.range(prefix, prefix=True)
+                for kv in result.kvs:
+                    contents[kv.key] = kv.value
+                watcher = self.store.watch(prefix, prefix=True, from_revision=result.revision + 1)
+                await watcher.start()
+                watchers.append(watcher)
+                self.revision = max(self.revision, result.revision)
+            self.contents = contents
+            self._build()
+            tasks = [asyncio.ensure_future(self._consume(w)) for w in watchers]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # raises what broke the stream
+                raise StoreError("watch stream ended")
+            finally:
+                for task in tasks:
+                    task.cancel()
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
+
+    async def _consume(self, watcher: object) -> None:
+        async for events in watcher:  # type: ignore[attr-defined]
+            for event in events:
+                if event.type.name == "DELETE":
+                    self.contents.pop(event.kv.key, None)
+                else:
+                    self.contents[event.kv.key] = event.kv.value
+                self.revision = max(self.revision, event.kv.mod_revision)
+            if self._rebuild is None:
+                self._rebuild = asyncio.get_running_loop().call_later(REBUILD_DELAY, self._build)
+
+    def _build(self) -> None:
+        self._rebuild = None
+        try:
+            table = build_route_table(self.contents, self.revision)
+        except Exception:
+            log.exception("building the route table failed; keeping the previous one")
+            return
+        self.on_table(table)
+        self.ready.set()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM us when the server that started us dies, even by kill -9."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m shipyard.gateway.worker", description=__doc__)
+    p.add_argument("--control", required=True, help="the server's control API, e.g. http://127.0.0.1:8500")
+    p.add_argument("--bind", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--header-timeout", type=float, default=10.0)
+    p.add_argument("--keepalive-timeout", type=float, default=60.0)
+    p.add_argument("--body-timeout", type=float, default=60.0)
+    p.add_argument("--write-timeout", type=float, default=60.0)
+    p.add_argument("--max-header-size", type=int, default=32 * 1024)
+    p.add_argument("--max-headers", type=int, default=100)
+    p.add_argument("--max-body-size", type=int, default=0, help="bytes; 0: no limit")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish in-flight requests")
+    p.add_argument("--plugin-module", action="append", default=[],
+                   help="import this module too (it registers more plugins); repeatable")
+    p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
+    return p.parse_args(argv)
+
+
+async def run_worker(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    settings = GatewaySettings(
+        max_header_size=args.max_header_size, max_headers=args.max_headers, max_body_size=args.max_body_size,
+        header_timeout=args.header_timeout, keepalive_timeout=args.keepalive_timeout,
+        body_timeout=args.body_timeout, write_timeout=args.write_timeout, port=args.port,
+    )
+    worker = GatewayWorker(settings, loop)
+    store = RemoteStore(args.control)
+    follower = RouteFollower(store, worker.set_table)
+    follow_task = asyncio.ensure_future(follower.run())
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ready = asyncio.ensure_future(follower.ready.wait())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not stop.is_set():
+        await worker.listen(args.bind, args.port)
+        log.info("gateway worker %d serving http://%s:%d (%d routes)", os.getpid(), args.bind, args.port,
+                 len(worker.table))
+        if args.parent_pid:
+            worker.spawn(_watch_parent(args.parent_pid, stop))
+        await stop.wait()
+    await worker.drain(args.shutdown_grace)
+    follow_task.cancel()
+    ready.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await follow_task
+    await store.close()
+
+
+async def _watch_parent(pid: int, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        if os.getppid() != pid:
+            stop.set()
+            return
+        await asyncio.sleep(1.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway[%(process)d] %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    _die_with_parent()
+    for module in args.plugin_module:
+        importlib.import_module(module)
+    uvloop.run(run_worker(args))
+
+
+if __name__ == "__main__":
+    main()
