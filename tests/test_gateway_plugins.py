@@ -261,3 +261,29 @@ def test_100_per_minute_with_4_processes_admits_100(tmp_path: Path) -> None:
         p.join(timeout=30)
     assert 98 <= sum(admitted) <= 102
     assert sum(admitted) == 100  # the locked check-and-increment is exact, not just within ±2
+
+
+async def test_docs_merge_rewrites_paths_and_components() -> None:
+    from shipyard.gateway.docs import Mount, docs_response, merge_openapi
+
+    orders = {"openapi": "3.0.3", "info": {"title": "Orders"}, "paths": {
+        "/v1/items": {"get": {"operationId": "list", "responses": {"200": {"content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/Item"}}}}}}},
+        "/health": {"get": {"operationId": "health"}}},
+        "components": {"schemas": {"Item": {"type": "object"}}}}
+    users = {"openapi": "3.0.3", "paths": {"/users/{id}": {"get": {"operationId": "get"}}},
+             "components": {"schemas": {"Item": {"type": "string"}}}}
+    merged = merge_openapi([
+        ("orders", orders, [Mount("/orders", True, "/v1")]),
+        ("users", users, [Mount("/users", False)]),
+    ])
+    assert set(merged["paths"]) == {"/orders/items", "/users/{id}"}  # /health is outside the service path
+    ref = merged["paths"]["/orders/items"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ref == {"$ref": "#/components/schemas/orders.Item"}
+    assert set(merged["components"]["schemas"]) == {"orders.Item", "users.Item"}
+    assert merged["paths"]["/users/{id}"]["get"]["operationId"] == "users.get"
+    status, headers, body = await docs_response("/docs", None, None)  # type: ignore[arg-type]
+    assert status == 200 and b"/docs/assets/swagger-ui-bundle.js" in body and b"https://" not in body
+    status, headers, body = await docs_response("/docs/assets/swagger-ui-bundle.js", None, None)  # type: ignore
+    assert status == 200 and len(body) > 100_000 and dict(headers)["Content-Type"].endswith("javascript")
+    assert await docs_response("/other", None, None) is None  # type: ignore[arg-type]
