@@ -32,6 +32,7 @@ class HealthBoard:
     """Passive health of every instance this worker talked to, keyed by "host:port"; survives table swaps."""
 
     states: dict[str, TargetHealth] = field(default_factory=dict)
+    ejections: int = 0  # instances ejected now or before: while 0, balancers skip health lookups
 
     def state(self, address: str) -> TargetHealth:
         st = self.states.get(address)
@@ -55,6 +56,7 @@ class HealthBoard:
         if st.failures >= spec.failures:
             st.failures = 0
             st.ejected_until = time.monotonic() + spec.eject_seconds
+            self.ejections += 1
             return True
         return False
 
@@ -96,6 +98,7 @@ class Balancer:
     def __init__(self, targets: tuple[Target, ...], spec: BalancingSpec) -> None:
         self.targets = targets
         self.spec = spec
+        self.needs_key = spec.algorithm == "consistent-hashing"
 
     def pick(self, board: HealthBoard, key: bytes | None = None, exclude: Collection[str] = ()) -> Target | None:
         raise NotImplementedError
@@ -135,6 +138,10 @@ class RoundRobin(Balancer):
         n = len(schedule)
         if n == 0:
             return None
+        if not board.ejections and not exclude:
+            pos = self.position
+            self.position = pos + 1 if pos + 1 < n else 0
+            return schedule[pos]
         states = board.states
         for _ in range(n):
             pos = self.position

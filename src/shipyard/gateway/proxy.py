@@ -87,84 +87,48 @@ class _Refuse(Exception):
 
 
 class Request:
-    """One request on a client connection, from its first byte to the end of its response."""
+    """One request on a client connection, from its first byte to the end of its response.
 
-    __slots__ = (
-        "attempts",
-        "body_received",
-        "chunked",
-        "close_after",
-        "complete",
-        "connection",
-        "content_length",
-        "counted",
-        "ctx",
-        "discard",
-        "down_chunked",
-        "excluded",
-        "has_body",
-        "head_sent",
-        "headers",
-        "host",
-        "hsize",
-        "interim",
-        "keep_alive",
-        "match",
-        "method",
-        "nheaders",
-        "path",
-        "pending",
-        "query",
-        "response_done",
-        "started",
-        "target",
-        "te",
-        "upgrade",
-        "upgrade_value",
-        "upstream",
-        "url",
-        "version",
-        "via",
-        "xff",
-    )
+    Defaults are class attributes (no __slots__): a new request sets only what differs, which is most of the
+    per-request allocation cost on the hot path."""
+
+    url = b""
+    nheaders = 0
+    hsize = 0
+    host: bytes | None = None
+    content_length: bytes | None = None
+    te: bytes | None = None
+    connection: bytes | None = None
+    upgrade_value: bytes | None = None
+    xff: bytes | None = None
+    via: bytes | None = None
+    method = b""
+    path = b"/"
+    query = b""
+    version = "1.1"
+    keep_alive = True
+    chunked = False
+    has_body = False
+    upgrade = False
+    complete = False
+    body_received = 0
+    match: Match | None = None
+    upstream: UpstreamConnection | None = None
+    target: Target | None = None
+    attempts = 0
+    excluded: set[str] | None = None
+    head_sent = False
+    response_done = False
+    down_chunked = False
+    close_after = False
+    discard = False
+    interim = False
+    ctx: RequestContext | None = None
+    counted = False
 
     def __init__(self) -> None:
-        self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.nheaders = 0
-        self.hsize = 0
-        self.host: bytes | None = None
-        self.content_length: bytes | None = None
-        self.te: bytes | None = None
-        self.connection: bytes | None = None
-        self.upgrade_value: bytes | None = None
-        self.xff: bytes | None = None
-        self.via: bytes | None = None
-        self.method = b""
-        self.path = b"/"
-        self.query = b""
-        self.version = "1.1"
-        self.keep_alive = True
-        self.chunked = False
-        self.has_body = False
-        self.upgrade = False
-        self.complete = False
         self.pending: list[bytes] | None = []  # body held until an upstream is attached; None once streaming
-        self.body_received = 0
-        self.match: Match | None = None
-        self.upstream: UpstreamConnection | None = None
-        self.target: Target | None = None
-        self.attempts = 0
-        self.excluded: set[str] | None = None
-        self.head_sent = False
-        self.response_done = False
-        self.down_chunked = False
-        self.close_after = False
-        self.discard = False
-        self.interim = False
-        self.ctx: RequestContext | None = None
-        self.counted = False
-        self.started = 0.0
 
 
 class ClientConnection(asyncio.Protocol):
@@ -205,6 +169,7 @@ class ClientConnection(asyncio.Protocol):
         if peer:
             self.client_ip = peer[0]
             self.client_ip_b = peer[0].encode()
+        self.xff_line = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: " % self.client_ip_b
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -326,7 +291,6 @@ class ClientConnection(asyncio.Protocol):
         assert req is not None
         parser = self.parser
         self.in_head = False
-        req.started = self.gw.clock
         req.method = parser.get_method()
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
@@ -343,10 +307,10 @@ class ClientConnection(asyncio.Protocol):
         req.has_body = req.chunked or length > 0
         if req.method == b"CONNECT":
             raise _Refuse(400, "Bad request: CONNECT is not supported")
-        if parser.should_upgrade() and req.upgrade_value:
+        if req.upgrade_value is not None and parser.should_upgrade():
             req.upgrade = True
             req.keep_alive = False  # no HTTP after an upgrade attempt on this connection
-        if req.connection is not None:
+        if req.connection is not None and req.connection.lower() not in (b"keep-alive", b"close", b"upgrade"):
             tokens = {t.strip().lower() for t in req.connection.split(b",")} - {b"keep-alive", b"close", b"upgrade"}
             if tokens:  # headers the client declared hop-by-hop
                 req.headers = [(n, v) for n, v in req.headers if n.lower() not in tokens]
@@ -417,12 +381,19 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- dispatch ------------------------------------------------------------------------------------------
     def _dispatch(self, req: Request) -> None:
-        table = self.gw.table
-        host = req.host or b""
-        colon = host.rfind(b":")
-        if colon > 0 and host[colon + 1 :].isdigit() and not host.endswith(b"]"):
-            host = host[:colon]
-        host = host.lower()
+        gw = self.gw
+        table = gw.table
+        raw_host = req.host or b""
+        host = gw.host_names.get(raw_host)
+        if host is None:
+            host = raw_host
+            colon = host.rfind(b":")
+            if colon > 0 and host[colon + 1 :].isdigit() and not host.endswith(b"]"):
+                host = host[:colon]
+            host = host.lower()
+            if len(gw.host_names) > 10000:
+                gw.host_names.clear()
+            gw.host_names[raw_host] = host
         match = table.match(req.method, host, req.path,
                             (lambda: self._header_map(req)) if table.uses_headers else None)
         if match is None:
@@ -432,7 +403,7 @@ class ClientConnection(asyncio.Protocol):
         chain = match.route.plugins
         if chain is not None:
             req.ctx = self._context(req, match, table)
-            self.gw.spawn(self._access(req, chain))
+            self._drive(self._access(req, chain))
             return
         self._forward(req)
 
@@ -440,6 +411,26 @@ class ClientConnection(asyncio.Protocol):
         out = {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in req.headers}
         out["host"] = (req.host or b"").decode("latin-1")
         return out
+
+    def _drive(self, coro: Any) -> None:
+        """Runs a plugin-phase coroutine without a Task: plugins almost always finish without suspending, and a
+        Task per request costs more than the plugins. When one does await a future, we resume it when the future
+        is done (what Task.__step does), so awaiting futures, tasks and sleeps works as usual."""
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
+        except Exception:
+            log.exception("plugin phase failed")
+            return
+        if yielded is None:  # a bare yield: asyncio.sleep(0)
+            self.gw.loop.call_soon(self._drive, coro)
+        elif getattr(yielded, "_asyncio_future_blocking", None) is not None:
+            yielded._asyncio_future_blocking = False
+            yielded.add_done_callback(lambda _: self._drive(coro))
+        else:
+            coro.close()
+            log.error("a plugin awaited %r, which is not an asyncio future", yielded)
 
     def _context(self, req: Request, match: Match, table: Any) -> RequestContext:
         headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in req.headers]
@@ -450,8 +441,11 @@ class ClientConnection(asyncio.Protocol):
             service_name=match.route.backend.name, started_at=time.time(),
             body_size=int(req.content_length) if req.content_length is not None else None,
         )
-        ctx.shared["consumers"] = table.consumers
-        ctx.shared["match"] = match
+        shared = ctx.shared
+        shared["consumers"] = table.consumers
+        shared["match"] = match
+        if self.gw.counters is not None:
+            shared["counters"] = self.gw.counters
         return ctx
 
     async def _access(self, req: Request, chain: Any) -> None:
@@ -480,8 +474,9 @@ class ClientConnection(asyncio.Protocol):
         backend = match.route.backend
         balancer = backend.balancer
         if not req.attempts:
-            self.gw.budget.deposit()
-        key = self._hash_key(req, balancer.spec) if balancer.spec.algorithm == "consistent-hashing" else None
+            budget = self.gw.budget
+            budget.tokens = min(budget.cap, budget.tokens + budget.ratio)
+        key = self._hash_key(req, balancer.spec) if balancer.needs_key else None
         target = balancer.pick(self.gw.board, key, req.excluded or ())
         if target is None:
             if req.attempts:
@@ -582,10 +577,16 @@ class ClientConnection(asyncio.Protocol):
                 if lname in ("host", "content-length", "transfer-encoding", "connection"):
                     continue
                 parts += (name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n")
-        xff = self.client_ip_b if req.xff is None else req.xff + b", " + self.client_ip_b
-        parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ", req.host or b"",
-                  b"\r\nX-Forwarded-Port: ", self.gw.port_b, b"\r\nVia: ",
-                  self.settings.via if req.via is None else req.via + b", " + self.settings.via, b"\r\n")
+        if req.xff is None:
+            parts += (self.xff_line, req.host or b"")
+        else:
+            parts += (b"X-Forwarded-For: ", req.xff, b", ", self.client_ip_b,
+                      b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ", req.host or b"")
+        if req.via is None:
+            parts.append(self.gw.forwarded_tail)
+        else:
+            parts += (b"\r\nX-Forwarded-Port: ", self.gw.port_b, b"\r\nVia: ", req.via, b", ", self.settings.via,
+                      b"\r\n")
         if req.upgrade:
             parts += (b"Connection: Upgrade\r\nUpgrade: ", req.upgrade_value or b"", b"\r\n")
         if req.chunked:
@@ -614,14 +615,17 @@ class ClientConnection(asyncio.Protocol):
         if ctx is not None:
             ctx.upstream_status = status
             ctx.upstream_latency = time.time() - ctx.started_at
-            ctx.upstream_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
-            try:
-                req.match.route.plugins.run_response(ctx)  # type: ignore[union-attr]
-            except Exception:
-                log.exception("plugin response phase failed on route %s", ctx.route_id)
-            status = ctx.upstream_status
-            headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in ctx.upstream_headers]
-            headers += [(n.encode("latin-1"), v.encode("latin-1")) for n, v in ctx.response_headers]
+            route = req.match.route  # type: ignore[union-attr]
+            if route.response_phase:
+                ctx.upstream_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+                try:
+                    route.plugins.run_response(ctx)  # type: ignore[union-attr]
+                except Exception:
+                    log.exception("plugin response phase failed on route %s", ctx.route_id)
+                status = ctx.upstream_status
+                headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in ctx.upstream_headers]
+            if ctx.response_headers:
+                headers = headers + [(n.encode("latin-1"), v.encode("latin-1")) for n, v in ctx.response_headers]
         parts = [status_line(status)]
         chunked_up = False
         has_length = False
@@ -834,9 +838,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _log_phase(self, req: Request) -> None:
         ctx = req.ctx
-        if ctx is not None and req.match is not None and req.match.route.plugins is not None:
+        if ctx is not None and req.match is not None and req.match.route.log_phase:
             req.ctx = None
-            req.match.route.plugins.run_log(ctx)
+            req.match.route.plugins.run_log(ctx)  # type: ignore[union-attr]
 
     def _finish(self, req: Request) -> None:
         """The exchange is over: next pipelined request, wait for one, or close."""
@@ -894,10 +898,8 @@ class ClientConnection(asyncio.Protocol):
         if not buf or self.transport is None:
             return
         self.down_buf = []
-        if len(buf) == 1:
-            self.transport.write(buf[0])
-        else:
-            self.transport.writelines(buf)
+        # One contiguous buffer: uvloop's writev over many small pieces costs more than copying them once.
+        self.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
 
     def _update_reading(self) -> None:
         if self.transport is None or self.closed:

@@ -84,7 +84,7 @@ class GatewaySupervisor:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
         if procs:
-            _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=self.stop_grace)
+            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=self.stop_grace)
             for proc in procs:
                 if proc.returncode is None:
                     with contextlib.suppress(ProcessLookupError):

@@ -15,6 +15,7 @@ from urllib.parse import unquote
 
 from shipyard.gateway.balancer import Balancer, build_balancer
 from shipyard.gateway.plugin_chain import ConsumerIndex, PluginChain, build_consumers, records_under, resolve_plugins
+from shipyard.gateway.plugins.base import PLUGINS, Plugin
 from shipyard.gateway.routes import (
     BackendSpec,
     RouteSpec,
@@ -51,6 +52,8 @@ class CompiledRoute:
     backend: Backend
     plugins: PluginChain | None  # None when no plugin applies: the proxy skips building a RequestContext
     service_path: bytes
+    response_phase: bool = False  # some plugin here overrides response(): upstream headers are handed to it
+    log_phase: bool = False  # some plugin here overrides log()
 
 
 @dataclass(slots=True)
@@ -291,9 +294,16 @@ def build_route_table(contents: StoreContents, revision: int = 0) -> RouteTable:
         service_record = services.get(spec.service) or {"name": spec.service}
         chain = resolve_plugins(plugin_records, service=service_record, route={"id": spec.id, "name": spec.name})
         path = backend.spec.path
+        # Consumer-scoped plugins may add phases once a consumer is known: count every plugin class they name.
+        classes = [type(p) for p in chain.plugins] + [
+            PLUGINS[r["name"]] for records_ in getattr(chain, "_consumer_records", {}).values()
+            for _, r in records_ if r.get("name") in PLUGINS
+        ]
         compiled.append(CompiledRoute(
             spec=spec, backend=backend,
             plugins=chain if chain.plugins else None,  # consumer-scoped ones need an auth plugin here
             service_path=path.encode() if path and path != "/" else b"",
+            response_phase=any(c.response is not Plugin.response for c in classes),
+            log_phase=any(c.log is not Plugin.log for c in classes),
         ))
     return RouteTable(compiled, build_consumers(contents), revision)

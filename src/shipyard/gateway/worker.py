@@ -24,6 +24,8 @@ import aiohttp
 import uvloop
 
 from shipyard.gateway.balancer import HealthBoard, RetryBudget
+from shipyard.gateway.counters import ENV_PATH as COUNTERS_ENV
+from shipyard.gateway.counters import shared_counters
 from shipyard.gateway.plugin_chain import ConsumerIndex
 from shipyard.gateway.proxy import ClientConnection, GatewaySettings
 from shipyard.gateway.table import RouteTable, build_route_table
@@ -52,6 +54,9 @@ class GatewayWorker:
         self.connections: set[ClientConnection] = set()
         self.stopping = False
         self.port_b = str(settings.port).encode()
+        self.forwarded_tail = b"\r\nX-Forwarded-Port: %s\r\nVia: %s\r\n" % (self.port_b, settings.via)
+        self.host_names: dict[bytes, bytes] = {}  # Host header -> lowercase name without port
+        self.counters = shared_counters() if os.environ.get(COUNTERS_ENV) else None  # handed to plugins
         self.server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[None]] = set()
