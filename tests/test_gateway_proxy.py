@@ -480,3 +480,24 @@ def test_crashed_worker_is_restarted(server: ServerProcess, routed: str) -> None
     os.kill(worker, signal.SIGKILL)
     wait_until(lambda: gateway_workers(server) not in ([], [worker]), "a new worker")
     wait_until(lambda: _get(routed + "/echo/again") == 200, "the gateway to serve again")
+
+
+# ---- plugins --------------------------------------------------------------------------------------------------------
+
+
+def test_plugin_chain_rejects_before_and_decorates_after_the_upstream(server: ServerProcess, routed: str) -> None:
+    _admin(server, "PUT", "/services/guarded", {"host": "echo"})
+    _admin(server, "PUT", "/routes/guarded", {"service": "guarded", "paths": ["/guarded"]})
+    _admin(server, "PUT", "/consumers/alice", {"username": "alice"})
+    _admin(server, "POST", "/consumers/alice/key-auth", {"key": "alice-key"})
+    _admin(server, "POST", "/routes/guarded/plugins", {"name": "key-auth"})
+    _admin(server, "POST", "/routes/guarded/plugins", {"name": "rate-limiting", "config": {"minute": 1000}})
+    url = routed + "/guarded/hello"
+    wait_until(lambda: _get(url) == 401, "key-auth on the route")
+    r = requests.get(url)
+    assert r.json() == {"message": "No API key found in request"} and "WWW-Authenticate" in r.headers
+    r = requests.get(url, headers={"apikey": "alice-key"})
+    assert r.status_code == 200 and r.json()["path"] == "/hello"
+    assert r.json()["headers"]["X-Consumer-Username"] == "alice"
+    assert int(r.headers["RateLimit-Limit"]) == 1000
+    assert _get(routed + "/echo/open") == 200  # other routes are untouched
