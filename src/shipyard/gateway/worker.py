@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import gc
 import importlib
 import logging
 import os
@@ -227,6 +228,10 @@ async def run_worker(args: argparse.Namespace) -> None:
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
     if not stop.is_set():
+        # Requests make many short-lived objects and few cycles: collect young objects rarely, and never scan the
+        # modules and tables loaded so far (fewer, shorter GC pauses in the latency tail).
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         await worker.listen(args.bind, args.port)
         log.info("gateway worker %d serving http://%s:%d (%d routes)", os.getpid(), args.bind, args.port,
                  len(worker.table))
