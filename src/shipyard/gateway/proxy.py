@@ -820,8 +820,12 @@ class ClientConnection(asyncio.Protocol):
         if extra:
             for name, value in extra:
                 parts += (name, b": ", value, b"\r\n")
-        parts += (b"Content-Length: %d\r\nServer: shipyard\r\n" % len(body),
-                  b"Connection: close\r\n\r\n" if close else b"\r\n", body)
+        if status == 204 or status == 304:
+            body = b""  # no body and no Content-Length (RFC 9110 8.6)
+            parts.append(b"Server: shipyard\r\n")
+        else:
+            parts.append(b"Content-Length: %d\r\nServer: shipyard\r\n" % len(body))
+        parts += (b"Connection: close\r\n\r\n" if close else b"\r\n", body)
         self.down_buf += parts
         req.head_sent = True
         req.response_done = True
@@ -835,6 +839,7 @@ class ClientConnection(asyncio.Protocol):
         self._log_phase(req)
         if req.complete or close:
             self._finish(req)
+        self.flush_down()  # also when called outside data_received (after a plugin or a connect awaited)
 
     def _log_phase(self, req: Request) -> None:
         ctx = req.ctx
