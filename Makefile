@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q -U pip
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,mediahub]'
 	touch $(STAMP)
 
 # Debian peers the tests and benchmarks run against (installed only when root and missing).
