@@ -64,7 +64,7 @@ def cli(ctx: click.Context, http_addr: str) -> None:
     help="Seconds between deregistering an instance and sending it SIGTERM (lets the gateway drain it).",
 )
 @click.option("--gateway-port", default=8080, show_default=True, type=click.IntRange(0, 65535),
-              help="Port of the API gateway's workers.")
+              envvar="SHIPYARD_GATEWAY_PORT", help="Port of the API gateway's workers.")
 @click.option("--gateway-workers", default=0, type=click.IntRange(0, 256),
               help="Gateway worker processes (default: the number of cores).")
 @click.option("--no-gateway", is_flag=True, help="Do not run the API gateway.")
