@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import mimetypes
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -115,6 +116,12 @@ def swagger_ui_dir() -> Path:
     return Path(swagger_ui_bundle.swagger_ui_path)
 
 
+@functools.cache
+def _asset(name: str) -> bytes:
+    # Read once per worker (a few MB at most): later requests never touch the disk from the event loop.
+    return (swagger_ui_dir() / name).read_bytes()
+
+
 def swagger_page(spec_url: str = SPEC_PATH) -> bytes:
     url = orjson.dumps(spec_url).decode()
     return f"""<!DOCTYPE html>
@@ -157,7 +164,7 @@ async def docs_response(path: str, route_table: Any, fetch: Callable[[Any, str],
         name = path[len(ASSETS_PATH):]
         if name not in ASSETS:
             return 404, [("Content-Type", "application/json")], b'{"message":"Not found"}'
-        body = (swagger_ui_dir() / name).read_bytes()
+        body = _asset(name)
         ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
         return 200, [("Content-Type", ctype), ("Cache-Control", "public, max-age=86400")], body
     if path != SPEC_PATH:

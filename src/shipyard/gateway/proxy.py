@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 import orjson
 
+from shipyard.gateway.builtin import is_builtin_path
 from shipyard.gateway.plugins.base import Reject, RequestContext
 
 if TYPE_CHECKING:
@@ -394,6 +395,9 @@ class ClientConnection(asyncio.Protocol):
             if len(gw.host_names) > 10000:
                 gw.host_names.clear()
             gw.host_names[raw_host] = host
+        if req.path[:5] == b"/docs" and is_builtin_path(req.path):
+            gw.spawn(self._builtin(req, table))
+            return
         match = table.match(req.method, host, req.path,
                             (lambda: self._header_map(req)) if table.uses_headers else None)
         if match is None:
@@ -406,6 +410,17 @@ class ClientConnection(asyncio.Protocol):
             self._drive(self._access(req, chain))
             return
         self._forward(req)
+
+    async def _builtin(self, req: Request, table: Any) -> None:
+        """/docs: answered by the worker itself (gateway/builtin.py), whatever the routes say."""
+        try:
+            status, headers, body = await self.gw.builtins.answer(req.method, req.path.decode("latin-1"), table)
+        except Exception:
+            log.exception("answering %r failed", req.path)
+            status, headers, body = 500, [], json_body("An unexpected error occurred")
+        if not self.closed and req is self.current:
+            extra = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+            self._respond(req, status, body, extra, json=not extra)
 
     def _header_map(self, req: Request) -> dict[str, str]:
         out = {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in req.headers}

@@ -25,6 +25,7 @@ import aiohttp
 import uvloop
 
 from shipyard.gateway.balancer import HealthBoard, RetryBudget
+from shipyard.gateway.builtin import GatewayBuiltins
 from shipyard.gateway.counters import ENV_PATH as COUNTERS_ENV
 from shipyard.gateway.counters import shared_counters
 from shipyard.gateway.plugin_chain import ConsumerIndex
@@ -50,6 +51,7 @@ class GatewayWorker:
         self.table = RouteTable([], ConsumerIndex())
         self.pool = UpstreamPool(loop)
         self.board = HealthBoard()
+        self.builtins = GatewayBuiltins()  # /docs
         self.budget = RetryBudget()
         self.clock = loop.time()
         self.connections: set[ClientConnection] = set()
@@ -109,6 +111,7 @@ class GatewayWorker:
         self.pool.close_idle(self.loop.time(), 0)
         if self._ticker is not None:
             self._ticker.cancel()
+        await self.builtins.close()
 
 
 class RouteFollower:
