@@ -1,0 +1,163 @@
+"""A tiny in-process metrics registry (counters, gauges, histograms with labels) rendered as Prometheus text.
+
+It owns only numbers in this process and their exposition; it never does I/O and never imports prometheus_client.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable
+
+DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LabelValues = tuple[str, ...]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+class Metric:
+    kind = "untyped"
+
+    def __init__(self, name: str, help_text: str, labels: Iterable[str] = ()) -> None:
+        self.name = name
+        self.help_text = help_text
+        self.label_names = tuple(labels)
+
+    def _key(self, labels: dict[str, str]) -> LabelValues:
+        if set(labels) != set(self.label_names):
+            raise ValueError(f"{self.name} takes labels {self.label_names}, got {tuple(labels)}")
+        return tuple(str(labels[n]) for n in self.label_names)
+
+    def _labels(self, key: LabelValues, extra: str = "") -> str:
+        parts = [f'{n}="{_escape(v)}"' for n, v in zip(self.label_names, key, strict=True)]
+        if extra:
+            parts.append(extra)
+        return "{" + ",".join(parts) + "}" if parts else ""
+
+    def header(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help_text}", f"# TYPE {self.name} {self.kind}"]
+
+    def samples(self) -> list[str]:
+        raise NotImplementedError
+
+
+class Counter(Metric):
+    kind = "counter"
+
+    def __init__(self, name: str, help_text: str, labels: Iterable[str] = ()) -> None:
+        super().__init__(name, help_text, labels)
+        self.values: dict[LabelValues, float] = {}
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        if amount < 0:
+            raise ValueError("a counter only goes up")
+        key = self._key(labels)
+        self.values[key] = self.values.get(key, 0.0) + amount
+
+    def value(self, **labels: str) -> float:
+        return self.values.get(self._key(labels), 0.0)
+
+    def samples(self) -> list[str]:
+        return [f"{self.name}{self._labels(k)} {_number(v)}" for k, v in sorted(self.values.items())]
+
+
+class Gauge(Metric):
+    kind = "gauge"
+
+    def __init__(self, name: str, help_text: str, labels: Iterable[str] = ()) -> None:
+        super().__init__(name, help_text, labels)
+        self.values: dict[LabelValues, float] = {} if self.label_names else {(): 0.0}
+
+    def set(self, value: float, **labels: str) -> None:
+        self.values[self._key(labels)] = float(value)
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        key = self._key(labels)
+        self.values[key] = self.values.get(key, 0.0) + amount
+
+    def dec(self, amount: float = 1.0, **labels: str) -> None:
+        self.inc(-amount, **labels)
+
+    def value(self, **labels: str) -> float:
+        return self.values.get(self._key(labels), 0.0)
+
+    def samples(self) -> list[str]:
+        return [f"{self.name}{self._labels(k)} {_number(v)}" for k, v in sorted(self.values.items())]
+
+
+class Histogram(Metric):
+    kind = "histogram"
+
+    def __init__(
+        self, name: str, help_text: str, labels: Iterable[str] = (), buckets: Iterable[float] = DEFAULT_BUCKETS
+    ) -> None:
+        super().__init__(name, help_text, labels)
+        self.buckets = tuple(sorted(float(b) for b in buckets))
+        # per label set: counts per bucket (non-cumulative, last slot is +Inf), sum
+        self.series: dict[LabelValues, tuple[list[int], list[float]]] = {}
+
+    def observe(self, value: float, **labels: str) -> None:
+        key = self._key(labels)
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = ([0] * (len(self.buckets) + 1), [0.0])
+        series[0][bisect.bisect_left(self.buckets, value)] += 1
+        series[1][0] += value
+
+    def count(self, **labels: str) -> int:
+        series = self.series.get(self._key(labels))
+        return sum(series[0]) if series else 0
+
+    def samples(self) -> list[str]:
+        lines = []
+        for key, (counts, total) in sorted(self.series.items()):
+            running = 0
+            for bound, n in zip((*self.buckets, math.inf), counts, strict=True):
+                running += n
+                le = 'le="' + _number(bound) + '"'
+                lines.append(f"{self.name}_bucket{self._labels(key, le)} {running}")
+            lines.append(f"{self.name}_sum{self._labels(key)} {_number(total[0])}")
+            lines.append(f"{self.name}_count{self._labels(key)} {running}")
+        return lines
+
+
+class MetricsRegistry:
+    """Named metrics of one process; `render()` is the body of GET /metrics."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, Metric] = {}
+
+    def _add(self, metric: Metric) -> Metric:
+        existing = self.metrics.get(metric.name)
+        if existing is not None:
+            if type(existing) is not type(metric) or existing.label_names != metric.label_names:
+                raise ValueError(f"metric {metric.name} already exists with another type or labels")
+            return existing
+        self.metrics[metric.name] = metric
+        return metric
+
+    def counter(self, name: str, help_text: str, labels: Iterable[str] = ()) -> Counter:
+        return self._add(Counter(name, help_text, labels))  # type: ignore[return-value]
+
+    def gauge(self, name: str, help_text: str, labels: Iterable[str] = ()) -> Gauge:
+        return self._add(Gauge(name, help_text, labels))  # type: ignore[return-value]
+
+    def histogram(
+        self, name: str, help_text: str, labels: Iterable[str] = (), buckets: Iterable[float] = DEFAULT_BUCKETS
+    ) -> Histogram:
+        return self._add(Histogram(name, help_text, labels, buckets))  # type: ignore[return-value]
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for metric in self.metrics.values():
+            lines += metric.header()
+            lines += metric.samples()
+        return "\n".join(lines) + "\n"
