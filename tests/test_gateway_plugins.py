@@ -393,3 +393,65 @@ def test_end_to_end_auth_acl_rate_limit_cors_size_ip(gateway_server) -> None:  #
     assert last.status_code == 429 and last.json() == {"message": "API rate limit exceeded"}
     assert int(last.headers["Retry-After"]) >= 1 and last.headers["RateLimit-Remaining"] == "0"
     assert last.headers["X-RateLimit-Limit-Minute"] == "100"
+
+
+def test_prometheus_metrics_scraped_from_the_control_api(gateway_server) -> None:  # type: ignore[no-untyped-def]
+    """Requests spread over the 4 workers are summed in one scrape of /api/gateway/metrics (Kong's Admin API
+    /metrics), which a real Prometheus parser reads; long service and route names survive whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    admin = gateway_server.url + "/api/gateway"
+    gw = gateway_server.gateway_url
+    service = "metered-service-" + "s" * 60
+    route = "metered-route-" + "r" * 60
+    assert requests.post(f"{admin}/services", json={"name": service, "url": f"http://127.0.0.1:"
+                                                    f"{gateway_server.upstream_port}"}).status_code == 201
+    assert requests.post(f"{admin}/services/{service}/routes", json={"name": route, "paths": ["/metered"]}
+                         ).status_code == 201
+    assert requests.post(f"{admin}/services/{service}/plugins", json={"name": "prometheus"}).status_code == 201
+    # Until every worker has the plugin, requests go uncounted: wait for counts to follow requests one for one.
+    deadline = time.monotonic() + 20
+
+    def requests_counted() -> dict[str, float]:
+        text = requests.get(f"{admin}/metrics", timeout=5).text
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "shipyard_gateway_requests_total" and sample.labels["route"] == route:
+                    assert sample.labels["service"] == service
+                    out[sample.labels["status_class"]] = sample.value
+        return out
+
+    streak = 0
+    while streak < 8 and time.monotonic() < deadline:
+        before = sum(requests_counted().values())
+        requests.get(f"{gw}/metered/", headers={"Connection": "close"}, timeout=5)
+        streak = streak + 1 if sum(requests_counted().values()) == before + 1 else 0
+    assert streak == 8, "the prometheus plugin never reached every worker"
+
+    before = requests_counted()
+
+    def one(i: int) -> int:
+        path = "/metered/" if i % 4 else "/metered/missing-file"
+        return requests.get(gw + path, headers={"Connection": "close"}, timeout=10).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(one, range(200)))
+    assert statuses.count(200) == 150 and statuses.count(404) == 50
+    after = requests_counted()
+    assert after["2xx"] - before.get("2xx", 0) == 150 and after["4xx"] - before.get("4xx", 0) == 50
+
+    families = {f.name: f for f in text_string_to_metric_families(requests.get(f"{admin}/metrics", timeout=5).text)}
+    latency = families["shipyard_gateway_request_latency_seconds"]
+    assert latency.type == "histogram"
+    ours = [s for s in latency.samples if s.labels.get("route") == route]
+    count = next(s.value for s in ours if s.name.endswith("_count"))
+    buckets = [s for s in ours if s.name.endswith("_bucket")]
+    assert count == sum(after.values()) and buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == count
+    assert [b.value for b in buckets] == sorted(b.value for b in buckets)  # cumulative
+    upstream = [s for s in families["shipyard_gateway_upstream_latency_seconds"].samples
+                if s.labels.get("route") == route and s.name.endswith("_count")]
+    assert upstream[0].value == count
+    assert next(s.value for s in families["shipyard_gateway_workers"].samples) == 4

@@ -262,8 +262,9 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         if gateway is not None:
             await gateway.stop()
             if config.data_dir is None:
-                with contextlib.suppress(OSError):
-                    os.unlink(gateway.shared_path)
+                for path in gateway.shared_files:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
         if dns_server is not None:
             await dns_server.stop()
         if runner is not None:

@@ -37,6 +37,27 @@ class GatewaySupervisor:
         self._stopping = False
 
     @property
+    def shared_files(self) -> list[str]:
+        """The node's counters and metrics files the workers share (the server removes them after a --dev run)."""
+        return [self.shared_path, self.shared_path + ".metrics"] if self.shared_path else []
+
+    def metrics_text(self) -> str:
+        """Prometheus text of the whole node: the prometheus plugin's sums from the shared file (every worker's
+        requests) and the workers' own state. Reads a file under a short lock: call it off the event loop."""
+        from shipyard.gateway.counters import shared_metrics
+        from shipyard.gateway.plugins.prometheus import metrics_exposition
+
+        text = metrics_exposition(shared_metrics(self.shared_path + ".metrics")).decode() if self.shared_path else ""
+        return text + (
+            "# HELP shipyard_gateway_workers Gateway worker processes running.\n"
+            "# TYPE shipyard_gateway_workers gauge\n"
+            f"shipyard_gateway_workers {len(self.pids)}\n"
+            "# HELP shipyard_gateway_worker_restarts_total Gateway workers restarted after they exited.\n"
+            "# TYPE shipyard_gateway_worker_restarts_total counter\n"
+            f"shipyard_gateway_worker_restarts_total {self.restarts}\n"
+        )
+
+    @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes.values() if p.returncode is None]
 

@@ -7,6 +7,7 @@ values; it never lets an invalid plugin config into the store and never writes o
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -240,6 +241,16 @@ def page(items: list[dict[str, Any]], request: web.Request) -> web.Response:
 
 
 # ---- services ------------------------------------------------------------------------------------------------
+
+
+@routes.get(PREFIX + "/metrics")
+async def gateway_metrics(request: web.Request) -> web.Response:
+    """Kong serves the prometheus plugin's metrics on its Admin API: so do we, summed over every worker."""
+    gateway = platform_of(request).extras.get("gateway")
+    if gateway is None:
+        raise ShipyardError("the gateway is not running on this server (--no-gateway)", status=404)
+    text = await asyncio.to_thread(gateway.metrics_text)
+    return web.Response(text=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 @routes.get(PREFIX + "/services")
