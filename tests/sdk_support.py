@@ -43,9 +43,16 @@ class ServiceInstance:
         return f"{self.name}-127.0.0.1-{self.port}"
 
     def start(self, timeout: float = 20.0) -> ServiceInstance:
+        return self.spawn().wait_ready(timeout)
+
+    def spawn(self) -> ServiceInstance:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, str(APP)], env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> ServiceInstance:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -75,12 +82,21 @@ class ServiceInstance:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill9()
+        stop_all([self])
+
+
+def stop_all(instances: list[ServiceInstance]) -> None:
+    """SIGTERM them all at once, then wait (kill -9 the ones that do not stop)."""
+    running = [i for i in instances if i.proc is not None and i.proc.poll() is None]
+    for instance in running:
+        assert instance.proc is not None
+        instance.proc.send_signal(signal.SIGTERM)
+    for instance in running:
+        assert instance.proc is not None
+        try:
+            instance.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            instance.kill9()
 
 
 def health_entries(server: ServerProcess, name: str, index: int = 0, wait: str = "5s") -> tuple[list[Any], int]:

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from sdk_support import ServiceInstance, health_entries, service_check, statuses, wait_catalog
+from sdk_support import ServiceInstance, health_entries, service_check, statuses, stop_all, wait_catalog
 from shipyard.sdk import Service, correlation_id
 from support import ServerProcess
 
@@ -37,8 +37,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 def instances(server: ServerProcess, tmp_path: Path) -> Iterator[list[ServiceInstance]]:
     started: list[ServiceInstance] = []
     yield started
-    for instance in started:
-        instance.stop()
+    stop_all(started)
 
 
 def launch(started: list[ServiceInstance], server: ServerProcess, name: str, tmp_path: Path,
