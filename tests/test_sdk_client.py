@@ -75,6 +75,10 @@ async def test_killed_instance_is_retried_past_then_dropped_and_a_new_one_is_pic
     for _ in range(9):
         r = await churn.get("/whoami")
         assert r.status_code == 200 and r.json()["id"] != victim.service_id
+    # A refused connection means the request never left: even a POST is safely sent to another instance.
+    for n in range(3):
+        r = await churn.post("/echo", content=f"payload {n}".encode())
+        assert r.status_code == 200 and r.json()["body"] == f"payload {n}"
     await churn.wait_for_instances(lambda found: victim.service_id not in {i.id for i in found})
 
     newcomer = fleet.launch("churn", 1)[0]
@@ -120,6 +124,16 @@ async def test_correlation_headers_travel_from_incoming_request_to_outgoing_call
     # Without one, the front service makes an id and the downstream call carries that same id.
     body = requests.get(front.url + "/relay/back", timeout=10).json()
     assert body["seen_here"] and body["downstream"]["headers"]["x-correlation-id"] == body["seen_here"]
+
+
+async def test_streamed_response(server: ServerProcess, fleet: Fleet) -> None:
+    fleet.launch("streamer")
+    streamer = service_client("streamer", server=server.addr)
+    async with streamer.stream("POST", "/echo", content=b"x" * 100_000, headers={"X-Request-ID": "r-1"}) as r:
+        assert r.status_code == 200
+        body = b"".join([chunk async for chunk in r.aiter_bytes()])
+    assert len(body) > 100_000 and body.startswith(b'{"body":"xxx')
+    await streamer.aclose()
 
 
 async def test_no_instance_raises_service_unavailable(server: ServerProcess) -> None:

@@ -129,6 +129,21 @@ def test_failing_health_callable_fails_the_check_until_it_recovers(
     wait_catalog(server, "moody", lambda es: statuses(es).get(svc.service_id) == "passing")
 
 
+def test_service_started_before_the_server_registers_once_it_answers(
+    instances: list[ServiceInstance], tmp_path: Path
+) -> None:
+    late = ServerProcess(tmp_path / "late-data", "--no-gateway")  # ports chosen, not started yet
+    svc = launch(instances, late, "early", tmp_path, SHIPYARD_CHECK_TTL="1")
+    assert requests.get(svc.url + "/health", timeout=5).json() == {"status": "ok"}  # serves without a server
+    late.start()
+    try:
+        wait_catalog(late, "early", lambda es: statuses(es).get(svc.service_id) == "passing")
+    finally:
+        svc.stop()
+        late.stop()
+    assert "cannot reach the shipyard server" in svc.log_tail()
+
+
 def test_scheduled_instance_leaves_registration_to_the_agent(
     server: ServerProcess, instances: list[ServiceInstance], tmp_path: Path
 ) -> None:

@@ -37,6 +37,10 @@ async def relay(request: Request) -> JSONResponse:
     return JSONResponse({"seen_here": correlation_id(), "downstream": response.json()})
 
 
+async def echo(request: Request) -> JSONResponse:
+    return JSONResponse({"body": (await request.body()).decode(), "id": service.service_id})
+
+
 async def slow(request: Request) -> JSONResponse:
     await asyncio.sleep(float(request.query_params.get("seconds", "1")))
     return JSONResponse({"slept": True, "id": service.service_id})
@@ -53,6 +57,7 @@ app = Starlette(routes=[
     Route("/headers", headers),
     Route("/relay/{target}", relay),
     Route("/slow", slow),
+    Route("/echo", echo, methods=["POST"]),
 ])
 service = Service(app, health=healthy, tags=["sdk-test"])
 

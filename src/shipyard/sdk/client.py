@@ -91,6 +91,10 @@ class CircuitBreaker:
         self.probing = True
         return True
 
+    def abandoned(self) -> None:
+        """The call was cancelled before it told us anything: let the next one probe instead."""
+        self.probing = False
+
     def succeeded(self) -> None:
         self.failures, self.opened_at, self.probing = 0, None, False
 
@@ -194,6 +198,16 @@ class ServiceClient:
         return state
 
     async def _watch(self, state: _LoopState) -> None:
+        while True:
+            try:
+                await self._follow(state)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a malformed answer must not freeze the list for the life of the process
+                log.exception("%s: watching instances failed; starting over", self.name)
+                await asyncio.sleep(1.0)
+
+    async def _follow(self, state: _LoopState) -> None:
         assert state.control is not None
         params: dict[str, Any] = {"passing": "1"}
         if self.tag:
@@ -283,6 +297,9 @@ class ServiceClient:
             breaker = self._breaker(instance)
             try:
                 response = await state.http.request(method, instance.base_url + path, timeout=timeout, **kwargs)
+            except asyncio.CancelledError:
+                breaker.abandoned()
+                raise
             except httpx.TransportError as exc:
                 now = time.monotonic()
                 breaker.failed(now)
@@ -365,6 +382,9 @@ class ServiceClient:
             request = state.http.build_request(method, instance.base_url + path, timeout=timeout, **kwargs)
             try:
                 response = await state.http.send(request, stream=True)
+            except asyncio.CancelledError:
+                breaker.abandoned()
+                raise
             except httpx.TransportError as exc:
                 now = time.monotonic()
                 breaker.failed(now)

@@ -220,9 +220,16 @@ class LiveSettings(Generic[T]):
             await asyncio.wait_for(self._first.wait(), 5.0)
 
     async def _follow(self, http: httpx.AsyncClient, first: asyncio.Event) -> None:
-        async for _status, body in blocking_watch(http, self.path, {"recurse": "1"}):
-            await self._apply(body)
-            first.set()
+        while True:
+            try:
+                async for _status, body in blocking_watch(http, self.path, {"recurse": "1"}):
+                    await self._apply(body)
+                    first.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a malformed answer must not stop the settings from following the KV
+                log.exception("config %s: watching failed; starting over", self.prefix)
+                await asyncio.sleep(1.0)
 
     async def refresh(self) -> T:
         """Read the prefix once now (without watching)."""

@@ -288,6 +288,8 @@ class SelfRegistration:
 
     async def aclose(self) -> None:
         await self.deregister()
+        async with self.lock:  # a deregister started by the stop signal may still be on the wire
+            pass
         if self.beating is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.beating
@@ -338,6 +340,7 @@ class Service:
         self.stopping = False
         self.registration: SelfRegistration | None = None
         self._uvicorn: _GracefulServer | None = None
+        self._deregistering: asyncio.Task[None] | None = None
 
     @property
     def scheduled(self) -> bool:
@@ -385,6 +388,8 @@ class Service:
         """Serve until SIGTERM/SIGINT (blocking): uvicorn with uvloop and httptools."""
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            # httpx logs every request at INFO: heartbeats and watches would drown the service's own lines.
+            logging.getLogger("httpx").setLevel(logging.WARNING)
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -412,7 +417,7 @@ class Service:
         self.stopping = True
         log.info("%s: %s received, stopping (grace %gs)", self.service_id, signal.Signals(sig).name, self.stop_grace)
         if self.registration is not None:
-            asyncio.get_running_loop().create_task(self.registration.deregister())
+            self._deregistering = asyncio.get_running_loop().create_task(self.registration.deregister())
 
     def stop(self) -> None:
         """Ask a running `serve()` to stop gracefully, as SIGTERM would (for embedding and tests)."""
