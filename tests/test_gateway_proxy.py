@@ -494,6 +494,9 @@ def test_plugin_chain_rejects_before_and_decorates_after_the_upstream(server: Se
     _admin(server, "POST", "/routes/guarded/plugins", {"name": "rate-limiting", "config": {"minute": 1000}})
     url = routed + "/guarded/hello"
     wait_until(lambda: _get(url) == 401, "key-auth on the route")
+    # Each admin write is its own table rebuild: the rate-limiting plugin may land a moment after key-auth.
+    wait_until(lambda: "RateLimit-Limit" in requests.get(url, headers={"apikey": "alice-key"}).headers,
+               "rate-limiting on the route")
     r = requests.get(url)
     assert r.json() == {"message": "No API key found in request"} and "WWW-Authenticate" in r.headers
     r = requests.get(url, headers={"apikey": "alice-key"})
