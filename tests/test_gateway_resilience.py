@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -216,3 +218,100 @@ def test_100_per_minute_with_4_workers_admits_100(platform: tuple[ServerProcess,
     assert set(statuses) <= {200, 429}, statuses
     print("admitted of 200 at 100/minute over 4 workers:", statuses.count(200))
     assert 98 <= statuses.count(200) <= 102, statuses.count(200)
+
+
+class SlowReader:
+    """A TCP upstream that answers GETs at once but, for a POST, reads only the request head and then nothing for
+    `stall` seconds; afterwards it reads until the gateway hangs up, recording whether it did."""
+
+    def __init__(self, stall: float) -> None:
+        self.stall = stall
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.post_seen = threading.Event()
+        self.hung_up = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(1)  # byte by byte: nothing of the body is read with the head
+                if not data:
+                    return
+                head += data
+            if not head.startswith(b"POST"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                return
+            self.post_seen.set()
+            time.sleep(self.stall)
+            conn.settimeout(30)
+            try:
+                while conn.recv(1 << 20):
+                    pass
+                self.hung_up.set()  # EOF: the gateway closed the connection
+            except ConnectionResetError:
+                self.hung_up.set()
+            except TimeoutError:
+                pass  # still connected 30 s later: the gateway held on to it
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_slow_reading_upstream_is_dropped_after_its_write_timeout(platform: tuple[ServerProcess, Path]) -> None:
+    server, _ = platform
+    gw = server.gateway_url
+    upstream = SlowReader(stall=6.0)
+    try:
+        admin = f"{server.url}/api/gateway"
+        assert requests.post(f"{admin}/services", json={"name": "slow-reader", "url": f"http://127.0.0.1:"
+                             f"{upstream.port}", "write_timeout": 1000}).status_code == 201  # Kong's ms
+        assert requests.post(f"{admin}/services/slow-reader/routes", json={"name": "slow-reader",
+                             "paths": ["/slow-reader"]}).status_code == 201
+        streak = 0
+        deadline = time.monotonic() + 20
+        while streak < 8 and time.monotonic() < deadline:
+            ok = requests.get(f"{gw}/slow-reader/", headers={"Connection": "close"}, timeout=5).status_code == 200
+            streak = streak + 1 if ok else 0
+        assert streak == 8
+        # 256 MiB announced, sent as fast as the gateway takes it: the upstream reads none of it.
+        client = socket.create_connection(("127.0.0.1", server.gateway_port), timeout=30)
+        client.sendall(b"POST /slow-reader/upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (256 << 20))
+        assert upstream.post_seen.wait(10)
+        chunk, sent, answer = b"x" * 65536, 0, b""
+        client.setblocking(False)
+        while time.monotonic() < deadline + 30:
+            try:
+                sent += client.send(chunk)
+                continue
+            except BlockingIOError:
+                pass  # paused: everyone's buffers are full
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            try:
+                answer = client.recv(4096)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+            except ConnectionResetError:
+                break
+        client.close()
+        # The client got a 504 (or, when its unread body made the close a reset, just the close), and meanwhile the
+        # gateway kept serving others.
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 504 "), answer
+        assert sent < 256 << 20
+        assert requests.get(f"{gw}/web/", timeout=5).status_code == 200
+        # The slow upstream connection was dropped by the gateway, not kept until the 60 s default.
+        assert upstream.hung_up.wait(40), "the gateway never closed the connection to the slow upstream"
+    finally:
+        upstream.close()

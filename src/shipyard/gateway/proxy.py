@@ -154,6 +154,7 @@ class ClientConnection(asyncio.Protocol):
         self.up_activity = worker.clock
         self.reading_paused = False
         self.up_paused = False
+        self.up_paused_at = 0.0
         self.down_paused = False
         self.down_paused_at = 0.0
         self.pending_size = 0
@@ -781,6 +782,7 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_write_paused(self, paused: bool) -> None:
         self.up_paused = paused
+        self.up_paused_at = self.gw.clock
         self._update_reading()
 
     def _upstream_failure(self, req: Request, target: Target, *, timeout: bool, connect: bool,
@@ -960,6 +962,19 @@ class ClientConnection(asyncio.Protocol):
                     self._refuse(_Refuse(408, "Request timeout"))
             elif now - self.last_activity > s.keepalive_timeout:
                 self._close()
+            return
+        conn = req.upstream
+        if self.up_paused and conn is not None:
+            # The upstream stopped reading the request (Kong's write_timeout): drop it, buffered bytes and all, so a
+            # slow reader holds nothing of ours; the client was paused for its sake, so this is not the client's 408.
+            if now - self.up_paused_at > req.match.route.backend.spec.write_timeout:  # type: ignore[union-attr]
+                self._release(req, reusable=False)
+                conn.abort()
+                self.up_paused = False
+                if req.head_sent:
+                    self._abort()
+                else:
+                    self._respond(req, 504, json_body("The upstream server is timing out"))
             return
         if not req.complete and not req.upgrade:
             if now - self.last_activity > s.body_timeout:
