@@ -6,12 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench peers clean
 
+# uv installs the same packages as pip from the same index, about ten times faster (it matters for the
+# "fresh clone to healthy in under a minute" promise); pip is the fallback when uv cannot be fetched.
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -U pip
+	$(BIN)/python -m pip install -q uv || echo "uv unavailable: installing with pip"
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[test,mediahub]'
+	if [ -x $(BIN)/uv ]; then $(BIN)/uv pip install -q --python $(BIN)/python -e '.[test,mediahub]'; \
+	else $(BIN)/python -m pip install -q -e '.[test,mediahub]'; fi
 	touch $(STAMP)
 
 # Debian peers the tests and benchmarks run against (installed only when root and missing).
