@@ -1,12 +1,14 @@
-"""`make demo`: runs the example project with `shipyard up`, shows it working, and says what to try.
+"""`make demo`: runs the mediahub example platform with `shipyard up`, checks its gateway answers, and prints the
+gateway URL, the API docs and a copy-paste curl walk-through.
 
-Runs in the foreground until Ctrl-C, then `shipyard down` stops the services and the server it started.
+Runs in the foreground until Ctrl-C (or SIGTERM), then `shipyard down` stops the services and the server it started.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -18,8 +20,8 @@ import httpx
 from rich.console import Console
 
 HERE = Path(__file__).resolve().parent
-PROJECT = HERE / "hello"
-console = Console()
+ROOT = HERE.parent
+console = Console(highlight=False, soft_wrap=True)
 
 
 def port_taken(port: int) -> bool:
@@ -34,37 +36,94 @@ def shipyard(addr: str, *args: str, check: bool = True) -> subprocess.CompletedP
     return done
 
 
+def wait_for_routes(gateway: str, timeout: float = 15.0) -> int:
+    """The gateway follows the store by watch: its routes to the new services appear a moment after they are
+    healthy. A request without a token is refused by the jwt plugin (401) once they have."""
+    deadline = time.monotonic() + timeout
+    status = 0
+    while time.monotonic() < deadline:
+        try:
+            status = httpx.get(f"{gateway}/assets", timeout=2).status_code
+        except httpx.HTTPError:
+            status = 0
+        if status == 401:
+            return status
+        time.sleep(0.1)
+    return status
+
+
+def walkthrough(gateway: str, project: Path) -> str:
+    """The curl session the README shows, with this run's gateway address and the sample image's path."""
+    sample = project / "sample" / "harbour.jpg"
+    try:
+        sample_path = os.path.relpath(sample)
+    except ValueError:
+        sample_path = str(sample)
+    json_field = "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"{}\"])'"
+    return f"""\
+  GW={gateway}
+  # 1. sign up (the first account is the admin), then log in: the token is an RS256 JWT the gateway verifies
+  curl -s -X POST $GW/auth/signup -H 'Content-Type: application/json' \\
+       -d '{{"email": "ada@example.com", "password": "correct horse battery"}}'
+  TOKEN=$(curl -s -X POST $GW/auth/login -H 'Content-Type: application/json' \\
+       -d '{{"email": "ada@example.com", "password": "correct horse battery"}}' | {json_field.format("access_token")})
+  AUTH="Authorization: Bearer $TOKEN"
+  # 2. create an asset
+  ASSET=$(curl -s -X POST $GW/assets -H "$AUTH" -H 'Content-Type: application/json' \\
+       -d '{{"title": "Harbour at dusk", "description": "Fishing boats coming in", "tags": ["sea", "boats"]}}' \\
+       | {json_field.format("id")})
+  # 3. upload its file (streamed to disk by the files service); a job is planned for it
+  curl -s -T {shlex.quote(sample_path)} -H "$AUTH" -H 'Content-Type: image/jpeg' "$GW/files/$ASSET?filename=harbour.jpg"
+  # 4. search
+  curl -s -H "$AUTH" "$GW/search?q=harbour"
+  # 5. watch the job finish (checksum, type, size, thumbnail), then see what it found
+  curl -s -H "$AUTH" "$GW/jobs?asset_id=$ASSET"
+  curl -s -H "$AUTH" "$GW/assets/$ASSET"
+  curl -s -H "$AUTH" -o thumbnail.png "$GW/files/$ASSET/thumbnail"
+  curl -s -H "$AUTH" -o harbour-copy.jpg "$GW/files/$ASSET\""""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--project", type=Path, default=HERE / "mediahub", help="The example to run.")
     parser.add_argument("--http-port", type=int, default=8500)
     parser.add_argument("--dns-port", type=int, default=8600)
+    parser.add_argument("--gateway-port", type=int, default=8080)
     parser.add_argument("--exit-when-healthy", action="store_true", help="Show it working, then stop.")
     args = parser.parse_args()
-    for port in (args.http_port, args.dns_port):
+    for port, option in ((args.http_port, "--http-port"), (args.dns_port, "--dns-port"),
+                         (args.gateway_port, "--gateway-port")):
         if port_taken(port):
-            raise SystemExit(f"error: port {port} is in use (another server?); pass --http-port/--dns-port")
+            raise SystemExit(f"error: port {port} is in use (another server?); pass {option}")
+    project = args.project.resolve()
     addr = f"127.0.0.1:{args.http_port}"
-    api = f"http://{addr}"
+    api, gateway = f"http://{addr}", f"http://127.0.0.1:{args.gateway_port}"
+    # A server `shipyard up` starts inherits these (it has no flags of its own for them).
     os.environ["SHIPYARD_DNS_PORT"] = str(args.dns_port)
+    os.environ["SHIPYARD_GATEWAY_PORT"] = str(args.gateway_port)
+    shipyard_cmd = ".venv/bin/shipyard" + ("" if args.http_port == 8500 else f" --http-addr {addr}")
     try:
-        shipyard(addr, "up", str(PROJECT))
-        entry = httpx.get(f"{api}/v1/health/service/hello?passing").json()[0]["Service"]
-        greeting = httpx.get(f"http://127.0.0.1:{entry['Port']}/demo", timeout=10).json()
-        console.print(f"GET hello/demo -> {greeting}", highlight=False)
+        shipyard(addr, "up", str(project))
+        status = wait_for_routes(gateway)
+        console.print(f"GET {gateway}/assets without a token -> {status}"
+                      + (" (the gateway's jwt plugin at work)" if status == 401 else " (routes not ready?)"))
         console.print(f"""
-Shipyard is running the example in {PROJECT} (services: hello x2, worker: greeter).
-Control API (Consul- and Marathon-compatible): [bold]{api}[/bold]   DNS: 127.0.0.1:{args.dns_port}
-Try:
-  .venv/bin/shipyard ps
-  curl -s {api}/v1/health/service/hello?passing
-  dig @127.0.0.1 -p {args.dns_port} hello.service.consul SRV
-  curl -s http://127.0.0.1:{entry['Port']}/you            # enqueues a task for the worker
-  .venv/bin/shipyard logs greeter                       # ... which prints it
-  .venv/bin/shipyard queues
-  .venv/bin/shipyard scale hello 3
-  .venv/bin/shipyard kv put config/hello/level debug && .venv/bin/shipyard kv get config/hello/level
-  curl -s {api}/v2/apps                                 # Marathon's view of the same jobs
-(use --http-addr {addr} if you changed the port) Press Ctrl-C to stop.""", highlight=False)
+Shipyard is running mediahub from {project}:
+  services auth, assets, files, search, jobs (2 instances each) and the transcode worker (2), behind the gateway.
+
+  Gateway:   [bold]{gateway}[/bold]
+  API docs:  [bold]{gateway}/docs[/bold]   (every service's operations, merged; JSON at {gateway}/docs/openapi.json)
+  Control:   {api}/ui/   (Consul /v1, Marathon /v2, native /api)
+
+Try the walk-through (copy-paste into a shell in {Path.cwd()}):
+{walkthrough(gateway, project)}
+
+And the platform:
+  {shipyard_cmd} ps
+  {shipyard_cmd} logs transcode
+  {shipyard_cmd} kv put mediahub/files/max_upload_mb 5       # live config: uploads over 5 MB now get 413
+  kill -9 <a PID from ps>                                    # the other instance keeps serving; it comes back
+Press Ctrl-C to stop.""")
         if not args.exit_when_healthy:
             while True:
                 time.sleep(3600)
@@ -72,7 +131,7 @@ Try:
         pass
     finally:
         console.print("stopping…")
-        shipyard(addr, "down", str(PROJECT), check=False)
+        shipyard(addr, "down", str(project), check=False)
 
 
 def _interrupt(signum: int, frame: object) -> None:
