@@ -12,7 +12,10 @@ import asyncio
 import hashlib
 import io
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -24,6 +27,8 @@ log = logging.getLogger("mediahub.transcode")
 
 MAX_ATTEMPTS = 6  # 1+2+4+8+16 s of backoff: rides out a service restart; then the job is failed (dead letter)
 FETCH_TIMEOUT = 120.0
+CHUNK = 1024 * 1024
+SNIFF_BYTES = 4096
 # Leading bytes of common media containers, for files Pillow does not open.
 SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
     (b"%PDF-", 0, "application/pdf"),
@@ -55,34 +60,33 @@ class Unprocessable(Exception):
     """The bytes themselves are the problem: trying again cannot help."""
 
 
-def sniff(data: bytes) -> str:
+def sniff(head: bytes) -> str:
+    """A MIME type from a file's first bytes, for what Pillow does not open."""
     for magic, offset, mime in SIGNATURES:
-        if data[offset:offset + len(magic)] == magic:
+        if head[offset:offset + len(magic)] == magic:
             return mime
-    try:
-        data[:4096].decode("utf-8")
-        return "text/plain"
-    except UnicodeDecodeError:
-        # A cut in the middle of a multi-byte character at the 4096 boundary is still text.
+    for cut in range(4):  # the sample may end inside a multi-byte character
         try:
-            data[:4093].decode("utf-8")
-            return "text/plain" if len(data) > 4093 else "application/octet-stream"
+            head[:len(head) - cut].decode("utf-8")
+            return "text/plain"
         except UnicodeDecodeError:
-            return "application/octet-stream"
+            continue
+    return "application/octet-stream"
 
 
-def analyze(data: bytes, thumbnail_size: int) -> tuple[dict[str, Any], bytes | None]:
-    """The technical metadata of `data` and, for images, a PNG thumbnail. CPU work: run in a thread."""
-    facts: dict[str, Any] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+def analyze(path: Path, thumbnail_size: int) -> tuple[dict[str, Any], bytes | None]:
+    """The technical metadata of the file at `path` and, for images, a PNG thumbnail. CPU work: run in a thread."""
+    facts: dict[str, Any] = {}
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(path) as image:
             facts.update(kind="image", format=image.format, mime=Image.MIME.get(image.format or "", ""),
                          width=image.width, height=image.height, mode=image.mode,
                          frames=getattr(image, "n_frames", 1))
             image.load()  # decode the pixels now: a truncated or corrupt file fails here, not in thumbnail()
             thumb = image.copy()
     except UnidentifiedImageError:
-        facts.update(kind="file", mime=sniff(data))
+        with open(path, "rb") as fh:
+            facts.update(kind="file", mime=sniff(fh.read(SNIFF_BYTES)))
         return facts, None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise Unprocessable(f"cannot decode the {facts.get('format') or 'image'}: {exc}") from None
@@ -95,6 +99,21 @@ def analyze(data: bytes, thumbnail_size: int) -> tuple[dict[str, Any], bytes | N
     return facts, out.getvalue()
 
 
+async def fetch(asset_id: str, into: Path) -> tuple[int, str]:
+    """Streams the asset's file from the files service to `into`, hashing on the way: (size, sha256)."""
+    digest, size = hashlib.sha256(), 0
+    async with client("files").stream("GET", f"/internal/files/{asset_id}", timeout=FETCH_TIMEOUT) as r:
+        if r.status_code == 404:
+            raise Unprocessable("the file is gone (asset deleted?)")
+        r.raise_for_status()
+        with open(into, "wb") as fh:
+            async for chunk in r.aiter_bytes(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                await asyncio.to_thread(fh.write, chunk)
+    return size, digest.hexdigest()
+
+
 async def _report(job_id: str, status: str, *, result: dict[str, Any] | None = None, error: str | None = None
                   ) -> None:
     r = await client("jobs").put(f"/internal/jobs/{job_id}/outcome",
@@ -104,12 +123,15 @@ async def _report(job_id: str, status: str, *, result: dict[str, Any] | None = N
 
 async def _run(task: dict[str, Any]) -> dict[str, Any]:
     asset_id = task["asset_id"]
-    r = await client("files").get(f"/internal/files/{asset_id}", timeout=FETCH_TIMEOUT)
-    if r.status_code == 404:
-        raise Unprocessable("the file is gone (asset deleted?)")
-    r.raise_for_status()
-    facts, thumbnail = await asyncio.to_thread(analyze, r.content, settings.current.thumbnail_size)
-    facts["matches_upload"] = facts["sha256"] == task.get("sha256")  # False: a newer upload replaced it
+    fd, name = tempfile.mkstemp(prefix=f"mediahub-{asset_id}-")
+    os.close(fd)
+    local = Path(name)
+    try:
+        size, sha256 = await fetch(asset_id, local)
+        facts, thumbnail = await asyncio.to_thread(analyze, local, settings.current.thumbnail_size)
+    finally:
+        local.unlink(missing_ok=True)
+    facts.update(size=size, sha256=sha256, matches_upload=sha256 == task.get("sha256"))  # False: replaced since
     if thumbnail is not None:
         r = await client("files").put(f"/internal/files/{asset_id}/thumbnail", content=thumbnail)
         r.raise_for_status()
