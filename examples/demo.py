@@ -131,7 +131,21 @@ Press Ctrl-C to stop.""")
         pass
     finally:
         console.print("stopping…")
+        pid_file = project / ".shipyard" / "server.pid"
+        server_pid = int(pid_file.read_text().strip() or 0) if pid_file.is_file() else 0
         shipyard(addr, "down", str(project), check=False)
+        wait_for_exit(server_pid)
+
+
+def wait_for_exit(pid: int, timeout: float = 15.0) -> None:
+    """`down` signals the server; waiting for it to be gone lets a next `make demo` start at once on its data dir."""
+    deadline = time.monotonic() + timeout
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
 
 
 def _interrupt(signum: int, frame: object) -> None:
