@@ -31,8 +31,9 @@ lint: $(STAMP)
 bench: $(STAMP) peers
 	$(BIN)/python bench/kv.py
 
+# `make demo DEMO_ARGS="--gateway-port 9080"` when a default port (8500, 8600, 8080) is taken.
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) shipyard-data .pytest_cache

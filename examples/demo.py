@@ -94,7 +94,8 @@ def main() -> None:
     for port, option in ((args.http_port, "--http-port"), (args.dns_port, "--dns-port"),
                          (args.gateway_port, "--gateway-port")):
         if port_taken(port):
-            raise SystemExit(f"error: port {port} is in use (another server?); pass {option}")
+            raise SystemExit(f"error: port {port} is in use (another server?); pass {option} N "
+                             f"(make demo DEMO_ARGS='{option} N')")
     project = args.project.resolve()
     addr = f"127.0.0.1:{args.http_port}"
     api, gateway = f"http://{addr}", f"http://127.0.0.1:{args.gateway_port}"
