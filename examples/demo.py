@@ -114,7 +114,7 @@ Shipyard is running mediahub from {project}:
 
   Gateway:   [bold]{gateway}[/bold]
   API docs:  [bold]{gateway}/docs[/bold]   (every service's operations, merged; JSON at {gateway}/docs/openapi.json)
-  Control:   {api}/ui/   (Consul /v1, Marathon /v2, native /api)
+  Control:   {api}   (Consul /v1, Marathon /v2, native /api; there is no web UI yet)
 
 Try the walk-through (copy-paste into a shell in {Path.cwd()}):
 {walkthrough(gateway, project)}
