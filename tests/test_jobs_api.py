@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import pytest
@@ -241,6 +243,70 @@ async def test_stop_then_start_then_delete(cluster: Cluster) -> None:
     assert not await cluster.allocs()
     with pytest.raises(NotFound):
         await cluster.jobs.delete("web")
+
+
+async def test_scale_after_stop_starts_the_job_again(cluster: Cluster) -> None:
+    await cluster.jobs.deploy(service(instances=3))
+    await cluster.converge()
+    await cluster.jobs.stop("web")
+    await cluster.step()
+    await cluster.finish_stops()
+    await cluster.step()
+    assert not await cluster.allocs()
+
+    job = await cluster.jobs.scale("web", 2)
+    assert job.status == "running" and job.spec.instances == 2
+    await cluster.converge()
+    assert sorted(a.index for a in await cluster.live()) == [0, 1]
+
+    await cluster.jobs.stop("web")
+    await cluster.step()
+    job = await cluster.jobs.scale("web", 2)  # the same count: a fresh start of the same version
+    assert job.status == "running" and job.version == 2 and job.generation == 1
+    await cluster.converge()
+    assert len(await cluster.live()) == 2
+    await cluster.jobs.stop("web")
+    assert (await cluster.jobs.scale("web", 0)).status == "stopped"  # nothing to start
+
+
+async def test_kill_instances_stops_exactly_the_named_ones(cluster: Cluster) -> None:
+    await cluster.jobs.deploy(service(instances=4))
+    await cluster.converge()
+    by_index = {a.index: a.id for a in await cluster.live()}
+    job = await cluster.jobs.kill_instances("web", {0, 2})
+    assert job.spec.instances == 2 and job.retired == (0, 2)
+    plan = await cluster.step()
+    assert sorted(s.alloc for s in plan.stop) == sorted([by_index[0], by_index[2]]) and not plan.place
+    await cluster.converge()
+    assert {a.id for a in await cluster.live()} == {by_index[1], by_index[3]}
+    assert (await cluster.jobs.versions("web"))[-1].reason == "scaled to 2: killed instances 0, 2"
+
+    await cluster.jobs.kill_instances("web", {3})  # only retired indexes below the survivor's are kept
+    assert (await cluster.jobs.get("web")).retired == (0,)
+    await cluster.converge()
+    assert {a.id for a in await cluster.live()} == {by_index[1]}
+    await cluster.jobs.scale("web", 3)
+    await cluster.converge()
+    assert sorted(a.index for a in await cluster.live()) == [1, 2, 3]
+    await cluster.jobs.scale("web", 0)
+    assert (await cluster.jobs.get("web")).retired == ()
+    assert (await cluster.jobs.kill_instances("web", {7})).version == (await cluster.jobs.get("web")).version
+
+
+async def test_waiting_for_a_dependency_is_recorded_then_cleared(cluster: Cluster) -> None:
+    project = parse_project("services:\n  db: {cmd: sleep 30, health: {command: 'true'}}\n"
+                            "  api: {cmd: sleep 30, instances: 2, depends_on: {db: healthy}}\n")
+    await cluster.jobs.deploy_project(project)
+    await cluster.step()
+    assert not await cluster.allocs("api")
+    assert (await cluster.jobs.waiting("api"))["api"]["reason"] == "waiting for db to be healthy"
+    assert (await cluster.jobs.waiting())["api"]["indexes"] == [0, 1]
+    await cluster.report("running", "db")
+    await cluster.step()
+    assert not await cluster.allocs("api")
+    await cluster.report("healthy", "db", only_new=False)
+    await cluster.step()
+    assert len(await cluster.live("api")) == 2 and await cluster.jobs.waiting() == {}
 
 
 async def test_conflicting_change_is_refused_unless_forced(cluster: Cluster) -> None:
@@ -506,6 +572,41 @@ def test_http_unplaceable_reason_is_visible(server) -> None:  # type: ignore[no-
     assert body["unplaceable"]["indexes"] == [0, 1] and body["unplaceable"]["reason"]
     assert body["allocations"] == []
     assert requests.delete(_api(server, "/jobs/api-huge"), timeout=10).status_code == 200
+
+
+def _cli(server, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    return subprocess.run([sys.executable, "-m", "shipyard.cli.main", "--http-addr", server.addr, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def _running(server, job: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    allocs = requests.get(_api(server, f"/allocs?job={job}"), timeout=10).json()["allocations"]
+    return [a for a in allocs if a["desired"] == "run" and (a["status"] or {}).get("client") == "healthy"]
+
+
+def _wait(what: str, check, timeout: float = 30):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return value
+
+
+def test_cli_scale_after_stop_runs_the_job_again(server) -> None:  # type: ignore[no-untyped-def]
+    spec = {"name": "api-again", "cmd": "sleep 60", "instances": 1, "resources": {"cpu": 10, "memory": 16}}
+    assert requests.post(_api(server, "/jobs"), json=spec, timeout=10).status_code == 201
+    _wait("1 running instance", lambda: len(_running(server, "api-again")) == 1)
+    stopped = _cli(server, "stop", "api-again")
+    assert stopped.returncode == 0, stopped.stderr
+    _wait("no instances", lambda: not requests.get(_api(server, "/allocs?job=api-again"), timeout=10)
+          .json()["allocations"])
+
+    scaled = _cli(server, "scale", "api-again", "2")
+    assert scaled.returncode == 0 and "scaling to 2" in scaled.stdout, scaled.stderr
+    _wait("2 running instances", lambda: len(_running(server, "api-again")) == 2)
+    job = requests.get(_api(server, "/jobs/api-again"), timeout=10).json()["job"]
+    assert job["status"] == "running" and job["spec"]["instances"] == 2
+    assert requests.delete(_api(server, "/jobs/api-again"), timeout=10).status_code == 200
 
 
 def test_http_bad_input_gets_clear_errors(server) -> None:  # type: ignore[no-untyped-def]

@@ -151,15 +151,16 @@ def test_scale_restart_and_kill_tasks_with_scale(marathon: MarathonClient) -> No
     app = wait_for("restarted tasks healthy",
                    lambda: (a := healthy(marathon, "/scale", 3)()) and not {t.id for t in a.tasks} & old_ids and a)
 
-    newest = max(app.tasks, key=lambda t: int(t.id.split(".")[1]))
-    killed = marathon.kill_task("/scale", newest.id, scale=True)
-    assert killed.id == newest.id
+    # Exactly the named task goes, whatever its instance index: here the lowest, then the middle one.
+    by_index = sorted(app.tasks, key=lambda t: int(t.id.split(".")[1]))
+    killed = marathon.kill_task("/scale", by_index[0].id, scale=True)
+    assert killed.id == by_index[0].id
     app = wait_for("2 healthy after kill", healthy(marathon, "/scale", 2))
-    assert app.instances == 2 and newest.id not in {t.id for t in app.tasks}
+    assert app.instances == 2 and {t.id for t in app.tasks} == {by_index[1].id, by_index[2].id}
 
-    assert marathon.kill_given_tasks([app.tasks[0].id], scale=True) is True
+    assert marathon.kill_given_tasks([by_index[1].id], scale=True) is True
     app = wait_for("1 healthy after bulk kill", healthy(marathon, "/scale", 1))
-    assert app.instances == 1
+    assert app.instances == 1 and [t.id for t in app.tasks] == [by_index[2].id]
 
     answer = marathon.kill_tasks("/scale", scale=True)
     assert "deploymentId" in answer

@@ -313,3 +313,101 @@ def test_conflicting_change_is_refused_unless_forced() -> None:
     result = cluster.step()
     assert [(d.version, d.status) for d in result.deployments][:1] == [(1, "cancelled")]
     assert cluster.deployment().version == 2
+
+
+# ---- depends_on: ordering at start only ---------------------------------------------------------------------
+
+
+def dependent(condition: str = "healthy", instances: int = 2, cmd: str = "api v1", dep: str = "db") -> TaskSpec:
+    return TaskSpec(name="api", kind="service", cmd=cmd, instances=instances, resources=Resources(100, 128),
+                    depends_on={dep: condition})
+
+
+def set_client(cluster: Cluster, job: str, client: str) -> None:
+    for a in cluster.live(job):
+        cluster.allocs[a.id] = replace(a, client=client, healthy_since=cluster.now if client == "healthy" else None)
+
+
+def test_dependent_waits_until_its_dependency_is_healthy() -> None:
+    cluster = Cluster(nodes(2))
+    cluster.submit(task(instances=1), "db")
+    cluster.submit(dependent("healthy"), "api")
+    result = cluster.step()
+    assert [a.job for a in result.place] == ["db"]
+    assert [(w.job, w.indexes, w.reason) for w in result.waiting] == [("api", (0, 1), "waiting for db to be healthy")]
+    assert cluster.deployment("api").description == "waiting for db to be healthy"
+    assert cluster.deployment("api").status == "running" and cluster.deployment("api").placed == 0
+
+    set_client(cluster, "db", "running")  # started is not enough for `healthy`
+    cluster.now += 100  # however long it takes: waiting is no deployment failure
+    result = cluster.step()
+    assert result.place == [] and [w.job for w in result.waiting] == ["api"]
+    assert cluster.deployment("api").status == "running"
+
+    set_client(cluster, "db", "healthy")
+    result = cluster.step()
+    assert sorted(a.index for a in result.place if a.job == "api") == [0, 1] and result.waiting == []
+    assert cluster.deployment("api").description == "deploying"
+
+
+def test_started_dependency_needs_one_running_instance() -> None:
+    cluster = Cluster(nodes(2))
+    cluster.submit(task(instances=2), "db")
+    cluster.submit(dependent("started"), "api")
+    cluster.step()
+    assert cluster.live("api") == []
+    cluster.allocs[cluster.live("db")[0].id] = replace(cluster.live("db")[0], client="running")
+    assert len([a for a in cluster.step().place if a.job == "api"]) == 2
+
+
+def test_dependency_going_down_never_stops_or_blocks_a_running_dependent() -> None:
+    cluster = Cluster(nodes(2))
+    cluster.submit(task(instances=1), "db")
+    cluster.submit(dependent("healthy"), "api")
+    cluster.step()
+    set_client(cluster, "db", "healthy")
+    cluster.step()
+    set_client(cluster, "api", "healthy")
+    cluster.now += 10
+    cluster.step()
+    assert cluster.deployment("api").status == "successful"
+
+    cluster.submit(task(instances=1), "db", status="stopped")
+    result = cluster.step()
+    assert {s.job for s in result.stop} == {"db"} and len(cluster.live("api")) == 2 and result.waiting == []
+
+    # A rolling update of the running dependent goes on without its dependency: no deadlock.
+    cluster.submit(dependent("healthy", cmd="api v2"), "api")
+    for _ in range(10):
+        cluster.step()
+        cluster.report("healthy")
+        cluster.now += 10
+    assert cluster.deployment("api").status == "successful" and cluster.deployment("api").version == 2
+    assert {a.version for a in cluster.live("api")} == {2} and cluster.live("db") == []
+
+
+def test_unmet_dependency_reasons_and_a_dependency_of_zero_instances() -> None:
+    cluster = Cluster(nodes(2))
+    cluster.submit(dependent("started", dep="ghost"), "api")
+    assert cluster.step().waiting[0].reason == "waiting for ghost to be started (no job named ghost)"
+    cluster.submit(task(instances=1), "ghost", status="stopped")
+    assert cluster.step().waiting[0].reason == "waiting for ghost to be started (ghost is stopped)"
+    cluster.submit(task(instances=0), "ghost")  # nothing will ever run: waiting would be forever
+    result = cluster.step()
+    assert result.waiting == [] and len(result.place) == 2
+
+
+# ---- retired indexes: Marathon's kill of named tasks with ?scale ------------------------------------------
+
+
+def test_retired_indexes_stop_the_named_instances_and_keep_the_others() -> None:
+    cluster = Cluster(nodes(2))
+    cluster.submit(task(instances=3))
+    converge(cluster)
+    kept = {a.id for a in cluster.live() if a.index != 0}
+    cluster.submit(task(instances=2), retired=(0,))
+    result = cluster.step()
+    assert [(s.alloc.split(".")[1], s.reason) for s in result.stop] == [("0", "scaled down")]
+    assert result.place == [] and {a.id for a in cluster.live()} == kept
+    cluster.submit(task(instances=3), retired=(0,))  # scaling up again takes the next free index
+    assert [a.index for a in cluster.step().place] == [3]

@@ -27,7 +27,8 @@ from shipyard.spec import ProjectSpec, SpecError, TaskSpec, load_project
 console = Console()
 err_console = Console(stderr=True)
 
-_STATE_STYLE = {"healthy": "green", "running": "cyan", "pending": "yellow", "unhealthy": "red", "failed": "red"}
+_STATE_STYLE = {"healthy": "green", "running": "cyan", "pending": "yellow", "waiting": "yellow", "unhealthy": "red",
+                "failed": "red"}
 
 
 def _client(ctx: click.Context) -> ApiClient:
@@ -111,6 +112,9 @@ def _deploy(api: ApiClient, spec_file: Path, project: ProjectSpec, force: bool) 
 def _why_not_healthy(detail: dict[str, Any]) -> str:
     """One line on why a job is not healthy: unplaceable, crash loop, failing check, failed deployment."""
     reasons = []
+    waiting = detail.get("waiting")
+    if waiting:
+        reasons.append(f"{waiting.get('count', len(waiting.get('indexes', [])))} instance(s) {waiting.get('reason')}")
     unplaceable = detail.get("unplaceable")
     if unplaceable:
         reasons.append(f"unplaceable: {unplaceable.get('reason') or unplaceable}")
@@ -147,6 +151,8 @@ def _wait_healthy(api: ApiClient, job_ids: list[str], timeout: float) -> None:
                 if deployment.get("status") == "paused-for-promotion":
                     bar.update(tasks[job], description=f"{job} (canary: shipyard promote {job})")
                     continue
+                waiting = detail.get("waiting")
+                bar.update(tasks[job], description=f"{job} ({waiting['reason']})" if waiting else job)
                 done = counts["healthy"] >= counts["desired"] and not counts["stopping"]
                 if not done or deployment.get("active"):
                     pending.append((job, detail))
@@ -210,8 +216,17 @@ def deploy(ctx: click.Context, path: str, force: bool, detach: bool, timeout: fl
 @click.pass_context
 def ps(ctx: click.Context, service: str | None) -> None:
     """List running instances with their state, ports, restarts and last exit."""
+    api = _client(ctx)
     params = {"job": service} if service else None
-    allocs = _client(ctx).request("GET", "/api/v1/allocs", params=params).json()["allocations"]
+    allocs = api.request("GET", "/api/v1/allocs", params=params).json()["allocations"]
+    # Instances held back by depends_on have no allocation yet: they show as waiting, with what for.
+    for job in api.get_json("/api/v1/jobs")["jobs"]:
+        waiting = job.get("waiting")
+        if not waiting or (service and job["id"] != service):
+            continue
+        for index in waiting.get("indexes", []):
+            allocs.append({"job": job["id"], "index": index, "id": "-", "version": job["version"], "desired": "run",
+                           "status": {"client": "waiting", "message": waiting.get("reason", ""), "restarts": ""}})
     table = Table("SERVICE", "#", "ALLOC", "VER", "STATE", "PORTS", "PID", "RESTARTS", "LAST EXIT", "NOTE",
                   box=None)
     for alloc in sorted(allocs, key=lambda a: (a["job"], a["index"], a["desired"])):

@@ -14,6 +14,7 @@ from shipyard.scheduler.model import (
     Stop,
     Unplaceable,
     VersionUpdate,
+    Waiting,
 )
 from shipyard.scheduler.planner import check_conflict, plan
 
@@ -28,6 +29,7 @@ __all__ = [
     "Stop",
     "Unplaceable",
     "VersionUpdate",
+    "Waiting",
     "check_conflict",
     "plan",
 ]

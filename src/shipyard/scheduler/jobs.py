@@ -6,6 +6,7 @@ or start anything: the scheduler loop plans from what it writes, agents execute.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -15,12 +16,13 @@ import orjson
 from shipyard.errors import BadRequest, Conflict, NotFound, Unprocessable
 from shipyard.scheduler.model import Allocation, Deployment, Job
 from shipyard.scheduler.planner import check_conflict
-from shipyard.scheduler.reconcile import deployment_id
+from shipyard.scheduler.reconcile import compact_retired, deployment_id, instance_slots
 from shipyard.scheduler.records import (
     ALLOC_STATUS,
     ALLOCS,
     DEPLOYMENTS,
     JOBS,
+    WAITING,
     AllocStatus,
     decode_alloc,
     decode_deployment,
@@ -34,6 +36,7 @@ from shipyard.scheduler.records import (
     job_version_key,
     split_node_alloc,
     unplaceable_key,
+    waiting_key,
 )
 from shipyard.spec import NAME_RE, ProjectSpec, SpecError, SpecProblem, TaskSpec
 from shipyard.store import Compare, Delete, Get, KeyValue, Put, Store
@@ -147,6 +150,19 @@ class JobService:
         kv = await self.store.get(unplaceable_key(check_job_id(job_id)))
         return orjson.loads(kv.value) if kv is not None else None
 
+    async def waiting(self, job_id: str | None = None) -> dict[str, dict[str, Any]]:
+        """Instances held back until their job's depends_on is met, by job: {"indexes", "reason", "since"...}."""
+        if job_id is not None:
+            kv = await self.store.get(waiting_key(check_job_id(job_id)))
+            return {job_id: orjson.loads(kv.value)} if kv is not None else {}
+        result = await self.store.range(WAITING, prefix=True)
+        out = {}
+        for kv in result.kvs:
+            with contextlib.suppress(Exception):
+                record = orjson.loads(kv.value)
+                out[record["job"]] = record
+        return out
+
     async def allocations(self, job_id: str | None = None) -> list[tuple[Allocation, AllocStatus | None]]:
         """Every allocation (also those draining) with what its agent last reported, in job and index order."""
         read = await self.store.txn((), (Get(ALLOCS, True), Get(ALLOC_STATUS, True)))
@@ -231,10 +247,36 @@ class JobService:
 
         def change(current: Job | None) -> tuple[Job, str] | None:
             assert current is not None
+            # Scaling a stopped job starts it again at the new count, as scaling a suspended app does in Marathon
+            # (scaling it to 0 only records the count).
+            status = "running" if instances > 0 else current.status
             if current.spec.instances == instances:
-                return None
+                if current.status == status:
+                    return None
+                return replace(current, status=status, generation=current.generation + 1), ""
             spec = replace(current.spec, instances=instances)
-            return replace(current, version=current.version + 1, spec=spec), f"scaled to {instances}"
+            retired = compact_retired(instances, current.retired)
+            return (replace(current, version=current.version + 1, spec=spec, status=status, retired=retired),
+                    f"scaled to {instances}")
+
+        job, _ = await self._change(job_id, change, force=force)
+        return job
+
+    async def kill_instances(self, job_id: str, indexes: set[int], *, force: bool = False) -> Job:
+        """Shrinks the job by exactly the named instances (Marathon's task kill with ?scale): their indexes are
+        retired, so the planner stops them and keeps the others where they are."""
+        def change(current: Job | None) -> tuple[Job, str] | None:
+            assert current is not None
+            wanted = current.spec.instances if current.status == "running" else 0
+            named = set(indexes) & set(instance_slots(wanted, current.retired))
+            if not named:
+                return None
+            count = wanted - len(named)
+            retired = compact_retired(count, set(current.retired) | named)
+            spec = replace(current.spec, instances=count)
+            killed = ", ".join(str(i) for i in sorted(named))
+            return (replace(current, version=current.version + 1, spec=spec, retired=retired),
+                    f"scaled to {count}: killed instance{'s' if len(named) > 1 else ''} {killed}")
 
         job, _ = await self._change(job_id, change, force=force)
         return job
@@ -313,7 +355,7 @@ class JobService:
         await self.store.txn(
             (),
             (Delete(job_key(job_id)), Delete(job_versions_prefix(job_id), True), Delete(deployment_key(job_id)),
-             Delete(unplaceable_key(job_id))),
+             Delete(unplaceable_key(job_id)), Delete(waiting_key(job_id))),
         )
 
     # ---- the one write path ----------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from shipyard.scheduler.jobs import decode_version, revert_ops
-from shipyard.scheduler.model import Allocation, Deployment, Job, Node, Plan, Snapshot
+from shipyard.scheduler.model import Allocation, Deployment, Job, Node, Plan, Snapshot, Unplaceable, Waiting
 from shipyard.scheduler.planner import plan as make_plan
 from shipyard.scheduler.records import (
     ALLOC_STATUS,
@@ -27,6 +27,7 @@ from shipyard.scheduler.records import (
     NODES,
     PLAN_GUARD,
     UNPLACEABLE,
+    WAITING,
     alloc_key,
     decode_alloc,
     decode_deployment,
@@ -42,6 +43,7 @@ from shipyard.scheduler.records import (
     job_version_key,
     split_node_alloc,
     unplaceable_key,
+    waiting_key,
 )
 from shipyard.store import Compare, Delete, Get, KeyValue, Put, Store
 
@@ -66,6 +68,7 @@ class StoreState:
     allocs: dict[str, tuple[Allocation, KeyValue]] = field(default_factory=dict)  # merged with client status
     statuses: dict[str, KeyValue] = field(default_factory=dict)  # alloc id -> alloc-status record
     unplaceable: dict[str, KeyValue] = field(default_factory=dict)  # job -> record
+    waiting: dict[str, KeyValue] = field(default_factory=dict)  # job -> record
     guard: KeyValue | None = None
 
 
@@ -74,9 +77,9 @@ async def read_state(store: Store, now: float | None = None,
     """Everything at one revision: a read-only txn is a consistent snapshot in both backends.
 
     job_cache (key -> (mod_revision, Job)) spares re-validating unchanged specs on every pass."""
-    read = await store.txn((), [Get(p, True) for p in (NODES, JOBS, DEPLOYMENTS, ALLOCS, ALLOC_STATUS, UNPLACEABLE)]
-                           + [Get(PLAN_GUARD)])
-    node_kvs, job_kvs, dep_kvs, alloc_kvs, status_kvs, unplaceable_kvs, guard_kvs = read.responses
+    prefixes = (NODES, JOBS, DEPLOYMENTS, ALLOCS, ALLOC_STATUS, UNPLACEABLE, WAITING)
+    read = await store.txn((), [Get(p, True) for p in prefixes] + [Get(PLAN_GUARD)])
+    node_kvs, job_kvs, dep_kvs, alloc_kvs, status_kvs, unplaceable_kvs, waiting_kvs, guard_kvs = read.responses
     nodes: list[Node] = []
     for kv in node_kvs:  # type: ignore[union-attr]
         with contextlib.suppress(Exception):  # an unreadable record is skipped, never fatal for the cluster
@@ -117,6 +120,9 @@ async def read_state(store: Store, now: float | None = None,
     for kv in unplaceable_kvs:  # type: ignore[union-attr]
         with contextlib.suppress(Exception):
             state.unplaceable[orjson.loads(kv.value)["job"]] = kv
+    for kv in waiting_kvs:  # type: ignore[union-attr]
+        with contextlib.suppress(Exception):
+            state.waiting[orjson.loads(kv.value)["job"]] = kv
     state.guard = guard_kvs[0] if guard_kvs else None  # type: ignore[index]
     state.snapshot = Snapshot(
         nodes=nodes,
@@ -237,7 +243,8 @@ class SchedulerLoop:
         for job_id, job in job_puts.items():
             ops.append(Put(job_key(job_id), encode_job(job)))
 
-        ops.extend(self._unplaceable_ops(state, plan, touched))
+        ops.extend(self._held_back_ops(plan.unplaceable, state.unplaceable, unplaceable_key, state, touched))
+        ops.extend(self._held_back_ops(plan.waiting, state.waiting, waiting_key, state, touched))
         ops.extend(self._collect_ops(state, compares))
 
         if not ops:
@@ -252,14 +259,17 @@ class SchedulerLoop:
         ops.append(Put(PLAN_GUARD, dumps({"revision": state.snapshot.revision, "at": state.snapshot.now})))
         return compares, ops
 
-    def _unplaceable_ops(self, state: StoreState, plan: Plan, touched: set[str]) -> list[Any]:
+    def _held_back_ops(self, held: list[Unplaceable] | list[Waiting], stored: dict[str, KeyValue], key: Any,
+                       state: StoreState, touched: set[str]) -> list[Any]:
+        """Records of instances the plan could not place (no room) or may not place yet (depends_on), per job:
+        written when they change, deleted when the job has none; `since` is kept while the reason stays."""
         ops: list[Any] = []
         reported = set()
-        for u in plan.unplaceable:
+        for u in held:
             reported.add(u.job)
             record = {"job": u.job, "indexes": list(u.indexes), "count": len(u.indexes), "reason": u.reason,
                       "since": state.snapshot.now}
-            old = state.unplaceable.get(u.job)
+            old = stored.get(u.job)
             if old is not None:
                 with contextlib.suppress(Exception):
                     previous = orjson.loads(old.value)
@@ -267,9 +277,9 @@ class SchedulerLoop:
                         continue
                     if previous.get("reason") == u.reason:
                         record["since"] = previous.get("since", record["since"])
-            ops.append(Put(unplaceable_key(u.job), dumps(record)))
+            ops.append(Put(key(u.job), dumps(record)))
             touched.add(u.job)
-        for job_id, kv in state.unplaceable.items():
+        for job_id, kv in stored.items():
             if job_id not in reported:
                 ops.append(Delete(kv.key))
         return ops

@@ -33,6 +33,9 @@ class Job:
     status: str = "running"  # "running" | "stopped"
     generation: int = 0
     stable_version: int | None = None  # last version whose deployment succeeded: where auto_revert goes
+    # Instance indexes killed by name (Marathon's kill with ?scale): the job's instances occupy the lowest
+    # indexes not listed here, so the named ones stop instead of the highest. See reconcile.instance_slots.
+    retired: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +122,15 @@ class Unplaceable:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """Instances not placed yet because a job's depends_on is not met (only before the job has started)."""
+
+    job: str
+    indexes: tuple[int, ...]
+    reason: str  # e.g. "waiting for db to be healthy"
+
+
 @dataclass
 class Plan:
     place: list[Allocation] = field(default_factory=list)
@@ -127,6 +139,7 @@ class Plan:
     deployments: list[Deployment] = field(default_factory=list)
     reverts: list[JobRevert] = field(default_factory=list)
     unplaceable: list[Unplaceable] = field(default_factory=list)
+    waiting: list[Waiting] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:

@@ -9,7 +9,7 @@ from collections import defaultdict
 from dataclasses import replace
 
 from shipyard.errors import Conflict
-from shipyard.scheduler.model import Allocation, Deployment, Job, Plan, Snapshot, Unplaceable
+from shipyard.scheduler.model import Allocation, Deployment, Job, Plan, Snapshot, Unplaceable, Waiting
 from shipyard.scheduler.placement import NodePool
 from shipyard.scheduler.reconcile import JobDecision, reconcile_job, reconcile_stopped
 
@@ -31,6 +31,7 @@ def plan(snapshot: Snapshot, *, spread: bool = False, candidates: int = 2) -> Pl
     jobs = {job.id: job for job in snapshot.jobs}
     result = Plan()
     seq = 0
+    up = _dependency_states(jobs, by_job)
 
     for job_id in sorted(set(by_job) | set(latest)):
         if job_id not in jobs:
@@ -43,11 +44,51 @@ def plan(snapshot: Snapshot, *, spread: bool = False, candidates: int = 2) -> Pl
         if job.status == "stopped":
             decision = reconcile_stopped(job_id, allocs, latest.get(job_id), "job stopped")
         else:
-            decision = reconcile_job(job, allocs, latest.get(job_id), alive, snapshot.now, template)
+            waiting_for = _waiting_for(job, jobs, up) if job.spec.depends_on else ""
+            decision = reconcile_job(job, allocs, latest.get(job_id), alive, snapshot.now, template, waiting_for)
+            if decision.waiting:
+                result.waiting.append(Waiting(job_id, decision.waiting, waiting_for))
         _merge(result, decision)
         if decision.place:
             seq = _place(result, pool, job, template, decision, allocs, snapshot, seq, spread, candidates)
     return result
+
+
+# Client statuses that count as "started" for depends_on: the process runs (healthy or not yet checked).
+STARTED = frozenset({"running", "healthy"})
+
+
+def _dependency_states(jobs: dict[str, Job], by_job: dict[str, list[Allocation]]) -> dict[str, tuple[bool, bool]]:
+    """(started, healthy) of every job some other job depends on: at least one live instance running / healthy."""
+    out: dict[str, tuple[bool, bool]] = {}
+    for job in jobs.values():
+        for dep in job.spec.depends_on:
+            if dep in out:
+                continue
+            live = [a.client for a in by_job.get(dep, ()) if a.desired == "run"]
+            out[dep] = (any(c in STARTED for c in live), "healthy" in live)
+    return out
+
+
+def _waiting_for(job: Job, jobs: dict[str, Job], up: dict[str, tuple[bool, bool]]) -> str:
+    """Why the job may not start yet ("" if it may): the first dependency, by name, whose condition is unmet.
+
+    A dependency that wants no instances is met (waiting for it would wait forever); one that is stopped or not
+    deployed is not, and the reason says so."""
+    for dep, condition in sorted(job.spec.depends_on.items()):
+        target = jobs.get(dep)
+        if target is not None and target.status == "running" and target.spec.instances == 0:
+            continue
+        started, healthy = up.get(dep, (False, False))
+        if healthy or (started and condition == "started"):
+            continue
+        reason = f"waiting for {dep} to be {condition}"
+        if target is None:
+            reason += f" (no job named {dep})"
+        elif target.status != "running":
+            reason += f" ({dep} is stopped)"
+        return reason
+    return ""
 
 
 def _merge(result: Plan, decision: JobDecision) -> None:

@@ -17,6 +17,7 @@ class JobDecision:
     place: list[tuple[int, bool]] = field(default_factory=list)
     stop: list[Stop] = field(default_factory=list)
     update: list[VersionUpdate] = field(default_factory=list)
+    waiting: tuple[int, ...] = ()  # indexes held back until the job's dependencies are met
     deployment: Deployment | None = None  # the deployment new placements belong to
     changed: list[Deployment] = field(default_factory=list)  # deployments to write (new, advanced, cancelled)
     revert: JobRevert | None = None
@@ -25,6 +26,28 @@ class JobDecision:
 def deployment_id(job: Job) -> str:
     # Deterministic, so planning twice from the same snapshot yields the same plan.
     return f"{job.id}.v{job.version}.g{job.generation}"
+
+
+def instance_slots(count: int, retired: tuple[int, ...] | frozenset[int] = ()) -> list[int]:
+    """The indexes a job of `count` instances occupies: the lowest ones not retired (killed by name)."""
+    if not retired:
+        return list(range(count))
+    skip = set(retired)
+    out: list[int] = []
+    i = 0
+    while len(out) < count:
+        if i not in skip:
+            out.append(i)
+        i += 1
+    return out
+
+
+def compact_retired(count: int, retired: set[int] | tuple[int, ...]) -> tuple[int, ...]:
+    """Only retired indexes below the highest slot in use change which slots a job occupies; the rest are dropped,
+    so the set never outgrows the job."""
+    slots = instance_slots(count, tuple(retired))
+    top = slots[-1] if slots else -1
+    return tuple(sorted(i for i in retired if i < top))
 
 
 def stable(alloc: Allocation, now: float, min_healthy_time: float) -> bool:
@@ -48,11 +71,15 @@ def reconcile_stopped(job_id: str, allocs: list[Allocation], deployment: Deploym
 
 
 def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None, alive_nodes: set[str] | frozenset,
-                  now: float, template: str) -> JobDecision:
+                  now: float, template: str, waiting_for: str = "") -> JobDecision:
+    """waiting_for: why the job's dependencies are not met yet ("" when they are); it holds back the placements of
+    a job that has not started, never those of one already running (ordering at start only, as in Compose)."""
     decision = JobDecision()
     spec = job.spec
     policy = spec.update
     wanted = 0 if job.status == "stopped" else spec.instances
+    slots = instance_slots(wanted, job.retired)
+    in_slots = (lambda i: i < wanted) if not job.retired else set(slots).__contains__
 
     # Instances whose node vanished or whose process is done hold nothing and get replaced.
     live: list[Allocation] = []
@@ -66,10 +93,10 @@ def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None,
         else:
             live.append(a)
 
-    # Scaling down stops the highest indexes first.
-    for a in sorted((a for a in live if a.index >= wanted), key=lambda a: -a.index):
+    # Scaling down stops the highest indexes first (or the retired ones: those killed by name).
+    for a in sorted((a for a in live if not in_slots(a.index)), key=lambda a: -a.index):
         decision.stop.append(_stop(a, "scaled down" if wanted else "job stopped"))
-    live = [a for a in live if a.index < wanted]
+    live = [a for a in live if in_slots(a.index)]
 
     current: dict[int, Allocation] = {}
     outdated: dict[int, Allocation] = {}
@@ -111,8 +138,12 @@ def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None,
         decision.changed.append(_count(d, ours, 0, 0, now, policy.min_healthy_time))
         return decision
 
-    # Indexes with nothing at all are placed at once: a new job, scale-up, or a lost instance.
-    missing = [i for i in range(wanted) if i not in current and i not in outdated]
+    # Indexes with nothing at all are placed at once: a new job, scale-up, or a lost instance; a job that has
+    # nothing live yet waits for its dependencies first.
+    missing = [i for i in slots if i not in current and i not in outdated]
+    if waiting_for and not live and missing:
+        decision.waiting = tuple(missing)
+        missing = []
     decision.place.extend((i, False) for i in missing)
     waiting = sorted(i for i in outdated if i not in current)
     placed_canaries = 0
@@ -145,6 +176,10 @@ def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None,
     if not d.active:
         return decision  # a successful deployment only keeps the count up; its record stays as it ended
     d = _count(d, ours, len(decision.place), placed_canaries, now, policy.min_healthy_time)
+    if decision.waiting:
+        d = replace(d, description=waiting_for)
+    elif d.description.startswith("waiting for ") and decision.place:
+        d = replace(d, description="deploying")
     replaced_all = all(i in current and stable(current[i], now, policy.min_healthy_time) for i in outdated)
     if (d.active and not canary_phase and not decision.place and replaced_all and len(current) == wanted
             and all(stable(a, now, policy.min_healthy_time) for a in current.values())):

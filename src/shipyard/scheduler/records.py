@@ -12,6 +12,7 @@ Layout (each value is a JSON object):
   alloc-status/<node>/<alloc>     what the agent sees: client status, healthy_since, ports, restarts...
                                   (written only by that node's agent; merged into Allocation for planning)
   unplaceable/<job>               the planner's reason why instances of a job could not be placed
+  waiting/<job>                   instances held back until the job's depends_on is met, and for what
   scheduler/plan                  bumped by every committed plan: concurrent scheduler loops serialise on it
 Writers never share a key, so no two components overwrite each other's fields.
 """
@@ -36,6 +37,7 @@ DEPLOYMENTS = "deployments/"
 ALLOCS = "allocs/"
 ALLOC_STATUS = "alloc-status/"
 UNPLACEABLE = "unplaceable/"
+WAITING = "waiting/"
 PLAN_GUARD = "scheduler/plan"
 
 
@@ -69,6 +71,10 @@ def alloc_status_key(node: str, alloc: str) -> str:
 
 def unplaceable_key(job: str) -> str:
     return UNPLACEABLE + _q(job)
+
+
+def waiting_key(job: str) -> str:
+    return WAITING + _q(job)
 
 
 def split_node_alloc(key: str, prefix: str) -> tuple[str, str]:
@@ -108,6 +114,7 @@ def decode_job(raw: bytes) -> Job:
         status=data.get("status", "running"),
         generation=int(data.get("generation", 0)),
         stable_version=data.get("stable_version"),
+        retired=tuple(int(i) for i in data.get("retired") or ()),
     )
 
 

@@ -258,15 +258,15 @@ async def kill_app_tasks(request: web.Request) -> web.Response:
 async def kill_tasks(jobs: JobService, job: Job, tasks: list[Allocation], *, scale: bool, force: bool) -> Job:
     """Marathon's task kill, expressed with what the JobService offers.
 
-    With scale, the job shrinks by the number of its tasks named: the scheduler stops the highest instance
-    indexes, so the named tasks are the ones that go when they are the newest. Without scale, the tasks are
-    replaced by a rolling restart of the job (every instance is replaced, never fewer healthy than before).
+    With scale, exactly the named tasks go: their instance indexes are retired and the job shrinks by as many,
+    so the scheduler stops those and keeps the others. Without scale, the tasks are replaced by a rolling
+    restart of the job (every instance is replaced, never fewer healthy than before).
     """
     wanted = [a for a in tasks if a.desired == "run"]
     if not wanted:
         return job
     if scale:
-        return await jobs.scale(job.id, max(0, job.spec.instances - len(wanted)), force=force)
+        return await jobs.kill_instances(job.id, {a.index for a in wanted}, force=force)
     return await jobs.restart(job.id, force=force)
 
 

@@ -155,11 +155,12 @@ async def list_jobs(request: web.Request) -> web.Response:
     jobs = jobs_of(request)
     allocs = await jobs.allocations()
     deployments = {d.job: d for d in await jobs.deployments()}
+    waiting = await jobs.waiting()
     out = []
     for job in await jobs.list():
         mine = [(a, s) for a, s in allocs if a.job == job.id]
         out.append({**job_json(job), "deployment": deployment_json(deployments.get(job.id)),
-                    "instances": _counts(job, mine)})
+                    "instances": _counts(job, mine), "waiting": waiting.get(job.id)})
     return _json({"jobs": out})
 
 
@@ -191,6 +192,7 @@ async def get_job(request: web.Request) -> web.Response:
         "instances": _counts(job, allocs),
         "allocations": [alloc_json(a, s) for a, s in allocs],
         "unplaceable": await jobs.unplaceable(job_id),
+        "waiting": (await jobs.waiting(job_id)).get(job_id),
     })
 
 
