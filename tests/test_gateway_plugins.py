@@ -455,3 +455,23 @@ def test_prometheus_metrics_scraped_from_the_control_api(gateway_server) -> None
                 if s.labels.get("route") == route and s.name.endswith("_count")]
     assert upstream[0].value == count
     assert next(s.value for s in families["shipyard_gateway_workers"].samples) == 4
+
+
+def test_leases_far_from_the_limit_never_pass_it(tmp_path: Path) -> None:
+    """Two openers of one counters file (as two workers): far from the limit requests are counted from leases
+    taken under the lock; the total admitted is still exactly the limit, and usage leaves out an unused lease."""
+    from shipyard.gateway.counters import LEASE_FRACTION
+
+    path = str(tmp_path / "counters")
+    a, b = SharedCounters(path), SharedCounters(path)
+    now, limit = 1_000_020.0, 3 * LEASE_FRACTION
+    admitted = sum(1 for i in range(limit + 500)
+                   if (a if i % 3 else b).acquire("route|consumer", 60, limit, now=now).allowed)
+    assert admitted == limit
+    assert a.usage("route|consumer", 60, now=now) == b.usage("route|consumer", 60, now=now) == limit
+    first = a.acquire("idle|consumer", 60, limit, now=now)  # takes a lease, then a goes idle
+    assert first.allowed and first.count == 1 and first.remaining == limit - 1
+    assert a.usage("idle|consumer", 60, now=now) == 1
+    counts = [b.acquire("idle|consumer", 60, limit, now=now).count for _ in range(3)]
+    assert counts == sorted(counts) and counts[0] > 1  # b sees a's lease as used
+    assert sum(1 for _ in range(limit) if b.acquire("idle|consumer", 60, limit, now=now).allowed) < limit

@@ -7,6 +7,13 @@ Layout: a 64-byte header, then buckets of BUCKET_SLOTS slots of 32 bytes: (key h
 window length i64, count i64). A key+window hashes to one bucket; the bucket's byte range is locked with
 fcntl.lockf while a slot is found (matching, expired, empty, or else the oldest is evicted) and updated, so
 "increment if below the limit" is atomic across processes: a limit admits exactly that many requests.
+
+Far from its limit a key does not need a lock per request: when at least LEASE_FRACTION requests remain in a
+window, the locked update also reserves a lease of up to LEASE_MAX more for this process (counted in the shared
+slot at once, so other workers see them as used), and the following requests are counted from the lease with no
+lock and no syscall. A lease never lets a window pass its limit; what it can do is leave up to one lease per
+process unused when a window ends (less than workers/LEASE_FRACTION of what remained), and within LEASE_FRACTION
+of the limit every request is counted under the lock again, exactly.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ import struct
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 
 MAGIC = b"SHIPCTR1"
 HEADER = 64
@@ -32,12 +38,19 @@ ENV_PATH = "SHIPYARD_GATEWAY_SHARED"
 WINDOWS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 
 
-@dataclass(frozen=True, slots=True)
 class WindowUse:
-    allowed: bool
-    count: int  # requests counted in this window after this call
-    limit: int
-    reset: float  # seconds until the window ends
+    """The outcome of one count in one window (a plain slotted class: made once per request on the hot path)."""
+
+    __slots__ = ("allowed", "count", "limit", "reset")
+
+    def __init__(self, allowed: bool, count: int, limit: int, reset: float) -> None:
+        self.allowed = allowed
+        self.count = count  # requests counted in this window after this call
+        self.limit = limit
+        self.reset = reset  # seconds until the window ends
+
+    def __repr__(self) -> str:
+        return f"WindowUse(allowed={self.allowed}, count={self.count}, limit={self.limit}, reset={self.reset:.3f})"
 
     @property
     def remaining(self) -> int:
@@ -47,6 +60,22 @@ class WindowUse:
 def _hash(key: str, window: int) -> int:
     digest = hashlib.blake2b(f"{window}|{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") or 1  # 0 marks an empty slot
+
+
+HASH_CACHE_SIZE = 65536
+LEASE_FRACTION = 1024  # lease only while at least this many requests remain in the window...
+LEASE_MAX = 64  # ...and at most remaining / LEASE_FRACTION, at most this many
+
+
+class _Lease:
+    """Requests of one key+window this process has already counted in the shared slot and not used yet."""
+
+    __slots__ = ("count", "left", "start")
+
+    def __init__(self, start: int, left: int, count: int) -> None:
+        self.start = start
+        self.left = left
+        self.count = count  # the shared count right after the lease was taken, this lease included
 
 
 class SharedCounters:
@@ -73,54 +102,107 @@ class SharedCounters:
         self._map = mmap.mmap(self._fd, size)
         # POSIX record locks don't exclude threads of one process; this does.
         self._thread_lock = threading.Lock()
+        self._places: dict[tuple[str, int], tuple[int, int]] = {}
+        self._hints: dict[int, int] = {}  # slot hash -> offset where it was last found (checked before use)
+        self._leases: dict[int, _Lease] = {}  # slot hash -> this process's lease in the current window
 
     def close(self) -> None:
         self._map.close()
         os.close(self._fd)
 
-    def _locked_update(self, key: str, window: int, limit: int | None, amount: int, now: float) -> WindowUse:
-        h = _hash(key, window)
+    def _where(self, key: str, window: int) -> tuple[int, int]:
+        """(slot hash, bucket offset) of key+window; remembered, so a hot key costs one dict lookup, not a blake2b."""
+        found = self._places.get((key, window))
+        if found is None:
+            h = _hash(key, window)
+            found = (h, HEADER + (h % self.buckets) * BUCKET_BYTES)
+            if len(self._places) >= HASH_CACHE_SIZE:
+                self._places.clear()
+            self._places[(key, window)] = found
+        return found
+
+    def _locked_update(self, key: str, window: int, limit: int | None, amount: int, now: float,
+                       lease: bool = False) -> WindowUse:
+        h, base = self._where(key, window)
         start = int(now // window) * window
-        bucket = h % self.buckets
-        base = HEADER + bucket * BUCKET_BYTES
         m = self._map
-        with self._thread_lock:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, BUCKET_BYTES, base)
-            try:
+        fd = self._fd
+        fcntl.lockf(fd, fcntl.LOCK_EX, BUCKET_BYTES, base)
+        try:
+            # The slot this key used last time is almost always still its slot: check it before scanning.
+            target, count, matched = self._hints.get(h, -1), 0, False
+            if target >= 0:
+                sh, sstart, slen, count = SLOT.unpack_from(m, target)
+                matched = sh == h and sstart == start and slen == window
+            if not matched:
                 target, count = -1, 0
                 free, oldest, oldest_end = -1, base, None
                 for i in range(BUCKET_SLOTS):
                     off = base + i * SLOT.size
                     sh, sstart, slen, scount = SLOT.unpack_from(m, off)
                     if sh == h and sstart == start and slen == window:
-                        target, count = off, scount
+                        target, count, matched = off, scount, True
                         break
                     end = sstart + slen
                     if free < 0 and (sh == 0 or end <= now):
                         free = off
                     elif oldest_end is None or end < oldest_end:
                         oldest, oldest_end = off, end
-                matched = target >= 0
                 if not matched:
                     target = free if free >= 0 else oldest
-                allowed = limit is None or count + amount <= limit
-                if allowed and (matched or amount > 0):
-                    count = max(0, count + amount)
-                    SLOT.pack_into(m, target, h, start, window, count)
-            finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, BUCKET_BYTES, base)
+            allowed = limit is None or count + amount <= limit
+            if allowed and (matched or amount > 0):
+                count = count + amount if count + amount > 0 else 0
+                extra = 0
+                if lease and limit is not None and limit - count >= LEASE_FRACTION:
+                    extra = min(LEASE_MAX, (limit - count) // LEASE_FRACTION)
+                    self._leases[h] = _Lease(start, extra, count + extra)
+                SLOT.pack_into(m, target, h, start, window, count + extra)
+                if not matched:
+                    if len(self._hints) >= HASH_CACHE_SIZE:
+                        self._hints.clear()
+                        self._leases.clear()
+                    self._hints[h] = target
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, BUCKET_BYTES, base)
         return WindowUse(allowed, count, limit if limit is not None else 0, start + window - now)
 
     def acquire(self, key: str, window: int, limit: int, *, now: float | None = None, amount: int = 1) -> WindowUse:
         """Count `amount` in the current window of `key` unless that would pass `limit` (then nothing is counted)."""
-        return self._locked_update(key, window, limit, amount, time.time() if now is None else now)
+        if now is None:
+            now = time.time()
+        with self._thread_lock:
+            h = self._where(key, window)[0]
+            held = self._leases.get(h)
+            if held is not None:
+                start = int(now // window) * window
+                if held.start == start and held.left >= amount:
+                    held.left -= amount
+                    return WindowUse(True, held.count - held.left, limit, start + window - now)
+                del self._leases[h]  # spent, or from a window that is over
+            return self._locked_update(key, window, limit, amount, now, lease=True)
 
     def release(self, key: str, window: int, *, now: float | None = None, amount: int = 1) -> None:
         """Give back what acquire counted (when another window of the same request refused it)."""
-        self._locked_update(key, window, None, -amount, time.time() if now is None else now)
+        if now is None:
+            now = time.time()
+        with self._thread_lock:
+            held = self._leases.get(self._where(key, window)[0])
+            if held is not None and held.start == int(now // window) * window:
+                held.left += amount  # back into the lease it most likely came from: still counted as used
+                return
+            self._locked_update(key, window, None, -amount, now)
 
     def usage(self, key: str, window: int, *, now: float | None = None) -> int:
-        return self._locked_update(key, window, None, 0, time.time() if now is None else now).count
+        """Requests counted in the current window of `key` (this process's unused lease excluded)."""
+        if now is None:
+            now = time.time()
+        with self._thread_lock:
+            count = self._locked_update(key, window, None, 0, now).count
+            held = self._leases.get(self._where(key, window)[0])
+            if held is not None and held.start == int(now // window) * window:
+                count -= held.left
+            return count
 
 
 _opened: dict[str, SharedCounters] = {}
