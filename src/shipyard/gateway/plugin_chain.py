@@ -170,24 +170,31 @@ class PluginChain:
 
     async def run_access(self, ctx: RequestContext) -> Reject | None:
         """Run access phases in priority order; after an auth plugin names the consumer, its own plugins apply
-        to the plugins not run yet. The plugins that ran are remembered for run_response/run_log."""
-        ran: list[Plugin] = []
-        ctx.shared["_plugins_ran"] = ran
+        to the plugins not run yet. The plugins that ran are remembered for run_response/run_log (in
+        ctx.shared["_plugins_ran"]; absent when they are exactly `plugins`, the common case, to save a list)."""
+        ran: list[Plugin] | None = None  # None while the plugins run so far are plugins[:i]
         current = self.plugins
         consumer_id = None
         i = 0
         while i < len(current):
             plugin = current[i]
             i += 1
-            ran.append(plugin)
+            if ran is not None:
+                ran.append(plugin)
             try:
                 reject = await plugin.access(ctx)
             except Reject as exc:
                 reject = exc
             if reject is not None:
+                ctx.shared["_plugins_ran"] = ran if ran is not None else current[:i]
                 return reject
             if ctx.consumer is not None and ctx.consumer.id != consumer_id:
                 consumer_id = ctx.consumer.id
+                if current is self.plugins and consumer_id not in self._consumer_records:
+                    continue  # no plugin of this consumer's own: the rest of the chain is what it was
+                if ran is None:
+                    ran = current[:i]
+                    ctx.shared["_plugins_ran"] = ran
                 done = {p.name for p in ran}
                 current = [p for p in self.for_consumer(consumer_id) if p.name not in done]
                 current = [p for p in current if p.priority <= plugin.priority]

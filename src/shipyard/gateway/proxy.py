@@ -48,6 +48,9 @@ RESPONSE_HOP = frozenset({
     b"proxy-authenticate", b"via",
 })
 
+REWRITTEN_STR = frozenset(("host", "content-length", "transfer-encoding", "connection"))
+RESPONSE_HOP_STR = frozenset(name.decode() for name in RESPONSE_HOP)
+
 STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 
@@ -61,6 +64,20 @@ def json_body(message: str, **extra: Any) -> bytes:
 
 
 NO_ROUTE = json_body("no Route matched with those values")
+_REJECT_BODIES: dict[tuple[int, str | None], bytes] = {}
+
+
+def reject_body(reject: Reject) -> bytes:
+    """The JSON body of a plugin's rejection, made once per status and message (rejections can come by the
+    thousand under attack: 401s, 429s)."""
+    body = _REJECT_BODIES.get((reject.status, reject.message))
+    if body is None:
+        body = json_body(reject.message or (HTTPStatus(reject.status).phrase if reject.status in STATUS_LINES
+                                            else str(reject.status)))
+        if len(_REJECT_BODIES) >= 1000:
+            _REJECT_BODIES.clear()
+        _REJECT_BODIES[(reject.status, reject.message)] = body
+    return body
 
 
 @dataclass
@@ -407,8 +424,8 @@ class ClientConnection(asyncio.Protocol):
         req.match = match
         chain = match.route.plugins
         if chain is not None:
-            req.ctx = self._context(req, match, table)
-            self._drive(self._access(req, chain))
+            req.ctx = ctx = self._context(req, match, table)
+            self._drive(req, chain.run_access(ctx))
             return
         self._forward(req)
 
@@ -428,25 +445,28 @@ class ClientConnection(asyncio.Protocol):
         out["host"] = (req.host or b"").decode("latin-1")
         return out
 
-    def _drive(self, coro: Any) -> None:
-        """Runs a plugin-phase coroutine without a Task: plugins almost always finish without suspending, and a
-        Task per request costs more than the plugins. When one does await a future, we resume it when the future
-        is done (what Task.__step does), so awaiting futures, tasks and sleeps works as usual."""
+    def _drive(self, req: Request, coro: Any) -> None:
+        """Runs the access phase (chain.run_access) without a Task: plugins almost always finish without suspending,
+        and a Task per request costs more than the plugins. When one does await a future, we resume it when the
+        future is done (what Task.__step does), so awaiting futures, tasks and sleeps works as usual."""
         try:
             yielded = coro.send(None)
-        except StopIteration:
+        except StopIteration as done:
+            self._accessed(req, done.value)
             return
         except Exception:
-            log.exception("plugin phase failed")
+            log.exception("plugin access phase failed on route %s", req.match.route.spec.id)  # type: ignore[union-attr]
+            self._accessed(req, Reject(500, "An unexpected error occurred"))
             return
         if yielded is None:  # a bare yield: asyncio.sleep(0)
-            self.gw.loop.call_soon(self._drive, coro)
+            self.gw.loop.call_soon(self._drive, req, coro)
         elif getattr(yielded, "_asyncio_future_blocking", None) is not None:
             yielded._asyncio_future_blocking = False
-            yielded.add_done_callback(lambda _: self._drive(coro))
+            yielded.add_done_callback(lambda _: self._drive(req, coro))
         else:
             coro.close()
             log.error("a plugin awaited %r, which is not an asyncio future", yielded)
+            self._accessed(req, Reject(500, "An unexpected error occurred"))
 
     def _context(self, req: Request, match: Match, table: Any) -> RequestContext:
         headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in req.headers]
@@ -456,27 +476,18 @@ class ClientConnection(asyncio.Protocol):
             scheme="http", request_headers=headers, route_id=match.route.spec.id,
             service_name=match.route.backend.name, started_at=time.time(),
             body_size=int(req.content_length) if req.content_length is not None else None,
+            shared={"consumers": table.consumers, "match": match, "counters": self.gw.counters},
         )
-        shared = ctx.shared
-        shared["consumers"] = table.consumers
-        shared["match"] = match
-        if self.gw.counters is not None:
-            shared["counters"] = self.gw.counters
         return ctx
 
-    async def _access(self, req: Request, chain: Any) -> None:
-        ctx = req.ctx
-        assert ctx is not None
-        try:
-            reject = await chain.run_access(ctx)
-        except Exception:
-            log.exception("plugin access phase failed on route %s", ctx.route_id)
-            reject = Reject(500, "An unexpected error occurred")
+    def _accessed(self, req: Request, reject: Reject | None) -> None:
+        """The access phase is over: answer the rejection, or forward."""
         if self.closed or req is not self.current:
             return
         if reject is not None:
-            body = reject.body if reject.body is not None else json_body(reject.message or HTTPStatus(
-                reject.status).phrase if reject.status in STATUS_LINES else str(reject.status))
+            ctx = req.ctx
+            assert ctx is not None
+            body = reject.body if reject.body is not None else reject_body(reject)
             extra = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in [*ctx.response_headers, *reject.headers]]
             has_type = any(n.lower() == b"content-type" for n, _ in extra)
             ctx.upstream_status = reject.status
@@ -588,11 +599,10 @@ class ClientConnection(asyncio.Protocol):
             for name, value in req.headers:
                 parts += (name, b": ", value, b"\r\n")
         else:
-            for name, value in ctx.request_headers:
-                lname = name.lower()
-                if lname in ("host", "content-length", "transfer-encoding", "connection"):
-                    continue
-                parts += (name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n")
+            lines = [f"{name}: {value}\r\n" for name, value in ctx.request_headers
+                     if name.lower() not in REWRITTEN_STR]
+            if lines:
+                parts.append("".join(lines).encode("latin-1"))  # one encode for all of them
         if req.xff is None:
             parts += (self.xff_line, req.host or b"")
         else:
@@ -640,12 +650,24 @@ class ClientConnection(asyncio.Protocol):
                     log.exception("plugin response phase failed on route %s", ctx.route_id)
                 status = ctx.upstream_status
                 headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in ctx.upstream_headers]
-            if ctx.response_headers:
-                headers = headers + [(n.encode("latin-1"), v.encode("latin-1")) for n, v in ctx.response_headers]
         parts = [status_line(status)]
         chunked_up = False
         has_length = False
         via = None
+        if ctx is not None and ctx.response_headers:
+            # Headers added by plugins, made into one str and encoded once (not two encodes per header).
+            lines = []
+            for name, value in ctx.response_headers:
+                lname = name.lower()
+                if lname in RESPONSE_HOP_STR:
+                    headers = [*headers, (name.encode("latin-1"), value.encode("latin-1"))]  # judged below
+                    continue
+                if lname == "content-length":
+                    has_length = True
+                lines.append(f"{name}: {value}\r\n")
+            plugin_block = "".join(lines).encode("latin-1")
+        else:
+            plugin_block = b""
         for name, value in headers:
             lname = name.lower()
             if lname in RESPONSE_HOP:
@@ -659,6 +681,8 @@ class ClientConnection(asyncio.Protocol):
             if lname == b"content-length":
                 has_length = True
             parts += (name, b": ", value, b"\r\n")
+        if plugin_block:
+            parts.append(plugin_block)  # after the upstream's own, as a plugin's headers always came
         no_body = req.method == b"HEAD" or status in (204, 304) or status == 101
         if no_body:
             if chunked_up and status != 101:

@@ -69,6 +69,15 @@ class RequestContext:
         self.request_headers = [(k, v) for k, v in self.request_headers if k.lower() != lname]
         self.request_headers.append((name, value))
 
+    def set_headers(self, pairs: list[tuple[str, str]] | tuple[tuple[str, str], ...],
+                    lowercase_names: frozenset[str] | None = None) -> None:
+        """set_header for several headers, in one pass over the request headers (`lowercase_names`: their names
+        in lower case, when the caller has them already)."""
+        lnames = lowercase_names if lowercase_names is not None else {name.lower() for name, _ in pairs}
+        kept = [(k, v) for k, v in self.request_headers if k.lower() not in lnames]
+        kept += pairs
+        self.request_headers = kept
+
     def remove_header(self, name: str) -> None:
         lname = name.lower()
         self.request_headers = [(k, v) for k, v in self.request_headers if k.lower() != lname]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlencode
 
-from shipyard.gateway.plugins.base import Plugin, Reject, RequestContext, register
+from shipyard.gateway.plugins.base import Consumer, Plugin, Reject, RequestContext, register
 from shipyard.gateway.plugins.config_schema import ConfigReader
 
 KEY_AUTH_CHALLENGE = ("WWW-Authenticate", 'Key realm="shipyard"')
@@ -34,16 +34,33 @@ def anonymous_consumer(ctx: RequestContext, anonymous: str) -> bool:
     return True
 
 
+_IDENTITY_HEADERS: dict[tuple[Consumer, str], tuple[tuple[tuple[str, str], ...], frozenset[str]]] = {}
+
+
+def identity_headers(consumer: Consumer, credential_id: str) -> tuple[tuple[tuple[str, str], ...], frozenset[str]]:
+    """The X-Consumer-* headers for a consumer and credential, and their names in lower case: made once per
+    credential, not per request."""
+    found = _IDENTITY_HEADERS.get((consumer, credential_id))
+    if found is None:
+        pairs = [("X-Consumer-ID", consumer.id)]
+        if consumer.username:
+            pairs.append(("X-Consumer-Username", consumer.username))
+        if consumer.custom_id:
+            pairs.append(("X-Consumer-Custom-ID", consumer.custom_id))
+        if credential_id:
+            pairs.append(("X-Credential-Identifier", credential_id))
+        found = (tuple(pairs), frozenset(name.lower() for name, _ in pairs))
+        if len(_IDENTITY_HEADERS) >= 10000:
+            _IDENTITY_HEADERS.clear()
+        _IDENTITY_HEADERS[(consumer, credential_id)] = found
+    return found
+
+
 def identify(ctx: RequestContext, consumer, credential) -> None:  # type: ignore[no-untyped-def]
     ctx.consumer = consumer
     ctx.credential = credential
-    ctx.set_header("X-Consumer-ID", consumer.id)
-    if consumer.username:
-        ctx.set_header("X-Consumer-Username", consumer.username)
-    if consumer.custom_id:
-        ctx.set_header("X-Consumer-Custom-ID", consumer.custom_id)
-    if credential and credential.get("id"):
-        ctx.set_header("X-Credential-Identifier", str(credential["id"]))
+    credential_id = str(credential.get("id") or "") if credential else ""
+    ctx.set_headers(*identity_headers(consumer, credential_id))
 
 
 @register
@@ -54,7 +71,7 @@ class KeyAuthPlugin(Plugin):
     def __init__(self, config):  # type: ignore[no-untyped-def]
         super().__init__(config)
         r = ConfigReader(config)
-        self.key_names = [k.lower() for k in r.str_list("key_names", ["apikey"])]
+        self.key_names = frozenset(k.lower() for k in r.str_list("key_names", ["apikey"]))
         self.key_in_header = r.bool("key_in_header", True)
         self.key_in_query = r.bool("key_in_query", True)
         self.hide_credentials = r.bool("hide_credentials", False)

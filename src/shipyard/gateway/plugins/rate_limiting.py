@@ -8,15 +8,9 @@ from __future__ import annotations
 
 import math
 
-from shipyard.gateway.counters import WINDOWS, SharedCounters, shared_counters
+from shipyard.gateway.counters import WINDOWS, SharedCounters, WindowUse, shared_counters
 from shipyard.gateway.plugins.base import Plugin, PluginConfigError, Reject, RequestContext, register
 from shipyard.gateway.plugins.config_schema import ConfigReader
-
-
-def counters_for(ctx: RequestContext) -> SharedCounters:
-    """The data plane may hand its counters in ctx.shared["counters"]; else $SHIPYARD_GATEWAY_SHARED is opened."""
-    counters = ctx.shared.get("counters")
-    return counters if isinstance(counters, SharedCounters) else shared_counters()
 
 
 @register
@@ -41,6 +35,12 @@ class RateLimitingPlugin(Plugin):
             raise PluginConfigError("header_name: required when limit_by is header")
         # Distinct configs never share counts (two plugins on two routes with the same consumer).
         self.scope = f"{sorted(config.items())!r}"
+        # Header names and limit values are the same for every request: made once here, not per request.
+        self.windows = [
+            (seconds, limit, f"X-RateLimit-Limit-{period.capitalize()}", f"X-RateLimit-Remaining-{period.capitalize()}",
+             str(limit))
+            for period, seconds, limit in self.limits
+        ]
 
     def identifier(self, ctx: RequestContext) -> str:
         if self.limit_by == "consumer" and ctx.consumer is not None:
@@ -57,35 +57,42 @@ class RateLimitingPlugin(Plugin):
 
     async def access(self, ctx: RequestContext) -> Reject | None:
         key = f"rl|{ctx.route_id}|{ctx.service_name}|{self.scope}|{self.identifier(ctx)}"
+        uses: list[tuple[WindowUse, int, str, str, str]] = []
+        refused = None
         try:
-            counters = counters_for(ctx)
-            taken: list[int] = []
-            uses = []
-            refused = None
-            for period, seconds, limit in self.limits:
+            # The data plane hands its counters in ctx.shared; else $SHIPYARD_GATEWAY_SHARED is opened.
+            counters = ctx.shared.get("counters")
+            if not isinstance(counters, SharedCounters):
+                counters = shared_counters()
+            for seconds, limit, limit_name, remaining_name, limit_text in self.windows:
                 use = counters.acquire(key, seconds, limit)
-                uses.append((period, use))
+                uses.append((use, seconds, limit_name, remaining_name, limit_text))
                 if not use.allowed:
                     refused = use
                     break
-                taken.append(seconds)
             if refused is not None:
-                for seconds in taken:
+                for _, seconds, *_ in uses[:-1]:
                     counters.release(key, seconds)
         except OSError:
             if self.fault_tolerant:
                 return None
             raise
-        headers: list[tuple[str, str]] = []
-        if not self.hide_client_headers:
-            for period, use in uses:
-                suffix = period.capitalize()
-                headers.append((f"X-RateLimit-Limit-{suffix}", str(use.limit)))
-                headers.append((f"X-RateLimit-Remaining-{suffix}", str(use.remaining)))
-            tightest = refused or min((u for _, u in uses), key=lambda u: (u.remaining, -u.reset))
-            headers.append(("RateLimit-Limit", str(tightest.limit)))
-            headers.append(("RateLimit-Remaining", str(tightest.remaining)))
-            headers.append(("RateLimit-Reset", str(max(1, math.ceil(tightest.reset)))))
+        if self.hide_client_headers:
+            if refused is None:
+                return None
+            headers: list[tuple[str, str]] = []
+        else:
+            headers = []
+            tightest, tightest_left, tightest_text = refused, 0, ""
+            for use, _, limit_name, remaining_name, limit_text in uses:
+                left = use.limit - use.count if use.count < use.limit else 0
+                headers += ((limit_name, limit_text), (remaining_name, str(left)))
+                if use is refused or (refused is None and (tightest is None or left < tightest_left or (
+                        left == tightest_left and use.reset > tightest.reset))):
+                    tightest, tightest_left, tightest_text = use, left, limit_text
+            assert tightest is not None
+            headers += (("RateLimit-Limit", tightest_text), ("RateLimit-Remaining", str(tightest_left)),
+                        ("RateLimit-Reset", str(max(1, math.ceil(tightest.reset)))))
         if refused is not None:
             headers.append(("Retry-After", str(max(1, math.ceil(refused.reset)))))
             return Reject(429, "API rate limit exceeded", headers=headers)
