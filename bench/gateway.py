@@ -1,12 +1,14 @@
 """Benchmark of the API gateway against nginx, in one invocation, in front of the same fast upstream, driven by wrk.
 
 The upstream is nginx answering a small static response (never the bottleneck). The reference is nginx (Debian)
-as a reverse proxy with a keep-alive upstream and the same number of workers as the gateway; the gateway runs as
-`shipyard server` would run it, routing by a urlprefix- tag of the upstream registered through the Consul API.
-Phases: no plugins, then key-auth + rate-limiting (a limit high enough never to refuse). It never reaches inside
-the server.
+as a reverse proxy with a keep-alive upstream pool and the same number of workers as the gateway; the gateway runs
+as `shipyard server` would run it, routing by a urlprefix- tag of the upstream registered through the Consul API.
+A second gateway route (/keyed, to the same upstream) has key-auth + rate-limiting (a limit high enough never to
+refuse). Phases: nginx, gateway without plugins, gateway with the two plugins, repeated --rounds times in turn, so
+that a machine whose load drifts (other jobs) weighs on all three alike; figures are medians over the rounds and
+each ratio is the median of the ratios of one round. It never reaches inside the server.
 
-Usage: python bench/gateway.py [--quick] [--duration S] [--connections C] [--workers N]
+Usage: python bench/gateway.py [--quick] [--duration S] [--rounds N] [--connections C] [--workers N]
 (progress on stderr, one JSON line with all figures on stdout)
 """
 
@@ -19,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -161,31 +164,55 @@ def plugins_available() -> bool:
 
 
 def enable_plugins(control: str, gateway: str) -> None:
+    """Route /keyed to the upstream with key-auth and rate-limiting; the urlprefix-/ route stays plugin-free."""
     api = control + "/api/gateway"
-    status, body = http("PUT", f"{api}/consumers/bench", {"username": "bench"})
-    if status >= 300:
-        raise SystemExit(f"bench/gateway: cannot create consumer: {status} {body[:200]!r}")
-    status, body = http("POST", f"{api}/consumers/bench/key-auth", {"key": API_KEY})
-    if status >= 300 and status != 409:
-        raise SystemExit(f"bench/gateway: cannot create key: {status} {body[:200]!r}")
-    for plugin in ({"name": "key-auth", "config": {}},
-                   {"name": "rate-limiting", "config": {"second": 100_000_000, "limit_by": "consumer"}}):
-        status, body = http("POST", f"{api}/plugins", plugin)
-        if status >= 300:
-            raise SystemExit(f"bench/gateway: cannot enable {plugin['name']}: {status} {body[:200]!r}")
-    wait_for(lambda: http("GET", gateway + "/")[0] == 401, "key-auth to be enforced")
-    wait_for(lambda: http("GET", gateway + "/", headers={"apikey": API_KEY})[0] == 200, "the key to be accepted")
+    steps = [
+        ("PUT", "/services/keyed", {"host": "bench-upstream"}),
+        ("PUT", "/routes/keyed", {"service": "keyed", "paths": ["/keyed"]}),
+        ("PUT", "/consumers/bench", {"username": "bench"}),
+        ("POST", "/consumers/bench/key-auth", {"key": API_KEY}),
+        ("POST", "/routes/keyed/plugins", {"name": "key-auth", "config": {}}),
+        ("POST", "/routes/keyed/plugins", {"name": "rate-limiting",
+                                           "config": {"second": 100_000_000, "limit_by": "consumer"}}),
+    ]
+    for method, path, body in steps:
+        status, text = http(method, api + path, body)
+        if status >= 300 and status != 409:
+            raise SystemExit(f"bench/gateway: {method} {path}: {status} {text[:200]!r}")
+    wait_for(lambda: http("GET", gateway + "/keyed")[0] == 401, "key-auth to be enforced")
+    wait_for(lambda: http("GET", gateway + "/keyed", headers={"apikey": API_KEY})[0] == 200, "the key to be accepted")
+    wait_for(lambda: http("GET", gateway + "/")[0] == 200, "the plugin-free route")
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of rps and latencies over rounds; requests and errors summed."""
+    out: dict[str, Any] = {
+        "rps": round(statistics.median(r["rps"] for r in runs), 1),
+        "p50_ms": round(statistics.median(r["p50_ms"] or 0.0 for r in runs), 3),
+        "p99_ms": round(statistics.median(r["p99_ms"] or 0.0 for r in runs), 3),
+    }
+    for name in ("requests", "socket_errors", "non_2xx"):
+        out[name] = sum(r[name] for r in runs)
+    out["rounds_rps"] = [r["rps"] for r in runs]
+    return out
+
+
+def median_ratio(top: list[float | None], bottom: list[float | None]) -> float | None:
+    ratios = [t / b for t, b in zip(top, bottom, strict=True) if t and b]
+    return round(statistics.median(ratios), 3) if ratios else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs (for a smoke test)")
-    parser.add_argument("--duration", type=int, default=0)
+    parser.add_argument("--duration", type=int, default=0, help="seconds per phase (default 10, --quick 3)")
+    parser.add_argument("--rounds", type=int, default=0, help="nginx/gateway/plugins rounds (default 3, --quick 1)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     duration = args.duration or (3 if args.quick else 10)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     for binary in (NGINX, WRK):
         if not os.path.exists(binary):
             raise SystemExit(f"bench/gateway: {binary} is missing (apt-get install nginx-light wrk)")
@@ -221,19 +248,30 @@ def main() -> None:
             progress(f"{name}: {result}")
             return result
 
-        nginx = measure(reference + "/", "nginx")
-        plain = measure(gateway + "/", "gateway, no plugins")
+        with_plugins = plugins_available()
+        if with_plugins:
+            enable_plugins(control, gateway)
+        phases: dict[str, list[dict[str, Any]]] = {"nginx": [], "gateway": [], "plugins": []}
+        for round_no in range(1, args.rounds + 1):
+            progress(f"round {round_no}/{args.rounds}")
+            phases["nginx"].append(measure(reference + "/", "nginx"))
+            phases["gateway"].append(measure(gateway + "/", "gateway, no plugins"))
+            if with_plugins:
+                phases["plugins"].append(measure(gateway + "/keyed", "gateway, key-auth + rate-limiting",
+                                                 [f"apikey: {API_KEY}"]))
+        nginx, plain = summary(phases["nginx"]), summary(phases["gateway"])
         out: dict[str, Any] = {
             "bench": "gateway", "workers": args.workers, "connections": args.connections, "threads": args.threads,
-            "duration_s": duration, "nginx": nginx, "gateway": plain,
-            "ratio": round(plain["rps"] / nginx["rps"], 3) if nginx["rps"] else None,
-            "p99_ratio": round(plain["p99_ms"] / nginx["p99_ms"], 3) if nginx["p99_ms"] and plain["p99_ms"] else None,
+            "duration_s": duration, "rounds": args.rounds, "nginx": nginx, "gateway": plain,
+            "ratio": median_ratio([r["rps"] for r in phases["gateway"]], [r["rps"] for r in phases["nginx"]]),
+            "p99_ratio": median_ratio([r["p99_ms"] for r in phases["gateway"]], [r["p99_ms"] for r in phases["nginx"]]),
         }
-        if plugins_available():
-            enable_plugins(control, gateway)
-            with_plugins = measure(gateway + "/", "gateway, key-auth + rate-limiting", [f"apikey: {API_KEY}"])
-            out["gateway_key_auth_rate_limiting"] = with_plugins
-            out["plugins_ratio"] = round(with_plugins["rps"] / nginx["rps"], 3) if nginx["rps"] else None
+        if with_plugins:
+            out["gateway_key_auth_rate_limiting"] = summary(phases["plugins"])
+            out["plugins_ratio"] = median_ratio([r["rps"] for r in phases["plugins"]],
+                                                [r["rps"] for r in phases["nginx"]])
+            out["plugins_p99_ratio"] = median_ratio([r["p99_ms"] for r in phases["plugins"]],
+                                                    [r["p99_ms"] for r in phases["nginx"]])
         else:
             out["gateway_key_auth_rate_limiting"] = None
             out["note"] = "key-auth/rate-limiting plugins not available: plugin phase skipped"
