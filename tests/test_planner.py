@@ -8,6 +8,7 @@ import pytest
 
 from shipyard.errors import Conflict
 from shipyard.scheduler import Allocation, Deployment, Job, Node, Plan, Snapshot, check_conflict, plan
+from shipyard.scheduler.reconcile import compact_retired, instance_slots
 from shipyard.spec import Resources, TaskSpec, UpdatePolicy
 
 
@@ -411,3 +412,10 @@ def test_retired_indexes_stop_the_named_instances_and_keep_the_others() -> None:
     assert result.place == [] and {a.id for a in cluster.live()} == kept
     cluster.submit(task(instances=3), retired=(0,))  # scaling up again takes the next free index
     assert [a.index for a in cluster.step().place] == [3]
+
+
+def test_instance_slots_skip_retired_indexes_and_retired_sets_stay_small() -> None:
+    assert instance_slots(3) == [0, 1, 2] and instance_slots(3, (0, 2)) == [1, 3, 4] and instance_slots(0, (1,)) == []
+    assert compact_retired(2, {0, 2}) == (0, 2)  # slots 1, 3: both still below the top one
+    assert compact_retired(2, {0, 5}) == (0,)  # slots 1, 2: index 5 no longer matters
+    assert compact_retired(0, {0, 1}) == ()

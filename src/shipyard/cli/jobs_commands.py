@@ -215,7 +215,7 @@ def deploy(ctx: click.Context, path: str, force: bool, detach: bool, timeout: fl
 @click.argument("service", required=False)
 @click.pass_context
 def ps(ctx: click.Context, service: str | None) -> None:
-    """List running instances with their state, ports, restarts and last exit."""
+    """List instances with their state, ports, restarts and last exit (and those waiting for a dependency)."""
     api = _client(ctx)
     params = {"job": service} if service else None
     allocs = api.request("GET", "/api/v1/allocs", params=params).json()["allocations"]
