@@ -151,6 +151,14 @@ def test_scale_restart_and_kill_tasks_with_scale(marathon: MarathonClient) -> No
     app = wait_for("restarted tasks healthy",
                    lambda: (a := healthy(marathon, "/scale", 3)()) and not {t.id for t in a.tasks} & old_ids and a)
 
+    # Without scale, exactly the named task is replaced by a new one; the others keep running.
+    by_index = sorted(app.tasks, key=lambda t: int(t.id.split(".")[1]))
+    marathon.kill_task("/scale", by_index[1].id)
+    app = wait_for("a replacement for the killed task",
+                   lambda: (a := healthy(marathon, "/scale", 3)()) and by_index[1].id not in {t.id for t in a.tasks}
+                   and a)
+    assert app.instances == 3 and {by_index[0].id, by_index[2].id} < {t.id for t in app.tasks}
+
     # Exactly the named task goes, whatever its instance index: here the lowest, then the middle one.
     by_index = sorted(app.tasks, key=lambda t: int(t.id.split(".")[1]))
     killed = marathon.kill_task("/scale", by_index[0].id, scale=True)

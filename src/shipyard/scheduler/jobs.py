@@ -281,6 +281,23 @@ class JobService:
         job, _ = await self._change(job_id, change, force=force)
         return job
 
+    async def replace_instances(self, job_id: str, indexes: set[int], *, force: bool = False) -> Job:
+        """Replaces exactly the named instances (Marathon's task kill without ?scale): their indexes are retired and
+        the count stays, so the planner stops them and places as many new ones; the others keep running and the
+        version does not change."""
+        def change(current: Job | None) -> tuple[Job, str] | None:
+            assert current is not None
+            if current.status != "running":
+                return None
+            named = set(indexes) & set(instance_slots(current.spec.instances, current.retired))
+            if not named:
+                return None
+            retired = compact_retired(current.spec.instances, set(current.retired) | named)
+            return replace(current, retired=retired), ""
+
+        job, _ = await self._change(job_id, change, force=force)
+        return job
+
     async def restart(self, job_id: str, *, force: bool = False) -> Job:
         """Replaces every instance, rolling by the job's update policy; the version stays."""
         def change(current: Job | None) -> tuple[Job, str] | None:

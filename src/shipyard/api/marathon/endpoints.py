@@ -259,15 +259,15 @@ async def kill_tasks(jobs: JobService, job: Job, tasks: list[Allocation], *, sca
     """Marathon's task kill, expressed with what the JobService offers.
 
     With scale, exactly the named tasks go: their instance indexes are retired and the job shrinks by as many,
-    so the scheduler stops those and keeps the others. Without scale, the tasks are replaced by a rolling
-    restart of the job (every instance is replaced, never fewer healthy than before).
+    so the scheduler stops those and keeps the others. Without scale, exactly the named tasks are replaced by
+    new ones (as Marathon launches a replacement for a killed task); the others are untouched.
     """
     wanted = [a for a in tasks if a.desired == "run"]
     if not wanted:
         return job
     if scale:
         return await jobs.kill_instances(job.id, {a.index for a in wanted}, force=force)
-    return await jobs.restart(job.id, force=force)
+    return await jobs.replace_instances(job.id, {a.index for a in wanted}, force=force)
 
 
 @routes.get("/apps/{app_id:.+}")
