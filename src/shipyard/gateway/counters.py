@@ -104,7 +104,7 @@ class SharedCounters:
         self._thread_lock = threading.Lock()
         self._places: dict[tuple[str, int], tuple[int, int]] = {}
         self._hints: dict[int, int] = {}  # slot hash -> offset where it was last found (checked before use)
-        self._leases: dict[int, _Lease] = {}  # slot hash -> this process's lease in the current window
+        self._leases: dict[tuple[str, int], _Lease] = {}  # (key, window) -> this process's lease, current window
 
     def close(self) -> None:
         self._map.close()
@@ -156,7 +156,7 @@ class SharedCounters:
                 extra = 0
                 if lease and limit is not None and limit - count >= LEASE_FRACTION:
                     extra = min(LEASE_MAX, (limit - count) // LEASE_FRACTION)
-                    self._leases[h] = _Lease(start, extra, count + extra)
+                    self._leases[(key, window)] = _Lease(start, extra, count + extra)
                 SLOT.pack_into(m, target, h, start, window, count + extra)
                 if not matched:
                     if len(self._hints) >= HASH_CACHE_SIZE:
@@ -172,14 +172,13 @@ class SharedCounters:
         if now is None:
             now = time.time()
         with self._thread_lock:
-            h = self._where(key, window)[0]
-            held = self._leases.get(h)
+            held = self._leases.get((key, window))
             if held is not None:
                 start = int(now // window) * window
                 if held.start == start and held.left >= amount:
                     held.left -= amount
                     return WindowUse(True, held.count - held.left, limit, start + window - now)
-                del self._leases[h]  # spent, or from a window that is over
+                del self._leases[(key, window)]  # spent, or from a window that is over
             return self._locked_update(key, window, limit, amount, now, lease=True)
 
     def release(self, key: str, window: int, *, now: float | None = None, amount: int = 1) -> None:
@@ -187,7 +186,7 @@ class SharedCounters:
         if now is None:
             now = time.time()
         with self._thread_lock:
-            held = self._leases.get(self._where(key, window)[0])
+            held = self._leases.get((key, window))
             if held is not None and held.start == int(now // window) * window:
                 held.left += amount  # back into the lease it most likely came from: still counted as used
                 return
@@ -199,7 +198,7 @@ class SharedCounters:
             now = time.time()
         with self._thread_lock:
             count = self._locked_update(key, window, None, 0, now).count
-            held = self._leases.get(self._where(key, window)[0])
+            held = self._leases.get((key, window))
             if held is not None and held.start == int(now // window) * window:
                 count -= held.left
             return count

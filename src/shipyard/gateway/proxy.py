@@ -623,8 +623,7 @@ class ClientConnection(asyncio.Protocol):
         return b"".join(parts)
 
     # ---- upstream callbacks --------------------------------------------------------------------------------
-    def upstream_head(self, conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]],
-                      version: str) -> None:
+    def upstream_head(self, conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         req = self.current
         if req is None or req.upstream is not conn:
             return

@@ -109,7 +109,8 @@ class UpstreamConnection(asyncio.Protocol):
         parser = self.parser
         self.keep_alive = parser.should_keep_alive()
         if self.client is not None:
-            self.client.upstream_head(self, parser.get_status_code(), self.headers, parser.get_http_version())
+            # (not the HTTP version: httptools formats it as a str on every call, and llhttp already framed the body)
+            self.client.upstream_head(self, parser.get_status_code(), self.headers)
 
     def on_body(self, body: bytes) -> None:
         if self.client is not None:

@@ -34,14 +34,15 @@ def anonymous_consumer(ctx: RequestContext, anonymous: str) -> bool:
     return True
 
 
-_IDENTITY_HEADERS: dict[tuple[Consumer, str], tuple[tuple[tuple[str, str], ...], frozenset[str]]] = {}
+_IDENTITY_HEADERS: dict[tuple[str, str], tuple[Consumer, tuple[tuple[str, str], ...], frozenset[str]]] = {}
 
 
 def identity_headers(consumer: Consumer, credential_id: str) -> tuple[tuple[tuple[str, str], ...], frozenset[str]]:
     """The X-Consumer-* headers for a consumer and credential, and their names in lower case: made once per
-    credential, not per request."""
-    found = _IDENTITY_HEADERS.get((consumer, credential_id))
-    if found is None:
+    credential, not per request (keyed by ids, which hash faster than the Consumer; a changed consumer with the
+    same id, from a new route table, is made again)."""
+    found = _IDENTITY_HEADERS.get((consumer.id, credential_id))
+    if found is None or (found[0] is not consumer and found[0] != consumer):
         pairs = [("X-Consumer-ID", consumer.id)]
         if consumer.username:
             pairs.append(("X-Consumer-Username", consumer.username))
@@ -49,11 +50,11 @@ def identity_headers(consumer: Consumer, credential_id: str) -> tuple[tuple[tupl
             pairs.append(("X-Consumer-Custom-ID", consumer.custom_id))
         if credential_id:
             pairs.append(("X-Credential-Identifier", credential_id))
-        found = (tuple(pairs), frozenset(name.lower() for name, _ in pairs))
+        found = (consumer, tuple(pairs), frozenset(name.lower() for name, _ in pairs))
         if len(_IDENTITY_HEADERS) >= 10000:
             _IDENTITY_HEADERS.clear()
-        _IDENTITY_HEADERS[(consumer, credential_id)] = found
-    return found
+        _IDENTITY_HEADERS[(consumer.id, credential_id)] = found
+    return found[1], found[2]
 
 
 def identify(ctx: RequestContext, consumer, credential) -> None:  # type: ignore[no-untyped-def]
