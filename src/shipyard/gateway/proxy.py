@@ -48,6 +48,28 @@ RESPONSE_HOP = frozenset({
     b"proxy-authenticate", b"via",
 })
 
+# Header names as received -> what they are, so the common ones cost a dict lookup, not a lower() each time.
+# Bounded: past KIND_CACHE_SIZE distinct spellings, new ones are classified without being remembered.
+KIND_CACHE_SIZE = 4096
+REQUEST_KIND: dict[bytes, int | None] = {}  # None: forwarded as is; else one of H_*
+RESPONSE_KIND: dict[bytes, int] = {}  # 0: forwarded as is, 1: Content-Length, 2: hop-by-hop (judged one by one)
+
+
+def request_kind(name: bytes) -> int | None:
+    kind = REQUEST_SPECIAL.get(name.lower())
+    if len(REQUEST_KIND) < KIND_CACHE_SIZE:
+        REQUEST_KIND[name] = kind
+    return kind
+
+
+def response_kind(name: bytes) -> int:
+    lname = name.lower()
+    kind = 2 if lname in RESPONSE_HOP else 1 if lname == b"content-length" else 0
+    if len(RESPONSE_KIND) < KIND_CACHE_SIZE:
+        RESPONSE_KIND[name] = kind
+    return kind
+
+
 REWRITTEN_STR = frozenset(("host", "content-length", "transfer-encoding", "connection"))
 RESPONSE_HOP_STR = frozenset(name.decode() for name in RESPONSE_HOP)
 
@@ -284,8 +306,9 @@ class ClientConnection(asyncio.Protocol):
         req.hsize += len(name) + len(value) + 4
         if req.nheaders > self.settings.max_headers or req.hsize > self.settings.max_header_size:
             raise _Refuse(431, "Request header fields too large")
-        lname = name.lower()
-        special = REQUEST_SPECIAL.get(lname)
+        special = REQUEST_KIND.get(name, -1)
+        if special == -1:
+            special = request_kind(name)
         if special is None:
             req.headers.append((name, value))
         elif special == H_HOST:
@@ -667,9 +690,16 @@ class ClientConnection(asyncio.Protocol):
             plugin_block = "".join(lines).encode("latin-1")
         else:
             plugin_block = b""
+        kinds = RESPONSE_KIND
         for name, value in headers:
+            kind = kinds.get(name)
+            if kind is None:
+                kind = response_kind(name)
+            if kind == 0:
+                parts += (name, b": ", value, b"\r\n")
+                continue
             lname = name.lower()
-            if lname in RESPONSE_HOP:
+            if kind == 2:
                 if lname == b"transfer-encoding":
                     chunked_up = True
                 elif lname == b"via":

@@ -25,7 +25,7 @@ class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to an instance. `client` is the exchange owner while a request is in flight."""
 
     __slots__ = (
-        "address", "body_started", "chunked", "client", "closed", "content_length", "headers", "idle_since",
+        "address", "body_started", "client", "closed", "headers", "idle_since",
         "keep_alive", "parser", "pool", "reset_parser", "reused", "transport", "tunnel",
     )
 
@@ -36,8 +36,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.client: ClientConnection | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.headers: list[tuple[bytes, bytes]] = []
-        self.chunked = False
-        self.content_length: bytes | None = None
         self.keep_alive = True
         self.closed = False
         self.tunnel = False
@@ -99,8 +97,6 @@ class UpstreamConnection(asyncio.Protocol):
     # ---- httptools callbacks ----
     def on_message_begin(self) -> None:
         self.headers = []
-        self.chunked = False
-        self.content_length = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
