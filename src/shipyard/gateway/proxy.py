@@ -334,8 +334,11 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         self.in_head = False
         req.method = parser.get_method()
-        req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
+        if not req.keep_alive or req.connection is not None:
+            req.version = parser.get_http_version()
+        # else: only HTTP/1.1 is persistent without a Connection header; the class default "1.1" holds, and
+        # httptools' get_http_version() (a new formatted str per call) is skipped on the common path.
         if req.te is not None:
             if req.te.strip().lower() != b"chunked":
                 raise _Refuse(400, "Bad request: unsupported Transfer-Encoding")
