@@ -49,6 +49,13 @@ class HealthBoard:
         if st is not None and st.failures:
             st.failures = 0
 
+    def eject(self, address: str, spec: BalancingSpec) -> None:
+        """Ejects an instance at once (a refused connect: nothing listens there, no need to wait for N failures)."""
+        st = self.state(address)
+        st.failures = 0
+        st.ejected_until = time.monotonic() + spec.eject_seconds
+        self.ejections += 1
+
     def report_failure(self, address: str, spec: BalancingSpec) -> bool:
         """Counts a transport failure or timeout; True when this one ejects the instance."""
         st = self.state(address)

@@ -33,6 +33,9 @@ log = logging.getLogger("shipyard.gateway.proxy")
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 MAX_PENDING = 256 * 1024  # request body bytes held while the upstream connection is being set up
+# A response head that came without any body byte is held this long before it goes to the client: if the instance
+# dies before its body (kill -9 between two writes), the client has seen nothing and the request can be retried.
+HEAD_HOLD = 0.05
 
 # Request headers we never forward as they came: hop-by-hop ones (RFC 9110 7.6.1) and the ones we rewrite.
 (H_DROP, H_HOST, H_CL, H_TE, H_CONNECTION, H_UPGRADE, H_XFF, H_VIA) = range(8)
@@ -157,6 +160,8 @@ class Request:
     target: Target | None = None
     attempts = 0
     excluded: set[str] | None = None
+    replay: list[bytes] | None = None  # the whole body as sent upstream (held for a retry); None if streamed
+    fresh_retry = False  # retrying after a pooled connection was found closed: a new connection if need be
     head_sent = False
     response_done = False
     down_chunked = False
@@ -202,6 +207,8 @@ class ClientConnection(asyncio.Protocol):
         self.upgraded = False  # the parser is done: the connection became (or is becoming) a tunnel
         self.tunnel: UpstreamConnection | None = None
         self.error_pending: _Refuse | None = None
+        self.head_held_at = -1  # index in down_buf of a response head held back (HEAD_HOLD); -1: none
+        self.head_timer: asyncio.TimerHandle | None = None
 
     # ---- asyncio.Protocol -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -220,6 +227,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.gw.connections.discard(self)
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
         req = self.current
         if self.tunnel is not None:
             self.tunnel.client = None
@@ -531,6 +541,11 @@ class ClientConnection(asyncio.Protocol):
             budget.tokens = min(budget.cap, budget.tokens + budget.ratio)
         key = self._hash_key(req, balancer.spec) if balancer.needs_key else None
         target = balancer.pick(self.gw.board, key, req.excluded or ())
+        if target is None and req.fresh_retry and req.target is not None:
+            # No other instance: the one whose pooled connection was closed under us, on a new connection.
+            req.fresh_retry = False
+            self.gw.spawn(self._connect(req, req.target))
+            return
         if target is None:
             if req.attempts:
                 self._respond(req, 502, json_body("An invalid response was received from the upstream server"))
@@ -538,7 +553,11 @@ class ClientConnection(asyncio.Protocol):
                 self._respond(req, 503, json_body(f"no healthy instance of service '{backend.name}'"))
             return
         req.target = target
-        conn = self.gw.pool.take(target.address)
+        if req.method in IDEMPOTENT and not req.has_body:
+            conn = self.gw.pool.take(target.address)  # closed under us: found out after the write, and retried
+        else:
+            # Written once only: a pooled connection whose close the loop has not handled yet is skipped now.
+            conn = self.gw.pool.take_live(target.address)
         if conn is not None:
             self._attach(req, conn)
         else:
@@ -570,7 +589,8 @@ class ClientConnection(asyncio.Protocol):
         except (OSError, TimeoutError) as exc:
             if self.closed or req is not self.current:
                 return
-            self._upstream_failure(req, target, timeout=isinstance(exc, TimeoutError), connect=True)
+            self._upstream_failure(req, target, timeout=isinstance(exc, TimeoutError), connect=True,
+                                   refused=isinstance(exc, ConnectionError))
             self.flush_down()
             return
         if self.closed or req is not self.current or req.response_done:
@@ -601,6 +621,8 @@ class ClientConnection(asyncio.Protocol):
                 parts += pending
             if req.complete and req.chunked:
                 parts.append(b"0\r\n\r\n")
+            if req.complete:
+                req.replay = pending  # the whole body: it can be sent again if this attempt fails before an answer
             self.pending_size = 0
             req.pending = None
             conn.transport.writelines(parts)  # type: ignore[union-attr]
@@ -733,6 +755,10 @@ class ClientConnection(asyncio.Protocol):
             elif req.version == "1.0":
                 parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
+        if not no_body and (chunked_up or has_length):
+            # Held until a body byte comes (flush_down, HEAD_HOLD). Not a close-delimited body: there, a close
+            # right after the head is a whole (empty) response, not a failure.
+            self.head_held_at = len(self.down_buf)
         self.down_buf += parts
         req.head_sent = True
         if status == 101:
@@ -749,6 +775,8 @@ class ClientConnection(asyncio.Protocol):
         if req is None:
             return
         self.up_activity = self.gw.clock
+        if self.head_held_at >= 0:
+            self._head_hold_over()
         if req.down_chunked:
             self.down_buf += (b"%x\r\n" % len(body), body, b"\r\n")
         else:
@@ -763,6 +791,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if req.response_done:
             return
+        if self.head_held_at >= 0:
+            self._head_hold_over()
         if req.down_chunked:
             self.down_buf.append(b"0\r\n\r\n")
         req.response_done = True
@@ -801,6 +831,8 @@ class ClientConnection(asyncio.Protocol):
         req = self.current
         if req is None or req.upstream is not conn or req.response_done:
             return
+        if self.head_held_at >= 0:
+            self._unsend_head(req)  # the client saw nothing yet: this can still be retried or answered 502
         if req.head_sent and not req.down_chunked and not req.close_after:
             # Content-Length body cut short: closing is the only way to tell the client.
             self._release(req, reusable=False)
@@ -830,6 +862,8 @@ class ClientConnection(asyncio.Protocol):
         req = self.current
         if req is None or req.upstream is not conn:
             return
+        if self.head_held_at >= 0:
+            self._unsend_head(req)
         if req.head_sent:
             self._release(req, reusable=False)
             self._abort()
@@ -842,23 +876,35 @@ class ClientConnection(asyncio.Protocol):
         self._update_reading()
 
     def _upstream_failure(self, req: Request, target: Target, *, timeout: bool, connect: bool,
-                          stale: bool = False, invalid: bool = False) -> None:
-        """A failed attempt before any response byte reached the client: retry it elsewhere or answer 502/504."""
+                          stale: bool = False, invalid: bool = False, refused: bool = False) -> None:
+        """A failed attempt before any response byte reached the client: retry it elsewhere or answer 502/504.
+
+        Retried (nginx's and Go's rules): a failed connect, for any method (nothing was sent, the body is still
+        held); a pooled connection closed under us before any answer (`stale`), for idempotent methods; any other
+        failure before an answer, for idempotent methods within the retry budget. A body is sent again only when
+        it was held whole; a streamed one cannot be."""
         if req.upstream is not None:
             self._release(req, reusable=False)
         backend = req.match.route.backend  # type: ignore[union-attr]
-        if not stale:
+        if refused:
+            # Refused (or reset while connecting): nothing listens there now. Eject it at once so the requests after
+            # this one do not try it, and drop its pooled connections: they are as dead as it is.
+            self.gw.board.eject(target.address, backend.spec.balancing)
+            self.gw.pool.drop(target.address)
+        elif not stale:
             self.gw.board.report_failure(target.address, backend.spec.balancing)
+        body_held = not req.has_body or req.pending is not None or req.replay is not None
         retryable = (
-            not req.upgrade and not req.has_body and req.method in IDEMPOTENT and not invalid
+            not req.upgrade and not invalid and body_held and (connect or req.method in IDEMPOTENT)
             and req.attempts <= backend.spec.retries and (stale or self.gw.budget.withdraw())
         )
         if retryable:
-            if not stale:
-                if req.excluded is None:
-                    req.excluded = set()
-                req.excluded.add(target.address)
-            req.pending = []
+            if req.excluded is None:
+                req.excluded = set()
+            req.excluded.add(target.address)
+            req.fresh_retry = stale
+            if req.pending is None:
+                req.pending = list(req.replay) if req.replay is not None else []
             self._forward(req)
             return
         if timeout:
@@ -975,9 +1021,45 @@ class ClientConnection(asyncio.Protocol):
         buf = self.down_buf
         if not buf or self.transport is None:
             return
-        self.down_buf = []
+        held = self.head_held_at
+        if held >= 0:
+            if self.head_timer is None:
+                self.head_timer = self.gw.loop.call_later(HEAD_HOLD, self._head_hold_expired)
+            if held == 0:
+                return
+            self.down_buf = buf[held:]
+            self.head_held_at = 0
+            buf = buf[:held]
+        else:
+            self.down_buf = []
         # One contiguous buffer: uvloop's writev over many small pieces costs more than copying them once.
         self.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+
+    def _head_hold_over(self) -> None:
+        """A body byte came or the response ended: the held head goes out with them (the caller flushes)."""
+        self.head_held_at = -1
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_hold_expired(self) -> None:
+        """HEAD_HOLD passed with no body byte (a slow stream): the client gets the head now."""
+        self.head_timer = None
+        if self.head_held_at >= 0:
+            self.head_held_at = -1
+            if not self.closed:
+                self.flush_down()
+
+    def _unsend_head(self, req: Request) -> None:
+        """The instance failed after its response head and before any body byte: the client never saw that head."""
+        del self.down_buf[self.head_held_at :]
+        self.head_held_at = -1
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+        req.head_sent = req.down_chunked = req.close_after = False
+        if req.ctx is not None:
+            req.ctx.upstream_status = 0
 
     def _update_reading(self) -> None:
         if self.transport is None or self.closed:
@@ -998,6 +1080,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _abort(self) -> None:
         self.down_buf = []
+        self.head_held_at = -1
         if self.transport is not None:
             self.closed = True
             self.transport.abort()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -19,13 +20,15 @@ if TYPE_CHECKING:
 
 MAX_IDLE_PER_TARGET = 1024
 IDLE_TIMEOUT = 4.0  # below the common 5 s keep-alive of upstream servers, so we rarely reuse a closing connection
+# What an idle connection must not show: any of these means the peer closed it (or broke protocol) already.
+NOT_IDLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | getattr(select, "POLLRDHUP", 0)
 
 
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to an instance. `client` is the exchange owner while a request is in flight."""
 
     __slots__ = (
-        "address", "body_started", "client", "closed", "headers", "idle_since",
+        "address", "body_started", "client", "closed", "fd", "headers", "idle_since",
         "keep_alive", "parser", "pool", "reset_parser", "reused", "transport", "tunnel",
     )
 
@@ -43,12 +46,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.reset_parser = False
         self.body_started = False
         self.idle_since = 0.0
+        self.fd = -1
 
     # ---- asyncio.Protocol ----
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
+            self.fd = sock.fileno()
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -147,6 +152,34 @@ class UpstreamPool:
                 conn.reused = True
                 return conn
         return None
+
+    def take_live(self, address: str) -> UpstreamConnection | None:
+        """Like take, but each candidate is first polled (one syscall): a FIN or RST the loop has not handled yet
+        (an instance killed a moment ago) makes it unusable, before anything is written to it. For requests that
+        cannot simply be sent again if the connection turns out to be closed."""
+        conns = self.idle.get(address)
+        while conns:
+            conn = conns.pop()
+            if conn.closed or conn.transport is None or conn.transport.is_closing():
+                continue
+            if conn.fd >= 0:
+                poller = select.poll()
+                poller.register(conn.fd, NOT_IDLE)
+                try:
+                    dead = bool(poller.poll(0))
+                except OSError:
+                    dead = True
+                if dead:
+                    conn.abort()
+                    continue
+            conn.reused = True
+            return conn
+        return None
+
+    def drop(self, address: str) -> None:
+        """Closes every idle connection to an instance (found dead: they are too)."""
+        for conn in self.idle.pop(address, ()):
+            conn.abort()
 
     async def connect(self, target: Target, timeout: float) -> UpstreamConnection:
         address = target.address
