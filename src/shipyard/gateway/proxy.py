@@ -75,6 +75,33 @@ def response_kind(name: bytes) -> int:
 
 REWRITTEN_STR = frozenset(("host", "content-length", "transfer-encoding", "connection"))
 RESPONSE_HOP_STR = frozenset(name.decode() for name in RESPONSE_HOP)
+# The plugin path works on str headers: names as received -> str, and str names -> what they are, remembered per
+# spelling (bounded like the bytes caches above) so a request pays a dict lookup per header, not a decode or lower().
+HEADER_NAME_STR: dict[bytes, str] = {}
+REWRITTEN_NAME: dict[str, bool] = {}  # str name -> rewritten by us (never forwarded from ctx.request_headers)
+PLUGIN_RESPONSE_KIND: dict[str, int] = {}  # str name -> 0: as is, 1: Content-Length, 2: hop-by-hop
+
+
+def header_name_str(name: bytes) -> str:
+    text = name.decode("latin-1")
+    if len(HEADER_NAME_STR) < KIND_CACHE_SIZE:
+        HEADER_NAME_STR[name] = text
+    return text
+
+
+def rewritten_name(name: str) -> bool:
+    rewritten = name.lower() in REWRITTEN_STR
+    if len(REWRITTEN_NAME) < KIND_CACHE_SIZE:
+        REWRITTEN_NAME[name] = rewritten
+    return rewritten
+
+
+def plugin_response_kind(name: str) -> int:
+    lname = name.lower()
+    kind = 2 if lname in RESPONSE_HOP_STR else 1 if lname == "content-length" else 0
+    if len(PLUGIN_RESPONSE_KIND) < KIND_CACHE_SIZE:
+        PLUGIN_RESPONSE_KIND[name] = kind
+    return kind
 
 STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
@@ -505,7 +532,8 @@ class ClientConnection(asyncio.Protocol):
             self._accessed(req, Reject(500, "An unexpected error occurred"))
 
     def _context(self, req: Request, match: Match, table: Any) -> RequestContext:
-        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in req.headers]
+        names = HEADER_NAME_STR
+        headers = [(names.get(n) or header_name_str(n), v.decode("latin-1")) for n, v in req.headers]
         ctx = RequestContext(
             method=req.method.decode("latin-1"), path=req.path.decode("latin-1"),
             query=req.query.decode("latin-1"), host=(req.host or b"").decode("latin-1"), client_ip=self.client_ip,
@@ -647,8 +675,14 @@ class ClientConnection(asyncio.Protocol):
             for name, value in req.headers:
                 parts += (name, b": ", value, b"\r\n")
         else:
-            lines = [f"{name}: {value}\r\n" for name, value in ctx.request_headers
-                     if name.lower() not in REWRITTEN_STR]
+            rewritten = REWRITTEN_NAME
+            lines = []
+            for name, value in ctx.request_headers:
+                dropped = rewritten.get(name)
+                if dropped is None:
+                    dropped = rewritten_name(name)
+                if not dropped:
+                    lines.append(f"{name}: {value}\r\n")
             if lines:
                 parts.append("".join(lines).encode("latin-1"))  # one encode for all of them
         if req.xff is None:
@@ -704,12 +738,15 @@ class ClientConnection(asyncio.Protocol):
         if ctx is not None and ctx.response_headers:
             # Headers added by plugins, made into one str and encoded once (not two encodes per header).
             lines = []
+            plugin_kinds = PLUGIN_RESPONSE_KIND
             for name, value in ctx.response_headers:
-                lname = name.lower()
-                if lname in RESPONSE_HOP_STR:
+                kind = plugin_kinds.get(name)
+                if kind is None:
+                    kind = plugin_response_kind(name)
+                if kind == 2:
                     headers = [*headers, (name.encode("latin-1"), value.encode("latin-1"))]  # judged below
                     continue
-                if lname == "content-length":
+                if kind == 1:
                     has_length = True
                 lines.append(f"{name}: {value}\r\n")
             plugin_block = "".join(lines).encode("latin-1")
