@@ -575,6 +575,41 @@ def test_kill9_under_posts_and_gets_gives_no_error(server: ServerProcess, client
             up.stop()
 
 
+def test_key_auth_and_rate_limit_forward_identity_and_count(server: ServerProcess, upstreams: list[Upstream]) -> None:
+    """The bench's plugin pair (key-auth + a one-window rate limit, which the proxy runs through their fast_access):
+    the upstream gets the consumer's identity and never a client's own X-Consumer-* headers nor the hidden key, the
+    client gets the limit's headers, refusals are Kong's."""
+    admin = f"{server.url}/api/gateway"
+    steps = [
+        ("PUT", "/services/counted", {"url": f"http://127.0.0.1:{upstreams[1].port}"}),
+        ("PUT", "/routes/counted", {"service": "counted", "paths": ["/counted"]}),
+        ("PUT", "/consumers/carol", {"username": "carol"}),
+        ("POST", "/consumers/carol/key-auth", {"key": "carol-key"}),
+        ("POST", "/routes/counted/plugins", {"name": "key-auth", "config": {"hide_credentials": True}}),
+        ("POST", "/routes/counted/plugins", {"name": "rate-limiting", "config": {"minute": 4, "limit_by": "consumer"}}),
+    ]
+    for method, path, body in steps:
+        r = requests.request(method, admin + path, json=body, timeout=10)
+        assert r.status_code < 300, (path, r.status_code, r.text)
+    url = server.gateway_url + "/counted/x"
+    wait_until(lambda: _get(url) == 401, "key-auth on the route")
+    assert requests.get(url, headers={"apikey": "wrong"}).json() == {"message": "Invalid authentication credentials"}
+    if time.time() % 60 > 50:  # the four admitted requests in one minute window
+        time.sleep(61 - time.time() % 60)
+    spoofed = {"ApiKey": "carol-key", "X-Consumer-ID": "someone-else", "x-consumer-username": "root"}
+    admitted = [requests.get(url, headers=spoofed) for _ in range(4)]
+    assert [r.status_code for r in admitted] == [200] * 4
+    seen = admitted[0].json()["headers"]
+    assert seen["X-Consumer-Username"] == "carol" and seen["X-Consumer-ID"] != "someone-else"
+    assert "ApiKey" not in seen and "apikey" not in {k.lower() for k in seen}
+    assert [r.headers["RateLimit-Remaining"] for r in admitted] == ["3", "2", "1", "0"]
+    assert [r.headers["X-RateLimit-Remaining-Minute"] for r in admitted] == ["3", "2", "1", "0"]
+    assert admitted[0].headers["RateLimit-Limit"] == "4" and 1 <= int(admitted[0].headers["RateLimit-Reset"]) <= 60
+    refused = requests.get(url, headers=spoofed)
+    assert refused.status_code == 429 and refused.json() == {"message": "API rate limit exceeded"}
+    assert refused.headers["RateLimit-Remaining"] == "0" and int(refused.headers["Retry-After"]) >= 1
+
+
 # ---- worker lifecycle ----------------------------------------------------------------------------------------------
 
 

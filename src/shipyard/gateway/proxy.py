@@ -21,7 +21,7 @@ import httptools
 import orjson
 
 from shipyard.gateway.builtin import is_builtin_path
-from shipyard.gateway.plugins.base import Reject, RequestContext
+from shipyard.gateway.plugins.base import FastRequest, Reject, RequestContext
 
 if TYPE_CHECKING:
     from shipyard.gateway.routes import Target
@@ -196,6 +196,7 @@ class Request:
     discard = False
     interim = False
     ctx: RequestContext | None = None
+    fast: FastRequest | None = None  # admitted by the plugins' fast_access (no ctx)
     counted = False
 
     def __init__(self) -> None:
@@ -487,10 +488,29 @@ class ClientConnection(asyncio.Protocol):
         req.match = match
         chain = match.route.plugins
         if chain is not None:
+            route = match.route
+            if route.fast_plugins is not None and self._fast_access(req, route, table):
+                self._forward(req)
+                return
             req.ctx = ctx = self._context(req, match, table)
             self._drive(req, chain.run_access(ctx))
             return
         self._forward(req)
+
+    def _fast_access(self, req: Request, route: Any, table: Any) -> bool:
+        """The plugins' fast_access, in order: True when all admitted the request (then it goes upstream with what
+        they added and no RequestContext); False to run the chain the usual way."""
+        fast = FastRequest(req.headers, req.query, self.client_ip, route.spec.id, route.backend.spec.name,
+                           table.consumers, self.gw.counters)
+        try:
+            for plugin in route.fast_plugins:
+                if not plugin.fast_access(fast):
+                    return False
+        except Exception:
+            log.exception("plugin fast access failed on route %s", route.spec.id)
+            return False  # the usual way answers what the plugin's access() makes of it
+        req.fast = fast
+        return True
 
     async def _builtin(self, req: Request, table: Any) -> None:
         """/docs: answered by the worker itself (gateway/builtin.py), whatever the routes say."""
@@ -672,8 +692,16 @@ class ClientConnection(asyncio.Protocol):
         parts += (b" HTTP/1.1\r\nHost: ", host, b"\r\n")
         ctx = req.ctx
         if ctx is None:
-            for name, value in req.headers:
-                parts += (name, b": ", value, b"\r\n")
+            fast = req.fast
+            if fast is None:
+                for name, value in req.headers:
+                    parts += (name, b": ", value, b"\r\n")
+            else:
+                drop = fast.drop
+                for name, value in req.headers:
+                    if drop is None or name.lower() not in drop:
+                        parts += (name, b": ", value, b"\r\n")
+                parts.append(fast.upstream_block)
         else:
             rewritten = REWRITTEN_NAME
             lines = []
@@ -750,6 +778,8 @@ class ClientConnection(asyncio.Protocol):
                     has_length = True
                 lines.append(f"{name}: {value}\r\n")
             plugin_block = "".join(lines).encode("latin-1")
+        elif req.fast is not None:
+            plugin_block = req.fast.response_block
         else:
             plugin_block = b""
         kinds = RESPONSE_KIND

@@ -54,6 +54,7 @@ class CompiledRoute:
     service_path: bytes
     response_phase: bool = False  # some plugin here overrides response(): upstream headers are handed to it
     log_phase: bool = False  # some plugin here overrides log()
+    fast_plugins: tuple[Any, ...] | None = None  # the plugins, when all have fast_access and may use it (base.py)
 
 
 @dataclass(slots=True)
@@ -299,11 +300,15 @@ def build_route_table(contents: StoreContents, revision: int = 0) -> RouteTable:
             PLUGINS[r["name"]] for records_ in getattr(chain, "_consumer_records", {}).values()
             for _, r in records_ if r.get("name") in PLUGINS
         ]
+        response_phase = any(c.response is not Plugin.response for c in classes)
+        log_phase = any(c.log is not Plugin.log for c in classes)
+        fast = (chain.plugins and not response_phase and not log_phase and not getattr(chain, "_consumer_records", None)
+                and all(p.fast_access is not None for p in chain.plugins))
         compiled.append(CompiledRoute(
             spec=spec, backend=backend,
             plugins=chain if chain.plugins else None,  # consumer-scoped ones need an auth plugin here
             service_path=path.encode() if path and path != "/" else b"",
-            response_phase=any(c.response is not Plugin.response for c in classes),
-            log_phase=any(c.log is not Plugin.log for c in classes),
+            response_phase=response_phase, log_phase=log_phase,
+            fast_plugins=tuple(chain.plugins) if fast else None,
         ))
     return RouteTable(compiled, build_consumers(contents), revision)

@@ -13,6 +13,12 @@ Phases, in order, for every request that matched a route (Kong's model):
 Plugins run in descending `priority` (Kong's numbers: cors 2000, ip-restriction 990, auth ~1000-1250,
 acl 950, rate-limiting 910, request-size-limiting 951, transformers 800, correlation-id 1, prometheus 13).
 
+A plugin may also have `fast_access(req: FastRequest) -> bool`, an optional shortcut for the requests it lets
+through: when every plugin of a route has one and none has a response or log phase or consumer-scoped plugins,
+the proxy first tries them in order on the request as received (bytes, no RequestContext). Each either does what
+access() would do for an admitted request and returns True, or returns False before any side effect; one False
+(rejections, unusual configs) and the whole chain runs the usual way. Tests of access() hold for both.
+
 Scopes (resolved by the control plane when it builds the route table): global, service, route,
 consumer. The most specific configuration of one plugin name wins (consumer+route > route > service
 > global), as in Kong; consumer-scoped plugins apply after authentication identified the consumer.
@@ -83,6 +89,28 @@ class RequestContext:
         self.request_headers = [(k, v) for k, v in self.request_headers if k.lower() != lname]
 
 
+class FastRequest:
+    """What `fast_access` sees and sets: the request as received, and what the admitted request gets."""
+
+    __slots__ = ("client_ip", "consumer", "consumers", "counters", "credential", "drop", "headers", "query",
+                 "response_block", "route_id", "service_name", "upstream_block")
+
+    def __init__(self, headers: list[tuple[bytes, bytes]], query: bytes, client_ip: str, route_id: str,
+                 service_name: str, consumers: Any, counters: Any) -> None:
+        self.headers = headers  # (name, value) as received, minus the ones the proxy rewrites (Host, ...)
+        self.query = query
+        self.client_ip = client_ip
+        self.route_id = route_id
+        self.service_name = service_name
+        self.consumers = consumers  # the ConsumerIndex
+        self.counters = counters  # the node's SharedCounters, or None
+        self.consumer: Consumer | None = None
+        self.credential: Mapping[str, Any] | None = None
+        self.drop: frozenset[bytes] | None = None  # lower-case names of request headers not forwarded
+        self.upstream_block = b""  # header lines added to the upstream request ("Name: value\r\n"...)
+        self.response_block = b""  # header lines added to the client's response
+
+
 class Reject(Exception):
     """Answer the client at the gateway: Kong's status codes and JSON bodies ({"message": ...})."""
 
@@ -104,6 +132,7 @@ class Plugin:
 
     name: ClassVar[str] = ""
     priority: ClassVar[int] = 0
+    fast_access: ClassVar[Any] = None  # optional: a method (FastRequest) -> bool, see the module docstring
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = dict(config)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlencode
 
-from shipyard.gateway.plugins.base import Consumer, Plugin, Reject, RequestContext, register
+from shipyard.gateway.plugins.base import Consumer, FastRequest, Plugin, Reject, RequestContext, register
 from shipyard.gateway.plugins.config_schema import ConfigReader
 
 KEY_AUTH_CHALLENGE = ("WWW-Authenticate", 'Key realm="shipyard"')
@@ -57,6 +57,23 @@ def identity_headers(consumer: Consumer, credential_id: str) -> tuple[tuple[tupl
     return found[1], found[2]
 
 
+_IDENTITY_BLOCKS: dict[tuple[str, str], tuple[Consumer, bytes, frozenset[bytes]]] = {}
+
+
+def identity_block(consumer: Consumer, credential_id: str) -> tuple[bytes, frozenset[bytes]]:
+    """identity_headers as header lines for fast_access, and their names in lower case (bytes). UnicodeEncodeError
+    for a consumer whose names are not Latin-1 (fast_access leaves those to access())."""
+    found = _IDENTITY_BLOCKS.get((consumer.id, credential_id))
+    if found is None or (found[0] is not consumer and found[0] != consumer):
+        pairs, lnames = identity_headers(consumer, credential_id)
+        block = "".join(f"{name}: {value}\r\n" for name, value in pairs).encode("latin-1")
+        found = (consumer, block, frozenset(name.encode("latin-1") for name in lnames))
+        if len(_IDENTITY_BLOCKS) >= 10000:
+            _IDENTITY_BLOCKS.clear()
+        _IDENTITY_BLOCKS[(consumer.id, credential_id)] = found
+    return found[1], found[2]
+
+
 def identify(ctx: RequestContext, consumer, credential) -> None:  # type: ignore[no-untyped-def]
     ctx.consumer = consumer
     ctx.credential = credential
@@ -73,6 +90,7 @@ class KeyAuthPlugin(Plugin):
         super().__init__(config)
         r = ConfigReader(config)
         self.key_names = frozenset(k.lower() for k in r.str_list("key_names", ["apikey"]))
+        self.key_names_b = frozenset(k.encode("latin-1", "replace") for k in self.key_names)
         self.key_in_header = r.bool("key_in_header", True)
         self.key_in_query = r.bool("key_in_query", True)
         self.hide_credentials = r.bool("hide_credentials", False)
@@ -115,6 +133,38 @@ class KeyAuthPlugin(Plugin):
                                        if k.lower() not in self.key_names])
         identify(ctx, *hit)
         return None
+
+    def fast_access(self, req: FastRequest) -> bool:
+        """access() for a valid key in a header; anything else (no key, a key in the query, a bad key) is left to
+        access()."""
+        if not self.key_in_header:
+            return False
+        names = self.key_names_b
+        for name, value in req.headers:
+            if name.lower() in names:
+                return self._fast_admit(req, name, value)
+        return False
+
+    def _fast_admit(self, req: FastRequest, name: bytes, value: bytes) -> bool:
+        if not value:
+            return False
+        index = req.consumers
+        hit = index.by_key.get(value.decode("latin-1")) if index is not None else None
+        if hit is None:
+            return False
+        consumer, credential = hit
+        credential_id = str(credential.get("id") or "") if credential else ""
+        try:
+            block, drop = identity_block(consumer, credential_id)
+        except UnicodeEncodeError:
+            return False
+        if self.hide_credentials:
+            drop = drop | {name.lower()}
+        req.consumer = consumer
+        req.credential = credential
+        req.drop = drop if req.drop is None else req.drop | drop
+        req.upstream_block += block
+        return True
 
 
 def raise_error(message: str) -> None:
