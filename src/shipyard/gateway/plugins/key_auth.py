@@ -91,6 +91,7 @@ class KeyAuthPlugin(Plugin):
         r = ConfigReader(config)
         self.key_names = frozenset(k.lower() for k in r.str_list("key_names", ["apikey"]))
         self.key_names_b = frozenset(k.encode("latin-1", "replace") for k in self.key_names)
+        self._fast_keys: dict[bytes, tuple] = {}  # key as sent -> (index, consumer, credential, block, drop)
         self.key_in_header = r.bool("key_in_header", True)
         self.key_in_query = r.bool("key_in_query", True)
         self.hide_credentials = r.bool("hide_credentials", False)
@@ -149,15 +150,14 @@ class KeyAuthPlugin(Plugin):
         if not value:
             return False
         index = req.consumers
-        hit = index.by_key.get(value.decode("latin-1")) if index is not None else None
-        if hit is None:
-            return False
-        consumer, credential = hit
-        credential_id = str(credential.get("id") or "") if credential else ""
-        try:
-            block, drop = identity_block(consumer, credential_id)
-        except UnicodeEncodeError:
-            return False
+        # Per key as sent: what this index made of it (the index is rebuilt with every route table: a new one
+        # misses, so a revoked key is looked up again and refused by access()).
+        known = self._fast_keys.get(value)
+        if known is None or known[0] is not index:
+            known = self._fast_lookup(index, value)
+            if known is None:
+                return False
+        _, consumer, credential, block, drop = known
         if self.hide_credentials:
             drop = drop | {name.lower()}
         req.consumer = consumer
@@ -165,6 +165,21 @@ class KeyAuthPlugin(Plugin):
         req.drop = drop if req.drop is None else req.drop | drop
         req.upstream_block += block
         return True
+
+    def _fast_lookup(self, index, value: bytes):  # type: ignore[no-untyped-def]
+        hit = index.by_key.get(value.decode("latin-1")) if index is not None else None
+        if hit is None:
+            return None
+        consumer, credential = hit
+        credential_id = str(credential.get("id") or "") if credential else ""
+        try:
+            block, drop = identity_block(consumer, credential_id)
+        except UnicodeEncodeError:
+            return None
+        if len(self._fast_keys) >= 10000:
+            self._fast_keys.clear()
+        known = self._fast_keys[value] = (index, consumer, credential, block, drop)
+        return known
 
 
 def raise_error(message: str) -> None:
