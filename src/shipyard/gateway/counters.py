@@ -70,10 +70,11 @@ LEASE_MAX = 64  # ...and at most remaining / LEASE_FRACTION, at most this many
 class _Lease:
     """Requests of one key+window this process has already counted in the shared slot and not used yet."""
 
-    __slots__ = ("count", "left", "start")
+    __slots__ = ("count", "end", "left", "start")
 
-    def __init__(self, start: int, left: int, count: int) -> None:
+    def __init__(self, start: int, window: int, left: int, count: int) -> None:
         self.start = start
+        self.end = start + window  # kept so a request checks its window with two compares, not a floor division
         self.left = left
         self.count = count  # the shared count right after the lease was taken, this lease included
 
@@ -156,7 +157,7 @@ class SharedCounters:
                 extra = 0
                 if lease and limit is not None and limit - count >= LEASE_FRACTION:
                     extra = min(LEASE_MAX, (limit - count) // LEASE_FRACTION)
-                    self._leases[(key, window)] = _Lease(start, extra, count + extra)
+                    self._leases[(key, window)] = _Lease(start, window, extra, count + extra)
                 SLOT.pack_into(m, target, h, start, window, count + extra)
                 if not matched:
                     if len(self._hints) >= HASH_CACHE_SIZE:
@@ -174,10 +175,10 @@ class SharedCounters:
         with self._thread_lock:
             held = self._leases.get((key, window))
             if held is not None:
-                start = int(now // window) * window
-                if held.start == start and held.left >= amount:
+                # start <= now < end is the same test as start == int(now // window) * window, for less
+                if held.start <= now < held.end and held.left >= amount:
                     held.left -= amount
-                    return WindowUse(True, held.count - held.left, limit, start + window - now)
+                    return WindowUse(True, held.count - held.left, limit, held.end - now)
                 del self._leases[(key, window)]  # spent, or from a window that is over
             return self._locked_update(key, window, limit, amount, now, lease=True)
 
