@@ -6,6 +6,7 @@ It must never verify tokens itself (the gateway does, and forwards claims as hea
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+
+from shipyard.sdk import Service
 
 # Headers the gateway's jwt plugin sets from the verified token's claims (claims_to_headers in shipyard.yaml).
 USER_ID_HEADER = "X-User-Id"
@@ -95,3 +98,9 @@ def current_caller(request: Request) -> Caller:
 
 
 CallerDep = Annotated[Caller, Depends(current_caller)]
+
+
+def serve(service: Service) -> None:
+    """What `python -m mediahub.<service>` does: timestamped logs on stderr, then serve until SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service.run()

@@ -7,7 +7,6 @@ It must never store file bytes (the files service does) nor compute technical me
 from __future__ import annotations
 
 import json
-import logging
 import sqlite3
 import time
 import uuid
@@ -15,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from mediahub.api import ApiError, Caller, CallerDep, data_dir, new_app
+from mediahub.api import ApiError, Caller, CallerDep, data_dir, new_app, serve
 from mediahub.database import Database
 from shipyard.sdk import Service
 from shipyard.sdk.bus import BusApp
@@ -186,5 +185,4 @@ async def healthy() -> bool:
 service = Service(app, name="assets", health=healthy)
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    service.run()
+    serve(service)

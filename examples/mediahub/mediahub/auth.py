@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import BaseModel, Field
 
-from mediahub.api import ApiError, CallerDep, data_dir, new_app, shipyard_addr
+from mediahub.api import ApiError, CallerDep, data_dir, new_app, serve, shipyard_addr
 from mediahub.database import Database
 from shipyard.sdk import Service, config
 
@@ -241,5 +241,4 @@ async def start() -> None:
 service_tasks: list[asyncio.Task[None]] = []
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    service.run()
+    serve(service)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+from fastapi import FastAPI
 
 from shipyard.sdk import Service
 from shipyard.sdk.bus import BusApp, Worker
@@ -46,3 +49,16 @@ def run_subscribers(service: Service, bus: BusApp) -> dict[str, Any]:
             await state["task"]
 
     return state
+
+
+def subscribing_service(app: FastAPI, name: str, bus: BusApp, reachable: Callable[[], Awaitable[bool]]) -> Service:
+    """The Service of an app that also follows the bus: healthy only while its database answers and its subscriber
+    loop runs (an instance that stopped consuming must not look healthy)."""
+    subscribers: dict[str, Any] = {"running": False}
+
+    async def healthy() -> bool:
+        return await reachable() and subscribers["running"]
+
+    service = Service(app, name=name, health=healthy)
+    subscribers = run_subscribers(service, bus)  # healthy() reads this variable, so it sees the live status
+    return service

@@ -23,10 +23,10 @@ from fastapi import Request
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel
 
-from mediahub.api import ApiError, Caller, CallerDep, data_dir, new_app
+from mediahub.api import ApiError, Caller, CallerDep, data_dir, new_app, serve
 from mediahub.database import Database
-from mediahub.events import run_subscribers
-from shipyard.sdk import Service, client, config
+from mediahub.events import subscribing_service
+from shipyard.sdk import client, config
 from shipyard.sdk.bus import BusApp
 
 log = logging.getLogger("mediahub.files")
@@ -219,13 +219,7 @@ async def forget_deleted(event: dict[str, Any]) -> None:
         (folder / asset_id).unlink(missing_ok=True)
 
 
-async def healthy() -> bool:
-    return await db.reachable() and subscribers["running"]
-
-
-service = Service(app, name="files", health=healthy)
-subscribers = run_subscribers(service, bus)
+service = subscribing_service(app, "files", bus, db.reachable)
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    service.run()
+    serve(service)

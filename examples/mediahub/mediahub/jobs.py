@@ -14,10 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from mediahub.api import ApiError, CallerDep, data_dir, new_app
+from mediahub.api import ApiError, CallerDep, data_dir, new_app, serve
 from mediahub.database import Database
-from mediahub.events import run_subscribers
-from shipyard.sdk import Service
+from mediahub.events import subscribing_service
 from shipyard.sdk.bus import BusApp
 
 log = logging.getLogger("mediahub.jobs")
@@ -135,13 +134,7 @@ async def record_outcome(job_id: str, body: Outcome) -> Job:
                                                                                           body.error))
 
 
-async def healthy() -> bool:
-    return await db.reachable() and subscribers["running"]
-
-
-service = Service(app, name="jobs", health=healthy)
-subscribers = run_subscribers(service, bus)
+service = subscribing_service(app, "jobs", bus, db.reachable)
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    service.run()
+    serve(service)

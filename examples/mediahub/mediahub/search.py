@@ -14,10 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from mediahub.api import CallerDep, data_dir, new_app
+from mediahub.api import CallerDep, data_dir, new_app, serve
 from mediahub.database import Database
-from mediahub.events import run_subscribers
-from shipyard.sdk import Service
+from mediahub.events import subscribing_service
 from shipyard.sdk.bus import BusApp
 
 log = logging.getLogger("mediahub.search")
@@ -116,13 +115,7 @@ async def search(caller: CallerDep, q: str, limit: int = 20) -> list[Hit]:
     return hits
 
 
-async def healthy() -> bool:
-    return await db.reachable() and subscribers["running"]
-
-
-service = Service(app, name="search", health=healthy)
-subscribers = run_subscribers(service, bus)
+service = subscribing_service(app, "search", bus, db.reachable)
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    service.run()
+    serve(service)
