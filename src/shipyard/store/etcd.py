@@ -298,10 +298,7 @@ class EtcdStore:
                 ready.set()
                 async for batch in watcher:
                     for event in batch:
-                        if event.type == EventType.DELETE:
-                            self._tombstones[event.kv.key] = event.revision
-                        else:
-                            self._tombstones.pop(event.kv.key, None)
+                        self._note_change(event)
                     next_revision = batch[-1].revision + 1
                     self._revision = max(self._revision, batch[-1].revision)
             except asyncio.CancelledError:
@@ -315,6 +312,18 @@ class EtcdStore:
                 await asyncio.sleep(0.5)
             finally:
                 watcher.cancel()
+
+    def _note_change(self, event: Event) -> None:
+        # The follow stream may lag behind this process's own txn, which records its deletions at once: an older
+        # put seen late must not erase a newer tombstone, or a prefix's index would go back and a blocking query
+        # on it would miss the deletion.
+        known = self._tombstones.get(event.kv.key)
+        if known is not None and event.revision <= known:
+            return
+        if event.type == EventType.DELETE:
+            self._tombstones[event.kv.key] = event.revision
+        elif known is not None:
+            del self._tombstones[event.kv.key]
 
     async def grant_lease(self, ttl: int) -> Lease:
         if ttl <= 0:
