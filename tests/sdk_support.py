@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from support import ServerProcess, free_port
+from support import ServerProcess, free_port, log_tail, wait_until_answering
 
 APP = Path(__file__).parent / "apps" / "sdk_service.py"
 SCHEDULER_VARIABLES = ("SHIPYARD_ALLOC_ID", "SHIPYARD_SERVICE", "SHIPYARD_INSTANCE", "PORT", "SHIPYARD_HTTP_ADDR",
@@ -53,23 +53,11 @@ class ServiceInstance:
 
     def wait_ready(self, timeout: float = 20.0) -> ServiceInstance:
         assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                if requests.get(self.url + "/health", timeout=1).status_code in (200, 503):
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name} did not start: {self.log_tail()}")
+        wait_until_answering(self.proc, self.url + "/health", (200, 503), self.name, self.log_path, timeout)
+        return self
 
     def log_tail(self, n: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
+        return log_tail(self.log_path, n)
 
     def terminate(self) -> int:
         assert self.proc is not None

@@ -27,6 +27,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def log_tail(path: Path, n: int) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def wait_until_answering(proc: subprocess.Popen[bytes], url: str, statuses: tuple[int, ...], what: str,
+                         log_path: Path, timeout: float) -> None:
+    """Waits until `url` answers with one of `statuses`; fails at once, with the log's tail, if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {log_tail(log_path, 4000)}")
+        try:
+            if requests.get(url, timeout=1).status_code in statuses:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not become ready: {log_tail(log_path, 4000)}")
+
+
 def need_peer(name: str, available: bool, why: str) -> None:
     """Skip when a peer is absent, except under SHIPYARD_REQUIRE_PEERS=1 (CI), where it fails."""
     if available:
@@ -79,23 +102,11 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> ServerProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                if requests.get(self.url + "/v1/status/leader", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"server did not become ready: {self.log_tail()}")
+        wait_until_answering(self.proc, self.url + "/v1/status/leader", (200,), "server", self.log_path, timeout)
+        return self
 
     def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
+        return log_tail(self.log_path, n)
 
     def kill9(self) -> None:
         assert self.proc is not None
