@@ -585,14 +585,16 @@ def test_key_auth_and_rate_limit_forward_identity_and_count(server: ServerProces
         ("PUT", "/routes/counted", {"service": "counted", "paths": ["/counted"]}),
         ("PUT", "/consumers/carol", {"username": "carol"}),
         ("POST", "/consumers/carol/key-auth", {"key": "carol-key"}),
-        ("POST", "/routes/counted/plugins", {"name": "key-auth", "config": {"hide_credentials": True}}),
+        # rate-limiting first: each admin write is its own table rebuild, so the 401 awaited below (key-auth, the
+        # later write) proves both plugins are on the route before a counted request is sent.
         ("POST", "/routes/counted/plugins", {"name": "rate-limiting", "config": {"minute": 4, "limit_by": "consumer"}}),
+        ("POST", "/routes/counted/plugins", {"name": "key-auth", "config": {"hide_credentials": True}}),
     ]
     for method, path, body in steps:
         r = requests.request(method, admin + path, json=body, timeout=10)
         assert r.status_code < 300, (path, r.status_code, r.text)
     url = server.gateway_url + "/counted/x"
-    wait_until(lambda: _get(url) == 401, "key-auth on the route")
+    wait_until(lambda: _get(url) == 401, "key-auth (and so rate-limiting) on the route")
     assert requests.get(url, headers={"apikey": "wrong"}).json() == {"message": "Invalid authentication credentials"}
     if time.time() % 60 > 50:  # the four admitted requests in one minute window
         time.sleep(61 - time.time() % 60)
