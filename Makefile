@@ -12,8 +12,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q uv || echo "uv unavailable: installing with pip"
 
-$(STAMP): $(BIN)/python pyproject.toml
-	if [ -x $(BIN)/uv ]; then $(BIN)/uv pip install -q --python $(BIN)/python -e '.[test,mediahub]'; \
+# setup.py compiles the gateway's hot modules (mypyc): edited, they are built again.
+$(STAMP): $(BIN)/python pyproject.toml setup.py src/shipyard/gateway/proxy.py src/shipyard/gateway/upstream.py
+	if [ -x $(BIN)/uv ]; then $(BIN)/uv pip install -q --python $(BIN)/python --reinstall-package shipyard -e '.[test,mediahub]'; \
 	else $(BIN)/python -m pip install -q -e '.[test,mediahub]'; fi
 	touch $(STAMP)
 
@@ -36,4 +37,4 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) shipyard-data .pytest_cache
+	rm -rf $(VENV) shipyard-data .pytest_cache build src/*.so src/shipyard/gateway/*.so

@@ -204,7 +204,7 @@ class Request:
         self.pending: list[bytes] | None = []  # body held until an upstream is attached; None once streaming
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:
     """One client TCP connection (uvicorn's httptools protocol shape): callbacks drive everything, a task is made
     only to connect an upstream or to run async plugin phases."""
 
@@ -705,12 +705,12 @@ class ClientConnection(asyncio.Protocol):
         else:
             rewritten = REWRITTEN_NAME
             lines = []
-            for name, value in ctx.request_headers:
-                dropped = rewritten.get(name)
+            for text_name, text_value in ctx.request_headers:
+                dropped = rewritten.get(text_name)
                 if dropped is None:
-                    dropped = rewritten_name(name)
+                    dropped = rewritten_name(text_name)
                 if not dropped:
-                    lines.append(f"{name}: {value}\r\n")
+                    lines.append(f"{text_name}: {text_value}\r\n")
             if lines:
                 parts.append("".join(lines).encode("latin-1"))  # one encode for all of them
         if req.xff is None:
@@ -767,16 +767,16 @@ class ClientConnection(asyncio.Protocol):
             # Headers added by plugins, made into one str and encoded once (not two encodes per header).
             lines = []
             plugin_kinds = PLUGIN_RESPONSE_KIND
-            for name, value in ctx.response_headers:
-                kind = plugin_kinds.get(name)
+            for text_name, text_value in ctx.response_headers:
+                kind = plugin_kinds.get(text_name)
                 if kind is None:
-                    kind = plugin_response_kind(name)
+                    kind = plugin_response_kind(text_name)
                 if kind == 2:
-                    headers = [*headers, (name.encode("latin-1"), value.encode("latin-1"))]  # judged below
+                    headers = [*headers, (text_name.encode("latin-1"), text_value.encode("latin-1"))]  # judged below
                     continue
                 if kind == 1:
                     has_length = True
-                lines.append(f"{name}: {value}\r\n")
+                lines.append(f"{text_name}: {text_value}\r\n")
             plugin_block = "".join(lines).encode("latin-1")
         elif req.fast is not None:
             plugin_block = req.fast.response_block

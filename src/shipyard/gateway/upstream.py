@@ -24,7 +24,7 @@ IDLE_TIMEOUT = 4.0  # below the common 5 s keep-alive of upstream servers, so we
 NOT_IDLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | getattr(select, "POLLRDHUP", 0)
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
     """One TCP connection to an instance. `client` is the exchange owner while a request is in flight."""
 
     __slots__ = (
@@ -184,7 +184,7 @@ class UpstreamPool:
     async def connect(self, target: Target, timeout: float) -> UpstreamConnection:
         address = target.address
         async with asyncio.timeout(timeout):
-            _, protocol = await self.loop.create_connection(
+            _, protocol = await self.loop.create_connection(  # type: ignore[type-var]
                 lambda: UpstreamConnection(self, address), target.host, target.port
             )
         return protocol

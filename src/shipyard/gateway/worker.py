@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import uvloop
 
+from shipyard.gateway import DATA_PLANE_BUILD
 from shipyard.gateway.balancer import HealthBoard, RetryBudget
 from shipyard.gateway.builtin import GatewayBuiltins
 from shipyard.gateway.counters import ENV_PATH as COUNTERS_ENV
@@ -236,8 +237,8 @@ async def run_worker(args: argparse.Namespace) -> None:
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
         await worker.listen(args.bind, args.port)
-        log.info("gateway worker %d serving http://%s:%d (%d routes)", os.getpid(), args.bind, args.port,
-                 len(worker.table))
+        log.info("gateway worker %d serving http://%s:%d (%d routes; data plane: %s)", os.getpid(), args.bind,
+                 args.port, len(worker.table), DATA_PLANE_BUILD)
         if args.parent_pid:
             worker.spawn(_watch_parent(args.parent_pid, stop))
         await stop.wait()
