@@ -23,11 +23,11 @@ peers:
 	@bash scripts/install-peers.sh
 
 test: $(STAMP) peers
-	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff check setup.py src tests bench examples
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff check setup.py src tests bench examples
 
 bench: $(STAMP) peers
 	$(BIN)/python bench/kv.py

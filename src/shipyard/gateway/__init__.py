@@ -18,15 +18,15 @@ COMPILED_MODULES = ("upstream", "proxy")  # in import order
 HERE = Path(__file__).parent
 
 
-def data_plane_build() -> str:
+def data_plane_build(directory: Path = HERE) -> str:
     """'compiled' or why the source is used; decided once, before the modules are first imported."""
     if os.environ.get("SHIPYARD_PURE_PYTHON"):
         return "source (SHIPYARD_PURE_PYTHON is set)"
     for name in COMPILED_MODULES:
-        builds = list(HERE.glob(f"{name}.cpython-*.so")) + list(HERE.glob(f"{name}.*.pyd"))
+        builds = list(directory.glob(f"{name}.cpython-*.so")) + list(directory.glob(f"{name}.*.pyd"))
         if not builds:
             return "source (not compiled)"
-        if max(b.stat().st_mtime for b in builds) < (HERE / f"{name}.py").stat().st_mtime:
+        if max(b.stat().st_mtime for b in builds) < (directory / f"{name}.py").stat().st_mtime:
             return f"source ({name}.py is newer than its compiled build: reinstall to compile it again)"
     return "compiled"
 

@@ -206,7 +206,10 @@ class Request:
 
 class ClientConnection:
     """One client TCP connection (uvicorn's httptools protocol shape): callbacks drive everything, a task is made
-    only to connect an upstream or to run async plugin phases."""
+    only to connect an upstream or to run async plugin phases.
+
+    An asyncio protocol by its methods, not by subclassing asyncio.Protocol: mypyc compiles this module (setup.py)
+    and a compiled class cannot extend a Python one; the event loop only ever calls the methods."""
 
     def __init__(self, worker: GatewayWorker) -> None:
         self.gw = worker

@@ -25,7 +25,9 @@ NOT_IDLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | ge
 
 
 class UpstreamConnection:
-    """One TCP connection to an instance. `client` is the exchange owner while a request is in flight."""
+    """One TCP connection to an instance. `client` is the exchange owner while a request is in flight.
+
+    An asyncio protocol by its methods (compiled by mypyc, like ClientConnection: no asyncio.Protocol base)."""
 
     __slots__ = (
         "address", "body_started", "client", "closed", "fd", "headers", "idle_since",
