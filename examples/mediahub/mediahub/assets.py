@@ -16,6 +16,8 @@ from pydantic import BaseModel, Field
 
 from mediahub.api import ApiError, Caller, CallerDep, data_dir, new_app, serve
 from mediahub.database import Database
+from mediahub.outbox import SCHEMA as OUTBOX_SCHEMA
+from mediahub.outbox import Outbox
 from shipyard.sdk import Service
 from shipyard.sdk.bus import BusApp
 
@@ -36,8 +38,9 @@ CREATE TABLE IF NOT EXISTS assets (
 CREATE INDEX IF NOT EXISTS assets_by_owner ON assets (owner, created_at);
 """
 
-db = Database(data_dir("assets") / "assets.db", SCHEMA)
+db = Database(data_dir("assets") / "assets.db", SCHEMA + OUTBOX_SCHEMA)
 bus = BusApp()
+outbox = Outbox(db, bus)  # events committed with the change they announce
 app = new_app("assets", "Media assets and their descriptive metadata. Changes are published as assets.* events.")
 
 
@@ -98,25 +101,30 @@ async def _visible(asset_id: str, caller: Caller) -> Asset:
 
 
 async def _update(asset_id: str, changes: dict[str, Any]) -> Asset:
+    events: list[int] = []
+
     def write(conn: sqlite3.Connection) -> sqlite3.Row | None:
         sets = ", ".join(f"{k} = ?" for k in changes)
         values = [json.dumps(v) if isinstance(v, list | dict) else v for v in changes.values()]
         conn.execute(f"UPDATE assets SET {sets}, version = version + 1, updated_at = ? WHERE id = ?",
                      (*values, time.time(), asset_id))
-        return conn.execute("SELECT * FROM assets WHERE id = ?", (asset_id,)).fetchone()
+        row = conn.execute("SELECT * FROM assets WHERE id = ?", (asset_id,)).fetchone()
+        if row is not None:
+            events.append(outbox.add(conn, "assets.updated", _asset(row).model_dump()))
+        return row
 
     row = await db.run(write)
     if row is None:
         raise ApiError(404, "asset not found", {"id": asset_id})
-    asset = _asset(row)
-    await bus.publish("assets.updated", asset.model_dump())
-    return asset
+    await outbox.send_now(events)
+    return _asset(row)
 
 
 @app.post("/assets", status_code=201, response_model=Asset, summary="Create an asset")
 async def create_asset(body: AssetIn, caller: CallerDep) -> Asset:
     now = time.time()
     asset_id = uuid.uuid4().hex
+    events: list[int] = []
 
     def insert(conn: sqlite3.Connection) -> sqlite3.Row:
         conn.execute(
@@ -124,12 +132,12 @@ async def create_asset(body: AssetIn, caller: CallerDep) -> Asset:
             " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, '{}', 'new', 1, ?, ?)",
             (asset_id, caller.id, body.title, body.description, json.dumps(body.tags), json.dumps(body.metadata),
              now, now))
-        return conn.execute("SELECT * FROM assets WHERE id = ?", (asset_id,)).fetchone()
+        row = conn.execute("SELECT * FROM assets WHERE id = ?", (asset_id,)).fetchone()
+        events.append(outbox.add(conn, "assets.created", _asset(row).model_dump()))
+        return row
 
     asset = _asset(await db.run(insert))
-    # Published after the commit; if this process died in between, the asset exists without its event (a real
-    # system would use an outbox table). The publish is durable once it returns.
-    await bus.publish("assets.created", asset.model_dump())
+    await outbox.send_now(events)  # on the bus once this returns; if this process dies first, the relay sends it
     return asset
 
 
@@ -161,8 +169,12 @@ async def patch_asset(asset_id: str, body: AssetPatch, caller: CallerDep) -> Ass
 @app.delete("/assets/{asset_id}", status_code=204, summary="Delete an asset")
 async def delete_asset(asset_id: str, caller: CallerDep) -> None:
     asset = await _visible(asset_id, caller)
-    await db.run(lambda conn: conn.execute("DELETE FROM assets WHERE id = ?", (asset_id,)))
-    await bus.publish("assets.deleted", {"id": asset_id, "owner": asset.owner, "version": asset.version + 1})
+
+    def delete(conn: sqlite3.Connection) -> int:
+        conn.execute("DELETE FROM assets WHERE id = ?", (asset_id,))
+        return outbox.add(conn, "assets.deleted", {"id": asset_id, "owner": asset.owner, "version": asset.version + 1})
+
+    await outbox.send_now([await db.run(delete)])
 
 
 # ---- for the platform's own services (not routed by the gateway) ----------------------------------------------
@@ -183,6 +195,7 @@ async def healthy() -> bool:
 
 
 service = Service(app, name="assets", health=healthy)
+outbox.run_with(service)
 
 if __name__ == "__main__":
     serve(service)

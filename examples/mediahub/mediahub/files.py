@@ -26,6 +26,8 @@ from pydantic import BaseModel
 from mediahub.api import ApiError, Caller, CallerDep, data_dir, new_app, serve
 from mediahub.database import Database
 from mediahub.events import subscribing_service
+from mediahub.outbox import SCHEMA as OUTBOX_SCHEMA
+from mediahub.outbox import Outbox
 from shipyard.sdk import client, config
 from shipyard.sdk.bus import BusApp
 
@@ -59,8 +61,9 @@ DATA = data_dir("files")
 BLOBS, THUMBS, PARTIAL = DATA / "blobs", DATA / "thumbnails", DATA / "partial"
 for folder in (BLOBS, THUMBS, PARTIAL):
     folder.mkdir(exist_ok=True)
-db = Database(DATA / "files.db", SCHEMA)
+db = Database(DATA / "files.db", SCHEMA + OUTBOX_SCHEMA)
 bus = BusApp()
+outbox = Outbox(db, bus)  # files.uploaded is committed with the file's row
 assets = client("assets")
 app = new_app("files", "An asset's file: upload (PUT or POST the raw bytes) and download, streamed both ways.")
 
@@ -127,16 +130,21 @@ async def _upload(asset_id: str, request: Request, caller: Caller, filename: str
                     filename=(filename or asset["title"])[:255],
                     content_type=request.headers.get("content-type") or "application/octet-stream",
                     size=size, sha256=sha256, uploaded_at=time.time())
-    await db.run(lambda conn: conn.execute(
-        "INSERT OR REPLACE INTO files (asset_id, upload_id, owner, filename, content_type, size, sha256, uploaded_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (asset_id, info.upload_id, asset["owner"], info.filename, info.content_type, size, sha256,
-         info.uploaded_at)))
+
+    def record(conn: sqlite3.Connection) -> int:
+        conn.execute(
+            "INSERT OR REPLACE INTO files (asset_id, upload_id, owner, filename, content_type, size, sha256,"
+            " uploaded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (asset_id, info.upload_id, asset["owner"], info.filename, info.content_type, size, sha256,
+             info.uploaded_at))
+        return outbox.add(conn, "files.uploaded", {**info.model_dump(), "owner": asset["owner"]})
+
+    event = await db.run(record)
     (THUMBS / asset_id).unlink(missing_ok=True)  # the old file's thumbnail no longer applies
     r = await assets.request("PATCH", f"/internal/assets/{asset_id}", json={"status": "uploaded"})
     if r.status_code != 200:
         log.warning("asset %s: could not mark it uploaded (%s)", asset_id, r.status_code)
-    await bus.publish("files.uploaded", {**info.model_dump(), "owner": asset["owner"]})
+    await outbox.send_now([event])  # after the asset is marked uploaded: the worker's "ready" must come later
     return info
 
 
@@ -220,6 +228,7 @@ async def forget_deleted(event: dict[str, Any]) -> None:
 
 
 service = subscribing_service(app, "files", bus, db.reachable)
+outbox.run_with(service)
 
 if __name__ == "__main__":
     serve(service)
