@@ -6,6 +6,8 @@ scheduled mode leaving registration to the agent; /health, /metrics and correlat
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import threading
 import time
 from collections.abc import Iterator
@@ -249,6 +251,16 @@ async def test_metrics_count_requests_by_route_template_and_status_class() -> No
     assert samples[("http_requests_in_flight", ())] == 0
     # /health and /metrics themselves are not counted
     assert not any(dict(labels).get("route") in ("/health", "/metrics") for _, labels in samples)
+    # the process metrics of prometheus_client's names, of this very process
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert 10 * 2**20 < samples[("process_resident_memory_bytes", ())] <= peak_rss
+    assert samples[("process_virtual_memory_bytes", ())] >= samples[("process_resident_memory_bytes", ())]
+    assert 0 < samples[("process_cpu_seconds_total", ())] <= time.process_time() + 0.05
+    started = samples[("process_start_time_seconds", ())]
+    assert time.time() - 3600 < started <= time.time()
+    open_fds = samples[("process_open_fds", ())]
+    assert open_fds >= 3 and abs(open_fds - (len(os.listdir("/proc/self/fd")) - 1)) <= 2
+    assert samples[("process_max_fds", ())] == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 async def test_correlation_id_is_kept_or_made_and_echoed() -> None:

@@ -1,12 +1,15 @@
 """A tiny in-process metrics registry (counters, gauges, histograms with labels) rendered as Prometheus text.
 
-It owns only numbers in this process and their exposition; it never does I/O and never imports prometheus_client.
+It owns only numbers in this process and their exposition, plus the standard process_* metrics (the names
+prometheus_client's ProcessCollector uses, so existing dashboards work), read from /proc/self when rendered. It
+never imports prometheus_client.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+import os
 from collections.abc import Iterable
 
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -129,11 +132,70 @@ class Histogram(Metric):
         return lines
 
 
-class MetricsRegistry:
-    """Named metrics of one process; `render()` is the body of GET /metrics."""
+def _boot_time() -> float:
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0
 
-    def __init__(self) -> None:
+
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def process_metrics() -> list[str]:
+    """process_cpu_seconds_total, process_resident/virtual_memory_bytes, process_start_time_seconds,
+    process_open_fds and process_max_fds of this process (Linux /proc); none where /proc is missing."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        open_fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return []
+    # fields[0] is the state (field 3 of proc(5)): utime is field 14, stime 15, starttime 22, vsize 23, rss 24.
+    cpu = (int(fields[11]) + int(fields[12])) / TICKS
+    start = _boot_time() + int(fields[19]) / TICKS
+    max_fds = None
+    try:
+        import resource
+
+        max_fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError):
+        pass
+    lines = [
+        "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.",
+        "# TYPE process_cpu_seconds_total counter",
+        f"process_cpu_seconds_total {_number(cpu)}",
+        "# HELP process_virtual_memory_bytes Virtual memory size in bytes.",
+        "# TYPE process_virtual_memory_bytes gauge",
+        f"process_virtual_memory_bytes {int(fields[20])}",
+        "# HELP process_resident_memory_bytes Resident memory size in bytes.",
+        "# TYPE process_resident_memory_bytes gauge",
+        f"process_resident_memory_bytes {int(fields[21]) * PAGE}",
+        "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.",
+        "# TYPE process_start_time_seconds gauge",
+        f"process_start_time_seconds {_number(round(start, 2))}",
+        "# HELP process_open_fds Number of open file descriptors.",
+        "# TYPE process_open_fds gauge",
+        f"process_open_fds {open_fds - 1}",  # less the one listdir held open
+    ]
+    if max_fds is not None and max_fds >= 0:
+        lines += ["# HELP process_max_fds Maximum number of open file descriptors.",
+                  "# TYPE process_max_fds gauge", f"process_max_fds {max_fds}"]
+    return lines
+
+
+class MetricsRegistry:
+    """Named metrics of one process; `render()` is the body of GET /metrics (with the process_* metrics when
+    `process` is set, as a Service's registry is)."""
+
+    def __init__(self, process: bool = False) -> None:
         self.metrics: dict[str, Metric] = {}
+        self.process = process
 
     def _add(self, metric: Metric) -> Metric:
         existing = self.metrics.get(metric.name)
@@ -160,4 +222,6 @@ class MetricsRegistry:
         for metric in self.metrics.values():
             lines += metric.header()
             lines += metric.samples()
+        if self.process:
+            lines += process_metrics()
         return "\n".join(lines) + "\n"

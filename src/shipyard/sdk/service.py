@@ -333,7 +333,7 @@ class Service:
         self.stop_grace = _float_env("SHIPYARD_STOP_GRACE", DEFAULT_STOP_GRACE)
         self.server = server
         self.alloc_id = os.environ.get("SHIPYARD_ALLOC_ID") or None
-        self.metrics = MetricsRegistry()
+        self.metrics = MetricsRegistry(process=True)
         self.asgi = ServiceMiddleware(app, self)
         self.startup_hooks: list[Hook] = []
         self.shutdown_hooks: list[Hook] = []
