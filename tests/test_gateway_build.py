@@ -14,7 +14,7 @@ import pytest
 from shipyard.gateway import COMPILED_MODULES, data_plane_build
 
 
-def _tree(tmp_path: Path, compiled: bool, source_newer: str | None = None) -> Path:
+def _tree(tmp_path: Path, compiled: bool, source_newer: str | None = None, by: float = 1_000) -> Path:
     for name in COMPILED_MODULES:
         (tmp_path / f"{name}.py").write_text("# source\n")
         os.utime(tmp_path / f"{name}.py", (1_000, 1_000))
@@ -23,13 +23,15 @@ def _tree(tmp_path: Path, compiled: bool, source_newer: str | None = None) -> Pa
             build.write_bytes(b"\x7fELF")
             os.utime(build, (2_000, 2_000))
     if source_newer:
-        os.utime(tmp_path / f"{source_newer}.py", (3_000, 3_000))
+        os.utime(tmp_path / f"{source_newer}.py", (2_000 + by, 2_000 + by))
     return tmp_path
 
 
 def test_a_fresh_build_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SHIPYARD_PURE_PYTHON", raising=False)
     assert data_plane_build(_tree(tmp_path, compiled=True)) == "compiled"
+    # A wheel's installer may write a .py a moment after its .so: still the build of that very source.
+    assert data_plane_build(_tree(tmp_path, compiled=True, source_newer="upstream", by=1)) == "compiled"
 
 
 def test_no_build_or_an_older_one_means_the_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 COMPILED_MODULES = ("upstream", "proxy")  # in import order
 HERE = Path(__file__).parent
+# An installer writes a wheel's .py and .so files moments apart, in either order; an edit comes later than this.
+INSTALL_SKEW = 10.0
 
 
 def data_plane_build(directory: Path = HERE) -> str:
@@ -26,7 +28,7 @@ def data_plane_build(directory: Path = HERE) -> str:
         builds = list(directory.glob(f"{name}.cpython-*.so")) + list(directory.glob(f"{name}.*.pyd"))
         if not builds:
             return "source (not compiled)"
-        if max(b.stat().st_mtime for b in builds) < (directory / f"{name}.py").stat().st_mtime:
+        if max(b.stat().st_mtime for b in builds) + INSTALL_SKEW < (directory / f"{name}.py").stat().st_mtime:
             return f"source ({name}.py is newer than its compiled build: reinstall to compile it again)"
     return "compiled"
 
