@@ -1,6 +1,7 @@
 """shipyard.sdk.client against real instances registered with a real server: round-robin, a kill -9ed instance
 retried past and then dropped, a new instance picked up from the blocking query, the circuit breaker, correlation
-headers carried from an incoming request to an outgoing call; retry budget and breaker rules in isolation.
+headers carried from an incoming request to an outgoing call, retries of 503s held to the retry budget; the budget
+and breaker rules also in isolation.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from sdk_support import ServiceInstance, statuses, stop_all, wait_catalog
 from shipyard.sdk import ServiceUnavailable
@@ -105,6 +107,30 @@ async def test_circuit_opens_on_a_failing_instance(server: ServerProcess, fleet:
     bad_metrics = requests.get(bad.url + "/metrics", timeout=5).text
     assert 'http_requests_total{method="GET",route="/whoami",status_class="5xx"} 5' in bad_metrics
     await flaky.aclose()
+
+
+def _whoami_served(instance: ServiceInstance) -> int:
+    """/whoami requests an instance answered, by its own /metrics."""
+    text = requests.get(instance.url + "/metrics", timeout=5).text
+    return int(sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "http_requests_total" and s.labels.get("route") == "/whoami"))
+
+
+async def test_retries_of_overloaded_answers_stay_within_the_budget(server: ServerProcess, fleet: Fleet) -> None:
+    """An instance answering 503 (overloaded): a GET that lands on it is retried on the other instance, but only as
+    many times as the budget allows (20% of the requests, no floor here); the rest get the 503."""
+    good = fleet.launch("overloaded")[0]
+    bad = fleet.launch("overloaded", SDK_TEST_FAIL="503")[0]
+    overloaded = service_client("overloaded", server=server.addr, circuit_threshold=1_000_000,
+                                retry_budget=RetryBudget(ratio=0.2, per_second=0.0, window=600.0))
+    seen = collections.Counter()
+    for _ in range(40):
+        seen[(await overloaded.get("/whoami")).status_code] += 1
+    on_bad, on_good = _whoami_served(bad), _whoami_served(good)
+    retried = on_good + on_bad - 40  # answers the caller never saw: each was retried on the good instance
+    assert seen[200] + seen[503] == 40 and seen[503] == on_bad - retried
+    assert on_bad >= 15 and 1 <= retried <= 8  # round-robin sends about half to the bad one; 20% of 40 is 8
+    await overloaded.aclose()
 
 
 async def test_correlation_headers_travel_from_incoming_request_to_outgoing_call(

@@ -1,6 +1,7 @@
 """A small Starlette service run through shipyard.sdk.Service, for the SDK tests (tests/test_sdk_*.py).
 
-Behaviour comes from the environment: SHIPYARD_SERVICE names it, SDK_TEST_FAIL=1 makes /whoami answer 500,
+Behaviour comes from the environment: SHIPYARD_SERVICE names it, SDK_TEST_FAIL=1 makes /whoami answer 500 (another
+number: that status),
 SDK_TEST_UNHEALTHY_IF=<path> makes its health check fail while that file exists.
 """
 
@@ -18,8 +19,9 @@ from shipyard.sdk import Service, client, correlation_id
 
 
 async def whoami(request: Request) -> JSONResponse:
-    if os.environ.get("SDK_TEST_FAIL") == "1":
-        return JSONResponse({"error": "failing on purpose"}, status_code=500)
+    fail = os.environ.get("SDK_TEST_FAIL")
+    if fail:
+        return JSONResponse({"error": "failing on purpose"}, status_code=500 if fail == "1" else int(fail))
     return JSONResponse({"id": service.service_id, "port": service.port})
 
 
