@@ -101,43 +101,41 @@ async def _visible(asset_id: str, caller: Caller) -> Asset:
 
 
 async def _update(asset_id: str, changes: dict[str, Any]) -> Asset:
-    events: list[int] = []
-
-    def write(conn: sqlite3.Connection) -> sqlite3.Row | None:
+    def write(conn: sqlite3.Connection) -> tuple[Asset, int] | None:
         sets = ", ".join(f"{k} = ?" for k in changes)
         values = [json.dumps(v) if isinstance(v, list | dict) else v for v in changes.values()]
         conn.execute(f"UPDATE assets SET {sets}, version = version + 1, updated_at = ? WHERE id = ?",
                      (*values, time.time(), asset_id))
         row = conn.execute("SELECT * FROM assets WHERE id = ?", (asset_id,)).fetchone()
-        if row is not None:
-            events.append(outbox.add(conn, "assets.updated", _asset(row).model_dump()))
-        return row
+        if row is None:
+            return None
+        asset = _asset(row)
+        return asset, outbox.add(conn, "assets.updated", asset.model_dump())
 
-    row = await db.run(write)
-    if row is None:
+    written = await db.run(write)
+    if written is None:
         raise ApiError(404, "asset not found", {"id": asset_id})
-    await outbox.send_now(events)
-    return _asset(row)
+    asset, event = written
+    await outbox.send_now([event])
+    return asset
 
 
 @app.post("/assets", status_code=201, response_model=Asset, summary="Create an asset")
 async def create_asset(body: AssetIn, caller: CallerDep) -> Asset:
     now = time.time()
     asset_id = uuid.uuid4().hex
-    events: list[int] = []
 
-    def insert(conn: sqlite3.Connection) -> sqlite3.Row:
+    def insert(conn: sqlite3.Connection) -> tuple[Asset, int]:
         conn.execute(
             "INSERT INTO assets (id, owner, title, description, tags, metadata, technical, status, version,"
             " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, '{}', 'new', 1, ?, ?)",
             (asset_id, caller.id, body.title, body.description, json.dumps(body.tags), json.dumps(body.metadata),
              now, now))
-        row = conn.execute("SELECT * FROM assets WHERE id = ?", (asset_id,)).fetchone()
-        events.append(outbox.add(conn, "assets.created", _asset(row).model_dump()))
-        return row
+        asset = _asset(conn.execute("SELECT * FROM assets WHERE id = ?", (asset_id,)).fetchone())
+        return asset, outbox.add(conn, "assets.created", asset.model_dump())
 
-    asset = _asset(await db.run(insert))
-    await outbox.send_now(events)  # on the bus once this returns; if this process dies first, the relay sends it
+    asset, event = await db.run(insert)
+    await outbox.send_now([event])  # on the bus once this returns; if this process dies first, the relay sends it
     return asset
 
 

@@ -8,8 +8,10 @@ never imports prometheus_client.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import os
+import resource
 from collections.abc import Iterable
 
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -132,19 +134,24 @@ class Histogram(Metric):
         return lines
 
 
-def _boot_time() -> float:
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+@functools.cache
+def _process_start(starttime_ticks: int) -> float:
+    """Boot time + the process's start in ticks since boot: the same for the life of the process, so /proc/stat is
+    read once, not per scrape."""
+    boot = 0.0
     try:
         with open("/proc/stat", "rb") as f:
             for line in f:
                 if line.startswith(b"btime "):
-                    return float(line.split()[1])
+                    boot = float(line.split()[1])
+                    break
     except OSError:
         pass
-    return 0.0
-
-
-TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    return round(boot + starttime_ticks / TICKS, 2)
 
 
 def process_metrics() -> list[str]:
@@ -158,14 +165,8 @@ def process_metrics() -> list[str]:
         return []
     # fields[0] is the state (field 3 of proc(5)): utime is field 14, stime 15, starttime 22, vsize 23, rss 24.
     cpu = (int(fields[11]) + int(fields[12])) / TICKS
-    start = _boot_time() + int(fields[19]) / TICKS
-    max_fds = None
-    try:
-        import resource
-
-        max_fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, OSError):
-        pass
+    start = _process_start(int(fields[19]))
+    max_fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     lines = [
         "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.",
         "# TYPE process_cpu_seconds_total counter",
@@ -178,12 +179,12 @@ def process_metrics() -> list[str]:
         f"process_resident_memory_bytes {int(fields[21]) * PAGE}",
         "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.",
         "# TYPE process_start_time_seconds gauge",
-        f"process_start_time_seconds {_number(round(start, 2))}",
+        f"process_start_time_seconds {_number(start)}",
         "# HELP process_open_fds Number of open file descriptors.",
         "# TYPE process_open_fds gauge",
         f"process_open_fds {open_fds - 1}",  # less the one listdir held open
     ]
-    if max_fds is not None and max_fds >= 0:
+    if max_fds >= 0:  # RLIM_INFINITY (-1): no limit to report
         lines += ["# HELP process_max_fds Maximum number of open file descriptors.",
                   "# TYPE process_max_fds gauge", f"process_max_fds {max_fds}"]
     return lines
