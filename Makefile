@@ -24,10 +24,12 @@ peers:
 
 test: $(STAMP) peers
 	$(BIN)/ruff check setup.py src tests bench examples
+	$(BIN)/mypy
 	$(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check setup.py src tests bench examples
+	$(BIN)/mypy
 
 bench: $(STAMP) peers
 	$(BIN)/python bench/kv.py
