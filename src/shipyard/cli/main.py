@@ -6,6 +6,7 @@ Sub-commands live in sibling modules; this file only assembles them and maps err
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -97,7 +98,7 @@ def server(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     config = ServerConfig(
-        data_dir=None if dev else data_dir,
+        data_dir=None if dev else os.path.abspath(data_dir),  # the caller's cwd, not the agent's or a shim's
         bind=bind,
         http_port=http_port,
         dns_port=dns_port,
