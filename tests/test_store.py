@@ -6,11 +6,15 @@ They check the store contract of shipyard.store.base; they never look at SQLite 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import os
+import sqlite3
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+import shipyard.store.sqlite as sqlite_module
 from shipyard.store import (
     Compacted,
     Compare,
@@ -23,7 +27,9 @@ from shipyard.store import (
     Put,
     SqliteStore,
     StoreError,
+    WatchOverflow,
 )
+from support import need_peer
 
 # Generous upper bound for anything that should happen "soon"; never a performance assertion.
 SOON = 10.0
@@ -777,3 +783,101 @@ async def test_dev_mode_keeps_state_in_memory_only(tmp_path: Path, monkeypatch: 
         assert fresh.revision == 0
     finally:
         await fresh.close()
+
+
+# ---- failure paths (issue 11, item 12) --------------------------------------------------------------------
+
+
+async def test_watcher_cut_off_during_replay_is_not_left_registered(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small queue limit stands for a watcher far behind: the replay alone overflows it.
+    monkeypatch.setattr(sqlite_module, "_WATCH_QUEUE_LIMIT", 3)
+    for i in range(10):
+        await store.put("r/k", str(i).encode())
+    watcher = store.watch("r/", prefix=True, from_revision=1)
+    watcher.cancel()
+    assert store.watcher_count() == 0
+    replayed = store.watch("r/k", from_revision=1)
+    with pytest.raises(WatchOverflow):
+        for _ in range(10):
+            await next_batch(replayed)
+    replayed.cancel()
+    assert store.watcher_count() == 0
+
+
+async def test_failed_compaction_leaves_no_open_transaction(db_path: Path) -> None:
+    s = await SqliteStore.open(db_path)
+    try:
+        for i in range(5):
+            await s.put("k", str(i).encode())
+        # A real SQLite failure of the compaction's DELETE, from a trigger another connection installs.
+        other = sqlite3.connect(db_path)
+        other.execute("CREATE TRIGGER no_delete BEFORE DELETE ON events BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        other.commit()
+        other.close()
+        with pytest.raises(Exception, match="refused"):
+            await s.compact(3)
+        # Later group commits still work, and are durable.
+        assert await s.put("after", b"1") == 6
+        assert await s.put("after", b"2") == 7
+    finally:
+        await s.close()
+    s = await SqliteStore.open(db_path)
+    try:
+        assert (await s.get("after")).value == b"2"  # type: ignore[union-attr]
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: a disk that really fills up."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)],
+                             capture_output=True, check=False).returncode == 0
+    need_peer("a mountable tmpfs", mounted, "mounting a 1 MiB tmpfs needs root (CAP_SYS_ADMIN)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_full_disk_reports_sqlite_full_and_recovers(tiny_fs: Path) -> None:
+    ballast = tiny_fs / "ballast"
+    ballast.write_bytes(b"\0" * 262_144)  # removed later: the operator freeing space
+    s = await SqliteStore.open(tiny_fs / "state.db")
+    try:
+        error = None
+        for i in range(200):
+            try:
+                await s.put(f"fill/{i}", os.urandom(16_384))
+            except StoreError as exc:
+                error = exc
+                break
+        assert error is not None, "a 1 MiB disk must fill up"
+        assert "full" in str(error), f"the real cause (SQLITE_FULL) must be reported, not {error}"
+        assert "rollback" not in str(error)
+        ballast.unlink()
+        rev = await s.put("after", b"1")
+        assert (await s.get("after")).mod_revision == rev  # type: ignore[union-attr]
+    finally:
+        await s.close()
+
+
+async def test_indexed_prefix_watchers_each_get_exactly_their_keys(store: SqliteStore) -> None:
+    prefixes = ["", "a", "a/", "a/b", "a/b", "b/", "a/bc"]
+    watchers = [store.watch(p, prefix=True) for p in prefixes]
+    rev = await store.txn([], [Put("a/bcd", b"1"), Put("b/x", b"1"), Put("c", b"1")])
+    for p, w in zip(prefixes, watchers, strict=True):
+        expected = [k for k in ("a/bcd", "b/x", "c") if k.startswith(p)]
+        if expected:
+            assert [ev.kv.key for ev in await next_batch(w)] == expected, p
+    for w in watchers[:4]:
+        w.cancel()
+    assert store.watcher_count() == 3
+    await store.put("a/bz", b"2")
+    assert [ev.kv.key for ev in await next_batch(watchers[4])] == ["a/bz"]
+    for w in watchers[4:]:
+        w.cancel()
+    assert store.watcher_count() == 0
+    assert rev.succeeded

@@ -245,7 +245,11 @@ class EtcdStore:
         kvs = [self._kv(raw) for raw in data.get("kvs", [])]
         index = max((kv.mod_revision for kv in kvs), default=0)
         if prefix:
-            for k in self._tombstones.irange(key, key + "\U0010ffff", inclusive=(True, False)):
+            # Walked to the first key outside the prefix, as etcd's range_end (the prefix with its last byte
+            # incremented) bounds it: an upper bound of prefix + max-char would miss keys holding that character.
+            for k in self._tombstones.irange(minimum=key):
+                if not k.startswith(key):
+                    break
                 index = max(index, self._tombstones[k])
         elif not kvs:
             index = self._tombstones.get(key, 0)

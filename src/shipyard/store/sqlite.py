@@ -72,6 +72,19 @@ def _keys_under(keys: SortedDict, prefix: str) -> list[str]:
     return out
 
 
+def _rollback(db: sqlite3.Connection) -> None:
+    """Ends a failed transaction without hiding why it failed.
+
+    SQLite rolls back by itself on some errors (SQLITE_FULL, SQLITE_IOERR); a ROLLBACK then fails with "no
+    transaction is active", which must not replace the real cause the caller is raising."""
+    if not db.in_transaction:
+        return
+    try:
+        db.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        log.error("store rollback failed: %s", exc)
+
+
 class _SqliteWatcher:
     """Queue of event batches fed by the store; iterate it, cancel it when done."""
 
@@ -83,6 +96,7 @@ class _SqliteWatcher:
         self.min_revision = min_revision
         self._queue: asyncio.Queue[list[Event] | BaseException] = asyncio.Queue()
         self._cancelled = False
+        self.cut_off = False  # fell behind and was dropped by the store
         self.last_revision = 0
 
     def matches(self, key: str) -> bool:
@@ -95,6 +109,7 @@ class _SqliteWatcher:
             self._queue.put_nowait(WatchOverflow(f"watcher on {self.key!r} fell behind"))
             self._store._remove_watcher(self)
             self._cancelled = True
+            self.cut_off = True
             return
         self._queue.put_nowait(batch)
 
@@ -164,7 +179,10 @@ class SqliteStore:
         self._revision = 0
         self._compact_revision = 0
         self._exact_watchers: dict[str, set[_SqliteWatcher]] = {}
-        self._prefix_watchers: set[_SqliteWatcher] = set()
+        # Prefix watchers indexed by their prefix, and the prefix lengths in use: an event looks up its key's
+        # prefixes of those lengths instead of testing every prefix watcher.
+        self._prefix_watchers: dict[str, set[_SqliteWatcher]] = {}
+        self._prefix_lengths: dict[int, int] = {}  # length -> how many distinct prefixes have it
         self._leases: dict[int, _LeaseState] = {}
         self._lease_heap: list[tuple[float, int]] = []
         self._pending: list[_WriteRequest] = []
@@ -247,10 +265,12 @@ class SqliteStore:
         for req in self._pending:
             if not req.future.done():
                 req.future.set_exception(StoreError("store closed"))
-        for watcher in [*self._prefix_watchers, *(w for s in self._exact_watchers.values() for w in s)]:
-            watcher.fail(StopAsyncIteration())
+        for group in [*self._prefix_watchers.values(), *self._exact_watchers.values()]:
+            for watcher in group:
+                watcher.fail(StopAsyncIteration())
         self._exact_watchers.clear()
         self._prefix_watchers.clear()
+        self._prefix_lengths.clear()
         if self._db is not None:
             db = self._db
             await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
@@ -506,7 +526,7 @@ class SqliteStore:
                 db.executemany("DELETE FROM leases WHERE id = ?", [(lease,) for lease in revoked])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
 
     def _apply(self, group_events: list[list[Event]], revision: int, revoked: set[int]) -> None:
@@ -537,12 +557,15 @@ class SqliteStore:
         if not self._prefix_watchers and not self._exact_watchers:
             return
         per_watcher: dict[_SqliteWatcher, list[Event]] = {}
+        prefixes, lengths = self._prefix_watchers, self._prefix_lengths
         for ev in events:
-            for w in self._exact_watchers.get(ev.kv.key, ()):
+            key = ev.kv.key
+            for w in self._exact_watchers.get(key, ()):
                 per_watcher.setdefault(w, []).append(ev)
-            for w in self._prefix_watchers:
-                if ev.kv.key.startswith(w.key):
-                    per_watcher.setdefault(w, []).append(ev)
+            for length in lengths:
+                if length <= len(key):
+                    for w in prefixes.get(key[:length], ()):
+                        per_watcher.setdefault(w, []).append(ev)
         for w, batch in per_watcher.items():
             w.deliver(batch)
 
@@ -567,15 +590,30 @@ class SqliteStore:
                 batch.append(ev)
             if batch:
                 watcher.deliver(batch)
+            if watcher.cut_off:
+                # It overflowed during the replay: it ends with WatchOverflow and must not stay registered.
+                return watcher
         if prefix:
-            self._prefix_watchers.add(watcher)
+            group = self._prefix_watchers.get(key)
+            if group is None:
+                group = self._prefix_watchers[key] = set()
+                self._prefix_lengths[len(key)] = self._prefix_lengths.get(len(key), 0) + 1
+            group.add(watcher)
         else:
             self._exact_watchers.setdefault(key, set()).add(watcher)
         return watcher
 
     def _remove_watcher(self, watcher: _SqliteWatcher) -> None:
         if watcher.prefix:
-            self._prefix_watchers.discard(watcher)
+            group = self._prefix_watchers.get(watcher.key)
+            if group is not None:
+                group.discard(watcher)
+                if not group:
+                    del self._prefix_watchers[watcher.key]
+                    n = len(watcher.key)
+                    self._prefix_lengths[n] -= 1
+                    if not self._prefix_lengths[n]:
+                        del self._prefix_lengths[n]
         else:
             group = self._exact_watchers.get(watcher.key)
             if group is not None:
@@ -658,9 +696,14 @@ class SqliteStore:
 
             def persist() -> None:
                 db.execute("BEGIN")
-                db.execute("DELETE FROM events WHERE rev <= ?", (revision,))
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('compact_revision', ?)", (revision,))
-                db.execute("COMMIT")
+                try:
+                    db.execute("DELETE FROM events WHERE rev <= ?", (revision,))
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('compact_revision', ?)", (revision,))
+                    db.execute("COMMIT")
+                except BaseException:
+                    # Left open, the transaction would make every later group commit's BEGIN fail.
+                    _rollback(db)
+                    raise
 
             await asyncio.get_running_loop().run_in_executor(self._executor, persist)
 
@@ -677,4 +720,4 @@ class SqliteStore:
     # ---- introspection ------------------------------------------------------------------------
 
     def watcher_count(self) -> int:
-        return len(self._prefix_watchers) + sum(len(s) for s in self._exact_watchers.values())
+        return sum(len(s) for s in self._prefix_watchers.values()) + sum(len(s) for s in self._exact_watchers.values())
