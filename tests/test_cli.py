@@ -20,8 +20,9 @@ def test_kv_put_get_list_delete(server: ServerProcess) -> None:
     assert done.returncode == 0, done.stderr
     assert b"Success" in done.stdout
     assert shipyard(server.addr, "kv", "put", "cli/app/blob", "-", stdin=b"\x00\xffbin").returncode == 0
-    assert shipyard(server.addr, "kv", "get", "cli/app/level").stdout == b"debug"
-    assert shipyard(server.addr, "kv", "get", "cli/app/blob").stdout == b"\x00\xffbin"
+    # Like `consul kv get`: the value and a newline (so a shell prompt doesn't land after it); -n: exact bytes.
+    assert shipyard(server.addr, "kv", "get", "cli/app/level").stdout == b"debug\n"
+    assert shipyard(server.addr, "kv", "get", "-n", "cli/app/blob").stdout == b"\x00\xffbin"
     listed = shipyard(server.addr, "kv", "list", "cli/").stdout.decode().split()
     assert listed == ["cli/app/blob", "cli/app/level"]
     assert shipyard(server.addr, "kv", "list", "cli/", "--separator", "/").stdout.decode().split() == ["cli/app/"]

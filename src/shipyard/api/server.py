@@ -28,6 +28,7 @@ from shipyard.api.dns import DnsServer
 from shipyard.api.errors import error_middleware
 from shipyard.api.marathon import add_marathon_routes
 from shipyard.api.native import add_native_routes
+from shipyard.api.ports import check_ports_free
 from shipyard.bus import Bus
 from shipyard.bus.autoscaler import BusAutoscaler
 from shipyard.bus.directory import DirectoryBus, QueueDirectory
@@ -223,6 +224,9 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         )
     if not is_loopback(config.bind):
         log.warning("binding to %s: the API has no access control; anyone who can reach it controls it", config.bind)
+    # A taken port is one line and exit 1 now, not a traceback (control, DNS) or workers crash-looping (gateway).
+    check_ports_free(config.bind, [(config.http_port, "--http-port", False), (config.dns_port, "--dns-port", True),
+                                   (config.gateway_port, "--gateway-port", False)])
     lock_fd = lock_data_dir(config.data_dir) if config.data_dir is not None else None
     platform = await build_platform(config)
     runner: web.AppRunner | None = None
@@ -242,6 +246,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         if gateway is not None:
             platform.extras["gateway"] = gateway
             await gateway.start()
+            await gateway.wait_listening()
         log.info(
             "shipyard server ready: http://%s:%d, DNS on port %s (node %s, data dir %s)",
             config.bind,

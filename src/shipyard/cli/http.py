@@ -18,6 +18,23 @@ class ServerUnreachable(ShipyardError):
     status = 503
 
 
+class NotShipyard(ShipyardError):
+    status = 502
+
+
+def _not_shipyard(base_url: str, method: str, path: str, response: httpx.Response) -> NotShipyard:
+    kind = response.headers.get("content-type", "no content type").split(";")[0]
+    return NotShipyard(
+        f"{base_url} is not a Shipyard server: {method} {path} answered {response.status_code} with {kind} "
+        "(check --http-addr / SHIPYARD_HTTP_ADDR, or the port: another program may hold it)"
+    )
+
+
+def _looks_foreign(response: httpx.Response) -> bool:
+    """A Shipyard server answers JSON, or plain text on Consul paths; never an HTML page."""
+    return response.headers.get("content-type", "").startswith("text/html")
+
+
 class ApiClient:
     def __init__(self, http_addr: str, *, timeout: float = 30.0) -> None:
         base = http_addr if "://" in http_addr else f"http://{http_addr}"
@@ -36,8 +53,12 @@ class ApiClient:
             ) from None
         except httpx.TimeoutException:
             raise ServerUnreachable(f"the shipyard server at {self.base_url} did not answer in time") from None
+        except httpx.RemoteProtocolError as exc:
+            raise NotShipyard(f"{self.base_url} is not a Shipyard server (it does not speak HTTP: {exc})") from None
         except httpx.HTTPError as exc:
             raise ServerUnreachable(f"talking to {self.base_url} failed: {exc}") from None
+        if _looks_foreign(response):
+            raise _not_shipyard(self.base_url, method, path, response)
         if response.status_code not in ok_statuses:
             text = _error_text(response)
             raise ShipyardError(f"{method} {path} failed ({response.status_code}): {text}", status=response.status_code)
@@ -48,6 +69,8 @@ class ApiClient:
         """A streamed response (for logs -f); same one-line errors as request()."""
         try:
             with self._http.stream(method, path, params=params, timeout=httpx.Timeout(30, read=None)) as response:
+                if _looks_foreign(response):
+                    raise _not_shipyard(self.base_url, method, path, response)
                 if response.status_code != 200:
                     response.read()
                     raise ShipyardError(
@@ -63,7 +86,11 @@ class ApiClient:
             raise ServerUnreachable(f"talking to {self.base_url} failed: {exc}") from None
 
     def get_json(self, path: str, **params: Any) -> Any:
-        return self.request("GET", path, params=params or None).json()
+        response = self.request("GET", path, params=params or None)
+        try:
+            return response.json()
+        except ValueError:
+            raise _not_shipyard(self.base_url, "GET", path, response) from None
 
 
 def _error_text(response: httpx.Response) -> str:

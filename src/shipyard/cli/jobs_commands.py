@@ -21,6 +21,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from shipyard.cli.http import ApiClient, ServerUnreachable
+from shipyard.cli.options import server_args, server_port_options
 from shipyard.errors import BadRequest, NotFound, ShipyardError
 from shipyard.spec import ProjectSpec, SpecError, TaskSpec, load_project
 
@@ -84,8 +85,7 @@ def _start_server(api: ApiClient, state_dir: Path) -> int:
     log = open(state_dir / "server.log", "ab")
     cmd = [sys.executable, "-m", "shipyard.cli.main", "server", "--data-dir", str(state_dir / "data"),
            "--http-port", port]
-    if os.environ.get("SHIPYARD_DNS_PORT"):
-        cmd += ["--dns-port", os.environ["SHIPYARD_DNS_PORT"]]
+    cmd += server_args()  # up's --gateway-port / --dns-port (and their env vars)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     (state_dir / "server.pid").write_text(f"{proc.pid}\n")
@@ -171,6 +171,7 @@ def _wait_healthy(api: ApiClient, job_ids: list[str], timeout: float) -> None:
 @click.argument("directory", default=".", type=click.Path(file_okay=True, dir_okay=True))
 @click.option("--force", is_flag=True, help="Replace a deployment that is still running.")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for all services healthy.")
+@server_port_options
 @click.pass_context
 def up(ctx: click.Context, directory: str, force: bool, timeout: float) -> None:
     """Start a server if none is running, deploy DIRECTORY/shipyard.yaml, wait until all is healthy."""

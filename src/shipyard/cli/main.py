@@ -12,9 +12,13 @@ import sys
 import click
 from rich.console import Console
 
+from shipyard import __version__
+from shipyard.cli.options import HTTP_ADDR_ENV, HTTP_ADDR_HELP, add_http_addr
 from shipyard.errors import ShipyardError
 
 err_console = Console(stderr=True)
+# -h as well as --help everywhere; env vars in help text (click shows them with show_envvar).
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
 
 class ShipyardGroup(click.Group):
@@ -28,13 +32,16 @@ class ShipyardGroup(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=ShipyardGroup)
+@click.group(cls=ShipyardGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "--version", "-V", prog_name="shipyard", message="%(prog)s %(version)s")
 @click.option(
     "--http-addr",
-    envvar=["SHIPYARD_HTTP_ADDR", "CONSUL_HTTP_ADDR"],
+    envvar=HTTP_ADDR_ENV,
+    show_envvar=True,
     default="127.0.0.1:8500",
     show_default=True,
-    help="Address of the server's control API.",
+    metavar="HOST:PORT",
+    help=HTTP_ADDR_HELP + " Every sub-command that talks to a server also takes it after its name.",
 )
 @click.pass_context
 def cli(ctx: click.Context, http_addr: str) -> None:
@@ -43,20 +50,24 @@ def cli(ctx: click.Context, http_addr: str) -> None:
 
 
 @cli.command()
-@click.option("--data-dir", default="./shipyard-data", show_default=True, help="Where state is kept.")
+@click.option("--data-dir", default="./shipyard-data", show_default=True,
+              help="Where state is kept (store, bus, instances' logs); relative to the current directory.")
 @click.option("--bind", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--http-port", default=8500, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--dns-port", default=8600, show_default=True, type=click.IntRange(0, 65535), help="0: no DNS.")
+@click.option("--http-port", default=8500, show_default=True, type=click.IntRange(0, 65535),
+              help="Port of the control API (Consul /v1, Marathon /v2, native /api, web UI).")
+@click.option("--dns-port", default=8600, show_default=True, type=click.IntRange(0, 65535),
+              help="Port of the DNS interface, UDP and TCP (0: no DNS).")
 @click.option("--node", "node_name", default="", help="Node name (default: the host name).")
-@click.option("--datacenter", default="dc1", show_default=True)
+@click.option("--datacenter", default="dc1", show_default=True, help="Datacenter name, as in Consul.")
 @click.option("--dev", is_flag=True, help="Keep all state in memory only (nothing on disk).")
 @click.option(
     "--store", "store_url", default="", envvar="SHIPYARD_STORE",
-    help="Keep state in etcd instead: etcd://host:port[/namespace].",
+    show_envvar=True, help="Keep state in etcd instead: etcd://host:port[/namespace].",
 )
 @click.option(
-    "--bus", "bus_url", default="embedded", show_default=True, envvar="SHIPYARD_BUS",
-    help="Message bus: the embedded broker, or RabbitMQ at rabbitmq://user:pass@host:port/vhost.",
+    "--bus", "bus_url", default="embedded", show_default=True, envvar="SHIPYARD_BUS", show_envvar=True,
+    help="Message bus: `embedded`, or RabbitMQ at amqp://user:pass@host:port/vhost "
+         "(amqps:// for TLS; rabbitmq:// is accepted as a synonym of amqp://).",
 )
 @click.option("--enable-script-checks", is_flag=True, help="Allow health checks that run commands.")
 @click.option("--insecure-bind", is_flag=True, help="Allow binding to a non-loopback address.")
@@ -65,11 +76,13 @@ def cli(ctx: click.Context, http_addr: str) -> None:
     help="Seconds between deregistering an instance and sending it SIGTERM (lets the gateway drain it).",
 )
 @click.option("--gateway-port", default=8080, show_default=True, type=click.IntRange(0, 65535),
-              envvar="SHIPYARD_GATEWAY_PORT", help="Port of the API gateway's workers.")
+              envvar="SHIPYARD_GATEWAY_PORT", show_envvar=True, help="Port of the API gateway's workers.")
 @click.option("--gateway-workers", default=0, type=click.IntRange(0, 256),
               help="Gateway worker processes (default: the number of cores).")
 @click.option("--no-gateway", is_flag=True, help="Do not run the API gateway.")
-@click.option("--log-level", default="info", show_default=True)
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              help="How much the server logs to stderr.")
 def server(
     data_dir: str,
     bind: str,
@@ -122,6 +135,9 @@ def _register_subcommands() -> None:
     jobs_commands.register(cli)
     bus_commands.register(cli)
     gateway_commands.register(cli)
+    for name, command in cli.commands.items():
+        if name != "server":  # the server listens; every other command talks to one
+            add_http_addr(command)
 
 
 def main() -> None:

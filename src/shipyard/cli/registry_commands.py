@@ -37,10 +37,11 @@ def kv() -> None:
 
 @kv.command("get")
 @click.argument("key")
-@click.option("--recurse", is_flag=True, help="Print every key under KEY as `key: value`.")
+@click.option("--recurse", is_flag=True, help="Print every key under KEY as `key:value`.")
+@click.option("--no-newline", "-n", is_flag=True, help="Print the value's bytes exactly (no newline added).")
 @click.pass_context
-def kv_get(ctx: click.Context, key: str, recurse: bool) -> None:
-    """Print the value of KEY."""
+def kv_get(ctx: click.Context, key: str, recurse: bool, no_newline: bool) -> None:
+    """Print the value of KEY (followed by a newline unless it ends with one, or with -n)."""
     api = _client(ctx)
     if recurse:
         response = api.request("GET", _kv_path(key), params={"recurse": ""}, ok_statuses=(200, 404))
@@ -52,8 +53,8 @@ def kv_get(ctx: click.Context, key: str, recurse: bool) -> None:
     if response.status_code == 404:
         raise NotFound(f"no key at {key!r}")
     sys.stdout.buffer.write(response.content)
-    if response.content and not response.content.endswith(b"\n") and sys.stdout.isatty():
-        sys.stdout.write("\n")
+    if not no_newline and not response.content.endswith(b"\n"):
+        sys.stdout.buffer.write(b"\n")
 
 
 @kv.command("put")

@@ -14,6 +14,8 @@ import signal
 import sys
 import time
 
+from shipyard.errors import ShipyardError
+
 log = logging.getLogger("shipyard.gateway")
 
 BACKOFF_INITIAL = 0.5
@@ -33,6 +35,7 @@ class GatewaySupervisor:
         self.stop_grace = stop_grace
         self.processes: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = 0
+        self.last_exit = ""
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -72,6 +75,27 @@ class GatewaySupervisor:
         for slot in range(self.workers):
             self._tasks.append(asyncio.create_task(self._keep_running(slot)))
 
+    async def wait_listening(self, timeout: float = 30.0) -> None:
+        """Returns once the gateway port accepts connections; raises if every worker exited before that (so the
+        server never says ready while its workers crash-loop). A slow start past `timeout` only logs."""
+        deadline = time.monotonic() + timeout
+        host = self.bind if self.bind not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        while time.monotonic() < deadline:
+            try:
+                _, writer = await asyncio.open_connection(host, self.port)
+            except OSError:
+                if self.restarts >= self.workers and not self.pids:
+                    raise ShipyardError(
+                        f"the gateway workers exit at start ({self.last_exit}); the lines above say why "
+                        "(use --gateway-port to choose another port, or --no-gateway)") from None
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+        log.warning("the gateway is not listening on port %d after %.0fs; still trying", self.port, timeout)
+
     async def _keep_running(self, slot: int) -> None:
         delay = BACKOFF_INITIAL
         env = dict(os.environ)
@@ -91,6 +115,7 @@ class GatewaySupervisor:
             if self._stopping:
                 return
             self.restarts += 1
+            self.last_exit = f"exit code {code}" if code >= 0 else f"signal {-code}"
             if time.monotonic() - started > BACKOFF_RESET_AFTER:
                 delay = BACKOFF_INITIAL
             log.warning("gateway worker %d (pid %d) exited with %s; restarting in %.1fs", slot, proc.pid, code, delay)
