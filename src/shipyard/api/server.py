@@ -99,8 +99,8 @@ async def open_store(config: ServerConfig) -> Store:
 
 def check_bus_url(config: ServerConfig) -> None:
     if config.bus_url and urlsplit(config.bus_url).scheme not in ("rabbitmq", "amqp", "amqps"):
-        raise ShipyardError(f"unsupported --bus {config.bus_url!r}: use rabbitmq://user:pass@host:port/vhost "
-                            "(or leave it out for the embedded bus)")
+        raise ShipyardError(f"unsupported --bus {config.bus_url!r}: use amqp://user:pass@host:port/vhost "
+                            "(amqps:// for TLS, rabbitmq:// means amqp://; or leave it out for the embedded bus)")
 
 
 def platform_env(config: ServerConfig) -> dict[str, str]:

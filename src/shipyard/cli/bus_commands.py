@@ -158,7 +158,9 @@ def load_app(spec: str) -> Any:
               help="Bus URL (default: $SHIPYARD_BUS_URL, else the server at --http-addr).")
 @click.option("--stop-grace", default=5.0, show_default=True, envvar="SHIPYARD_STOP_GRACE",
               type=click.FloatRange(0, 3600), help="Seconds to finish in-flight work after SIGTERM.")
-@click.option("--log-level", default="info", show_default=True)
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              help="How much the worker logs to stderr.")
 @click.pass_context
 def worker(ctx: click.Context, app: str, bus_url: str | None, stop_grace: float, log_level: str) -> None:
     """Run the @task and @subscribe handlers of a BusApp until SIGTERM/SIGINT."""
