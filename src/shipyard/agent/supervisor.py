@@ -168,12 +168,33 @@ class Supervisor:
             self._state = STARTING
             self._run_started = time.monotonic()
             try:
-                self._instance = await self.driver.start(self.spec, self.ports)
+                self._instance = await self._launch()
             except InstanceStartError as exc:
                 self._instance = None
                 return ExitRecord(127, None, "start failed", [exc.message], time.time())
             self._state = RUNNING
             return None
+
+    async def _launch(self) -> ExecInstance:
+        """driver.start, never abandoned half-way: a stop cancels the task that starts an instance (the
+        runner's loop), and a start cut off after the shim was forked but before its instance was known left
+        a process nobody could stop. So a cancelled start still runs to the end and its instance is recorded
+        (under the lock) before the cancellation goes on; the stop that follows then finds and ends it."""
+        launch = asyncio.ensure_future(self.driver.start(self.spec, self.ports))
+        cancelled: asyncio.CancelledError | None = None
+        while not launch.done():
+            try:
+                await asyncio.shield(launch)
+            except asyncio.CancelledError as exc:
+                if not launch.done():
+                    cancelled = exc  # keep waiting; re-raised once the instance is ours to stop
+            except Exception:
+                break  # launch.result() below raises it
+        if cancelled is None:
+            return launch.result()
+        if not launch.cancelled() and launch.exception() is None:
+            self._instance = launch.result()
+        raise cancelled
 
     async def _supervise(self, start_failure: ExitRecord | None) -> None:
         while not self._finished:
