@@ -46,7 +46,7 @@ from shipyard.scheduler.records import (
     split_node_alloc,
 )
 from shipyard.spec import TaskSpec as JobSpec
-from shipyard.store import Compacted, EventType, Store, WatchOverflow
+from shipyard.store import EventType, Store, follow_prefix
 
 if TYPE_CHECKING:
     from shipyard.registry.health import HealthChecker
@@ -733,25 +733,8 @@ class NodeAgent:
     # ---- watches --------------------------------------------------------------------------------
 
     async def _watch(self, prefix: str, revision: int, apply: Any) -> None:
-        while True:
-            watcher = None
-            try:
-                watcher = self.store.watch(prefix, prefix=True, from_revision=revision + 1)
-                async for batch in watcher:
-                    apply(batch)
-                    revision = max(revision, batch[-1].revision)
-            except asyncio.CancelledError:
-                raise
-            except (Compacted, WatchOverflow) as exc:
-                log.warning("agent watch on %s restarting after %s", prefix, exc)
-                revision = await self._resync(prefix)
-            except Exception:
-                log.exception("agent watch on %s failed; resyncing", prefix)
-                await asyncio.sleep(1.0)
-                revision = await self._resync(prefix)
-            finally:
-                if watcher is not None:
-                    watcher.cancel()
+        await follow_prefix(self.store, prefix, apply, lambda: self._resync(prefix), from_revision=revision,
+                            name=f"agent {prefix}")
 
     async def _resync(self, prefix: str) -> int:
         rr = await self.store.range(prefix, prefix=True)

@@ -21,7 +21,7 @@ import orjson
 from shipyard.errors import NotFound, ShipyardError
 from shipyard.registry.catalog import CHECKS, CRITICAL, PASSING, RUNNABLE_TYPES, WARNING, Catalog, _q
 from shipyard.registry.node import NodeIdentity
-from shipyard.store import Compacted, EventType, Store, WatchOverflow
+from shipyard.store import Event, EventType, Store, follow_prefix
 
 log = logging.getLogger("shipyard.health")
 
@@ -146,28 +146,12 @@ class HealthChecker:
         return revision
 
     async def _watch_loop(self, revision: int) -> None:
-        while True:
-            try:
-                watcher = self.store.watch(self._prefix, prefix=True, from_revision=revision + 1)
-            except Compacted:
-                revision = await self._reconcile()
-                continue
-            try:
-                async for batch in watcher:
-                    for event in batch:
-                        self._apply_event(event.kv.key, event.kv.value if event.type == EventType.PUT else None)
-                    revision = max(revision, batch[-1].revision)
-            except (Compacted, WatchOverflow) as exc:
-                log.warning("health watch restarting after %s", exc)
-                revision = await self._reconcile()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("health watch failed; reconciling")
-                await asyncio.sleep(1.0)
-                revision = await self._reconcile()
-            finally:
-                watcher.cancel()
+        await follow_prefix(self.store, self._prefix, self._apply_events, self._reconcile, from_revision=revision,
+                            name="health checks")
+
+    def _apply_events(self, batch: list[Event]) -> None:
+        for event in batch:
+            self._apply_event(event.kv.key, event.kv.value if event.type == EventType.PUT else None)
 
     def _apply_event(self, key: str, value: bytes | None) -> None:
         check: dict[str, Any] | None = None

@@ -18,8 +18,8 @@ from urllib.parse import quote
 import orjson
 
 from shipyard.errors import BadRequest, ShipyardError
-from shipyard.store import Compacted, Compare, Delete, KeyValue, LeaseNotFound, Put
-from shipyard.store.base import Event, EventType, Op, WatchOverflow
+from shipyard.store import Compare, Delete, KeyValue, LeaseNotFound, Put, follow_prefix
+from shipyard.store.base import Event, EventType, Op
 
 if TYPE_CHECKING:
     from shipyard.registry.kv import ConsulKV
@@ -166,6 +166,8 @@ def _parse_go_duration(text: str) -> float:
             raise ValueError(f'time: unknown unit "{unit}" in duration "{text}"')
         total += float(m.group(1)) * units[unit]
         pos = m.end()
+    if total * 1e9 > (1 << 63) - 1:  # past Go's int64 nanoseconds: Go's own overflow error
+        raise ValueError(f'time: invalid duration "{text}"')
     return -total if text.startswith("-") else total
 
 
@@ -238,7 +240,6 @@ class SessionManager:
         self._holder: dict[str, str] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._watchers: set[Any] = set()
         self._stopping = False
 
     # ---- life cycle -------------------------------------------------------------------------
@@ -256,8 +257,6 @@ class SessionManager:
 
     async def stop(self) -> None:
         self._stopping = True
-        for watcher in list(self._watchers):
-            watcher.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -482,30 +481,8 @@ class SessionManager:
         return self.store.revision
 
     async def _follow(self, prefix: str, on_batch: Any, resync: Any, revision: int) -> None:
-        """Feeds every change under prefix to on_batch; after a gap (compaction, overflow) resyncs."""
-        while not self._stopping:
-            watcher = None
-            try:
-                watcher = self.store.watch(prefix, prefix=True, from_revision=revision + 1)
-                self._watchers.add(watcher)
-                async for batch in watcher:
-                    revision = batch[-1].revision
-                    on_batch(batch)
-                if self._stopping:
-                    return
-                await asyncio.sleep(0.5)  # the store closed the stream; look again shortly
-            except (Compacted, WatchOverflow):
-                revision = await resync()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("watching %s failed; retrying", prefix)
-                await asyncio.sleep(1.0)
-                revision = await resync()
-            finally:
-                if watcher is not None:
-                    watcher.cancel()
-                    self._watchers.discard(watcher)
+        """Feeds every change under prefix to on_batch; after a gap (compaction, overflow, error) resyncs."""
+        await follow_prefix(self.store, prefix, on_batch, resync, from_revision=revision, name=f"sessions {prefix}")
 
 
 def _check_status(kv: KeyValue) -> str:

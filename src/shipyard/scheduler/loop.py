@@ -45,7 +45,7 @@ from shipyard.scheduler.records import (
     unplaceable_key,
     waiting_key,
 )
-from shipyard.store import Compare, Delete, Get, KeyValue, Put, Store
+from shipyard.store import Compare, Delete, Get, KeyValue, Put, Store, follow_prefix
 
 log = logging.getLogger("shipyard.scheduler")
 
@@ -322,21 +322,16 @@ class SchedulerLoop:
                 recheck = ERROR_BACKOFF
 
     async def _watch(self, prefix: str) -> None:
-        # Level-triggered: an event only says "look again", so a broken watch just restarts and marks dirty.
-        while True:
-            try:
-                watcher = self.store.watch(prefix, prefix=True)
-                try:
-                    async for _ in watcher:
-                        self._dirty.set()
-                finally:
-                    watcher.cancel()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("scheduler watch on %s ended (%s); restarting", prefix, exc)
-                await asyncio.sleep(ERROR_BACKOFF)
-            self._dirty.set()
+        # Level-triggered: an event only says "look again", so a resync is a pass from a fresh read.
+        await follow_prefix(self.store, prefix, self._mark_dirty, self._resync, name=f"scheduler {prefix}")
+
+    def _mark_dirty(self, batch: object) -> None:
+        self._dirty.set()
+
+    async def _resync(self) -> int:
+        revision = (await self.store.range(PLAN_GUARD)).revision
+        self._dirty.set()
+        return revision
 
 
 def next_recheck(snapshot: Snapshot, plan: Plan) -> float | None:

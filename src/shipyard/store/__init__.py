@@ -21,6 +21,7 @@ from shipyard.store.base import (
     Watcher,
     WatchOverflow,
 )
+from shipyard.store.follow import follow_prefix
 from shipyard.store.sqlite import SqliteStore
 
 __all__ = [
@@ -41,4 +42,5 @@ __all__ = [
     "TxnResult",
     "WatchOverflow",
     "Watcher",
+    "follow_prefix",
 ]
