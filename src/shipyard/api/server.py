@@ -26,6 +26,7 @@ from shipyard.api.consul import add_consul_routes
 from shipyard.api.context import PLATFORM, Platform, ServerConfig
 from shipyard.api.dns import DnsServer
 from shipyard.api.errors import error_middleware
+from shipyard.api.guard import RequestGuard
 from shipyard.api.marathon import add_marathon_routes
 from shipyard.api.native import add_native_routes
 from shipyard.api.ports import check_ports_free
@@ -192,7 +193,10 @@ async def stop_platform(platform: Platform) -> None:
 
 
 def build_app(platform: Platform) -> web.Application:
-    app = web.Application(client_max_size=MAX_REQUEST_BODY, middlewares=[error_middleware])
+    config = platform.config
+    # The guard sits inside error_middleware so that its refusals take each API's error shape.
+    guard = RequestGuard([config.bind, platform.node.address, platform.node.name, *config.allowed_hosts])
+    app = web.Application(client_max_size=MAX_REQUEST_BODY, middlewares=[error_middleware, guard.middleware()])
     app[PLATFORM] = platform
     add_consul_routes(app)
     add_native_routes(app)

@@ -71,6 +71,8 @@ def cli(ctx: click.Context, http_addr: str) -> None:
 )
 @click.option("--enable-script-checks", is_flag=True, help="Allow health checks that run commands.")
 @click.option("--insecure-bind", is_flag=True, help="Allow binding to a non-loopback address.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Another name clients use for this server (repeatable); other Host headers get 421.")
 @click.option(
     "--drain-delay", default=1.0, show_default=True, type=click.FloatRange(0, 600),
     help="Seconds between deregistering an instance and sending it SIGTERM (lets the gateway drain it).",
@@ -95,6 +97,7 @@ def server(
     bus_url: str,
     enable_script_checks: bool,
     insecure_bind: bool,
+    allowed_hosts: tuple[str, ...],
     drain_delay: float,
     gateway_port: int,
     gateway_workers: int,
@@ -119,6 +122,7 @@ def server(
         datacenter=datacenter,
         enable_script_checks=enable_script_checks,
         insecure_bind=insecure_bind,
+        allowed_hosts=tuple(allowed_hosts),
         store_url=store_url,
         drain_delay=drain_delay,
         gateway_port=0 if no_gateway else gateway_port,

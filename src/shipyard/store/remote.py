@@ -124,10 +124,16 @@ class RemoteStore:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         return self._session
 
-    async def _call(self, method: str, path: str, *, params: dict[str, str] | None = None, data: Any = None) -> Any:
+    async def _call(self, method: str, path: str, *, params: dict[str, str] | None = None, data: Any = None,
+                    json_body: Any = None) -> Any:
         session = await self.session()
+        headers = None
+        if json_body is not None:
+            # The server takes structured bodies only with their real type (its guard refuses browser-sendable ones).
+            data, headers = orjson.dumps(json_body), {"Content-Type": "application/json"}
         try:
-            async with session.request(method, self.base_url + path, params=params, data=data) as response:
+            async with session.request(method, self.base_url + path, params=params, data=data,
+                                       headers=headers) as response:
                 body = await response.read()
                 if response.status >= 400:
                     try:
@@ -187,7 +193,7 @@ class RemoteStore:
             "success": [op_json(op) for op in success],
             "failure": [op_json(op) for op in failure],
         }
-        data = await self._call("POST", f"{BASE}/txn", data=orjson.dumps(body))
+        data = await self._call("POST", f"{BASE}/txn", json_body=body)
         responses: list[object] = []
         for raw in data["responses"]:
             if raw is None:
@@ -202,7 +208,7 @@ class RemoteStore:
         return RemoteWatcher(self, key, prefix, from_revision)
 
     async def grant_lease(self, ttl: int) -> Lease:
-        data = await self._call("POST", f"{BASE}/leases", data=orjson.dumps({"ttl": ttl}))
+        data = await self._call("POST", f"{BASE}/leases", json_body={"ttl": ttl})
         return Lease(data["id"], data["ttl"])
 
     async def keepalive(self, lease: int) -> int:

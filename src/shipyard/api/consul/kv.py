@@ -12,6 +12,7 @@ from aiohttp import web
 from shipyard.api.body import read_limited
 from shipyard.api.consul.common import ConsulError, bad_request, blocking_query, json_response
 from shipyard.api.context import platform_of
+from shipyard.api.guard import accepts_any_body
 from shipyard.errors import PayloadTooLarge
 from shipyard.registry.kv import MAX_VALUE_SIZE, store_key, validate_key, value_too_large_message
 
@@ -103,6 +104,7 @@ async def _read_value(request: web.Request, key: str) -> bytes:
 
 
 @routes.put("/v1/kv/{key:.*}")
+@accepts_any_body
 async def kv_put(request: web.Request) -> web.Response:
     kv = platform_of(request).kv
     key = key_of(request)

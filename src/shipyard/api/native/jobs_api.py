@@ -13,6 +13,7 @@ from aiohttp import web
 
 from shipyard.api.body import read_limited
 from shipyard.api.context import platform_of
+from shipyard.api.guard import JSON_TYPES, YAML_TYPES, accepts_body
 from shipyard.errors import BadRequest, ShipyardError
 from shipyard.scheduler.jobs import DeployResult, JobService, job_json
 from shipyard.scheduler.model import Allocation, Deployment, Job
@@ -112,7 +113,7 @@ def _counts(job: Job, allocs: list[tuple[Allocation, AllocStatus | None]]) -> di
 
 def parse_deploy_body(raw: bytes, content_type: str) -> ProjectSpec | TaskSpec:
     """JSON: a project ({"services": ...}) or one TaskSpec dict ({"name": ..., "cmd": ...}); else shipyard.yaml."""
-    text_type = content_type in ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "text/plain")
+    text_type = content_type in YAML_TYPES
     if not raw.strip():
         raise BadRequest("request body is empty: send a shipyard.yaml or a JSON job spec")
     if content_type == "application/json" or (not text_type and raw.lstrip()[:1] in (b"{", b"[")):
@@ -165,6 +166,7 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 
 @routes.post(PREFIX + "/jobs")
+@accepts_body(*JSON_TYPES, *YAML_TYPES)
 async def deploy_jobs(request: web.Request) -> web.Response:
     jobs = jobs_of(request)
     force = _force(request)

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from shipyard.api.body import read_limited
 from shipyard.api.context import platform_of
+from shipyard.api.guard import accepts_any_body
 from shipyard.errors import BadRequest
 from shipyard.store import Compacted, Compare, Delete, Event, Get, KeyValue, Put, StoreError
 
@@ -89,6 +90,7 @@ async def store_range(request: web.Request) -> web.Response:
 
 
 @routes.put(PREFIX + "/kv/{key:.*}")
+@accepts_any_body
 async def store_put(request: web.Request) -> web.Response:
     key = _key(request)
     if not key:
