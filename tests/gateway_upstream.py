@@ -24,7 +24,8 @@ async def echo(request: web.Request) -> web.Response:
         size += len(chunk)
         digest.update(chunk)
     return web.json_response({
-        "name": NAME, "port": PORT, "method": request.method, "path": request.path, "query": request.query_string,
+        "name": NAME, "port": PORT, "method": request.method, "path": request.path, "raw_path": request.raw_path,
+        "query": request.query_string,
         "headers": {k: v for k, v in request.headers.items()}, "size": size, "sha256": digest.hexdigest(),
         "chunked": request.headers.get("Transfer-Encoding", "") == "chunked",
     })

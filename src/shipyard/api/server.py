@@ -214,8 +214,10 @@ def gateway_supervisor(config: ServerConfig) -> GatewaySupervisor | None:
         shared = os.path.join(config.data_dir, "gateway-counters")
     else:
         shared = os.path.join(tempfile.gettempdir(), f"shipyard-gateway-{os.getpid()}-{config.gateway_port}")
+    # The workers know the control and gateway ports; the DNS port too, so no catalog entry routes to any of them.
+    own_ports = ("--server-port", str(config.dns_port)) if config.dns_port else ()
     return GatewaySupervisor(control, bind=config.bind, port=config.gateway_port, workers=config.gateway_workers,
-                             shared_path=shared)
+                             shared_path=shared, extra_args=own_ports)
 
 
 async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> None:

@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 import orjson
 
+from shipyard.gateway.paths import RegexError, compile_route_regex, regex_error_text
 from shipyard.gateway.plugin_chain import instantiate
 from shipyard.gateway.plugins.base import PluginConfigError
 from shipyard.gateway.plugins.basic_auth import hash_password, is_password_hash
@@ -197,16 +198,20 @@ def normalize_route(body: Mapping[str, Any]) -> dict[str, Any]:
     record["service"] = service
     record["hosts"] = [h.lower() for h in f.strings("hosts")]
     paths = f.strings("paths")
-    for p in paths:
-        if not p.startswith("/"):
-            f.errors["paths"] = "should start with: / (fixed path) or ~/ (regex path)"
     regex_paths = []
     plain = []
     for p in paths:
-        if p.startswith("~"):  # Kong 3 marks regex paths with ~
+        if p.startswith("~/"):  # Kong 3 marks regex paths with ~
+            try:
+                compile_route_regex(p[1:])
+            except RegexError as exc:
+                f.errors["paths"] = f"invalid regex '{p[1:]}': {regex_error_text(exc)}"
+                continue
             regex_paths.append({"pattern": p[1:], "priority": int(body.get("regex_priority") or 0)})
-        else:
+        elif p.startswith("/"):
             plain.append(p)
+        else:
+            f.errors["paths"] = "should start with: / (fixed path) or ~/ (regex path)"
     raw_regex = f.get("regex_paths", [])
     if not isinstance(raw_regex, list):
         f.errors["regex_paths"] = "expected an array"
@@ -218,9 +223,9 @@ def normalize_route(body: Mapping[str, Any]) -> dict[str, Any]:
             f.errors["regex_paths"] = "expected {pattern, priority} items"
             continue
         try:
-            re.compile(item["pattern"])
-        except re.error as exc:
-            f.errors["regex_paths"] = f"invalid regex '{item['pattern']}': {exc}"
+            compile_route_regex(item["pattern"])  # RE2, as the gateway matches it: no backreferences, no lookaround
+        except RegexError as exc:
+            f.errors["regex_paths"] = f"invalid regex '{item['pattern']}': {regex_error_text(exc)}"
             continue
         regex_paths.append({"pattern": item["pattern"], "priority": int(item.get("priority") or 0)})
     record["paths"] = plain

@@ -21,6 +21,7 @@ import httptools
 import orjson
 
 from shipyard.gateway.builtin import is_builtin_path
+from shipyard.gateway.paths import InvalidPath, canonical_path, strict_view
 from shipyard.gateway.plugins.base import FastRequest, Reject, RequestContext
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ def json_body(message: str, **extra: Any) -> bytes:
 
 
 NO_ROUTE = json_body("no Route matched with those values")
+AMBIGUOUS_PATH = json_body("Bad request: the path names another route when %2F is decoded or ;parameters removed")
 _REJECT_BODIES: dict[tuple[int, str | None], bytes] = {}
 
 
@@ -173,7 +175,8 @@ class Request:
     xff: bytes | None = None
     via: bytes | None = None
     method = b""
-    path = b"/"
+    path = b"/"  # canonical (paths.py): what routes are matched on and the upstream is sent
+    strict_path: bytes | None = None  # the path as a server decoding %2F and stripping ;params reads it, if it differs
     query = b""
     version = "1.1"
     keep_alive = True
@@ -347,6 +350,11 @@ class ClientConnection:
         req.hsize += len(name) + len(value) + 4
         if req.nheaders > self.settings.max_headers or req.hsize > self.settings.max_header_size:
             raise _Refuse(431, "Request header fields too large")
+        if not self.in_head:
+            # A chunked body's trailer (the head was complete): dropped, as nginx does. Merged into the head it
+            # would let a client set what we set (X-Forwarded-For) or what plugins judged (credentials) after they
+            # judged it; sent on as trailers, upstreams that merge trailers into headers would do the same.
+            return
         special = REQUEST_KIND.get(name, -1)
         if special == -1:
             special = request_kind(name)
@@ -418,8 +426,13 @@ class ClientConnection:
                 req.host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
         else:
             raise _Refuse(400, "Bad request: invalid request target")
-        if b"/." in req.path or b"%2" in req.path or b"//" in req.path:
-            req.path = normalize_path(req.path)
+        path = req.path
+        if b"%" in path or b"//" in path or b"/." in path or b";" in path:  # else already canonical (paths.py)
+            try:
+                req.path = canonical_path(path)
+            except InvalidPath as exc:
+                raise _Refuse(400, f"Bad request: {exc}") from None
+            req.strict_path = strict_view(req.path)
         if req.host is None:
             if req.version != "1.0":
                 raise _Refuse(400, "Bad request: missing Host header")
@@ -485,6 +498,9 @@ class ClientConnection:
             return
         match = table.match(req.method, host, req.path,
                             (lambda: self._header_map(req)) if table.uses_headers else None)
+        if req.strict_path is not None and self._ambiguous(req, host, match, table):
+            self._respond(req, 400, AMBIGUOUS_PATH)
+            return
         if match is None:
             self._respond(req, 404, NO_ROUTE)
             return
@@ -499,6 +515,13 @@ class ClientConnection:
             self._drive(req, chain.run_access(ctx))
             return
         self._forward(req)
+
+    def _ambiguous(self, req: Request, host: bytes, match: Match | None, table: Any) -> bool:
+        """True when the path read as a server that decodes %2F and strips ;parameters would read it picks another
+        route than its canonical form (paths.py): forwarding it could reach what that route's plugins guard."""
+        strict = table.match(req.method, host, req.strict_path,
+                             (lambda: self._header_map(req)) if table.uses_headers else None)
+        return (strict.route if strict is not None else None) is not (match.route if match is not None else None)
 
     def _fast_access(self, req: Request, route: Any, table: Any) -> bool:
         """The plugins' fast_access, in order: True when all admitted the request (then it goes upstream with what
@@ -1204,20 +1227,3 @@ class ClientConnection:
                                            invalid=True)
                     self.flush_down()
 
-
-def normalize_path(path: bytes) -> bytes:
-    """Removes dot segments (also percent-encoded dots) and empty segments, so /public/../admin cannot dodge a
-    route; other percent-escapes are left as they are."""
-    decoded = path.replace(b"%2e", b".").replace(b"%2E", b".")
-    out: list[bytes] = []
-    segments = decoded.split(b"/")[1:]
-    for segment in segments:
-        if segment == b"..":
-            if out:
-                out.pop()
-        elif segment not in (b".", b""):
-            out.append(segment)
-    result = b"/" + b"/".join(out)
-    if segments and segments[-1] in (b"", b".", b"..") and result != b"/":
-        result += b"/"
-    return result

@@ -145,7 +145,10 @@ def route_from_record(record: Mapping[str, Any], *, source: str, default_service
     service = str(record.get("service") or default_service)
     if not service:
         return None
-    paths = tuple(p if p.startswith("/") else "/" + p for p in _strings(record.get("paths")))
+    raw_paths = _strings(record.get("paths"))
+    paths = tuple(p if p.startswith("/") else "/" + p for p in raw_paths if not p.startswith("~/"))
+    # Kong 3's "~/pattern" paths (a job spec's routes: may use them as the admin API does)
+    regexes = tuple((p[1:], 0) for p in raw_paths if p.startswith("~/"))
     route_id = str(record.get("id") or record.get("name") or "")
     return RouteSpec(
         id=route_id,
@@ -153,7 +156,7 @@ def route_from_record(record: Mapping[str, Any], *, source: str, default_service
         service=service,
         hosts=tuple(h.lower() for h in _strings(record.get("hosts"))),
         paths=paths,
-        regex_paths=_regexes(record.get("regex_paths")),
+        regex_paths=_regexes(record.get("regex_paths")) + regexes,
         methods=frozenset(m.upper() for m in _strings(record.get("methods"))),
         headers=_headers(record.get("headers")),
         strip_path=bool(record.get("strip_path", default_strip)),

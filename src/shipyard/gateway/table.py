@@ -7,13 +7,14 @@ never keeps per-connection state (only a bounded cache of match results, which i
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
 from shipyard.gateway.balancer import Balancer, build_balancer
+from shipyard.gateway.own_listeners import OwnListeners
+from shipyard.gateway.paths import RegexError, canonical_prefix, compile_route_regex, regex_error_text
 from shipyard.gateway.plugin_chain import ConsumerIndex, PluginChain, build_consumers, records_under, resolve_plugins
 from shipyard.gateway.plugins.base import PLUGINS, Plugin
 from shipyard.gateway.routes import (
@@ -93,12 +94,14 @@ class RouteTable:
         for route in routes:
             entries: list[_Entry] = []
             for path in route.spec.paths:
-                entries.append((0, path.encode(), (0, -len(path)), route))
+                # Request paths are matched in their canonical form (paths.py): so are the routes' prefixes.
+                prefix = canonical_prefix(path).encode("utf-8", "surrogateescape")
+                entries.append((0, prefix, (0, -len(prefix)), route))
             for pattern, priority in route.spec.regex_paths:
                 try:
-                    entries.append((1, re.compile(pattern.encode()), (1, -priority), route))
-                except re.error as exc:
-                    log.warning("route %s: bad regex %r: %s", route.spec.id, pattern, exc)
+                    entries.append((1, compile_route_regex(pattern), (1, -priority), route))
+                except RegexError as exc:
+                    log.warning("route %s: bad regex %r: %s", route.spec.id, pattern, regex_error_text(exc))
             if not route.spec.paths and not route.spec.regex_paths:
                 entries.append((2, b"", (2, 0), route))
             for host in route.spec.hosts or ("",):
@@ -227,8 +230,30 @@ def _job_routes(contents: StoreContents) -> tuple[list[RouteSpec], list[dict[str
     return routes, plugin_records
 
 
-def build_route_table(contents: StoreContents, revision: int = 0) -> RouteTable:
-    """The whole table as a pure function of the store contents under gateway/, catalog/ and jobs/."""
+# Targets refused because they are the server's own listeners, already logged (bounded: a warning per target).
+_REFUSED_LOGGED: set[tuple[str, str]] = set()
+
+
+def _without_own(found: tuple[Target, ...], own: OwnListeners, service: str) -> tuple[Target, ...]:
+    """The targets that are not this server's own listeners; a registered service (or a urlprefix- tag) cannot
+    make the gateway a door to the control API, the DNS port or the gateway itself."""
+    kept = tuple(t for t in found if not own.covers(t.host, t.port))
+    if len(kept) < len(found):
+        for target in found:
+            if target not in kept and (service, target.address) not in _REFUSED_LOGGED:
+                if len(_REFUSED_LOGGED) < 10000:
+                    _REFUSED_LOGGED.add((service, target.address))
+                log.warning("service %s: not routing to %s, a port of this server's own (name it in a gateway "
+                            "service through the admin API to route there)", service, target.address)
+    return kept
+
+
+def build_route_table(contents: StoreContents, revision: int = 0, own: OwnListeners | None = None) -> RouteTable:
+    """The whole table as a pure function of the store contents under gateway/, catalog/ and jobs/.
+
+    own: this server's listeners. Targets that are among them are dropped unless the admin API names them
+    literally (a gateway service's url or host:port, or an upstream's targets) for a route of the admin API or a
+    job: never for a urlprefix- tag, never from the catalog's instances."""
     instances = registry_instances(contents)
     services = {rec.get("name") or unquote(k[len("gateway/services/") :]): rec
                 for k, rec in records(contents, "gateway/services/")}
@@ -260,21 +285,25 @@ def build_route_table(contents: StoreContents, revision: int = 0) -> RouteTable:
     job_routes, job_plugins = _job_routes(contents)
     route_specs.extend(job_routes)
 
-    backends: dict[str, Backend] = {}
+    backends: dict[tuple[str, bool], Backend] = {}
 
-    def backend_for(service: str) -> Backend:
-        if service in backends:
-            return backends[service]
+    def backend_for(service: str, from_tag: bool) -> Backend:
+        if (service, from_tag) in backends:
+            return backends[(service, from_tag)]
         record = services.get(service) or {}
         host = str(record.get("host") or service)
         upstream = upstreams.get(host)
+        explicit = True  # named by the admin API (an upstream's targets, a service's literal address)
         if targets.get(host):
             found = tuple(sorted(targets[host], key=lambda t: t.address))
         elif host in instances:
             found = healthy_targets(instances[host])
+            explicit = False
         else:
             literal = parse_target(f"{host}:{record.get('port')}" if record.get("port") else host, 1)
             found = (literal,) if literal is not None else ()
+        if own is not None and (from_tag or not explicit):
+            found = _without_own(found, own, service)
         spec = BackendSpec(
             name=service,
             targets=found,
@@ -285,13 +314,13 @@ def build_route_table(contents: StoreContents, revision: int = 0) -> RouteTable:
             write_timeout=_seconds(record.get("write_timeout"), 60.0),
             retries=int(record.get("retries", 5) if isinstance(record.get("retries", 5), int) else 5),
         )
-        backend = backends[service] = Backend(spec, build_balancer(found, spec.balancing))
+        backend = backends[(service, from_tag)] = Backend(spec, build_balancer(found, spec.balancing))
         return backend
 
     plugin_records = [*records_under(contents, "gateway/plugins/"), *job_plugins]
     compiled: list[CompiledRoute] = []
     for spec in route_specs:
-        backend = backend_for(spec.service)
+        backend = backend_for(spec.service, spec.source == "tag")
         service_record = services.get(spec.service) or {"name": spec.service}
         chain = resolve_plugins(plugin_records, service=service_record, route={"id": spec.id, "name": spec.name})
         path = backend.spec.path

@@ -29,6 +29,7 @@ from shipyard.gateway.balancer import HealthBoard, RetryBudget
 from shipyard.gateway.builtin import GatewayBuiltins
 from shipyard.gateway.counters import ENV_PATH as COUNTERS_ENV
 from shipyard.gateway.counters import shared_counters
+from shipyard.gateway.own_listeners import OwnListeners
 from shipyard.gateway.plugin_chain import ConsumerIndex
 from shipyard.gateway.proxy import ClientConnection, GatewaySettings
 from shipyard.gateway.table import RouteTable, build_route_table
@@ -119,9 +120,11 @@ class RouteFollower:
     """Keeps the worker's table equal to build_route_table(store contents): one range then a watch per prefix,
     resumed from the last revision seen; on any error it starts over (level-triggered, so nothing is lost)."""
 
-    def __init__(self, store: RemoteStore, on_table: Callable[[RouteTable], None]) -> None:
+    def __init__(self, store: RemoteStore, on_table: Callable[[RouteTable], None],
+                 own: OwnListeners | None = None) -> None:
         self.store = store
         self.on_table = on_table
+        self.own = own
         self.contents: dict[str, bytes] = {}
         self.revision = 0
         self.ready = asyncio.Event()
@@ -180,7 +183,7 @@ class RouteFollower:
     def _build(self) -> None:
         self._rebuild = None
         try:
-            table = build_route_table(self.contents, self.revision)
+            table = build_route_table(self.contents, self.revision, self.own)
         except Exception:
             log.exception("building the route table failed; keeping the previous one")
             return
@@ -200,6 +203,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--control", required=True, help="the server's control API, e.g. http://127.0.0.1:8500")
     p.add_argument("--bind", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--server-port", type=int, action="append", default=[],
+                   help="a port of the server's own listeners besides --control's and --port (its DNS port): never "
+                        "routed to from the catalog; repeatable")
     p.add_argument("--header-timeout", type=float, default=10.0)
     p.add_argument("--keepalive-timeout", type=float, default=60.0)
     p.add_argument("--body-timeout", type=float, default=60.0)
@@ -223,7 +229,8 @@ async def run_worker(args: argparse.Namespace) -> None:
     )
     worker = GatewayWorker(settings, loop)
     store = RemoteStore(args.control)
-    follower = RouteFollower(store, worker.set_table)
+    own = OwnListeners.of_this_host({args.port, *args.server_port}, args.bind, args.control)
+    follower = RouteFollower(store, worker.set_table, own)
     follow_task = asyncio.ensure_future(follower.run())
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
