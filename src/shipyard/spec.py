@@ -24,6 +24,9 @@ TASK_FIELDS = (
     "update", "restart", "stop_grace", "tags", "meta", "routes", "workdir",
 )
 WORKER_FIELDS = (*(f for f in TASK_FIELDS if f != "routes"), "autoscale")
+# Written by the CLI, not by people (so not in the schema): {file: digest} of the working directory, which makes a
+# code change a new version.
+INTERNAL_FIELDS = ("source",)
 HEALTH_FIELDS = ("http", "tcp", "command", "port", "interval", "timeout", "grace", "failures")
 RESOURCE_FIELDS = ("cpu", "memory")
 UPDATE_FIELDS = ("max_parallel", "min_healthy_time", "healthy_deadline", "auto_revert", "canary")
@@ -116,6 +119,7 @@ class TaskSpec:
     meta: Mapping[str, str] = field(default_factory=dict)
     routes: tuple[Mapping[str, Any], ...] = ()
     autoscale: Autoscale | None = None  # workers only
+    source: Mapping[str, str] = field(default_factory=dict)  # the working directory's files as deployed
 
     def to_dict(self) -> dict[str, Any]:
         return task_to_dict(self)
@@ -268,6 +272,8 @@ def task_to_dict(t: TaskSpec) -> dict[str, Any]:
         a = t.autoscale
         out["autoscale"] = {"queue": a.queue, "min": a.min, "max": a.max, "target_depth": a.target_depth,
                             "cooldown": float(a.cooldown)}
+    if t.source:  # only when set, like autoscale: jobs deployed without it keep their hashes
+        out["source"] = dict(sorted(t.source.items()))
     return out
 
 
@@ -460,6 +466,9 @@ class _Validator:
 
     def task(self, path: tuple[Any, ...], name: str, kind: str, body: Any) -> TaskSpec | None:
         allowed = TASK_FIELDS if kind == "service" else WORKER_FIELDS
+        internal = {k: body[k] for k in INTERNAL_FIELDS if k in body} if isinstance(body, dict) else {}
+        if internal:  # accepted, but not offered in "unknown field (allowed: ...)"
+            body = {k: v for k, v in body.items() if k not in internal}
         if kind == "worker" and isinstance(body, dict) and "routes" in body:
             self.fail((*path, "routes"), "unknown field (routes are only for services)")
             body = {k: v for k, v in body.items() if k != "routes"}
@@ -495,6 +504,8 @@ class _Validator:
             values["routes"] = self.routes((*path, "routes"), spec["routes"])
         if kind == "worker" and spec.get("autoscale") is not None:
             values["autoscale"] = self.autoscale((*path, "autoscale"), spec["autoscale"])
+        if internal.get("source") is not None:
+            values["source"] = self.string_map((*path, "source"), internal["source"])
         if len(self.problems) > before:
             return None
         return TaskSpec(**values)

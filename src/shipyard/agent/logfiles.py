@@ -6,6 +6,7 @@ It must never read a child's pipes itself nor run on the server's event loop wit
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from pathlib import Path
 
@@ -76,6 +77,43 @@ class LineTail:
         if self._partial:
             lines = [*lines, self._partial.decode(errors="replace")][-(self.lines.maxlen or 1) :]
         return lines
+
+
+class TimelineWriter:
+    """Both streams in one file, a line at a time as the shim reads them: `<unix time> <o|e> <line>`, so that logs
+    can show stdout and stderr interleaved in time order (the plain files keep each stream byte for byte)."""
+
+    def __init__(self, log: RotatingLogFile, max_line: int = 64 * 1024) -> None:
+        self.log = log
+        self._partial: dict[bytes, bytes] = {}
+        self._max_line = max_line
+
+    def feed(self, stream: bytes, data: bytes) -> None:
+        *complete, rest = (self._partial.pop(stream, b"") + data).split(b"\n")
+        stamp = b"%.6f " % time.time() + stream + b" "
+        if complete:
+            self.log.write(b"".join(stamp + line + b"\n" for line in complete))
+        if len(rest) > self._max_line:  # a very long line without a newline: write what we have
+            self.log.write(stamp + rest + b"\n")
+            rest = b""
+        if rest:
+            self._partial[stream] = rest
+
+    def close(self) -> None:
+        for stream, rest in self._partial.items():
+            self.log.write(b"%.6f " % time.time() + stream + b" " + rest + b"\n")
+        self._partial.clear()
+        self.log.close()
+
+
+def split_timeline_line(line: str) -> tuple[float, str, str] | None:
+    """(unix time, "stdout" | "stderr", text) of a TimelineWriter line; None for anything else."""
+    stamp, _, rest = line.partition(" ")
+    stream, _, text = rest.partition(" ")
+    try:
+        return float(stamp), ("stderr" if stream == "e" else "stdout"), text
+    except ValueError:
+        return None
 
 
 def log_files_oldest_first(path: Path) -> list[Path]:

@@ -32,7 +32,7 @@ from shipyard.agent.limits import (
     remove_instance_cgroup,
     rss_bytes,
 )
-from shipyard.agent.logfiles import LineTail, RotatingLogFile
+from shipyard.agent.logfiles import LineTail, RotatingLogFile, TimelineWriter
 from shipyard.agent.state import ExitRecord, InstanceState, proc_start_time, write_json_atomic
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -74,6 +74,7 @@ class ShimRun:
         self.child_status: int | None = None
         self.tail = LineTail(STDERR_TAIL_LINES)
         self.cgroup = Path(launch["cgroup"]) if launch.get("cgroup") else None
+        self.timeline: TimelineWriter | None = None
 
     def _on_term(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
@@ -111,6 +112,9 @@ class ShimRun:
         logs = launch["logs"]
         out_log = RotatingLogFile(Path(launch["stdout_log"]), logs["max_bytes"], logs["max_files"])
         err_log = RotatingLogFile(Path(launch["stderr_log"]), logs["max_bytes"], logs["max_files"])
+        if launch.get("timeline_log"):  # launches written before the timeline existed have none
+            self.timeline = TimelineWriter(
+                RotatingLogFile(Path(launch["timeline_log"]), 2 * logs["max_bytes"], logs["max_files"]))
         try:
             proc = subprocess.Popen(
                 launch["argv"],
@@ -125,6 +129,9 @@ class ShimRun:
         except (OSError, subprocess.SubprocessError) as exc:
             message = f"cannot start {launch['argv'][0]!r}: {getattr(exc, 'strerror', None) or exc}"
             err_log.write(message.encode() + b"\n")
+            if self.timeline is not None:
+                self.timeline.feed(b"e", message.encode() + b"\n")
+                self.timeline.close()
             self._write_exit(ExitRecord(127, None, "start failed", [message], time.time()))
             self._handshake({"ok": False, "error": message})
             if self.cgroup:
@@ -214,6 +221,8 @@ class ShimRun:
             self._drain(fd, streams, selector)
         out_log.close()
         err_log.close()
+        if self.timeline is not None:
+            self.timeline.close()
         self._write_exit(self._exit_record())
         if self.cgroup:
             remove_instance_cgroup(self.cgroup)
@@ -230,8 +239,11 @@ class ShimRun:
             del streams[fd]
             return
         streams[fd].write(data)
-        if streams[fd].path.name == Path(self.launch["stderr_log"]).name:
+        is_stderr = streams[fd].path.name == Path(self.launch["stderr_log"]).name
+        if is_stderr:
             self.tail.feed(data)
+        if self.timeline is not None:
+            self.timeline.feed(b"e" if is_stderr else b"o", data)
 
     def _drain(self, fd: int, streams: dict[int, RotatingLogFile], selector: selectors.BaseSelector) -> None:
         # Every writer is gone by now, so reads end in EOF promptly.

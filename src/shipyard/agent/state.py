@@ -16,6 +16,7 @@ STATE_FILE = "state.json"
 EXIT_FILE = "exit.json"
 STDOUT_LOG = "stdout.log"
 STDERR_LOG = "stderr.log"
+TIMELINE_LOG = "timeline.log"  # both streams, each line stamped with its time (for `shipyard logs`)
 SHIM_LOG = "shim.log"
 
 

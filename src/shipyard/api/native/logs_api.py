@@ -1,4 +1,5 @@
-"""Instance logs over HTTP (/api/v1/allocs/{id}/logs): the last lines of stdout or stderr, optionally followed.
+"""Instance logs over HTTP (/api/v1/allocs/{id}/logs): the last lines of stdout, stderr or both interleaved in
+time order (stream=all, from the shim's timeline file; timestamps=1 keeps each line's time), optionally followed.
 
 It only reads the files the shim writes (off the event loop); it never touches the instance or its process.
 """
@@ -8,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from aiohttp import web
 
-from shipyard.agent.logfiles import read_tail_lines
+from shipyard.agent.logfiles import read_tail_lines, split_timeline_line
+from shipyard.agent.state import TIMELINE_LOG
 from shipyard.api.context import platform_of
 from shipyard.errors import BadRequest, NotFound, ShipyardError
 
@@ -37,8 +40,37 @@ def _tail_param(request: web.Request) -> int:
     return value
 
 
-def _follow_param(request: web.Request) -> bool:
-    return request.query.get("follow", "false").lower() in ("1", "true", "yes", "")
+def _follow_param(request: web.Request, name: str = "follow") -> bool:
+    return request.query.get(name, "false").lower() in ("1", "true", "yes", "")
+
+
+class _TimelineLines:
+    """Timeline bytes -> the lines to send: whole lines only, without their time and stream unless asked."""
+
+    def __init__(self, timestamps: bool) -> None:
+        self.timestamps = timestamps
+        self._partial = b""
+
+    def render(self, line: str) -> str:
+        if self.timestamps:
+            return line
+        parsed = split_timeline_line(line)
+        return parsed[2] if parsed is not None else line
+
+    def feed(self, data: bytes) -> bytes:
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        return b"".join(self.render(line.decode(errors="replace")).encode() + b"\n" for line in complete)
+
+
+def _stream_file(agent: Any, alloc_id: str, stream: str) -> tuple[Path, _TimelineLines | None]:
+    log_file = agent.log_file
+    if stream != "all":
+        return log_file(alloc_id, stream), None
+    path = log_file(alloc_id, "stdout").with_name(TIMELINE_LOG)
+    if not path.exists() and log_file(alloc_id, "stdout").exists():
+        # An instance whose shim predates the timeline: its stderr (where Python logs) is the better half.
+        return log_file(alloc_id, "stderr"), None
+    return path, _TimelineLines(False)
 
 
 class _LogReader:
@@ -46,7 +78,7 @@ class _LogReader:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fh = None
+        self._fh: BinaryIO | None = None
         self._inode: int | None = None
 
     def open_at_end(self) -> None:
@@ -92,11 +124,13 @@ async def alloc_logs(request: web.Request) -> web.StreamResponse:
         raise ShipyardError("this server runs no node agent", status=503)
     alloc_id = request.match_info["id"]
     stream = request.query.get("stream", "stdout")
-    if stream not in ("stdout", "stderr"):
-        raise BadRequest(f"query parameter stream must be stdout or stderr, not {stream!r}")
+    if stream not in ("stdout", "stderr", "all"):
+        raise BadRequest(f"query parameter stream must be stdout, stderr or all, not {stream!r}")
     tail = _tail_param(request)
     follow = _follow_param(request)
-    path = agent.log_file(alloc_id, stream)
+    path, timeline = _stream_file(agent, alloc_id, stream)
+    if timeline is not None:
+        timeline.timestamps = _follow_param(request, "timestamps")
     if not path.parent.is_dir():
         raise NotFound(f"no logs for allocation {alloc_id!r}")
 
@@ -104,6 +138,8 @@ async def alloc_logs(request: web.Request) -> web.StreamResponse:
 
     def start() -> list[str]:
         lines = read_tail_lines(path, tail) if tail else []
+        if timeline is not None:
+            lines = [timeline.render(line) for line in lines]
         if follow:
             reader.open_at_end()
         return lines
@@ -121,7 +157,7 @@ async def alloc_logs(request: web.Request) -> web.StreamResponse:
         while True:
             data = await asyncio.to_thread(reader.read_new)
             if data:
-                await response.write(data)
+                await response.write(timeline.feed(data) if timeline is not None else data)
                 continue
             if alloc_id not in agent.runners:
                 break

@@ -1,0 +1,127 @@
+"""`shipyard ps`: one line per instance (fits 100 columns), the notes they share once below the table, the
+crash-loop stderr lines; `-o wide` and `--json` for everything.
+
+It only reads the jobs and allocs API; it never changes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from shipyard.cli.http import ApiClient
+from shipyard.cli.rollout import exit_text, stderr_tail
+from shipyard.errors import NotFound
+
+console = Console()
+
+_STATE_STYLE = {"healthy": "green", "running": "cyan", "pending": "yellow", "waiting": "yellow", "unhealthy": "red",
+                "failed": "red", "crash-loop": "red", "stopping": "dim"}
+
+
+def _rows(api: ApiClient, service: str | None) -> list[dict[str, Any]]:
+    allocs = api.request("GET", "/api/v1/allocs", params={"job": service} if service else None).json()["allocations"]
+    jobs = api.get_json("/api/v1/jobs")["jobs"]
+    if service and not any(job["id"] == service for job in jobs):
+        raise NotFound(f"no service {service!r} (see `shipyard ps`)")
+    # Instances held back by depends_on have no allocation yet: they show as waiting, with what for.
+    for job in jobs:
+        waiting = job.get("waiting")
+        if not waiting or (service and job["id"] != service):
+            continue
+        for index in waiting.get("indexes", []):
+            allocs.append({"job": job["id"], "index": index, "id": "-", "version": job["version"], "desired": "run",
+                           "node": "-", "status": {"client": "waiting", "message": waiting.get("reason", "")}})
+    return sorted(allocs, key=lambda a: (a["job"], a["index"], a["desired"]))
+
+
+def _state(alloc: dict[str, Any]) -> str:
+    status = alloc.get("status") or {}
+    if alloc["desired"] == "stop":
+        return "stopping"
+    if status.get("crash_looping"):
+        return "crash-loop"
+    return str(status.get("client") or alloc.get("client") or "pending")
+
+
+def _age(since: float | None) -> str:
+    if not since:
+        return ""
+    seconds = max(0, int(time.time() - since))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _row(alloc: dict[str, Any], wide: bool) -> list[str]:
+    status = alloc.get("status") or {}
+    state = _state(alloc)
+    style = _STATE_STYLE.get(state, "")
+    last_exit = status.get("last_exit") or {}
+    ports = ",".join(f"{k}={v}" for k, v in (status.get("ports") or {}).items())
+    row = [f"{alloc['job']}.{alloc['index']}", str(alloc["version"]), f"[{style}]{state}[/{style}]" if style else state,
+           ports, str(status.get("pid") or ""), str(status.get("restarts") or 0),
+           escape(exit_text(last_exit)) if last_exit else ""]
+    if wide:
+        row += [alloc["id"], str(alloc.get("node", "")), _age(status.get("healthy_since")),
+                escape(status.get("message") or "")]
+    return row
+
+
+def _notes(allocs: list[dict[str, Any]], detailed: bool) -> list[str]:
+    """Said once for all rows: how limits are enforced; per troubled instance: why, and its last stderr lines."""
+    notes: list[str] = []
+    limits = sorted({(a.get("status") or {}).get("limits", "") for a in allocs} - {""})
+    notes += [f"limits: {escape(text)}" for text in limits if "not enforced" in text or detailed]
+    for alloc in allocs:
+        status = alloc.get("status") or {}
+        state = _state(alloc)
+        if state in ("healthy", "running", "stopping") and not (detailed and status.get("last_exit")):
+            continue
+        name = f"{alloc['job']}.{alloc['index']}"
+        if status.get("message"):
+            notes.append(f"{name}: {escape(status['message'])}")
+        for line in stderr_tail(status, 5 if detailed else 3):
+            notes.append(f"    [dim]{escape(line)}[/dim]")
+    return notes
+
+
+@click.command()
+@click.argument("service", required=False)
+@click.option("-o", "--output", type=click.Choice(["table", "wide"]), default="table", show_default=True,
+              help="wide: also the allocation id, node, healthy-for and the agent's message.")
+@click.option("--json", "as_json", is_flag=True, help="Print the allocations as JSON (everything the API has).")
+@click.pass_context
+def ps(ctx: click.Context, service: str | None, output: str, as_json: bool) -> None:
+    """List instances (of SERVICE): state, ports, pid, restarts, last exit; below the table, why an instance is
+    not healthy with its last stderr lines, and how limits are enforced."""
+    api = ApiClient(ctx.obj["http_addr"])
+    allocs = _rows(api, service)
+    if as_json:
+        click.echo(json.dumps({"allocations": allocs}, indent=2, sort_keys=True))
+        return
+    if not allocs:
+        console.print("no instances" + (f" of {service}" if service else "") + " (deploy with `shipyard up`)",
+                      highlight=False)
+        return
+    wide = output == "wide"
+    headers = ["INSTANCE", "VER", "STATE", "PORTS", "PID", "RESTARTS", "LAST EXIT"]
+    table = Table(*headers, *(["ALLOC", "NODE", "HEALTHY", "MESSAGE"] if wide else []), box=None, pad_edge=False)
+    for column in table.columns:
+        column.no_wrap = not wide
+        column.overflow = "fold" if wide else "ellipsis"
+    for alloc in allocs:
+        table.add_row(*_row(alloc, wide))
+    console.print(table, soft_wrap=wide)
+    notes = _notes(allocs, detailed=bool(service) or wide)
+    if notes:
+        console.print()
+    for note in notes:
+        console.print(note, highlight=False, soft_wrap=True)
