@@ -192,6 +192,26 @@ async def stop_platform(platform: Platform) -> None:
     await platform.store.close()
 
 
+def instances_left_running(platform: Platform) -> str:
+    """What a stopping server says about the instances it leaves behind (they outlive it on purpose when there is
+    a data dir, so that the next server adopts them); empty when it leaves none."""
+    agent, data_dir = platform.agent, platform.config.data_dir
+    if agent is None or data_dir is None or not agent.keep_instances_on_stop or not agent.runners:
+        return ""
+    count = len(agent.runners)
+    return (f"{count} instance{'s' if count != 1 else ''} keep running and will be adopted by the next server "
+            f"started with --data-dir {data_dir}; `shipyard down --data-dir {data_dir}` stops them")
+
+
+def bus_summary(platform: Platform) -> str:
+    bus = platform.extras.get("bus")
+    if not isinstance(bus, Bus):
+        return "none"
+    state = bus.status()
+    where = f" at {state['address']}" if state.get("address") else ""
+    return f"{state['backend']}{where}: {state['state']}" + (" (retrying)" if state["state"] != "up" else "")
+
+
 def build_app(platform: Platform) -> web.Application:
     config = platform.config
     # The guard sits inside error_middleware so that its refusals take each API's error shape.
@@ -280,6 +300,9 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
             await dns_server.stop()
         if runner is not None:
             await runner.cleanup()
+        left_running = instances_left_running(platform)
         await stop_platform(platform)
+        if left_running:
+            print(left_running, file=sys.stderr, flush=True)
         if lock_fd is not None:
             os.close(lock_fd)
