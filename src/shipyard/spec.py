@@ -41,6 +41,10 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h))+$")
 DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Bounds on what a spec may say, so every value fits where it goes: a JSON integer (int64) in the store and the
+# APIs, Go's time.Duration (int64 nanoseconds) in the Consul check definitions built from it.
+MAX_INTEGER = (1 << 63) - 1
+MAX_DURATION = MAX_INTEGER / 1e9  # seconds, about 292 years
 MAX_YAML_NODES = 200_000  # far beyond any real project file
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")  # the bus's portable queue names
 
@@ -222,12 +226,14 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(value)
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(value)
-        return float(value)
-    if isinstance(value, str) and DURATION_RE.match(value):
-        return sum(float(n) * DURATION_UNITS[u] for n, u in DURATION_PART_RE.findall(value))
-    raise ValueError(value)
+        seconds = float(value)
+    elif isinstance(value, str) and DURATION_RE.match(value):
+        seconds = sum(float(n) * DURATION_UNITS[u] for n, u in DURATION_PART_RE.findall(value))
+    else:
+        raise ValueError(value)
+    if not 0 <= seconds <= MAX_DURATION:  # also NaN and YAML's .inf
+        raise ValueError(value)
+    return seconds
 
 
 def _digest(data: Any) -> str:
@@ -347,6 +353,8 @@ def _describe(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
+    if isinstance(value, int) and abs(value) > MAX_INTEGER:
+        return f"{value:.6g}"  # not hundreds of digits
     return str(value)
 
 
@@ -389,14 +397,17 @@ class _Validator:
 
     def integer(self, path: tuple[Any, ...], value: Any, minimum: int, maximum: int | None = None) -> int | None:
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-        if ok and (maximum is None or value <= maximum):
+        if ok and value <= (MAX_INTEGER if maximum is None else maximum):
             return value
         bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        if maximum is None and ok:
+            bound = f"between {minimum} and 2^63-1"
         self.expect(path, value, f"an integer {bound}")
         return None
 
     def number(self, path: tuple[Any, ...], value: Any, minimum: float) -> float | None:
-        if isinstance(value, int | float) and not isinstance(value, bool) and value >= minimum:
+        # Bounded as integers are: JSON has no infinity (orjson would write YAML's .inf as null).
+        if isinstance(value, int | float) and not isinstance(value, bool) and minimum <= value <= MAX_INTEGER:
             return float(value)
         self.expect(path, value, f"a number >= {minimum:g}")
         return None
@@ -405,7 +416,7 @@ class _Validator:
         try:
             return parse_duration(value)
         except ValueError:
-            self.expect(path, value, 'a duration like "10s", "500ms", "1m" or a number of seconds')
+            self.expect(path, value, 'a duration like "10s", "500ms", "1m" or a number of seconds (at most 292 years)')
             return None
 
     def string(self, path: tuple[Any, ...], value: Any, pattern: re.Pattern[str] | None = None,

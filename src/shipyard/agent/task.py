@@ -23,7 +23,10 @@ class RestartPolicy:
         """Delay before restart number `consecutive_failures` (1-based); the first one is immediate."""
         if consecutive_failures <= 1:
             return 0.0
-        return min(self.max, self.initial * self.factor ** (consecutive_failures - 2))
+        try:
+            return min(self.max, self.initial * self.factor ** (consecutive_failures - 2))
+        except OverflowError:  # a long crash loop (factor 2: the 1026th restart) is long past the cap
+            return self.max
 
 
 @dataclass(frozen=True)

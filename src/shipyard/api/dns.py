@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import random
 import struct
+import time
 from dataclasses import dataclass
 
 import dns.exception
@@ -30,6 +31,7 @@ log = logging.getLogger("shipyard.dns")
 DOMAIN = dns.name.from_text("consul.")
 TTL = 0  # Consul's default: no caching, so a failed instance disappears at once
 MAX_UDP_ANSWERS = 3  # Consul's default a_record_limit-ish: UDP answers stay small and get shuffled
+DROP_LOG_EVERY = 60.0  # seconds: a flood of packets we drop costs one log line a minute, not one line each
 
 
 @dataclass(frozen=True)
@@ -40,12 +42,31 @@ class Instance:
     port: int
 
 
+class DropLog:
+    """Counts packets dropped unanswered and says so in one WARNING line at most every DROP_LOG_EVERY seconds."""
+
+    def __init__(self) -> None:
+        self.dropped = 0
+        self._unreported = 0
+        self._next_line = 0.0
+
+    def drop(self, why: str, peer: object) -> None:
+        self.dropped += 1
+        self._unreported += 1
+        now = time.monotonic()
+        if now >= self._next_line:
+            log.warning("DNS: dropped %d packet(s) unanswered since the last notice (latest: %s, from %s)",
+                        self._unreported, why, peer)
+            self._unreported, self._next_line = 0, now + DROP_LOG_EVERY
+
+
 class DnsResolver:
     """Turns a question into resource records using one catalog snapshot."""
 
     def __init__(self, catalog: Catalog, datacenter: str) -> None:
         self.catalog = catalog
         self.datacenter = datacenter
+        self.drops = DropLog()
 
     async def answer(self, query: dns.message.Message, *, udp: bool) -> dns.message.Message:
         response = dns.message.make_response(query)
@@ -176,16 +197,21 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         task.add_done_callback(self._in_flight.discard)
 
     async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
-        wire = await _respond(self.resolver, data, udp=True)
+        wire = await _respond(self.resolver, data, udp=True, peer=addr)
         if wire is not None and self.transport is not None:
             self.transport.sendto(wire, addr)
 
 
-async def _respond(resolver: DnsResolver, data: bytes, *, udp: bool) -> bytes | None:
+async def _respond(resolver: DnsResolver, data: bytes, *, udp: bool, peer: object = None) -> bytes | None:
     try:
         query = dns.message.from_wire(data)
     except dns.exception.DNSException:
         return None  # garbage: drop it, as resolvers do
+    if query.flags & dns.flags.QR:
+        # A response is not a question: answering it would let two servers (or one, spoofed) bounce packets
+        # forever, and make_response() refuses it anyway. Dropped, with a rate-limited line, never a traceback.
+        resolver.drops.drop("a response (QR bit set), not a query", peer)
+        return None
     try:
         response = await resolver.answer(query, udp=udp)
     except Exception:
@@ -201,7 +227,7 @@ async def _serve_tcp_client(resolver: DnsResolver, reader: asyncio.StreamReader,
             header = await asyncio.wait_for(reader.readexactly(2), 10)
             (length,) = struct.unpack("!H", header)
             data = await asyncio.wait_for(reader.readexactly(length), 10)
-            wire = await _respond(resolver, data, udp=False)
+            wire = await _respond(resolver, data, udp=False, peer=writer.get_extra_info("peername"))
             if wire is None:
                 break
             writer.write(struct.pack("!H", len(wire)) + wire)

@@ -98,6 +98,8 @@ def as_int(d: dict[str, Any], key: str, struct: str) -> int:
         return 0
     if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
         raise decode_error(value, struct, key, "int")
+    if not -(1 << 63) <= value < 1 << 63:  # Go's int: Consul's decoder refuses a number it cannot hold
+        raise decode_error(value, struct, key, "int")
     return int(value)
 
 

@@ -41,6 +41,10 @@ def not_found(message: str) -> ConsulError:
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Go's time.Duration is an int64 of nanoseconds: Consul cannot hold a longer one, and we store durations in that
+# shape too ("IntervalDuration"), where a longer one no longer fits a JSON integer.
+MAX_DURATION_NS = (1 << 63) - 1
+MAX_INDEX = (1 << 64) - 1  # Consul parses ?index= as a uint64
 
 
 def parse_duration(value: Any, field: str = "duration") -> float:
@@ -52,6 +56,8 @@ def parse_duration(value: Any, field: str = "duration") -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise bad_request(f"Request decode failed: negative duration for {field}")
+        if value > MAX_DURATION_NS:
+            raise bad_request(f"Request decode failed: duration out of range for {field}: {value:g}")
         return float(value) / 1e9
     if not isinstance(value, str):
         raise bad_request(f"Request decode failed: invalid duration for {field}: {value!r}")
@@ -73,6 +79,8 @@ def parse_duration(value: Any, field: str = "duration") -> float:
         pos = m.end()
     if sign < 0:
         raise bad_request(f"Request decode failed: negative duration for {field}")
+    if total * 1e9 > MAX_DURATION_NS:  # Go's own wording for an overflowing duration
+        raise bad_request(f'Request decode failed: time: invalid duration "{value}"')
     return total
 
 
@@ -131,18 +139,18 @@ def blocking_params(request: web.Request) -> tuple[int, float] | None:
     raw = request.query.get("index")
     if raw is None or raw == "":
         return None
-    try:
-        index = int(raw)
-    except ValueError:
-        raise bad_request(f"Invalid index: {raw!r}") from None
-    if index < 0:
-        raise bad_request(f"Invalid index: {raw!r}")
+    # Consul's strconv.ParseUint(raw, 10, 64): ASCII digits only (int() would take "+1", " 1", "1_0") and at
+    # most 2^64-1; a larger index is an error, not a wait that never ends. Its texts, without detail.
+    digits = raw.lstrip("0") or "0"  # and not int() of thousands of digits (Python refuses past 4300)
+    if not (raw.isascii() and raw.isdigit()) or len(digits) > 20 or int(digits) > MAX_INDEX:
+        raise bad_request("Invalid index")
+    index = int(digits)
     wait = DEFAULT_WAIT
     if "wait" in request.query:
         try:
             wait = parse_duration(request.query["wait"], "wait")
         except ConsulError:
-            raise bad_request(f"Invalid wait time: {request.query['wait']!r}") from None
+            raise bad_request("Invalid wait time") from None
     wait = min(wait, MAX_WAIT) if wait > 0 else DEFAULT_WAIT
     wait += random.uniform(0, wait / 16)  # Consul's jitter, so watchers don't return in lockstep
     return index, wait
