@@ -7,6 +7,7 @@ command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v dig >/dev/null 2>&1 || need+=(dnsutils)
+command -v go >/dev/null 2>&1 || need+=(golang-go)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)  # -base: no system service on port 53
 command -v dnsperf >/dev/null 2>&1 || need+=(dnsperf)
 [ ${#need[@]} -eq 0 ] && exit 0

@@ -155,9 +155,9 @@ class CatalogSnapshot:
         definition = out.get("Definition")
         if isinstance(definition, dict):
             # The *Duration fields (nanoseconds) are for the checker; clients see Consul's strings.
-            out["Definition"] = {k: v for k, v in definition.items() if not k.endswith("Duration")}
+            out["Definition"] = _go_durations({k: v for k, v in definition.items() if not k.endswith("Duration")})
         out.setdefault("ServiceTags", [])
-        return out
+        return _go_durations(out)
 
     def catalog_service_shape(self, node: str, entry: Entry) -> dict[str, Any]:
         n = self.node_shape(node)
@@ -211,6 +211,18 @@ class CatalogSnapshot:
                 "Checks": [self.check_shape(c) for c in sorted(checks, key=_check_order)],
             })
         return out
+
+
+CHECK_DURATIONS = ("Interval", "Timeout", "TTL", "DeregisterCriticalServiceAfter")
+
+
+def _go_durations(shape: dict[str, Any]) -> dict[str, Any]:
+    # Records written before durations were always rendered hold "" for zero; Go's time.ParseDuration (and so
+    # every Go Consul client) refuses "", and Consul itself says "0s".
+    for key in CHECK_DURATIONS:
+        if shape.get(key) == "":
+            shape[key] = "0s"
+    return shape
 
 
 def _check_order(entry: Entry) -> tuple[str, str]:

@@ -149,7 +149,8 @@ def as_duration(d: dict[str, Any], key: str) -> float:
 
 
 def _duration_text(seconds: float) -> str:
-    return format_duration(seconds) if seconds > 0 else ""
+    # Never "": Go clients decode these with time.ParseDuration, which refuses it (a zero is "0s").
+    return format_duration(seconds)
 
 
 def build_check(

@@ -21,7 +21,15 @@ from shipyard.api.consul.agent import (
     canonical_fields,
     decode_error,
 )
-from shipyard.api.consul.common import ConsulError, bad_request, blocking_query, json_response, read_json
+from shipyard.api.consul.common import (
+    ConsulError,
+    bad_request,
+    blocking_query,
+    format_duration,
+    json_response,
+    parse_duration,
+    read_json,
+)
 from shipyard.api.context import platform_of
 from shipyard.errors import NotFound
 from shipyard.registry.catalog import PREFIX, SERVICES, STATUSES, CatalogSnapshot, Entry, _q, node_key
@@ -184,7 +192,7 @@ def _catalog_check(raw: Any, node: str) -> dict[str, Any]:
     check_node = as_str(c, "Node", "HealthCheck")
     if check_node and check_node != node:
         raise bad_request("Check node does not match registration node")
-    definition = c.get("Definition")
+    definition = _catalog_definition(c.get("Definition"))
     return {
         "Node": node,
         "CheckID": cid,
@@ -197,11 +205,25 @@ def _catalog_check(raw: Any, node: str) -> dict[str, Any]:
         "ServiceTags": [],
         # Catalog-registered checks are records only: an empty Type keeps the health checker off them.
         "Type": "",
-        "Interval": "",
-        "Timeout": "",
+        "Interval": definition.get("Interval", "0s"),
+        "Timeout": definition.get("Timeout", "0s"),
         "ExposedPort": 0,
-        "Definition": definition if isinstance(definition, dict) else {},
+        "Definition": definition,
     }
+
+
+DEFINITION_DURATIONS = ("Interval", "Timeout", "TTL", "DeregisterCriticalServiceAfter")
+
+
+def _catalog_definition(raw: Any) -> dict[str, Any]:
+    """A registered check's Definition with its durations as Consul re-renders them: Go strings, "0s" for none."""
+    if not isinstance(raw, dict):
+        return {}
+    definition = dict(raw)
+    for key in DEFINITION_DURATIONS:
+        if key in definition:
+            definition[key] = format_duration(parse_duration(definition[key], key))
+    return definition
 
 
 @routes.put("/v1/catalog/register")

@@ -13,8 +13,10 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from shipyard.api.body import read_limited
+from shipyard.api.context import platform_of
 from shipyard.errors import PayloadTooLarge
 from shipyard.store import Compacted, Store
 
@@ -85,22 +87,52 @@ def parse_duration(value: Any, field: str = "duration") -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """Go-style rendering for durations we echo back ("10s", "1m30s", "500ms")."""
-    if seconds == 0:
+    """Go's time.Duration.String() of `seconds`, as Consul renders every duration ("0s", "500ms", "1m30s",
+    "1h0m0s"); Go clients parse these with time.ParseDuration, which refuses "" (so zero is "0s")."""
+    return go_duration(round(seconds * 1e9))
+
+
+_SUBSECOND_UNITS = (("ms", 1_000_000), ("\u00b5s", 1_000), ("ns", 1))
+
+
+def go_duration(nanoseconds: int) -> str:
+    """Go's Duration.String() of a number of nanoseconds: exact, no float rounding of the fraction."""
+    if nanoseconds == 0:
         return "0s"
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    whole = int(seconds)
-    h, rem = divmod(whole, 3600)
-    m, s = divmod(rem, 60)
-    frac = seconds - whole
-    out = ""
-    if h:
-        out += f"{h}h"
-    if h or m:
-        out += f"{m}m"
-    out += f"{s + frac:g}s"
-    return out
+    sign, ns = ("-", -nanoseconds) if nanoseconds < 0 else ("", nanoseconds)
+    if ns < 1_000_000_000:
+        unit, size = next((u, size) for u, size in _SUBSECOND_UNITS if ns >= size)
+        return f"{sign}{_decimal(ns, size)}{unit}"
+    hours, rest = divmod(ns, 3600 * 1_000_000_000)
+    minutes, rest = divmod(rest, 60 * 1_000_000_000)
+    out = sign + (f"{hours}h" if hours else "") + (f"{minutes}m" if hours or minutes else "")
+    return f"{out}{_decimal(rest, 1_000_000_000)}s"
+
+
+def _decimal(value: int, size: int) -> str:
+    whole, fraction = divmod(value, size)
+    if not fraction:
+        return str(whole)
+    digits = str(fraction).rjust(len(str(size)) - 1, "0").rstrip("0")
+    return f"{whole}.{digits}"
+
+
+# Endpoints Consul forwards to the datacenter named by ?dc= (agent endpoints are local and ignore it).
+DATACENTER_SCOPED = ("/v1/catalog/", "/v1/health/", "/v1/kv/", "/v1/session/", "/v1/txn", "/v1/status/",
+                     "/v1/query", "/v1/coordinate/", "/v1/event/", "/v1/internal/")
+NO_PATH_TO_DATACENTER = "No path to datacenter"  # Consul's structs.ErrNoDCPath
+
+
+@web.middleware
+async def datacenter_scope(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """?dc= naming a datacenter other than ours: Consul's 500 "No path to datacenter", for every endpoint alike
+    (answering with local data instead would hand a client another datacenter's view as if it were the one
+    it asked for)."""
+    wanted = request.query.get("dc", "")
+    scoped = request.path.startswith(DATACENTER_SCOPED) and request.path != "/v1/catalog/datacenters"
+    if wanted and scoped and wanted != platform_of(request).node.datacenter:
+        raise ConsulError(500, NO_PATH_TO_DATACENTER)
+    return await handler(request)
 
 
 async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
