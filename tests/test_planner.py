@@ -244,6 +244,45 @@ def test_failed_deployment_without_auto_revert_is_frozen() -> None:
     assert cluster.step().place == []  # no new attempts until the job changes
 
 
+def test_lost_and_failed_instances_are_replaced_after_a_failed_deployment() -> None:
+    # Issue 11, item 10: a failed deployment (no auto_revert) freezes the rollout, not the instance count.
+    cluster = Cluster(nodes(2))
+    cluster.submit(task(instances=3, healthy_deadline=5))
+    converge(cluster)
+    cluster.submit(task(instances=3, cmd="serve broken", healthy_deadline=5))
+    cluster.step()
+    cluster.report("failed")
+    cluster.step()
+    assert cluster.deployment().status == "failed"
+    assert cluster.step().place == []  # frozen: nothing more is rolled out
+    old = {a.index: a for a in cluster.live()}
+    assert sorted(old) == [0, 1, 2] and all(a.version == 1 for a in old.values())
+    cluster.allocs[old[1].id] = replace(old[1], client="lost")
+    cluster.allocs[old[2].id] = replace(old[2], client="failed")
+    result = cluster.step()
+    assert sorted(s.alloc for s in result.stop) == sorted([old[1].id, old[2].id])
+    assert sorted(a.index for a in result.place) == [1, 2], "lost and failed instances are replaced"
+    assert cluster.deployment().status == "failed"
+    assert sorted(a.index for a in cluster.live()) == [0, 1, 2]
+    assert cluster.step().place == []
+
+
+def test_an_instance_on_a_vanished_node_is_replaced_after_a_failed_deployment() -> None:
+    cluster = Cluster(nodes(2))
+    cluster.submit(task(instances=2, healthy_deadline=5))
+    converge(cluster)
+    cluster.submit(task(instances=2, cmd="serve broken", healthy_deadline=5))
+    cluster.step()
+    cluster.report("failed")
+    cluster.step()
+    assert cluster.deployment().status == "failed"
+    gone = cluster.live()[0].node
+    cluster.nodes = [n for n in cluster.nodes if n.id != gone]
+    result = cluster.step()
+    assert result.place and all(a.node != gone for a in result.place)
+    assert len({a.index for a in cluster.live() if a.node != gone}) == 2
+
+
 def test_canaries_wait_for_promotion() -> None:
     cluster = Cluster(nodes(4))
     cluster.submit(task(instances=3, canary=1, min_healthy_time=2))

@@ -123,9 +123,11 @@ def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None,
             decision.update.append(VersionUpdate(a.id, job.id, job.version))
 
     if d.status in ("failed", "cancelled"):
-        # A failed rollout is frozen where it stands (the old version keeps serving) until the job changes.
+        # A failed rollout is frozen where it stands (the old version keeps serving) until the job changes; but an
+        # index left with nothing (its instance lost or failed) is still filled, as Nomad's reconciler does.
         if d.status == "failed" and policy.auto_revert and job.stable_version not in (None, job.version):
             decision.revert = JobRevert(job.id, job.stable_version, f"deployment {d.id} failed: {d.description}")
+        _place_missing(decision, slots, current, outdated, live, waiting_for)
         return decision
 
     ours = [a for a in current.values() if a.deployment == d.id]
@@ -138,13 +140,7 @@ def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None,
         decision.changed.append(_count(d, ours, 0, 0, now, policy.min_healthy_time))
         return decision
 
-    # Indexes with nothing at all are placed at once: a new job, scale-up, or a lost instance; a job that has
-    # nothing live yet waits for its dependencies first.
-    missing = [i for i in slots if i not in current and i not in outdated]
-    if waiting_for and not live and missing:
-        decision.waiting = tuple(missing)
-        missing = []
-    decision.place.extend((i, False) for i in missing)
+    _place_missing(decision, slots, current, outdated, live, waiting_for)
     waiting = sorted(i for i in outdated if i not in current)
     placed_canaries = 0
 
@@ -188,6 +184,17 @@ def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None,
     if d != latest:
         decision.changed.append(d)
     return decision
+
+
+def _place_missing(decision: JobDecision, slots: list[int], current: dict[int, Allocation],
+                   outdated: dict[int, Allocation], live: list[Allocation], waiting_for: str) -> None:
+    """Indexes with nothing at all are placed at once: a new job, scale-up, or a lost or failed instance; a job
+    that has nothing live yet waits for its dependencies first."""
+    missing = [i for i in slots if i not in current and i not in outdated]
+    if waiting_for and not live and missing:
+        decision.waiting = tuple(missing)
+        return
+    decision.place.extend((i, False) for i in missing)
 
 
 def _deadline_failure(ours: list[Allocation], gave_up: list[Allocation], now: float, deadline: float) -> str:
