@@ -165,6 +165,9 @@ async def start_platform(platform: Platform) -> None:
         await platform.scheduler.start()
     if platform.agent is not None:
         await platform.agent.start()
+    bus = platform.extras.get("bus")
+    if isinstance(bus, Bus):
+        await bus.start()  # RabbitMQ: says now if it is unreachable, then keeps trying in the background
     autoscaler = platform.extras.get("autoscaler")
     if isinstance(autoscaler, BusAutoscaler):
         await autoscaler.start()
@@ -201,6 +204,15 @@ def instances_left_running(platform: Platform) -> str:
     count = len(agent.runners)
     return (f"{count} instance{'s' if count != 1 else ''} keep running and will be adopted by the next server "
             f"started with --data-dir {data_dir}; `shipyard down --data-dir {data_dir}` stops them")
+
+
+def bus_summary(platform: Platform) -> str:
+    bus = platform.extras.get("bus")
+    if not isinstance(bus, Bus):
+        return "none"
+    state = bus.status()
+    where = f" at {state['address']}" if state.get("address") else ""
+    return f"{state['backend']}{where}: {state['state']}" + (" (retrying)" if state["state"] != "up" else "")
 
 
 def bus_summary(platform: Platform) -> str:
@@ -274,12 +286,13 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
             await gateway.start()
             await gateway.wait_listening()
         log.info(
-            "shipyard server ready: http://%s:%d, DNS on port %s (node %s, data dir %s)",
+            "shipyard server ready: http://%s:%d, DNS on port %s (node %s, data dir %s, bus %s)",
             config.bind,
             config.http_port,
             config.dns_port or "off",
             platform.node.name,
             config.data_dir or "in memory (--dev)",
+            bus_summary(platform),
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

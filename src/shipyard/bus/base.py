@@ -10,6 +10,7 @@ import re
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from shipyard.errors import BadRequest, ShipyardError
 
@@ -246,6 +247,14 @@ class Bus(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    async def start(self) -> None:  # noqa: B027 - optional hook: most backends have nothing to start
+        """Called once by the server before it says ready: a broker client connects (and keeps trying) here."""
+
+    def status(self) -> dict[str, Any]:
+        """The bus's connection state for health checks and `shipyard queues`: backend, address, state
+        ("up", "connecting", "reconnecting", "unreachable"), the last error and since when (epoch seconds)."""
+        return {"backend": "embedded", "address": "", "state": "up", "error": "", "since": 0.0}
 
 
 def check_priority(priority: int) -> int:

@@ -141,5 +141,11 @@ class DirectoryBus(Bus):
             out.append(s)
         return out
 
+    async def start(self) -> None:
+        await self.inner.start()
+
+    def status(self) -> dict[str, Any]:
+        return self.inner.status()
+
     async def close(self) -> None:
         await self.inner.close()

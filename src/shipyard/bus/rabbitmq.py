@@ -58,6 +58,8 @@ RETRY = "shipyard.retry"  # topic exchange where expired delayed messages land, 
 H_ATTEMPTS, H_TOPIC, H_AT = "x-shipyard-attempts", "x-shipyard-topic", "x-shipyard-enqueued-at"
 H_ERROR, H_FAILED_AT = "x-shipyard-error", "x-shipyard-failed-at"
 RETRYABLE = (AMQPException, ConnectionError, ChannelInvalidStateError, TimeoutError)
+CONNECT_TIMEOUT = 10.0  # one connection attempt; a black-holed broker address must not stall the keeper forever
+KEEPER_BACKOFF_MAX = 5.0
 
 
 def amqp_name(queue: str) -> str:
@@ -88,6 +90,11 @@ class RabbitBus(Bus):
         scheme = "amqps" if parts.scheme == "amqps" else "amqp"
         self.amqp_url = urlunsplit((scheme, parts.netloc, parts.path, "", ""))
         self.retry_for = retry_for
+        self.address = f"{parts.hostname or 'localhost'}:{parts.port or 5672}{parts.path or '/'}"  # no credentials
+        self.last_error = ""
+        self.since = time.time()  # when the state last changed (up <-> down)
+        self._keeper: asyncio.Task[None] | None = None
+        self._tried = asyncio.Event()
         self.connection: AbstractRobustConnection | None = None
         self.channel: AbstractChannel | None = None  # publisher confirms on
         self._lock = asyncio.Lock()
@@ -103,7 +110,14 @@ class RabbitBus(Bus):
             return self.channel
         async with self._lock:
             if self.connection is None:
-                self.connection = await aio_pika.connect_robust(self.amqp_url, reconnect_interval=1.0)
+                try:
+                    self.connection = await aio_pika.connect_robust(self.amqp_url, reconnect_interval=1.0)
+                except Exception as exc:
+                    self._went_down(exc)
+                    raise
+                self._came_up()
+                self.connection.close_callbacks.add(self._on_close)
+                self.connection.reconnect_callbacks.add(self._on_reconnect)
                 if self.queue_type == "auto":
                     version = self.connection.transport.connection.server_properties.get("version", b"3")
                     major = int((version.decode() if isinstance(version, bytes) else str(version)).split(".")[0])
@@ -114,6 +128,74 @@ class RabbitBus(Bus):
                 await self.channel.declare_exchange(DELAY, ExchangeType.TOPIC, durable=True)
                 await self.channel.declare_exchange(RETRY, ExchangeType.TOPIC, durable=True)
             return self.channel
+
+    # -- connection state (the server's health and `shipyard queues` show it) ----------------------------------
+
+    def _went_down(self, exc: BaseException) -> None:
+        if not self.last_error:
+            self.since = time.time()
+        self.last_error = " ".join(f"{type(exc).__name__}: {exc}".split()) if str(exc) else type(exc).__name__
+
+    def _came_up(self) -> None:
+        if self.last_error:
+            self.since = time.time()
+        self.last_error = ""
+
+    def _on_close(self, _connection: object, exc: BaseException | None = None) -> None:
+        if exc is not None and self._keeper is not None:
+            log.warning("bus: lost RabbitMQ at %s (%s); reconnecting", self.address, exc)
+            self._went_down(exc)
+
+    def _on_reconnect(self, _connection: object) -> None:
+        if self.last_error:
+            log.info("bus: reconnected to RabbitMQ at %s", self.address)
+        self._came_up()
+
+    def status(self) -> dict[str, Any]:
+        if self.connection is not None and self.connection.connected.is_set():
+            state = "up"
+        elif self.connection is not None:
+            state = "reconnecting"
+        else:
+            state = "unreachable" if self.last_error else "connecting"
+        return {"backend": "rabbitmq", "address": self.address, "state": state,
+                "error": "" if state == "up" else self.last_error, "since": self.since}
+
+    async def start(self, first_try: float = 5.0) -> None:
+        """Tries once now (bounded) so the server can say at start whether the broker is there, then keeps
+        trying in the background until it is; the server starts either way."""
+        self._keeper = asyncio.create_task(self._keep_connecting())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._tried.wait(), first_try)
+        state = self.status()
+        if state["state"] == "up":
+            log.info("bus: connected to RabbitMQ at %s", self.address)
+        else:
+            log.warning("bus: RabbitMQ at %s is unreachable (%s); retrying in the background, and publishes and "
+                        "tasks wait for it (up to %.0fs each)", self.address, state["error"] or "no answer yet",
+                        self.retry_for)
+
+    async def _keep_connecting(self) -> None:
+        delay = 0.5
+        while self.connection is None:
+            try:
+                await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
+            except Exception as exc:  # any failure means "not there yet": record it, try again
+                if isinstance(exc, TimeoutError):
+                    self._went_down(TimeoutError(f"no answer within {CONNECT_TIMEOUT:.0f}s"))
+                self._tried.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, KEEPER_BACKOFF_MAX)
+                continue
+            if self._tried.is_set():  # start() already said it was unreachable
+                log.info("bus: connected to RabbitMQ at %s", self.address)
+            self._tried.set()
+
+    def _unreachable(self) -> BusError | None:
+        """In the server (start() ran): fail fast while the broker is away instead of stalling a request."""
+        if self._keeper is not None and self.connection is None and self.last_error:
+            return BusError(f"the bus is unreachable: RabbitMQ at {self.address}: {self.last_error} (retrying)")
+        return None
 
     async def _retrying(self, op: Callable[[], Awaitable[T]]) -> T:
         """Runs op until it succeeds; while the broker is away the robust connection reconnects underneath."""
@@ -360,6 +442,9 @@ class RabbitBus(Bus):
     async def stats(self, queue: str | None = None) -> list[QueueStats]:
         """Depth and consumers from the broker; oldest age by peeking at the head; rates as seen by this client
         (RabbitMQ reports its own rates only through the management plugin)."""
+        unreachable = self._unreachable()
+        if unreachable is not None:
+            raise unreachable
         await self._connect()
         assert self.connection is not None
         names = [check_name(queue)] if queue is not None else sorted(self._declared - {
@@ -396,6 +481,11 @@ class RabbitBus(Bus):
         return out
 
     async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+            self._keeper = None
         if self.connection is not None:
             await self.connection.close()
         self.connection = self.channel = None

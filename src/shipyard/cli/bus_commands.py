@@ -22,12 +22,16 @@ from rich.console import Console
 from rich.table import Table
 
 from shipyard.cli.http import ApiClient
-from shipyard.errors import BadRequest
+from shipyard.errors import BadRequest, ShipyardError
 
 console = Console()
 if not console.is_terminal:  # piped or captured: don't squeeze queue names into 80 columns
     console = Console(width=max(160, int(os.environ.get("COLUMNS", "0") or 0)))
 BUS = "/api/v1/bus"
+
+
+class BusUnreachable(ShipyardError):
+    status = 503
 
 
 def _client(ctx: click.Context) -> ApiClient:
@@ -50,6 +54,31 @@ def format_rate(per_second: float) -> str:
     return "0" if per_second <= 0 else (f"{per_second:.2f}" if per_second < 10 else f"{per_second:.0f}")
 
 
+def bus_state_line(state: dict[str, Any], now: float) -> str:
+    """`bus: rabbitmq at host:5672/: up`, or unreachable with since when and why."""
+    where = f" at {state['address']}" if state.get("address") else ""
+    line = f"bus: {state['backend']}{where}: {state['state']}"
+    if state["state"] != "up":
+        since = format_age(now - float(state.get("since") or now))
+        line += f" for {since}" if since != "-" else ""
+        line += f" ({state['error']})" if state.get("error") else ""
+        line += "; the server keeps retrying"
+    return line
+
+
+def _check_bus_state(api: ApiClient) -> str:
+    """Where the bus is (a line for below the table, "" for the embedded one); when it is not up, says so and
+    stops (exit 1) instead of an empty table."""
+    response = api.request("GET", f"{BUS}/status", ok_statuses=(200, 404))
+    if response.status_code == 404:  # a server from before /status: nothing to show
+        return ""
+    state = response.json()
+    line = bus_state_line(state, time.time())
+    if state["state"] != "up":
+        raise BusUnreachable(line)
+    return "" if state["backend"] == "embedded" else line
+
+
 @click.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.pass_context
@@ -57,13 +86,21 @@ def queues(ctx: click.Context, as_json: bool) -> None:
     """Queues and subscriptions of the bus: depth, age of the oldest message, rates, dead letters, consumers."""
     if ctx.invoked_subcommand is not None:
         return
-    stats = _client(ctx).get_json(f"{BUS}/queues")
+    api = _client(ctx)
+    bus_line = _check_bus_state(api)
+    stats = api.get_json(f"{BUS}/queues")
     if as_json:
         click.echo(json.dumps(stats, indent=2))
         return
     if not stats:
         console.print("no queues yet (they appear when a worker, publisher or subscriber first uses them)")
-        return
+    else:
+        _print_table(stats)
+    if bus_line:
+        console.print(bus_line, highlight=False, soft_wrap=True)
+
+
+def _print_table(stats: list[dict[str, Any]]) -> None:
     table = Table(box=None, header_style="bold")
     for column in ("queue", "kind", "depth", "ready", "in flight", "delayed", "dead letters", "oldest age",
                    "in/s", "acked/s", "consumers"):

@@ -154,6 +154,12 @@ async def publish_batch(request: web.Request) -> web.Response:
     return _json({"published": len(events)})
 
 
+@routes.get(PREFIX + "/status")
+async def bus_status(request: web.Request) -> web.Response:
+    """Which bus, where, and whether it is reachable (`shipyard queues` shows it above the table)."""
+    return _json(bus_of(request).status())
+
+
 @routes.get(PREFIX + "/queues")
 async def list_queues(request: web.Request) -> web.Response:
     return _json([asdict(s) for s in await bus_of(request).stats()])
