@@ -215,15 +215,6 @@ def bus_summary(platform: Platform) -> str:
     return f"{state['backend']}{where}: {state['state']}" + (" (retrying)" if state["state"] != "up" else "")
 
 
-def bus_summary(platform: Platform) -> str:
-    bus = platform.extras.get("bus")
-    if not isinstance(bus, Bus):
-        return "none"
-    state = bus.status()
-    where = f" at {state['address']}" if state.get("address") else ""
-    return f"{state['backend']}{where}: {state['state']}" + (" (retrying)" if state["state"] != "up" else "")
-
-
 def build_app(platform: Platform) -> web.Application:
     config = platform.config
     # The guard sits inside error_middleware so that its refusals take each API's error shape.
