@@ -10,6 +10,7 @@ import contextlib
 import time
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
@@ -99,6 +100,21 @@ def check_job_id(job_id: Any) -> str:
     return job_id
 
 
+def read_job(kv: KeyValue) -> Job:
+    """The job in a record, or Conflict (409) saying that the record cannot be read and what to do about it."""
+    try:
+        return decode_job(kv.value)
+    except Exception as exc:  # whatever the decoder raised, the record is unreadable
+        job_id = unquote(kv.key[len(JOBS):])
+        raise Conflict(f"job {job_id!r}: its record cannot be read ({unreadable_reason(exc)}); the scheduler leaves "
+                       "its instances as they are; delete the job to replace it",
+                       {"job": job_id, "error": unreadable_reason(exc)}) from None
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
 class JobService:
     """Reads and changes jobs; every write is one store txn guarded by the records it was decided from."""
 
@@ -114,7 +130,7 @@ class JobService:
         kv = await self._job_kv(job_id)
         if kv is None:
             raise NotFound(f"no job {job_id!r}", {"job": job_id})
-        return decode_job(kv.value)
+        return read_job(kv)
 
     async def list(self) -> list[Job]:
         result = await self.store.range(JOBS, prefix=True)
@@ -122,9 +138,21 @@ class JobService:
         for kv in result.kvs:
             try:
                 jobs.append(decode_job(kv.value))
-            except Exception:  # an unreadable record must not hide every other job
+            except Exception:  # an unreadable record must not hide every other job (see unreadable())
                 continue
         return sorted(jobs, key=lambda j: j.id)
+
+    async def unreadable(self) -> list[dict[str, Any]]:
+        """Job records that cannot be decoded (the scheduler quarantines them): id, key, revision and why."""
+        result = await self.store.range(JOBS, prefix=True)
+        out = []
+        for kv in result.kvs:
+            try:
+                decode_job(kv.value)
+            except Exception as exc:  # whatever the decoder raised, the record is unreadable
+                out.append({"id": unquote(kv.key[len(JOBS):]), "key": kv.key, "mod_revision": kv.mod_revision,
+                            "error": unreadable_reason(exc)})
+        return out
 
     async def versions(self, job_id: str) -> list[JobVersion]:
         await self.get(job_id)
@@ -224,7 +252,7 @@ class JobService:
             conflicts = []
             for spec in tasks:
                 kv = await self._job_kv(spec.name)
-                current = decode_job(kv.value) if kv is not None else None
+                current = read_job(kv) if kv is not None else None
                 if current is None or current.spec.content_hash() == keep_autoscaled_count(
                         spec, current).content_hash():
                     continue
@@ -326,7 +354,7 @@ class JobService:
             kv = await self._job_kv(job_id)
             if kv is None:
                 raise NotFound(f"no job {job_id!r}", {"job": job_id})
-            current = decode_job(kv.value)
+            current = read_job(kv)
             target = current.stable_version
             if target is None or target == current.version:
                 older = [v.version for v in await self.versions(job_id) if v.version < current.version]
@@ -384,7 +412,7 @@ class JobService:
             job_kvs, dep_kvs = read.responses
             kv = job_kvs[0] if job_kvs else None  # type: ignore[index]
             dep_kv = dep_kvs[0] if dep_kvs else None  # type: ignore[index]
-            current = decode_job(kv.value) if kv is not None else None
+            current = read_job(kv) if kv is not None else None
             if current is None and must_exist:
                 raise NotFound(f"no job {job_id!r}", {"job": job_id})
             decided = change(current)

@@ -13,11 +13,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
 from shipyard.scheduler.jobs import decode_version, revert_ops
-from shipyard.scheduler.model import Allocation, Deployment, Job, Node, Plan, Snapshot, Unplaceable, Waiting
+from shipyard.scheduler.model import (
+    Allocation,
+    Deployment,
+    Job,
+    JobRevert,
+    Node,
+    Plan,
+    Snapshot,
+    Unplaceable,
+    Waiting,
+)
 from shipyard.scheduler.planner import plan as make_plan
 from shipyard.scheduler.records import (
     ALLOC_STATUS,
@@ -70,6 +81,9 @@ class StoreState:
     unplaceable: dict[str, KeyValue] = field(default_factory=dict)  # job -> record
     waiting: dict[str, KeyValue] = field(default_factory=dict)  # job -> record
     guard: KeyValue | None = None
+    # Job records that cannot be decoded: job id -> (record, why). Planned from their last good version when this
+    # process has seen one, else left exactly as they are (never taken for deleted).
+    unreadable: dict[str, tuple[KeyValue, str]] = field(default_factory=dict)
 
 
 async def read_state(store: Store, now: float | None = None,
@@ -87,13 +101,22 @@ async def read_state(store: Store, now: float | None = None,
     state = StoreState(Snapshot((), ()))
     seen = set()
     for kv in job_kvs:  # type: ignore[union-attr]
-        with contextlib.suppress(Exception):
-            cached = job_cache.get(kv.key) if job_cache is not None else None
-            job = cached[1] if cached is not None and cached[0] == kv.mod_revision else decode_job(kv.value)
-            state.jobs[job.id] = (job, kv)
-            seen.add(kv.key)
-            if job_cache is not None:
-                job_cache[kv.key] = (kv.mod_revision, job)
+        seen.add(kv.key)
+        cached = job_cache.get(kv.key) if job_cache is not None else None
+        if cached is not None and cached[0] == kv.mod_revision:
+            state.jobs[cached[1].id] = (cached[1], kv)
+            continue
+        try:
+            job = decode_job(kv.value)
+        except Exception as exc:  # any decoding failure quarantines the record, never the cluster
+            job_id = unquote(kv.key[len(JOBS):])
+            state.unreadable[job_id] = (kv, f"{type(exc).__name__}: {exc}")
+            if cached is not None and cached[1].id == job_id:
+                state.jobs[job_id] = (cached[1], kv)  # its last good version, guarded by the record as it is now
+            continue
+        state.jobs[job.id] = (job, kv)
+        if job_cache is not None:
+            job_cache[kv.key] = (kv.mod_revision, job)
     if job_cache is not None:
         for key in [k for k in job_cache if k not in seen]:
             del job_cache[key]
@@ -127,6 +150,7 @@ async def read_state(store: Store, now: float | None = None,
     state.snapshot = Snapshot(
         nodes=nodes,
         jobs=[job for job, _ in state.jobs.values()],
+        frozen=frozenset(j for j in state.unreadable if j not in state.jobs),
         allocations=[a for a, _ in state.allocs.values()],
         deployments=deployments,
         now=time.time() if now is None else now,
@@ -146,6 +170,7 @@ class SchedulerLoop:
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._job_cache: dict[str, tuple[int, Job]] = {}
+        self._reported: dict[str, int] = {}  # unreadable job -> mod_revision already logged
 
     async def start(self) -> None:
         if self._tasks:
@@ -169,47 +194,87 @@ class SchedulerLoop:
     # ---- one pass --------------------------------------------------------------------------------
 
     async def run_once(self) -> tuple[Plan, float | None]:
-        """Plan from the store and commit; returns the committed plan and when to look again (None: on events).
+        """Plan from the store and commit it job by job; returns what was committed and when to look again
+        (None: on events).
 
-        On a failed compare the store changed under us: read again and plan again."""
+        Each job's part of the plan is its own txn, so a job whose compares cannot hold (a concurrent write, a
+        record changed under us) never holds back another's; the jobs that conflicted are planned again."""
         self.passes += 1
+        committed = Plan()
+        conflicted: list[str] = []
         for _ in range(PLAN_ATTEMPTS):
             state = await read_state(self.store, self.clock(), self._job_cache)
+            self._report_unreadable(state)
             result = make_plan(state.snapshot)
-            compares, ops = await self._commit_ops(state, result)
-            if not ops:
-                return result, next_recheck(state.snapshot, result)
+            groups = await self._commit_ops(state, result)
+            conflicted = await self._commit_groups(state, groups)
+            _merge_plan(committed, result, set(groups) - set(conflicted))
+            if not conflicted:
+                return committed, next_recheck(state.snapshot, result)
+        log.error("scheduler: the plan of %s kept conflicting with the store (%d attempts); the other jobs were "
+                  "committed; trying again shortly", ", ".join(sorted(conflicted)), PLAN_ATTEMPTS)
+        return committed, MIN_RECHECK * 10
+
+    async def _commit_groups(self, state: StoreState, groups: dict[str, _JobTxn]) -> list[str]:
+        """Commits each job's txn; returns the jobs whose compares failed. Every txn also moves the plan guard, so
+        concurrent loops still serialise: after one of ours commits, the next expects the guard it left."""
+        guard = state.guard.mod_revision if state.guard else 0
+        conflicted = []
+        for job_id in sorted(groups):
+            group = groups[job_id]
+            entry, dep = state.jobs.get(job_id), state.deployments.get(job_id)
+            unreadable = state.unreadable.get(job_id)
+            job_kv = entry[1] if entry else unreadable[0] if unreadable else None
+            # What the job's plan was decided from must still hold: its record, its deployment, no plan in between.
+            compares = [*group.compares,
+                        Compare(job_key(job_id), "mod", "=", job_kv.mod_revision if job_kv else 0),
+                        Compare(deployment_key(job_id), "mod", "=", dep.mod_revision if dep else 0),
+                        Compare(PLAN_GUARD, "mod", "=", guard)]
+            ops = [*group.ops, Put(PLAN_GUARD, dumps({"revision": state.snapshot.revision, "at": state.snapshot.now,
+                                                      "job": job_id}))]
             outcome = await self.store.txn(compares, ops)
             if outcome.succeeded:
                 self.commits += 1
-                return result, next_recheck(state.snapshot, result)
-        log.info("scheduler: plan kept conflicting with concurrent writes; trying again shortly")
-        return Plan(), MIN_RECHECK * 10
+                guard = outcome.revision
+            else:
+                conflicted.append(job_id)
+        return conflicted
 
-    async def _commit_ops(self, state: StoreState, plan: Plan) -> tuple[list[Compare], list[Any]]:
-        compares: list[Compare] = []
-        ops: list[Any] = []
-        touched: set[str] = set()
+    def _report_unreadable(self, state: StoreState) -> None:
+        """Once per record version, at ERROR: a job that cannot be read is not managed until someone fixes it."""
+        for job_id, (kv, why) in state.unreadable.items():
+            if self._reported.get(job_id) == kv.mod_revision:
+                continue
+            self._reported[job_id] = kv.mod_revision
+            kept = ("planned from its last good version" if job_id in state.jobs
+                    else "its instances are left as they are")
+            log.error("scheduler: job %s: record %s (revision %d) cannot be read (%s); %s until it is deployed "
+                      "again or deleted", job_id, kv.key, kv.mod_revision, why, kept)
+        for job_id in [j for j in self._reported if j not in state.unreadable]:
+            del self._reported[job_id]
+
+    async def _commit_ops(self, state: StoreState, plan: Plan) -> dict[str, _JobTxn]:
+        groups: dict[str, _JobTxn] = {}
+
+        def group(job_id: str) -> _JobTxn:
+            return groups.setdefault(job_id, _JobTxn())
+
         changed_allocs: dict[str, Allocation] = {}
-
         for stop in plan.stop:
             alloc = changed_allocs.get(stop.alloc) or state.allocs[stop.alloc][0]
-            if alloc.desired != "stop":
-                changed_allocs[stop.alloc] = replace(alloc, desired="stop")
-            touched.add(stop.job)
+            changed_allocs[stop.alloc] = replace(alloc, desired="stop")
         for update in plan.update:
             alloc = changed_allocs.get(update.alloc) or state.allocs[update.alloc][0]
             changed_allocs[update.alloc] = replace(alloc, version=update.version)
-            touched.add(update.job)
         for alloc_id, alloc in changed_allocs.items():
             kv = state.allocs[alloc_id][1]
-            compares.append(Compare(kv.key, "mod", "=", kv.mod_revision))
-            ops.append(Put(kv.key, encode_alloc(alloc)))
+            if alloc == state.allocs[alloc_id][0]:
+                group(alloc.job)  # already as wanted (a stop of a stopped alloc): nothing to write, still guarded
+                continue
+            group(alloc.job).add(Put(kv.key, encode_alloc(alloc)), Compare(kv.key, "mod", "=", kv.mod_revision))
         for alloc in plan.place:
             key = alloc_key(alloc.node, alloc.id)
-            compares.append(Compare(key, "create", "=", 0))
-            ops.append(Put(key, encode_alloc(alloc)))
-            touched.add(alloc.job)
+            group(alloc.job).add(Put(key, encode_alloc(alloc)), Compare(key, "create", "=", 0))
 
         job_puts: dict[str, Job] = {}
         for d in plan.deployments:
@@ -218,52 +283,42 @@ class SchedulerLoop:
             # The planner may hand back a deployment exactly as stored; rewriting it would wake us forever.
             if stored is not None and stored.value == encoded:
                 continue
-            ops.append(Put(deployment_key(d.job), encoded))
-            touched.add(d.job)
+            group(d.job).add(Put(deployment_key(d.job), encoded))
             entry = state.jobs.get(d.job)
-            if d.status == "successful" and entry is not None:
+            if d.status == "successful" and entry is not None and d.job not in state.unreadable:
                 job = entry[0]
                 if (job.version, job.generation) == (d.version, d.generation) and job.stable_version != d.version:
                     job_puts[d.job] = replace(job, stable_version=d.version)
         for revert in plan.reverts:
-            entry = state.jobs.get(revert.job)
-            version_kv = await self.store.get(job_version_key(revert.job, revert.to_version))
-            if entry is None or version_kv is None:
-                log.warning("scheduler: cannot revert %s to version %s: version record missing",
-                            revert.job, revert.to_version)
-                continue
-            reverted, revert_compares, revert_puts = revert_ops(entry[0], entry[1], decode_version(version_kv.value),
-                                                                revert.reason)
-            log.info("scheduler: reverting %s to version %s as version %s: %s", revert.job, revert.to_version,
-                     reverted.version, revert.reason)
+            await self._revert_ops(state, revert, group)
             job_puts.pop(revert.job, None)
-            compares.extend(c for c in revert_compares if c.key != job_key(revert.job))
-            ops.extend(revert_puts)
-            touched.add(revert.job)
         for job_id, job in job_puts.items():
-            ops.append(Put(job_key(job_id), encode_job(job)))
+            group(job_id).add(Put(job_key(job_id), encode_job(job)))
 
-        ops.extend(self._held_back_ops(plan.unplaceable, state.unplaceable, unplaceable_key, state, touched))
-        ops.extend(self._held_back_ops(plan.waiting, state.waiting, waiting_key, state, touched))
-        ops.extend(self._collect_ops(state, compares))
+        self._held_back_ops(plan.unplaceable, state.unplaceable, unplaceable_key, state, group)
+        self._held_back_ops(plan.waiting, state.waiting, waiting_key, state, group)
+        self._collect_ops(state, group)
+        return {job_id: g for job_id, g in groups.items() if g.ops}
 
-        if not ops:
-            return [], []
-        # What the plan was decided from must still hold: the job, its deployment, and no other plan in between.
-        for job_id in sorted(touched):
-            entry = state.jobs.get(job_id)
-            dep = state.deployments.get(job_id)
-            compares.append(Compare(job_key(job_id), "mod", "=", entry[1].mod_revision if entry else 0))
-            compares.append(Compare(deployment_key(job_id), "mod", "=", dep.mod_revision if dep else 0))
-        compares.append(Compare(PLAN_GUARD, "mod", "=", state.guard.mod_revision if state.guard else 0))
-        ops.append(Put(PLAN_GUARD, dumps({"revision": state.snapshot.revision, "at": state.snapshot.now})))
-        return compares, ops
+    async def _revert_ops(self, state: StoreState, revert: JobRevert, group: Callable[[str], _JobTxn]) -> None:
+        entry = state.jobs.get(revert.job)
+        version_kv = await self.store.get(job_version_key(revert.job, revert.to_version))
+        if entry is None or version_kv is None or revert.job in state.unreadable:
+            log.warning("scheduler: cannot revert %s to version %s: job or version record missing or unreadable",
+                        revert.job, revert.to_version)
+            return
+        reverted, revert_compares, revert_puts = revert_ops(entry[0], entry[1], decode_version(version_kv.value),
+                                                            revert.reason)
+        log.info("scheduler: reverting %s to version %s as version %s: %s", revert.job, revert.to_version,
+                 reverted.version, revert.reason)
+        g = group(revert.job)
+        g.compares.extend(c for c in revert_compares if c.key != job_key(revert.job))
+        g.ops.extend(revert_puts)
 
     def _held_back_ops(self, held: list[Unplaceable] | list[Waiting], stored: dict[str, KeyValue], key: Any,
-                       state: StoreState, touched: set[str]) -> list[Any]:
+                       state: StoreState, group: Callable[[str], _JobTxn]) -> None:
         """Records of instances the plan could not place (no room) or may not place yet (depends_on), per job:
         written when they change, deleted when the job has none; `since` is kept while the reason stays."""
-        ops: list[Any] = []
         reported = set()
         for u in held:
             reported.add(u.job)
@@ -277,29 +332,25 @@ class SchedulerLoop:
                         continue
                     if previous.get("reason") == u.reason:
                         record["since"] = previous.get("since", record["since"])
-            ops.append(Put(key(u.job), dumps(record)))
-            touched.add(u.job)
+            group(u.job).add(Put(key(u.job), dumps(record)))
         for job_id, kv in stored.items():
-            if job_id not in reported:
-                ops.append(Delete(kv.key))
-        return ops
+            if job_id not in reported and job_id not in state.snapshot.frozen:
+                group(job_id).add(Delete(kv.key))
 
-    def _collect_ops(self, state: StoreState, compares: list[Compare]) -> list[Any]:
+    def _collect_ops(self, state: StoreState, group: Callable[[str], _JobTxn]) -> None:
         """Stopped allocations leave allocs/ once their agent is done (it deletes its status record),
         or at once when their node is gone and no agent will ever report on them again."""
         nodes = {n.id for n in state.snapshot.nodes}
-        ops: list[Any] = []
         for alloc_id, (alloc, kv) in state.allocs.items():
             if alloc.desired != "stop":
                 continue
             status = state.statuses.get(alloc_id)
             if alloc.node in nodes and status is not None:
                 continue
-            compares.append(Compare(kv.key, "mod", "=", kv.mod_revision))
-            ops.append(Delete(kv.key))
+            g = group(alloc.job)
+            g.add(Delete(kv.key), Compare(kv.key, "mod", "=", kv.mod_revision))
             if status is not None:
-                ops.append(Delete(status.key))
-        return ops
+                g.add(Delete(status.key))
 
     # ---- running ---------------------------------------------------------------------------------
 
@@ -332,6 +383,30 @@ class SchedulerLoop:
         revision = (await self.store.range(PLAN_GUARD)).revision
         self._dirty.set()
         return revision
+
+
+@dataclass
+class _JobTxn:
+    """One job's part of a plan: the txn that commits it."""
+
+    compares: list[Compare] = field(default_factory=list)
+    ops: list[Any] = field(default_factory=list)
+
+    def add(self, op: Any, compare: Compare | None = None) -> None:
+        self.ops.append(op)
+        if compare is not None:
+            self.compares.append(compare)
+
+
+def _merge_plan(into: Plan, plan: Plan, jobs: set[str]) -> None:
+    """Adds to `into` the parts of `plan` that belong to `jobs` (those committed)."""
+    into.place.extend(a for a in plan.place if a.job in jobs)
+    into.stop.extend(s for s in plan.stop if s.job in jobs)
+    into.update.extend(u for u in plan.update if u.job in jobs)
+    into.deployments.extend(d for d in plan.deployments if d.job in jobs)
+    into.reverts.extend(r for r in plan.reverts if r.job in jobs)
+    into.unplaceable.extend(u for u in plan.unplaceable if u.job in jobs)
+    into.waiting.extend(w for w in plan.waiting if w.job in jobs)
 
 
 def next_recheck(snapshot: Snapshot, plan: Plan) -> float | None:

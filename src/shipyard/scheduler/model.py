@@ -89,6 +89,8 @@ class Snapshot:
     deployments: tuple[Deployment, ...] | list[Deployment] = ()
     now: float = 0.0
     revision: int = 0  # store revision the snapshot was read at; makes new allocation ids unique
+    # Jobs whose record exists but cannot be read: their instances and deployment are left exactly as they are.
+    frozen: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

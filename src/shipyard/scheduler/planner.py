@@ -34,7 +34,7 @@ def plan(snapshot: Snapshot, *, spread: bool = False, candidates: int = 2) -> Pl
     up = _dependency_states(jobs, by_job)
 
     for job_id in sorted(set(by_job) | set(latest)):
-        if job_id not in jobs:
+        if job_id not in jobs and job_id not in snapshot.frozen:
             _merge(result, reconcile_stopped(job_id, by_job.get(job_id, []), latest.get(job_id), "job deleted"))
 
     for job_id in sorted(jobs):

@@ -162,7 +162,8 @@ async def list_jobs(request: web.Request) -> web.Response:
         mine = [(a, s) for a, s in allocs if a.job == job.id]
         out.append({**job_json(job), "deployment": deployment_json(deployments.get(job.id)),
                     "instances": _counts(job, mine), "waiting": waiting.get(job.id)})
-    return _json({"jobs": out})
+    # Records the scheduler cannot read (it leaves their instances alone): id, key, mod_revision, error.
+    return _json({"jobs": out, "unreadable": await jobs.unreadable()})
 
 
 @routes.post(PREFIX + "/jobs")
