@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import functools
 import gc
 import importlib
 import logging
@@ -21,7 +22,6 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import aiohttp
 import uvloop
 
 from shipyard.gateway import DATA_PLANE_BUILD
@@ -34,7 +34,8 @@ from shipyard.gateway.plugin_chain import ConsumerIndex
 from shipyard.gateway.proxy import ClientConnection, GatewaySettings
 from shipyard.gateway.table import RouteTable, build_route_table
 from shipyard.gateway.upstream import UpstreamPool
-from shipyard.store.base import Compacted, StoreError, WatchOverflow
+from shipyard.store.base import Event, EventType
+from shipyard.store.follow import follow_prefix
 from shipyard.store.remote import RemoteStore
 
 log = logging.getLogger("shipyard.gateway.worker")
@@ -117,8 +118,8 @@ class GatewayWorker:
 
 
 class RouteFollower:
-    """Keeps the worker's table equal to build_route_table(store contents): one range then a watch per prefix,
-    resumed from the last revision seen; on any error it starts over (level-triggered, so nothing is lost)."""
+    """Keeps the worker's table equal to build_route_table(store contents): each prefix followed with the store's
+    follow_prefix (a range, then a watch from its revision; a gap or error re-reads that prefix)."""
 
     def __init__(self, store: RemoteStore, on_table: Callable[[RouteTable], None],
                  own: OwnListeners | None = None) -> None:
@@ -129,56 +130,35 @@ class RouteFollower:
         self.revision = 0
         self.ready = asyncio.Event()
         self._rebuild: asyncio.TimerHandle | None = None
+        self._loaded: set[str] = set()  # prefixes read at least once
 
     async def run(self) -> None:
-        delay = 0.2
-        while True:
-            try:
-                await self._follow()
-                delay = 0.2
-            except (StoreError, Compacted, WatchOverflow, aiohttp.ClientError, OSError, TimeoutError,
-                    ValueError, KeyError) as exc:
-                log.warning("following the store failed (%s); starting over in %.1fs", exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        await asyncio.gather(*(follow_prefix(self.store, prefix, self._apply, functools.partial(self._resync, prefix),
+                                             name=f"gateway routes {prefix}")
+                               for prefix in WATCHED_PREFIXES))
 
-    async def _follow(self) -> None:
-        contents: dict[str, bytes] = {}
-        watchers = []
-        try:
-            for prefix in WATCHED_PREFIXES:
-                result = await self.store.range(prefix, prefix=True)
-                for kv in result.kvs:
-                    contents[kv.key] = kv.value
-                watcher = self.store.watch(prefix, prefix=True, from_revision=result.revision + 1)
-                await watcher.start()
-                watchers.append(watcher)
-                self.revision = max(self.revision, result.revision)
-            self.contents = contents
+    async def _resync(self, prefix: str) -> int:
+        """Replaces what is known under prefix with a fresh read; the first table waits for every prefix."""
+        result = await self.store.range(prefix, prefix=True)
+        for key in [k for k in self.contents if k.startswith(prefix)]:
+            del self.contents[key]
+        for kv in result.kvs:
+            self.contents[kv.key] = kv.value
+        self.revision = max(self.revision, result.revision)
+        self._loaded.add(prefix)
+        if len(self._loaded) == len(WATCHED_PREFIXES):
             self._build()
-            tasks = [asyncio.ensure_future(self._consume(w)) for w in watchers]
-            try:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()  # raises what broke the stream
-                raise StoreError("watch stream ended")
-            finally:
-                for task in tasks:
-                    task.cancel()
-        finally:
-            for watcher in watchers:
-                watcher.cancel()
+        return result.revision
 
-    async def _consume(self, watcher: object) -> None:
-        async for events in watcher:  # type: ignore[attr-defined]
-            for event in events:
-                if event.type.name == "DELETE":
-                    self.contents.pop(event.kv.key, None)
-                else:
-                    self.contents[event.kv.key] = event.kv.value
-                self.revision = max(self.revision, event.kv.mod_revision)
-            if self._rebuild is None:
-                self._rebuild = asyncio.get_running_loop().call_later(REBUILD_DELAY, self._build)
+    def _apply(self, events: list[Event]) -> None:
+        for event in events:
+            if event.type == EventType.DELETE:
+                self.contents.pop(event.kv.key, None)
+            else:
+                self.contents[event.kv.key] = event.kv.value
+            self.revision = max(self.revision, event.kv.mod_revision)
+        if self._rebuild is None and len(self._loaded) == len(WATCHED_PREFIXES):
+            self._rebuild = asyncio.get_running_loop().call_later(REBUILD_DELAY, self._build)
 
     def _build(self) -> None:
         self._rebuild = None
