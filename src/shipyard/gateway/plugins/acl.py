@@ -5,6 +5,9 @@ Never identifies consumers itself: it needs an auth plugin to have set ctx.consu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from shipyard.gateway.plugins.base import Plugin, PluginConfigError, Reject, RequestContext, register
 from shipyard.gateway.plugins.config_schema import ConfigReader
 
@@ -14,7 +17,7 @@ class AclPlugin(Plugin):
     name = "acl"
     priority = 950
 
-    def __init__(self, config):  # type: ignore[no-untyped-def]
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         r = ConfigReader(config)
         self.allow = set(r.str_list("allow"))

@@ -13,6 +13,8 @@ import hashlib
 import hmac
 import os
 from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
 
 from shipyard.gateway.plugins.base import Plugin, Reject, RequestContext, register
 from shipyard.gateway.plugins.config_schema import ConfigReader
@@ -64,7 +66,7 @@ class BasicAuthPlugin(Plugin):
     name = "basic-auth"
     priority = 1100
 
-    def __init__(self, config):  # type: ignore[no-untyped-def]
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         r = ConfigReader(config)
         self.hide_credentials = r.bool("hide_credentials", False)

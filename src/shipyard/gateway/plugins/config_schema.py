@@ -5,6 +5,7 @@ Plugins call these in __init__ so a bad config is refused at write time (admin A
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 from collections.abc import Mapping
 from typing import Any
@@ -56,31 +57,32 @@ class ConfigReader:
             raise PluginConfigError(f"{name}: expected a string")
         return value
 
-    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+    # Below the methods named str, int and bool, those names are the methods: the types are spelt builtins.str.
+    def choice(self, name: builtins.str, choices: tuple[builtins.str, ...], default: builtins.str) -> builtins.str:
         value = self.str(name, default)
         if value not in choices:
             raise PluginConfigError(f"{name}: expected one of: {', '.join(choices)}")
         return value
 
-    def str_list(self, name: str, default: list[str] | None = None) -> list[str]:
+    def str_list(self, name: builtins.str, default: list[builtins.str] | None = None) -> list[builtins.str]:
         value = self._get(name, default or [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise PluginConfigError(f"{name}: expected an array of strings")
         return list(value)
 
-    def str_map(self, name: str) -> dict[str, str]:
+    def str_map(self, name: builtins.str) -> dict[builtins.str, builtins.str]:
         value = self._get(name, {})
         if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
             raise PluginConfigError(f"{name}: expected an object of strings")
         return {str(k): v for k, v in value.items()}
 
-    def record(self, name: str) -> ConfigReader:
+    def record(self, name: builtins.str) -> ConfigReader:
         value = self._get(name, {})
         if not isinstance(value, Mapping):
             raise PluginConfigError(f"{name}: expected an object")
         return ConfigReader(value)
 
-    def cidrs(self, name: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    def cidrs(self, name: builtins.str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         out = []
         for item in self.str_list(name):
             try:

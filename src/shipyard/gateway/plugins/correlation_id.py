@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 from shipyard.gateway.plugins.base import Plugin, Reject, RequestContext, register
 from shipyard.gateway.plugins.config_schema import ConfigReader
@@ -21,7 +23,7 @@ class CorrelationIdPlugin(Plugin):
     name = "correlation-id"
     priority = 1
 
-    def __init__(self, config):  # type: ignore[no-untyped-def]
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         r = ConfigReader(config)
         self.header_name = r.str("header_name", "Kong-Request-ID") or "Kong-Request-ID"

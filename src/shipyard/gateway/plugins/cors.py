@@ -6,6 +6,8 @@ Never lets a disallowed origin see Access-Control-Allow-Origin; never forwards a
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from shipyard.gateway.plugins.base import Plugin, PluginConfigError, Reject, RequestContext, register
 from shipyard.gateway.plugins.config_schema import ConfigReader
@@ -19,7 +21,7 @@ class CorsPlugin(Plugin):
     name = "cors"
     priority = 2000
 
-    def __init__(self, config):  # type: ignore[no-untyped-def]
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         r = ConfigReader(config)
         self.origins = r.str_list("origins", ["*"])

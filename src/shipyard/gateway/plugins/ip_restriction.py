@@ -6,6 +6,8 @@ Never trusts X-Forwarded-For: the client IP is the one the data plane put in ctx
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
+from typing import Any
 
 from shipyard.gateway.plugins.base import Plugin, PluginConfigError, Reject, RequestContext, register
 from shipyard.gateway.plugins.config_schema import ConfigReader
@@ -16,7 +18,7 @@ class IpRestrictionPlugin(Plugin):
     name = "ip-restriction"
     priority = 990
 
-    def __init__(self, config):  # type: ignore[no-untyped-def]
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         r = ConfigReader(config)
         self.allow = r.cidrs("allow")

@@ -9,10 +9,14 @@ import base64
 import functools
 import json
 import time
+from collections.abc import Mapping
 from http.cookies import SimpleCookie
+from typing import Any
 from urllib.parse import parse_qsl
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from shipyard.gateway.plugins.base import Plugin, PluginConfigError, Reject, RequestContext, register
@@ -23,12 +27,16 @@ ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256")
 
 
 @functools.lru_cache(maxsize=1024)
-def public_key(pem: str):  # type: ignore[no-untyped-def]
+def public_key(pem: str) -> RSAPublicKey | EllipticCurvePublicKey:
     """Parsing a PEM costs more than verifying a signature; credentials change rarely."""
-    return load_pem_public_key(pem.encode())
+    key = load_pem_public_key(pem.encode())
+    if not isinstance(key, RSAPublicKey | EllipticCurvePublicKey):  # what RS* and ES* verify with (a DSA key: no)
+        raise ValueError("not an RSA or EC public key")  # refused by access() as an invalid signature
+    return key
 
 
-def verification_key(credential: dict, secret_is_base64: bool):  # type: ignore[no-untyped-def,type-arg]
+def verification_key(credential: Mapping[str, Any],
+                     secret_is_base64: bool) -> RSAPublicKey | EllipticCurvePublicKey | bytes:
     algorithm = str(credential.get("algorithm") or "HS256")
     if algorithm.startswith(("RS", "ES")):
         return public_key(str(credential.get("rsa_public_key") or ""))
@@ -45,7 +53,7 @@ class JwtPlugin(Plugin):
     name = "jwt"
     priority = 1450
 
-    def __init__(self, config):  # type: ignore[no-untyped-def]
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         r = ConfigReader(config)
         self.uri_param_names = r.str_list("uri_param_names", ["jwt"])

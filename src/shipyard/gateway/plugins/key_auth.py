@@ -5,15 +5,20 @@ Never logs or forwards the key when hide_credentials is set; never does I/O (key
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
 from shipyard.gateway.plugins.base import Consumer, FastRequest, Plugin, Reject, RequestContext, register
 from shipyard.gateway.plugins.config_schema import ConfigReader
 
+if TYPE_CHECKING:
+    from shipyard.gateway.plugin_chain import ConsumerIndex  # which imports the plugins
+
 KEY_AUTH_CHALLENGE = ("WWW-Authenticate", 'Key realm="shipyard"')
 
 
-def consumers_of(ctx: RequestContext):  # type: ignore[no-untyped-def]
+def consumers_of(ctx: RequestContext) -> ConsumerIndex | None:
     """The ConsumerIndex the data plane put in ctx.shared (None when there is none)."""
     return ctx.shared.get("consumers")
 
@@ -74,7 +79,7 @@ def identity_block(consumer: Consumer, credential_id: str) -> tuple[bytes, froze
     return found[1], found[2]
 
 
-def identify(ctx: RequestContext, consumer, credential) -> None:  # type: ignore[no-untyped-def]
+def identify(ctx: RequestContext, consumer: Consumer, credential: Mapping[str, Any] | None) -> None:
     ctx.consumer = consumer
     ctx.credential = credential
     credential_id = str(credential.get("id") or "") if credential else ""
@@ -86,7 +91,7 @@ class KeyAuthPlugin(Plugin):
     name = "key-auth"
     priority = 1250
 
-    def __init__(self, config):  # type: ignore[no-untyped-def]
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         r = ConfigReader(config)
         self.key_names = frozenset(k.lower() for k in r.str_list("key_names", ["apikey"]))
@@ -166,7 +171,7 @@ class KeyAuthPlugin(Plugin):
         req.upstream_block += block
         return True
 
-    def _fast_lookup(self, index, value: bytes):  # type: ignore[no-untyped-def]
+    def _fast_lookup(self, index: ConsumerIndex | None, value: bytes) -> tuple[Any, ...] | None:
         hit = index.by_key.get(value.decode("latin-1")) if index is not None else None
         if hit is None:
             return None

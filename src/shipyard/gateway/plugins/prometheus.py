@@ -12,6 +12,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from shipyard.gateway.counters import SharedMetrics, shared_metrics
 from shipyard.gateway.plugins.base import Plugin, RequestContext, register
@@ -39,7 +41,9 @@ def _label(value: str) -> str:
 
 def _pieces(text: str) -> list[str]:
     """text cut into pieces of at most PIECE_BYTES of UTF-8, never inside a character."""
-    out, current, size = [], [], 0
+    out: list[str] = []
+    current: list[str] = []
+    size = 0
     for ch in text:
         n = len(ch.encode())
         if size + n > PIECE_BYTES:
@@ -135,7 +139,7 @@ class PrometheusPlugin(Plugin):
     name = "prometheus"
     priority = 13
 
-    def __init__(self, config):  # type: ignore[no-untyped-def]
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         r = ConfigReader(config)
         self.per_consumer = r.bool("per_consumer", False)

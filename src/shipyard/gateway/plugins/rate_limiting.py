@@ -7,6 +7,8 @@ Never makes a network call per request; never counts a refused request against a
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 from shipyard.gateway.counters import WINDOWS, SharedCounters, WindowUse, shared_counters
 from shipyard.gateway.plugins.base import FastRequest, Plugin, PluginConfigError, Reject, RequestContext, register
@@ -18,11 +20,11 @@ class RateLimitingPlugin(Plugin):
     name = "rate-limiting"
     priority = 910
 
-    def __init__(self, config):  # type: ignore[no-untyped-def]
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         r = ConfigReader(config)
-        self.limits = [(period, seconds, r.int(period, None, minimum=1)) for period, seconds in WINDOWS.items()]
-        self.limits = [(p, s, n) for p, s, n in self.limits if n is not None]
+        configured = [(period, seconds, r.int(period, None, minimum=1)) for period, seconds in WINDOWS.items()]
+        self.limits = [(p, s, n) for p, s, n in configured if n is not None]
         self.limit_by = r.choice("limit_by", ("consumer", "credential", "ip", "header", "service"), "consumer")
         self.header_name = r.str("header_name", "")
         self.policy = r.choice("policy", ("local",), "local")

@@ -6,6 +6,9 @@ plane to cut off a chunked body that grows past the limit while it streams.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from shipyard.gateway.plugins.base import Plugin, Reject, RequestContext, register
 from shipyard.gateway.plugins.config_schema import ConfigReader
 
@@ -17,7 +20,7 @@ class RequestSizeLimitingPlugin(Plugin):
     name = "request-size-limiting"
     priority = 951
 
-    def __init__(self, config):  # type: ignore[no-untyped-def]
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         r = ConfigReader(config)
         size = r.int("allowed_payload_size", 128, minimum=0) or 0

@@ -6,6 +6,8 @@ Never touches the body.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from shipyard.gateway.plugins.base import Plugin, Reject, RequestContext, register
@@ -54,7 +56,7 @@ class RequestTransformerPlugin(Plugin):
     name = "request-transformer"
     priority = 801
 
-    def __init__(self, config):  # type: ignore[no-untyped-def]
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         self.transforms = read_transforms(ConfigReader(config), query=True)
 
