@@ -10,9 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import consul
+import orjson
 import pytest
 import requests
 
+from shipyard.gateway.own_listeners import OwnListeners
+from shipyard.gateway.table import build_route_table
 from support import ServerProcess, free_port
 from test_gateway_proxy import Upstream, _get, raw_exchange, status_of, wait_until
 
@@ -233,3 +236,33 @@ def test_a_backtracking_regex_route_does_not_stall_the_worker(server: ServerProc
         evil.sendall(b"GET /r/" + b"a" * 40 + b"! HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n")
         assert requests.get(server.gateway_url + "/plain", timeout=60).status_code == 200
         assert status_of(evil.recv(65536)) == 404
+
+
+def test_which_routes_may_reach_the_servers_own_ports() -> None:
+    """The table's rule, for every source of a route: catalog instances never; an admin-API service's literal
+    address (or an upstream's targets) yes, except for a urlprefix- tag route that shares the service's name."""
+    own = OwnListeners(frozenset({8500}), frozenset({"10.1.1.1"}))
+    instance = {"ID": "ctl", "Service": "ctl", "Tags": ["urlprefix-/tagged"], "Address": "10.1.1.1", "Port": 8500}
+    store = {
+        "catalog/services/n1/ctl": orjson.dumps(instance),
+        "gateway/services/by-name": orjson.dumps({"name": "by-name", "host": "ctl"}),
+        "gateway/routes/by-name": orjson.dumps({"id": "by-name", "service": "by-name", "paths": ["/by-name"]}),
+        "gateway/services/literal": orjson.dumps({"name": "literal", "host": "127.0.0.1", "port": 8500}),
+        "gateway/routes/literal": orjson.dumps({"id": "literal", "service": "literal", "paths": ["/literal"]}),
+        "catalog/services/n1/sneaky": orjson.dumps({"ID": "sneaky", "Service": "literal", "Port": 9999,
+                                                    "Address": "127.0.0.1", "Tags": ["urlprefix-/sneaky"]}),
+        "jobs/ctl": orjson.dumps({"spec": {"name": "ctl", "routes": [{"paths": ["/job"]}]}}),
+    }
+    table = build_route_table(store, own=own)
+
+    def targets(path: bytes) -> set[str]:
+        m = table.match(b"GET", b"h", path)
+        assert m is not None, path
+        return {t.address for t in m.backend.spec.targets}
+
+    assert targets(b"/tagged") == set() and targets(b"/by-name") == set() and targets(b"/job") == set()
+    assert targets(b"/literal") == {"127.0.0.1:8500"}
+    assert targets(b"/sneaky") == set()  # a tag route to the admin's service: not the admin's own route
+    assert build_route_table(store).match(b"GET", b"h", b"/tagged") is not None  # no `own`: unchanged
+    assert {t.address for t in build_route_table(store).match(  # type: ignore[union-attr]
+        b"GET", b"h", b"/tagged").backend.spec.targets} == {"10.1.1.1:8500"}
