@@ -35,7 +35,7 @@ from shipyard.scheduler.records import (
     decode_status,
     split_node_alloc,
 )
-from shipyard.store import Compacted, Event, EventType, Store, WatchOverflow
+from shipyard.store import Event, EventType, Store, follow_prefix
 
 log = logging.getLogger("shipyard.marathon.events")
 
@@ -178,22 +178,21 @@ def sse_frame(event_type: str, data: dict[str, Any]) -> bytes:
 
 
 async def pump(store: Store, prefix: str, from_revision: int, queue: asyncio.Queue[Event]) -> None:
-    """Feeds one prefix's changes into the queue; a watch that falls behind resumes where it was."""
-    next_revision = from_revision
-    while True:
-        watcher = store.watch(prefix, prefix=True, from_revision=next_revision)
-        try:
-            async for batch in watcher:
-                for event in batch:
-                    next_revision = event.revision + 1
-                    await queue.put(event)
-            return
-        except WatchOverflow:
-            continue
-        except Compacted:
-            next_revision = store.revision + 1
-        finally:
-            watcher.cancel()
+    """Feeds one prefix's changes into the queue, with the store's follow_prefix: after a watch that fell behind it
+    resumes where it was; after compaction removed that point, from the current revision (events are not state:
+    there is nothing to re-read)."""
+    seen = from_revision - 1
+
+    async def forward(batch: list[Event]) -> None:
+        nonlocal seen
+        for event in batch:
+            await queue.put(event)
+            seen = event.revision
+
+    async def resume_point() -> int:
+        return seen if seen >= store.compact_revision else store.revision
+
+    await follow_prefix(store, prefix, forward, resume_point, from_revision=seen, name=f"marathon events {prefix}")
 
 
 @routes.get("/events")
