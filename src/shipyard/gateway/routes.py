@@ -50,6 +50,7 @@ class Target:
     host: str
     port: int
     weight: int = 1
+    guarded: bool = field(default=False, compare=False)  # from the catalog: never one of the server's own listeners
     address: str = field(init=False, compare=False)  # "host:port": the key of pools and passive health
     host_header: bytes = field(init=False, compare=False, repr=False)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote
 
@@ -237,7 +237,8 @@ _REFUSED_LOGGED: set[tuple[str, str]] = set()
 def _without_own(found: tuple[Target, ...], own: OwnListeners, service: str) -> tuple[Target, ...]:
     """The targets that are not this server's own listeners; a registered service (or a urlprefix- tag) cannot
     make the gateway a door to the control API, the DNS port or the gateway itself."""
-    kept = tuple(t for t in found if not own.covers(t.host, t.port))
+    # The ones kept are checked again once connected (upstream.py): a host name may resolve to this host.
+    kept = tuple(replace(t, guarded=True) for t in found if not own.covers(t.host, t.port))
     if len(kept) < len(found):
         for target in found:
             if target not in kept and (service, target.address) not in _REFUSED_LOGGED:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 if TYPE_CHECKING:
+    from shipyard.gateway.own_listeners import OwnListeners
     from shipyard.gateway.proxy import ClientConnection
     from shipyard.gateway.routes import Target
 
@@ -142,9 +143,10 @@ class UpstreamConnection:
 class UpstreamPool:
     """Idle keep-alive connections per instance address; LIFO so warm connections are reused first."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, own: OwnListeners | None = None) -> None:
         self.loop = loop
         self.idle: dict[str, list[UpstreamConnection]] = {}
+        self.own = own  # the server's own listeners: a guarded target must not turn out to be one once resolved
 
     def take(self, address: str) -> UpstreamConnection | None:
         conns = self.idle.get(address)
@@ -186,9 +188,15 @@ class UpstreamPool:
     async def connect(self, target: Target, timeout: float) -> UpstreamConnection:
         address = target.address
         async with asyncio.timeout(timeout):
-            _, protocol = await self.loop.create_connection(  # type: ignore[type-var]
+            transport, protocol = await self.loop.create_connection(  # type: ignore[type-var]
                 lambda: UpstreamConnection(self, address), target.host, target.port
             )
+        if target.guarded and self.own is not None:
+            # A catalog instance's host name may resolve to this host (the table could only judge addresses).
+            peer = transport.get_extra_info("peername")
+            if peer and self.own.covers(str(peer[0]), int(peer[1])):
+                transport.abort()
+                raise ConnectionRefusedError(f"{address} is one of this server's own listeners: not routed to")
         return protocol
 
     def give_back(self, conn: UpstreamConnection, now: float) -> None:

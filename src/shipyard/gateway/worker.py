@@ -210,6 +210,7 @@ async def run_worker(args: argparse.Namespace) -> None:
     worker = GatewayWorker(settings, loop)
     store = RemoteStore(args.control)
     own = OwnListeners.of_this_host({args.port, *args.server_port}, args.bind, args.control)
+    worker.pool.own = own
     follower = RouteFollower(store, worker.set_table, own)
     follow_task = asyncio.ensure_future(follower.run())
     stop = asyncio.Event()
