@@ -6,6 +6,7 @@ Every conditional write is one store txn guarded by compares on what it read; it
 from __future__ import annotations
 
 import base64
+import builtins
 import struct
 import time
 from collections.abc import Sequence
@@ -243,7 +244,8 @@ class ConsulKV:
         res = await self.store.range(store_key(prefix), prefix=True)
         return [decode_entry(kv) for kv in res.kvs], res.index, res.revision
 
-    async def keys(self, prefix: str, separator: str = "") -> tuple[list[str], int, int]:
+    # Below list(), `list` in this class's annotations is that method: the type is spelt builtins.list.
+    async def keys(self, prefix: str, separator: str = "") -> tuple[builtins.list[str], int, int]:
         res = await self.store.range(store_key(prefix), prefix=True)
         out: list[str] = []
         for kv in res.kvs:
@@ -355,7 +357,8 @@ class ConsulKV:
             return TxnOutcome(self._results(sim, result.responses, result.revision), None, result.revision)
         raise ShipyardError("transaction kept conflicting with concurrent writes; retry", status=500)
 
-    def _results(self, sim: _Simulation, responses: list[object], revision: int) -> list[KVEntry]:
+    def _results(self, sim: _Simulation, responses: builtins.list[object],
+                 revision: int) -> builtins.list[KVEntry]:
         out: list[KVEntry] = []
         for kind, payload in sim.plans:
             if kind == "entry":

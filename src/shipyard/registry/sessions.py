@@ -6,6 +6,7 @@ A level-triggered loop releases or deletes every key whose session is gone; it n
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import math
@@ -430,10 +431,11 @@ class SessionManager:
 
     # ---- watching -----------------------------------------------------------------------------
 
-    def _on_change(self, batch: list[Event]) -> None:
+    # Below list(), `list` in this class's annotations is that method: the type is spelt builtins.list.
+    def _on_change(self, batch: builtins.list[Event]) -> None:
         self._wake.set()
 
-    def _on_kv_events(self, batch: list[Event]) -> None:
+    def _on_kv_events(self, batch: builtins.list[Event]) -> None:
         from shipyard.registry import kv as kvmod
 
         for ev in batch:

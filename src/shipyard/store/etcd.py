@@ -20,6 +20,7 @@ from sortedcontainers import SortedDict
 from shipyard.store.base import (
     Compacted,
     Compare,
+    CompareOp,
     Delete,
     Event,
     EventType,
@@ -44,6 +45,8 @@ _TARGETS = {
     "lease": ("LEASE", "lease"),
 }
 _RESULTS = {"=": "EQUAL", "!=": "NOT_EQUAL", "<": "LESS", ">": "GREATER"}
+# "value is (not) absent" as a compare of the version with 0
+_ABSENT_VERSION_OPS: dict[str, CompareOp] = {"=": "=", "!=": ">"}
 
 
 def _b64(data: bytes) -> str:
@@ -202,7 +205,7 @@ class EtcdStore:
     def _compare(self, cmp: Compare) -> dict[str, Any]:
         if cmp.target == "value" and cmp.value is None:
             # "value is absent" is "version is 0" in etcd's terms
-            version_op = {"=": "=", "!=": ">"}.get(cmp.op)
+            version_op = _ABSENT_VERSION_OPS.get(cmp.op)
             if version_op is None:
                 raise StoreError("value compares with None support only = and !=", status=400)
             return self._compare(Compare(cmp.key, "version", version_op, 0))

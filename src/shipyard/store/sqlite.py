@@ -151,11 +151,14 @@ class _DeleteLeaseKeys:
     lease: int
 
 
+_WriteOp = Op | _DeleteLeaseKeys  # what the writer applies: the public ops and this internal one
+
+
 @dataclass(slots=True)
 class _WriteRequest:
     compares: Sequence[Compare]
-    success: Sequence[Op]
-    failure: Sequence[Op]
+    success: Sequence[_WriteOp]
+    failure: Sequence[_WriteOp]
     future: asyncio.Future[TxnResult]
 
 
@@ -321,7 +324,7 @@ class SqliteStore:
         return len(deleted), result.revision
 
     async def txn(
-        self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+        self, compares: Sequence[Compare], success: Sequence[_WriteOp], failure: Sequence[_WriteOp] = ()
     ) -> TxnResult:
         if self._closed:
             raise StoreError("store closed")
@@ -381,8 +384,8 @@ class SqliteStore:
     def _evaluate(
         self,
         compares: Sequence[Compare],
-        success: Sequence[Op],
-        failure: Sequence[Op],
+        success: Sequence[_WriteOp],
+        failure: Sequence[_WriteOp],
         overlay: dict[str, KeyValue | None],
         revoked: set[int],
         revision: int,
@@ -497,7 +500,7 @@ class SqliteStore:
         db = self._db
         assert db is not None
         kv_rows: dict[str, tuple | None] = {}
-        event_rows = []
+        event_rows: list[tuple[int, int, int, str, bytes | None, int, int, int]] = []
         for events in group_events:
             for idx, ev in enumerate(events):
                 kv = ev.kv
