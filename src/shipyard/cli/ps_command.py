@@ -124,4 +124,4 @@ def ps(ctx: click.Context, service: str | None, output: str, as_json: bool) -> N
     if notes:
         console.print()
     for note in notes:
-        console.print(note, highlight=False, soft_wrap=True)
+        console.print(note, highlight=False)  # wrapped at the terminal's width, like the table

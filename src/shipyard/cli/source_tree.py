@@ -13,11 +13,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-# Directories that are build output, tool caches, version control or Shipyard's own state: never the service.
-IGNORED_DIRS = frozenset({
-    "__pycache__", ".git", ".hg", ".svn", ".shipyard", "shipyard-data", ".venv", "venv", "node_modules",
-    ".mypy_cache", ".pytest_cache", ".ruff_cache", ".tox", ".nox", ".idea", ".vscode",
-})
+# Directories that are build output, tool caches, virtualenvs or Shipyard's own state: never the service. So is every
+# hidden directory (.git, .venv, .shipyard, tool caches, a service's own .data): code does not live in those.
+IGNORED_DIRS = frozenset({"__pycache__", "shipyard-data", "venv", "node_modules"})
 IGNORED_FILES = ("*.pyc", "*.pyo", "*.swp", "*~", ".DS_Store", "shipyard.yaml", ".shipyardignore")
 IGNORE_FILE = ".shipyardignore"  # one glob per line, relative to the working directory (gitignore-like, simpler)
 MAX_FILES = 5000  # past this the tree is probably not one service's code: hash it, but list no files
@@ -59,7 +57,8 @@ def _walk(root: Path, patterns: list[str]) -> Iterator[tuple[str, Path]]:
         keep = []
         for name in sorted(dirnames):
             relative = (here / name).relative_to(root).as_posix()
-            if name in IGNORED_DIRS or _ignored(relative, name, patterns) or _is_data_dir(here / name):
+            hidden = name.startswith(".")
+            if hidden or name in IGNORED_DIRS or _ignored(relative, name, patterns) or _is_data_dir(here / name):
                 continue
             keep.append(name)
         dirnames[:] = keep  # os.walk does not follow symlinked directories by default
