@@ -1,7 +1,9 @@
 """A small HTTP API that publishes its own OpenAPI document: `python openapi_service.py PORT NAME`.
 
 For gateway docs tests: `GET /openapi.json` describes `GET /items`, `GET /items/{id}` and `POST /items` (with an
-`Item` schema, a name every instance of this app shares), and those operations really answer, with NAME in them.
+`Item` schema whose description names the service, so two services' `Item`s differ; `ItemList`, written alike in
+every service but made of its `Item`; `HTTPValidationError` and `ValidationError` exactly as FastAPI writes them in
+every service), and those operations really answer, with NAME in them.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ def openapi() -> dict:
             "/items": {
                 "get": {"operationId": "list_items", "summary": f"List {NAME} items",
                         "responses": {"200": {"description": "items", "content": {"application/json": {
-                            "schema": {"type": "array", "items": item_ref}}}}}},
+                            "schema": {"$ref": "#/components/schemas/ItemList"}}}}}},
                 "post": {"operationId": "create_item", "requestBody": {"content": {"application/json": {
-                    "schema": item_ref}}}, "responses": {"201": {"description": "created"}}},
+                    "schema": item_ref}}}, "responses": {"201": {"description": "created"}, "422": {
+                        "description": "Validation Error", "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/HTTPValidationError"}}}}}},
             },
             "/items/{id}": {
                 "get": {"operationId": "get_item", "parameters": [
@@ -34,8 +38,18 @@ def openapi() -> dict:
                         "schema": item_ref}}}}},
             },
         },
-        "components": {"schemas": {"Item": {"type": "object", "properties": {
-            "id": {"type": "integer"}, "service": {"type": "string"}}}}},
+        "components": {"schemas": {
+            "Item": {"type": "object", "description": f"An item of {NAME}", "properties": {
+                "id": {"type": "integer"}, "service": {"type": "string"}}},
+            "ItemList": {"type": "array", "items": item_ref},
+            "HTTPValidationError": {"title": "HTTPValidationError", "type": "object", "properties": {"detail": {
+                "title": "Detail", "type": "array", "items": {"$ref": "#/components/schemas/ValidationError"}}}},
+            "ValidationError": {"title": "ValidationError", "required": ["loc", "msg", "type"], "type": "object",
+                                "properties": {"loc": {"title": "Location", "type": "array", "items": {
+                                    "anyOf": [{"type": "string"}, {"type": "integer"}]}},
+                                    "msg": {"title": "Message", "type": "string"},
+                                    "type": {"title": "Error Type", "type": "string"}}},
+        }},
     }
 
 
