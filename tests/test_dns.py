@@ -40,7 +40,7 @@ def test_service_a_and_srv_answers_only_healthy(server: ServerProcess) -> None:
     c.agent.check.ttl_pass("service:dnsweb-2")
     assert short(server, "dnsweb.service.consul", "A") == ["127.0.0.2", "127.0.0.3"]
     srv = short(server, "dnsweb.service.consul", "SRV")
-    assert len(srv) == 2 and srv[0].startswith("1 1 8081 ") and srv[0].endswith(".node.dc1.consul.")
+    assert srv == ["1 1 8081 7f000002.addr.dc1.consul.", "1 1 8082 7f000003.addr.dc1.consul."]  # their own addresses
     full = dig(server, "dnsweb.service.consul", "SRV")
     assert "ADDITIONAL SECTION" in full and "127.0.0.2" in full
     assert short(server, "blue.dnsweb.service.consul", "A") == ["127.0.0.2"]

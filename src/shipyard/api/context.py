@@ -23,6 +23,33 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class DnsConfig:
+    """Consul's `domain`, `alt_domain`, `recursors` and `dns_config` keys, with durations in seconds.
+
+    One place for them, so that flags and a Consul config file fill the same fields.
+    """
+
+    domain: str = "consul."
+    alt_domain: str = ""  # "": none
+    recursors: list[str] = field(default_factory=list)  # "host", "host:port", "[v6]:port"
+    recursor_strategy: str = "sequential"  # or "random"
+    recursor_timeout: float = 2.0
+    only_passing: bool = False
+    node_ttl: float = 0.0
+    service_ttl: dict[str, float] = field(default_factory=dict)  # name, or prefix ending in "*"
+    a_record_limit: int = 0  # 0: no limit
+    udp_answer_limit: int = 3
+    enable_truncate: bool = False
+    allow_stale: bool = True
+    max_stale: float = 87600 * 3600.0
+    enable_additional_node_meta_txt: bool = True
+    soa_refresh: int = 3600
+    soa_retry: int = 600
+    soa_expire: int = 86400
+    soa_min_ttl: int = 0
+
+
+@dataclass
 class ServerConfig:
     data_dir: str | None  # None: --dev, state in memory only
     bind: str = "127.0.0.1"
@@ -37,6 +64,7 @@ class ServerConfig:
     gateway_port: int = 0  # 0: no gateway workers (the CLI defaults to 8080; --no-gateway gives 0)
     gateway_workers: int = 0  # 0: one per core
     bus_url: str = ""  # "": the embedded broker; "rabbitmq://user:pass@host:port/vhost" (or amqp://): RabbitMQ
+    dns: DnsConfig = field(default_factory=DnsConfig)
     allowed_hosts: tuple[str, ...] = ()  # Host names the control API answers besides loopback and its own addresses
 
 

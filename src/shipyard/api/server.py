@@ -269,7 +269,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         site = web.TCPSite(runner, config.bind, config.http_port, backlog=1024, reuse_address=True)
         await site.start()
         if config.dns_port:
-            dns_server = DnsServer(platform.catalog, config.datacenter, config.bind, config.dns_port)
+            dns_server = DnsServer(platform.catalog, config.datacenter, config.bind, config.dns_port, config.dns)
             await dns_server.start()
         gateway = gateway_supervisor(config)
         if gateway is not None:

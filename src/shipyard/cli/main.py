@@ -8,11 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 import click
 from rich.console import Console
 
 from shipyard import __version__
+from shipyard.cli.dns_options import dns_config, dns_options
 from shipyard.cli.options import HTTP_ADDR_ENV, HTTP_ADDR_HELP, add_http_addr
 from shipyard.errors import ShipyardError
 
@@ -85,6 +87,7 @@ def cli(ctx: click.Context, http_addr: str) -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
               help="How much the server logs to stderr.")
+@dns_options
 def server(
     data_dir: str,
     bind: str,
@@ -103,6 +106,7 @@ def server(
     gateway_workers: int,
     no_gateway: bool,
     log_level: str,
+    **dns_flags: Any,
 ) -> None:
     """Run the Shipyard server (control API on --http-port)."""
     import uvloop
@@ -128,6 +132,7 @@ def server(
         gateway_port=0 if no_gateway else gateway_port,
         gateway_workers=gateway_workers,
         bus_url="" if bus_url in ("", "embedded") else bus_url,
+        dns=dns_config(dns_flags),
     )
     uvloop.run(serve(config))
 
