@@ -10,11 +10,21 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import requests
 
 from support import ServerProcess
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server that runs command checks (the dependency's health check is one)."""
+    proc = ServerProcess(tmp_path / "data", "--enable-script-checks").start()
+    yield proc
+    proc.stop()
 
 
 def project(tmp: Path, ready: Path) -> Path:

@@ -166,7 +166,8 @@ def wait_gone(job: str) -> None:
 @pytest.fixture(scope="module")
 def agent_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     data_dir = tmp_path_factory.mktemp("agent-server") / "data"
-    proc = ServerProcess(data_dir, "--drain-delay", "1").start()
+    # --enable-script-checks: test_tcp_and_command_health_checks runs a command check.
+    proc = ServerProcess(data_dir, "--drain-delay", "1", "--enable-script-checks").start()
     yield proc
     proc.stop()
 

@@ -45,6 +45,7 @@ from shipyard.scheduler.records import (
     node_key,
     split_node_alloc,
 )
+from shipyard.script_checks import COMMAND_CHECKS_DISABLED, ScriptChecks
 from shipyard.spec import TaskSpec as JobSpec
 from shipyard.store import EventType, Store, follow_prefix
 
@@ -332,6 +333,10 @@ class AllocRunner:
         """A command check runs with the instance's environment, so the agent runs it and feeds a TTL check."""
         assert self.spec is not None and self.spec.health is not None
         health = self.spec.health
+        if not self.agent.script_checks.enabled:
+            # However the spec got here (an API, a rollback, a raw store write), nothing runs without the switch.
+            await self.agent.feed_ttl_check(self.check_id, CRITICAL, COMMAND_CHECKS_DISABLED)
+            return
         while instance.running and not self.stopping:
             started = time.monotonic()
             result = await instance.run_health_command(timeout=health.timeout)
@@ -494,6 +499,8 @@ class NodeAgent:
         self.data_dir = Path(data_dir)
         self.drain_delay = max(0.0, drain_delay)
         self.health = health
+        # Command checks ask the same switch as the registry's script checks; without a checker, it is off.
+        self.script_checks = health.scripts if health is not None else ScriptChecks()
         self.capacity = capacity
         self.keep_instances_on_stop = keep_instances_on_stop
         self.address = node.address if node.address not in ("", "0.0.0.0", "::") else "127.0.0.1"

@@ -58,12 +58,14 @@ class ServerConfig:
     node_name: str = ""
     datacenter: str = "dc1"
     enable_script_checks: bool = False
+    http_check_output: bool = False  # HTTP checks record the response body (Consul does; an SSRF read-back)
     insecure_bind: bool = False
     store_url: str = ""  # "": embedded SQLite in data_dir; "etcd://host:port[/namespace]": an etcd cluster
     drain_delay: float = 1.0  # seconds between deregistering an instance and signalling it
     gateway_port: int = 0  # 0: no gateway workers (the CLI defaults to 8080; --no-gateway gives 0)
     gateway_workers: int = 0  # 0: one per core
     bus_url: str = ""  # "": the embedded broker; "rabbitmq://user:pass@host:port/vhost" (or amqp://): RabbitMQ
+    allowed_hosts: tuple[str, ...] = ()  # Host names the control API answers besides loopback and its own addresses
     dns: DnsConfig = field(default_factory=DnsConfig)
     allowed_hosts: tuple[str, ...] = ()  # Host names the control API answers besides loopback and its own addresses
 

@@ -137,11 +137,12 @@ async def build_platform(config: ServerConfig) -> Platform:
         config.data_dir, name=config.node_name, address=config.bind, datacenter=config.datacenter
     )
     catalog = Catalog(store, node)
-    health = HealthChecker(store, catalog, node, enable_script_checks=config.enable_script_checks)
+    health = HealthChecker(store, catalog, node, enable_script_checks=config.enable_script_checks,
+                           http_check_output=config.http_check_output)
     kv = ConsulKV(store)
     sessions = SessionManager(store, catalog, kv, node)
     platform = Platform(config, store, node, catalog, health, kv, sessions, started_at=time.time())
-    platform.jobs = JobService(store)
+    platform.jobs = JobService(store, script_checks=health.scripts)
     platform.scheduler = SchedulerLoop(store)
     # Instances outlive the server under their shims; a --dev server has no data dir to adopt them from.
     agent_dir = (

@@ -72,6 +72,8 @@ def cli(ctx: click.Context, http_addr: str) -> None:
          "(amqps:// for TLS; rabbitmq:// is accepted as a synonym of amqp://).",
 )
 @click.option("--enable-script-checks", is_flag=True, help="Allow health checks that run commands.")
+@click.option("--http-check-output", is_flag=True,
+              help="Record HTTP checks' response bodies in their output (as Consul does); off: status line only.")
 @click.option("--insecure-bind", is_flag=True, help="Allow binding to a non-loopback address.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="Another name clients use for this server (repeatable); other Host headers get 421.")
@@ -99,6 +101,7 @@ def server(
     store_url: str,
     bus_url: str,
     enable_script_checks: bool,
+    http_check_output: bool,
     insecure_bind: bool,
     allowed_hosts: tuple[str, ...],
     drain_delay: float,
@@ -125,6 +128,7 @@ def server(
         node_name=node_name,
         datacenter=datacenter,
         enable_script_checks=enable_script_checks,
+        http_check_output=http_check_output,
         insecure_bind=insecure_bind,
         allowed_hosts=tuple(allowed_hosts),
         store_url=store_url,

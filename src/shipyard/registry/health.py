@@ -17,10 +17,12 @@ from urllib.parse import unquote
 
 import aiohttp
 import orjson
+import yarl
 
 from shipyard.errors import NotFound, ShipyardError
 from shipyard.registry.catalog import CHECKS, CRITICAL, PASSING, RUNNABLE_TYPES, WARNING, Catalog, _q
 from shipyard.registry.node import NodeIdentity
+from shipyard.script_checks import SCRIPTS_DISABLED, ScriptChecks
 from shipyard.store import Event, EventType, Store, follow_prefix
 
 log = logging.getLogger("shipyard.health")
@@ -31,6 +33,8 @@ DEFAULT_SCRIPT_TIMEOUT = 30.0
 OUTPUT_MAX = 4096  # Consul's checks.DefaultBufSize
 REAP_EVERY = 1.0
 USER_AGENT = "Consul Health Check"
+MAX_REDIRECTS = 10  # Go's http.Client default, which Consul's checks use
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 SCRIPTS_DISABLED = (
     "Scripts are disabled on this agent from remote calls; to enable, configure 'enable_script_checks' to true"
@@ -40,6 +44,10 @@ SCRIPTS_DISABLED = (
 def _seconds(definition: dict[str, Any], name: str) -> float:
     value = definition.get(f"{name}Duration")
     return value / 1e9 if isinstance(value, int | float) and value > 0 else 0.0
+
+
+def _same_origin(a: yarl.URL, b: yarl.URL) -> bool:
+    return (a.scheme, (a.host or "").lower(), a.port) == (b.scheme, (b.host or "").lower(), b.port)
 
 
 def _truncate(text: str) -> str:
@@ -76,12 +84,14 @@ class HealthChecker:
     """Keeps one runner per runnable check of this node, in step with the store."""
 
     def __init__(
-        self, store: Store, catalog: Catalog, node: NodeIdentity, *, enable_script_checks: bool = False
+        self, store: Store, catalog: Catalog, node: NodeIdentity, *, enable_script_checks: bool = False,
+        http_check_output: bool = False,
     ) -> None:
+        self.http_check_output = http_check_output  # record HTTP checks' response bodies (--http-check-output)
         self.store = store
         self.catalog = catalog
         self.node = node
-        self.enable_script_checks = enable_script_checks
+        self.scripts = ScriptChecks(enable_script_checks)  # the one switch, shared with the agent and the jobs
         self._runners: dict[str, CheckRunner] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._http: aiohttp.ClientSession | None = None
@@ -200,7 +210,7 @@ class HealthChecker:
             if runner.kind == "ttl":
                 await self._run_ttl(runner)
                 return
-            if runner.kind == "script" and not self.enable_script_checks:
+            if runner.kind == "script" and not self.scripts.enabled:
                 await self._record(runner, CRITICAL, SCRIPTS_DISABLED)
                 return
             interval = max(_seconds(runner.definition, "Interval"), MIN_INTERVAL)
@@ -251,29 +261,53 @@ class HealthChecker:
             for value in values if isinstance(values, list) else [values]:
                 headers.append((str(name), str(value)))
         try:
-            async with self._http.request(
-                method,
-                url,
-                headers=headers,
-                data=(d.get("Body") or None),
-                timeout=aiohttp.ClientTimeout(total=timeout),
-                ssl=not d.get("TLSSkipVerify"),
-                allow_redirects=not d.get("DisableRedirects", False),
-            ) as resp:
-                body = await resp.content.read(OUTPUT_MAX)
-                text = body.decode("utf-8", errors="replace")
-                line = f"HTTP {method} {url}: {resp.status} {resp.reason or ''} Output: {text}"
-                if 200 <= resp.status < 300:
-                    return PASSING, line
-                if resp.status == 429:
-                    return WARNING, line
-                return CRITICAL, line
+            async with asyncio.timeout(timeout):
+                return await self._http_exchange(url, method, headers, d)
         except TimeoutError:
             return CRITICAL, f'{method} "{url}": request timed out after {timeout:g}s'
         except aiohttp.InvalidURL:
             return CRITICAL, f'{method} "{url}": invalid URL'
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return CRITICAL, f'{method} "{url}": {exc or type(exc).__name__}'
+
+    async def _http_exchange(
+        self, url: str, method: str, headers: list[tuple[str, str]], d: dict[str, Any]
+    ) -> tuple[str, str]:
+        """Follows redirects itself, and only those that stay on the checked host (scheme, host and port): a check
+        is never a way to make the server fetch some other host's URL."""
+        assert self._http is not None
+        target, note = url, ""
+        for _ in range(MAX_REDIRECTS + 1):
+            async with self._http.request(
+                method, target, headers=headers, data=(d.get("Body") or None),
+                ssl=not d.get("TLSSkipVerify"), allow_redirects=False,
+            ) as resp:  # fmt: skip
+                location = resp.headers.get("Location") if resp.status in REDIRECTS else None
+                if location is None or d.get("DisableRedirects", False):
+                    return await self._http_result(method, url, resp, note)
+                following = resp.url.join(yarl.URL(location))
+                if not _same_origin(following, yarl.URL(url)):
+                    note = f" (redirect to {following.host or 'another host'} not followed: checks stay on their host)"
+                    return await self._http_result(method, url, resp, note)
+            target = str(following)
+            if resp.status == 303:
+                method = "GET"
+        return CRITICAL, f'{method} "{url}": stopped after {MAX_REDIRECTS} redirects'
+
+    async def _http_result(self, method: str, url: str, resp: aiohttp.ClientResponse, note: str) -> tuple[str, str]:
+        """Consul's status line; the body only with --http-check-output (it would read back whatever the URL holds,
+        an internal one included), otherwise its size and type."""
+        if self.http_check_output:
+            summary = (await resp.content.read(OUTPUT_MAX)).decode("utf-8", errors="replace")
+        else:
+            size = f"{resp.content_length} bytes" if resp.content_length is not None else "unknown length"
+            summary = f"body not recorded ({size}, {resp.content_type[:100]})"
+        line = f"HTTP {method} {url}: {resp.status} {resp.reason or ''}{note} Output: {summary}"
+        if 200 <= resp.status < 300:
+            return PASSING, line
+        if resp.status == 429:
+            return WARNING, line
+        return CRITICAL, line
 
     async def _probe_tcp(self, d: dict[str, Any]) -> tuple[str, str]:
         target = str(d.get("TCP", ""))
@@ -294,6 +328,8 @@ class HealthChecker:
         return PASSING, f"TCP connect {target}: Success"
 
     async def _probe_script(self, d: dict[str, Any]) -> tuple[str, str]:
+        if not self.scripts.enabled:
+            return CRITICAL, SCRIPTS_DISABLED  # asked again right before running, whatever path led here
         args = [str(a) for a in d.get("ScriptArgs") or []]
         if not args:
             return CRITICAL, "no script arguments"

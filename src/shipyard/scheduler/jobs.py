@@ -39,6 +39,7 @@ from shipyard.scheduler.records import (
     unplaceable_key,
     waiting_key,
 )
+from shipyard.script_checks import ScriptChecks
 from shipyard.spec import NAME_RE, ProjectSpec, SpecError, SpecProblem, TaskSpec
 from shipyard.store import Compare, Delete, Get, KeyValue, Put, Store
 
@@ -118,8 +119,11 @@ def unreadable_reason(exc: BaseException) -> str:
 class JobService:
     """Reads and changes jobs; every write is one store txn guarded by the records it was decided from."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, script_checks: ScriptChecks | None = None) -> None:
         self.store = store
+        # The server's switch: a spec whose health check runs a command is refused while it is off (None: no
+        # refusal at this layer; the agent still asks the switch before it runs anything).
+        self.script_checks = script_checks
 
     # ---- reads -----------------------------------------------------------------------------------
 
@@ -226,6 +230,8 @@ class JobService:
     async def deploy(self, spec: TaskSpec, *, force: bool = False) -> DeployResult:
         """A new version iff the spec's content changed; the same spec again changes nothing."""
         check_limits(spec)
+        if self.script_checks is not None:
+            self.script_checks.require_for([spec])
         if not NAME_RE.match(spec.name):
             raise SpecError([SpecProblem("request body", None, "name", f"invalid job name {spec.name!r}")])
 
@@ -248,6 +254,8 @@ class JobService:
         tasks = list(project.tasks.values())
         for spec in tasks:
             check_limits(spec)
+        if self.script_checks is not None:
+            self.script_checks.require_for(tasks)
         if not force:
             conflicts = []
             for spec in tasks:

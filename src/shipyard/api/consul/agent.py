@@ -324,7 +324,7 @@ def service_checks(s: dict[str, Any], service: dict[str, Any], struct: str) -> l
 
 
 def vet_scripts(platform: Platform, checks: list[dict[str, Any]]) -> None:
-    if platform.config.enable_script_checks:
+    if platform.health.scripts.enabled:
         return
     if any(c.get("Type") == "script" for c in checks):
         raise ConsulError(500, SCRIPTS_DISABLED)
