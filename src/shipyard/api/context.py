@@ -65,7 +65,6 @@ class ServerConfig:
     gateway_port: int = 0  # 0: no gateway workers (the CLI defaults to 8080; --no-gateway gives 0)
     gateway_workers: int = 0  # 0: one per core
     bus_url: str = ""  # "": the embedded broker; "rabbitmq://user:pass@host:port/vhost" (or amqp://): RabbitMQ
-    allowed_hosts: tuple[str, ...] = ()  # Host names the control API answers besides loopback and its own addresses
     dns: DnsConfig = field(default_factory=DnsConfig)
     allowed_hosts: tuple[str, ...] = ()  # Host names the control API answers besides loopback and its own addresses
 

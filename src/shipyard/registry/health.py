@@ -36,10 +36,6 @@ USER_AGENT = "Consul Health Check"
 MAX_REDIRECTS = 10  # Go's http.Client default, which Consul's checks use
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
-SCRIPTS_DISABLED = (
-    "Scripts are disabled on this agent from remote calls; to enable, configure 'enable_script_checks' to true"
-)
-
 
 def _seconds(definition: dict[str, Any], name: str) -> float:
     value = definition.get(f"{name}Duration")
