@@ -28,6 +28,10 @@ def fresh_server(tmp_path: Path) -> Iterator[ServerProcess]:
 
 
 def project(tmp: Path, ready: Path) -> Path:
+    # The project has a directory of its own: the ready marker and the server's files next to it are not its code
+    # (a file changed in a service's directory is a new version).
+    tmp = tmp / "project"
+    tmp.mkdir(exist_ok=True)
     (tmp / "shipyard.yaml").write_text(f"""\
 services:
   db:
@@ -85,11 +89,13 @@ def test_dependent_waits_for_a_healthy_dependency_and_starts_only_at_start(fresh
     assert detail["waiting"]["reason"] == "waiting for db to be healthy"
     assert detail["deployment"]["status"] == "running"
     ps = shipyard(fresh_server, "ps")
-    rows = [line.split(maxsplit=1) for line in ps.stdout.splitlines()]
-    waiting_rows = [rest for first, rest in rows if first == "api"]
+    # One row per instance (SERVICE.INDEX first); why each waits is said below the table.
+    rows = [line.split(maxsplit=1) for line in ps.stdout.splitlines() if line.strip()]
+    waiting_rows = [rest for first, rest in rows if first in ("api.0", "api.1")]
     assert len(waiting_rows) == 2, ps.stdout
-    assert all("waiting" in row and "waiting for db to be healthy" in row for row in waiting_rows), ps.stdout
-    assert any(first == "db" and "running" in rest for first, rest in rows), ps.stdout
+    assert all(rest.split()[1] == "waiting" for rest in waiting_rows), ps.stdout
+    assert ps.stdout.count(": waiting for db to be healthy") == 2, ps.stdout
+    assert any(first == "db.0" and "running" in rest for first, rest in rows), ps.stdout
 
     ready.touch()
     up = shipyard(fresh_server, "up", str(proj))

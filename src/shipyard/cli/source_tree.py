@@ -16,7 +16,9 @@ from pathlib import Path
 # Directories that are build output, tool caches, virtualenvs or Shipyard's own state: never the service. So is every
 # hidden directory (.git, .venv, .shipyard, tool caches, a service's own .data): code does not live in those.
 IGNORED_DIRS = frozenset({"__pycache__", "shipyard-data", "venv", "node_modules"})
-IGNORED_FILES = ("*.pyc", "*.pyo", "*.swp", "*~", ".DS_Store", "shipyard.yaml", ".shipyardignore")
+IGNORED_FILES = ("*.pyc", "*.pyo", "*.swp", "*~", ".DS_Store", "shipyard.yaml", ".shipyardignore",
+                 # what a running service writes next to its code: logs, pid files, sockets, SQLite databases
+                 "*.log", "*.pid", "*.sock", "*.db", "*.db-wal", "*.db-shm", "*.db-journal", "*.sqlite", "*.sqlite3")
 IGNORE_FILE = ".shipyardignore"  # one glob per line, relative to the working directory (gitignore-like, simpler)
 MAX_FILES = 5000  # past this the tree is probably not one service's code: hash it, but list no files
 DIGEST_CHARS = 12
@@ -35,8 +37,8 @@ class SourceTree:
 
 
 def _is_data_dir(path: Path) -> bool:
-    # A server's data dir (whatever its name) holds agent/instances; its logs change every second.
-    return (path / "agent" / "instances").is_dir()
+    # A server's data dir, whatever its name (its node-id is written first, its agent/ once instances run).
+    return (path / "node-id").is_file() or (path / "agent" / "instances").is_dir()
 
 
 def _patterns(root: Path) -> list[str]:
