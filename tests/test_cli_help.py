@@ -39,7 +39,10 @@ def test_help_shows_environment_variables() -> None:
     server = " ".join(run("server", "-h").stdout.split())
     assert "env var: SHIPYARD_GATEWAY_PORT" in server and "env var: SHIPYARD_BUS" in server
     up = " ".join(run("up", "-h").stdout.split())
-    assert "--gateway-port" in up and "--dns-port" in up and "--http-port" in up
+    assert "--http-port" in up and "--gateway-port" in up and "env var: SHIPYARD_GATEWAY_PORT" in up
+    assert "--dns-port" in up and "env var: SHIPYARD_DNS_PORT" in up
+    worker = " ".join(run("worker", "-h").stdout.split())
+    assert "env var: SHIPYARD_BUS_URL" in worker and "env var: SHIPYARD_STOP_GRACE" in worker
 
 
 def test_bus_help_names_the_scheme_the_server_accepts(tmp_path: object) -> None:

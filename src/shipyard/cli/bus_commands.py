@@ -191,9 +191,9 @@ def load_app(spec: str) -> Any:
 
 @click.command()
 @click.argument("app", metavar="MODULE:APP")
-@click.option("--bus", "bus_url", default=None, envvar="SHIPYARD_BUS_URL",
+@click.option("--bus", "bus_url", default=None, envvar="SHIPYARD_BUS_URL", show_envvar=True,
               help="Bus URL (default: $SHIPYARD_BUS_URL, else the server at --http-addr).")
-@click.option("--stop-grace", default=5.0, show_default=True, envvar="SHIPYARD_STOP_GRACE",
+@click.option("--stop-grace", default=5.0, show_default=True, envvar="SHIPYARD_STOP_GRACE", show_envvar=True,
               type=click.FloatRange(0, 3600), help="Seconds to finish in-flight work after SIGTERM.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),

@@ -112,8 +112,10 @@ def _server_options(gateway_port: int | None, dns_port: int | None) -> list[str]
 @click.option("--http-port", type=click.IntRange(1, 65535), default=None,
               help="Control API port of the server `up` starts (default: the port of --http-addr).")
 @click.option("--gateway-port", type=click.IntRange(0, 65535), default=None, envvar="SHIPYARD_GATEWAY_PORT",
+              show_envvar=True,
               help="Gateway port of the server `up` starts (default 8080; 0: no gateway).")
 @click.option("--dns-port", type=click.IntRange(0, 65535), default=None, envvar="SHIPYARD_DNS_PORT",
+              show_envvar=True,
               help="DNS port of the server `up` starts (default 8600; 0: no DNS).")
 @click.pass_context
 def up(ctx: click.Context, directory: str, force: bool, timeout: float, crash_limit: int, http_port: int | None,
