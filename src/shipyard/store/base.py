@@ -120,6 +120,13 @@ class Get:
 Op = Put | Delete | Get
 
 
+def require_bytes(ops: Sequence[object]) -> None:
+    """Every backend refuses (400) a put whose value is not bytes, before anything is sent or written."""
+    for op in ops:
+        if isinstance(op, Put) and not isinstance(op.value, bytes):
+            raise StoreError(f"value of {op.key!r} must be bytes, not {type(op.value).__name__}", status=400)
+
+
 @dataclass(slots=True)
 class TxnResult:
     """`responses[i]` answers the i-th op of the branch taken:

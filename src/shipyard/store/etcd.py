@@ -33,6 +33,7 @@ from shipyard.store.base import (
     RangeResult,
     StoreError,
     TxnResult,
+    require_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,10 @@ class EtcdStore:
             if version_op is None:
                 raise StoreError("value compares with None support only = and !=", status=400)
             return self._compare(Compare(cmp.key, "version", version_op, 0))
+        # The same refusal (400) as the embedded store's, instead of whatever etcd would make of the mismatch.
+        if (cmp.target == "value") != isinstance(cmp.value, bytes) or (
+                cmp.value is not None and not isinstance(cmp.value, bytes | int)):
+            raise StoreError(f"cannot compare {cmp.target} of {cmp.key!r} with {cmp.value!r}", status=400)
         target, field = _TARGETS[cmp.target]
         value: Any = _b64(cmp.value) if isinstance(cmp.value, bytes) else str(cmp.value or 0)
         return {
@@ -270,6 +275,7 @@ class EtcdStore:
     async def txn(
         self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
     ) -> TxnResult:
+        require_bytes((*success, *failure))
         body = {
             "compare": [self._compare(c) for c in compares],
             "success": [self._op(op) for op in success],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
@@ -31,14 +32,15 @@ from shipyard.store.base import (
     StoreError,
     TxnResult,
     WatchOverflow,
+    require_bytes,
 )
 
 BASE = "/api/v1/store"
 
 
-def _kv(raw: dict[str, Any]) -> KeyValue:
+def _kv(raw: dict[str, Any], ns: str = "") -> KeyValue:
     return KeyValue(
-        raw["key"],
+        raw["key"][len(ns):],
         base64.b64decode(raw["value"]),
         raw["create_revision"],
         raw["mod_revision"],
@@ -47,9 +49,12 @@ def _kv(raw: dict[str, Any]) -> KeyValue:
     )
 
 
-def _event(raw: dict[str, Any]) -> Event:
+def _event(raw: dict[str, Any], ns: str = "") -> Event:
     prev = raw.get("prev_kv")
-    return Event(EventType[raw["type"]], _kv(raw["kv"]), _kv(prev) if prev else None)
+    return Event(EventType[raw["type"]], _kv(raw["kv"], ns), _kv(prev, ns) if prev else None)
+
+
+_LEASE_NOT_FOUND = re.compile(r"lease (\d+) not found")
 
 
 class RemoteWatcher:
@@ -58,7 +63,7 @@ class RemoteWatcher:
     def __init__(self, store: RemoteStore, key: str, prefix: bool, from_revision: int) -> None:
         self._store = store
         self._params = {"prefix": "1" if prefix else "0", "from_revision": str(from_revision)}
-        self._path = f"{BASE}/watch/{quote(key, safe='/')}"
+        self._path = f"{BASE}/watch/{quote(store.namespace + key, safe='/')}"
         self._response: aiohttp.ClientResponse | None = None
         self._cancelled = False
 
@@ -73,7 +78,9 @@ class RemoteWatcher:
         if response.status == 410:
             body = await response.json()
             response.release()
-            raise Compacted(body.get("detail", {}).get("compact_revision", 0))
+            compacted = Compacted(body.get("detail", {}).get("compact_revision", 0))
+            self._store._compact_revision = max(self._store._compact_revision, compacted.compact_revision)
+            raise compacted
         if response.status != 200:
             text = await response.text()
             response.release()
@@ -96,7 +103,7 @@ class RemoteWatcher:
             if "error" in data:
                 raise WatchOverflow(data["error"])
             if data["events"]:
-                return [_event(e) for e in data["events"]]
+                return [_event(e, self._store.namespace) for e in data["events"]]
 
     async def start(self) -> RemoteWatcher:
         """Opens the stream now, so that events from this point on are not missed."""
@@ -114,10 +121,20 @@ class RemoteStore:
     """Store protocol over HTTP. `watch()` returns a watcher whose stream opens on first use
     (or `await watcher.start()`); pass from_revision to be gap-free across reconnects."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, *, namespace: str = "") -> None:
         self.base_url = base_url.rstrip("/")
+        # Like EtcdStore's: every key lives under it on the server, and callers never see it.
+        self.namespace = namespace
         self._session: aiohttp.ClientSession | None = None
         self._revision = 0
+        self._compact_revision = 0
+
+    def _path(self, key: str) -> str:
+        return f"{BASE}/kv/{quote(self.namespace + key, safe='/')}"
+
+    def _seen(self, revision: int) -> int:
+        self._revision = max(self._revision, revision)
+        return revision
 
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -136,14 +153,27 @@ class RemoteStore:
                                        headers=headers) as response:
                 body = await response.read()
                 if response.status >= 400:
-                    try:
-                        message = orjson.loads(body).get("error", "")
-                    except orjson.JSONDecodeError:
-                        message = body.decode(errors="replace")
-                    raise StoreError(message or f"HTTP {response.status}", status=response.status)
+                    raise self._error(response.status, body)
                 return orjson.loads(body)
         except aiohttp.ClientError as exc:
             raise StoreError(f"store at {self.base_url} unreachable: {exc}", status=503) from None
+
+    def _error(self, status: int, body: bytes) -> StoreError:
+        """The server's typed error again, so callers catch the same exceptions as with a local store."""
+        detail: Any = None
+        try:
+            data = orjson.loads(body)
+            message, detail = str(data.get("error", "")), data.get("detail")
+        except (orjson.JSONDecodeError, AttributeError):
+            message = body.decode(errors="replace")
+        lease = _LEASE_NOT_FOUND.search(message)
+        if status == 404 and lease:
+            return LeaseNotFound(int(lease.group(1)))
+        if status == 410:
+            revision = detail.get("compact_revision", 0) if isinstance(detail, dict) else 0
+            self._compact_revision = max(self._compact_revision, revision)
+            return Compacted(revision or self._compact_revision)
+        return StoreError(message or f"HTTP {status}", status=status)
 
     @property
     def revision(self) -> int:
@@ -151,42 +181,44 @@ class RemoteStore:
 
     @property
     def compact_revision(self) -> int:
-        return 0
+        """The highest compaction this client has seen (by compacting, or by a watch refused with 410)."""
+        return self._compact_revision
 
     async def get(self, key: str) -> KeyValue | None:
         result = await self.range(key)
         return result.kvs[0] if result.kvs else None
 
     async def range(self, key: str, *, prefix: bool = False) -> RangeResult:
-        data = await self._call("GET", f"{BASE}/kv/{quote(key, safe='/')}", params={"prefix": "1" if prefix else "0"})
-        self._revision = max(self._revision, data["revision"])
-        return RangeResult([_kv(k) for k in data["kvs"]], data["revision"], data["index"])
+        data = await self._call("GET", self._path(key), params={"prefix": "1" if prefix else "0"})
+        return RangeResult([_kv(k, self.namespace) for k in data["kvs"]], self._seen(data["revision"]), data["index"])
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        data = await self._call("PUT", f"{BASE}/kv/{quote(key, safe='/')}", params={"lease": str(lease)}, data=value)
-        self._revision = max(self._revision, data["revision"])
-        return data["revision"]
+        require_bytes((Put(key, value, lease),))
+        data = await self._call("PUT", self._path(key), params={"lease": str(lease)}, data=value)
+        return self._seen(data["revision"])
 
     async def delete(self, key: str, *, prefix: bool = False) -> tuple[int, int]:
-        data = await self._call(
-            "DELETE", f"{BASE}/kv/{quote(key, safe='/')}", params={"prefix": "1" if prefix else "0"}
-        )
-        return data["deleted"], data["revision"]
+        data = await self._call("DELETE", self._path(key), params={"prefix": "1" if prefix else "0"})
+        return data["deleted"], self._seen(data["revision"])
 
     async def txn(self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        require_bytes((*success, *failure))
+        ns = self.namespace
+
         def op_json(op: Op) -> dict[str, Any]:
             if isinstance(op, Put):
-                return {"op": "put", "key": op.key, "value": base64.b64encode(op.value).decode(), "lease": op.lease}
+                return {"op": "put", "key": ns + op.key, "value": base64.b64encode(op.value).decode(),
+                        "lease": op.lease}
             if isinstance(op, Delete):
-                return {"op": "delete", "key": op.key, "prefix": op.prefix}
+                return {"op": "delete", "key": ns + op.key, "prefix": op.prefix}
             assert isinstance(op, Get)
-            return {"op": "get", "key": op.key, "prefix": op.prefix}
+            return {"op": "get", "key": ns + op.key, "prefix": op.prefix}
 
         def compare_json(c: Compare) -> dict[str, Any]:
             value: Any = c.value
             if isinstance(value, bytes):
                 value = base64.b64encode(value).decode()
-            return {"key": c.key, "target": c.target, "op": c.op, "value": value}
+            return {"key": ns + c.key, "target": c.target, "op": c.op, "value": value}
 
         body = {
             "compare": [compare_json(c) for c in compares],
@@ -199,10 +231,10 @@ class RemoteStore:
             if raw is None:
                 responses.append(None)
             elif isinstance(raw, dict):
-                responses.append(_kv(raw))
+                responses.append(_kv(raw, ns))
             else:
-                responses.append([_kv(k) for k in raw])
-        return TxnResult(data["succeeded"], data["revision"], responses)
+                responses.append([_kv(k, ns) for k in raw])
+        return TxnResult(data["succeeded"], self._seen(data["revision"]), responses)
 
     def watch(self, key: str, *, prefix: bool = False, from_revision: int = 0) -> RemoteWatcher:
         return RemoteWatcher(self, key, prefix, from_revision)
@@ -213,7 +245,7 @@ class RemoteStore:
 
     async def keepalive(self, lease: int) -> int:
         try:
-            return (await self._call("PUT", f"{BASE}/leases/{lease}/keepalive"))["ttl"]
+            return int((await self._call("PUT", f"{BASE}/leases/{lease}/keepalive"))["ttl"])
         except StoreError as exc:
             if exc.status == 404:
                 raise LeaseNotFound(lease) from None
@@ -228,7 +260,9 @@ class RemoteStore:
             raise
 
     async def compact(self, revision: int) -> None:
-        raise StoreError("compaction is run by the server, not by remote clients", status=405)
+        """The server's POST /api/v1/store/compact (an operator's tool: the server compacts on its own too)."""
+        data = await self._call("POST", f"{BASE}/compact", json_body={"revision": revision})
+        self._compact_revision = max(self._compact_revision, int(data["compact_revision"]))
 
     async def close(self) -> None:
         if self._session is not None:
