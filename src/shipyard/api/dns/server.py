@@ -98,7 +98,7 @@ class DnsResponder:
             # Answering a response would let two servers (or one, spoofed) bounce packets forever.
             self._log.warning("dropped", "DNS: dropped a packet unanswered (%s, from %s)", rejection.reason, peer)
         else:
-            self._log.warning("rejected", "DNS: answered %s to a malformed query (%s, from %s)",
+            self._log.warning(f"rejected-{rejection.rcode}", "DNS: answered %s to a malformed query (%s, from %s)",
                               "NOTIMP" if rejection.rcode == wire.NOTIMP else "FORMERR", rejection.reason, peer)
 
     # ---- freshness ------------------------------------------------------------------------------
