@@ -207,13 +207,15 @@ def test_deploy_rolls_out_a_code_change_and_dry_run_shows_it(quiet_server: Serve
 @pytest.mark.timeout(300)
 def test_crash_loop_is_shown_live_and_fails_fast(quiet_server: ServerProcess, tmp_path: Path) -> None:
     proj = project(tmp_path / "crash", name="crashy", instances=2, app=CRASH)
-    done = shipyard("deploy", ".", "--timeout", "600", cwd=proj, env=cli_env(quiet_server.addr))
-    out = done.stdout + done.stderr
+    # Rendered as on a terminal (every frame of the progress display), then read without the escape codes.
+    terminal = cli_env(quiet_server.addr, TTY_COMPATIBLE="1", TTY_INTERACTIVE="1")
+    done = shipyard("deploy", ".", "--timeout", "600", cwd=proj, env=terminal)
+    out, err = (re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text) for text in (done.stdout + done.stderr, done.stderr))
     assert done.returncode == 1, out
-    assert "0/None" not in out
+    assert "0/2 healthy" in out and "0/None" not in out
     assert "exit code 3" in out and "KeyError: 'DATABASE_URL'" in out and "restarts: 1" in out
     assert re.search(r"error: crashy\.\d crash-looped \(3 restarts\) before it was ever healthy: exit code 3: "
-                     r"KeyError: 'DATABASE_URL'", done.stderr), done.stderr
+                     r"KeyError: 'DATABASE_URL'", err), err
     assert "not healthy after" not in out  # it did not wait for the timeout
 
     ps = shipyard("ps", cwd=proj, env=cli_env(quiet_server.addr))
