@@ -16,21 +16,12 @@ from urllib.parse import urlsplit
 LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 
 
-def _this_hosts_names_and_addresses() -> set[str]:
-    """The host's name, its FQDN and what they resolve to locally (/etc/hosts, nss): no network look-up here."""
-    found: set[str] = set()
+def _host_name() -> set[str]:
+    """This host's name (no look-up: what names resolve to is checked once connected, upstream.py)."""
     try:
-        name = socket.gethostname()
+        return {socket.gethostname().lower()}
     except OSError:
-        return found
-    found.add(name.lower())
-    try:
-        found.add(socket.getfqdn(name).lower())
-        for info in socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP):
-            found.add(str(info[4][0]).lower())
-    except OSError:
-        pass
-    return found
+        return set()
 
 
 def _interface_addresses() -> set[str]:
@@ -69,7 +60,7 @@ class OwnListeners:
             parts = urlsplit(control_url)
             if parts.port:
                 all_ports.add(parts.port)
-        hosts = (_this_hosts_names_and_addresses() | _interface_addresses() | {bind.strip("[]").lower()}) - {""}
+        hosts = (_host_name() | _interface_addresses() | {bind.strip("[]").lower()}) - {""}
         return cls(frozenset(all_ports), frozenset(hosts))
 
     def covers(self, host: str, port: int) -> bool:
