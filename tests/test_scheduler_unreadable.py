@@ -10,7 +10,7 @@ import requests
 
 from shipyard.errors import Conflict
 from shipyard.scheduler.loop import SchedulerLoop
-from shipyard.scheduler.records import job_key
+from shipyard.scheduler.records import deployment_key, job_key
 from shipyard.store import SqliteStore
 from support import ServerProcess
 from test_jobs_api import Cluster, service
@@ -88,3 +88,15 @@ def test_the_jobs_api_shows_an_unreadable_record(fresh_server: ServerProcess) ->
     assert "cannot be read" in one.json()["error"]
     assert "Traceback" not in fresh_server.log_tail()
     assert "cannot be read" in fresh_server.log_tail(20000)
+
+
+async def test_an_unreadable_deployment_record_is_replaced_not_a_wedge(cluster: Cluster) -> None:
+    web = await _web_running(cluster)
+    await cluster.store.put(deployment_key("web"), b"\xff not json")
+    await cluster.jobs.deploy(service("api", instances=1))
+    plan, _ = await cluster.loop.run_once()
+    assert [a.job for a in plan.place] == ["api"] and not plan.stop
+    await cluster.step()
+    d = await cluster.jobs.deployment("web")
+    assert d is not None and d.version == 1, "web's deployment record was written afresh"
+    assert {a.id for a in await cluster.live("web")} == web

@@ -122,10 +122,16 @@ async def read_state(store: Store, now: float | None = None,
             del job_cache[key]
     deployments: list[Deployment] = []
     for kv in dep_kvs:  # type: ignore[union-attr]
-        with contextlib.suppress(Exception):
+        try:
             d = decode_deployment(kv.value)
-            deployments.append(d)
-            state.deployments[d.job] = kv
+        except Exception:
+            # Kept as the job's record all the same: the next plan writes a fresh deployment over it (guarded by
+            # it), where skipping it would guard on "no record" and make that job's commit fail forever.
+            state.deployments[unquote(kv.key[len(DEPLOYMENTS):])] = kv
+            log.error("scheduler: deployment record %s cannot be read; it will be replaced", kv.key)
+            continue
+        deployments.append(d)
+        state.deployments[d.job] = kv
     client: dict[str, tuple[str, float | None]] = {}
     for kv in status_kvs:  # type: ignore[union-attr]
         with contextlib.suppress(Exception):
