@@ -1,4 +1,4 @@
-"""The Marathon-compatible HTTP API: /v2 (apps, tasks, deployments, events, info, leader) and /ping.
+"""The Marathon-compatible HTTP API: /v2 (apps, tasks, deployments, groups, queue, events, info...), /ping, /metrics.
 
 Mounts the routes as a /v2 sub-application whose errors take Marathon's JSON shape; it holds no logic itself.
 """
@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 
 from shipyard.api.context import PLATFORM
-from shipyard.api.marathon import endpoints, events
+from shipyard.api.marathon import cluster, endpoints, events
 from shipyard.api.marathon.apps import AppInvalid
 from shipyard.errors import Conflict, ShipyardError
 
@@ -21,6 +21,15 @@ log = logging.getLogger("shipyard.marathon")
 def marathon_error(status: int, message: str, **extra: object) -> web.Response:
     return web.Response(status=status, body=orjson.dumps({"message": message, **extra}),
                         content_type="application/json")
+
+
+def invalid_message(exc: AppInvalid) -> str:
+    """Marathon's "Object is not valid", naming the fields Shipyard does not support when those are the reason."""
+    unsupported = sorted({d["path"].strip("/") for d in exc.details
+                          if any("is not supported by Shipyard" in e for e in d["errors"])})
+    if not unsupported:
+        return "Object is not valid"
+    return f"Object is not valid: not supported by Shipyard: {', '.join(unsupported)} (see details for why)"
 
 
 @web.middleware
@@ -33,7 +42,7 @@ async def marathon_errors(request: web.Request, handler):  # type: ignore[no-unt
             raise
         return marathon_error(exc.status, f"HTTP {exc.status} {exc.reason}")
     except AppInvalid as exc:
-        return marathon_error(422, "Object is not valid", details=exc.details)
+        return marathon_error(422, invalid_message(exc), details=exc.details)
     except Conflict as exc:
         detail = exc.detail if isinstance(exc.detail, dict) else {}
         deployment = detail.get("deployment") or detail.get("active_deployment")
@@ -55,5 +64,7 @@ def add_marathon_routes(app: web.Application) -> None:
     v2[PLATFORM] = app[PLATFORM]
     v2.router.add_routes(events.routes)
     v2.router.add_routes(endpoints.routes)
+    v2.router.add_routes(cluster.routes)
     app.add_subapp("/v2", v2)
     app.router.add_get("/ping", endpoints.ping)
+    app.router.add_get("/metrics", cluster.metrics)

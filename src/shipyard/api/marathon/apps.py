@@ -72,6 +72,19 @@ def _neutral_values() -> dict[str, tuple[Any, ...]]:
 
 
 NEUTRAL_FIELDS = _neutral_values()
+# Why Shipyard cannot honour a field, said in the 422 so that nobody takes the refusal for a typo of theirs.
+UNSUPPORTED_WHY = {
+    "container": "Shipyard runs an app's cmd or args as a process on the node (its exec driver); it has no Docker "
+                 "or Mesos containerizer, so a container (image, portMappings, volumes) cannot be run",
+    "uris": "Shipyard has no Mesos fetcher to download URIs into a task sandbox; ship the files with the app "
+            "(or fetch them in cmd)",
+    "fetch": "Shipyard has no Mesos fetcher to download artifacts into a task sandbox; ship the files with the "
+             "app (or fetch them in cmd)",
+    "storeUrls": "Shipyard has no Mesos fetcher to download artifacts into a task sandbox",
+    "constraints": "Shipyard places instances by free resources only; placement constraints are not supported",
+    "secrets": "Marathon secret references need a Mesos secrets plugin; use env values or Shipyard's secrets",
+    "readinessChecks": "Shipyard gates rollouts on the app's health check; readiness checks are not supported",
+}
 
 
 class AppInvalid(Unprocessable):
@@ -171,8 +184,9 @@ def spec_from_app(app: Any, base: TaskSpec | None = None, *, app_id: str | None 
             continue
         if key in NEUTRAL_FIELDS:
             if app[key] not in NEUTRAL_FIELDS[key]:
-                problems.add(f"/{key}", f"{key} is not supported by Shipyard (allowed: "
-                             f"{', '.join('null' if v is None else repr(v) for v in NEUTRAL_FIELDS[key])})")
+                allowed = ", ".join("null" if v is None else repr(v) for v in NEUTRAL_FIELDS[key])
+                why = UNSUPPORTED_WHY.get(key, "Shipyard has no equivalent of it")
+                problems.add(f"/{key}", f"{key} is not supported by Shipyard: {why} (allowed: {allowed})")
             continue
         problems.add(f"/{key}", "unknown field")
 

@@ -32,6 +32,7 @@ from shipyard.scheduler.jobs import JobService, JobVersion
 from shipyard.scheduler.model import Allocation, Deployment, Job
 from shipyard.scheduler.reconcile import deployment_id
 from shipyard.scheduler.records import AllocStatus
+from shipyard.spec import TaskSpec
 
 MAX_APP_BODY = 1 << 20
 MARATHON_VERSION = "1.10.17"  # the Marathon API generation these endpoints follow
@@ -151,6 +152,7 @@ def matches_label(labels: dict[str, str], selector: str) -> bool:
 
 
 @routes.get("/apps")
+@routes.get("/apps/")  # Prometheus's marathon_sd asks for /v2/apps/?embed=apps.tasks; Marathon answers both
 async def list_apps(request: web.Request) -> web.Response:
     jobs = jobs_of(request)
     wanted = embeds(request)
@@ -171,6 +173,7 @@ async def list_apps(request: web.Request) -> web.Response:
 
 
 @routes.post("/apps")
+@routes.post("/apps/")
 async def create_app(request: web.Request) -> web.Response:
     jobs = jobs_of(request)
     body = await read_body(request)
@@ -304,15 +307,57 @@ async def update_app(request: web.Request, *, partial: bool) -> web.Response:
         result = await jobs.deploy(target.spec, force=force)
         return await deployment_answer(jobs, result.job)
     spec = spec_from_app(body, base=current.spec if current is not None and partial else None, app_id=app_id)
+    job = await apply_app(jobs, spec, current, force=force)
     if current is None:
-        await jobs.deploy(spec, force=force)
         state = await app_state(jobs, app_id)
         return marathon_json(app_json(state, embed_tasks=False), 201, headers={"Location": f"/v2/apps{app_id}"})
-    if spec.instances != current.spec.instances and replace(current.spec, instances=spec.instances) == spec:
-        job = await jobs.scale(current.id, spec.instances, force=force)
-    else:
-        job = (await jobs.deploy(spec, force=force)).job
     return await deployment_answer(jobs, job)
+
+
+async def apply_app(jobs: JobService, spec: TaskSpec, current: Job | None, *, force: bool) -> Job:
+    """Create, scale or redeploy: a change of the instance count alone is a scale, as in Marathon."""
+    if current is not None and spec.instances != current.spec.instances and \
+            replace(current.spec, instances=spec.instances) == spec:
+        return await jobs.scale(current.id, spec.instances, force=force)
+    return (await jobs.deploy(spec, force=force)).job
+
+
+@routes.put("/apps")
+@routes.put("/apps/")
+async def put_apps(request: web.Request) -> web.Response:
+    """Marathon's bulk create-or-update: every app is validated before any is changed (one 422 names them all)."""
+    jobs = jobs_of(request)
+    partial = request.query.get("partialUpdate", "true").lower() != "false"
+    force = flag(request, "force")
+    body = await read_body(request)
+    if not isinstance(body, list) or not body:
+        raise AppInvalid([{"path": "/", "errors": ["expected a non-empty JSON array of app definitions"]}])
+    planned: list[tuple[TaskSpec, Job | None]] = []
+    problems: list[dict[str, Any]] = []
+    for i, app in enumerate(body):
+        app_id = app.get("id") if isinstance(app, dict) else None
+        if not isinstance(app_id, str) or not app_id.strip("/"):
+            problems.append({"path": f"/{i}/id", "errors": ["every app of a bulk update needs its id"]})
+            continue
+        current = await existing_job(jobs, app_id)
+        try:
+            spec = spec_from_app(app, base=current.spec if current is not None and partial else None, app_id=app_id)
+        except AppInvalid as exc:
+            problems += [{"path": f"/{i}{d['path']}", "errors": d["errors"]} for d in exc.details]
+            continue
+        planned.append((spec, current))
+    if problems:
+        raise AppInvalid(problems)
+    changed = [await apply_app(jobs, spec, current, force=force) for spec, current in planned]
+    # Marathon answers one deployment for the whole update; each app here rolls out as its own.
+    return await deployment_answer(jobs, changed[0])
+
+
+async def existing_job(jobs: JobService, app_id: str) -> Job | None:
+    try:
+        return await jobs.get(job_id_of(app_id))
+    except NotFound:
+        return None
 
 
 async def deployment_answer(jobs: JobService, job: Job) -> web.Response:

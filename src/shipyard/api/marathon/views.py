@@ -75,7 +75,7 @@ def task_json(alloc: Allocation, status: AllocStatus | None, job: Job, version: 
         "appId": app_id_of(alloc.job),
         "host": host,
         "ports": ports,
-        "servicePorts": [],
+        "servicePorts": service_ports(job, ports),
         "slaveId": alloc.node,
         "stagedAt": iso(alloc.created_at),
         "startedAt": started,
@@ -99,6 +99,16 @@ def task_json(alloc: Allocation, status: AllocStatus | None, job: Job, version: 
     else:
         out["healthCheckResults"] = []
     return out
+
+
+def service_ports(job: Job, ports: list[int]) -> list[int]:
+    """One service port per port of the task, as Marathon lists them (marathon-python's list_endpoints indexes
+    servicePorts by the task's port index). Marathon draws a service port for a dynamic port from a range of its
+    own, for a load balancer (marathon-lb) to listen on; Shipyard has no such balancer (its gateway routes by
+    service name), so each service port is the port the task listens on: the fixed port, or the one it got."""
+    if len(ports) != len(job.spec.ports):
+        return []  # not running yet: no ports to list
+    return list(ports)
 
 
 def live_tasks(tasks: Iterable[tuple[Allocation, AllocStatus | None]]) -> list[tuple[Allocation, AllocStatus | None]]:
