@@ -74,12 +74,14 @@ def test_cli_against_another_program_says_so_in_one_line(tmp_path: Path) -> None
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_answering(other, f"http://127.0.0.1:{port}/", (200,), "http.server", tmp_path / "none", 30)
-        for args in (["ps"], ["kv", "get", "a"], ["queues"], ["services"]):
+        project = _project(tmp_path)
+        for args in (["ps"], ["kv", "get", "a"], ["queues"], ["services"], ["up", str(project)]):
             done = run(*args, "--http-addr", f"127.0.0.1:{port}")
             assert done.returncode == 1, (args, done.stdout, done.stderr)
             assert "<html" not in done.stdout + done.stderr
             assert done.stderr.count("\n") == 1
             assert done.stderr.startswith(f"error: http://127.0.0.1:{port} is not a Shipyard server"), done.stderr
+        assert not (project / ".shipyard").exists()  # up started no server of its own on top
     finally:
         other.terminate()
         other.wait(10)
