@@ -427,7 +427,7 @@ class ClientConnection:
         else:
             raise _Refuse(400, "Bad request: invalid request target")
         path = req.path
-        if b"%" in path or b"//" in path or b"/." in path or b";" in path:  # else already canonical (paths.py)
+        if b"%" in path or b"//" in path or b"/." in path or b";" in path:  # paths.needs_canonical, inlined
             try:
                 req.path = canonical_path(path)
             except InvalidPath as exc:
