@@ -6,6 +6,7 @@ or start anything: the scheduler loop plans from what it writes, agents execute.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import time
 from dataclasses import dataclass, replace
@@ -146,7 +147,8 @@ class JobService:
                 continue
         return sorted(jobs, key=lambda j: j.id)
 
-    async def unreadable(self) -> list[dict[str, Any]]:
+    # Below list(), `list` in this class's annotations is that method: the type is spelt builtins.list.
+    async def unreadable(self) -> builtins.list[dict[str, Any]]:
         """Job records that cannot be decoded (the scheduler quarantines them): id, key, revision and why."""
         result = await self.store.range(JOBS, prefix=True)
         out = []
@@ -158,7 +160,7 @@ class JobService:
                             "error": unreadable_reason(exc)})
         return out
 
-    async def versions(self, job_id: str) -> list[JobVersion]:
+    async def versions(self, job_id: str) -> builtins.list[JobVersion]:
         await self.get(job_id)
         result = await self.store.range(job_versions_prefix(job_id), prefix=True)
         return [decode_version(kv.value) for kv in result.kvs]
@@ -173,7 +175,7 @@ class JobService:
         kv = await self.store.get(deployment_key(check_job_id(job_id)))
         return decode_deployment(kv.value) if kv is not None else None
 
-    async def deployments(self) -> list[Deployment]:
+    async def deployments(self) -> builtins.list[Deployment]:
         result = await self.store.range(DEPLOYMENTS, prefix=True)
         return sorted((decode_deployment(kv.value) for kv in result.kvs), key=lambda d: d.job)
 
@@ -195,18 +197,18 @@ class JobService:
                 out[record["job"]] = record
         return out
 
-    async def allocations(self, job_id: str | None = None) -> list[tuple[Allocation, AllocStatus | None]]:
+    async def allocations(self, job_id: str | None = None) -> builtins.list[tuple[Allocation, AllocStatus | None]]:
         """Every allocation (also those draining) with what its agent last reported, in job and index order."""
         read = await self.store.txn((), (Get(ALLOCS, True), Get(ALLOC_STATUS, True)))
-        alloc_kvs, status_kvs = read.responses
+        alloc_kvs, status_kvs = read.ranges()
         statuses: dict[str, AllocStatus] = {}
-        for kv in status_kvs:  # type: ignore[union-attr]
+        for kv in status_kvs:
             try:
                 statuses[split_node_alloc(kv.key, ALLOC_STATUS)[1]] = decode_status(kv.value)
             except Exception:
                 continue
         out = []
-        for kv in alloc_kvs:  # type: ignore[union-attr]
+        for kv in alloc_kvs:
             try:
                 alloc = decode_alloc(kv.value)
             except Exception:
@@ -249,7 +251,7 @@ class JobService:
         job, changed = await self._change(spec.name, change, force=force, must_exist=False)
         return DeployResult(job, changed, deployment_id(job) if changed else None)
 
-    async def deploy_project(self, project: ProjectSpec, *, force: bool = False) -> list[DeployResult]:
+    async def deploy_project(self, project: ProjectSpec, *, force: bool = False) -> builtins.list[DeployResult]:
         """Every service and worker of a project; conflicts are checked for all before any is written."""
         tasks = list(project.tasks.values())
         for spec in tasks:
@@ -257,7 +259,7 @@ class JobService:
         if self.script_checks is not None:
             self.script_checks.require_for(tasks)
         if not force:
-            conflicts = []
+            conflicts: builtins.list[dict[str, Any]] = []
             for spec in tasks:
                 kv = await self._job_kv(spec.name)
                 current = read_job(kv) if kv is not None else None
@@ -417,9 +419,9 @@ class JobService:
         """Read, decide, write with compares; a compare failure means a concurrent write: decide again."""
         for _ in range(WRITE_ATTEMPTS):
             read = await self.store.txn((), (Get(job_key(check_job_id(job_id))), Get(deployment_key(job_id))))
-            job_kvs, dep_kvs = read.responses
-            kv = job_kvs[0] if job_kvs else None  # type: ignore[index]
-            dep_kv = dep_kvs[0] if dep_kvs else None  # type: ignore[index]
+            job_kvs, dep_kvs = read.ranges()
+            kv = job_kvs[0] if job_kvs else None
+            dep_kv = dep_kvs[0] if dep_kvs else None
             current = read_job(kv) if kv is not None else None
             if current is None and must_exist:
                 raise NotFound(f"no job {job_id!r}", {"job": job_id})

@@ -93,14 +93,14 @@ async def read_state(store: Store, now: float | None = None,
     job_cache (key -> (mod_revision, Job)) spares re-validating unchanged specs on every pass."""
     prefixes = (NODES, JOBS, DEPLOYMENTS, ALLOCS, ALLOC_STATUS, UNPLACEABLE, WAITING)
     read = await store.txn((), [Get(p, True) for p in prefixes] + [Get(PLAN_GUARD)])
-    node_kvs, job_kvs, dep_kvs, alloc_kvs, status_kvs, unplaceable_kvs, waiting_kvs, guard_kvs = read.responses
+    node_kvs, job_kvs, dep_kvs, alloc_kvs, status_kvs, unplaceable_kvs, waiting_kvs, guard_kvs = read.ranges()
     nodes: list[Node] = []
-    for kv in node_kvs:  # type: ignore[union-attr]
+    for kv in node_kvs:
         with contextlib.suppress(Exception):  # an unreadable record is skipped, never fatal for the cluster
             nodes.append(decode_node(kv.value))
     state = StoreState(Snapshot((), ()))
     seen = set()
-    for kv in job_kvs:  # type: ignore[union-attr]
+    for kv in job_kvs:
         seen.add(kv.key)
         cached = job_cache.get(kv.key) if job_cache is not None else None
         if cached is not None and cached[0] == kv.mod_revision:
@@ -121,7 +121,7 @@ async def read_state(store: Store, now: float | None = None,
         for key in [k for k in job_cache if k not in seen]:
             del job_cache[key]
     deployments: list[Deployment] = []
-    for kv in dep_kvs:  # type: ignore[union-attr]
+    for kv in dep_kvs:
         try:
             d = decode_deployment(kv.value)
         except Exception:
@@ -133,26 +133,26 @@ async def read_state(store: Store, now: float | None = None,
         deployments.append(d)
         state.deployments[d.job] = kv
     client: dict[str, tuple[str, float | None]] = {}
-    for kv in status_kvs:  # type: ignore[union-attr]
+    for kv in status_kvs:
         with contextlib.suppress(Exception):
             alloc_id = split_node_alloc(kv.key, ALLOC_STATUS)[1]
             state.statuses[alloc_id] = kv
             status = decode_status(kv.value)
             client[alloc_id] = (status.client, status.healthy_since)
-    for kv in alloc_kvs:  # type: ignore[union-attr]
+    for kv in alloc_kvs:
         with contextlib.suppress(Exception):
             alloc = decode_alloc(kv.value)
             if alloc.id in client:
                 c, since = client[alloc.id]
                 alloc = replace(alloc, client=c, healthy_since=since)
             state.allocs[alloc.id] = (alloc, kv)
-    for kv in unplaceable_kvs:  # type: ignore[union-attr]
+    for kv in unplaceable_kvs:
         with contextlib.suppress(Exception):
             state.unplaceable[orjson.loads(kv.value)["job"]] = kv
-    for kv in waiting_kvs:  # type: ignore[union-attr]
+    for kv in waiting_kvs:
         with contextlib.suppress(Exception):
             state.waiting[orjson.loads(kv.value)["job"]] = kv
-    state.guard = guard_kvs[0] if guard_kvs else None  # type: ignore[index]
+    state.guard = guard_kvs[0] if guard_kvs else None
     state.snapshot = Snapshot(
         nodes=nodes,
         jobs=[job for job, _ in state.jobs.values()],
@@ -431,10 +431,10 @@ def next_recheck(snapshot: Snapshot, plan: Plan) -> float | None:
     now = snapshot.now
     soonest: float | None = None
     for alloc in (*snapshot.allocations, *plan.place):
-        job = jobs.get(alloc.job)
-        if job is None or alloc.job not in active or alloc.desired != "run":
+        owner = jobs.get(alloc.job)
+        if owner is None or alloc.job not in active or alloc.desired != "run":
             continue
-        policy = job.spec.update
+        policy = owner.spec.update
         if alloc.client == "healthy" and alloc.healthy_since is not None:
             at = alloc.healthy_since + policy.min_healthy_time
         else:

@@ -112,10 +112,10 @@ def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None,
     if d is None or (d.version, d.generation) != (job.version, job.generation):
         if d is not None and d.active:
             decision.changed.append(replace(d, status="cancelled", description=f"superseded by version {job.version}"))
-        canaries = min(policy.canary, len(outdated)) if outdated else 0
+        canary_count = min(policy.canary, len(outdated)) if outdated else 0
         d = Deployment(id=deployment_id(job), job=job.id, version=job.version, generation=job.generation,
-                       status="running", created_at=now, desired_total=wanted, desired_canaries=canaries,
-                       description="placing canaries" if canaries else "deploying")
+                       status="running", created_at=now, desired_total=wanted, desired_canaries=canary_count,
+                       description="placing canaries" if canary_count else "deploying")
     decision.deployment = d
 
     for a in current.values():
@@ -125,8 +125,9 @@ def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None,
     if d.status in ("failed", "cancelled"):
         # A failed rollout is frozen where it stands (the old version keeps serving) until the job changes; but an
         # index left with nothing (its instance lost or failed) is still filled, as Nomad's reconciler does.
-        if d.status == "failed" and policy.auto_revert and job.stable_version not in (None, job.version):
-            decision.revert = JobRevert(job.id, job.stable_version, f"deployment {d.id} failed: {d.description}")
+        stable_version = job.stable_version
+        if d.status == "failed" and policy.auto_revert and stable_version is not None and stable_version != job.version:
+            decision.revert = JobRevert(job.id, stable_version, f"deployment {d.id} failed: {d.description}")
         _place_missing(decision, slots, current, outdated, live, waiting_for)
         return decision
 
@@ -135,8 +136,9 @@ def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None,
     failure = _deadline_failure(ours, gave_up, now, policy.healthy_deadline)
     if failure and d.active:
         d = replace(d, status="failed", description=failure)
-        if policy.auto_revert and job.stable_version not in (None, job.version):
-            decision.revert = JobRevert(job.id, job.stable_version, f"deployment {d.id} failed: {failure}")
+        stable_version = job.stable_version
+        if policy.auto_revert and stable_version is not None and stable_version != job.version:
+            decision.revert = JobRevert(job.id, stable_version, f"deployment {d.id} failed: {failure}")
         decision.changed.append(_count(d, ours, 0, 0, now, policy.min_healthy_time))
         return decision
 

@@ -136,6 +136,15 @@ class TxnResult:
     revision: int
     responses: list[object] = field(default_factory=list)
 
+    def ranges(self) -> list[list[KeyValue]]:
+        """The responses of a branch of Gets only, typed: one list of KeyValues per Get, in order."""
+        out: list[list[KeyValue]] = []
+        for response in self.responses:
+            if not isinstance(response, list):
+                raise TypeError(f"ranges() is for a branch of Gets only, got {type(response).__name__}")
+            out.append(response)
+        return out
+
 
 @dataclass(frozen=True, slots=True)
 class Lease:
