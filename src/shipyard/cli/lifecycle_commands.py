@@ -74,7 +74,8 @@ def start_server(api: ApiClient, state_dir: Path, extra: list[str], data_dir: Pa
         if proc.poll() is not None:
             tail = (state_dir / "server.log").read_text(errors="replace").strip().splitlines()[-1:]
             (state_dir / "server.pid").unlink(missing_ok=True)
-            raise ShipyardError(f"the server exited at start: {' '.join(tail)}")
+            why = " ".join(tail).removeprefix("error: ")  # the server's own one-line error, without a second prefix
+            raise ShipyardError(f"the server exited at start: {why}")
         if server_is_up(api):
             return proc.pid
         time.sleep(0.1)
