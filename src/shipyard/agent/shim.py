@@ -97,6 +97,20 @@ class ShimRun:
     def _write_exit(self, record: ExitRecord) -> None:
         write_json_atomic(Path(self.launch["exit_file"]), record.to_dict())
 
+    def _open_logs(self) -> tuple[RotatingLogFile, RotatingLogFile]:
+        launch, logs = self.launch, self.launch["logs"]
+        if launch.get("timeline_log"):  # launches written before the timeline existed have none
+            self.timeline = TimelineWriter(
+                RotatingLogFile(Path(launch["timeline_log"]), 2 * logs["max_bytes"], logs["max_files"]))
+        return (RotatingLogFile(Path(launch["stdout_log"]), logs["max_bytes"], logs["max_files"]),
+                RotatingLogFile(Path(launch["stderr_log"]), logs["max_bytes"], logs["max_files"]))
+
+    def _close_timeline(self, last_stderr: bytes = b"") -> None:
+        if self.timeline is not None:
+            if last_stderr:
+                self.timeline.feed(b"e", last_stderr)
+            self.timeline.close()
+
     def run(self) -> int:
         launch = self.launch
         _set_subreaper()
@@ -109,12 +123,7 @@ class ShimRun:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-        logs = launch["logs"]
-        out_log = RotatingLogFile(Path(launch["stdout_log"]), logs["max_bytes"], logs["max_files"])
-        err_log = RotatingLogFile(Path(launch["stderr_log"]), logs["max_bytes"], logs["max_files"])
-        if launch.get("timeline_log"):  # launches written before the timeline existed have none
-            self.timeline = TimelineWriter(
-                RotatingLogFile(Path(launch["timeline_log"]), 2 * logs["max_bytes"], logs["max_files"]))
+        out_log, err_log = self._open_logs()
         try:
             proc = subprocess.Popen(
                 launch["argv"],
@@ -129,9 +138,7 @@ class ShimRun:
         except (OSError, subprocess.SubprocessError) as exc:
             message = f"cannot start {launch['argv'][0]!r}: {getattr(exc, 'strerror', None) or exc}"
             err_log.write(message.encode() + b"\n")
-            if self.timeline is not None:
-                self.timeline.feed(b"e", message.encode() + b"\n")
-                self.timeline.close()
+            self._close_timeline(message.encode() + b"\n")
             self._write_exit(ExitRecord(127, None, "start failed", [message], time.time()))
             self._handshake({"ok": False, "error": message})
             if self.cgroup:
@@ -221,8 +228,7 @@ class ShimRun:
             self._drain(fd, streams, selector)
         out_log.close()
         err_log.close()
-        if self.timeline is not None:
-            self.timeline.close()
+        self._close_timeline()
         self._write_exit(self._exit_record())
         if self.cgroup:
             remove_instance_cgroup(self.cgroup)
