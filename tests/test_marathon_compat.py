@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import os
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +23,7 @@ collections.Iterable = collections.abc.Iterable  # type: ignore[attr-defined]
 from marathon import MarathonClient  # noqa: E402
 from marathon.exceptions import MarathonHttpError  # noqa: E402
 
-from support import ServerProcess  # noqa: E402
+from support import ServerProcess, need_binary  # noqa: E402
 
 WAIT = 60.0
 
@@ -81,6 +84,24 @@ def test_apps_with_trailing_slash_and_embedded_tasks_as_prometheus_asks(server: 
         assert [d["name"] for d in app["portDefinitions"]] == ["p0", "p1"]
         for task in app["tasks"]:
             assert task["host"] == "127.0.0.1" and len(task["ports"]) == 2 and all(task["ports"])
+
+
+def test_prometheus_marathon_sd_decodes_the_apps_and_finds_every_target(server: ServerProcess, apps: list[str],
+                                                                        tmp_path: Path) -> None:
+    # tests/go/marathon_sd.go decodes the answer into Prometheus's own marathon_sd shapes, compiled here.
+    go = need_binary("go")
+    binary = tmp_path / "marathon_sd"
+    env = {**os.environ, "GOPROXY": "off", "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0",
+           "GOCACHE": os.environ.get("GOCACHE") or str(Path.home() / ".cache" / "go-build")}
+    built = subprocess.run([go, "build", "-o", str(binary), str(Path(__file__).parent / "go" / "marathon_sd.go")],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    run = subprocess.run([str(binary), server.url], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr  # was: non 2xx status '404' response during marathon service discovery
+    targets = [line.split() for line in run.stdout.splitlines()]
+    tasks = requests.get(server.url + "/v2/tasks", timeout=10).json()["tasks"]
+    expected = sorted([t["appId"], f"{t['host']}:{p}"] for t in tasks if t["appId"] in apps for p in t["ports"])
+    assert sorted(t for t in targets if t[0] in apps) == expected and len(expected) == 12
 
 
 def test_tasks_carry_service_ports_and_list_endpoints_works(server: ServerProcess, marathon: MarathonClient,
