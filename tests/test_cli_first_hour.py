@@ -167,6 +167,15 @@ def test_server_with_relative_data_dir_runs_instances(tmp_path: Path, data_dir_a
             os.kill(pid, signal.SIGTERM)
 
 
+def test_a_missing_workdir_is_one_line_before_anything_is_sent(tmp_path: Path) -> None:
+    proj = project(tmp_path / "proj")
+    (proj / "shipyard.yaml").write_text((proj / "shipyard.yaml").read_text().replace(
+        "    cmd: python app.py\n", "    cmd: python app.py\n    workdir: src\n"))
+    done = shipyard("deploy", "proj", cwd=tmp_path, env=cli_env(f"127.0.0.1:{free_port()}"))  # no server there
+    assert done.returncode == 1
+    assert done.stderr == f"error: web: workdir 'src' is not a directory ({proj / 'src'})\n"
+
+
 # ---- 2: a code change is a new version; --dry-run shows the plan --------------------------------------------------
 
 

@@ -45,6 +45,8 @@ def resolve_project(project: ProjectSpec, base: Path) -> ProjectSpec:
 
     def resolve(task: TaskSpec) -> TaskSpec:
         workdir = str((base / (task.workdir or ".")).resolve())
+        if not Path(workdir).is_dir():  # every instance would fail to start in it, so say it here
+            raise NotFound(f"{task.name}: workdir {task.workdir!r} is not a directory ({workdir})")
         if workdir not in trees:
             trees[workdir] = source_record(read_source_tree(Path(workdir)))
         return replace(task, workdir=workdir, source=trees[workdir])
