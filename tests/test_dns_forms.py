@@ -155,3 +155,13 @@ def test_answers_are_shuffled_per_query(server: ServerProcess, c: consul.Consul)
     orders = {tuple(str(rd) for rd in ask(server.dns_port, "many.service.consul", "A", payload=4096).answer[0])
               for _ in range(30)}
     assert len(orders) > 1
+
+
+def test_connect_names_answer_the_services_proxies(server: ServerProcess, c: consul.Consul) -> None:
+    port = server.dns_port
+    c.agent.service.register("web-sidecar-proxy", service_id="web-proxy-1", address="127.0.0.31", port=21000,
+                             kind="connect-proxy", proxy={"DestinationServiceName": "web"})
+    wait_for(lambda: dig_short(port, "web.connect.consul", "SRV") == ["1 1 21000 7f00001f.addr.dc1.consul."])
+    assert dig_short(port, "web.connect.consul") == ["127.0.0.31"]
+    assert rcode(ask(port, "web.ingress.consul", "A")) == "NXDOMAIN"  # no ingress gateways exist
+    assert rcode(ask(port, "plain.connect.consul", "A")) == "NXDOMAIN"
