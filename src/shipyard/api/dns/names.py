@@ -38,30 +38,36 @@ def parse_lookup(labels: list[str], *, srv: bool, datacenter: str) -> Lookup:
     kind, parts, suffixes = _split(labels, srv)
     if not parts:
         return INVALID
-    if kind == "service":
-        dc = _locality(suffixes, datacenter)
-        if dc is None:
-            return INVALID
-        if len(parts) == 2 and parts[0].startswith("_") and parts[1].startswith("_"):
-            tag = parts[1][1:]
-            return Lookup("service", dc, service=parts[0][1:], tag="" if tag == "tcp" else tag)
-        return Lookup("service", dc, service=parts[-1], tag=".".join(parts[:-1]))
-    if kind in ("connect", "ingress", "virtual"):
-        dc = _locality(suffixes, datacenter)
-        return INVALID if dc is None else Lookup(kind, dc, service=parts[-1])
-    if kind == "node":
-        dc = _locality(suffixes, datacenter)
-        return INVALID if dc is None else Lookup("node", dc, node=".".join(parts))
     if kind == "query":
-        if len(suffixes) > 1:
-            return INVALID
-        dc = suffixes[0] if suffixes else datacenter
-        if len(parts) >= 2 and parts[0].startswith("_") and parts[-1].startswith("_"):
-            return Lookup("query", dc, service=".".join(parts[:-1])[1:])  # _<query>._<proto>: proto ignored
-        return Lookup("query", dc, service=".".join(parts))
+        return _query(parts, suffixes, datacenter)
+    dc = _locality(suffixes, datacenter)
+    if dc is None:
+        return INVALID
+    if kind == "service":
+        return _service(parts, dc)
+    if kind in ("connect", "ingress", "virtual"):
+        return Lookup(kind, dc, service=parts[-1])
+    if kind == "node":
+        return Lookup("node", dc, node=".".join(parts))
     if kind == "addr" and len(parts) == 1:
-        return Lookup("addr", _locality(suffixes, datacenter) or datacenter, addr=parts[0])
+        return Lookup("addr", dc, addr=parts[0])  # the datacenter is not checked, as in Consul
     return INVALID
+
+
+def _service(parts: list[str], dc: str) -> Lookup:
+    if len(parts) == 2 and parts[0].startswith("_") and parts[1].startswith("_"):
+        tag = parts[1][1:]
+        return Lookup("service", dc, service=parts[0][1:], tag="" if tag == "tcp" else tag)
+    return Lookup("service", dc, service=parts[-1], tag=".".join(parts[:-1]))  # [tag.]<svc>, tags may hold dots
+
+
+def _query(parts: list[str], suffixes: list[str], datacenter: str) -> Lookup:
+    if len(suffixes) > 1:
+        return INVALID
+    dc = suffixes[0] if suffixes else datacenter
+    if len(parts) >= 2 and parts[0].startswith("_") and parts[-1].startswith("_"):
+        return Lookup("query", dc, service=".".join(parts[:-1])[1:])  # _<query>._<proto>: proto ignored
+    return Lookup("query", dc, service=".".join(parts))
 
 
 def _split(labels: list[str], srv: bool) -> tuple[str, list[str], list[str]]:
