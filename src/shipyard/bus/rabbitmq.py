@@ -70,6 +70,18 @@ def dead_name(queue: str) -> str:
     return "shipyard." + queue + ".dead"
 
 
+def header_number(value: object) -> float:
+    """A number we wrote into an AMQP header (int, float, or its text as str or bytes); 0.0 when absent."""
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, int | float | str):
+        try:
+            return float(value)
+        except ValueError:
+            return 0.0
+    return 0.0
+
+
 def delay_bucket(seconds: float) -> int:
     """Milliseconds rounded up to two significant digits, so delays share a bounded set of TTL queues."""
     ms = max(1, math.ceil(seconds * 1000))
@@ -119,7 +131,9 @@ class RabbitBus(Bus):
                 self.connection.close_callbacks.add(self._on_close)
                 self.connection.reconnect_callbacks.add(self._on_reconnect)
                 if self.queue_type == "auto":
-                    version = self.connection.transport.connection.server_properties.get("version", b"3")
+                    transport = self.connection.transport
+                    assert transport is not None  # just connected
+                    version = transport.connection.server_properties.get("version", b"3")
                     major = int((version.decode() if isinstance(version, bytes) else str(version)).split(".")[0])
                     self.queue_type = "quorum" if major >= 4 else "classic"
             if self.channel is None:
@@ -222,7 +236,7 @@ class RabbitBus(Bus):
         channel = await self._connect()
         q = await channel.declare_queue(amqp_name(queue), durable=True, arguments=self._queue_args(queue))
         if queue not in self._declared:
-            dead_args = {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
+            dead_args: dict[str, Any] = {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
             await channel.declare_queue(dead_name(queue), durable=True, arguments=dead_args)
             await q.bind(RETRY, routing_key="*." + queue)
             self._declared.add(queue)
@@ -353,14 +367,14 @@ class RabbitBus(Bus):
 
     def delivery_of(self, consumer: RabbitConsumer, incoming: AbstractIncomingMessage) -> RabbitDelivery:
         headers = dict(incoming.headers or {})
-        earlier = int(headers.pop(H_ATTEMPTS, 0) or 0)
+        earlier = int(header_number(headers.pop(H_ATTEMPTS, 0)))
         # Quorum queues count returns of a message (a consumer lost); classic queues can't, so they count nacks only.
-        returned = int(headers.pop("x-delivery-count", 0) or 0)
+        returned = int(header_number(headers.pop("x-delivery-count", 0)))
         message = Message(
             id=incoming.message_id or "", queue=consumer.queue, body=incoming.body,
             headers={k: str(v) for k, v in headers.items() if not k.startswith("x-")},
             topic=str(headers.get(H_TOPIC, "")), priority=incoming.priority or 0,
-            attempts=earlier + returned + 1, enqueued_at=float(headers.get(H_AT, 0.0) or 0.0),
+            attempts=earlier + returned + 1, enqueued_at=header_number(headers.get(H_AT)),
         )
         return RabbitDelivery(self, consumer, incoming, message)
 
@@ -386,8 +400,8 @@ class RabbitBus(Bus):
                     id=incoming.message_id or "", queue=queue, body=incoming.body,
                     headers={k: str(v) for k, v in h.items() if not k.startswith("x-")},
                     topic=str(h.get(H_TOPIC, "")), priority=incoming.priority or 0,
-                    attempts=int(h.get(H_ATTEMPTS, 0) or 0), enqueued_at=float(h.get(H_AT, 0) or 0),
-                    error=str(h.get(H_ERROR, "rejected by the broker")), failed_at=float(h.get(H_FAILED_AT, 0) or 0),
+                    attempts=int(header_number(h.get(H_ATTEMPTS))), enqueued_at=header_number(h.get(H_AT)),
+                    error=str(h.get(H_ERROR, "rejected by the broker")), failed_at=header_number(h.get(H_FAILED_AT)),
                 )
                 if choose is None or choose(m):
                     out.append(m)
@@ -463,7 +477,7 @@ class RabbitBus(Bus):
                 oldest = 0.0
                 head = await q.get(no_ack=False, fail=False) if ready else None
                 if head is not None:
-                    oldest = max(0.0, now - float((head.headers or {}).get(H_AT, now) or now))
+                    oldest = max(0.0, now - (header_number((head.headers or {}).get(H_AT)) or now))
                     await head.nack(requeue=True)
                 out.append(QueueStats(
                     queue=name, kind="queue", depth=ready, ready=ready, in_flight=0, delayed=0,
