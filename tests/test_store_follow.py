@@ -6,10 +6,15 @@ Against real stores: an embedded SQLite store for compaction, and a real server 
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
 
+from shipyard.api.consul.agent import build_check
+from shipyard.registry.catalog import Catalog
+from shipyard.registry.health import HealthChecker
+from shipyard.registry.node import NodeIdentity
 from shipyard.store import Event, SqliteStore, StoreError, follow_prefix
 from shipyard.store.remote import RemoteStore
 from support import ServerProcess
@@ -93,5 +98,43 @@ async def test_a_store_error_during_resync_never_ends_the_follow(tmp_path: Path)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await remote.close()
+        server.stop()
+
+
+async def test_the_health_checker_hears_of_checks_again_after_its_store_came_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 11, item 11: its watch loop died when the resync after a broken stream hit a store error; from then
+    # on it never heard of a new check. A health checker for another node, in this process, over the store API.
+    server = ServerProcess(tmp_path / "data", "--no-gateway").start()
+    remote = RemoteStore(server.url)
+    node = NodeIdentity("remote-node", "remote-node-id", "127.0.0.1", "dc1")
+    catalog = Catalog(remote, node)
+    checker = HealthChecker(remote, catalog, node)
+    try:
+        await catalog.start()
+        with caplog.at_level(logging.WARNING):
+            await checker.start()
+            server.kill9()
+
+            async def retried_while_down() -> None:
+                # The watch broke and then its resync failed too: two complaints, and the loop must still be alive.
+                while len([r for r in caplog.records if r.name in ("shipyard.store.follow", "shipyard.health")
+                           and r.levelno >= logging.WARNING]) < 2:
+                    await asyncio.sleep(0.1)
+
+            await asyncio.wait_for(retried_while_down(), SOON)
+        await asyncio.to_thread(server.start)
+        check = build_check({"Name": "leader", "HTTP": server.url + "/v1/status/leader", "Interval": "1s"},
+                            struct="CheckDefinition", default_id="leader", default_name="", status_error="bad")
+        await catalog.register_check(node.name, check)
+
+        async def passing() -> None:
+            while ((await catalog.get_check(node.name, "leader")) or {}).get("Status") != "passing":
+                await asyncio.sleep(0.1)
+
+        await asyncio.wait_for(passing(), SOON)
+    finally:
+        await checker.stop()
         await remote.close()
         server.stop()
