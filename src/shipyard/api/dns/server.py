@@ -105,7 +105,8 @@ class DnsResponder:
 
     def _current_view(self) -> CatalogView | None:
         view = self._view
-        if view is None or not self.config.allow_stale or view.revision != self.catalog.store.revision:
+        # "<", not "!=": on etcd a read can be ahead of the revision this server's follow stream has reached.
+        if view is None or not self.config.allow_stale or view.revision < self.catalog.store.revision:
             return None
         if time.monotonic() - self._read_at > self.config.max_stale:
             return None
