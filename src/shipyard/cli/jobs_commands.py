@@ -18,7 +18,8 @@ from shipyard.cli.rollout import Target, wait_rolled_out
 console = Console()
 
 FOLLOWED = {  # the actions whose rollout the CLI follows, and what it says while it does
-    "restart": "Restart every instance of SERVICE, one by one (rolling), with the same version and code.",
+    "restart": "Restart every instance of SERVICE, one by one (rolling), without a new version (they start from "
+               "the files as they are now).",
     "rollback": "Deploy SERVICE's last stable version again (as a new version), rolling.",
 }
 REQUESTED = {
