@@ -86,19 +86,9 @@ class StoreState:
     unreadable: dict[str, tuple[KeyValue, str]] = field(default_factory=dict)
 
 
-async def read_state(store: Store, now: float | None = None,
-                     job_cache: dict[str, tuple[int, Job]] | None = None) -> StoreState:
-    """Everything at one revision: a read-only txn is a consistent snapshot in both backends.
-
-    job_cache (key -> (mod_revision, Job)) spares re-validating unchanged specs on every pass."""
-    prefixes = (NODES, JOBS, DEPLOYMENTS, ALLOCS, ALLOC_STATUS, UNPLACEABLE, WAITING)
-    read = await store.txn((), [Get(p, True) for p in prefixes] + [Get(PLAN_GUARD)])
-    node_kvs, job_kvs, dep_kvs, alloc_kvs, status_kvs, unplaceable_kvs, waiting_kvs, guard_kvs = read.ranges()
-    nodes: list[Node] = []
-    for kv in node_kvs:
-        with contextlib.suppress(Exception):  # an unreadable record is skipped, never fatal for the cluster
-            nodes.append(decode_node(kv.value))
-    state = StoreState(Snapshot((), ()))
+def _read_jobs(state: StoreState, job_kvs: list[KeyValue], job_cache: dict[str, tuple[int, Job]] | None) -> None:
+    """Decodes job records into state.jobs; one that cannot be decoded goes to state.unreadable instead (with its
+    last good version in state.jobs when the cache has one), never skipped as if the job had been deleted."""
     seen = set()
     for kv in job_kvs:
         seen.add(kv.key)
@@ -120,6 +110,9 @@ async def read_state(store: Store, now: float | None = None,
     if job_cache is not None:
         for key in [k for k in job_cache if k not in seen]:
             del job_cache[key]
+
+
+def _read_deployments(state: StoreState, dep_kvs: list[KeyValue]) -> list[Deployment]:
     deployments: list[Deployment] = []
     for kv in dep_kvs:
         try:
@@ -132,6 +125,24 @@ async def read_state(store: Store, now: float | None = None,
             continue
         deployments.append(d)
         state.deployments[d.job] = kv
+    return deployments
+
+
+async def read_state(store: Store, now: float | None = None,
+                     job_cache: dict[str, tuple[int, Job]] | None = None) -> StoreState:
+    """Everything at one revision: a read-only txn is a consistent snapshot in both backends.
+
+    job_cache (key -> (mod_revision, Job)) spares re-validating unchanged specs on every pass."""
+    prefixes = (NODES, JOBS, DEPLOYMENTS, ALLOCS, ALLOC_STATUS, UNPLACEABLE, WAITING)
+    read = await store.txn((), [Get(p, True) for p in prefixes] + [Get(PLAN_GUARD)])
+    node_kvs, job_kvs, dep_kvs, alloc_kvs, status_kvs, unplaceable_kvs, waiting_kvs, guard_kvs = read.ranges()
+    nodes: list[Node] = []
+    for kv in node_kvs:
+        with contextlib.suppress(Exception):  # an unreadable record is skipped, never fatal for the cluster
+            nodes.append(decode_node(kv.value))
+    state = StoreState(Snapshot((), ()))
+    _read_jobs(state, job_kvs, job_cache)
+    deployments = _read_deployments(state, dep_kvs)
     client: dict[str, tuple[str, float | None]] = {}
     for kv in status_kvs:
         with contextlib.suppress(Exception):
