@@ -14,7 +14,7 @@ from support import ServerProcess
 
 CONFIGURED = ("--domain", "sy.internal", "--alt-domain", "alt.test", "--dns-only-passing", "--dns-node-ttl", "30s",
               "--dns-service-ttl", "web*=10s", "--dns-service-ttl", "webx=20s", "--dns-a-record-limit", "2",
-              "--dns-enable-truncate")
+              "--dns-enable-truncate", "--dns-no-allow-stale")
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,17 @@ def test_only_passing_ttls_and_a_record_limit(configured: ServerProcess) -> None
     assert ask(port, "7f000401.addr.dc1.sy.internal", "A").answer[0].ttl == 30
     srv = ask(port, "webx.service.sy.internal", "SRV")
     assert srv.answer[0].ttl == 20 and {r.ttl for r in srv.additional} == {20}
+
+
+def test_a_registration_is_answered_by_the_next_question(server: ServerProcess, configured: ServerProcess) -> None:
+    # Default (allow_stale): the view follows the store revision; --dns-no-allow-stale: the store is read per
+    # question. Either way a write the API has acknowledged is in the very next answer, and so is its removal.
+    for proc, zone in ((server, "consul"), (configured, "sy.internal")):
+        c = consul.Consul(host="127.0.0.1", port=proc.http_port)
+        c.agent.service.register("fresh", service_id="fresh-1", address="127.0.5.1", port=1)
+        assert dig_short(proc.dns_port, f"fresh.service.{zone}") == ["127.0.5.1"]
+        c.agent.service.deregister("fresh-1")
+        assert rcode(ask(proc.dns_port, f"fresh.service.{zone}", "A")) == "NXDOMAIN"
 
 
 def test_flag_values_are_checked_at_the_command_line(tmp_path: Path) -> None:
