@@ -41,7 +41,7 @@ def ask(port: int, name: str, rdtype: str, *, tcp: bool = False, payload: int | 
 
 def records(section: list[dns.rrset.RRset], rdtype: str | None = None) -> list[str]:
     """'owner TYPE rdata' lines of a section, sorted, optionally of one type."""
-    out = []
+    out: list[str] = []
     for rrset in section:
         if rdtype is None or rrset.rdtype == dns.rdatatype.from_text(rdtype):
             out.extend(f"{rrset.name} {dns.rdatatype.to_text(rrset.rdtype)} {rd}" for rd in rrset)
