@@ -134,6 +134,7 @@ class ShimRun:
                 stderr=subprocess.PIPE,
                 start_new_session=True,
                 preexec_fn=self._join_cgroup if self.cgroup else None,
+                umask=launch.get("umask", -1),  # the operator's, not the server's private one
             )
         except (OSError, subprocess.SubprocessError) as exc:
             message = f"cannot start {launch['argv'][0]!r}: {getattr(exc, 'strerror', None) or exc}"

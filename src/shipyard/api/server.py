@@ -36,6 +36,7 @@ from shipyard.bus.directory import DirectoryBus, QueueDirectory
 from shipyard.bus.embedded import EmbeddedBroker
 from shipyard.errors import ShipyardError
 from shipyard.gateway.supervisor import GatewaySupervisor
+from shipyard.private_files import make_data_dir_private, make_process_private
 from shipyard.registry.catalog import Catalog
 from shipyard.registry.health import HealthChecker
 from shipyard.registry.kv import ConsulKV
@@ -257,6 +258,9 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     # A taken port is one line and exit 1 now, not a traceback (control, DNS) or workers crash-looping (gateway).
     check_ports_free(config.bind, [(config.http_port, "--http-port", False), (config.dns_port, "--dns-port", True),
                                    (config.gateway_port, "--gateway-port", False)])
+    make_process_private()  # store, bus, logs, counters: 0600 files in 0700 dirs, whatever the operator's umask
+    if config.data_dir is not None:
+        make_data_dir_private(config.data_dir)
     lock_fd = lock_data_dir(config.data_dir) if config.data_dir is not None else None
     platform = await build_platform(config)
     runner: web.AppRunner | None = None

@@ -14,6 +14,14 @@ from typing import Any
 
 import orjson
 
+from shipyard.gateway.credential_hash import (
+    HASH_KEY_PATH,
+    SETTINGS_PREFIX,
+    KeyHasher,
+    hasher_from_value,
+    new_hash_key_value,
+    seal_key,
+)
 from shipyard.gateway.entities import (
     CONSUMERS,
     CREDENTIALS,
@@ -103,6 +111,8 @@ def _natural(kind: str, record: Mapping[str, Any]) -> str:
         return str(record.get("name") or record["id"])
     if kind == "consumer":
         return str(record.get("username") or record.get("custom_id"))
+    if kind == "key-auth":  # stored as its hash (credential_hash); a key stored in clear by an older version
+        return f"/{record.get('key_hash') or record.get('key')}"
     if kind in CREDENTIAL_NATURAL:
         return f"{record.get('consumer') if kind == 'acl' else ''}/{record.get(CREDENTIAL_NATURAL[kind])}"
     if kind == "plugin":
@@ -280,9 +290,24 @@ def _kind_of_key(key: str) -> str:
             "upstreams": "upstream", "targets": "target"}.get(head, head)
 
 
+def _seal_keys(entries: list[Entry], hasher: KeyHasher) -> bool:
+    """key-auth keys of the file become their hashes (and their ids follow the hash, not the key)."""
+    sealed = False
+    for e in entries:
+        if e.kind == "key-auth" and seal_key(e.record, hasher) is not None:
+            e.record["id"] = stable_id("key-auth", _natural("key-auth", e.record))
+            sealed = True
+    return sealed
+
+
 async def plan_changes(entries: list[Entry], current_kvs: Iterable[Any]) -> Plan:
     """The diff between the file and the store, and the writes that make the store equal the file."""
     kvs = list(current_kvs)
+    hash_kv = next((kv for kv in kvs if kv.key == HASH_KEY_PATH), None)
+    kvs = [kv for kv in kvs if not kv.key.startswith(SETTINGS_PREFIX)]  # settings are not entities of the file
+    new_hash_key = None if hash_kv is not None else new_hash_key_value()
+    hasher = hasher_from_value(hash_kv.value if hash_kv is not None else new_hash_key)
+    sealed = _seal_keys(entries, hasher)
     current = _decode_current(kvs)
     revisions = {kv.key: kv.mod_revision for kv in kvs}
     # Entities that already exist under the same natural key keep their ids (created by the admin API or earlier).
@@ -342,6 +367,8 @@ async def plan_changes(entries: list[Entry], current_kvs: Iterable[Any]) -> Plan
         if current_unique.get(k) != v:
             puts[k] = v
     deletes += [k for k in current_unique if k not in wanted_unique]
+    if sealed and new_hash_key is not None:
+        puts[HASH_KEY_PATH] = new_hash_key  # guarded below like any new key: whoever makes it first wins
     guards = [Compare(k, "mod", "=", revisions[k]) for k in set(puts) | set(deletes) if k in revisions]
     guards += [Compare(k, "version", "=", 0) for k in puts if k not in revisions]
     order = {"service": 0, "upstream": 1, "target": 2, "route": 3, "consumer": 4, "plugin": 9}

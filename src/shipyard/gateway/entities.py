@@ -271,7 +271,12 @@ def normalize_credential(kind: str, body: Mapping[str, Any], *, existing: Mappin
     record: dict[str, Any] = {"id": f.string("id") or "", "kind": kind, "consumer": _ref(f.get("consumer")),
                               "tags": f.strings("tags")}
     if kind == "key-auth":
-        record["key"] = f.string("key") or (existing or {}).get("key") or secrets.token_urlsafe(24)
+        # A new key is stored as its hash by the caller (credential_hash.seal_key); an unchanged one keeps its hash.
+        key = f.string("key") or (existing or {}).get("key")
+        if key is None and (existing or {}).get("key_hash"):
+            record["key_hash"] = (existing or {})["key_hash"]
+        else:
+            record["key"] = key or secrets.token_urlsafe(24)
     elif kind == "jwt":
         record["key"] = f.string("key") or (existing or {}).get("key") or secrets.token_hex(16)
         algorithm = f.choice("algorithm", JWT_ALGORITHMS, "HS256")
@@ -389,7 +394,7 @@ CONSUMERS = Kind("consumers", "gateway/consumers/", "id", ("username", "custom_i
 PLUGINS = Kind("plugins", "gateway/plugins/", "id", ())
 UPSTREAMS = Kind("upstreams", "gateway/upstreams/", "name", ("id",))
 CREDENTIALS = {
-    "key-auth": Kind("key-auth", "gateway/credentials/key-auth/", "id", ("key",)),
+    "key-auth": Kind("key-auth", "gateway/credentials/key-auth/", "id", ("key_hash",)),
     "jwt": Kind("jwt", "gateway/credentials/jwt/", "id", ("key",)),
     "basic-auth": Kind("basic-auth", "gateway/credentials/basic-auth/", "id", ("username",)),
     "acl": Kind("acl", "gateway/credentials/acl/", "id", ()),

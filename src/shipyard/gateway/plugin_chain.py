@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 import shipyard.gateway.plugins  # noqa: F401  (registers every plugin in PLUGINS)
+from shipyard.gateway.credential_hash import HASH_KEY_PATH, KeyHasher, hasher_from_value, stored_key_hash
 from shipyard.gateway.plugins.base import PLUGINS, Consumer, Plugin, PluginConfigError, Reject, RequestContext
 
 log = logging.getLogger("shipyard.gateway.plugins")
@@ -52,6 +53,12 @@ def records_under(store_contents: Any, prefix: str) -> list[dict[str, Any]]:
     return out
 
 
+def _value_at(store_contents: Any, wanted: str) -> Any:
+    if isinstance(store_contents, Mapping):
+        return store_contents.get(wanted)
+    return next((kv.value for kv in store_contents if kv.key == wanted), None)
+
+
 # ---- consumers -----------------------------------------------------------------------------------------
 
 
@@ -63,12 +70,15 @@ class ConsumerIndex:
     by_key: dict[str, tuple[Consumer, dict[str, Any]]] = field(default_factory=dict)
     by_jwt_key: dict[str, tuple[Consumer, dict[str, Any]]] = field(default_factory=dict)
     by_basic_username: dict[str, tuple[Consumer, dict[str, Any]]] = field(default_factory=dict)
+    # by_key holds key hashes (the store keeps no key-auth key); a key as sent is hashed once per lookup, and
+    # key-auth's fast path remembers the outcome per key as sent, so the hash is not on its hot path.
+    hasher: KeyHasher = field(default_factory=lambda: KeyHasher(b""))
 
     def get(self, consumer_id: str) -> Consumer | None:
         return self.consumers.get(consumer_id)
 
     def lookup_key(self, key: str) -> tuple[Consumer, dict[str, Any]] | None:
-        return self.by_key.get(key)
+        return self.by_key.get(self.hasher(key))
 
     def lookup_jwt(self, key: str) -> tuple[Consumer, dict[str, Any]] | None:
         return self.by_jwt_key.get(key)
@@ -88,7 +98,7 @@ def build_consumers(store_contents: Any) -> ConsumerIndex:
             groups.setdefault(cred["consumer"], []).append(str(cred.get("group", "")))
         else:
             creds.append(cred)
-    index = ConsumerIndex()
+    index = ConsumerIndex(hasher=hasher_from_value(_value_at(store_contents, HASH_KEY_PATH)))
     for cid, c in consumers.items():
         index.consumers[cid] = Consumer(
             id=cid, username=str(c.get("username") or ""), custom_id=str(c.get("custom_id") or ""),
@@ -97,8 +107,8 @@ def build_consumers(store_contents: Any) -> ConsumerIndex:
     for cred in creds:
         consumer = index.consumers[cred["consumer"]]
         kind = cred.get("kind")
-        if kind == "key-auth" and cred.get("key"):
-            index.by_key[str(cred["key"])] = (consumer, cred)
+        if kind == "key-auth" and (key_hash := stored_key_hash(cred, index.hasher)):
+            index.by_key[key_hash] = (consumer, cred)
         elif kind == "jwt" and cred.get("key"):
             index.by_jwt_key[str(cred["key"])] = (consumer, cred)
         elif kind == "basic-auth" and cred.get("username"):

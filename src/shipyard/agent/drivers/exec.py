@@ -44,6 +44,7 @@ from shipyard.agent.state import (
 )
 from shipyard.agent.task import TaskSpec
 from shipyard.errors import Conflict, ShipyardError
+from shipyard.private_files import operator_umask
 
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME", "SHELL")
 HANDSHAKE_TIMEOUT = 30.0
@@ -205,6 +206,7 @@ class ExecInstance:
             "/bin/sh", "-c", self.spec.health_cmd,
             env=instance_env(self.spec, self.ports),
             cwd=self.spec.workdir or str(self.driver.instance_dir(self.alloc_id)),
+            umask=operator_umask(),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -301,6 +303,7 @@ class ExecDriver:
             "poll_interval": self.memory_poll_interval,
             "cgroup": None,
             "spec": spec.to_dict(),
+            "umask": operator_umask(),  # the shim and its logs stay private; the instance gets the operator's umask
         }
         shim_log = await asyncio.to_thread(self._prepare_run, spec, directory, launch)
         try:

@@ -11,7 +11,7 @@ import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import quote
 
 import orjson
 from aiohttp import web
@@ -20,6 +20,14 @@ from shipyard.api.body import read_limited
 from shipyard.api.context import platform_of
 from shipyard.errors import ShipyardError
 from shipyard.gateway import declarative
+from shipyard.gateway.credential_hash import (
+    HASH_KEY_PATH,
+    KeyHasher,
+    hasher_from_value,
+    new_hash_key_value,
+    redacted,
+    seal_key,
+)
 from shipyard.gateway.entities import (
     CONSUMERS,
     CREDENTIAL_PATHS,
@@ -82,31 +90,10 @@ def kong_errors(handler: Callable[[web.Request], Awaitable[web.Response]]) -> Ca
 
 
 async def read_body(request: web.Request, limit: int = MAX_BODY) -> dict[str, Any]:
-    """JSON, or Kong's form encoding (config.minute=5, repeated keys or paths[]=... for arrays)."""
+    """JSON only: Kong's form encoding is what a cross-site HTML form sends, so the request guard refuses it."""
     raw = await read_limited(request, limit)
     if not raw.strip():
         return {}
-    if request.content_type == "application/x-www-form-urlencoded":
-        out: dict[str, Any] = {}
-        for key, value in parse_qsl(raw.decode(errors="replace"), keep_blank_values=True):
-            is_list = key.endswith("[]")
-            key = key.removesuffix("[]")
-            target = out
-            *parents, leaf = key.split(".")
-            for p in parents:
-                target = target.setdefault(p, {})
-            typed: Any = value
-            if value in ("true", "false"):
-                typed = value == "true"
-            elif value.lstrip("-").isdigit():
-                typed = int(value)
-            if is_list or leaf in target:
-                existing = target.get(leaf)
-                target[leaf] = [*(existing if isinstance(existing, list) else [existing] if existing is not None
-                                  else []), typed]
-            else:
-                target[leaf] = typed
-        return out
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -463,8 +450,9 @@ def _credential_kind(request: web.Request) -> tuple[str, Kind]:
 async def list_credentials(request: web.Request) -> web.Response:
     store = store_of(request)
     _, consumer = await find(store, CONSUMERS, request.match_info["consumer"], also=("username",))
-    _, kind = _credential_kind(request)
-    return page([c for c in await list_records(store, kind) if c.get("consumer") == consumer["id"]], request)
+    name, kind = _credential_kind(request)
+    return page([redacted(name, c) for c in await list_records(store, kind) if c.get("consumer") == consumer["id"]],
+                request)
 
 
 @routes.post(PREFIX + "/consumers/{consumer}/{kind:key-auth|jwt|basic-auth|acls}")
@@ -474,7 +462,28 @@ async def create_credential(request: web.Request) -> web.Response:
     _, consumer = await find(store, CONSUMERS, request.match_info["consumer"], also=("username",))
     name, kind = _credential_kind(request)
     record = normalize_credential(name, {**await read_body(request), "consumer": consumer["id"]})
-    return _json(await create(store, kind, record), 201)
+    shown = seal_key(record, await key_hasher(store)) if name == "key-auth" else None
+    return _json(shown_once(name, await create(store, kind, record), shown), 201)
+
+
+async def key_hasher(store: Any) -> KeyHasher:
+    """This installation's key-auth hasher; its hash key is made on first use (one txn, whoever wins)."""
+    kv = await store.get(HASH_KEY_PATH)
+    if kv is None:
+        await store.txn([Compare(HASH_KEY_PATH, "version", "=", 0)], [Put(HASH_KEY_PATH, new_hash_key_value())], [])
+        kv = await store.get(HASH_KEY_PATH)
+    return hasher_from_value(kv.value if kv is not None else None)
+
+
+def shown_once(kind: str, record: Mapping[str, Any], key: str | None) -> dict[str, Any]:
+    """A credential as its write answers it: the new key-auth key and the JWT secret are shown here, once; reads
+    redact them (the key is not even stored)."""
+    out = redacted(kind, record)
+    if key is not None:
+        out["key"] = key
+    if kind == "jwt" and record.get("secret"):
+        out["secret"] = record["secret"]
+    return out
 
 
 async def _find_credential(request: web.Request) -> tuple[str, Kind, KeyValue, dict[str, Any]]:
@@ -482,7 +491,14 @@ async def _find_credential(request: web.Request) -> tuple[str, Kind, KeyValue, d
     _, consumer = await find(store, CONSUMERS, request.match_info["consumer"], also=("username",))
     name, kind = _credential_kind(request)
     field = {"key-auth": "key", "jwt": "key", "basic-auth": "username", "acl": "group"}[name]
-    kv, record = await find(store, kind, request.match_info["cred"], also=(field,))
+    ident = request.match_info["cred"]
+    try:
+        kv, record = await find(store, kind, ident, also=(field,))
+    except NotFoundError:
+        if name != "key-auth":
+            raise
+        # Kong finds a key-auth credential by its key too: the store has the key's hash.
+        kv, record = await find(store, kind, (await key_hasher(store))(ident), also=("key_hash",))
     if record.get("consumer") != consumer["id"]:
         raise NotFoundError(request.match_info["cred"])
     return name, kind, kv, record
@@ -491,7 +507,8 @@ async def _find_credential(request: web.Request) -> tuple[str, Kind, KeyValue, d
 @routes.get(PREFIX + "/consumers/{consumer}/{kind:key-auth|jwt|basic-auth|acls}/{cred}")
 @kong_errors
 async def get_credential(request: web.Request) -> web.Response:
-    return _json((await _find_credential(request))[3])
+    name, _, _, record = await _find_credential(request)
+    return _json(redacted(name, record))
 
 
 @routes.patch(PREFIX + "/consumers/{consumer}/{kind:key-auth|jwt|basic-auth|acls}/{cred}")
@@ -502,8 +519,11 @@ async def patch_credential(request: web.Request) -> web.Response:
     base = {k: v for k, v in old.items() if k not in ("created_at", "updated_at", "kind")}
     if name == "basic-auth":
         base.pop("password", None)
+    base.pop("key_hash", None)
     record = normalize_credential(name, {**base, **body, "consumer": old["consumer"]}, existing=old)
-    return _json(await replace(store_of(request), kind, kv, old, record))
+    store = store_of(request)
+    shown = seal_key(record, await key_hasher(store)) if name == "key-auth" else None
+    return _json(shown_once(name, await replace(store, kind, kv, old, record), shown if "key" in body else None))
 
 
 @routes.delete(PREFIX + "/consumers/{consumer}/{kind:key-auth|jwt|basic-auth|acls}/{cred}")

@@ -172,7 +172,7 @@ class KeyAuthPlugin(Plugin):
         return True
 
     def _fast_lookup(self, index: ConsumerIndex | None, value: bytes) -> tuple[Any, ...] | None:
-        hit = index.by_key.get(value.decode("latin-1")) if index is not None else None
+        hit = index.lookup_key(value.decode("latin-1")) if index is not None else None
         if hit is None:
             return None
         consumer, credential = hit
