@@ -14,7 +14,8 @@ __all__ = ["Bus", "BusError", "Consumer", "Delivery", "Message", "QueueStats", "
 
 
 def bus_from_url(url: str) -> Bus:
-    """`rabbitmq://` or `amqp://` -> RabbitMQ; `http://host:port` -> the embedded broker of that server."""
+    """`amqp://` (`amqps://`; `rabbitmq://` is a synonym) -> RabbitMQ; `http://host:port` -> the embedded broker of
+    that server."""
     scheme = urlsplit(url).scheme
     if scheme in ("rabbitmq", "amqp", "amqps"):
         from shipyard.bus.rabbitmq import RabbitBus
@@ -24,4 +25,4 @@ def bus_from_url(url: str) -> Bus:
         from shipyard.bus.http_client import HttpBus
 
         return HttpBus(url)
-    raise BadRequest(f"unsupported bus URL {url!r}: use rabbitmq://user:pass@host:port/vhost or http://host:port")
+    raise BadRequest(f"unsupported bus URL {url!r}: use amqp://user:pass@host:port/vhost or http://host:port")

@@ -92,7 +92,8 @@ def delay_bucket(seconds: float) -> int:
 
 
 class RabbitBus(Bus):
-    """`rabbitmq://user:pass@host:port/vhost?queue_type=auto|classic|quorum`. auto: quorum queues on RabbitMQ 4+
+    """`amqp://user:pass@host:port/vhost?queue_type=auto|classic|quorum` (amqps:// for TLS; rabbitmq:// means
+    amqp://). auto: quorum queues on RabbitMQ 4+
     (which prioritise within them), classic queues with x-max-priority on 3.x."""
 
     def __init__(self, url: str, *, retry_for: float = 60.0) -> None:

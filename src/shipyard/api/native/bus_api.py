@@ -45,7 +45,7 @@ DEFAULT_LEASE = 10.0
 
 
 def bus_of(request: web.Request) -> Bus:
-    """The server's bus: the embedded broker, or a RabbitMQ client when the server runs with --bus rabbitmq://."""
+    """The server's bus: the embedded broker, or a RabbitMQ client when the server runs with --bus amqp://."""
     bus = platform_of(request).extras.get("bus")
     if not isinstance(bus, Bus):
         raise BusError("this server has no bus")
