@@ -130,3 +130,16 @@ def test_up_starts_its_server_on_the_ports_given(tmp_path: Path) -> None:
         run("down", "--http-addr", f"127.0.0.1:{http_port}", cwd=project)
         if pid_file.exists():  # down did not get to it: leave nothing running
             os.kill(int(pid_file.read_text()), signal.SIGTERM)
+
+
+def test_server_is_not_ready_while_its_gateway_workers_crash_at_start(tmp_path: Path) -> None:
+    # The port is free, but every worker exits at start: here its shared counters file is a directory.
+    data = tmp_path / "data"
+    (data / "gateway-counters").mkdir(parents=True)
+    done = run("server", "--data-dir", str(data), "--http-port", str(free_port()), "--dns-port", str(free_port()),
+               "--gateway-port", str(free_port()), "--gateway-workers", "1")
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "shipyard server ready" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: the gateway workers exit at start (exit code 1); the lines above say why "
+        "(use --gateway-port to choose another port, or --no-gateway)")
