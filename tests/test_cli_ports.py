@@ -143,3 +143,10 @@ def test_server_is_not_ready_while_its_gateway_workers_crash_at_start(tmp_path: 
     assert done.stderr.strip().splitlines()[-1] == (
         "error: the gateway workers exit at start (exit code 1); the lines above say why "
         "(use --gateway-port to choose another port, or --no-gateway)")
+
+
+def test_server_with_one_port_for_two_listeners_is_one_line() -> None:
+    port = free_port()
+    done = run("server", "--dev", "--http-port", str(port), "--dns-port", "0", "--gateway-port", str(port))
+    assert done.returncode == 1
+    assert done.stderr == f"error: --gateway-port {port} is also --http-port: give each listener its own port\n"

@@ -89,7 +89,13 @@ def check_port_free(bind: str, port: int, option: str, *, udp: bool = False) -> 
 
 
 def check_ports_free(bind: str, ports: list[tuple[int, str, bool]]) -> None:
-    """Each (port, option, udp-too) that is not 0 must be free; the first taken one raises."""
+    """Each (port, option, udp-too) that is not 0 must be free, and differ from the others; the first taken one
+    raises."""
+    seen: dict[int, str] = {}
+    for port, option, _udp in ports:
+        if port and port in seen:
+            raise ShipyardError(f"{option} {port} is also {seen[port]}: give each listener its own port", status=400)
+        seen[port] = option
     for port, option, udp in ports:
         if port:
             check_port_free(bind, port, option, udp=udp)
