@@ -82,3 +82,17 @@ def test_flag_defaults_are_the_config_defaults() -> None:
     assert duration.convert(dns_options.NODE_TTL, None, None) == defaults.node_ttl
     assert duration.convert(dns_options.MAX_STALE, None, None) == defaults.max_stale
     assert defaults.udp_answer_limit == dns_options.UDP_ANSWER_LIMIT
+
+
+def test_client_subnet_is_echoed_with_scope_zero() -> None:
+    import dns.edns
+
+    ecs = dns.edns.ECSOption("192.0.2.0", 24)
+    query = dns.message.make_query("web.service.consul", "A", use_edns=True, payload=1232, options=[ecs])
+    parsed = wire.parse_query(query.to_wire())
+    assert isinstance(parsed, wire.Query)
+    reply = dns.message.from_wire(wire.encode(parsed, wire.NOERROR, []))
+    (option,) = reply.options
+    assert isinstance(option, dns.edns.ECSOption) and (option.address, option.srclen, option.scopelen) == (
+        "192.0.2.0", 24, 0)
+    assert reply.payload == 1232

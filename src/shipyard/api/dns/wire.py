@@ -16,6 +16,7 @@ NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 
 A, NS, CNAME, SOA, PTR, TXT, AAAA, SRV, OPT, AXFR, IXFR, ANY = 1, 2, 5, 6, 12, 16, 28, 33, 41, 252, 251, 255
 CLASS_IN = 1
+EDNS_CLIENT_SUBNET = 8
 
 MAX_NAME = 255  # octets on the wire, RFC 1035 2.3.4
 MAX_LABEL = 63
@@ -44,6 +45,7 @@ class Query:
     qclass: int
     question: bytes  # the question section exactly as received (case kept), echoed in the reply
     edns_size: int | None = None  # None: no OPT record
+    edns_options: bytes = b""  # OPT options for the reply: the client subnet echoed, as Consul does
     raw: bytes = b""  # the whole query, for forwarding to a recursor unchanged
 
 
@@ -154,10 +156,10 @@ def parse_query(data: bytes) -> Query | Rejection:
             raise MalformedQuery("question ends early")
         qtype, qclass = _QUESTION_TAIL.unpack_from(data, end)
         end += _QUESTION_TAIL.size
-        edns_size = _read_edns(data, end, ancount + nscount + arcount)
+        edns_size, edns_options = _read_edns(data, end, ancount + nscount + arcount)
     except MalformedQuery as exc:
         return Rejection(msg_id, flags, FORMERR, str(exc))
-    return Query(msg_id, flags, name, qtype, qclass, data[_HEADER.size : end], edns_size, data)
+    return Query(msg_id, flags, name, qtype, qclass, data[_HEADER.size : end], edns_size, edns_options, data)
 
 
 def read_name(data: bytes, offset: int) -> tuple[str, int]:
@@ -224,9 +226,11 @@ def _read_compressed_name(data: bytes, offset: int) -> tuple[str, int]:
         pos += 1 + length
 
 
-def _read_edns(data: bytes, offset: int, records: int) -> int | None:
-    """The EDNS0 buffer size from an OPT record among the other sections (RFC 6891), or None."""
+def _read_edns(data: bytes, offset: int, records: int) -> tuple[int | None, bytes]:
+    """The EDNS0 buffer size from an OPT record among the other sections (RFC 6891), or None; and the options
+    the reply's OPT carries."""
     size: int | None = None
+    options = b""
     pos = offset
     for _ in range(records):
         _, pos = read_name(data, pos)
@@ -240,7 +244,25 @@ def _read_edns(data: bytes, offset: int, records: int) -> int | None:
             if size is not None:
                 raise MalformedQuery("more than one OPT record")
             size = max(rclass, UDP_PLAIN_SIZE)
-    return size
+            options = _client_subnet_echo(data[pos - rdlength : pos])
+    return size, options
+
+
+def _client_subnet_echo(rdata: bytes) -> bytes:
+    """The EDNS client subnet option (RFC 7871) of a query, as Consul echoes it: same family, source prefix and
+    address, scope 0 (the answer holds for every subnet)."""
+    pos = 0
+    while pos < len(rdata):
+        if pos + 4 > len(rdata):
+            raise MalformedQuery("EDNS option header cut off")
+        code, length = struct.unpack_from("!HH", rdata, pos)
+        value = rdata[pos + 4 : pos + 4 + length]
+        if len(value) < length:
+            raise MalformedQuery("EDNS option cut off")
+        pos += 4 + length
+        if code == EDNS_CLIENT_SUBNET and length >= 4:
+            return struct.pack("!HH", code, length) + value[:3] + b"\x00" + value[4:]
+    return b""
 
 
 # ---- encoding -----------------------------------------------------------------------------------
@@ -288,7 +310,8 @@ def encode(query: Query, rcode: int, units: list[PackedUnit], *, authority: tupl
     parts.extend(extras)
     count = len(extras)
     if query.edns_size is not None:
-        parts.append(b"\x00" + _RR_FIXED.pack(OPT, query.edns_size, 0, 0))  # Consul echoes the client's size
+        # Consul echoes the client's buffer size (and its subnet option).
+        parts.append(b"\x00" + _RR_FIXED.pack(OPT, query.edns_size, 0, len(query.edns_options)) + query.edns_options)
         count += 1
     parts[0] = _HEADER.pack(query.id, flags, 1, answers, len(authority), count)
     return b"".join(parts)
