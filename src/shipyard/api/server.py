@@ -29,6 +29,7 @@ from shipyard.api.errors import error_middleware
 from shipyard.api.guard import RequestGuard
 from shipyard.api.marathon import add_marathon_routes
 from shipyard.api.native import add_native_routes
+from shipyard.api.native.gateway_api import seal_stored_keys
 from shipyard.api.ports import check_ports_free
 from shipyard.bus import Bus
 from shipyard.bus.autoscaler import BusAutoscaler
@@ -160,6 +161,8 @@ async def build_platform(config: ServerConfig) -> Platform:
 
 
 async def start_platform(platform: Platform) -> None:
+    if sealed := await seal_stored_keys(platform.store):
+        log.info("stored %d key-auth key(s) of an older version as hashes", sealed)
     await platform.catalog.start()
     await platform.sessions.start()
     await platform.health.start()

@@ -475,6 +475,21 @@ async def key_hasher(store: Any) -> KeyHasher:
     return hasher_from_value(kv.value if kv is not None else None)
 
 
+async def seal_stored_keys(store: Any) -> int:
+    """key-auth records an older version stored with the key in clear are rewritten with its hash (at server start;
+    the store's history keeps the old values until it is compacted). Returns how many were."""
+    kind = CREDENTIALS["key-auth"]
+    legacy = [(kv, record) for kv in (await store.range(kind.prefix, prefix=True)).kvs
+              if (record := _decode(kv)).get("key")]
+    if legacy:
+        hasher = await key_hasher(store)
+        for kv, old in legacy:
+            new = {k: v for k, v in old.items() if k not in ("created_at", "updated_at")}
+            seal_key(new, hasher)
+            await replace(store, kind, kv, old, new)
+    return len(legacy)
+
+
 def shown_once(kind: str, record: Mapping[str, Any], key: str | None) -> dict[str, Any]:
     """A credential as its write answers it: the new key-auth key and the JWT secret are shown here, once; reads
     redact them (the key is not even stored)."""
