@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import json
 import os
 import stat
 import threading
@@ -125,3 +126,27 @@ def test_key_auth_key_is_shown_once_stored_as_a_keyed_hash_and_still_admits(tmp_
         assert requests.get(f"{server.gateway_url}/ka", headers={"apikey": "wrong"}, timeout=10).status_code == 401
     finally:
         server.stop()
+
+
+def test_a_key_stored_in_clear_by_an_older_version_is_hashed_at_start(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    old = ServerProcess(data_dir, "--no-gateway").start()
+    try:
+        consumer = {"id": "c-old", "username": "old", "custom_id": None, "tags": [], "created_at": 1, "updated_at": 1}
+        cred = {"id": "k-old", "kind": "key-auth", "consumer": "c-old", "key": PLAIN_KEY, "tags": [],
+                "created_at": 1, "updated_at": 1}
+        for key, record in (("gateway/consumers/c-old", consumer), ("gateway/credentials/key-auth/k-old", cred)):
+            r = requests.put(f"{old.url}/api/v1/store/kv/{key}", data=json.dumps(record), timeout=10)
+            assert r.status_code == 200, r.text
+    finally:
+        old.stop()
+    new = ServerProcess(data_dir, "--no-gateway").start()
+    try:
+        kvs = requests.get(f"{new.url}/api/v1/store/kv/gateway/credentials/?prefix=1", timeout=10).json()["kvs"]
+        (stored,) = [json.loads(base64.b64decode(kv["value"])) for kv in kvs]
+        assert "key" not in stored and stored["key_hash"].startswith("hmac-sha256:")
+        admin = f"{new.url}/api/gateway/consumers/old/key-auth"
+        assert requests.get(f"{admin}/{PLAIN_KEY}", timeout=10).json()["id"] == "k-old"
+        assert requests.post(admin, json={"key": PLAIN_KEY}, timeout=10).status_code == 409
+    finally:
+        new.stop()
