@@ -602,7 +602,7 @@ def test_cli_scale_after_stop_runs_the_job_again(server) -> None:  # type: ignor
           .json()["allocations"])
 
     scaled = _cli(server, "scale", "api-again", "2")
-    assert scaled.returncode == 0 and "scaling to 2" in scaled.stdout, scaled.stderr
+    assert scaled.returncode == 0 and "scale to 2 done" in scaled.stdout, scaled.stderr  # it waits until done
     _wait("2 running instances", lambda: len(_running(server, "api-again")) == 2)
     job = requests.get(_api(server, "/jobs/api-again"), timeout=10).json()["job"]
     assert job["status"] == "running" and job["spec"]["instances"] == 2
