@@ -21,11 +21,13 @@ from shipyard.api.consul.common import (
     not_found,
     parse_duration,
     read_json,
+    request_filter,
 )
 from shipyard.api.consul.status import leader_address
 from shipyard.api.context import Platform, platform_of
 from shipyard.errors import NotFound
-from shipyard.registry.catalog import CHECKS, SERVICES, STATUSES, _q
+from shipyard.registry.catalog import CHECKS, SERF_CHECK_ID, SERVICES, STATUSES, _q
+from shipyard.registry.filter import AGENT_SERVICE, HEALTH_CHECK
 from shipyard.registry.health import SCRIPTS_DISABLED
 
 routes = web.RouteTableDef()
@@ -482,6 +484,7 @@ async def agent_services(request: web.Request) -> web.Response:
     platform = platform_of(request)
     node = platform.node.name
     prefix = f"{SERVICES}{_q(node)}/"
+    chosen = request_filter(request, AGENT_SERVICE)
 
     async def read() -> tuple[Any, int, int]:
         snap = await platform.catalog.snapshot()
@@ -491,6 +494,8 @@ async def agent_services(request: web.Request) -> web.Response:
             for e in snap.services_of_node(node)
             if isinstance(e.data.get("ID"), str)
         }
+        if chosen is not None:
+            result = {sid: shape for sid, shape in result.items() if chosen.matches(shape)}
         return result, index, snap.revision
 
     result, index = await blocking_query(request, platform.store, read, prefix, prefix=True)
@@ -519,11 +524,15 @@ async def agent_checks(request: web.Request) -> web.Response:
     platform = platform_of(request)
     node = platform.node.name
     prefix = f"{CHECKS}{_q(node)}/"
+    chosen = request_filter(request, HEALTH_CHECK)
 
     async def read() -> tuple[Any, int, int]:
         snap = await platform.catalog.snapshot()
         index = (await platform.store.range(prefix, prefix=True)).index
-        result = {e.data["CheckID"]: snap.check_shape(e) for e in snap.checks_of_node(node) if "CheckID" in e.data}
+        # The agent's own checks: serfHealth is the servers' view of the node (catalog and health only).
+        shapes = [snap.check_shape(e) for e in snap.checks_of_node(node)
+                  if "CheckID" in e.data and e.data["CheckID"] != SERF_CHECK_ID]
+        result = {c["CheckID"]: c for c in shapes if chosen is None or chosen.matches(c)}
         return result, index, snap.revision
 
     result, index = await blocking_query(request, platform.store, read, prefix, prefix=True)

@@ -29,10 +29,12 @@ from shipyard.api.consul.common import (
     json_response,
     parse_duration,
     read_json,
+    request_filter,
 )
 from shipyard.api.context import platform_of
 from shipyard.errors import NotFound
 from shipyard.registry.catalog import PREFIX, SERVICES, STATUSES, CatalogSnapshot, Entry, _q, node_key
+from shipyard.registry.filter import NODE, NODE_SERVICE, SERVICE_NODE, Filter
 
 routes = web.RouteTableDef()
 
@@ -59,6 +61,10 @@ def node_matches(snap: CatalogSnapshot, node: str, filters: dict[str, str]) -> b
     return all(meta.get(k) == v for k, v in filters.items())
 
 
+def select(chosen: Filter | None, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return records if chosen is None else chosen.select(records)
+
+
 def has_tags(entry: Entry, tags: list[str]) -> bool:
     """Consul's tag filter: every requested tag present, compared case-insensitively."""
     own = {t.lower() for t in entry.data.get("Tags") or []}
@@ -74,12 +80,15 @@ async def catalog_datacenters(request: web.Request) -> web.Response:
 async def catalog_services(request: web.Request) -> web.Response:
     platform = platform_of(request)
     filters = node_meta_filters(request)
+    chosen = request_filter(request, SERVICE_NODE)  # Consul filters the instances, then groups them by name
 
     async def read() -> tuple[Any, int, int]:
         snap = await platform.catalog.snapshot()
         out: dict[str, list[str]] = {}
         for (node, _), entry in sorted(snap.services.items()):
             if not node_matches(snap, node, filters):
+                continue
+            if chosen is not None and not chosen.matches(snap.catalog_service_shape(node, entry)):
                 continue
             tags = out.setdefault(entry.data.get("Service", ""), [])
             for tag in entry.data.get("Tags") or []:
@@ -98,6 +107,7 @@ async def catalog_service(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     tags = request.query.getall("tag", [])
     filters = node_meta_filters(request)
+    chosen = request_filter(request, SERVICE_NODE)
 
     async def read() -> tuple[Any, int, int]:
         snap = await platform.catalog.snapshot()
@@ -106,7 +116,7 @@ async def catalog_service(request: web.Request) -> web.Response:
             for node, entry in snap.services_named(name)
             if has_tags(entry, tags) and node_matches(snap, node, filters)
         ]
-        return out, snap.name_index(name), snap.revision
+        return select(chosen, out), snap.name_index(name), snap.revision
 
     result, index = await blocking_query(request, platform.store, read, PREFIX, prefix=True)
     return json_response(result, index=index)
@@ -116,11 +126,12 @@ async def catalog_service(request: web.Request) -> web.Response:
 async def catalog_nodes(request: web.Request) -> web.Response:
     platform = platform_of(request)
     filters = node_meta_filters(request)
+    chosen = request_filter(request, NODE)
 
     async def read() -> tuple[Any, int, int]:
         snap = await platform.catalog.snapshot()
         out = [snap.node_shape(n) for n in sorted(snap.nodes) if node_matches(snap, n, filters)]
-        return out, snap.nodes_index, snap.revision
+        return select(chosen, out), snap.nodes_index, snap.revision
 
     result, index = await blocking_query(request, platform.store, read, PREFIX, prefix=True)
     return json_response(result, index=index)
@@ -131,6 +142,7 @@ async def catalog_node(request: web.Request) -> web.Response:
     platform = platform_of(request)
     node = request.match_info["node"]
     services_prefix = f"{SERVICES}{_q(node)}/"
+    chosen = request_filter(request, NODE_SERVICE)  # Consul filters the node's services
 
     async def read() -> tuple[Any, int, int]:
         snap = await platform.catalog.snapshot()
@@ -141,6 +153,8 @@ async def catalog_node(request: web.Request) -> web.Response:
         if node not in snap.nodes:
             return None, index, snap.revision
         services = {e.data["ID"]: snap.node_service_shape(e) for e in snap.services_of_node(node) if "ID" in e.data}
+        if chosen is not None:
+            services = {sid: shape for sid, shape in services.items() if chosen.matches(shape)}
         return {"Node": snap.node_shape(node), "Services": services}, index, snap.revision
 
     result, index = await blocking_query(request, platform.store, read, PREFIX, prefix=True)

@@ -18,6 +18,7 @@ from aiohttp.typedefs import Handler
 from shipyard.api.body import read_limited
 from shipyard.api.context import platform_of
 from shipyard.errors import PayloadTooLarge
+from shipyard.registry.filter import Filter, FilterError, Schema, compile_filter
 from shipyard.store import Compacted, Store
 
 DEFAULT_WAIT = 300.0
@@ -157,6 +158,18 @@ def json_response(data: Any, *, index: int | None = None, status: int = 200) -> 
         headers["X-Consul-Index"] = str(max(index, 1))
     body = orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
     return web.Response(body=body, status=status, content_type="application/json", headers=headers)
+
+
+def request_filter(request: web.Request, schema: dict[str, Schema]) -> Filter | None:
+    """The request's ?filter= compiled for records of `schema`; None without one. Checked before any read, so a
+    bad expression is Consul's 400 with go-bexpr's text, also on a blocking query."""
+    expression = request.query.get("filter", "")
+    if not expression:
+        return None
+    try:
+        return compile_filter(expression, schema)
+    except FilterError as exc:
+        raise bad_request(str(exc)) from None
 
 
 def query_flag(request: web.Request, name: str) -> bool:

@@ -9,10 +9,11 @@ from typing import Any
 
 from aiohttp import web
 
-from shipyard.api.consul.catalog import has_tags, node_matches, node_meta_filters
-from shipyard.api.consul.common import bad_request, blocking_query, json_response
+from shipyard.api.consul.catalog import has_tags, node_matches, node_meta_filters, select
+from shipyard.api.consul.common import bad_request, blocking_query, json_response, request_filter
 from shipyard.api.context import platform_of
 from shipyard.registry.catalog import CHECKS, PASSING, PREFIX, STATUSES, _q
+from shipyard.registry.filter import CHECK_SERVICE_NODE, HEALTH_CHECK
 
 routes = web.RouteTableDef()
 
@@ -36,6 +37,7 @@ async def health_service(request: web.Request) -> web.Response:
     tags = request.query.getall("tag", [])
     filters = node_meta_filters(request)
     passing_only = _passing_param(request)
+    chosen = request_filter(request, CHECK_SERVICE_NODE)
 
     async def read() -> tuple[Any, int, int]:
         snap = await platform.catalog.snapshot()
@@ -55,7 +57,7 @@ async def health_service(request: web.Request) -> web.Response:
                 "Service": snap.node_service_shape(entry),
                 "Checks": [snap.check_shape(c) for c in checks],
             })
-        return out, snap.name_index(name), snap.revision
+        return select(chosen, out), snap.name_index(name), snap.revision
 
     result, index = await blocking_query(request, platform.store, read, PREFIX, prefix=True)
     return json_response(result, index=index)
@@ -66,6 +68,7 @@ async def health_checks(request: web.Request) -> web.Response:
     platform = platform_of(request)
     name = request.match_info["name"]
     filters = node_meta_filters(request)
+    chosen = request_filter(request, HEALTH_CHECK)
 
     async def read() -> tuple[Any, int, int]:
         snap = await platform.catalog.snapshot()
@@ -75,7 +78,7 @@ async def health_checks(request: web.Request) -> web.Response:
                 continue
             for check in snap.service_checks(node, entry.data.get("ID", "")):
                 out.append(snap.check_shape(check))
-        return out, snap.name_index(name), snap.revision
+        return select(chosen, out), snap.name_index(name), snap.revision
 
     result, index = await blocking_query(request, platform.store, read, PREFIX, prefix=True)
     return json_response(result, index=index)
@@ -88,6 +91,7 @@ async def health_state(request: web.Request) -> web.Response:
     if state != "any" and state not in STATUSES:
         raise bad_request(f'Invalid check state "{state}": must be one of any, passing, warning, critical')
     filters = node_meta_filters(request)
+    chosen = request_filter(request, HEALTH_CHECK)
 
     async def read() -> tuple[Any, int, int]:
         snap = await platform.catalog.snapshot()
@@ -96,7 +100,7 @@ async def health_state(request: web.Request) -> web.Response:
             for (node, _), entry in sorted(snap.checks.items())
             if (state == "any" or entry.data.get("Status") == state) and node_matches(snap, node, filters)
         ]
-        return out, snap.checks_index, snap.revision
+        return select(chosen, out), snap.checks_index, snap.revision
 
     result, index = await blocking_query(request, platform.store, read, PREFIX, prefix=True)
     return json_response(result, index=index)
@@ -107,12 +111,13 @@ async def health_node(request: web.Request) -> web.Response:
     platform = platform_of(request)
     node = request.match_info["node"]
     prefix = f"{CHECKS}{_q(node)}/"
+    chosen = request_filter(request, HEALTH_CHECK)
 
     async def read() -> tuple[Any, int, int]:
         snap = await platform.catalog.snapshot()
         index = (await platform.store.range(prefix, prefix=True)).index
         checks = sorted(snap.checks_of_node(node), key=lambda e: e.data.get("CheckID", ""))
-        return [snap.check_shape(c) for c in checks], index, snap.revision
+        return select(chosen, [snap.check_shape(c) for c in checks]), index, snap.revision
 
     result, index = await blocking_query(request, platform.store, read, prefix, prefix=True)
     return json_response(result, index=index)
