@@ -300,14 +300,18 @@ def _seal_keys(entries: list[Entry], hasher: KeyHasher) -> bool:
     return sealed
 
 
+def _settings_apart_and_keys_sealed(kvs: list[Any], entries: list[Entry]) -> tuple[list[Any], bytes | None]:
+    """The store's gateway/ contents without its settings (not entities of the file), and the file's key-auth keys
+    sealed under the installation's hash key; that key is made here (to be written with the plan) if there is none."""
+    hash_kv = next((kv for kv in kvs if kv.key == HASH_KEY_PATH), None)
+    new_key = None if hash_kv is not None else new_hash_key_value()
+    sealed = _seal_keys(entries, hasher_from_value(hash_kv.value if hash_kv is not None else new_key))
+    return [kv for kv in kvs if not kv.key.startswith(SETTINGS_PREFIX)], (new_key if sealed else None)
+
+
 async def plan_changes(entries: list[Entry], current_kvs: Iterable[Any]) -> Plan:
     """The diff between the file and the store, and the writes that make the store equal the file."""
-    kvs = list(current_kvs)
-    hash_kv = next((kv for kv in kvs if kv.key == HASH_KEY_PATH), None)
-    kvs = [kv for kv in kvs if not kv.key.startswith(SETTINGS_PREFIX)]  # settings are not entities of the file
-    new_hash_key = None if hash_kv is not None else new_hash_key_value()
-    hasher = hasher_from_value(hash_kv.value if hash_kv is not None else new_hash_key)
-    sealed = _seal_keys(entries, hasher)
+    kvs, new_hash_key = _settings_apart_and_keys_sealed(list(current_kvs), entries)
     current = _decode_current(kvs)
     revisions = {kv.key: kv.mod_revision for kv in kvs}
     # Entities that already exist under the same natural key keep their ids (created by the admin API or earlier).
@@ -367,7 +371,7 @@ async def plan_changes(entries: list[Entry], current_kvs: Iterable[Any]) -> Plan
         if current_unique.get(k) != v:
             puts[k] = v
     deletes += [k for k in current_unique if k not in wanted_unique]
-    if sealed and new_hash_key is not None:
+    if new_hash_key is not None:
         puts[HASH_KEY_PATH] = new_hash_key  # guarded below like any new key: whoever makes it first wins
     guards = [Compare(k, "mod", "=", revisions[k]) for k in set(puts) | set(deletes) if k in revisions]
     guards += [Compare(k, "version", "=", 0) for k in puts if k not in revisions]
