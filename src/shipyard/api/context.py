@@ -50,6 +50,25 @@ class DnsConfig:
 
 
 @dataclass
+class TlsConfig:
+    """Consul's `tls { defaults { ca_file, cert_file, key_file, verify_incoming } }` and `ports { https }`, plus the
+    gateway's TLS listener; flags and a Consul config file fill the same fields. No cert_file: no TLS."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+    verify_incoming: bool = False
+    https_port: int = 8501
+    gateway_port: int = 0  # --gateway-tls-port; 0: the gateway serves plain HTTP only
+    gateway_cert_file: str = ""  # default certificate of the gateway's TLS port ("": a self-signed one)
+    gateway_key_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass
 class ServerConfig:
     data_dir: str | None  # None: --dev, state in memory only
     bind: str = "127.0.0.1"
@@ -67,6 +86,7 @@ class ServerConfig:
     bus_url: str = ""  # "": the embedded broker; "rabbitmq://user:pass@host:port/vhost" (or amqp://): RabbitMQ
     dns: DnsConfig = field(default_factory=DnsConfig)
     allowed_hosts: tuple[str, ...] = ()  # Host names the control API answers besides loopback and its own addresses
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 @dataclass

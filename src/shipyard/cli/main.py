@@ -16,6 +16,7 @@ from rich.console import Console
 from shipyard import __version__
 from shipyard.cli.dns_options import dns_config, dns_options
 from shipyard.cli.options import HTTP_ADDR_ENV, HTTP_ADDR_HELP, add_http_addr
+from shipyard.cli.tls_commands import tls_config, tls_options
 from shipyard.errors import ShipyardError
 
 err_console = Console(stderr=True)
@@ -26,7 +27,7 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 class ShipyardGroup(click.Group):
     """Turns any ShipyardError (and connection failures) into one red line and exit code 1."""
 
-    def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ShipyardError as exc:
@@ -90,6 +91,7 @@ def cli(ctx: click.Context, http_addr: str) -> None:
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
               help="How much the server logs to stderr.")
 @dns_options
+@tls_options
 def server(
     data_dir: str,
     bind: str,
@@ -137,17 +139,19 @@ def server(
         gateway_workers=gateway_workers,
         bus_url="" if bus_url in ("", "embedded") else bus_url,
         dns=dns_config(dns_flags),
+        tls=tls_config(dns_flags),
     )
     uvloop.run(serve(config))
 
 
 def _register_subcommands() -> None:
-    from shipyard.cli import bus_commands, gateway_commands, jobs_commands, registry_commands
+    from shipyard.cli import bus_commands, gateway_commands, jobs_commands, registry_commands, tls_commands
 
     registry_commands.register(cli)
     jobs_commands.register(cli)
     bus_commands.register(cli)
     gateway_commands.register(cli)
+    tls_commands.register(cli)
     for name, command in cli.commands.items():
         if name != "server":  # the server listens; every other command talks to one
             add_http_addr(command)
