@@ -3,15 +3,23 @@
 Copied as conftest.py next to the vendored suite by tests/test_pyconsul_upstream.py; never imported by our own run.
 Upstream starts a fresh Consul container for every test; this starts a fresh server for every test too, and keeps
 one more starting in the background so that a test does not wait for a whole start-up.
+
+Upstream's HTTP checks probe http://localhost:8500 and expect it to pass: inside the container that is the Consul
+agent's own port. Here each server is on a free port, so while the suite runs something must answer 200 on
+127.0.0.1:8500: a small responder is started there when the port is free (when it is taken, what listens there is
+what the checks probe).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -52,11 +60,37 @@ class ServerPool:
 POOL = ServerPool()
 
 
+class AgentPortAnswer(BaseHTTPRequestHandler):
+    """What the checks probing localhost:8500 get from a Consul agent there: 200 and a small body."""
+
+    def do_GET(self) -> None:
+        body = b'"127.0.0.1:8300"'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def agent_port_responder() -> ThreadingHTTPServer | None:
+    with contextlib.suppress(OSError):
+        responder = ThreadingHTTPServer(("127.0.0.1", 8500), AgentPortAnswer)
+        threading.Thread(target=responder.serve_forever, daemon=True).start()
+        return responder
+    return None
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _unset_consul_token() -> Iterator[None]:
     os.environ.pop("CONSUL_HTTP_TOKEN", None)
+    responder = agent_port_responder()
     yield
     POOL.close()
+    if responder is not None:
+        responder.shutdown()
 
 
 def consul_version(port: int) -> str:

@@ -10,6 +10,8 @@ To run it by hand (all of it, or one file or test, with the failures written to 
     PYCONSUL_SELECT=tests/api/test_catalog.py .venv/bin/pytest tests/test_pyconsul_upstream.py -q
     PYCONSUL_SELECT='tests/api/test_agent.py::TestAgent::test_agent_checks' .venv/bin/pytest ... -q
     PYCONSUL_FAILURES=/tmp/pyconsul_failures.txt .venv/bin/pytest tests/test_pyconsul_upstream.py -q
+(the last writes each failing test with its EXPECTED_FAILURES reason to that file, and the suite's whole output
+to /tmp/pyconsul_failures.txt.log).
 PYCONSUL_SELECT is one or more pytest node ids, space-separated, relative to the vendored directory. The
 subprocess's own output (upstream's assertion messages) is printed when the test fails.
 """
@@ -70,6 +72,8 @@ def run_suite(workdir: Path) -> tuple[dict[str, str], str]:
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE", "--junitxml", "report.xml",
            *select]
     done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=3600)
+    if os.environ.get("PYCONSUL_FAILURES"):
+        Path(os.environ["PYCONSUL_FAILURES"] + ".log").write_text(done.stdout + done.stderr)
     return outcomes(workdir / "report.xml"), done.stdout[-20000:] + done.stderr[-4000:]
 
 
