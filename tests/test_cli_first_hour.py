@@ -7,6 +7,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -245,6 +246,18 @@ def test_crash_loop_is_shown_live_and_fails_fast(quiet_server: ServerProcess, tm
     missing = shipyard("ps", "nope", cwd=proj, env=cli_env(quiet_server.addr))
     assert missing.returncode == 1 and missing.stderr.startswith("error: no service 'nope'")
     assert shipyard("stop", "crashy", cwd=proj, env=cli_env(quiet_server.addr)).returncode == 0
+
+
+@pytest.mark.timeout(300)
+def test_a_lost_working_directory_is_said_plainly(quiet_server: ServerProcess, tmp_path: Path) -> None:
+    proj = project(tmp_path / "lost", name="lost")
+    env = cli_env(quiet_server.addr)
+    assert shipyard("deploy", str(proj), "--timeout", "60", cwd=tmp_path, env=env).returncode == 0
+    shutil.rmtree(proj)
+    done = shipyard("restart", "lost", cwd=tmp_path, env=env)
+    assert done.returncode == 1
+    assert f"cannot start: its working directory {proj} is gone" in done.stderr, done.stdout + done.stderr
+    assert shipyard("stop", "lost", cwd=tmp_path, env=env).returncode == 0
 
 
 # ---- 7: logs interleave both streams by time ---------------------------------------------------------------------

@@ -62,6 +62,12 @@ def _signal_all(pids: set[int], pgid: int, sig: int) -> None:
             pass
 
 
+def _start_error(launch: dict[str, Any], exc: BaseException) -> str:
+    if launch.get("cwd") and not os.path.isdir(launch["cwd"]):  # Popen would blame the program for a lost cwd
+        return f"cannot start: its working directory {launch['cwd']} is gone"
+    return f"cannot start {launch['argv'][0]!r}: {getattr(exc, 'strerror', None) or exc}"
+
+
 class ShimRun:
     """One run of one instance, from spawn to exit record."""
 
@@ -137,7 +143,7 @@ class ShimRun:
                 umask=launch.get("umask", -1),  # the operator's, not the server's private one
             )
         except (OSError, subprocess.SubprocessError) as exc:
-            message = f"cannot start {launch['argv'][0]!r}: {getattr(exc, 'strerror', None) or exc}"
+            message = _start_error(launch, exc)
             err_log.write(message.encode() + b"\n")
             self._close_timeline(message.encode() + b"\n")
             self._write_exit(ExitRecord(127, None, "start failed", [message], time.time()))
