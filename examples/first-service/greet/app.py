@@ -3,6 +3,7 @@
 import logging
 
 from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -12,7 +13,7 @@ log = logging.getLogger("greet")
 names = client("names")
 
 
-async def greet(request):
+async def greet(request: Request) -> JSONResponse:
     name = (await names.get("/names/random")).json()["name"]
     log.info("greeting %s", name)
     return JSONResponse({"greeting": f"Hello, {name}!"})

@@ -4,6 +4,7 @@ import logging
 import random
 
 from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -13,7 +14,7 @@ log = logging.getLogger("names")
 NAMES = ["Ada", "Grace", "Edsger", "Barbara"]
 
 
-async def random_name(request):
+async def random_name(request: Request) -> JSONResponse:
     name = random.choice(NAMES)
     log.info("handing out %s", name)
     return JSONResponse({"name": name})
