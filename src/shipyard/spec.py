@@ -132,6 +132,8 @@ class TaskSpec:
     def from_dict(cls, data: Mapping[str, Any]) -> TaskSpec:
         """Rebuild from to_dict() output (as stored in the store); validates like a file does."""
         name, kind = data.get("name"), data.get("kind", "service")
+        if not isinstance(name, str):
+            raise SpecError([SpecProblem("<stored job>", None, "name", f"expected a job name, got {_describe(name)}")])
         body = {k: v for k, v in data.items() if k not in ("name", "kind")}
         section = "workers" if kind == "worker" else "services"
         project = _Validator("<stored job>", {}, check_references=False).project({section: {name: body}})
@@ -416,7 +418,7 @@ class _Validator:
         try:
             return parse_duration(value)
         except ValueError:
-            self.expect(path, value, 'a duration like "10s", "500ms", "1m" or a number of seconds (at most 292 years)')
+            self.expect(path, value, 'a duration like "10s", "500ms", "1m" or a number of seconds')
             return None
 
     def string(self, path: tuple[Any, ...], value: Any, pattern: re.Pattern[str] | None = None,

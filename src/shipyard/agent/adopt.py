@@ -48,7 +48,7 @@ class AdoptionReport:
 
 
 def _read_states(driver: ExecDriver) -> list[tuple[InstanceState, ExitRecord | None]]:
-    found = []
+    found: list[tuple[InstanceState, ExitRecord | None]] = []
     if not driver.instances_dir.is_dir():
         return found
     for directory in sorted(driver.instances_dir.iterdir()):

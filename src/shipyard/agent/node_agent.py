@@ -556,7 +556,8 @@ class NodeAgent:
 
     async def write_node(self) -> None:
         """This node's capacity for the planner; keeps an operator's eligibility (drain) as it is."""
-        cpu, memory = self.capacity or await asyncio.to_thread(machine_capacity)
+        capacity = self.capacity if self.capacity is not None else await asyncio.to_thread(machine_capacity)
+        cpu, memory = capacity
         attributes = {
             "address": self.address, "datacenter": self.node.datacenter, "driver": "exec",
             "limits": self.driver.cgroups.reason if self.driver.cgroups.available else "rss-polling",

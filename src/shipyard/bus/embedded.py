@@ -12,6 +12,7 @@ import heapq
 import time
 from collections.abc import Callable, Iterable, Sequence
 from itertools import count
+from typing import Any
 
 import orjson
 
@@ -384,7 +385,7 @@ class EmbeddedBroker(Bus):
         self._dispatch(q)
         return done
 
-    def settle_any(self, queue: str, **settles: list) -> int:  # type: ignore[type-arg]
+    def settle_any(self, queue: str, **settles: list[Any]) -> int:
         """Settles deliveries by tag whichever consumer of the queue holds them (the plain HTTP endpoints)."""
         q = self._existing(queue)
         return sum(self.settle(c, **settles) for c in list(q.consumers))

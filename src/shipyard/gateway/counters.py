@@ -215,7 +215,7 @@ def shared_counters(path: str | None = None) -> SharedCounters:
     path = path or os.environ.get(ENV_PATH) or ""
     with _open_lock:
         if not path:
-            path = _opened.get("").path if "" in _opened else ""
+            path = _opened[""].path if "" in _opened else ""
             if not path:
                 fd, path = tempfile.mkstemp(prefix="shipyard-counters-")
                 os.close(fd)

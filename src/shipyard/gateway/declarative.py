@@ -342,7 +342,8 @@ async def plan_changes(entries: list[Entry], current_kvs: Iterable[Any]) -> Plan
         old = current.get(key)
         if e.plain_password is not None:
             stored = str((old or {}).get("password") or "")
-            if stored and await asyncio.to_thread(verify_password, e.plain_password, stored):
+            same = bool(stored) and await asyncio.to_thread(verify_password, e.plain_password, stored)
+            if same:
                 e.record["password"] = stored
             else:
                 from shipyard.gateway.plugins.basic_auth import hash_password

@@ -213,8 +213,8 @@ _STATUS_RANK = {PASSING: 0, WARNING: 1, CRITICAL: 2}
 def registry_instances(contents: StoreContents) -> dict[str, list[Instance]]:
     """Every registered service instance with its aggregated health (Consul's rules), by service name."""
     node_addresses: dict[str, str] = {}
-    for key, node in records(contents, "catalog/nodes/"):
-        node_addresses[unquote(key[len("catalog/nodes/") :])] = str(node.get("Address") or "")
+    for key, node_record in records(contents, "catalog/nodes/"):
+        node_addresses[unquote(key[len("catalog/nodes/") :])] = str(node_record.get("Address") or "")
     node_status: dict[str, int] = {}
     service_status: dict[tuple[str, str], int] = {}
     for key, check in records(contents, "catalog/checks/"):

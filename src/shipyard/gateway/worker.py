@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 
@@ -93,7 +93,9 @@ class GatewayWorker:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.setblocking(False)
-        self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=4096)
+        # A protocol by its methods, not by its base class (compiled by mypyc, see ClientConnection): cast, no-op.
+        self.server = await self.loop.create_server(lambda: cast(asyncio.Protocol, ClientConnection(self)), sock=sock,
+                                                    backlog=4096)
         self._ticker = self.loop.call_later(TICK, self._tick)
 
     async def drain(self, grace: float) -> None:

@@ -181,7 +181,8 @@ class HealthChecker:
                 self._stop_runner(runner)
                 del self._runners[check_id]
             return
-        definition = check.get("Definition") if isinstance(check.get("Definition"), dict) else {}
+        raw_definition = check.get("Definition")
+        definition = raw_definition if isinstance(raw_definition, dict) else {}
         service_id = check.get("ServiceID") or ""
         fingerprint = orjson.dumps([kind, definition, service_id], option=orjson.OPT_SORT_KEYS)
         status, output = str(check.get("Status", CRITICAL)), str(check.get("Output", ""))

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -48,7 +49,7 @@ class Settings:
             default = cls.__dict__.get(name, dataclasses.MISSING)
             # Mutable defaults are fine here: each instance gets its own copy.
             if isinstance(default, list | dict | set):
-                setattr(cls, name, dataclasses.field(default_factory=lambda d=default: copy.deepcopy(d)))
+                setattr(cls, name, dataclasses.field(default_factory=functools.partial(copy.deepcopy, default)))
         dataclasses.dataclass(frozen=True)(cls)
 
 
@@ -106,13 +107,14 @@ class LiveSettings(Generic[T]):
     """The current settings (`.current`, or attributes directly), kept up to date by `watch()`."""
 
     def __init__(self, cls: type[T], prefix: str, *, server: str | None = None) -> None:
-        if not dataclasses.is_dataclass(cls):
-            raise SdkError(f"{cls.__name__} is not a dataclass nor a shipyard.sdk.config.Settings subclass")
         self.cls = cls
+        # Checked on self.cls: the check narrows what it looks at to "a dataclass", which cls must stay a type[T].
+        if not dataclasses.is_dataclass(self.cls):
+            raise SdkError(f"{cls.__name__} is not a dataclass nor a shipyard.sdk.config.Settings subclass")
         self.prefix = prefix.strip("/")
         self.server = server
         self.hints = typing.get_type_hints(cls)
-        self.fields = [f for f in dataclasses.fields(cls) if f.init]
+        self.fields = [f for f in dataclasses.fields(self.cls) if f.init]
         try:
             self.defaults: T = cls()
         except TypeError as exc:

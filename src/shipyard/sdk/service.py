@@ -430,7 +430,8 @@ class Service:
         sock = self._bind()
         uv_config = uvicorn.Config(
             self.asgi, http="httptools", lifespan="auto", access_log=False, server_header=False,
-            timeout_graceful_shutdown=max(self.stop_grace - 1.0, 0.5), log_level="info",
+            # uvicorn annotates this int but hands it to asyncio.timeout(), which takes the fraction we mean.
+            timeout_graceful_shutdown=max(self.stop_grace - 1.0, 0.5), log_level="info",  # type: ignore[arg-type]
         )
         server = self._uvicorn = _GracefulServer(uv_config, self._stop_requested)
         serving: asyncio.Task[None] | None = None

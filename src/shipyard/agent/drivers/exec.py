@@ -106,7 +106,7 @@ async def wait_for_pid_exit(pid: int, start_time: int | None) -> None:
             return
         loop = asyncio.get_running_loop()
         exited = loop.create_future()
-        loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+        loop.add_reader(fd, lambda: None if exited.done() else exited.set_result(None))
         try:
             await exited
         finally:

@@ -9,6 +9,7 @@ import logging
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from shipyard.api.context import PLATFORM
 from shipyard.api.marathon import cluster, endpoints, events
@@ -33,7 +34,7 @@ def invalid_message(exc: AppInvalid) -> str:
 
 
 @web.middleware
-async def marathon_errors(request: web.Request, handler):  # type: ignore[no-untyped-def]
+async def marathon_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Marathon's error bodies: {"message": ...}; 422 adds details; a 409 for a busy app names deployments."""
     try:
         return await handler(request)

@@ -52,8 +52,7 @@ class AppState:
 
 
 def version_string(versions: Mapping[int, float], version: int) -> str:
-    created = versions.get(version)
-    return iso(created) if created is not None else str(version)
+    return iso(versions.get(version)) or str(version)
 
 
 def task_state(alloc: Allocation, status: AllocStatus | None) -> str:

@@ -53,7 +53,8 @@ from shipyard.gateway.entities import (
     unique_keys,
 )
 from shipyard.gateway.plugins.base import PLUGINS as PLUGIN_CLASSES
-from shipyard.store import Compare, Delete, KeyValue, Put
+from shipyard.gateway.supervisor import GatewaySupervisor
+from shipyard.store import Compare, Delete, KeyValue, Put, Store
 
 routes = web.RouteTableDef()
 PREFIX = "/api/gateway"
@@ -103,7 +104,7 @@ async def read_body(request: web.Request, limit: int = MAX_BODY) -> dict[str, An
     return data
 
 
-def store_of(request: web.Request):  # type: ignore[no-untyped-def]
+def store_of(request: web.Request) -> Store:
     return platform_of(request).store
 
 
@@ -234,7 +235,7 @@ def page(items: list[dict[str, Any]], request: web.Request) -> web.Response:
 async def gateway_metrics(request: web.Request) -> web.Response:
     """Kong serves the prometheus plugin's metrics on its Admin API: so do we, summed over every worker."""
     gateway = platform_of(request).extras.get("gateway")
-    if gateway is None:
+    if not isinstance(gateway, GatewaySupervisor):
         raise ShipyardError("the gateway is not running on this server (--no-gateway)", status=404)
     text = await asyncio.to_thread(gateway.metrics_text)
     return web.Response(text=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
