@@ -42,6 +42,12 @@ def assert_no_traceback(server: ServerProcess) -> None:
     ("/v1/catalog/register", {"Node": "n1", "Address": "127.0.0.1",
                               "Service": {"Service": "b6", "Weights": {"Passing": 1e300, "Warning": 1}}},
      "Request decode failed: json: cannot unmarshal number into Go struct field NodeService.Passing of type int"),
+    ("/v1/catalog/register", {"Node": "n1", "Address": "127.0.0.1",
+                              "Check": {"CheckID": "b7", "Name": "b7", "Definition": {"HTTP": "http://127.0.0.1:1/",
+                                                                                    "Interval": "99999999999999h"}}},
+     'Request decode failed: time: invalid duration "99999999999999h"'),
+    ("/v1/session/create", {"LockDelay": "99999999999999h"},
+     'Request decode failed: time: invalid duration "99999999999999h"'),
     ("/v1/session/create", {"TTL": "99999999999999h"},
      "Session TTL '99999999999999h' invalid: time: invalid duration \"99999999999999h\""),
 ])
