@@ -203,10 +203,10 @@ class ExecInstance:
         if not self.spec.health_cmd:
             raise ValueError(f"instance {self.alloc_id} has no health command")
         proc = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", self.spec.health_cmd,
+            # The operator's umask, not the server's private one (uvloop's subprocess has no umask argument).
+            "/bin/sh", "-c", f"umask {operator_umask():04o}; {self.spec.health_cmd}",
             env=instance_env(self.spec, self.ports),
             cwd=self.spec.workdir or str(self.driver.instance_dir(self.alloc_id)),
-            umask=operator_umask(),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
