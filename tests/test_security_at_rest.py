@@ -65,14 +65,15 @@ def test_data_dir_is_private_and_instances_keep_the_operators_umask(tmp_path: Pa
     data_dir = tmp_path / "data"
     data_dir.mkdir(mode=0o755)
     os.chmod(data_dir, 0o755)  # as an older version left it
-    made_by_instance = tmp_path / "made-by-instance"
-    server = ServerProcess(data_dir, "--no-gateway").start()
+    made_by_instance, made_by_check = tmp_path / "made-by-instance", tmp_path / "made-by-check"
+    server = ServerProcess(data_dir, "--no-gateway", "--enable-script-checks").start()
     try:
         spec = {"name": "writer", "cmd": f"echo to-the-log; touch {made_by_instance}; sleep 600",
-                "resources": {"cpu": 10, "memory": 16}}
+                "health": {"command": f"touch {made_by_check}"}, "resources": {"cpu": 10, "memory": 16}}
         assert requests.post(f"{server.url}/api/v1/jobs", json=spec, timeout=10).status_code == 201
         assert requests.put(f"{server.url}/v1/kv/some/key", data=b"value", timeout=10).status_code == 200
-        wait_until("the instance's file", made_by_instance.exists)
+        wait_until("the instance's and its health command's files", lambda: made_by_instance.exists()
+                   and made_by_check.exists())
         logs = wait_until("the instance's stdout log", lambda: [p for p in data_dir.rglob("stdout*")
                                                                  if p.stat().st_size > 0])
         paths = [data_dir, *data_dir.rglob("*")]
@@ -84,6 +85,7 @@ def test_data_dir_is_private_and_instances_keep_the_operators_umask(tmp_path: Pa
         umask = os.umask(0)
         os.umask(umask)
         assert stat.S_IMODE(made_by_instance.stat().st_mode) == 0o666 & ~umask
+        assert stat.S_IMODE(made_by_check.stat().st_mode) == 0o666 & ~umask
     finally:
         server.stop()
 
