@@ -1,4 +1,5 @@
-"""The Consul-compatible HTTP API under /v1: agent, catalog, health, kv, txn, session, status, acl.
+"""The Consul-compatible HTTP API under /v1: agent, catalog, health, kv, txn, session, status, acl, event, config,
+discovery-chain, coordinate, query, operator, snapshot, connect.
 
 Each module owns one endpoint group's routes; this file only mounts them.
 """
@@ -7,12 +8,35 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from shipyard.api.consul import acl, agent, catalog, health, kv, session, status, txn
+from shipyard.api.consul import (
+    acl,
+    acl_api,
+    agent,
+    catalog,
+    config,
+    connect,
+    coordinate,
+    discovery_chain,
+    event,
+    health,
+    kv,
+    operator,
+    query,
+    session,
+    snapshot,
+    status,
+    txn,
+)
 from shipyard.api.consul.common import datacenter_scope
+from shipyard.api.context import PLATFORM
 
 
 def add_consul_routes(app: web.Application) -> None:
+    if app[PLATFORM].config.acl:
+        app.router.add_routes(acl_api.routes)  # first, so that acl.py's "ACL support disabled" never answers
     for module in (agent, catalog, health, kv, session, status, txn, acl):
+        app.router.add_routes(module.routes)
+    for module in (event, config, discovery_chain, coordinate, query, operator, snapshot, connect):
         app.router.add_routes(module.routes)
     # One ?dc= check for every endpoint that takes it, rather than one per handler.
     app.middlewares.append(datacenter_scope)

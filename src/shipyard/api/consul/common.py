@@ -120,7 +120,8 @@ def _decimal(value: int, size: int) -> str:
 
 # Endpoints Consul forwards to the datacenter named by ?dc= (agent endpoints are local and ignore it).
 DATACENTER_SCOPED = ("/v1/catalog/", "/v1/health/", "/v1/kv/", "/v1/session/", "/v1/txn", "/v1/status/",
-                     "/v1/query", "/v1/coordinate/", "/v1/event/", "/v1/internal/")
+                     "/v1/query", "/v1/coordinate/", "/v1/event/", "/v1/internal/", "/v1/config", "/v1/connect/",
+                     "/v1/operator/", "/v1/snapshot", "/v1/discovery-chain/")
 NO_PATH_TO_DATACENTER = "No path to datacenter"  # Consul's structs.ErrNoDCPath
 
 
