@@ -895,7 +895,7 @@ async def test_dev_mode_keeps_state_in_memory_only(tmp_path: Path, monkeypatch: 
         await fresh.close()
 
 
-# ---- SQLite only: failure paths (issue 11, item 12) --------------------------------------------------------------------
+# ---- SQLite only: failure paths (issue 11, item 12) -----------------------------------------------------------------
 
 
 async def test_watcher_cut_off_during_replay_is_not_left_registered(
