@@ -151,6 +151,8 @@ def _register_subcommands() -> None:
     jobs_commands.register(cli)
     bus_commands.register(cli)
     gateway_commands.register(cli)
+    from shipyard.cli import snapshot_commands
+    snapshot_commands.register(cli)
     tls_commands.register(cli)
     for name, command in cli.commands.items():
         if name != "server":  # the server listens; every other command talks to one
