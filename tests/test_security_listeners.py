@@ -76,6 +76,13 @@ def test_rebound_host_is_misdirected_on_every_api(srv: ServerProcess, path: str)
     assert b"attacker.example" in body and b"--allowed-host" in body
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "evil.example@127.0.0.1", "127.0.0.1.nip.io", "localhost.evil.example"])
+def test_hosts_that_only_look_local_are_misdirected(srv: ServerProcess, host: str) -> None:
+    # 0.0.0.0 reaches localhost from browsers on Linux and macOS ("0.0.0.0 day"); the others are rebinding names.
+    status, _, body = raw(srv, "GET", "/v1/kv/secret", host=f"{host}:{srv.http_port}")
+    assert status == 421, body
+
+
 def test_rebound_host_cannot_write_kv(srv: ServerProcess) -> None:
     status, _, _ = raw(srv, "PUT", "/v1/kv/rebound", host=f"attacker.example:{srv.http_port}", body=b"x")
     assert status == 421
