@@ -85,6 +85,10 @@ class ServerConfig:
     gateway_workers: int = 0  # 0: one per core
     bus_url: str = ""  # "": the embedded broker; "rabbitmq://user:pass@host:port/vhost" (or amqp://): RabbitMQ
     dns: DnsConfig = field(default_factory=DnsConfig)
+    vault_port: int = 8200  # the Vault-compatible secrets engine's listener; 0: none
+    vault_port_required: bool = False  # given explicitly: taken is an error (the default 8200 taken is a warning)
+    vault_dev: bool = False  # the secrets engine initialises and unseals itself (--dev, `shipyard up`)
+    vault_dev_root_token: str = ""  # dev mode: this root token instead of a random one
     allowed_hosts: tuple[str, ...] = ()  # Host names the control API answers besides loopback and its own addresses
     tls: TlsConfig = field(default_factory=TlsConfig)
 

@@ -17,6 +17,7 @@ from shipyard import __version__
 from shipyard.cli.dns_options import dns_config, dns_options
 from shipyard.cli.options import HTTP_ADDR_ENV, HTTP_ADDR_HELP, add_http_addr
 from shipyard.cli.tls_commands import tls_config, tls_options
+from shipyard.cli.vault_options import vault_options, vault_settings
 from shipyard.errors import ShipyardError
 
 err_console = Console(stderr=True)
@@ -92,6 +93,7 @@ def cli(ctx: click.Context, http_addr: str) -> None:
               help="How much the server logs to stderr.")
 @dns_options
 @tls_options
+@vault_options
 def server(
     data_dir: str,
     bind: str,
@@ -140,6 +142,7 @@ def server(
         bus_url="" if bus_url in ("", "embedded") else bus_url,
         dns=dns_config(dns_flags),
         tls=tls_config(dns_flags),
+        **vault_settings(dns_flags, dev=dev),
     )
     uvloop.run(serve(config))
 

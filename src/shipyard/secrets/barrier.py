@@ -1,0 +1,216 @@
+"""The security barrier: AES-256-GCM over everything the engine stores, a keyring of terms under a root key.
+
+It owns seal state and the /vault/ prefix of the store; it never writes plaintext (beyond the public seal
+configuration) to the store and never logs a key, a share or a value.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from shipyard.errors import BadRequest, ShipyardError
+from shipyard.secrets import shamir
+from shipyard.store import Store
+
+PREFIX = "/vault/"
+SEAL_CONFIG = PREFIX + "core/seal-config"  # shares and threshold: public, as in Vault
+KEYRING = PREFIX + "core/keyring"  # the keyring, encrypted under the root key
+DATA = PREFIX + "data/"  # every logical entry, encrypted under a keyring term
+_VERSION = 1
+
+
+class Sealed(ShipyardError):
+    status = 503
+
+    def __init__(self) -> None:
+        super().__init__("Vault is sealed")
+
+
+@dataclass
+class Keyring:
+    """Terms of data keys (the newest encrypts; all decrypt) and the root key that protects them."""
+
+    root_key: bytes
+    keys: dict[int, bytes] = field(default_factory=dict)
+    install_times: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def term(self) -> int:
+        return max(self.keys)
+
+    def to_json(self) -> bytes:
+        return json.dumps({"keys": {str(t): base64.b64encode(k).decode() for t, k in self.keys.items()},
+                           "install_times": {str(t): v for t, v in self.install_times.items()}}).encode()
+
+    @classmethod
+    def from_json(cls, root_key: bytes, raw: bytes) -> Keyring:
+        doc = json.loads(raw)
+        return cls(root_key, {int(t): base64.b64decode(k) for t, k in doc["keys"].items()},
+                   {int(t): float(v) for t, v in doc["install_times"].items()})
+
+
+def seal_bytes(key: bytes, term: int, plaintext: bytes, aad: bytes) -> bytes:
+    """term (4 bytes) | version (1) | nonce (12) | ciphertext+tag; the AAD binds it to its storage path."""
+    nonce = os.urandom(12)
+    header = term.to_bytes(4, "big") + bytes([_VERSION])
+    return header + nonce + AESGCM(key).encrypt(nonce, plaintext, header + aad)
+
+
+def open_bytes(keys: dict[int, bytes], blob: bytes, aad: bytes) -> bytes:
+    term = int.from_bytes(blob[:4], "big")
+    key = keys.get(term)
+    if key is None or len(blob) < 17 + 16:
+        raise ShipyardError(f"no key for term {term} to decrypt an entry", status=500)
+    return AESGCM(key).decrypt(blob[5:17], blob[17:], blob[:5] + aad)
+
+
+class Barrier:
+    """Encrypts entries into the store under DATA; knows nothing of what the entries mean."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.keyring: Keyring | None = None
+        self.unseal_shares: list[bytes] = []
+        self.nonce = ""
+
+    @property
+    def sealed(self) -> bool:
+        return self.keyring is None
+
+    async def seal_config(self) -> dict[str, int] | None:
+        kv = await self.store.get(SEAL_CONFIG)
+        return None if kv is None else dict(json.loads(kv.value))
+
+    async def initialize(self, shares: int, threshold: int) -> list[bytes]:
+        """A new root key and keyring; returns the key shares (the root key itself when shares == 1)."""
+        if await self.seal_config() is not None:
+            raise BadRequest("Vault is already initialized")
+        if shares < 1 or threshold < 1 or threshold > shares or (shares > 1 and threshold < 2):
+            raise BadRequest("invalid seal configuration: threshold must be 1..shares (and at least 2 when "
+                             "shares > 1)")
+        root_key = os.urandom(32)
+        keyring = Keyring(root_key, {1: os.urandom(32)}, {1: time.time()})
+        parts = [root_key] if shares == 1 else shamir.split(root_key, shares, threshold)
+        # The keyring first, then the config that says "initialised": a crash between them leaves it uninitialised.
+        await self._store_keyring(keyring)
+        await self.store.put(SEAL_CONFIG, json.dumps({"secret_shares": shares, "secret_threshold": threshold,
+                                                      "type": "shamir"}).encode())
+        return parts
+
+    async def _store_keyring(self, keyring: Keyring) -> None:
+        await self.store.put(KEYRING, seal_bytes(keyring.root_key, 0, keyring.to_json(), KEYRING.encode()))
+
+    async def submit_share(self, share: bytes) -> bool:
+        """Adds one unseal share; unseals when the threshold is reached. Wrong shares reset the progress."""
+        config = await self.seal_config()
+        if config is None:
+            raise BadRequest("Vault is not initialized")
+        if self.keyring is not None:
+            return True
+        if share in self.unseal_shares:
+            return False  # Vault ignores a share it already has
+        if not self.unseal_shares:
+            self.nonce = base64.urlsafe_b64encode(os.urandom(12)).decode()
+        self.unseal_shares.append(share)
+        if len(self.unseal_shares) < config["secret_threshold"]:
+            return False
+        shares, self.unseal_shares, self.nonce = self.unseal_shares, [], ""
+        try:
+            root_key = shares[0] if len(shares) == 1 else shamir.combine(shares)
+            await self.unseal_with(root_key)
+        except (BadRequest, InvalidTag, ValueError):
+            raise BadRequest("failed to unseal: the key shares do not decrypt the keyring (wrong or mixed "
+                             "shares); progress reset") from None
+        return True
+
+    async def unseal_with(self, root_key: bytes) -> None:
+        kv = await self.store.get(KEYRING)
+        if kv is None:
+            raise BadRequest("Vault is not initialized")
+        raw = open_bytes({0: root_key}, kv.value, KEYRING.encode()) if len(root_key) == 32 else b""
+        if not raw:
+            raise BadRequest("invalid key length")
+        self.keyring = Keyring.from_json(root_key, raw)
+
+    def reset_progress(self) -> None:
+        self.unseal_shares, self.nonce = [], ""
+
+    def seal(self) -> None:
+        self.keyring = None
+        self.reset_progress()
+
+    def _ring(self) -> Keyring:
+        if self.keyring is None:
+            raise Sealed()
+        return self.keyring
+
+    async def rotate(self) -> int:
+        ring = self._ring()
+        term = ring.term + 1
+        ring.keys[term] = os.urandom(32)
+        ring.install_times[term] = time.time()
+        await self._store_keyring(ring)
+        return term
+
+    # Logical storage: paths are relative ("core/mounts", "logical/<uuid>/x"); the AAD is the full store key.
+    async def get(self, path: str) -> bytes | None:
+        ring = self._ring()
+        key = DATA + path
+        kv = await self.store.get(key)
+        return None if kv is None else open_bytes(ring.keys, kv.value, key.encode())
+
+    async def put(self, path: str, value: bytes) -> None:
+        ring = self._ring()
+        key = DATA + path
+        await self.store.put(key, seal_bytes(ring.keys[ring.term], ring.term, value, key.encode()))
+
+    async def delete(self, path: str, *, prefix: bool = False) -> None:
+        self._ring()
+        await self.store.delete(DATA + path, prefix=prefix)
+
+    async def list(self, prefix: str) -> list[str]:
+        """The immediate children under prefix: names, and folder names ending in '/' (Vault's LIST)."""
+        self._ring()
+        full = DATA + prefix
+        result = await self.store.range(full, prefix=True)
+        names: set[str] = set()
+        for kv in result.kvs:
+            rest = kv.key[len(full):]
+            head, slash, _ = rest.partition("/")
+            names.add(head + slash)
+        return sorted(names)
+
+    async def get_json(self, path: str) -> dict[str, Any] | None:
+        raw = await self.get(path)
+        return None if raw is None else dict(json.loads(raw))
+
+    async def put_json(self, path: str, doc: object) -> None:
+        await self.put(path, json.dumps(doc, separators=(",", ":")).encode())
+
+
+class View:
+    """A barrier scoped to one prefix (a mount's storage); its paths cannot climb out of it."""
+
+    def __init__(self, barrier: Barrier, prefix: str) -> None:
+        self.barrier = barrier
+        self.prefix = prefix
+
+    async def get_json(self, path: str) -> dict[str, Any] | None:
+        return await self.barrier.get_json(self.prefix + path)
+
+    async def put_json(self, path: str, doc: object) -> None:
+        await self.barrier.put_json(self.prefix + path, doc)
+
+    async def delete(self, path: str, *, prefix: bool = False) -> None:
+        await self.barrier.delete(self.prefix + path, prefix=prefix)
+
+    async def list(self, path: str) -> list[str]:
+        return await self.barrier.list(self.prefix + path)
