@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ from shipyard.api.context import PLATFORM, Platform, ServerConfig
 from shipyard.api.dns import DnsServer
 from shipyard.api.errors import error_middleware
 from shipyard.api.guard import RequestGuard
+from shipyard.api.https import HttpsListener
 from shipyard.api.marathon import add_marathon_routes
 from shipyard.api.native import add_native_routes
 from shipyard.api.native.gateway_api import seal_stored_keys
@@ -47,6 +49,8 @@ from shipyard.scheduler.jobs import JobService
 from shipyard.scheduler.loop import SchedulerLoop
 from shipyard.store import SqliteStore, Store, StoreError
 from shipyard.store.etcd import EtcdStore
+from shipyard.tls import self_signed, server_context
+from shipyard.tls.authority import write_private
 
 log = logging.getLogger("shipyard.server")
 
@@ -106,11 +110,24 @@ def check_bus_url(config: ServerConfig) -> None:
                             "(amqps:// for TLS, rabbitmq:// means amqp://; or leave it out for the embedded bus)")
 
 
+def local_control_url(config: ServerConfig) -> str:
+    """How processes on this machine reach the control API: plain HTTP where it listens (on loopback once TLS is
+    on), else the HTTPS port (they then need the CA: SHIPYARD_CACERT)."""
+    tls = config.tls
+    host = config.bind if config.bind not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    if tls.enabled and not is_loopback(host):
+        host = "127.0.0.1"  # plain HTTP is on loopback only; the certificates name 127.0.0.1 too
+    scheme, port = ("http", config.http_port) if config.http_port or not tls.enabled else ("https", tls.https_port)
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
 def platform_env(config: ServerConfig) -> dict[str, str]:
     """What every instance the agent starts is told about the platform: the control API and the bus."""
-    host = config.bind if config.bind not in ("", "0.0.0.0", "::") else "127.0.0.1"
-    http_addr = f"[{host}]:{config.http_port}" if ":" in host else f"{host}:{config.http_port}"
-    env = {"SHIPYARD_HTTP_ADDR": http_addr, "SHIPYARD_BUS_URL": config.bus_url or f"http://{http_addr}"}
+    url = local_control_url(config)
+    http_addr = url.removeprefix("http://")
+    env = {"SHIPYARD_HTTP_ADDR": http_addr, "SHIPYARD_BUS_URL": config.bus_url or url}
+    if url.startswith("https://") and config.tls.ca_file:
+        env["SHIPYARD_CACERT"] = os.path.abspath(config.tls.ca_file)
     # `python` and `shipyard` in a spec's cmd mean the platform's own (its venv), so services can use the
     # SDK and `shipyard worker` without knowing where Shipyard is installed.
     env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), os.environ.get("PATH", "")) if p)
@@ -236,8 +253,7 @@ def gateway_supervisor(config: ServerConfig) -> GatewaySupervisor | None:
     """The gateway workers as a system job of this server (None with --no-gateway)."""
     if not config.gateway_port:
         return None
-    host = config.bind if config.bind not in ("", "0.0.0.0", "::") else "127.0.0.1"
-    control = f"http://[{host}]:{config.http_port}" if ":" in host else f"http://{host}:{config.http_port}"
+    control = local_control_url(config)
     if config.data_dir is not None:
         shared = os.path.join(config.data_dir, "gateway-counters")
     else:
@@ -245,22 +261,105 @@ def gateway_supervisor(config: ServerConfig) -> GatewaySupervisor | None:
     # The workers know the control and gateway ports; the DNS port too, so no catalog entry routes to any of them.
     own_ports = ("--server-port", str(config.dns_port)) if config.dns_port else ()
     return GatewaySupervisor(control, bind=config.bind, port=config.gateway_port, workers=config.gateway_workers,
-                             shared_path=shared, extra_args=own_ports)
+                             shared_path=shared, extra_args=own_ports + gateway_tls_args(config, control))
+
+
+def gateway_tls_args(config: ServerConfig, control: str) -> tuple[str, ...]:
+    """The workers' TLS: the CA and a certificate to reach an https control API (the server's own: Consul's server
+    certificates are client certificates too), and the port and default certificate where they terminate TLS."""
+    tls = config.tls
+    args: list[str] = []
+    if control.startswith("https://"):
+        args += ["--control-ca", os.path.abspath(tls.ca_file)] if tls.ca_file else []
+        args += ["--control-cert", os.path.abspath(tls.cert_file), "--control-key", os.path.abspath(tls.key_file)]
+    if tls.gateway_port:
+        cert, key = gateway_default_certificate(config)
+        args += ["--tls-port", str(tls.gateway_port), "--server-port", str(tls.gateway_port),
+                 "--tls-cert", cert, "--tls-key", key]
+    if tls.enabled:
+        args += ["--server-port", str(tls.https_port)]
+    return tuple(args)
+
+
+def control_summary(config: ServerConfig, tls: bool) -> str:
+    if not tls:
+        return f"http://{config.bind}:{config.http_port}"
+    plain = f"http://{config.bind if is_loopback(config.bind) else '127.0.0.1'}:{config.http_port}"
+    https = f"https://{config.bind}:{config.tls.https_port}"
+    verify = " (client certificates required)" if config.tls.verify_incoming else ""
+    return f"{https}{verify}" + (f" and {plain}" if config.http_port else " (plain HTTP off)")
+
+
+def gateway_default_certificate(config: ServerConfig) -> tuple[str, str]:
+    """--gateway-tls-cert, else one self-signed certificate for every worker (Kong's default certificate), made once
+    in the data dir (a temporary directory under --dev)."""
+    tls = config.tls
+    if tls.gateway_cert_file:
+        return os.path.abspath(tls.gateway_cert_file), os.path.abspath(tls.gateway_key_file or tls.gateway_cert_file)
+    folder = Path(config.data_dir or tempfile.mkdtemp(prefix="shipyard-gateway-tls-"))
+    cert, key = folder / "gateway-default-cert.pem", folder / "gateway-default-key.pem"
+    if not (cert.exists() and key.exists()):
+        cert.unlink(missing_ok=True)
+        key.unlink(missing_ok=True)
+        cert_pem, key_pem = self_signed("localhost", ["localhost"])
+        write_private(key, key_pem, 0o600)
+        write_private(cert, cert_pem, 0o644)
+    return str(cert), str(key)
+
+
+def locked_down(config: ServerConfig) -> bool:
+    """ACLs on with default deny and TLS configured: the control plane may face a network."""
+    acl_on = bool(getattr(config, "acl", False))  # --acl (the ACL system's flags live beside this one)
+    default = str(getattr(config, "acl_default_policy", "allow"))
+    return config.tls.enabled and acl_on and default == "deny"
+
+
+def check_bind(config: ServerConfig) -> None:
+    if is_loopback(config.bind) or locked_down(config):
+        return
+    if not config.insecure_bind:
+        raise ShipyardError(
+            f"refusing to bind to non-loopback address {config.bind}: that needs ACLs with default deny (--acl) "
+            "and TLS (--tls-cert, --tls-key), or --insecure-bind to do it anyway",
+            status=2,
+        )
+    log.warning("binding to %s without ACLs on default deny and TLS; anyone who can reach it may control it",
+                config.bind)
+
+
+def https_context(config: ServerConfig) -> ssl.SSLContext | None:
+    tls = config.tls
+    if not tls.enabled:
+        return None
+    if not tls.key_file:
+        raise ShipyardError("--tls-cert needs --tls-key (the certificate's private key)", status=2)
+    return server_context(tls.cert_file, tls.key_file, tls.ca_file, verify_incoming=tls.verify_incoming)
+
+
+async def start_control_listeners(config: ServerConfig, runner: web.AppRunner,
+                                  context: ssl.SSLContext | None) -> HttpsListener | None:
+    """Plain HTTP on --http-port (loopback only once TLS is on; none with --http-port 0 and TLS), HTTPS on
+    --https-port."""
+    if config.http_port or context is None:
+        host = config.bind if context is None or is_loopback(config.bind) else "127.0.0.1"
+        await web.TCPSite(runner, host, config.http_port, backlog=1024, reuse_address=True).start()
+    if context is None:
+        return None
+    listener = HttpsListener(runner.server, config.bind, config.tls.https_port, context)  # type: ignore[arg-type]
+    await listener.start()
+    return listener
 
 
 async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> None:
     """Runs the server until SIGINT/SIGTERM."""
-    if not is_loopback(config.bind) and not config.insecure_bind:
-        raise ShipyardError(
-            f"refusing to bind to non-loopback address {config.bind}: the API has no access control yet "
-            "(pass --insecure-bind to do it anyway)",
-            status=2,
-        )
-    if not is_loopback(config.bind):
-        log.warning("binding to %s: the API has no access control; anyone who can reach it controls it", config.bind)
+    check_bind(config)
+    tls_context = https_context(config)  # a missing or unreadable certificate is one line before anything listens
     # A taken port is one line and exit 1 now, not a traceback (control, DNS) or workers crash-looping (gateway).
     check_ports_free(config.bind, [(config.http_port, "--http-port", False), (config.dns_port, "--dns-port", True),
-                                   (config.gateway_port, "--gateway-port", False)])
+                                   (config.gateway_port, "--gateway-port", False),
+                                   (config.tls.https_port if tls_context else 0, "--https-port", False),
+                                   (config.tls.gateway_port if config.gateway_port else 0, "--gateway-tls-port",
+                                    False)])
     make_process_private()  # store, bus, logs, counters: 0600 files in 0700 dirs, whatever the operator's umask
     if config.data_dir is not None:
         make_data_dir_private(config.data_dir)
@@ -269,13 +368,13 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     runner: web.AppRunner | None = None
     dns_server: DnsServer | None = None
     gateway: GatewaySupervisor | None = None
+    https: HttpsListener | None = None
     try:
         await start_platform(platform)
         app = build_app(platform)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
-        site = web.TCPSite(runner, config.bind, config.http_port, backlog=1024, reuse_address=True)
-        await site.start()
+        https = await start_control_listeners(config, runner, tls_context)
         if config.dns_port:
             dns_server = DnsServer(platform.catalog, config.datacenter, config.bind, config.dns_port, config.dns)
             await dns_server.start()
@@ -285,9 +384,8 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
             await gateway.start()
             await gateway.wait_listening()
         log.info(
-            "shipyard server ready: http://%s:%d, DNS on port %s (node %s, data dir %s, bus %s)",
-            config.bind,
-            config.http_port,
+            "shipyard server ready: %s, DNS on port %s (node %s, data dir %s, bus %s)",
+            control_summary(config, tls_context is not None),
             config.dns_port or "off",
             platform.node.name,
             config.data_dir or "in memory (--dev)",
@@ -310,6 +408,8 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
                         os.unlink(path)
         if dns_server is not None:
             await dns_server.stop()
+        if https is not None:
+            await https.stop()
         if runner is not None:
             await runner.cleanup()
         left_running = instances_left_running(platform)

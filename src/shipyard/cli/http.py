@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from shipyard.errors import ShipyardError
+from shipyard.tls.contexts import ClientTls
 
 
 class ServerUnreachable(ShipyardError):
@@ -37,9 +38,11 @@ def _looks_foreign(response: httpx.Response) -> bool:
 
 class ApiClient:
     def __init__(self, http_addr: str, *, timeout: float = 30.0) -> None:
-        base = http_addr if "://" in http_addr else f"http://{http_addr}"
-        self.base_url = base.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        # https:// in the address or CONSUL_HTTP_SSL=true; the CA and a client certificate from CONSUL_CACERT,
+        # CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY (or their SHIPYARD_ twins), as Consul's CLI reads them.
+        tls = ClientTls.from_env()
+        self.base_url = tls.base_url(http_addr)
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, verify=tls.httpx_verify(self.base_url))
 
     def request(
         self, method: str, path: str, *, params: dict[str, Any] | None = None, content: bytes | None = None,
@@ -47,13 +50,14 @@ class ApiClient:
     ) -> httpx.Response:
         try:
             response = self._http.request(method, path, params=params, content=content, json=json)
-        except httpx.ConnectError:
-            raise ServerUnreachable(
-                f"cannot reach the shipyard server at {self.base_url} (is `shipyard server` running?)"
-            ) from None
+        except httpx.ConnectError as exc:
+            raise _connect_failure(self.base_url, exc) from None
         except httpx.TimeoutException:
             raise ServerUnreachable(f"the shipyard server at {self.base_url} did not answer in time") from None
         except httpx.RemoteProtocolError as exc:
+            if self.base_url.startswith("https://"):  # TLS 1.3 servers refuse a missing client certificate here
+                raise ServerUnreachable(f"{self.base_url} closed the connection ({exc}): a server with "
+                                        "--verify-incoming wants CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY") from None
             raise NotShipyard(f"{self.base_url} is not a Shipyard server (it does not speak HTTP: {exc})") from None
         except httpx.HTTPError as exc:
             raise ServerUnreachable(f"talking to {self.base_url} failed: {exc}") from None
@@ -91,6 +95,18 @@ class ApiClient:
             return response.json()
         except ValueError:
             raise _not_shipyard(self.base_url, "GET", path, response) from None
+
+
+def _connect_failure(base_url: str, exc: httpx.ConnectError) -> ShipyardError:
+    """A refused connection, or a TLS failure said as one (wrong CA, no client certificate, plain HTTP port)."""
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return ServerUnreachable(f"the server at {base_url} has a certificate we cannot verify ({text}): "
+                                 "set CONSUL_CACERT to the CA that signed it")
+    if "SSL" in text or "TLS" in text or "certificate" in text:
+        return ServerUnreachable(f"TLS with {base_url} failed: {text} (a server with --verify-incoming wants "
+                                 "CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY; an http:// port wants http://)")
+    return ServerUnreachable(f"cannot reach the shipyard server at {base_url} (is `shipyard server` running?)")
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -26,6 +26,7 @@ ROOT = "gateway/"
 UNIQUE = "gateway/unique/"
 NAME_RE = re.compile(r"^[A-Za-z0-9._~-]{1,128}$")
 PROTOCOLS = ("http", "https")
+REDIRECT_STATUSES = (426, 301, 302, 307, 308)  # what a route with protocols: [https] answers plain HTTP
 METHODS_RE = re.compile(r"^[A-Z]{1,16}$")
 ALGORITHMS = ("round-robin", "least-connections", "consistent-hashing")
 HASH_ON = ("none", "header", "cookie", "ip")
@@ -192,7 +193,8 @@ def normalize_service(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def normalize_route(body: Mapping[str, Any]) -> dict[str, Any]:
     f = Fields(body, {"id", "name", "service", "hosts", "paths", "regex_paths", "methods", "headers",
-                      "strip_path", "preserve_host", "tags", "protocols", "regex_priority"})
+                      "strip_path", "preserve_host", "tags", "protocols", "regex_priority",
+                      "https_redirect_status_code"})
     record: dict[str, Any] = {"id": f.string("id") or "", "name": f.string("name", pattern=NAME_RE) or None}
     service = _ref(f.get("service", required=True))
     record["service"] = service
@@ -245,6 +247,11 @@ def normalize_route(body: Mapping[str, Any]) -> dict[str, Any]:
     record["preserve_host"] = f.boolean("preserve_host", False)
     record["tags"] = f.strings("tags")
     record["protocols"] = f.strings("protocols") or ["http", "https"]
+    if any(p not in PROTOCOLS for p in record["protocols"]):
+        f.errors["protocols"] = "expected one of: http, https"
+    record["https_redirect_status_code"] = f.integer("https_redirect_status_code", 426, low=301, high=426)
+    if record["https_redirect_status_code"] not in REDIRECT_STATUSES:
+        f.errors["https_redirect_status_code"] = "expected one of: 426, 301, 302, 307, 308"
     if not (record["hosts"] or record["paths"] or record["regex_paths"] or record["methods"] or record["headers"]):
         f.errors["@entity"] = "must set one of 'methods', 'hosts', 'headers', 'paths' when 'protocols' is 'http'"
     f.check()

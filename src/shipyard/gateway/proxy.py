@@ -243,6 +243,8 @@ class ClientConnection:
         self.error_pending: _Refuse | None = None
         self.head_held_at = -1  # index in down_buf of a response head held back (HEAD_HOLD); -1: none
         self.head_timer: asyncio.TimerHandle | None = None
+        self.tls = False  # accepted on the TLS port (the SSL transport decrypts below this protocol)
+        self.proto_b = b"http"
 
     # ---- asyncio.Protocol -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -251,7 +253,11 @@ class ClientConnection:
         if peer:
             self.client_ip = peer[0]
             self.client_ip_b = peer[0].encode()
-        self.xff_line = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: " % self.client_ip_b
+        if transport.get_extra_info("sslcontext") is not None:
+            self.tls = True
+            self.proto_b = b"https"
+        self.xff_line = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: " % (
+            self.client_ip_b, self.proto_b)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -505,6 +511,9 @@ class ClientConnection:
             self._respond(req, 404, NO_ROUTE)
             return
         req.match = match
+        if match.route.spec.https_redirect and not self.tls:
+            self._https_redirect(req, match.route.spec.https_redirect, host)
+            return
         chain = match.route.plugins
         if chain is not None:
             route = match.route
@@ -515,6 +524,17 @@ class ClientConnection:
             self._drive(req, chain.run_access(ctx))
             return
         self._forward(req)
+
+    def _https_redirect(self, req: Request, status: int, host: bytes) -> None:
+        """A route with protocols: [https] met on plain HTTP: Kong's 426, or a redirect to the TLS port."""
+        if status == 426:
+            self._respond(req, 426, json_body("Please use HTTPS protocol"),
+                          [(b"Connection", b"Upgrade"), (b"Upgrade", b"TLS/1.2, HTTP/1.1")])
+            return
+        port = self.gw.tls_port_b
+        authority = host if port == b"443" or not port else host + b":" + port
+        target = req.url if req.url.startswith(b"/") else req.path
+        self._respond(req, status, b"", [(b"Location", b"https://" + authority + target)], json=False)
 
     def _ambiguous(self, req: Request, host: bytes, match: Match | None, table: Any) -> bool:
         """True when the path read as a server that decodes %2F and strips ;parameters would read it picks another
@@ -743,12 +763,12 @@ class ClientConnection:
             parts += (self.xff_line, req.host or b"")
         else:
             parts += (b"X-Forwarded-For: ", req.xff, b", ", self.client_ip_b,
-                      b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ", req.host or b"")
+                      b"\r\nX-Forwarded-Proto: ", self.proto_b, b"\r\nX-Forwarded-Host: ", req.host or b"")
         if req.via is None:
-            parts.append(self.gw.forwarded_tail)
+            parts.append(self.gw.tls_forwarded_tail if self.tls else self.gw.forwarded_tail)
         else:
-            parts += (b"\r\nX-Forwarded-Port: ", self.gw.port_b, b"\r\nVia: ", req.via, b", ", self.settings.via,
-                      b"\r\n")
+            parts += (b"\r\nX-Forwarded-Port: ", self.gw.tls_port_b if self.tls else self.gw.port_b, b"\r\nVia: ",
+                      req.via, b", ", self.settings.via, b"\r\n")
         if req.upgrade:
             parts += (b"Connection: Upgrade\r\nUpgrade: ", req.upgrade_value or b"", b"\r\n")
         if req.chunked:

@@ -43,6 +43,7 @@ class RouteSpec:
     preserve_host: bool = False
     source: str = "gateway"  # gateway | tag | job
     plugins: tuple[Mapping[str, Any], ...] = ()  # route-scoped plugin records (job specs)
+    https_redirect: int = 0  # Kong's protocols: [https]: plain HTTP gets this status (426, or a 30x to https://)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +165,17 @@ def route_from_record(record: Mapping[str, Any], *, source: str, default_service
         preserve_host=bool(record.get("preserve_host", False)),
         source=source,
         plugins=plugins,
+        https_redirect=https_redirect_status(record),
     )
+
+
+def https_redirect_status(record: Mapping[str, Any]) -> int:
+    """0 when the route takes plain HTTP; else what Kong answers it: https_redirect_status_code (426 by default)."""
+    protocols = _strings(record.get("protocols"))
+    if not protocols or "http" in protocols or "https" not in protocols:
+        return 0
+    code = record.get("https_redirect_status_code")
+    return code if isinstance(code, int) and code in (301, 302, 307, 308, 426) else 426
 
 
 def route_from_tag(tag: str, service: str, index: int) -> RouteSpec | None:

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
@@ -33,10 +34,12 @@ from shipyard.gateway.own_listeners import OwnListeners
 from shipyard.gateway.plugin_chain import ConsumerIndex
 from shipyard.gateway.proxy import ClientConnection, GatewaySettings
 from shipyard.gateway.table import RouteTable, build_route_table
+from shipyard.gateway.tls_certificates import CertificateSet, listener_context
 from shipyard.gateway.upstream import UpstreamPool
 from shipyard.store.base import Event, EventType
 from shipyard.store.follow import follow_prefix
 from shipyard.store.remote import RemoteStore
+from shipyard.tls import client_context, self_signed
 
 log = logging.getLogger("shipyard.gateway.worker")
 
@@ -61,6 +64,9 @@ class GatewayWorker:
         self.stopping = False
         self.port_b = str(settings.port).encode()
         self.forwarded_tail = b"\r\nX-Forwarded-Port: %s\r\nVia: %s\r\n" % (self.port_b, settings.via)
+        self.tls_port_b = b""  # the TLS port, once listening: X-Forwarded-Port there, and where redirects point
+        self.tls_forwarded_tail = self.forwarded_tail
+        self.tls_server: asyncio.AbstractServer | None = None
         self.host_names: dict[bytes, bytes] = {}  # Host header -> lowercase name without port
         self.counters = shared_counters() if os.environ.get(COUNTERS_ENV) else None  # handed to plugins
         self.server: asyncio.AbstractServer | None = None
@@ -98,11 +104,27 @@ class GatewayWorker:
                                                     backlog=4096)
         self._ticker = self.loop.call_later(TICK, self._tick)
 
+    async def listen_tls(self, host: str, port: int, context: ssl.SSLContext) -> None:
+        """The TLS port: the same protocol over asyncio's SSL transport (the context picks certificates by SNI)."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+        self.tls_port_b = str(port).encode()
+        self.tls_forwarded_tail = b"\r\nX-Forwarded-Port: %s\r\nVia: %s\r\n" % (self.tls_port_b, self.settings.via)
+        self.tls_server = await self.loop.create_server(lambda: cast(asyncio.Protocol, ClientConnection(self)),
+                                                        sock=sock, backlog=4096, ssl=context,
+                                                        ssl_handshake_timeout=self.settings.header_timeout)
+
     async def drain(self, grace: float) -> None:
         """Stop accepting, let every exchange in flight finish (with Connection: close), then return."""
         self.stopping = True
         if self.server is not None:
             self.server.close()
+        if self.tls_server is not None:
+            self.tls_server.close()
         deadline = self.loop.time() + grace
         while self.loop.time() < deadline:
             for conn in list(self.connections):
@@ -133,6 +155,7 @@ class RouteFollower:
         self.ready = asyncio.Event()
         self._rebuild: asyncio.TimerHandle | None = None
         self._loaded: set[str] = set()  # prefixes read at least once
+        self.certificates: CertificateSet | None = None  # the TLS port's, rebuilt when gateway/certificates change
 
     async def run(self) -> None:
         await asyncio.gather(*(follow_prefix(self.store, prefix, self._apply, functools.partial(self._resync, prefix),
@@ -170,7 +193,29 @@ class RouteFollower:
             log.exception("building the route table failed; keeping the previous one")
             return
         self.on_table(table)
+        if self.certificates is not None:
+            try:
+                self.certificates.update(self.contents)
+            except Exception:
+                log.exception("loading the gateway certificates failed; keeping the previous ones")
         self.ready.set()
+
+
+def control_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client context for an https control API: its CA, and our certificate if it verifies clients."""
+    if not args.control.startswith("https://"):
+        return None
+    return client_context(args.control_ca, args.control_cert, args.control_key)
+
+
+def default_certificates(args: argparse.Namespace) -> CertificateSet:
+    """The TLS port's certificates: --tls-cert as the default (a self-signed one without it), SNIs from the store."""
+    if args.tls_cert:
+        with open(args.tls_cert, "rb") as cert_file, open(args.tls_key or args.tls_cert, "rb") as key_file:
+            cert_pem, key_pem = cert_file.read(), key_file.read()
+    else:
+        cert_pem, key_pem = self_signed("localhost", ["localhost"])
+    return CertificateSet(listener_context(cert_pem, key_pem))
 
 
 def _die_with_parent() -> None:
@@ -199,6 +244,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plugin-module", action="append", default=[],
                    help="import this module too (it registers more plugins); repeatable")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
+    p.add_argument("--control-ca", default="", help="CA of an https:// --control")
+    p.add_argument("--control-cert", default="", help="client certificate for an https:// --control")
+    p.add_argument("--control-key", default="", help="key of --control-cert")
+    p.add_argument("--tls-port", type=int, default=0, help="also terminate TLS on this port (0: no)")
+    p.add_argument("--tls-cert", default="", help="default certificate of --tls-port (default: self-signed)")
+    p.add_argument("--tls-key", default="", help="key of --tls-cert")
     return p.parse_args(argv)
 
 
@@ -210,10 +261,11 @@ async def run_worker(args: argparse.Namespace) -> None:
         body_timeout=args.body_timeout, write_timeout=args.write_timeout, port=args.port,
     )
     worker = GatewayWorker(settings, loop)
-    store = RemoteStore(args.control)
+    store = RemoteStore(args.control, ssl_context=control_tls(args))
     own = OwnListeners.of_this_host({args.port, *args.server_port}, args.bind, args.control)
     worker.pool.own = own
     follower = RouteFollower(store, worker.set_table, own)
+    follower.certificates = default_certificates(args) if args.tls_port else None
     follow_task = asyncio.ensure_future(follower.run())
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -227,6 +279,8 @@ async def run_worker(args: argparse.Namespace) -> None:
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
         await worker.listen(args.bind, args.port)
+        if follower.certificates is not None:
+            await worker.listen_tls(args.bind, args.tls_port, follower.certificates.listening)
         log.info("gateway worker %d serving http://%s:%d (%d routes; data plane: %s)", os.getpid(), args.bind,
                  args.port, len(worker.table), DATA_PLANE_BUILD)
         if args.parent_pid:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import ssl
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
@@ -121,8 +122,9 @@ class RemoteStore:
     """Store protocol over HTTP. `watch()` returns a watcher whose stream opens on first use
     (or `await watcher.start()`); pass from_revision to be gap-free across reconnects."""
 
-    def __init__(self, base_url: str, *, namespace: str = "") -> None:
+    def __init__(self, base_url: str, *, namespace: str = "", ssl_context: ssl.SSLContext | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.ssl_context = ssl_context  # an https:// server: its CA, and our certificate if it verifies clients
         # Like EtcdStore's: every key lives under it on the server, and callers never see it.
         self.namespace = namespace
         self._session: aiohttp.ClientSession | None = None
@@ -138,7 +140,8 @@ class RemoteStore:
 
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+            connector = aiohttp.TCPConnector(ssl=self.ssl_context) if self.ssl_context is not None else None
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), connector=connector)
         return self._session
 
     async def _call(self, method: str, path: str, *, params: dict[str, str] | None = None, data: Any = None,
