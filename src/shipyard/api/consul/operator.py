@@ -126,6 +126,10 @@ async def operator_usage(request: web.Request) -> web.Response:
         elif (entry.data.get("Connect") or {}).get("Native"):
             kinds["connect-native"] += 1
     instances = len(snap.services)
+    if "consul" not in names and platform.node.name in snap.nodes:
+        # Every Consul server is an instance of the "consul" service, which the catalog answers for this server.
+        names.add("consul")
+        instances += 1
     proxies = sum(kinds[k] for k in CONNECT_KINDS if k != "connect-native")
     usage = {"Services": len(names), "ServiceInstances": instances, "ConnectServiceInstances": kinds,
              "BillableServiceInstances": instances - proxies, "Nodes": len(snap.nodes)}
