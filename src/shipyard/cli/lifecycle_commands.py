@@ -23,6 +23,7 @@ from shipyard.cli.http import ApiClient, ServerUnreachable
 from shipyard.cli.project_files import load_locally, project_file, resolve_project
 from shipyard.cli.rollout import DEFAULT_CRASH_LIMIT, Target, wait_rolled_out
 from shipyard.errors import ShipyardError
+from shipyard.script_checks import runs_command
 from shipyard.spec import ProjectSpec
 
 console = Console()
@@ -132,8 +133,12 @@ def up(ctx: click.Context, directory: str, force: bool, timeout: float, crash_li
     api = ApiClient(f"127.0.0.1:{http_port}") if http_port else _client(ctx)
     if not server_is_up(api):
         state_dir = spec_file.parent / STATE_DIR
+        extra = _server_options(gateway_port, dns_port)
+        if any(runs_command(spec) for spec in project.tasks.values()):
+            # The operator's own project asks for command health checks: the server `up` starts for it allows them.
+            extra.append("--enable-script-checks")
         with console.status(f"starting shipyard server at {api.base_url}"):
-            pid = start_server(api, state_dir, _server_options(gateway_port, dns_port))
+            pid = start_server(api, state_dir, extra)
         console.print(f"started shipyard server (pid {pid}, logs in {state_dir})", highlight=False)
     targets = _deploy_with_plan(api, project, force)
     wait_rolled_out(api, targets, timeout, crash_limit)
