@@ -8,6 +8,8 @@ its host.
 from __future__ import annotations
 
 import http.server
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from support import ServerProcess
+from support import ServerProcess, free_port
 
 SECRET = b"TOPSECRET-internal-metadata"
 
@@ -183,3 +185,21 @@ def test_http_check_output_records_the_body_with_the_flag(tmp_path: Path, intern
         assert output == f"HTTP GET {internal.url}/secret: 200 OK Output: {SECRET.decode()}"
     finally:
         proc.stop()
+
+
+def test_up_starts_its_server_with_the_switch_for_a_project_with_command_checks(tmp_path: Path) -> None:
+    """The operator's own project asks for command checks: the server `shipyard up` starts for it allows them."""
+    marker = tmp_path / "checked"
+    (tmp_path / "shipyard.yaml").write_text(
+        "services:\n  db:\n    cmd: sleep 600\n"
+        f"    health: {{command: touch {marker}, interval: 1s}}\n"
+        "    resources: {cpu: 10, memory: 16}\n")
+    port = free_port()
+    cli = [sys.executable, "-m", "shipyard.cli.main", "--http-addr", f"127.0.0.1:{port}"]
+    try:
+        up = subprocess.run([*cli, "up", str(tmp_path), "--gateway-port", "0", "--dns-port", "0", "--timeout", "60"],
+                            capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert marker.exists()
+    finally:
+        subprocess.run([*cli, "down", str(tmp_path)], capture_output=True, text=True, timeout=120)
