@@ -91,6 +91,9 @@ class ServerConfig:
     vault_dev_root_token: str = ""  # dev mode: this root token instead of a random one
     allowed_hosts: tuple[str, ...] = ()  # Host names the control API answers besides loopback and its own addresses
     tls: TlsConfig = field(default_factory=TlsConfig)
+    acl: bool = False  # --acl: Consul's ACL system guards every API (docs/acl.md)
+    acl_default_policy: str = "deny"  # what a token may do that no rule of it names: "allow" or "deny"
+    acl_initial_management: str = ""  # a SecretID made a global-management token at start (Consul's initial_management)
 
 
 @dataclass

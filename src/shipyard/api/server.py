@@ -22,8 +22,12 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from shipyard.acl.state import ACLState
 from shipyard.agent.node_agent import NodeAgent
+from shipyard.api.acl_guard import acl_middleware
+from shipyard.api.acl_table import rule_for as acl_rule_for
 from shipyard.api.consul import add_consul_routes
+from shipyard.api.consul.acl_api import ACL_STATE
 from shipyard.api.context import PLATFORM, Platform, ServerConfig
 from shipyard.api.dns import DnsServer
 from shipyard.api.errors import error_middleware
@@ -174,12 +178,17 @@ async def build_platform(config: ServerConfig) -> Platform:
     )  # fmt: skip
     platform.extras["bus"] = bus = await open_bus(config, store)
     platform.extras["autoscaler"] = BusAutoscaler(platform.jobs, bus)
+    if config.acl:
+        platform.extras[ACL_STATE] = ACLState(store, default_allow=config.acl_default_policy == "allow")
     return platform
 
 
 async def start_platform(platform: Platform) -> None:
     if sealed := await seal_stored_keys(platform.store):
         log.info("stored %d key-auth key(s) of an older version as hashes", sealed)
+    acl = platform.extras.get(ACL_STATE)
+    if isinstance(acl, ACLState):
+        await acl.start(platform.config.acl_initial_management)
     await platform.catalog.start()
     await platform.sessions.start()
     await platform.health.start()
@@ -210,6 +219,9 @@ async def stop_platform(platform: Platform) -> None:
     for part in (platform.health, platform.sessions, platform.catalog):
         with contextlib.suppress(Exception):
             await part.stop()
+    acl = platform.extras.get(ACL_STATE)
+    if isinstance(acl, ACLState):
+        await acl.stop()
     bus = platform.extras.get("bus")
     if isinstance(bus, Bus):
         with contextlib.suppress(Exception):
@@ -243,6 +255,10 @@ def build_app(platform: Platform) -> web.Application:
     guard = RequestGuard([config.bind, platform.node.address, platform.node.name, *config.allowed_hosts])
     app = web.Application(client_max_size=MAX_REQUEST_BODY, middlewares=[error_middleware, guard.middleware()])
     app[PLATFORM] = platform
+    acl = platform.extras.get(ACL_STATE)
+    if isinstance(acl, ACLState):
+        # Inside the guard: a foreign Origin is refused before any token is looked at.
+        app.middlewares.append(acl_middleware(acl, acl_rule_for))
     add_consul_routes(app)
     add_native_routes(app)
     add_marathon_routes(app)

@@ -77,6 +77,11 @@ def cli(ctx: click.Context, http_addr: str) -> None:
 @click.option("--http-check-output", is_flag=True,
               help="Record HTTP checks' response bodies in their output (as Consul does); off: status line only.")
 @click.option("--insecure-bind", is_flag=True, help="Allow binding to a non-loopback address.")
+@click.option("--acl", is_flag=True, help="Turn on Consul's ACL system for every API (tokens; docs/acl.md).")
+@click.option("--acl-default-policy", default="deny", show_default=True, type=click.Choice(["allow", "deny"]),
+              help="With --acl: what a token may do that none of its rules name.")
+@click.option("--acl-initial-management", default="", envvar="SHIPYARD_ACL_INITIAL_MANAGEMENT", metavar="TOKEN",
+              help="With --acl: a SecretID (a UUID) that is made a global-management token at start.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="Another name clients use for this server (repeatable); other Host headers get 421.")
 @click.option(
@@ -107,6 +112,9 @@ def server(
     enable_script_checks: bool,
     http_check_output: bool,
     insecure_bind: bool,
+    acl: bool,
+    acl_default_policy: str,
+    acl_initial_management: str,
     allowed_hosts: tuple[str, ...],
     drain_delay: float,
     gateway_port: int,
@@ -134,6 +142,9 @@ def server(
         enable_script_checks=enable_script_checks,
         http_check_output=http_check_output,
         insecure_bind=insecure_bind,
+        acl=acl,
+        acl_default_policy=acl_default_policy,
+        acl_initial_management=acl_initial_management,
         allowed_hosts=tuple(allowed_hosts),
         store_url=store_url,
         drain_delay=drain_delay,
