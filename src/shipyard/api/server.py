@@ -37,6 +37,7 @@ from shipyard.api.marathon import add_marathon_routes
 from shipyard.api.native import add_native_routes
 from shipyard.api.native.gateway_api import seal_stored_keys
 from shipyard.api.ports import check_ports_free
+from shipyard.api.vault import VaultService
 from shipyard.bus import Bus
 from shipyard.bus.autoscaler import BusAutoscaler
 from shipyard.bus.directory import DirectoryBus, QueueDirectory
@@ -366,6 +367,32 @@ async def start_control_listeners(config: ServerConfig, runner: web.AppRunner,
     return listener
 
 
+async def start_vault(config: ServerConfig, platform: Platform) -> VaultService | None:
+    """The secrets engine on --vault-port: sealed until unsealed, unless in dev mode (which says so, with its root
+    token, as `vault server -dev` does)."""
+    if not config.vault_port:
+        return None
+    vault = VaultService(platform.store, config.bind, config.vault_port, dev=config.vault_dev,
+                         data_dir=config.data_dir, dev_root_token=config.vault_dev_root_token)
+    try:
+        await vault.start()
+    except OSError as exc:
+        await vault.stop()
+        if config.vault_port_required:
+            raise ShipyardError(f"cannot listen on {config.bind}:{config.vault_port} (--vault-port): "
+                                f"{exc.strerror}") from None
+        log.warning("secrets engine not served: port %d is taken (give --vault-port)", config.vault_port)
+        return None
+    platform.extras["vault"] = vault
+    state = "dev mode: initialised and unsealed, NOT for production" if vault.root_token else "sealed until unsealed"
+    log.info("secrets engine (Vault API) on http://%s:%d (%s)", config.bind, config.vault_port, state)
+    if vault.root_token:
+        print(f"secrets engine in dev mode (in memory unless a data dir; never for production). "
+              f"VAULT_ADDR=http://{config.bind}:{config.vault_port} root token: {vault.root_token}",
+              file=sys.stderr, flush=True)
+    return vault
+
+
 async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> None:
     """Runs the server until SIGINT/SIGTERM."""
     check_bind(config)
@@ -385,6 +412,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     dns_server: DnsServer | None = None
     gateway: GatewaySupervisor | None = None
     https: HttpsListener | None = None
+    vault: VaultService | None = None
     try:
         await start_platform(platform)
         app = build_app(platform)
@@ -399,6 +427,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
             platform.extras["gateway"] = gateway
             await gateway.start()
             await gateway.wait_listening()
+        vault = await start_vault(config, platform)
         log.info(
             "shipyard server ready: %s, DNS on port %s (node %s, data dir %s, bus %s)",
             control_summary(config, tls_context is not None),
@@ -426,6 +455,8 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
             await dns_server.stop()
         if https is not None:
             await https.stop()
+        if vault is not None:
+            await vault.stop()
         if runner is not None:
             await runner.cleanup()
         left_running = instances_left_running(platform)
