@@ -79,13 +79,14 @@ def test_client_without_certificate_is_refused_at_the_handshake(verifying: Serve
     for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
         context = ssl.create_default_context(cafile=str(pki.ca))
         context.minimum_version = context.maximum_version = version
-        with socket.create_connection(("127.0.0.1", verifying.https_port), timeout=10) as raw:  # type: ignore[attr-defined]
-            with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
-                with context.wrap_socket(raw, server_hostname="localhost") as tls:
-                    # TLS 1.2 fails in do_handshake; TLS 1.3 clients learn of the refusal on their first read.
-                    tls.sendall(b"GET /v1/status/leader HTTP/1.1\r\nHost: localhost\r\n\r\n")
-                    assert tls.recv(100) == b""  # never an HTTP answer
-                    raise ConnectionResetError("closed without an answer")
+        port = verifying.https_port  # type: ignore[attr-defined]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)), \
+                context.wrap_socket(raw, server_hostname="localhost") as tls:
+            # TLS 1.2 fails in do_handshake; TLS 1.3 clients learn of the refusal on their first read.
+            tls.sendall(b"GET /v1/status/leader HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert tls.recv(100) == b""  # never an HTTP answer
+            raise ConnectionResetError("closed without an answer")
     with_cert = requests.get(f"https://{_https_addr(verifying)}/v1/status/leader", verify=str(pki.ca),
                              cert=(str(pki.cli_cert), str(pki.cli_key)), timeout=10)
     assert with_cert.status_code == 200
@@ -114,9 +115,10 @@ def test_https_only_with_tls_1_2_or_later(verifying: ServerProcess, pki: Pki) ->
     context.load_cert_chain(str(pki.cli_cert), str(pki.cli_key))
     context.maximum_version = ssl.TLSVersion.TLSv1_1
     context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
-    with socket.create_connection(("127.0.0.1", verifying.https_port), timeout=10) as raw:  # type: ignore[attr-defined]
-        with pytest.raises((ssl.SSLError, ConnectionResetError)):
-            context.wrap_socket(raw, server_hostname="localhost")
+    port = verifying.https_port  # type: ignore[attr-defined]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            pytest.raises((ssl.SSLError, ConnectionResetError)):
+        context.wrap_socket(raw, server_hostname="localhost")
 
 
 def _wait_https(server: ServerProcess, pki: Pki, path: str, ok: object, timeout: float = 30.0) -> requests.Response:
@@ -191,7 +193,7 @@ def test_non_loopback_bind_needs_acl_deny_and_tls(pki: Pki, tmp_path: Path) -> N
     assert acl_allow.returncode == 1 and "refusing to bind" in acl_allow.stderr
     http_port = free_port()
     https_port = free_port()
-    cmd = base[:-1] + [str(http_port)] + tls[:-1] + [str(https_port), "--acl"]
+    cmd = [*base[:-1], str(http_port), *tls[:-1], str(https_port), "--acl"]
     log = tmp_path / "bound.log"
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
