@@ -105,3 +105,12 @@ def test_configuration_update_and_key_rotation(fresh_server: ServerProcess) -> N
 def test_another_provider_is_refused(client: consul.Consul) -> None:
     with pytest.raises(consul.ConsulException, match="built-in"):
         client.connect.ca.update_configuration(provider="vault", config={})
+
+
+def test_intentions_list_takes_a_filter(client: consul.Consul, server: ServerProcess) -> None:
+    client.connect.intentions.upsert(source="f-src", destination="f-dst", action="deny")
+    client.connect.intentions.upsert(source="g-src", destination="f-dst", action="allow")
+    found = client.connect.intentions.list(filter_expr='DestinationName == "f-dst" and Action == deny')
+    assert [i["SourceName"] for i in found] == ["f-src"]
+    bad = requests.get(f"{server.url}/v1/connect/intentions", params={"filter": "Nope == 1"}, timeout=10)
+    assert bad.status_code == 400

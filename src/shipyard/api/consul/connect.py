@@ -11,13 +11,21 @@ from typing import Any
 
 from aiohttp import web
 
-from shipyard.api.consul.common import bad_request, blocking_query, json_response, read_json
+from shipyard.api.consul.common import bad_request, blocking_query, json_response, read_json, request_filter
 from shipyard.api.context import platform_of
 from shipyard.registry.config_entries import kind_prefix
 from shipyard.registry.connect_ca import LEAF_PREFIX, ROOTS_PREFIX, ConnectCA
+from shipyard.registry.filter import MapOf, Schema
 from shipyard.registry.intentions import KIND, Intentions
 
 routes = web.RouteTableDef()
+# structs.Intention's fields, for ?filter= on the intentions list.
+INTENTION: dict[str, Schema] = {
+    "ID": "string", "Description": "string", "SourcePeer": "string", "SourceNS": "string", "SourceName": "string",
+    "DestinationNS": "string", "DestinationName": "string", "SourcePartition": "string",
+    "DestinationPartition": "string", "SourceType": "string", "Action": "string", "Precedence": "int",
+    "Meta": MapOf("string"), "CreateIndex": "uint", "ModifyIndex": "uint",
+}
 
 
 def _intentions(request: web.Request) -> Intentions:
@@ -42,7 +50,13 @@ def _required(request: web.Request, name: str) -> str:
 @routes.get("/v1/connect/intentions")
 async def intentions_list(request: web.Request) -> web.Response:
     intentions = _intentions(request)
-    result, index = await blocking_query(request, intentions.store, intentions.all, kind_prefix(KIND), prefix=True)
+    chosen = request_filter(request, INTENTION)
+
+    async def read() -> tuple[Any, int, int]:
+        found, index, revision = await intentions.all()
+        return (found if chosen is None else chosen.select(found)), index, revision
+
+    result, index = await blocking_query(request, intentions.store, read, kind_prefix(KIND), prefix=True)
     return json_response(result, index=index)
 
 
