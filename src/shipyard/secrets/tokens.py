@@ -70,7 +70,7 @@ class TokenEntry:
         return "root" in self.policies
 
     def ttl(self, now: float) -> int:
-        return 0 if not self.expire_time else max(0, int(self.expire_time - now))
+        return 0 if not self.expire_time else max(0, round(self.expire_time - now))
 
     def expired(self, now: float) -> bool:
         return bool(self.expire_time) and self.expire_time <= now

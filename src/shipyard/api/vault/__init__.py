@@ -5,13 +5,18 @@ It turns HTTP into engine requests and engine answers into Vault's JSON; it neve
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_parser import HttpRequestParserPy
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_server import Server
 
 from shipyard.errors import ShipyardError
 from shipyard.secrets.barrier import Barrier
@@ -96,6 +101,20 @@ def build_vault_app(core: VaultCore) -> web.Application:
     return app
 
 
+def lenient_protocol(server: Server, loop: asyncio.AbstractEventLoop) -> Callable[[], RequestHandler]:
+    """aiohttp's protocol with its pure-Python parser: the C parser (llhttp) refuses methods it does not know, and
+    Vault's clients send LIST (hvac, the vault CLI). The Python parser takes any token as a method."""
+
+    def make() -> RequestHandler:
+        handler = server()
+        handler._parser = HttpRequestParserPy(
+            handler, loop, 2**16, max_line_size=8190, max_field_size=8190, max_headers=128,
+            payload_exception=RequestPayloadError, auto_decompress=True, max_msg_queue_size=32)
+        return handler
+
+    return make
+
+
 class VaultService:
     """The engine and its listener, as the server starts and stops them."""
 
@@ -105,6 +124,7 @@ class VaultService:
         self.bind, self.port, self.dev, self.data_dir = bind, port, dev, data_dir
         self.dev_root_token = dev_root_token
         self.runner: web.AppRunner | None = None
+        self.listener: asyncio.AbstractServer | None = None
         self.root_token = ""  # dev mode only: shown once at start, as `vault server -dev` does
 
     async def start(self) -> None:
@@ -113,7 +133,10 @@ class VaultService:
         self.runner = web.AppRunner(build_vault_app(self.core), access_log=None, handle_signals=False,
                                     shutdown_timeout=2.0)
         await self.runner.setup()
-        await web.TCPSite(self.runner, self.bind, self.port, backlog=1024, reuse_address=True).start()
+        assert self.runner.server is not None
+        loop = asyncio.get_running_loop()
+        self.listener = await loop.create_server(lenient_protocol(self.runner.server, loop), self.bind, self.port,
+                                                 backlog=1024, reuse_address=True)
 
     async def _dev_unseal(self) -> None:
         """Dev mode initialises and unseals itself. With a data dir (`shipyard up`) the single unseal key is kept
@@ -137,6 +160,8 @@ class VaultService:
                 json.dump({"unseal_key": result["keys"][0], "root_token": self.root_token}, fh)
 
     async def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
         if self.runner is not None:
             await self.runner.cleanup()
         self.core.barrier.seal()
