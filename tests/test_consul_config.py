@@ -101,10 +101,29 @@ def test_router_splitter_and_resolver_compile(client: consul.Consul) -> None:
     assert v1["SNI"].startswith("v1.shop.default.dc1.internal.")
 
 
-def test_a_tcp_service_ignores_l7_entries(client: consul.Consul) -> None:
-    client.config.set(kind="service-splitter", name="tcpsvc", config_entry={"Splits": [{"Weight": 100}]})
-    chain = client.discovery_chain.get("tcpsvc")["Chain"]
-    assert chain["StartNode"] == "resolver:tcpsvc.default.default.dc1"
+def test_routing_a_tcp_service_is_refused_either_way(server: ServerProcess, client: consul.Consul) -> None:
+    splitter = {"Kind": "service-splitter", "Name": "tcpsvc", "Splits": [{"Weight": 100}]}
+    refused = requests.put(f"{server.url}/v1/config", json=splitter, timeout=10)
+    assert refused.status_code == 500
+    assert 'uses a protocol "tcp" that does not permit advanced routing or splitting behavior' in refused.text
+    client.config.set(kind="service-defaults", name="tcpsvc", config_entry={"Protocol": "http"})
+    assert requests.put(f"{server.url}/v1/config", json=splitter, timeout=10).json() is True
+    back_to_tcp = {"Kind": "service-defaults", "Name": "tcpsvc", "Protocol": "tcp"}
+    assert requests.put(f"{server.url}/v1/config", json=back_to_tcp, timeout=10).status_code == 500
+    assert client.config.get(kind="service-defaults", name="tcpsvc")["Protocol"] == "http"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"Kind": "service-splitter", "Name": "w", "Splits": [{"Weight": 60}]}, "must be 100, not 60.000000"),
+        ({"Kind": "service-resolver", "Name": "r", "DefaultSubset": "v9"}, 'DefaultSubset "v9" is not a valid'),
+        ({"Kind": "service-defaults", "Name": "p", "Protocol": "smtp"}, 'invalid protocol "smtp"'),
+    ],
+)
+def test_kind_validation(server: ServerProcess, body: dict[str, object], message: str) -> None:
+    response = requests.put(f"{server.url}/v1/config", json=body, timeout=10)
+    assert response.status_code == 400 and message in response.text
 
 
 def test_resolver_redirect_is_followed(client: consul.Consul) -> None:

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import orjson
 
-from shipyard.errors import BadRequest, NotFound
+from shipyard.errors import BadRequest, NotFound, ShipyardError
 from shipyard.store import Compare, Delete, KeyValue, Put
 
 if TYPE_CHECKING:
@@ -27,8 +27,14 @@ KINDS = (
 )
 # Kinds that exist once per datacenter, under one fixed name.
 SINGLETON_NAMES = {"proxy-defaults": "global", "mesh": "mesh"}
-# Kinds whose routing only makes sense over an L7 protocol (Consul refuses them for a tcp service).
+# The protocols a service-defaults entry may name.
 PROTOCOLS = ("tcp", "http", "http2", "grpc")
+
+
+class ConfigGraphError(ShipyardError):
+    """An entry that would leave the entries inconsistent (Consul's RPC error: a 500)."""
+
+    status = 500
 
 
 def entry_key(kind: str, name: str) -> str:
@@ -92,7 +98,32 @@ def normalize(body: Any) -> dict[str, Any]:
             raise BadRequest("Request decode failed: Protocol must be a string")
         entry = {k: v for k, v in entry.items() if str(k).lower() != "protocol"}
         entry["Protocol"] = protocol.lower()
-    return {"Kind": kind, "Name": name, **entry}
+    out = {"Kind": kind, "Name": name, **entry}
+    _validate_kind(out)
+    return out
+
+
+def _validate_kind(entry: dict[str, Any]) -> None:
+    """The per-kind checks of Consul's ConfigEntry.Validate that clients run into most."""
+    kind = entry["Kind"]
+    if kind == "service-splitter":
+        splits = entry.get("Splits") or []
+        if not isinstance(splits, list) or not splits:
+            raise BadRequest("no splits configured")
+        total = sum(float(s.get("Weight", 0)) for s in splits if isinstance(s, dict))
+        if abs(total - 100.0) > 0.01:  # Consul compares weights scaled to 1/100ths of a percent
+            raise BadRequest(f"the sum of all split weights must be 100, not {total:f}")
+    if kind == "service-resolver":
+        subsets = entry.get("Subsets") or {}
+        default = entry.get("DefaultSubset") or ""
+        if default and default not in subsets:
+            raise BadRequest(f'DefaultSubset "{default}" is not a valid subset')
+    protocol = entry.get("Protocol")
+    if kind == "service-defaults" and protocol and protocol not in PROTOCOLS:
+        raise BadRequest(f'invalid protocol "{protocol}": must be one of {", ".join(PROTOCOLS)}')
+
+
+ROUTING_KINDS = ("service-router", "service-splitter")
 
 
 class ConfigEntries:
@@ -103,11 +134,44 @@ class ConfigEntries:
 
     async def set(self, body: Any, cas: int | None = None) -> bool:
         entry = normalize(body)
+        await self._check_protocols(entry)
         key = entry_key(entry["Kind"], entry["Name"])
         # cas=0: only if absent; cas=N: only if its ModifyIndex is still N; no cas: unconditionally.
         compares = [] if cas is None else [Compare(key, "mod", "=", cas)]
         result = await self.store.txn(compares, [Put(key, orjson.dumps(entry))])
         return result.succeeded
+
+    async def _protocol(self, service: str, proposed: dict[str, Any]) -> str:
+        """The service's protocol were `proposed` written: its service-defaults, else proxy-defaults, else tcp."""
+        def pick(kind: str, name: str, stored: ConfigEntry | None) -> dict[str, Any]:
+            if (proposed["Kind"], proposed["Name"]) == (kind, name):
+                return proposed
+            return stored.body if stored else {}
+
+        defaults = pick("service-defaults", service, await self.find("service-defaults", service))
+        if defaults.get("Protocol"):
+            return str(defaults["Protocol"])
+        proxy = pick("proxy-defaults", "global", await self.find("proxy-defaults", "global")).get("Config") or {}
+        return str(proxy.get("protocol") or proxy.get("Protocol") or "tcp").lower()
+
+    async def _check_protocols(self, proposed: dict[str, Any]) -> None:
+        """Consul refuses a graph where a router or splitter applies to a service that is not HTTP, HTTP/2 or gRPC,
+        whichever entry's write would make it so."""
+        kind, name = proposed["Kind"], proposed["Name"]
+        if kind in ROUTING_KINDS or kind == "service-defaults":
+            services = [name]
+        elif kind == "proxy-defaults":
+            services = [e.name for k in ROUTING_KINDS for e in (await self.list(k))[0]]
+        else:
+            return
+        for service in services:
+            routed = kind in ROUTING_KINDS or any([await self.find(k, service) for k in ROUTING_KINDS])
+            protocol = await self._protocol(service, proposed)
+            if routed and protocol not in ("http", "http2", "grpc"):
+                raise ConfigGraphError(
+                    f'discovery chain "{service}" uses a protocol "{protocol}" that does not permit advanced '
+                    "routing or splitting behavior"
+                )
 
     async def get(self, kind: str, name: str) -> ConfigEntry:
         kv = await self.store.get(entry_key(check_kind(kind), name))
