@@ -118,3 +118,26 @@ def test_names_are_unique(api: str) -> None:
 def test_executing_an_unknown_query_is_404(api: str) -> None:
     response = requests.get(f"{api}/nothing-here/execute", timeout=10)
     assert response.status_code == 404
+
+
+async def test_the_dns_entry_point_runs_a_query_by_name_and_is_none_for_unknown() -> None:
+    """execute_prepared_query is what DNS calls for <query>.query.consul: in-process, over a real SQLite store."""
+    from shipyard.registry.catalog import Catalog
+    from shipyard.registry.node import NodeIdentity
+    from shipyard.registry.prepared_queries import PreparedQueries, execute_prepared_query
+    from shipyard.store import SqliteStore
+
+    store = await SqliteStore.open(None)
+    try:
+        node = NodeIdentity("dns-node", "00000000-0000-0000-0000-000000000001", "127.0.0.1", "dc1")
+        catalog = Catalog(store, node)
+        await catalog.start()
+        await catalog.register_service("dns-node", {"ID": "web1", "Service": "web", "Port": 80, "Tags": []}, [])
+        await PreparedQueries(store, catalog, node).create({"Name": "webq", "Service": {"Service": "web"},
+                                                             "DNS": {"TTL": "10s"}})
+        found = await execute_prepared_query(store, catalog, node, "webq")
+        assert found is not None and found.dns_ttl == "10s"
+        assert [(n["Node"]["Node"], n["Service"]["Port"]) for n in found.nodes] == [("dns-node", 80)]
+        assert await execute_prepared_query(store, catalog, node, "nope") is None
+    finally:
+        await store.close()
