@@ -34,7 +34,11 @@ STAND_IN = TESTS / "pyconsul_conftest.py"
 
 # Each upstream test that does not pass yet, with why. Keep it small: an entry leaves when the API lands (a test
 # listed here that passes fails this harness, so the list cannot go stale).
-EXPECTED_FAILURES: dict[str, str] = {}
+EXPECTED_FAILURES: dict[str, str] = {
+    # Outside test_acl*.py but on upstream's ACL-enabled fixture: setting agent tokens needs Consul's ACL system
+    # (the access-control issue); without it Consul itself answers 401 "ACL support disabled", as Shipyard does.
+    "tests/api/test_agent.py::TestAgent::test_agent_token_set": "needs ACLs (access-control issue)",
+}
 
 PYTEST_INI = """[pytest]
 asyncio_mode = auto

@@ -195,7 +195,12 @@ class CatalogSnapshot:
         return out
 
     def agent_service_shape(self, entry: Entry, datacenter: str) -> dict[str, Any]:
-        out = self.node_service_shape(entry)
+        # api.AgentService: the agent's own record has no Raft indexes (Consul leaves them out, and clients
+        # compare whole records), but it names its datacenter.
+        out = dict(entry.data)
+        out.setdefault("Tags", [])
+        out.setdefault("Meta", {})
+        out.setdefault("Weights", {"Passing": 1, "Warning": 1})
         out["Datacenter"] = datacenter
         return out
 

@@ -12,6 +12,7 @@ from shipyard.api.consul import (
     acl,
     acl_api,
     agent,
+    agent_runtime,
     catalog,
     config,
     connect,
@@ -34,7 +35,7 @@ from shipyard.api.context import PLATFORM
 def add_consul_routes(app: web.Application) -> None:
     if app[PLATFORM].config.acl:
         app.router.add_routes(acl_api.routes)  # first, so that acl.py's "ACL support disabled" never answers
-    for module in (agent, catalog, health, kv, session, status, txn, acl):
+    for module in (agent, agent_runtime, catalog, health, kv, session, status, txn, acl):
         app.router.add_routes(module.routes)
     for module in (event, config, discovery_chain, coordinate, query, operator, snapshot, connect):
         app.router.add_routes(module.routes)

@@ -20,6 +20,7 @@ from shipyard.api.consul.common import (
     json_response,
     not_found,
     parse_duration,
+    query_flag,
     read_json,
     request_filter,
 )
@@ -34,6 +35,7 @@ routes = web.RouteTableDef()
 
 CONSUL_VERSION = "1.17.0"  # the Consul API level we answer as; clients feature-gate on it
 SERF_LAN_PORT = 8301
+SERF_WAN_PORT = 8302
 INVALID_CHECK_TYPES = ("GRPC", "UDP", "H2PING", "DockerContainerID", "AliasNode", "AliasService", "OSService")
 
 # ---- request decoding: Consul matches field names case-insensitively and accepts snake_case ----
@@ -255,6 +257,18 @@ def build_weights(raw: Any, struct: str) -> dict[str, int]:
     return {"Passing": passing, "Warning": warning}
 
 
+def build_tagged_addresses(raw: Any, struct: str) -> dict[str, dict[str, Any]]:
+    """map[string]structs.ServiceAddress: each value's fields matched case-insensitively and answered with Consul's
+    capitalisation ({"address": ..., "port": ...} in, {"Address": ..., "Port": ...} out)."""
+    if not isinstance(raw, dict):
+        raise decode_error(raw, struct, "TaggedAddresses", "map[string]structs.ServiceAddress")
+    out = {}
+    for tag, value in raw.items():
+        a = canonical_fields(value, ["Address", "Port"], "ServiceAddress")
+        out[str(tag)] = {"Address": as_str(a, "Address", "ServiceAddress"), "Port": as_int(a, "Port", "ServiceAddress")}
+    return out
+
+
 def _is_any_address(address: str) -> bool:
     return address in ("0.0.0.0", "::", "[::]", "0:0:0:0:0:0:0:0")
 
@@ -291,9 +305,7 @@ def build_service(s: dict[str, Any], struct: str) -> dict[str, Any]:
         service["SocketPath"] = socket_path
     tagged = s.get("TaggedAddresses")
     if tagged:
-        if not isinstance(tagged, dict):
-            raise decode_error(tagged, struct, "TaggedAddresses", "map[string]structs.ServiceAddress")
-        service["TaggedAddresses"] = tagged
+        service["TaggedAddresses"] = build_tagged_addresses(tagged, struct)
     for extra in ("Proxy", "Connect", "Locality"):
         if isinstance(s.get(extra), dict) and s[extra]:
             service[extra] = s[extra]
@@ -344,9 +356,17 @@ async def agent_service_register(request: web.Request) -> web.Response:
     vet_scripts(platform, checks)
     raw_replace = request.query.get("replace-existing-checks")
     replace = raw_replace is not None and raw_replace in ("", "true")
+    sidecar_raw = _take_sidecar(service)
+    sidecar = None
+    if sidecar_raw is not None:
+        snap = await platform.catalog.snapshot()
+        sidecar = build_sidecar(sidecar_raw, service, _sidecar_ports(snap.services_of_node(platform.node.name)))
     await platform.catalog.register_service(
         platform.node.name, service, checks, replace_existing_checks=replace
     )
+    if sidecar is not None:
+        await platform.catalog.register_service(platform.node.name, sidecar[0], sidecar[1],
+                                                replace_existing_checks=replace)
     return json_response(None)
 
 
@@ -354,9 +374,68 @@ async def agent_service_register(request: web.Request) -> web.Response:
 async def agent_service_deregister(request: web.Request) -> web.Response:
     platform = platform_of(request)
     sid = request.match_info["service_id"]
+    sidecar = await platform.catalog.get_service(platform.node.name, sidecar_id(sid))
     if not await platform.catalog.deregister_service(platform.node.name, sid):
         raise unknown_service(sid)
+    if sidecar is not None and (sidecar.get("Proxy") or {}).get("DestinationServiceID") == sid:
+        # Consul removes a sidecar registered through its parent's Connect.SidecarService with the parent.
+        await platform.catalog.deregister_service(platform.node.name, sidecar_id(sid))
     return json_response(None)
+
+
+# ---- Connect sidecars: Connect.SidecarService registers a connect-proxy service next to its parent ------------
+
+SIDECAR_PORTS = range(21000, 21256)  # Consul's sidecar_min_port..sidecar_max_port defaults
+
+
+def sidecar_id(service_id: str) -> str:
+    return f"{service_id}-sidecar-proxy"
+
+
+def _take_sidecar(service: dict[str, Any]) -> Any:
+    """Removes Connect.SidecarService from the parent (Consul does not keep it there) and returns it, or None."""
+    connect = service.get("Connect")
+    if not isinstance(connect, dict):
+        return None
+    key = next((k for k in connect if _fold(str(k)) == "sidecarservice"), None)
+    if key is None:
+        return None
+    raw = connect.pop(key)
+    if not connect:
+        service.pop("Connect")
+    return {} if raw is None else raw
+
+
+def _sidecar_ports(services: list[Any]) -> set[int]:
+    return {e.data.get("Port") for e in services if e.data.get("Kind") == "connect-proxy"}
+
+
+def build_sidecar(raw: Any, parent: dict[str, Any], taken: set[int]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The sidecar service and its check, with Consul's defaults: "<id>-sidecar-proxy", the parent's tags and meta,
+    the first free port from 21000, a proxy to the parent on 127.0.0.1, and a TCP check that it listens."""
+    sc = canonical_fields(raw, SERVICE_FIELDS, "ServiceDefinition")
+    sc.setdefault("ID", sidecar_id(parent["ID"]))
+    sc.setdefault("Name", f"{parent['Service']}-sidecar-proxy")
+    sc.setdefault("Kind", "connect-proxy")
+    sc.setdefault("Tags", parent["Tags"])
+    sc.setdefault("Meta", parent["Meta"])
+    if not sc.get("Port"):
+        free = [p for p in SIDECAR_PORTS if p not in taken]
+        if not free:
+            raise ConsulError(500, "No sidecar ports available")
+        sc["Port"] = free[0]
+    proxy = {"DestinationServiceName": parent["Service"], "DestinationServiceID": parent["ID"],
+             "LocalServiceAddress": "127.0.0.1", "LocalServicePort": parent["Port"]}
+    if isinstance(sc.get("Proxy"), dict):
+        proxy.update(sc["Proxy"])
+    sc["Proxy"] = proxy
+    sidecar = build_service(sc, "ServiceDefinition")
+    checks = service_checks(sc, sidecar, "ServiceDefinition")
+    if not checks:
+        address = f"{sidecar['Address'] or '127.0.0.1'}:{sidecar['Port']}"
+        listening = {"Name": "Connect Sidecar Listening", "TCP": address, "Interval": "10s"}
+        checks = service_checks({"Check": listening}, sidecar, "ServiceDefinition")
+    return sidecar, checks
 
 
 def unknown_service(sid: str) -> ConsulError:
@@ -539,12 +618,13 @@ async def agent_checks(request: web.Request) -> web.Response:
     return json_response(result, index=index)
 
 
-def member_of(platform: Platform) -> dict[str, Any]:
+def member_of(platform: Platform, *, wan: bool = False) -> dict[str, Any]:
     node = platform.node
     return {
-        "Name": node.name,
+        # The WAN pool names servers "<node>.<datacenter>" (Consul's server naming across datacenters).
+        "Name": f"{node.name}.{node.datacenter}" if wan else node.name,
         "Addr": node.address,
-        "Port": SERF_LAN_PORT,
+        "Port": SERF_WAN_PORT if wan else SERF_LAN_PORT,
         "Tags": {
             "acls": "0",
             "build": f"{CONSUL_VERSION}:shipyard-{shipyard_version}",
@@ -606,9 +686,11 @@ async def agent_self(request: web.Request) -> web.Response:
             "build": {"version": CONSUL_VERSION, "revision": f"shipyard-{shipyard_version}"},
         },
         "Meta": {"consul-network-segment": ""},
+        # No xDS (gRPC) server: Envoy cannot be pointed at this agent, so no proxies and no ports (-1: disabled).
+        "xDS": {"SupportedProxies": {"envoy": []}, "Port": -1, "Ports": {"Plaintext": -1, "TLS": -1}},
     })
 
 
 @routes.get("/v1/agent/members")
 async def agent_members(request: web.Request) -> web.Response:
-    return json_response([member_of(platform_of(request))])
+    return json_response([member_of(platform_of(request), wan=query_flag(request, "wan"))])

@@ -17,11 +17,13 @@ from shipyard.api.consul.agent import (
     as_str,
     as_str_list,
     as_str_map,
+    build_tagged_addresses,
     build_weights,
     canonical_fields,
     decode_error,
 )
 from shipyard.api.consul.common import (
+    NO_PATH_TO_DATACENTER,
     ConsulError,
     bad_request,
     blocking_query,
@@ -34,6 +36,7 @@ from shipyard.api.consul.common import (
 from shipyard.api.context import platform_of
 from shipyard.errors import NotFound
 from shipyard.registry.catalog import PREFIX, SERVICES, STATUSES, CatalogSnapshot, Entry, _q, node_key
+from shipyard.registry.config_entries import CONFIG_PREFIX, ConfigEntries, ConfigEntry
 from shipyard.registry.filter import NODE, NODE_SERVICE, SERVICE_NODE, Filter
 
 routes = web.RouteTableDef()
@@ -81,11 +84,12 @@ async def catalog_services(request: web.Request) -> web.Response:
     platform = platform_of(request)
     filters = node_meta_filters(request)
     chosen = request_filter(request, SERVICE_NODE)  # Consul filters the instances, then groups them by name
+    peered = bool(request.query.get("peer"))
 
     async def read() -> tuple[Any, int, int]:
         snap = await platform.catalog.snapshot()
         out: dict[str, list[str]] = {}
-        for (node, _), entry in sorted(snap.services.items()):
+        for node, entry in [] if peered else all_instances(snap, platform.node.name):
             if not node_matches(snap, node, filters):
                 continue
             if chosen is not None and not chosen.matches(snap.catalog_service_shape(node, entry)):
@@ -101,25 +105,89 @@ async def catalog_services(request: web.Request) -> web.Response:
     return json_response(result, index=index)
 
 
-@routes.get("/v1/catalog/service/{name:.+}")
-async def catalog_service(request: web.Request) -> web.Response:
-    platform = platform_of(request)
+# ---- which instances a query is about -------------------------------------------------------------------------
+
+CONSUL_SERVICE = "consul"
+CONSUL_SERVER_PORT = 8300  # the port Consul servers register their "consul" service on (and DNS answers with)
+
+
+def server_service(snap: CatalogSnapshot, node: str) -> Entry | None:
+    """The "consul" service every Consul server has in the catalog, for this server (Shipyard does not store it:
+    the agent endpoints and the gateway must not see it), unless something registered a service of that name."""
+    me = snap.nodes.get(node)
+    if me is None or any(e.data.get("Service") == CONSUL_SERVICE for e in snap.services.values()):
+        return None
+    data = {"ID": CONSUL_SERVICE, "Service": CONSUL_SERVICE, "Tags": [], "Address": "", "Meta": {},
+            "Port": CONSUL_SERVER_PORT, "Weights": {"Passing": 1, "Warning": 1}, "EnableTagOverride": False}
+    return Entry(data, me.create_index, me.create_index)
+
+
+def all_instances(snap: CatalogSnapshot, this_node: str) -> list[tuple[str, Entry]]:
+    found = [(node, entry) for (node, _), entry in sorted(snap.services.items())]
+    server = server_service(snap, this_node)
+    return found if server is None else sorted([*found, (this_node, server)], key=lambda p: (p[0], p[1].data["ID"]))
+
+
+def named_instances(snap: CatalogSnapshot, name: str, this_node: str) -> list[tuple[str, Entry]]:
+    if name == CONSUL_SERVICE:
+        return [(n, e) for n, e in all_instances(snap, this_node) if e.data.get("Service") == CONSUL_SERVICE]
+    return snap.services_named(name)
+
+
+def connect_instances(snap: CatalogSnapshot, name: str) -> list[tuple[str, Entry]]:
+    """Consul's connect-capable instances of a service: its connect-proxies, and itself where it is native."""
+    out = []
+    for (node, _), entry in sorted(snap.services.items()):
+        data = entry.data
+        proxy: dict[str, Any] = data["Proxy"] if isinstance(data.get("Proxy"), dict) else {}
+        connect: dict[str, Any] = data["Connect"] if isinstance(data.get("Connect"), dict) else {}
+        proxies_it = data.get("Kind") == "connect-proxy" and proxy.get("DestinationServiceName") == name
+        if proxies_it or (data.get("Service") == name and connect.get("Native")):
+            out.append((node, entry))
+    return out
+
+
+def instance_query(request: web.Request) -> tuple[str, Any, bool]:
+    """(name, check of an instance against ?tag= and ?node-meta=, whether the answer is empty by ?peer=).
+
+    ?peer=: Shipyard has no cluster peerings, so every peer name is unknown and, as in Consul, selects nothing."""
     name = request.match_info["name"]
     tags = request.query.getall("tag", [])
     filters = node_meta_filters(request)
+
+    def wanted(snap: CatalogSnapshot, node: str, entry: Entry) -> bool:
+        return has_tags(entry, tags) and node_matches(snap, node, filters)
+
+    return name, wanted, bool(request.query.get("peer"))
+
+
+async def _catalog_instances(request: web.Request, connect: bool) -> web.Response:
+    platform = platform_of(request)
+    name, wanted, peered = instance_query(request)
     chosen = request_filter(request, SERVICE_NODE)
+    # ?merge-central-config: Consul merges proxy-defaults and service-defaults into proxy instances; the flag is
+    # taken, and what it merges comes from the config entries of those kinds when they exist.
 
     async def read() -> tuple[Any, int, int]:
         snap = await platform.catalog.snapshot()
-        out = [
-            snap.catalog_service_shape(node, entry)
-            for node, entry in snap.services_named(name)
-            if has_tags(entry, tags) and node_matches(snap, node, filters)
-        ]
-        return select(chosen, out), snap.name_index(name), snap.revision
+        found = connect_instances(snap, name) if connect else named_instances(snap, name, platform.node.name)
+        out = [snap.catalog_service_shape(node, entry) for node, entry in found if not peered
+               and wanted(snap, node, entry)]
+        index = snap.services_index if connect else max(snap.name_index(name), 1)
+        return select(chosen, out), index, snap.revision
 
     result, index = await blocking_query(request, platform.store, read, PREFIX, prefix=True)
     return json_response(result, index=index)
+
+
+@routes.get("/v1/catalog/service/{name:.+}")
+async def catalog_service(request: web.Request) -> web.Response:
+    return await _catalog_instances(request, connect=False)
+
+
+@routes.get("/v1/catalog/connect/{name:.+}")
+async def catalog_connect(request: web.Request) -> web.Response:
+    return await _catalog_instances(request, connect=True)
 
 
 @routes.get("/v1/catalog/nodes")
@@ -152,7 +220,10 @@ async def catalog_node(request: web.Request) -> web.Response:
         )
         if node not in snap.nodes:
             return None, index, snap.revision
-        services = {e.data["ID"]: snap.node_service_shape(e) for e in snap.services_of_node(node) if "ID" in e.data}
+        entries = snap.services_of_node(node)
+        server = server_service(snap, node) if node == platform.node.name else None
+        services = {e.data["ID"]: snap.node_service_shape(e) for e in [*entries, *filter(None, [server])]
+                    if "ID" in e.data}
         if chosen is not None:
             services = {sid: shape for sid, shape in services.items() if chosen.matches(shape)}
         return {"Node": snap.node_shape(node), "Services": services}, index, snap.revision
@@ -188,9 +259,7 @@ def _catalog_service(raw: Any) -> dict[str, Any]:
         service["Kind"] = kind
     tagged = s.get("TaggedAddresses")
     if tagged:
-        if not isinstance(tagged, dict):
-            raise decode_error(tagged, "NodeService", "TaggedAddresses", "map[string]structs.ServiceAddress")
-        service["TaggedAddresses"] = tagged
+        service["TaggedAddresses"] = build_tagged_addresses(tagged, "NodeService")
     return service
 
 
@@ -253,7 +322,7 @@ async def catalog_register(request: web.Request) -> web.Response:
         raise bad_request("Must provide address if SkipNodeUpdate is not set")
     dc = as_str(r, "Datacenter", "RegisterRequest")
     if dc and dc != platform.node.datacenter:
-        raise ConsulError(500, "No path to datacenter")
+        raise ConsulError(500, NO_PATH_TO_DATACENTER)
     node_record: dict[str, Any] | None = None
     if not skip_node_update:
         tagged = r.get("TaggedAddresses")
@@ -294,6 +363,9 @@ async def catalog_deregister(request: web.Request) -> web.Response:
     node = as_str(r, "Node", "DeregisterRequest")
     if not node:
         raise bad_request("Must provide node")
+    dc = as_str(r, "Datacenter", "DeregisterRequest")
+    if dc and dc != platform.node.datacenter:
+        raise ConsulError(500, NO_PATH_TO_DATACENTER)
     sid = as_str(r, "ServiceID", "DeregisterRequest")
     cid = as_str(r, "CheckID", "DeregisterRequest")
     if sid:
@@ -303,3 +375,62 @@ async def catalog_deregister(request: web.Request) -> web.Response:
     else:
         await platform.catalog.deregister_node(node)
     return json_response(True)
+
+
+# ---- gateway-services: what an ingress or terminating gateway's config entry routes to -------------------------
+
+GATEWAY_KINDS = ("ingress-gateway", "terminating-gateway")
+
+
+def _ci(body: Any, name: str) -> Any:
+    """A config entry field, matched as Go decodes JSON (case-insensitively, snake_case too)."""
+    if not isinstance(body, dict):
+        return None
+    wanted = name.lower()
+    return next((v for k, v in body.items() if str(k).lower().replace("_", "") == wanted), None)
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def gateway_links(entry: ConfigEntry, service_names: list[str]) -> list[dict[str, Any]]:
+    """Consul's GatewayService records of one gateway config entry ("*" in an ingress listener: every service)."""
+    base = {"Gateway": {"Name": entry.name}, "GatewayKind": entry.kind, "CreateIndex": entry.create_index,
+            "ModifyIndex": entry.modify_index}
+    out: list[dict[str, Any]] = []
+    if entry.kind == "terminating-gateway":
+        for svc in _listed(_ci(entry.body, "Services")):
+            out.append({**base, "Service": {"Name": str(_ci(svc, "Name") or "")}, "Port": 0, "Protocol": "",
+                        "CAFile": str(_ci(svc, "CAFile") or ""), "CertFile": str(_ci(svc, "CertFile") or ""),
+                        "KeyFile": str(_ci(svc, "KeyFile") or ""), "SNI": str(_ci(svc, "SNI") or "")})
+        return out
+    for listener in _listed(_ci(entry.body, "Listeners")):
+        port, protocol = _ci(listener, "Port") or 0, str(_ci(listener, "Protocol") or "tcp")
+        for svc in _listed(_ci(listener, "Services")):
+            name = str(_ci(svc, "Name") or "")
+            names, wildcard = (service_names, True) if name == "*" else ([name], False)
+            out += [{**base, "Service": {"Name": n}, "Port": port, "Protocol": protocol,
+                     "Hosts": _ci(svc, "Hosts"), "FromWildcard": wildcard} for n in names]
+    return out
+
+
+@routes.get("/v1/catalog/gateway-services/{gateway:.+}")
+async def catalog_gateway_services(request: web.Request) -> web.Response:
+    platform = platform_of(request)
+    gateway = request.match_info["gateway"]
+    entries = ConfigEntries(platform.store)
+
+    async def read() -> tuple[Any, int, int]:
+        held = await platform.store.range(CONFIG_PREFIX, prefix=True)
+        snap = await platform.catalog.snapshot()
+        plain = sorted({str(e.data.get("Service")) for e in snap.services.values() if not e.data.get("Kind")})
+        out: list[dict[str, Any]] = []
+        for kind in GATEWAY_KINDS:
+            entry = await entries.find(kind, gateway)
+            if entry is not None:
+                out += gateway_links(entry, plain)
+        return out, held.index, held.revision
+
+    result, index = await blocking_query(request, platform.store, read, CONFIG_PREFIX, prefix=True)
+    return json_response(result, index=index)

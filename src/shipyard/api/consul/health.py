@@ -9,10 +9,19 @@ from typing import Any
 
 from aiohttp import web
 
-from shipyard.api.consul.catalog import has_tags, node_matches, node_meta_filters, select
+from shipyard.api.consul.catalog import (
+    connect_instances,
+    gateway_links,
+    instance_query,
+    named_instances,
+    node_matches,
+    node_meta_filters,
+    select,
+)
 from shipyard.api.consul.common import bad_request, blocking_query, json_response, request_filter
-from shipyard.api.context import platform_of
-from shipyard.registry.catalog import CHECKS, PASSING, PREFIX, STATUSES, _q
+from shipyard.api.context import Platform, platform_of
+from shipyard.registry.catalog import CHECKS, PASSING, PREFIX, STATUSES, CatalogSnapshot, Entry, _q
+from shipyard.registry.config_entries import decode_entry, kind_prefix
 from shipyard.registry.filter import CHECK_SERVICE_NODE, HEALTH_CHECK
 
 routes = web.RouteTableDef()
@@ -30,20 +39,39 @@ def _passing_param(request: web.Request) -> bool:
     raise bad_request("Invalid value for ?passing")
 
 
-@routes.get("/v1/health/service/{name:.+}")
-async def health_service(request: web.Request) -> web.Response:
+async def _ingress_gateways(platform: Platform, name: str) -> set[str]:
+    """Names of the ingress gateways whose config entry routes to `name`."""
+    held = await platform.store.range(kind_prefix("ingress-gateway"), prefix=True)
+    found = set()
+    for kv in held.kvs:
+        entry = decode_entry(kv)
+        if any(link["Service"]["Name"] in (name, "*") for link in gateway_links(entry, [name])):
+            found.add(entry.name)
+    return found
+
+
+async def _instances(platform: Platform, snap: CatalogSnapshot, name: str, kind: str) -> list[tuple[str, Entry]]:
+    if kind == "connect":
+        return connect_instances(snap, name)
+    if kind == "ingress":
+        gateways = await _ingress_gateways(platform, name)
+        return [(node, e) for (node, _), e in sorted(snap.services.items())
+                if e.data.get("Kind") == "ingress-gateway" and e.data.get("Service") in gateways]
+    return named_instances(snap, name, platform.node.name)
+
+
+async def _health_instances(request: web.Request, kind: str) -> web.Response:
+    """/v1/health/service, /connect and /ingress: instances with the checks of their node and their own."""
     platform = platform_of(request)
-    name = request.match_info["name"]
-    tags = request.query.getall("tag", [])
-    filters = node_meta_filters(request)
+    name, wanted, peered = instance_query(request)
     passing_only = _passing_param(request)
     chosen = request_filter(request, CHECK_SERVICE_NODE)
 
     async def read() -> tuple[Any, int, int]:
         snap = await platform.catalog.snapshot()
         out = []
-        for node, entry in snap.services_named(name):
-            if not has_tags(entry, tags) or not node_matches(snap, node, filters):
+        for node, entry in [] if peered else await _instances(platform, snap, name, kind):
+            if not wanted(snap, node, entry):
                 continue
             sid = entry.data.get("ID", "")
             checks = sorted(
@@ -57,10 +85,30 @@ async def health_service(request: web.Request) -> web.Response:
                 "Service": snap.node_service_shape(entry),
                 "Checks": [snap.check_shape(c) for c in checks],
             })
-        return select(chosen, out), snap.name_index(name), snap.revision
+        index = max(snap.name_index(name), 1) if kind == "service" else snap.index
+        if kind == "ingress":  # the gateways' config entries are part of the answer
+            index = max(index, (await platform.store.range(kind_prefix("ingress-gateway"), prefix=True)).index)
+        return select(chosen, out), index, snap.revision
 
-    result, index = await blocking_query(request, platform.store, read, PREFIX, prefix=True)
+    # Ingress answers also change with the gateways' config entries: watch everything for those.
+    watch = PREFIX if kind != "ingress" else ""
+    result, index = await blocking_query(request, platform.store, read, watch, prefix=True)
     return json_response(result, index=index)
+
+
+@routes.get("/v1/health/service/{name:.+}")
+async def health_service(request: web.Request) -> web.Response:
+    return await _health_instances(request, "service")
+
+
+@routes.get("/v1/health/connect/{name:.+}")
+async def health_connect(request: web.Request) -> web.Response:
+    return await _health_instances(request, "connect")
+
+
+@routes.get("/v1/health/ingress/{name:.+}")
+async def health_ingress(request: web.Request) -> web.Response:
+    return await _health_instances(request, "ingress")
 
 
 @routes.get("/v1/health/checks/{name:.+}")
