@@ -131,3 +131,12 @@ def test_resolver_redirect_is_followed(client: consul.Consul) -> None:
     chain = client.discovery_chain.get("old")["Chain"]
     assert chain["StartNode"] == "resolver:new.default.default.dc1"
     assert list(chain["Targets"]) == ["new.default.default.dc1"]
+
+
+def test_resolver_failover_targets(client: consul.Consul) -> None:
+    client.config.set(kind="service-resolver", name="pay", config_entry={
+        "Failover": {"*": {"Datacenters": ["dc2", "dc3"]}}})
+    chain = client.discovery_chain.get("pay")["Chain"]
+    resolver = chain["Nodes"]["resolver:pay.default.default.dc1"]["Resolver"]
+    assert resolver["Failover"] == {"Targets": ["pay.default.default.dc2", "pay.default.default.dc3"]}
+    assert chain["Targets"]["pay.default.default.dc2"]["Datacenter"] == "dc2"

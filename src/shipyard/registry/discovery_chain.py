@@ -51,9 +51,6 @@ class ChainCompiler:
     def target_id(self, service: str, subset: str) -> str:
         return ".".join(p for p in (subset, service, "default", "default", self.datacenter) if p)
 
-    def sni(self, service: str, subset: str) -> str:
-        return ".".join(p for p in (subset, service, "default", self.datacenter, "internal", self.trust_domain) if p)
-
     def resolver_node(self, service: str, subset: str = "", depth: int = 0) -> str:
         if depth > MAX_DEPTH:
             raise BadRequest(f"detected circular resolver redirect for service {service!r}")
@@ -68,19 +65,42 @@ class ChainCompiler:
             raise BadRequest(f"service {service!r} does not have a subset named {subset!r}")
         timeout = str(self.overrides.get("OverrideConnectTimeout") or resolver.get("ConnectTimeout")
                       or DEFAULT_CONNECT_TIMEOUT)
-        target = self.target_id(service, subset)
-        self.targets[target] = {
-            "ID": target, "Service": service, "ServiceSubset": subset, "Namespace": "default",
-            "Partition": "default", "Datacenter": self.datacenter, "Peer": "",
-            "MeshGateway": self.overrides.get("OverrideMeshGateway") or {"Mode": ""},
-            "Subset": subsets.get(subset) or {}, "TransparentProxy": {}, "ConnectTimeout": timeout,
-            "SNI": self.sni(service, subset), "Name": self.sni(service, subset),
-        }
+        target = self.add_target(service, subset, self.datacenter, timeout, subsets)
         name = f"resolver:{target}"
         node: dict[str, Any] = {"Type": "resolver", "Name": target,
                                 "Resolver": {"ConnectTimeout": timeout, "Default": not resolver, "Target": target}}
+        failover = self.failover_targets(service, subset, resolver, timeout)
+        if failover:
+            node["Resolver"]["Failover"] = {"Targets": failover}
         self.nodes[name] = node
         return name
+
+    def failover_targets(self, service: str, subset: str, resolver: dict[str, Any], timeout: str) -> list[str]:
+        """Consul's resolver Failover for this subset (or "*"): other services, subsets or datacenters, in order."""
+        failover = (resolver.get("Failover") or {})
+        policy = failover.get(subset or "*") or failover.get("*") or {}
+        if not policy:
+            return []
+        other = str(policy.get("Service") or service)
+        other_subset = str(policy.get("ServiceSubset") or "")
+        other_subsets = (self.entry("service-resolver", other) or {}).get("Subsets") or {}
+        datacenters = [str(dc) for dc in policy.get("Datacenters") or []] or [self.datacenter]
+        found = [self.add_target(other, other_subset, dc, timeout, other_subsets) for dc in datacenters]
+        own = self.target_id(service, subset)
+        return [t for t in found if t != own]
+
+    def add_target(self, service: str, subset: str, datacenter: str, timeout: str,
+                   subsets: dict[str, Any]) -> str:
+        target = ".".join(p for p in (subset, service, "default", "default", datacenter) if p)
+        sni = ".".join(p for p in (subset, service, "default", datacenter, "internal", self.trust_domain) if p)
+        self.targets[target] = {
+            "ID": target, "Service": service, "ServiceSubset": subset, "Namespace": "default",
+            "Partition": "default", "Datacenter": datacenter, "Peer": "",
+            "MeshGateway": self.overrides.get("OverrideMeshGateway") or {"Mode": ""},
+            "Subset": subsets.get(subset) or {}, "TransparentProxy": {}, "ConnectTimeout": timeout,
+            "SNI": sni, "Name": sni,
+        }
+        return target
 
     def splitter_node(self, service: str, depth: int = 0) -> str:
         splitter = self.entry("service-splitter", service)
