@@ -28,6 +28,11 @@ def _epoch(iso: str) -> float:
     return time.mktime(time.strptime(head, "%Y-%m-%dT%H:%M:%S")) - time.timezone + float("0." + (frac or "0"))
 
 
+def _folder(path: str) -> str:
+    """LIST of "app" lists the folder "app/", as Vault does."""
+    return path if not path or path.endswith("/") else path + "/"
+
+
 def _secret_data(req: Request) -> dict[str, Any]:
     if not isinstance(req.data, dict):
         raise BadRequest("the request body must be a JSON object")
@@ -43,7 +48,7 @@ class KVv1:
 
     async def handle(self, req: Request, path: str) -> dict[str, Any] | None:
         if req.operation == "list" or (req.operation == "read" and (path == "" or path.endswith("/"))):
-            keys = await self.view.list("data/" + path)
+            keys = await self.view.list("data/" + _folder(path))
             if not keys:
                 raise Missing()
             return data_response({"keys": keys})
@@ -249,7 +254,7 @@ class KVv2:
 
     async def _metadata(self, req: Request, path: str) -> dict[str, Any] | None:
         if req.operation == "list" or (req.operation == "read" and (not path or path.endswith("/"))):
-            keys = await self.view.list("meta/" + path)
+            keys = await self.view.list("meta/" + _folder(path))
             if not keys:
                 raise Missing()
             return data_response({"keys": keys})
