@@ -7,6 +7,9 @@ A second gateway route (/keyed, to the same upstream) has key-auth + rate-limiti
 refuse). Phases: nginx, gateway without plugins, gateway with the two plugins, repeated --rounds times in turn, so
 that a machine whose load drifts (other jobs) weighs on all three alike; figures are medians over the rounds and
 each ratio is the median of the ratios of one round. It never reaches inside the server.
+A TLS phase pair follows in each round: nginx terminating TLS (ssl on its listener) and the gateway terminating TLS
+(--gateway-tls-port), with the same self-signed certificate (ECDSA P-256), keep-alive, both TLS 1.2+ (wrk, OpenSSL);
+--no-tls skips it, --tls-only runs only it.
 
 Usage: python bench/gateway.py [--quick] [--duration S] [--rounds N] [--connections C] [--workers N]
 (progress on stderr, one JSON line with all figures on stdout)
@@ -102,7 +105,29 @@ http {{
 """
 
 
-def proxy_conf(port: int, upstream: int, workers: int) -> str:
+def tls_server_conf(port: int, cert: Path, key: Path) -> str:
+    """nginx terminating TLS with the certificate the gateway gets, in front of the same upstream pool."""
+    return f"""
+  server {{
+    listen 127.0.0.1:{port} ssl reuseport backlog=4096;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache shared:SSL:10m;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $host;
+      add_header Via "1.1 nginx";
+    }}
+  }}"""
+
+
+def proxy_conf(port: int, upstream: int, workers: int, tls: str = "") -> str:
     return f"""worker_processes {workers};
 events {{ worker_connections 4096; }}
 http {{
@@ -121,9 +146,20 @@ http {{
       proxy_set_header X-Forwarded-Host $host;
       add_header Via "1.1 nginx";
     }}
-  }}
+  }}{tls}
 }}
 """
+
+
+def write_certificate(folder: Path) -> tuple[Path, Path]:
+    from shipyard.tls import self_signed
+
+    cert_pem, key_pem = self_signed("localhost", ["localhost"])
+    cert, key = folder / "bench-cert.pem", folder / "bench-key.pem"
+    cert.write_bytes(cert_pem)
+    key.write_bytes(key_pem)
+    key.chmod(0o600)
+    return cert, key
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
@@ -202,6 +238,21 @@ def median_ratio(top: list[float | None], bottom: list[float | None]) -> float |
     return round(statistics.median(ratios), 3) if ratios else None
 
 
+def tls_summary(phases: dict[str, list[dict[str, Any]]], args: argparse.Namespace, duration: int) -> dict[str, Any]:
+    """The TLS phase pair: nginx terminating TLS vs the gateway terminating TLS (same certificate, keep-alive)."""
+    nginx, gateway = summary(phases["nginx_tls"]), summary(phases["gateway_tls"])
+    ratio = median_ratio([r["rps"] for r in phases["gateway_tls"]], [r["rps"] for r in phases["nginx_tls"]])
+    errors = sum(r["socket_errors"] + r["non_2xx"] for r in (nginx, gateway))
+    return {
+        "bench": "gateway-tls", "workers": args.workers, "connections": args.connections, "duration_s": duration,
+        "rounds": args.rounds, "nginx_tls": nginx, "gateway_tls": gateway, "tls_ratio": ratio,
+        "tls_p99_ratio": median_ratio([r["p99_ms"] for r in phases["gateway_tls"]],
+                                      [r["p99_ms"] for r in phases["nginx_tls"]]),
+        "errors": errors,
+        "targets": {"tls_ratio>=0.6": bool(ratio and ratio >= THROUGHPUT_TARGET), "zero_errors": errors == 0},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs (for a smoke test)")
@@ -210,6 +261,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--no-tls", action="store_true", help="skip the TLS phases")
+    parser.add_argument("--tls-only", action="store_true", help="only the TLS phases (nginx TLS vs gateway TLS)")
     args = parser.parse_args()
     duration = args.duration or (3 if args.quick else 10)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -219,15 +272,20 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="shipyard-bench-gateway-"))
     up_port, nginx_port, http_port, gw_port = free_port(), free_port(), free_port(), free_port()
+    nginx_tls_port, gw_tls_port = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
+        cert, key = write_certificate(tmp)
+        tls_args = ["--gateway-tls-port", str(gw_tls_port), "--gateway-tls-cert", str(cert),
+                    "--gateway-tls-key", str(key)]
         procs.append(start_nginx(tmp / "upstream", upstream_conf(up_port)))
-        procs.append(start_nginx(tmp / "proxy", proxy_conf(nginx_port, up_port, args.workers)))
+        procs.append(start_nginx(tmp / "proxy", proxy_conf(nginx_port, up_port, args.workers,
+                                                           tls_server_conf(nginx_tls_port, cert, key))))
         server_log = open(tmp / "server.log", "wb")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "shipyard.cli.main", "server", "--dev", "--http-port", str(http_port),
              "--dns-port", "0", "--gateway-port", str(gw_port), "--gateway-workers", str(args.workers),
-             "--log-level", "warning"],
+             "--log-level", "warning", *tls_args],
             stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True,
         ))
         control, gateway, reference = (f"http://127.0.0.1:{p}" for p in (http_port, gw_port, nginx_port))
@@ -251,14 +309,27 @@ def main() -> None:
         with_plugins = plugins_available()
         if with_plugins:
             enable_plugins(control, gateway)
-        phases: dict[str, list[dict[str, Any]]] = {"nginx": [], "gateway": [], "plugins": []}
+        phases: dict[str, list[dict[str, Any]]] = {"nginx": [], "gateway": [], "plugins": [], "nginx_tls": [],
+                                                   "gateway_tls": []}
+        tls_phases = not args.no_tls
+        if tls_phases:
+            wait_for(lambda: run_wrk(f"https://localhost:{gw_tls_port}/", 1, 1, 1)["requests"] > 0,
+                     "the gateway's TLS port")
         for round_no in range(1, args.rounds + 1):
             progress(f"round {round_no}/{args.rounds}")
+            if tls_phases:
+                phases["nginx_tls"].append(measure(f"https://localhost:{nginx_tls_port}/", "nginx, TLS"))
+                phases["gateway_tls"].append(measure(f"https://localhost:{gw_tls_port}/", "gateway, TLS"))
+            if args.tls_only:
+                continue
             phases["nginx"].append(measure(reference + "/", "nginx"))
             phases["gateway"].append(measure(gateway + "/", "gateway, no plugins"))
             if with_plugins:
                 phases["plugins"].append(measure(gateway + "/keyed", "gateway, key-auth + rate-limiting",
                                                  [f"apikey: {API_KEY}"]))
+        if args.tls_only:
+            print(json.dumps(tls_summary(phases, args, duration)), flush=True)
+            return
         nginx, plain = summary(phases["nginx"]), summary(phases["gateway"])
         out: dict[str, Any] = {
             "bench": "gateway", "workers": args.workers, "connections": args.connections, "threads": args.threads,
@@ -275,14 +346,19 @@ def main() -> None:
         else:
             out["gateway_key_auth_rate_limiting"] = None
             out["note"] = "key-auth/rate-limiting plugins not available: plugin phase skipped"
+        if tls_phases:
+            out["tls"] = tls_summary(phases, args, duration)
         errors = sum(r["socket_errors"] + r["non_2xx"] for r in (nginx, plain, out.get(
             "gateway_key_auth_rate_limiting") or {"socket_errors": 0, "non_2xx": 0}))
+        errors += out["tls"]["errors"] if tls_phases else 0
         out["targets"] = {
             "ratio>=0.6": bool(out["ratio"] and out["ratio"] >= THROUGHPUT_TARGET),
             "plugins_ratio>=0.5": bool(out.get("plugins_ratio") and out["plugins_ratio"] >= PLUGINS_TARGET),
             "p99<=2x": bool(out["p99_ratio"] and out["p99_ratio"] <= P99_TARGET),
             "zero_errors": errors == 0,
         }
+        if tls_phases:
+            out["targets"]["tls_ratio>=0.6"] = out["tls"]["targets"]["tls_ratio>=0.6"]
         print(json.dumps(out), flush=True)
     finally:
         for proc in reversed(procs):
