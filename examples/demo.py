@@ -11,6 +11,7 @@ import os
 import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -36,14 +37,14 @@ def shipyard(addr: str, *args: str, check: bool = True) -> subprocess.CompletedP
     return done
 
 
-def wait_for_routes(gateway: str, timeout: float = 15.0) -> int:
+def wait_for_routes(gateway: str, timeout: float = 15.0, verify: ssl.SSLContext | bool = True) -> int:
     """The gateway follows the store by watch: its routes to the new services appear a moment after they are
     healthy. A request without a token is refused by the jwt plugin (401) once they have."""
     deadline = time.monotonic() + timeout
     status = 0
     while time.monotonic() < deadline:
         try:
-            status = httpx.get(f"{gateway}/assets", timeout=2).status_code
+            status = httpx.get(f"{gateway}/assets", timeout=2, verify=verify).status_code
         except httpx.HTTPError:
             status = 0
         if status == 401:
@@ -83,6 +84,27 @@ def walkthrough(gateway: str, project: Path) -> str:
   curl -s -H "$AUTH" -o harbour-copy.jpg "$GW/files/$ASSET\""""
 
 
+def setup_tls(project: Path, https_port: int, gateway_tls_port: int) -> Path:
+    """A CA and a server certificate for this demo (made once, in the project's .shipyard/tls), handed to the
+    server `shipyard up` starts through its environment: HTTPS on the control API and TLS on the gateway."""
+    from shipyard.tls import CertRequest, create_ca_files, create_cert_files
+
+    folder = project / ".shipyard" / "tls"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "consul-agent-ca.pem").exists():
+        create_ca_files(folder)
+    cert, key = folder / "dc1-server-consul-0.pem", folder / "dc1-server-consul-0-key.pem"
+    if not cert.exists():
+        create_cert_files(folder, CertRequest(kind="server"))
+    os.environ.update({
+        "SHIPYARD_TLS_CERT": str(cert), "SHIPYARD_TLS_KEY": str(key),
+        "SHIPYARD_TLS_CA": str(folder / "consul-agent-ca.pem"),
+        "SHIPYARD_HTTPS_PORT": str(https_port), "SHIPYARD_GATEWAY_TLS_PORT": str(gateway_tls_port),
+        "SHIPYARD_GATEWAY_TLS_CERT": str(cert), "SHIPYARD_GATEWAY_TLS_KEY": str(key),
+    })
+    return folder / "consul-agent-ca.pem"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--project", type=Path, default=HERE / "mediahub", help="The example to run.")
@@ -90,9 +112,16 @@ def main() -> None:
     parser.add_argument("--dns-port", type=int, default=8600)
     parser.add_argument("--gateway-port", type=int, default=8080)
     parser.add_argument("--exit-when-healthy", action="store_true", help="Show it working, then stop.")
+    parser.add_argument("--tls", action="store_true",
+                        help="HTTPS on the control API (--https-port) and TLS on the gateway (--gateway-tls-port), "
+                             "with a CA made for the demo (plain HTTP stays on loopback for the CLI and services).")
+    parser.add_argument("--https-port", type=int, default=8501)
+    parser.add_argument("--gateway-tls-port", type=int, default=8443)
     args = parser.parse_args()
-    for port, option in ((args.http_port, "--http-port"), (args.dns_port, "--dns-port"),
-                         (args.gateway_port, "--gateway-port")):
+    ports = [(args.http_port, "--http-port"), (args.dns_port, "--dns-port"), (args.gateway_port, "--gateway-port")]
+    if args.tls:
+        ports += [(args.https_port, "--https-port"), (args.gateway_tls_port, "--gateway-tls-port")]
+    for port, option in ports:
         if port_taken(port):
             raise SystemExit(f"error: port {port} is in use (another server?); pass {option} N "
                              f"(make demo DEMO_ARGS='{option} N')")
@@ -103,9 +132,18 @@ def main() -> None:
     os.environ["SHIPYARD_DNS_PORT"] = str(args.dns_port)
     os.environ["SHIPYARD_GATEWAY_PORT"] = str(args.gateway_port)
     shipyard_cmd = ".venv/bin/shipyard" + ("" if args.http_port == 8500 else f" --http-addr {addr}")
+    ca_file = setup_tls(project, args.https_port, args.gateway_tls_port) if args.tls else None
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+    if ca_file is not None:
+        gateway = f"https://localhost:{args.gateway_tls_port}"
     try:
         shipyard(addr, "up", str(project))
-        status = wait_for_routes(gateway)
+        if ca_file is not None:
+            https_api = f"https://127.0.0.1:{args.https_port}"
+            leader = httpx.get(f"{https_api}/v1/status/leader", verify=verify, timeout=5).status_code
+            console.print(f"GET {https_api}/v1/status/leader with the demo CA -> {leader} (TLS on the control API)")
+            api = f"{https_api} (CA: {ca_file}; plain {api} on loopback)"
+        status = wait_for_routes(gateway, verify=verify)
         console.print(f"GET {gateway}/assets without a token -> {status}"
                       + (" (the gateway's jwt plugin at work)" if status == 401 else " (routes not ready?)"))
         console.print(f"""
@@ -117,6 +155,7 @@ Shipyard is running mediahub from {project}:
   Control:   {api}   (Consul /v1, Marathon /v2, native /api; there is no web UI yet)
 
 Try the walk-through (copy-paste into a shell in {Path.cwd()}):
+{f"  export CURL_CA_BUNDLE={ca_file}   # curl trusts the demo CA{chr(10)}" if ca_file else ""}\
 {walkthrough(gateway, project)}
 
 And the platform:

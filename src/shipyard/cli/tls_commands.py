@@ -93,17 +93,20 @@ _SERVER_OPTIONS: list[Callable[[F], F]] = [
                  help="Key of --tls-cert."),
     click.option("--tls-ca", default="", envvar="SHIPYARD_TLS_CA", metavar="FILE",
                  help="CA that signs client certificates (and that internal callers trust)."),
-    click.option("--verify-incoming", is_flag=True,
+    click.option("--verify-incoming", is_flag=True, envvar="SHIPYARD_VERIFY_INCOMING",
                  help="HTTPS clients must present a certificate signed by --tls-ca (refused at the handshake)."),
     click.option("--https-port", default=8501, show_default=True, type=click.IntRange(0, 65535),
+                 envvar="SHIPYARD_HTTPS_PORT",
                  help="Port of the control API over HTTPS (with --tls-cert). Plain HTTP then listens on "
                       "loopback only; --http-port 0 turns it off."),
     click.option("--gateway-tls-port", default=0, show_default=True, type=click.IntRange(0, 65535),
+                 envvar="SHIPYARD_GATEWAY_TLS_PORT",
                  help="Port where the gateway terminates TLS (e.g. 8443; 0: none). Certificates: the gateway's "
                       "certificates and snis entities; --gateway-tls-cert otherwise."),
-    click.option("--gateway-tls-cert", default="", metavar="FILE",
+    click.option("--gateway-tls-cert", default="", metavar="FILE", envvar="SHIPYARD_GATEWAY_TLS_CERT",
                  help="Default certificate of --gateway-tls-port (default: a self-signed one made at start)."),
-    click.option("--gateway-tls-key", default="", metavar="FILE", help="Key of --gateway-tls-cert."),
+    click.option("--gateway-tls-key", default="", metavar="FILE", envvar="SHIPYARD_GATEWAY_TLS_KEY",
+                 help="Key of --gateway-tls-cert."),
 ]
 
 
