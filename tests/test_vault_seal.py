@@ -201,3 +201,29 @@ def test_sealed_server_refuses_with_vaults_body_and_unknown_paths(vault: VaultSe
     with pytest.raises(hvac_errors.Forbidden):
         hvac.Client(url=vault.vault_url, token="nope").secrets.kv.v2.read_secret_version(
             "x", raise_on_deleted_version=True)
+
+
+def test_shipyard_up_runs_the_engine_in_dev_mode_and_says_so(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from support import free_port
+
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "shipyard.yaml").write_text(
+        "services:\n  sleeper:\n    cmd: python -c 'import time; time.sleep(600)'\n    instances: 1\n")
+    http_port, vault_port = free_port(), free_port()
+    shipyard = [sys.executable, "-m", "shipyard.cli.main"]
+    done = subprocess.run([*shipyard, "up", "--http-port", str(http_port), "--gateway-port", "0", "--dns-port", "0",
+                           "--vault-port", str(vault_port)], cwd=project, capture_output=True, text=True, timeout=120)
+    try:
+        assert done.returncode == 0, done.stdout + done.stderr
+        line = next(line for line in done.stdout.splitlines() if "secrets engine" in line)
+        assert "DEV MODE" in line and f"VAULT_ADDR=http://127.0.0.1:{vault_port}" in line
+        token = line.rsplit("VAULT_TOKEN=", 1)[1].strip()
+        client = hvac.Client(url=f"http://127.0.0.1:{vault_port}", token=token)
+        client.secrets.kv.v2.create_or_update_secret("from-up", secret={"a": "b"})
+    finally:
+        subprocess.run([*shipyard, "down", "--http-addr", f"127.0.0.1:{http_port}"], cwd=project,
+                       capture_output=True, timeout=60)

@@ -97,6 +97,26 @@ def _deploy_with_plan(api: ApiClient, project: ProjectSpec, force: bool) -> list
     return [Target.of(item["job"]) for item in _send(api, project, force)]
 
 
+def vault_dev_note(state_dir: Path, port: int) -> str:
+    """What `up` says of the secrets engine it started in dev mode: where, and its root token (as vault -dev).
+    The control API answers before the engine has started: the server's "ready" line comes after it."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if "shipyard server ready" in (state_dir / "server.log").read_text(errors="replace"):
+                break
+        except OSError:
+            pass
+        time.sleep(0.05)
+    data_dir = state_dir / "data"
+    try:
+        saved = json.loads((data_dir / "vault-dev.json").read_text())
+    except (OSError, ValueError):
+        return f"secrets engine: not started (port {port} taken? see the server log)"
+    return (f"secrets engine in DEV MODE (unsealed automatically; not for production): "
+            f"VAULT_ADDR=http://127.0.0.1:{port} VAULT_TOKEN={saved.get('root_token', '')}")
+
+
 def _server_options(gateway_port: int | None, dns_port: int | None) -> list[str]:
     extra = []
     if gateway_port is not None:
@@ -119,9 +139,11 @@ def _server_options(gateway_port: int | None, dns_port: int | None) -> list[str]
 @click.option("--dns-port", type=click.IntRange(0, 65535), default=None, envvar="SHIPYARD_DNS_PORT",
               show_envvar=True,
               help="DNS port of the server `up` starts (default 8600; 0: no DNS).")
+@click.option("--vault-port", type=click.IntRange(1, 65535), default=None,
+              help="Port of the secrets engine (dev mode) of the server `up` starts (default 8200).")
 @click.pass_context
 def up(ctx: click.Context, directory: str, force: bool, timeout: float, crash_limit: int, http_port: int | None,
-       gateway_port: int | None, dns_port: int | None) -> None:
+       gateway_port: int | None, dns_port: int | None, vault_port: int | None) -> None:
     """Start a server if none is running, deploy DIRECTORY/shipyard.yaml, wait until all is healthy.
 
     The server it starts keeps its state in DIRECTORY/.shipyard (server.log, data/); `shipyard down DIRECTORY`
@@ -137,9 +159,12 @@ def up(ctx: click.Context, directory: str, force: bool, timeout: float, crash_li
         if any(runs_command(spec) for spec in project.tasks.values()):
             # The operator's own project asks for command health checks: the server `up` starts for it allows them.
             extra.append("--enable-script-checks")
+        # A laptop's platform: the secrets engine unseals itself (and says so).
+        extra += ["--vault-dev", *(["--vault-port", str(vault_port)] if vault_port else [])]
         with console.status(f"starting shipyard server at {api.base_url}"):
             pid = start_server(api, state_dir, extra)
         console.print(f"started shipyard server (pid {pid}, logs in {state_dir})", highlight=False)
+        console.print(vault_dev_note(state_dir, vault_port or 8200), highlight=False, soft_wrap=True)
     targets = _deploy_with_plan(api, project, force)
     wait_rolled_out(api, targets, timeout, crash_limit)
     console.print(f"[green]all services healthy[/green] ({len(targets)} jobs) in "
