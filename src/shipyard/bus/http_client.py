@@ -37,6 +37,7 @@ from shipyard.bus.base import (
     patterns_list,
 )
 from shipyard.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ShipyardError
+from shipyard.tls.contexts import ClientTls
 
 log = logging.getLogger("shipyard.bus.http")
 BATCH = 1000  # events per publish request
@@ -76,7 +77,9 @@ class HttpBus(Bus):
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=None, connect=5),
+                # https: the CA and client certificate of SHIPYARD_/CONSUL_CACERT, _CLIENT_CERT, _CLIENT_KEY
+                connector=aiohttp.TCPConnector(limit=64, ssl=ClientTls.from_env().httpx_verify(self.url)),
+                timeout=aiohttp.ClientTimeout(total=None, connect=5),
                 json_serialize=lambda o: orjson.dumps(o).decode(),
             )
         return self._session

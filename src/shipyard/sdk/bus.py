@@ -31,6 +31,7 @@ from shipyard.bus.base import (
     patterns_list,
 )
 from shipyard.errors import BadRequest
+from shipyard.sdk.server_api import control_verify, server_url
 
 __all__ = ["BusApp", "Fail", "Handler", "Reject", "Retry", "Worker", "decode_payload", "encode_payload"]
 
@@ -223,11 +224,12 @@ class Worker:
         assert self.app.url is not None
         if not self.server_addr or urlsplit(self.app.url).scheme in ("http", "https"):
             return
-        base = self.server_addr if "://" in self.server_addr else f"http://{self.server_addr}"
+        base = server_url(self.server_addr)
         delay = 0.5
         while True:
             try:
-                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10),
+                                                 connector=aiohttp.TCPConnector(ssl=control_verify(base))) as session:
                     for h in self.app.handlers:
                         name = quote(h.name, safe="")
                         if h.kind == "subscription":

@@ -11,10 +11,13 @@ import asyncio
 import logging
 import os
 import random
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+
+from shipyard.tls.contexts import ClientTls
 
 log = logging.getLogger("shipyard.sdk")
 
@@ -37,14 +40,20 @@ def server_url(addr: str | None = None) -> str:
     gives an instance), $CONSUL_HTTP_ADDR, else 127.0.0.1:8500. host:port or a full http(s) URL."""
     if not addr:
         addr = next((os.environ[v] for v in ADDR_VARIABLES if os.environ.get(v)), DEFAULT_ADDR)
-    return addr.rstrip("/") if "://" in addr else f"http://{addr}"
+    return ClientTls.from_env().base_url(addr)  # host:port is https with CONSUL_HTTP_SSL / SHIPYARD_HTTP_SSL
+
+
+def control_verify(base_url: str) -> ssl.SSLContext | bool:
+    """httpx's verify= (aiohttp's ssl=) for the server at `base_url`: for https, the CA of SHIPYARD_CACERT /
+    CONSUL_CACERT and the client certificate of *_CLIENT_CERT / *_CLIENT_KEY (a server with --verify-incoming)."""
+    return ClientTls.from_env().httpx_verify(base_url)
 
 
 def control_client(base_url: str, *, wait: float = BLOCKING_WAIT) -> httpx.AsyncClient:
     # Reads must outlast a blocking query (wait plus Consul's wait/16 jitter); connects to a local server are quick.
     # trust_env=False: a proxy configured for the outside world must not sit between a service and its server.
     timeout = httpx.Timeout(wait + wait / 16 + 10.0, connect=3.0)
-    return httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False)
+    return httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False, verify=control_verify(base_url))
 
 
 def _index_of(response: httpx.Response) -> int:
