@@ -230,6 +230,14 @@ def test_bad_input(vault: tuple[VaultServer, hvac.Client]) -> None:
     no_data = server.raw("POST", "secret/data/x", token=token, json={"nodata": 1})
     assert no_data.status_code == 400 and no_data.json() == {"errors": ["no data provided"]}
     assert server.raw("GET", "secret/data/never-written", token=token).json() == {"errors": []}
+    admin.secrets.kv.v2.create_or_update_secret("x", secret={"a": "b"})
+    for path, method, body in (("secret/data/x?version=abc", "GET", None),
+                               ("auth/token/create", "POST", {"ttl": "-5s"}),
+                               ("auth/token/create", "POST", {"num_uses": "many"}),
+                               ("transit/datakey/plaintext/dk", "POST", {"bits": "lots"}),
+                               ("secret/metadata/x", "POST", {"max_versions": -1})):
+        answer = server.raw(method, path, token=token, json=body)
+        assert answer.status_code == 400 and answer.json()["errors"], (path, answer.text)
     with pytest.raises(hvac_errors.InvalidRequest, match="encryption key not found"):
         admin.secrets.transit.decrypt_data("no-such-key", "vault:v1:AAAA")
     with pytest.raises(hvac_errors.InvalidRequest, match="base64"):

@@ -12,7 +12,7 @@ from typing import Any
 
 from shipyard.errors import BadRequest
 from shipyard.secrets.barrier import View
-from shipyard.secrets.request import Missing, Request, UnsupportedOperation, data_response
+from shipyard.secrets.request import Missing, Request, UnsupportedOperation, as_int, data_response
 from shipyard.secrets.tokens import TokenRequest, parse_duration
 
 _ROLE_FIELDS = ("token_ttl", "token_max_ttl", "token_period", "secret_id_ttl", "secret_id_num_uses",
@@ -103,7 +103,7 @@ class AppRole:
         secret_id, accessor = str(uuid.uuid4()), str(uuid.uuid4())
         ttl = parse_duration(data.get("ttl"), "ttl") or role["secret_id_ttl"]
         record = {"accessor": accessor, "created": time.time(), "expires": time.time() + ttl if ttl else 0,
-                  "num_uses": int(data.get("num_uses") or role["secret_id_num_uses"] or 0),
+                  "num_uses": as_int(data.get("num_uses"), "num_uses") or role["secret_id_num_uses"],
                   "metadata": data.get("metadata") or {}}
         await self.view.put_json(f"secret/{name}/{_hash(secret_id)}", record)
         return data_response({"secret_id": secret_id, "secret_id_accessor": accessor, "secret_id_ttl": ttl,

@@ -10,7 +10,7 @@ from typing import Any
 
 from shipyard.errors import BadRequest
 from shipyard.secrets.barrier import View
-from shipyard.secrets.request import Missing, Request, UnsupportedOperation, data_response
+from shipyard.secrets.request import Missing, Request, UnsupportedOperation, as_int, data_response
 from shipyard.secrets.tokens import DEFAULT_TTL, parse_duration
 
 _NO_TIME = ""
@@ -102,7 +102,7 @@ class KVv2:
             raise UnsupportedOperation()
         config = await self.config()
         if "max_versions" in req.data:
-            config["max_versions"] = int(req.data["max_versions"])
+            config["max_versions"] = as_int(req.data["max_versions"], "max_versions")
         if "cas_required" in req.data:
             config["cas_required"] = bool(req.data["cas_required"])
         if "delete_version_after" in req.data:
@@ -141,7 +141,7 @@ class KVv2:
         meta = await self._meta(path)
         if meta is None or not meta["current_version"]:
             raise Missing()
-        number = int(req.data.get("version") or 0) or meta["current_version"]
+        number = as_int(req.data.get("version"), "version") or meta["current_version"]
         version = meta["versions"].get(str(number))
         if version is None:
             raise Missing()
@@ -180,7 +180,7 @@ class KVv2:
             if meta["cas_required"] or config["cas_required"]:
                 raise BadRequest("check-and-set parameter required for this call")
             return
-        if int(cas) != meta["current_version"]:
+        if as_int(cas, "cas") != meta["current_version"]:
             raise BadRequest("check-and-set parameter did not match the current version")
 
     async def _store_version(self, path: str, meta: dict[str, Any], config: dict[str, Any],
@@ -206,10 +206,7 @@ class KVv2:
         versions = req.data.get("versions")
         if not isinstance(versions, list) or not versions:
             raise BadRequest("no version number provided")
-        try:
-            return [int(v) for v in versions]
-        except (TypeError, ValueError):
-            raise BadRequest("versions must be integers") from None
+        return [as_int(v, "versions") for v in versions]
 
     async def _mark_deleted(self, path: str, meta: dict[str, Any], numbers: list[int]) -> None:
         for number in numbers:
@@ -278,7 +275,7 @@ class KVv2:
                         "created_time": _now_iso()}
         body = _secret_data(req)
         if "max_versions" in body:
-            meta["max_versions"] = int(body["max_versions"])
+            meta["max_versions"] = as_int(body["max_versions"], "max_versions")
         if "cas_required" in body:
             meta["cas_required"] = bool(body["cas_required"])
         if "delete_version_after" in body:

@@ -48,6 +48,19 @@ class UnsupportedOperation(ShipyardError):
         super().__init__("unsupported operation")
 
 
+def as_int(value: Any, name: str, default: int = 0) -> int:
+    """A non-negative integer field of a request (JSON number or numeric string); anything else is a 400."""
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ShipyardError(f"{name}: expected an integer, got {value!r}", status=400) from None
+    if number < 0:
+        raise ShipyardError(f"{name} cannot be negative", status=400)
+    return number
+
+
 def data_response(data: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
     """Vault's response envelope around `data`."""
     return {"request_id": "", "lease_id": "", "renewable": False, "lease_duration": 0, "data": data,

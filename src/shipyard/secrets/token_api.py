@@ -36,33 +36,54 @@ def _policies(value: Any) -> list[str] | None:
     raise BadRequest("policies must be a list of strings")
 
 
-def _token_request(parent: TokenEntry, data: dict[str, Any], *, orphan: bool) -> TokenRequest:
+def _child_policies(parent: TokenEntry, data: dict[str, Any]) -> list[str]:
+    """The policies asked for (the parent's when none), which a non-root parent must hold itself."""
     policies = _policies(data.get("policies"))
-    parent_policies = [p for p in parent.policies if p != "root" or parent.root]
     if policies is None:
-        policies = list(parent_policies)
+        policies = list(parent.policies)
     if not parent.root:
         extra = set(policies) - set(parent.policies) - {"default"}
         if extra:
             raise BadRequest(f"child policies must be subset of parent: {sorted(extra)[0]} is not held")
-        if data.get("id"):
-            raise BadRequest("root or sudo privileges required to specify token id")
-        if data.get("no_parent") and not orphan:
-            raise BadRequest("root or sudo privileges required to create orphan token")
     if not data.get("no_default_policy") and "root" not in policies:
         policies = [*policies, "default"]
+    return policies
+
+
+def _check_privileged_fields(parent: TokenEntry, data: dict[str, Any], *, orphan: bool) -> None:
+    if parent.root:
+        return
+    if data.get("id"):
+        raise BadRequest("root or sudo privileges required to specify token id")
+    if data.get("no_parent") and not orphan:
+        raise BadRequest("root or sudo privileges required to create orphan token")
+
+
+def _token_request(parent: TokenEntry, data: dict[str, Any], *, orphan: bool) -> TokenRequest:
+    _check_privileged_fields(parent, data, orphan=orphan)
+    policies = _child_policies(parent, data)
     meta = data.get("meta") or {}
     if not isinstance(meta, dict):
         raise BadRequest("meta must be a map of strings")
+    name = str(data.get("display_name") or "").strip()
     return TokenRequest(
         policies=policies, ttl=parse_duration(data.get("ttl") or data.get("lease"), "ttl"),
         explicit_max_ttl=parse_duration(data.get("explicit_max_ttl"), "explicit_max_ttl"),
-        period=parse_duration(data.get("period"), "period"), num_uses=int(data.get("num_uses") or 0),
-        renewable=data.get("renewable", True) is not False, display_name="token-" + str(data.get("display_name")
-                                                                                        or "").strip() or "token",
+        period=parse_duration(data.get("period"), "period"), num_uses=_int(data.get("num_uses"), "num_uses"),
+        renewable=data.get("renewable", True) is not False, display_name=f"token-{name}" if name else "token",
         meta={str(k): str(v) for k, v in meta.items()}, orphan=orphan or bool(data.get("no_parent")),
         token_id=str(data.get("id") or ""),
     )
+
+
+def _int(value: Any, name: str) -> int:
+    try:
+        number = int(value or 0)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{name} must be an integer") from None
+    if number < 0:
+        raise BadRequest(f"{name} cannot be negative")
+    return number
 
 
 async def handle(core: VaultCore, req: Request) -> dict[str, Any] | None:

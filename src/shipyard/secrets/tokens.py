@@ -6,6 +6,7 @@ Token IDs are kept only as SHA-256 hashes (they are bearer secrets); this module
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets as _random
 import string
 import time
@@ -15,6 +16,8 @@ from typing import Any
 from shipyard.errors import BadRequest
 from shipyard.secrets.barrier import Barrier
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 DEFAULT_TTL = 768 * 3600  # Vault's default and maximum lease TTL (32 days)
 MAX_TTL = 768 * 3600
 _ALPHABET = string.ascii_letters + string.digits
@@ -29,21 +32,20 @@ def hash_token(token_id: str) -> str:
 
 
 def parse_duration(value: Any, what: str) -> int:
-    """Vault's durations: an int of seconds or "90s", "15m", "1h", "2d"."""
+    """Vault's durations: seconds as a number or numeric string, or Go's "90s", "15m", "1h30m", "2d"."""
     if value is None or value == "":
         return 0
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (isinstance(value, int | float) and value < 0):
         raise BadRequest(f"invalid {what}: {value!r}")
     if isinstance(value, int | float):
         return int(value)
     text = str(value).strip()
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
+    if text.isdigit():
         return int(text)
-    except ValueError:
-        raise BadRequest(f"invalid {what}: {value!r}") from None
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise BadRequest(f"invalid {what}: {value!r}")
+    return int(sum(float(number) * _UNITS[unit] for number, unit in parts))
 
 
 @dataclass

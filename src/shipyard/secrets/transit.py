@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from shipyard.errors import BadRequest
 from shipyard.secrets.barrier import View
-from shipyard.secrets.request import Missing, Request, UnsupportedOperation, data_response
+from shipyard.secrets.request import Missing, Request, UnsupportedOperation, as_int, data_response
 
 KEY_TYPES = ("aes256-gcm96", "chacha20-poly1305", "ed25519", "ecdsa-p256")
 _HASHES: dict[str, Callable[..., Any]] = {
@@ -150,7 +150,7 @@ class Transit:
         key = await self._load(name)
         for field in ("min_decryption_version", "min_encryption_version"):
             if field in data:
-                value = int(data[field])
+                value = as_int(data[field], field)
                 if value < 0 or value > key["latest_version"]:
                     raise BadRequest(f"{field} out of range")
                 key[field] = value
@@ -210,8 +210,8 @@ class Transit:
         plaintext = _b64decode(req.data.get("plaintext"), "plaintext")
         key = await self.view.get_json("policy/" + name) or await self._create_key(
             name, str(req.data.get("type") or "aes256-gcm96"))  # encrypt upserts a key, as Vault's does
-        return data_response(self._seal(key, plaintext, self._context(req.data), int(req.data.get("key_version")
-                                                                                     or 0)))
+        version = as_int(req.data.get("key_version"), "key_version")
+        return data_response(self._seal(key, plaintext, self._context(req.data), version))
 
     async def _decrypt(self, req: Request, name: str, _: str) -> dict[str, Any]:
         key = await self._load(name)
@@ -222,13 +222,13 @@ class Transit:
         key = await self._load(name)
         context = self._context(req.data)
         plaintext = self._open(key, req.data.get("ciphertext"), context)
-        return data_response(self._seal(key, plaintext, context, int(req.data.get("key_version") or 0)))
+        return data_response(self._seal(key, plaintext, context, as_int(req.data.get("key_version"), "key_version")))
 
     async def _datakey(self, req: Request, kind: str, name: str) -> dict[str, Any]:
         if kind not in ("plaintext", "wrapped"):
             raise Missing()
         key = await self._load(name)
-        bits = int(req.data.get("bits") or 256)
+        bits = as_int(req.data.get("bits"), "bits", 256)
         if bits not in (128, 256, 512):
             raise BadRequest("invalid bits: must be 128, 256 or 512")
         material = os.urandom(bits // 8)
@@ -247,7 +247,7 @@ class Transit:
     async def _hmac(self, req: Request, name: str, suffix: str) -> dict[str, Any]:
         key = await self._load(name)
         algorithm = self._algorithm(req, suffix)
-        number = int(req.data.get("key_version") or 0) or key["latest_version"]
+        number = as_int(req.data.get("key_version"), "key_version") or key["latest_version"]
         version = key["versions"].get(str(number))
         if version is None:
             raise BadRequest("invalid key version")
@@ -314,7 +314,7 @@ class Transit:
         parts = [p for p in rest.split("/") if p]
         if parts and parts[0] in ("platform", "seal", "all"):
             parts = parts[1:]
-        count = int(parts[0]) if parts and parts[0].isdigit() else int(req.data.get("bytes") or 32)
+        count = int(parts[0]) if parts and parts[0].isdigit() else as_int(req.data.get("bytes"), "bytes", 32)
         if not 1 <= count <= 128 * 1024:
             raise BadRequest("number of bytes must be between 1 and 131072")
         fmt = str(req.data.get("format") or "base64")
