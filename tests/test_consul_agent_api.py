@@ -186,3 +186,24 @@ def test_text_plain_json_from_a_client_but_not_from_a_browser(server: ServerProc
     assert requests.put(server.url + "/v1/agent/service/register", data=body, headers=browser,
                         timeout=10).status_code == 415
     put(server, "/v1/agent/service/deregister/plain-text")
+
+
+def test_merge_central_config_folds_defaults_into_proxies(server: ServerProcess, client: consul.Consul) -> None:
+    client.agent.service.register("mcc-web", port=8080, connect={"sidecar_service": {}})
+    assert put(server, "/v1/config", {"Kind": "proxy-defaults", "Name": "global",
+                                      "Config": {"local_connect_timeout_ms": 1000}}).status_code == 200
+    assert put(server, "/v1/config", {"Kind": "service-defaults", "Name": "mcc-web",
+                                      "Protocol": "http"}).status_code == 200
+    try:
+        _, [plain] = client.catalog.service("mcc-web-sidecar-proxy")
+        assert "Config" not in plain["ServiceProxy"]
+        _, [merged] = client.catalog.service("mcc-web-sidecar-proxy", merge_central_config=True)
+        assert merged["ServiceProxy"]["Config"] == {"local_connect_timeout_ms": 1000, "protocol": "http"}
+        _, [entry] = client.health.service("mcc-web-sidecar-proxy", merge_central_config=True)
+        assert entry["Service"]["Proxy"]["Config"]["protocol"] == "http"
+        _, [service] = client.catalog.service("mcc-web", merge_central_config=True)
+        assert service["ServiceProxy"] == {}  # not a proxy: Consul leaves it as it is
+    finally:
+        requests.delete(server.url + "/v1/config/proxy-defaults/global", timeout=10)
+        requests.delete(server.url + "/v1/config/service-defaults/mcc-web", timeout=10)
+        client.agent.service.deregister("mcc-web")

@@ -30,6 +30,7 @@ from shipyard.api.consul.common import (
     format_duration,
     json_response,
     parse_duration,
+    query_flag,
     read_json,
     request_filter,
 )
@@ -161,18 +162,56 @@ def instance_query(request: web.Request) -> tuple[str, Any, bool]:
     return name, wanted, bool(request.query.get("peer"))
 
 
+# ---- ?merge-central-config: proxy-defaults and service-defaults folded into proxy instances -------------------
+
+
+async def central_proxy_config(entries: ConfigEntries, service: dict[str, Any]) -> dict[str, Any] | None:
+    """The Proxy of a connect-proxy instance with the central config merged under it (Consul's
+    MergeNodeServiceWithCentralConfig: proxy-defaults "global", then the destination's service-defaults; the
+    instance's own settings win); None for any other instance, which Consul leaves as it is."""
+    if service.get("Kind") != "connect-proxy" or not isinstance(service.get("Proxy"), dict):
+        return None
+    proxy = dict(service["Proxy"])
+    merged: dict[str, Any] = {}
+    defaults = await entries.find("proxy-defaults", "global")
+    if defaults is not None:
+        merged.update(_ci(defaults.body, "Config") or {})
+        for field in ("Mode", "MeshGateway", "Expose", "TransparentProxy", "AccessLogs"):
+            if not proxy.get(field) and _ci(defaults.body, field):
+                proxy[field] = _ci(defaults.body, field)
+    destination = await entries.find("service-defaults", str(proxy.get("DestinationServiceName") or ""))
+    if destination is not None and _ci(destination.body, "Protocol"):
+        merged["protocol"] = _ci(destination.body, "Protocol")
+    merged.update(proxy.get("Config") or {})
+    if merged:
+        proxy["Config"] = merged
+    return proxy
+
+
+async def merge_central_config(request: web.Request, services: list[dict[str, Any]], proxy_key: str) -> None:
+    """With ?merge-central-config, each proxy record's `proxy_key` (ServiceProxy of a catalog instance, Proxy of a
+    health entry's Service) gets the central config merged in."""
+    if not query_flag(request, "merge-central-config"):
+        return
+    entries = ConfigEntries(platform_of(request).store)
+    kind_key = "ServiceKind" if proxy_key == "ServiceProxy" else "Kind"
+    for service in services:
+        proxy = await central_proxy_config(entries, {"Kind": service.get(kind_key), "Proxy": service.get(proxy_key)})
+        if proxy is not None:
+            service[proxy_key] = proxy
+
+
 async def _catalog_instances(request: web.Request, connect: bool) -> web.Response:
     platform = platform_of(request)
     name, wanted, peered = instance_query(request)
     chosen = request_filter(request, SERVICE_NODE)
-    # ?merge-central-config: Consul merges proxy-defaults and service-defaults into proxy instances; the flag is
-    # taken, and what it merges comes from the config entries of those kinds when they exist.
 
     async def read() -> tuple[Any, int, int]:
         snap = await platform.catalog.snapshot()
         found = connect_instances(snap, name) if connect else named_instances(snap, name, platform.node.name)
         out = [snap.catalog_service_shape(node, entry) for node, entry in found if not peered
                and wanted(snap, node, entry)]
+        await merge_central_config(request, out, "ServiceProxy")
         index = snap.services_index if connect else max(snap.name_index(name), 1)
         return select(chosen, out), index, snap.revision
 

@@ -13,6 +13,7 @@ from shipyard.api.consul.catalog import (
     connect_instances,
     gateway_links,
     instance_query,
+    merge_central_config,
     named_instances,
     node_matches,
     node_meta_filters,
@@ -69,7 +70,7 @@ async def _health_instances(request: web.Request, kind: str) -> web.Response:
 
     async def read() -> tuple[Any, int, int]:
         snap = await platform.catalog.snapshot()
-        out = []
+        out: list[dict[str, Any]] = []
         for node, entry in [] if peered else await _instances(platform, snap, name, kind):
             if not wanted(snap, node, entry):
                 continue
@@ -85,6 +86,7 @@ async def _health_instances(request: web.Request, kind: str) -> web.Response:
                 "Service": snap.node_service_shape(entry),
                 "Checks": [snap.check_shape(c) for c in checks],
             })
+        await merge_central_config(request, [entry["Service"] for entry in out], "Proxy")
         index = max(snap.name_index(name), 1) if kind == "service" else snap.index
         if kind == "ingress":  # the gateways' config entries are part of the answer
             index = max(index, (await platform.store.range(kind_prefix("ingress-gateway"), prefix=True)).index)
