@@ -1,0 +1,279 @@
+"""The web console in a real headless browser (Debian's chromium driven by Playwright) against a real server running
+examples/hello: overview, a service scaled to 3 live, a KV edit that conflicts, a dead letter retried, and the login
+with ACL tokens. Screenshots of the main views land in docs/screenshots/ (1280x800) for the README.
+
+No console errors and no failed requests are allowed, except a live view's long-poll cancelled on purpose when the
+page leaves it (net::ERR_ABORTED on /ui/live/, which the console's own script does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import ServerProcess, need_peer
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "docs" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+WAIT_MS = 60_000  # a new instance starts, then passes its first health check
+
+try:
+    from playwright.sync_api import Browser, ConsoleMessage, Page, Request, expect, sync_playwright
+except ImportError:  # the test extra installs it; need_peer below says so (and fails under SHIPYARD_REQUIRE_PEERS)
+    sync_playwright = None  # type: ignore[assignment]
+
+
+def _http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> Any:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        raw = response.read()
+    return json.loads(raw) if raw.strip() else None
+
+
+def _deploy_hello(server: ServerProcess, tmp_path: Path, token: str = "") -> None:
+    project = tmp_path / "hello"
+    shutil.copytree(ROOT / "examples" / "hello", project)
+    env = {**os.environ, "SHIPYARD_HTTP_ADDR": server.addr}
+    if token:
+        env["SHIPYARD_HTTP_TOKEN"] = token
+    done = subprocess.run([sys.executable, "-m", "shipyard.cli.main", "deploy", ".", "--timeout", "90"], cwd=project,
+                          env=env, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stdout + done.stderr + server.log_tail()
+
+
+def _dead_letter(server: ServerProcess, queue: str, body: dict[str, Any]) -> None:
+    """A message in `queue` failed by a consumer for good (max_attempts 1), as a broken worker leaves it."""
+    from shipyard.bus.http_client import HttpBus
+
+    _http("PUT", f"{server.url}/api/v1/bus/queues/{queue}", json.dumps({"max_attempts": 1}).encode(),
+          {"Content-Type": "application/json"})
+    _http("POST", f"{server.url}/api/v1/bus/queues/{queue}/enqueue",
+          json.dumps({"payload": base64.b64encode(json.dumps(body).encode()).decode()}).encode(),
+          {"Content-Type": "application/json"})
+
+    async def fail_one() -> None:
+        bus = HttpBus(server.url)
+        consumer = await bus.consume(queue)
+        delivery = await consumer.get(timeout=10)
+        assert delivery is not None
+        await delivery.fail("KeyError: 'name'")
+        await consumer.close()
+        await bus.close()
+
+    # Playwright's sync API runs an event loop in this thread: the bus client gets its own.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, fail_one()).result(timeout=30)
+
+
+class Watched:
+    """Every console error and failed request of a page, to assert there were none."""
+
+    def __init__(self, page: Page) -> None:
+        self.problems: list[str] = []
+        page.on("console", self.console)
+        page.on("requestfailed", self.failed)
+        page.on("response", lambda r: self.problems.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
+        page.on("pageerror", lambda exc: self.problems.append(f"page error: {exc}"))
+        page.on("dialog", lambda dialog: dialog.accept())  # the console's confirmations: the test says yes
+
+    def console(self, message: ConsoleMessage) -> None:
+        if message.type in ("error", "warning"):
+            self.problems.append(f"console {message.type}: {message.text}")
+
+    def failed(self, request: Request) -> None:
+        if "/ui/live/" in request.url and request.failure == "net::ERR_ABORTED":
+            return  # a live view's long-poll, cancelled by the console when the page leaves that view
+        self.problems.append(f"request failed: {request.method} {request.url}: {request.failure}")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    need_peer("playwright", sync_playwright is not None, "pip install playwright (the test extra)")
+    need_peer("chromium", os.path.exists(CHROMIUM), "apt-get install chromium (scripts/install-peers.sh)")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def hello_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(tmp_path / "data").start()
+    try:
+        _deploy_hello(server, tmp_path)
+        yield server
+    finally:
+        server.stop()
+
+
+def _shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+
+
+def test_console_walk_through(browser: Browser, hello_server: ServerProcess) -> None:
+    server = hello_server
+    _http("PUT", f"{server.url}/v1/kv/config/hello/greeting", b'{"text": "hello", "exclaim": true}')
+    _dead_letter(server, "ui-demo", {"nobody": "here"})
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    watched = Watched(page)
+
+    # Overview: / redirects to the console; both services are healthy; the first view is small.
+    page.goto(server.url + "/")
+    assert page.url == server.url + "/ui/"
+    services = page.locator("table.services")
+    expect(services.locator("tr[data-service=hello] .badge")).to_have_text("passing")
+    expect(services.locator("tr[data-service=hello]")).to_contain_text("2/2 passing")
+    expect(page.locator(".cards")).to_contain_text("0 failing")
+    transferred = page.evaluate("performance.getEntriesByType('navigation').concat("
+                                "performance.getEntriesByType('resource')).reduce((n, e) => n + e.transferSize, 0)")
+    assert 0 < transferred < 200_000, f"first view transferred {transferred} bytes"
+    _shot(page, "overview")
+
+    # Keyboard: the first Tab lands on the skip link; the service link is reachable and opens the service.
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.className") == "skip"
+    services.get_by_role("link", name="hello").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/ui/services/hello")
+
+    # Service page: two healthy instances with passing checks and their output; scale to 3 and watch the third
+    # instance turn healthy with no reload (the marker set on this document survives).
+    rows = page.locator("table.instances tbody tr")
+    expect(rows).to_have_count(2)
+    expect(page.locator("#checks-h + .scroll")).to_contain_text("200 OK")
+    page.evaluate("window.__same_document = true")
+    page.fill("#instances", "3")
+    page.get_by_role("button", name="Scale").click()
+    expect(page.locator("#flash")).to_contain_text("hello: scaling to 3 instances")
+    third = page.locator("table.instances tr", has=page.locator("td:first-child", has_text="2"))
+    expect(third.locator(".badge").first).to_have_text("healthy", timeout=WAIT_MS)
+    expect(rows).to_have_count(3)
+    expect(third.locator(".badge.passing")).to_have_count(1, timeout=WAIT_MS)
+    assert page.evaluate("window.__same_document") is True
+    expect(page.locator("#live-logs")).to_be_visible()
+    _shot(page, "service")
+
+    # KV: open the key, someone else changes it meanwhile, our save is a conflict showing their value; saving
+    # again (knowingly) replaces it.
+    page.get_by_role("link", name="Key/value").click()
+    page.get_by_role("link", name="config/").click()
+    page.get_by_role("link", name="hello/").click()
+    page.get_by_role("link", name="greeting").click()
+    expect(page.locator("pre.value")).to_contain_text('"exclaim": true')
+    _shot(page, "kv")
+    _http("PUT", f"{server.url}/v1/kv/config/hello/greeting", b'{"text": "changed by someone else"}')
+    page.fill("#kv-value", '{"text": "mine"}')
+    page.get_by_role("button", name="Save").click()
+    conflict = page.locator("#kv-conflict")
+    expect(conflict).to_contain_text("Conflict")
+    expect(conflict).to_contain_text("changed by someone else")
+    stored = _http("GET", f"{server.url}/v1/kv/config/hello/greeting?raw")
+    assert stored == {"text": "changed by someone else"}, "the conflicting save must not overwrite"
+    expect(page.locator("#kv-value")).to_have_value('{"text": "mine"}')
+    page.get_by_role("button", name="Save anyway").click()
+    expect(page.locator("#kv-editor")).to_contain_text("Saved config/hello/greeting")
+    assert _http("GET", f"{server.url}/v1/kv/config/hello/greeting?raw") == {"text": "mine"}
+
+    # Gateway: the hello service's urlprefix route is in the table.
+    page.get_by_role("link", name="Gateway").click()
+    expect(page.locator("#live-gateway")).to_contain_text("/hello")
+    _shot(page, "gateway")
+
+    # Bus: the dead letter is listed with why; retry puts it back in its queue, and the page follows.
+    page.get_by_role("link", name="Bus").click()
+    page.get_by_role("link", name="ui-demo").click()
+    dead = page.locator("table.dead tbody tr")
+    expect(dead).to_have_count(1)
+    expect(dead).to_contain_text("KeyError")
+    _shot(page, "bus")
+    dead.get_by_role("button", name="Retry").click()
+    expect(page.locator("#flash")).to_contain_text("ui-demo: 1 dead letter back in the queue")
+    queue_row = page.locator("tr[data-queue=ui-demo]")
+    expect(page.locator("table.dead")).to_have_count(0)
+    expect(queue_row.locator("td").nth(2)).to_have_text("1")  # depth
+    expect(queue_row.locator("td").nth(6)).to_have_text("0")  # dead letters
+
+    # Phone width: nothing overflows the page sideways (wide tables scroll inside their own box).
+    page.set_viewport_size({"width": 375, "height": 740})
+    page.get_by_role("link", name="Overview").click()
+    expect(page.locator("table.services")).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+
+    context.close()
+    assert watched.problems == []
+
+
+def test_console_login_with_acl_tokens(browser: Browser, tmp_path: Path) -> None:
+    management = str(uuid.uuid4())
+    server = ServerProcess(tmp_path / "data", "--acl", "--acl-initial-management", management).start()
+    try:
+        _login_flow(browser, server, management)
+    finally:
+        server.stop()
+
+
+def _acl(server: ServerProcess, method: str, path: str, token: str, body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    return _http(method, server.url + path, data, {"X-Consul-Token": token, "Content-Type": "application/json"})
+
+
+def _login_flow(browser: Browser, server: ServerProcess, management: str) -> None:
+    _http("PUT", f"{server.url}/v1/kv/shared/motd", b"welcome", {"X-Consul-Token": management})
+    policy = _acl(server, "PUT", "/v1/acl/policy", management,
+                  {"Name": "kv-only", "Rules": 'key_prefix "shared/" { policy = "read" }'})
+    limited = _acl(server, "PUT", "/v1/acl/token", management, {"Policies": [{"ID": policy["ID"]}]})
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    watched = Watched(page)
+
+    page.goto(server.url + "/ui/")
+    page.wait_for_url("**/ui/login")
+    page.fill("#token", "not-a-token")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.locator(".flash.err")).to_contain_text("not known")
+
+    # A token that may read shared/ only: the key is there, a service page is a 403 view.
+    page.fill("#token", limited["SecretID"])
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url("**/ui/")
+    cookie = next(c for c in context.cookies() if c["name"] == "shipyard_ui_token")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    page.goto(server.url + "/ui/kv?prefix=shared/&key=shared/motd")
+    expect(page.locator("pre.value")).to_have_text("welcome")
+    response = page.goto(server.url + "/ui/services/consul")
+    assert response is not None and response.status == 403
+    expect(page.locator("h1")).to_contain_text("403")
+
+    # The token is deleted meanwhile: the next view returns to the login with why.
+    _acl(server, "DELETE", f"/v1/acl/token/{limited['AccessorID']}", management)
+    page.goto(server.url + "/ui/")
+    page.wait_for_url("**/ui/login?why=expired")
+    expect(page.locator(".flash.err")).to_contain_text("no longer valid")
+
+    # The management token sees everything; log out ends the session.
+    page.fill("#token", management)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.locator("h1")).to_have_text("Overview")
+    page.get_by_role("button", name="Log out").click()
+    page.wait_for_url("**/ui/login")
+    context.close()
+    # The 403 view's own document answer is the one expected "failed to load" console line.
+    assert [p for p in watched.problems if "403" not in p] == []
