@@ -56,6 +56,7 @@ from shipyard.store import SqliteStore, Store, StoreError
 from shipyard.store.etcd import EtcdStore
 from shipyard.tls import self_signed, server_context
 from shipyard.tls.authority import write_private
+from shipyard.ui import add_ui_routes
 
 log = logging.getLogger("shipyard.server")
 
@@ -263,6 +264,7 @@ def build_app(platform: Platform) -> web.Application:
     add_consul_routes(app)
     add_native_routes(app)
     add_marathon_routes(app)
+    add_ui_routes(app)  # the web console at /ui/, and / redirecting there
     return app
 
 
