@@ -10,6 +10,7 @@ command -v dig >/dev/null 2>&1 || need+=(dnsutils)
 command -v go >/dev/null 2>&1 || need+=(golang-go)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)  # -base: no system service on port 53
 command -v dnsperf >/dev/null 2>&1 || need+=(dnsperf)
+[ -x /usr/bin/chromium ] || need+=(chromium)  # the web console's browser tests (Playwright drives it)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "missing peers (${need[*]}); not root, so not installing them: tests that need them will skip" >&2
