@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from shipyard.errors import BadRequest, ShipyardError
 from shipyard.secrets import shamir
 from shipyard.store import Store
+from shipyard.store.base import Delete, Put
 
 PREFIX = "/vault/"
 SEAL_CONFIG = PREFIX + "core/seal-config"  # shares and threshold: public, as in Vault
@@ -172,6 +174,16 @@ class Barrier:
         key = DATA + path
         await self.store.put(key, seal_bytes(ring.keys[ring.term], ring.term, value, key.encode()))
 
+    async def put_many(self, entries: list[tuple[str, bytes]], deletes: Sequence[str] = ()) -> None:
+        """Several entries (and deletions) in one store transaction: all or none, one durable commit."""
+        ring = self._ring()
+        ops: list[Put | Delete] = []
+        for path, value in entries:
+            key = DATA + path
+            ops.append(Put(key, seal_bytes(ring.keys[ring.term], ring.term, value, key.encode())))
+        ops += [Delete(DATA + path) for path in deletes]
+        await self.store.txn([], ops)
+
     async def delete(self, path: str, *, prefix: bool = False) -> None:
         self._ring()
         await self.store.delete(DATA + path, prefix=prefix)
@@ -211,6 +223,10 @@ class View:
 
     async def delete(self, path: str, *, prefix: bool = False) -> None:
         await self.barrier.delete(self.prefix + path, prefix=prefix)
+
+    async def put_json_many(self, docs: dict[str, object], deletes: list[str]) -> None:
+        entries = [(self.prefix + path, json.dumps(doc, separators=(",", ":")).encode()) for path, doc in docs.items()]
+        await self.barrier.put_many(entries, [self.prefix + path for path in deletes])
 
     async def list(self, path: str) -> list[str]:
         return await self.barrier.list(self.prefix + path)

@@ -192,14 +192,14 @@ class KVv2:
                                          "deletion_time": _now_iso(now + after) if after else _NO_TIME}
         meta["current_version"], meta["updated_time"] = number, _now_iso(now)
         meta["oldest_version"] = meta["oldest_version"] or number
-        # The version's data first: an acknowledged write is the metadata that points at it.
-        await self.view.put_json(f"ver/{path}/{number}", data)
         limit = meta["max_versions"] or config["max_versions"] or 10
-        for old in sorted(int(n) for n in meta["versions"])[:-limit]:
+        dropped = sorted(int(n) for n in meta["versions"])[:-limit]
+        for old in dropped:
             del meta["versions"][str(old)]
-            await self.view.delete(f"ver/{path}/{old}")
         meta["oldest_version"] = min(int(n) for n in meta["versions"])
-        await self.view.put_json("meta/" + path, meta)
+        # The version, its metadata and the versions it pushes out: one transaction, one durable commit.
+        await self.view.put_json_many({f"ver/{path}/{number}": data, "meta/" + path: meta},
+                                      [f"ver/{path}/{old}" for old in dropped])
         return data_response(self._version_meta(meta, number))
 
     def _versions(self, req: Request) -> list[int]:
