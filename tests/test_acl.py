@@ -4,9 +4,11 @@ API and on Shipyard's own APIs (native jobs, store, bus, gateway admin, Marathon
 
 from __future__ import annotations
 
+import http.server
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -312,3 +314,69 @@ def test_acl_api_needs_acl_rules(acl_server: ServerProcess, admin: consul.Consul
     assert call(acl_server, "GET", "/v1/acl/policies", reader).status_code == 200
     refused = call(acl_server, "PUT", "/v1/acl/policy", reader, json={"Name": "x", "Rules": ""})
     assert refused.status_code == 403 and "lacks permission 'acl:write'" in refused.text
+
+
+# ---- internal callers ------------------------------------------------------------------------------------------
+def _wait(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except requests.ConnectionError:
+            pass  # the gateway workers start listening just after the control API answers
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _instance_token(server: ServerProcess, job: str) -> str:
+    """The SHIPYARD_HTTP_TOKEN the agent handed the job's running instance (read from its environment)."""
+    allocs = call(server, "GET", "/api/v1/allocs", MANAGEMENT, params={"job": job}).json()["allocations"]
+    pids = [(a.get("status") or {}).get("pid") for a in allocs if (a.get("status") or {}).get("pid")]
+    if not pids:
+        return ""
+    env = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
+    return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"SHIPYARD_HTTP_TOKEN=")), "")
+
+
+def test_gateway_workers_and_instances_hold_scoped_tokens(tmp_path: Path) -> None:
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"hi")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    server = ServerProcess(tmp_path / "data", "--acl", "--acl-initial-management", MANAGEMENT).start()
+    try:
+        admin = consul.Consul(host="127.0.0.1", port=server.http_port, token=MANAGEMENT)
+        admin.agent.service.register("hello", service_id="hello-1", address="127.0.0.1",
+                                     port=upstream.server_address[1], tags=["urlprefix-/hello strip=/hello"])
+        # The workers follow the store through the server's API with their own token (store and gateway read).
+        _wait(lambda: requests.get(server.gateway_url + "/hello/", timeout=5).status_code == 200, "the route")
+        spec = {"name": "sleeper", "cmd": "sleep 600", "instances": 1}
+        assert call(server, "POST", "/api/v1/jobs", MANAGEMENT, json=spec).status_code == 201
+        _wait(lambda: bool(_instance_token(server, "sleeper")), "the instance")
+        token = _instance_token(server, "sleeper")
+        me = call(server, "GET", "/v1/acl/token/self", token).json()
+        assert me["ServiceIdentities"] == [{"ServiceName": "sleeper"}] and me["SecretID"] == token
+        assert call(server, "PUT", "/v1/agent/service/register", token,
+                    json={"Name": "sleeper", "ID": "sleeper-x", "Port": 5}).status_code == 200
+        assert call(server, "PUT", "/v1/agent/service/register", token,
+                    json={"Name": "hello", "ID": "hello-2", "Port": 6}).status_code == 403
+        assert call(server, "GET", "/v1/kv/sleeper/db", token).status_code == 404  # readable, not there
+        assert call(server, "GET", "/v1/kv/other/db", token).status_code == 403
+        assert "sleeper" in call(server, "GET", "/v1/catalog/services", token).json()
+        # The next server (which adopts the instance) still honours the token the instance holds.
+        server.restart()
+        assert call(server, "GET", "/v1/acl/token/self", token).status_code == 200
+        _wait(lambda: requests.get(server.gateway_url + "/hello/", timeout=5).status_code == 200, "the route again")
+        call(server, "DELETE", "/api/v1/jobs/sleeper", MANAGEMENT)
+    finally:
+        server.stop()
+        upstream.shutdown()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
+import os
 import re
 import time
 import uuid
@@ -34,6 +36,8 @@ TOKENS, POLICIES, ROLES, SECRETS = "acl/tokens/", "acl/policies/", "acl/roles/",
 BOOTSTRAP_KEY = "acl/bootstrap"
 HIDDEN = "<hidden>"  # Consul's redactedToken
 CACHE_SIZE = 4096
+_INTERNAL = uuid.UUID("6f1c3c2e-8d5a-4b0e-9a57-5f0c2b1d7e11")  # namespace of the internal tokens' IDs
+INTERNAL_KEY_FILE = "acl-internal.key"
 _NAME = re.compile(r"^[A-Za-z0-9\-_]{1,128}$")  # Consul's validPolicyName / validRoleName
 
 
@@ -68,6 +72,36 @@ def service_identity_rules(name: str) -> list[Rule]:
 
 def node_identity_rules(name: str) -> list[Rule]:
     return parse_rules(f'node "{name}" {{ policy = "write" }}\nservice_prefix "" {{ policy = "read" }}')
+
+
+def internal_key(data_dir: str | None) -> bytes:
+    """The key internal tokens' secrets are derived from: data_dir/acl-internal.key (0600), made on first use; a
+    --dev server (no data dir) keeps one in memory."""
+    if data_dir is None:
+        return os.urandom(32)
+    path = os.path.join(data_dir, INTERNAL_KEY_FILE)
+    try:
+        with open(path, "rb") as f:
+            key = f.read()
+        if len(key) == 32:
+            return key
+    except FileNotFoundError:
+        pass
+    key = os.urandom(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key
+
+
+def service_rules(service: str) -> str:
+    """What an instance of a service may do besides its service identity (write itself, read the catalog): read
+    its KV prefix (`<service>/`), and use the bus (its queues and topics are named by the application)."""
+    return f'key_prefix "{service}/" {{ policy = "read" }}\nbus_prefix "" {{ policy = "write" }}'
+
+
+GATEWAY_RULES = ('store = "read"\ngateway = "read"\nservice_prefix "" { policy = "read" }\n'
+                 'node_prefix "" { policy = "read" }')
 
 
 def _uuid_or_400(value: Any, what: str) -> str:
@@ -375,6 +409,30 @@ class ACLState:
     async def delete_role(self, role_id: str) -> None:
         await self.store.delete(ROLES + role_id)
         self.invalidate()
+
+    # ---- tokens of the platform's own processes ----------------------------------------------------------------
+    async def internal_token(self, key: bytes, name: str, rules: str, *, service: str = "") -> str:
+        """The SecretID of the token `name` (e.g. "gateway", "service:web") with these rules (and the service
+        identity of `service`): derived from the key, so the same across restarts, so that instances adopted by
+        the next server keep working; written to the store only when it changed."""
+        digest = hmac.new(key, name.encode(), hashlib.sha256).digest()
+        secret = str(uuid.UUID(bytes=digest[:16], version=4))
+        accessor = str(uuid.uuid5(_INTERNAL, "token:" + name))
+        policy_id = str(uuid.uuid5(_INTERNAL, "policy:" + name))
+        policy_name = "shipyard-" + re.sub(r"[^A-Za-z0-9\-_]", "-", name)
+        existing = await self.policy(policy_id)
+        if existing is None or existing["Rules"] != rules:
+            await self.put_policy({"Name": policy_name, "Description": f"Shipyard's own {name}", "Rules": rules},
+                                  policy_id)
+        token = await self._read(TOKENS + accessor)
+        if token is None or token["SecretHash"] != secret_hash(secret):
+            if token is not None:
+                await self.store.delete(SECRETS + token["SecretHash"])
+            fresh = self._new_token({"Description": f"Shipyard's own {name}", "Policies": [{"ID": policy_id}],
+                                     "ServiceIdentities": [{"ServiceName": service}] if service else []}, secret)
+            fresh["AccessorID"] = accessor
+            await self._put_token(fresh)
+        return secret
 
     # ---- resolution ------------------------------------------------------------------------------------------
     async def resolve(self, secret: str) -> Authorizer:

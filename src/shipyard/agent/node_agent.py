@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -494,6 +495,8 @@ class NodeAgent:
     ) -> None:
         self.store = store
         self.platform_env = dict(platform_env or {})  # given to every instance: where the bus is, etc.
+        # More env for one task's instances (with --acl: the service's own token); set by the server.
+        self.instance_env: Callable[[JobSpec], Awaitable[dict[str, str]]] | None = None
         self.catalog = catalog
         self.node = node
         self.data_dir = Path(data_dir)
@@ -673,7 +676,9 @@ class NodeAgent:
                 client="failed", address=self.address, updated_at=time.time(), message=str(exc.message),
             ))  # fmt: skip
             return
-        task = instance_spec_for(spec, alloc, mhz_per_core=self.mhz_per_core, platform_env=self.platform_env)
+        env = self.platform_env if self.instance_env is None else {**self.platform_env,
+                                                                   **await self.instance_env(spec)}
+        task = instance_spec_for(spec, alloc, mhz_per_core=self.mhz_per_core, platform_env=env)
         ports = {name: ports[name] for name in names if name in ports}
         supervisor = Supervisor(self.driver, task, ports)
         previous = None

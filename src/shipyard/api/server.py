@@ -17,12 +17,13 @@ import ssl
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from shipyard.acl.state import ACLState
+from shipyard.acl.state import GATEWAY_RULES, ACLState, internal_key, service_rules
 from shipyard.agent.node_agent import NodeAgent
 from shipyard.api.acl_guard import acl_middleware
 from shipyard.api.acl_table import rule_for as acl_rule_for
@@ -52,10 +53,12 @@ from shipyard.registry.node import NodeIdentity
 from shipyard.registry.sessions import SessionManager
 from shipyard.scheduler.jobs import JobService
 from shipyard.scheduler.loop import SchedulerLoop
+from shipyard.spec import TaskSpec
 from shipyard.store import SqliteStore, Store, StoreError
 from shipyard.store.etcd import EtcdStore
 from shipyard.tls import self_signed, server_context
 from shipyard.tls.authority import write_private
+from shipyard.tokens import TOKEN_VARIABLES
 from shipyard.ui import add_ui_routes
 
 log = logging.getLogger("shipyard.server")
@@ -191,6 +194,8 @@ async def start_platform(platform: Platform) -> None:
     acl = platform.extras.get(ACL_STATE)
     if isinstance(acl, ACLState):
         await acl.start(platform.config.acl_initial_management)
+        if platform.agent is not None:
+            platform.agent.instance_env = service_token_env(acl, internal_key(platform.config.data_dir))
     await platform.catalog.start()
     await platform.sessions.start()
     await platform.health.start()
@@ -229,6 +234,20 @@ async def stop_platform(platform: Platform) -> None:
         with contextlib.suppress(Exception):
             await bus.close()
     await platform.store.close()
+
+
+def service_token_env(acl: ACLState, key: bytes) -> Callable[[TaskSpec], Awaitable[dict[str, str]]]:
+    """With --acl, each instance gets its service's own token (SHIPYARD_HTTP_TOKEN): its service identity (register
+    itself, read the catalog), its KV prefix, the bus."""
+    async def env_for(spec: TaskSpec) -> dict[str, str]:
+        try:
+            secret = await acl.internal_token(key, f"service:{spec.name}", service_rules(spec.name),
+                                              service=spec.name)
+        except ShipyardError as exc:
+            log.warning("%s: no ACL token for its instances (%s)", spec.name, exc.message)
+            return {}
+        return {TOKEN_VARIABLES[0]: secret}
+    return env_for
 
 
 def instances_left_running(platform: Platform) -> str:
@@ -427,6 +446,10 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         gateway = gateway_supervisor(config)
         if gateway is not None:
             platform.extras["gateway"] = gateway
+            acl = platform.extras.get(ACL_STATE)
+            if isinstance(acl, ACLState):
+                secret = await acl.internal_token(internal_key(config.data_dir), "gateway", GATEWAY_RULES)
+                gateway.extra_env[TOKEN_VARIABLES[0]] = secret
             await gateway.start()
             await gateway.wait_listening()
         vault = await start_vault(config, platform)

@@ -38,6 +38,7 @@ from shipyard.bus.base import (
 )
 from shipyard.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ShipyardError
 from shipyard.tls.contexts import ClientTls
+from shipyard.tokens import token_headers
 
 log = logging.getLogger("shipyard.bus.http")
 BATCH = 1000  # events per publish request
@@ -80,7 +81,7 @@ class HttpBus(Bus):
                 # https: the CA and client certificate of SHIPYARD_/CONSUL_CACERT, _CLIENT_CERT, _CLIENT_KEY
                 connector=aiohttp.TCPConnector(limit=64, ssl=ClientTls.from_env().httpx_verify(self.url)),
                 timeout=aiohttp.ClientTimeout(total=None, connect=5),
-                json_serialize=lambda o: orjson.dumps(o).decode(),
+                json_serialize=lambda o: orjson.dumps(o).decode(), headers=token_headers(),
             )
         return self._session
 

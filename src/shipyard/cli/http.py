@@ -13,6 +13,7 @@ import httpx
 
 from shipyard.errors import ShipyardError
 from shipyard.tls.contexts import ClientTls
+from shipyard.tokens import token_headers
 
 
 class ServerUnreachable(ShipyardError):
@@ -42,7 +43,9 @@ class ApiClient:
         # CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY (or their SHIPYARD_ twins), as Consul's CLI reads them.
         tls = ClientTls.from_env()
         self.base_url = tls.base_url(http_addr)
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, verify=tls.httpx_verify(self.base_url))
+        # The ACL token from SHIPYARD_HTTP_TOKEN or CONSUL_HTTP_TOKEN, as Consul's CLI sends it.
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, verify=tls.httpx_verify(self.base_url),
+                                  headers=token_headers())
 
     def request(
         self, method: str, path: str, *, params: dict[str, Any] | None = None, content: bytes | None = None,

@@ -32,6 +32,7 @@ class GatewaySupervisor:
         self.workers = workers if workers > 0 else (os.cpu_count() or 1)
         self.shared_path = shared_path
         self.extra_args = extra_args
+        self.extra_env: dict[str, str] = {}  # e.g. the workers' ACL token (SHIPYARD_HTTP_TOKEN)
         self.stop_grace = stop_grace
         self.processes: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = 0
@@ -101,6 +102,7 @@ class GatewaySupervisor:
         env = dict(os.environ)
         if self.shared_path:
             env["SHIPYARD_GATEWAY_SHARED"] = self.shared_path
+        env.update(self.extra_env)
         while not self._stopping:
             started = time.monotonic()
             try:

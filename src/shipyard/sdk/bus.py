@@ -32,6 +32,7 @@ from shipyard.bus.base import (
 )
 from shipyard.errors import BadRequest
 from shipyard.sdk.server_api import control_verify, server_url
+from shipyard.tokens import token_headers
 
 __all__ = ["BusApp", "Fail", "Handler", "Reject", "Retry", "Worker", "decode_payload", "encode_payload"]
 
@@ -228,7 +229,7 @@ class Worker:
         delay = 0.5
         while True:
             try:
-                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10),
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), headers=token_headers(),
                                                  connector=aiohttp.TCPConnector(ssl=control_verify(base))) as session:
                     for h in self.app.handlers:
                         name = quote(h.name, safe="")

@@ -25,7 +25,14 @@ from typing import Any, Generic, TypeVar, Union
 
 import httpx
 
-from shipyard.sdk.server_api import SdkError, blocking_watch, control_client, control_verify, server_url
+from shipyard.sdk.server_api import (
+    SdkError,
+    blocking_watch,
+    control_client,
+    control_verify,
+    server_url,
+    token_headers,
+)
 
 log = logging.getLogger("shipyard.sdk.config")
 
@@ -196,7 +203,7 @@ class LiveSettings(Generic[T]):
         """One synchronous read (for module level, before any loop runs); on failure the defaults stay."""
         try:
             with httpx.Client(base_url=server_url(self.server), timeout=3.0, trust_env=False,
-                              verify=control_verify(server_url(self.server))) as http:
+                              headers=token_headers(), verify=control_verify(server_url(self.server))) as http:
                 response = http.get(self.path, params={"recurse": "1"})
             if response.status_code not in (200, 404):
                 raise httpx.HTTPStatusError(str(response.status_code), request=response.request, response=response)

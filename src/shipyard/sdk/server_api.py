@@ -23,6 +23,7 @@ log = logging.getLogger("shipyard.sdk")
 
 DEFAULT_ADDR = "127.0.0.1:8500"
 ADDR_VARIABLES = ("SHIPYARD_ADDR", "SHIPYARD_HTTP_ADDR", "CONSUL_HTTP_ADDR")
+TOKEN_VARIABLES = ("SHIPYARD_HTTP_TOKEN", "CONSUL_HTTP_TOKEN")
 BLOCKING_WAIT = 60.0  # seconds a blocking query may hang on the server before it answers "no change"
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 10.0
 
@@ -49,11 +50,18 @@ def control_verify(base_url: str) -> ssl.SSLContext | bool:
     return ClientTls.from_env().httpx_verify(base_url)
 
 
+def token_headers() -> dict[str, str]:
+    """The ACL token this instance was handed (SHIPYARD_HTTP_TOKEN; CONSUL_HTTP_TOKEN as Consul's tools read it)."""
+    token = next((os.environ[v].strip() for v in TOKEN_VARIABLES if os.environ.get(v, "").strip()), "")
+    return {"X-Consul-Token": token} if token else {}
+
+
 def control_client(base_url: str, *, wait: float = BLOCKING_WAIT) -> httpx.AsyncClient:
     # Reads must outlast a blocking query (wait plus Consul's wait/16 jitter); connects to a local server are quick.
     # trust_env=False: a proxy configured for the outside world must not sit between a service and its server.
     timeout = httpx.Timeout(wait + wait / 16 + 10.0, connect=3.0)
-    return httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False, verify=control_verify(base_url))
+    return httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False, headers=token_headers(),
+                             verify=control_verify(base_url))
 
 
 def _index_of(response: httpx.Response) -> int:

@@ -29,7 +29,7 @@ from shipyard.sdk.config import close_all as close_settings
 from shipyard.sdk.config import watch_all as watch_settings
 from shipyard.sdk.correlation import CORRELATION_HEADER, PROPAGATED_HEADERS, incoming_headers, new_correlation_id
 from shipyard.sdk.metrics import MetricsRegistry
-from shipyard.sdk.server_api import SdkError, control_verify, server_url
+from shipyard.sdk.server_api import SdkError, control_verify, server_url, token_headers
 
 log = logging.getLogger("shipyard.sdk.service")
 
@@ -190,7 +190,7 @@ class SelfRegistration:
     def __init__(self, service: Service, base_url: str) -> None:
         self.service = service
         self.http = httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(5.0, connect=2.0), trust_env=False,
-                                      verify=control_verify(base_url))
+                                      headers=token_headers(), verify=control_verify(base_url))
         self.service_id = service.service_id
         self.check_id = f"service:{self.service_id}"
         self.registered = False

@@ -35,6 +35,7 @@ from shipyard.store.base import (
     WatchOverflow,
     require_bytes,
 )
+from shipyard.tokens import token_headers
 
 BASE = "/api/v1/store"
 
@@ -122,8 +123,10 @@ class RemoteStore:
     """Store protocol over HTTP. `watch()` returns a watcher whose stream opens on first use
     (or `await watcher.start()`); pass from_revision to be gap-free across reconnects."""
 
-    def __init__(self, base_url: str, *, namespace: str = "", ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, base_url: str, *, namespace: str = "", ssl_context: ssl.SSLContext | None = None,
+                 token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.headers = token_headers(token)  # an ACL token (default: SHIPYARD_HTTP_TOKEN / CONSUL_HTTP_TOKEN)
         self.ssl_context = ssl_context  # an https:// server: its CA, and our certificate if it verifies clients
         # Like EtcdStore's: every key lives under it on the server, and callers never see it.
         self.namespace = namespace
@@ -141,7 +144,8 @@ class RemoteStore:
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(ssl=self.ssl_context) if self.ssl_context is not None else None
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), connector=connector)
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), connector=connector,
+                                                  headers=self.headers)
         return self._session
 
     async def _call(self, method: str, path: str, *, params: dict[str, str] | None = None, data: Any = None,
