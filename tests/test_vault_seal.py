@@ -14,6 +14,7 @@ import requests
 from hvac import exceptions as hvac_errors
 
 from shipyard.secrets import shamir
+from support import free_port
 from vault_support import VaultServer, init_and_unseal
 
 
@@ -207,8 +208,6 @@ def test_shipyard_up_runs_the_engine_in_dev_mode_and_says_so(tmp_path: Path) -> 
     import subprocess
     import sys
 
-    from support import free_port
-
     project = tmp_path / "proj"
     project.mkdir()
     (project / "shipyard.yaml").write_text(
@@ -227,3 +226,21 @@ def test_shipyard_up_runs_the_engine_in_dev_mode_and_says_so(tmp_path: Path) -> 
     finally:
         subprocess.run([*shipyard, "down", "--http-addr", f"127.0.0.1:{http_port}"], cwd=project,
                        capture_output=True, timeout=60)
+
+
+def test_engine_speaks_https_when_tls_is_configured(tmp_path: Path) -> None:
+    from tls_support import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    server = VaultServer(tmp_path / "data", "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+                         "--https-port", str(free_port()), "--vault-dev", "--vault-dev-root-token-id", "tls-root")
+    server.start()
+    try:
+        client = hvac.Client(url=f"https://127.0.0.1:{server.vault_port}", token="tls-root", verify=str(pki.ca))
+        client.secrets.kv.v2.create_or_update_secret("over-tls", secret={"a": "b"})
+        assert client.secrets.kv.v2.read_secret_version("over-tls", raise_on_deleted_version=True)["data"]["data"] == {
+            "a": "b"}
+        with pytest.raises(requests.exceptions.ConnectionError):  # no plain HTTP on the engine's port
+            requests.get(f"http://127.0.0.1:{server.vault_port}/v1/sys/health", timeout=5)
+    finally:
+        server.stop()

@@ -5,6 +5,8 @@ Tests reach the engine only over HTTP, as Vault's clients do.
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import hvac
@@ -19,6 +21,18 @@ class VaultServer(ServerProcess):
     def __init__(self, data_dir: Path, *extra: str, dev: bool = False) -> None:
         self.vault_port = free_port()
         super().__init__(data_dir, "--no-gateway", "--vault-port", str(self.vault_port), *extra, dev=dev)
+
+    def start(self, timeout: float = 20.0) -> VaultServer:
+        """Started once the engine's own port accepts connections (the control API answers before it listens)."""
+        super().start(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.vault_port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"the secrets engine did not listen: {self.log_tail()}")
 
     @property
     def vault_url(self) -> str:

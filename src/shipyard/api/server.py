@@ -388,13 +388,14 @@ async def start_control_listeners(config: ServerConfig, runner: web.AppRunner,
     return listener
 
 
-async def start_vault(config: ServerConfig, platform: Platform) -> VaultService | None:
-    """The secrets engine on --vault-port: sealed until unsealed, unless in dev mode (which says so, with its root
-    token, as `vault server -dev` does)."""
+async def start_vault(config: ServerConfig, platform: Platform,
+                      tls_context: ssl.SSLContext | None) -> VaultService | None:
+    """The secrets engine on --vault-port (HTTPS with the control API's certificate when TLS is configured): sealed
+    until unsealed, unless in dev mode (which says so, with its root token, as `vault server -dev` does)."""
     if not config.vault_port:
         return None
     vault = VaultService(platform.store, config.bind, config.vault_port, dev=config.vault_dev,
-                         data_dir=config.data_dir, dev_root_token=config.vault_dev_root_token)
+                         data_dir=config.data_dir, dev_root_token=config.vault_dev_root_token, ssl_context=tls_context)
     try:
         await vault.start()
     except OSError as exc:
@@ -406,10 +407,11 @@ async def start_vault(config: ServerConfig, platform: Platform) -> VaultService 
         return None
     platform.extras["vault"] = vault
     state = "dev mode: initialised and unsealed, NOT for production" if vault.root_token else "sealed until unsealed"
-    log.info("secrets engine (Vault API) on http://%s:%d (%s)", config.bind, config.vault_port, state)
+    scheme = "https" if tls_context is not None else "http"
+    log.info("secrets engine (Vault API) on %s://%s:%d (%s)", scheme, config.bind, config.vault_port, state)
     if vault.root_token:
         print(f"secrets engine in dev mode (in memory unless a data dir; never for production). "
-              f"VAULT_ADDR=http://{config.bind}:{config.vault_port} root token: {vault.root_token}",
+              f"VAULT_ADDR={scheme}://{config.bind}:{config.vault_port} root token: {vault.root_token}",
               file=sys.stderr, flush=True)
     return vault
 
@@ -452,7 +454,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
                 gateway.extra_env[TOKEN_VARIABLES[0]] = secret
             await gateway.start()
             await gateway.wait_listening()
-        vault = await start_vault(config, platform)
+        vault = await start_vault(config, platform, tls_context)
         log.info(
             "shipyard server ready: %s, DNS on port %s (node %s, data dir %s, bus %s)",
             control_summary(config, tls_context is not None),

@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -119,10 +120,11 @@ class VaultService:
     """The engine and its listener, as the server starts and stops them."""
 
     def __init__(self, store: Store, bind: str, port: int, *, dev: bool, data_dir: str | None,
-                 dev_root_token: str = "") -> None:
+                 dev_root_token: str = "", ssl_context: ssl.SSLContext | None = None) -> None:
         self.core = VaultCore(Barrier(store))
         self.bind, self.port, self.dev, self.data_dir = bind, port, dev, data_dir
         self.dev_root_token = dev_root_token
+        self.ssl_context = ssl_context
         self.runner: web.AppRunner | None = None
         self.listener: asyncio.AbstractServer | None = None
         self.root_token = ""  # dev mode only: shown once at start, as `vault server -dev` does
@@ -136,7 +138,7 @@ class VaultService:
         assert self.runner.server is not None
         loop = asyncio.get_running_loop()
         self.listener = await loop.create_server(lenient_protocol(self.runner.server, loop), self.bind, self.port,
-                                                 backlog=1024, reuse_address=True)
+                                                 backlog=1024, reuse_address=True, ssl=self.ssl_context)
 
     async def _dev_unseal(self) -> None:
         """Dev mode initialises and unseals itself. With a data dir (`shipyard up`) the single unseal key is kept
