@@ -119,6 +119,8 @@ def test_routing_a_tcp_service_is_refused_either_way(server: ServerProcess, clie
         ({"Kind": "service-splitter", "Name": "w", "Splits": [{"Weight": 60}]}, "must be 100, not 60.000000"),
         ({"Kind": "service-resolver", "Name": "r", "DefaultSubset": "v9"}, 'DefaultSubset "v9" is not a valid'),
         ({"Kind": "service-defaults", "Name": "p", "Protocol": "smtp"}, 'invalid protocol "smtp"'),
+        ({"Kind": "service-intentions", "Name": "i", "Sources": [{"Action": "allow"}]}, "Name is required"),
+        ({"Kind": "service-intentions", "Name": "i", "Sources": [{"Name": "a", "Action": "x"}]}, "Action must be"),
     ],
 )
 def test_kind_validation(server: ServerProcess, body: dict[str, object], message: str) -> None:

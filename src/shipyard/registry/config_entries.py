@@ -118,9 +118,28 @@ def _validate_kind(entry: dict[str, Any]) -> None:
         default = entry.get("DefaultSubset") or ""
         if default and default not in subsets:
             raise BadRequest(f'DefaultSubset "{default}" is not a valid subset')
+    if kind == "service-intentions":
+        _validate_sources(entry.get("Sources"))
     protocol = entry.get("Protocol")
     if kind == "service-defaults" and protocol and protocol not in PROTOCOLS:
         raise BadRequest(f'invalid protocol "{protocol}": must be one of {", ".join(PROTOCOLS)}')
+
+
+def _validate_sources(sources: Any) -> None:
+    if sources is None:
+        return
+    if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
+        raise BadRequest("Request decode failed: Sources must be a list of objects")
+    names = set()
+    for source in sources:
+        name = source.get("Name")
+        if not isinstance(name, str) or not name:
+            raise BadRequest("Sources[*].Name is required")
+        if name in names:
+            raise BadRequest(f'Sources[*].Name "{name}" is duplicated')
+        names.add(name)
+        if source.get("Action") not in ("allow", "deny") and not source.get("Permissions"):
+            raise BadRequest(f'Sources[*].Action must be set to "allow" or "deny" (source "{name}")')
 
 
 ROUTING_KINDS = ("service-router", "service-splitter")
