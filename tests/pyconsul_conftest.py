@@ -38,16 +38,20 @@ class ServerPool:
     def __init__(self) -> None:
         self.spare: ServerProcess | None = None
 
-    def launch(self) -> ServerProcess:
+    def launch(self, *extra: str) -> ServerProcess:
         proc = ServerProcess(DATA_ROOT / f"srv-{uuid.uuid4().hex[:8]}", "--no-gateway", "--enable-script-checks",
-                             dev=True)
+                             *extra, dev=True)
         log = open(proc.log_path, "ab")
         proc.proc = subprocess.Popen(proc.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return proc
 
-    def take(self) -> ServerProcess:
-        proc = self.spare or self.launch()
-        self.spare = self.launch()
+    def take(self, *extra: str) -> ServerProcess:
+        """A started server; with `extra` arguments one of its own (the spare is a plain one)."""
+        if extra:
+            proc = self.launch(*extra)
+        else:
+            proc = self.spare or self.launch()
+            self.spare = self.launch()
         assert proc.proc is not None
         wait_until_answering(proc.proc, proc.url + "/v1/status/leader", (200,), "server", proc.log_path, 60)
         return proc
@@ -93,15 +97,15 @@ def _unset_consul_token() -> Iterator[None]:
         responder.shutdown()
 
 
-def consul_version(port: int) -> str:
-    response = requests.get(f"http://127.0.0.1:{port}/v1/agent/self", timeout=10)
+def consul_version(port: int, token: str = "") -> str:
+    response = requests.get(f"http://127.0.0.1:{port}/v1/agent/self", headers={"X-Consul-Token": token}, timeout=10)
     return str(response.json()["Config"]["Version"]).strip()
 
 
-def started_instance() -> Iterator[ConsulInstance]:
-    proc = POOL.take()
+def started_instance(*extra: str, token: str = "") -> Iterator[ConsulInstance]:
+    proc = POOL.take(*extra)
     try:
-        yield ConsulInstance(proc, proc.http_port, consul_version(proc.http_port))
+        yield ConsulInstance(proc, proc.http_port, consul_version(proc.http_port, token))
     finally:
         proc.stop()
 
@@ -113,10 +117,10 @@ def consul_instance() -> Iterator[ConsulInstance]:
 
 @pytest.fixture
 def acl_consul_instance() -> Iterator[tuple[ConsulInstance, str]]:
-    # Upstream starts Consul with ACLs enabled and this initial management token; Shipyard's ACL system comes
-    # with its own issue, so until then these tests meet a server without ACLs (listed as expected failures).
-    for instance in started_instance():
-        yield instance, uuid.uuid4().hex
+    # Upstream: Consul with ACLs enabled (default policy deny) and this initial management token.
+    token = str(uuid.uuid4())
+    for instance in started_instance("--acl", "--acl-initial-management", token, token=token):
+        yield instance, token
 
 
 @pytest.fixture

@@ -3,7 +3,9 @@
 The suite is vendored unmodified under tests/vendor/py_consul (see VENDORED.md there); only the sdist's top-level
 conftest.py, which starts Consul containers, is replaced by tests/pyconsul_conftest.py (a fresh dev server per
 test, as upstream has a fresh container per test). The suite runs in a subprocess and every test must pass except
-the ACL ones (test_acl*.py: Consul's ACL system comes with the access-control issue) and EXPECTED_FAILURES below.
+the ACL ones (test_acl*.py: Consul's ACL system is the access-control issue's; upstream's ACL fixture starts the
+server with --acl and an initial management token, so they run, but are not yet required) and EXPECTED_FAILURES
+below.
 
 To run it by hand (all of it, or one file or test, with the failures written to a file):
     .venv/bin/pytest tests/test_pyconsul_upstream.py -q            # the whole suite, as `make test` does
@@ -34,11 +36,7 @@ STAND_IN = TESTS / "pyconsul_conftest.py"
 
 # Each upstream test that does not pass yet, with why. Keep it small: an entry leaves when the API lands (a test
 # listed here that passes fails this harness, so the list cannot go stale).
-EXPECTED_FAILURES: dict[str, str] = {
-    # Outside test_acl*.py but on upstream's ACL-enabled fixture: setting agent tokens needs Consul's ACL system
-    # (the access-control issue); without it Consul itself answers 401 "ACL support disabled", as Shipyard does.
-    "tests/api/test_agent.py::TestAgent::test_agent_token_set": "needs ACLs (access-control issue)",
-}
+EXPECTED_FAILURES: dict[str, str] = {}
 
 PYTEST_INI = """[pytest]
 asyncio_mode = auto
