@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ ETCD_BINARY = "/usr/bin/etcd"
 PUT_RATIO_TARGET = 0.5
 GET_RATIO_TARGET = 0.5
 FANOUT_TARGET_S = 1.0
+ACL_RATIO_TARGET = 0.8  # KV with a token under --acl (default deny) vs the same server kind without ACLs
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -124,6 +126,38 @@ class ShipyardServer(ServerUnderTest):
 
     def ready_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1/status/leader"
+
+
+class ShipyardAclServer(ShipyardServer):
+    """The same server with --acl (default deny); `token` may write and read bench/ only (made after start)."""
+
+    name = "shipyard-acl"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir / "acl")
+        workdir.joinpath("acl").mkdir(parents=True, exist_ok=True)
+        self.management = str(uuid.uuid4())
+        self.token = ""
+
+    def command(self) -> list[str]:
+        # The same parts as the plain server (gateway workers, DNS) on ports of its own, so only --acl differs.
+        return [*super().command(), "--acl", "--acl-initial-management", self.management,
+                "--gateway-port", str(free_port()), "--dns-port", str(free_port()), "--vault-port", "0"]
+
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/status/leader"
+
+    def start(self, timeout: float = 30.0) -> None:
+        super().start(timeout)
+        policy = self._put("/v1/acl/policy", {"Name": "bench", "Rules": 'key_prefix "bench/" { policy = "write" }'})
+        self.token = self._put("/v1/acl/token", {"Policies": [{"ID": policy["ID"]}]})["SecretID"]
+
+    def _put(self, path: str, body: dict[str, object]) -> dict[str, str]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(),
+                                         method="PUT", headers={"X-Consul-Token": self.management,
+                                                                "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return dict(json.loads(resp.read()))
 
 
 class EtcdServer(ServerUnderTest):
@@ -274,8 +308,11 @@ async def connect_many(port: int, n: int, at_once: int = 100) -> list[HttpConnec
     return conns
 
 
-def http_request(method: str, path: str, port: int, body: bytes = b"", content_type: str = "") -> bytes:
+def http_request(method: str, path: str, port: int, body: bytes = b"", content_type: str = "",
+                 token: str = "") -> bytes:
     head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    if token:
+        head += f"X-Consul-Token: {token}\r\n"
     if content_type:
         head += f"Content-Type: {content_type}\r\n"
     if body or method in ("PUT", "POST"):
@@ -310,10 +347,10 @@ def make_keys_and_values(n_keys: int, key_bytes: int, value_bytes: int, seed: in
     return pairs
 
 
-def shipyard_workload(port: int, pairs: Sequence[tuple[str, bytes]]) -> Workload:
+def shipyard_workload(port: int, pairs: Sequence[tuple[str, bytes]], token: str = "") -> Workload:
     return Workload(
-        put_requests=[http_request("PUT", f"/v1/kv/{k}", port, v) for k, v in pairs],
-        get_requests=[http_request("GET", f"/v1/kv/{k}", port) for k, _ in pairs],
+        put_requests=[http_request("PUT", f"/v1/kv/{k}", port, v, token=token) for k, v in pairs],
+        get_requests=[http_request("GET", f"/v1/kv/{k}", port, token=token) for k, _ in pairs],
         expect_in_get=[b64(v).encode() for _, v in pairs],
     )
 
@@ -533,8 +570,12 @@ def summarise_fanout(runs: list[FanoutResult]) -> dict[str, float]:
 
 async def run(args: argparse.Namespace, servers: dict[str, ServerUnderTest]) -> dict[str, object]:
     pairs = make_keys_and_values(args.keys, args.key_bytes, args.value_bytes)
-    builders = {"shipyard": shipyard_workload, "etcd": etcd_workload}
+    builders: dict[str, Callable[..., Workload]] = {"shipyard": shipyard_workload, "etcd": etcd_workload,
+                                                    "shipyard-acl": shipyard_workload}
     workloads = {name: builders[name](server.port, pairs) for name, server in servers.items()}
+    acl_server = servers.get("shipyard-acl")
+    if isinstance(acl_server, ShipyardAclServer):
+        workloads["shipyard-acl"] = shipyard_workload(acl_server.port, pairs, acl_server.token)
     results: dict[str, dict[str, list]] = {name: {"put": [], "get": [], "fanout": []} for name in servers}
 
     for name, server in servers.items():
@@ -556,6 +597,8 @@ async def run(args: argparse.Namespace, servers: dict[str, ServerUnderTest]) -> 
                     f"p50 {r.percentile_ms(0.5):6.2f} ms  p99 {r.percentile_ms(0.99):6.2f} ms  errors {r.errors}"
                 )
         for name, server in servers.items():
+            if name == "shipyard-acl":
+                continue  # the ACL phase measures KV GET/PUT only
             if name == "shipyard":
                 f = await fanout_shipyard(server, args.watchers, args.settle, args.fanout_timeout)
             else:
@@ -572,8 +615,9 @@ async def run(args: argparse.Namespace, servers: dict[str, ServerUnderTest]) -> 
         figures[name] = {
             "put": summarise(results[name]["put"]),
             "get": summarise(results[name]["get"]),
-            "fanout": summarise_fanout(results[name]["fanout"]),
+            "fanout": summarise_fanout(results[name]["fanout"]) if results[name]["fanout"] else None,
         }
+    acl = figures.pop("shipyard-acl", None)
 
     def ratio(op: str) -> float | None:
         if len(figures) < 2:
@@ -583,6 +627,9 @@ async def run(args: argparse.Namespace, servers: dict[str, ServerUnderTest]) -> 
         return round(ours / theirs, 3) if theirs else 0.0
 
     ratios = {"put": ratio("put"), "get": ratio("get")}
+    for op in ("put", "get"):
+        plain = figures["shipyard"][op]["ops_per_s"] if acl and "shipyard" in figures else 0  # type: ignore[index]
+        ratios[f"acl_{op}"] = round(acl[op]["ops_per_s"] / plain, 3) if acl and plain else None  # type: ignore[index]
     fanout_s = figures["shipyard"]["fanout"]["all_answered_s"] if "shipyard" in figures else None  # type: ignore[index]
     return {
         "bench": "kv",
@@ -596,12 +643,15 @@ async def run(args: argparse.Namespace, servers: dict[str, ServerUnderTest]) -> 
         "cpus": os.cpu_count(),
         "shipyard": figures.get("shipyard"),
         "etcd": figures.get("etcd"),
+        "shipyard_acl": acl,
         "ratios": ratios,
-        "targets": {"put_ratio": PUT_RATIO_TARGET, "get_ratio": GET_RATIO_TARGET, "fanout_s": FANOUT_TARGET_S},
+        "targets": {"put_ratio": PUT_RATIO_TARGET, "get_ratio": GET_RATIO_TARGET, "fanout_s": FANOUT_TARGET_S,
+                    "acl_ratio": ACL_RATIO_TARGET},
         "meets_targets": {
             "put": ratios["put"] is not None and ratios["put"] >= PUT_RATIO_TARGET,
             "get": ratios["get"] is not None and ratios["get"] >= GET_RATIO_TARGET,
             "fanout": fanout_s is not None and fanout_s < FANOUT_TARGET_S,
+            "acl": all(r is not None and r >= ACL_RATIO_TARGET for r in (ratios["acl_put"], ratios["acl_get"])),
         },
     }
 
@@ -627,6 +677,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--watchers", type=int, default=1000, help="blocking queries / watch streams on one key")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds for blocking queries to be taken in")
     parser.add_argument("--fanout-timeout", type=float, default=30.0)
+    parser.add_argument("--no-acl", action="store_true", help="skip the ACL phase (a second server with --acl)")
     parser.add_argument("--workdir", default=None, help="parent of the temp dirs (default: system temp)")
     parser.add_argument(
         "--only", choices=("shipyard", "etcd"), default=None, help="measure one side only (no ratios; for debugging)"
@@ -644,6 +695,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="shipyard-bench-kv-", dir=args.workdir))
     servers: dict[str, ServerUnderTest] = {"shipyard": ShipyardServer(workdir), "etcd": EtcdServer(workdir)}
+    if not args.no_acl:
+        servers["shipyard-acl"] = ShipyardAclServer(workdir)
     if args.only:
         servers = {args.only: servers[args.only]}
     try:
