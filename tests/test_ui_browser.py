@@ -168,8 +168,19 @@ def test_console_walk_through(browser: Browser, hello_server: ServerProcess) -> 
     expect(rows).to_have_count(3)
     expect(third.locator(".badge.passing")).to_have_count(1, timeout=WAIT_MS)
     assert page.evaluate("window.__same_document") is True
+    expect(page.locator("section.deployment")).to_contain_text("successful", timeout=WAIT_MS)  # its progress, live
     expect(page.locator("#live-logs")).to_be_visible()
     _shot(page, "service")
+
+    # Logs: a greeting through the gateway reaches the worker, whose stdout the page follows; search filters it.
+    urllib.request.urlopen(server.gateway_url + "/hello/tester", timeout=10).read()
+    page.get_by_role("link", name="Overview").click()
+    page.locator("table.services").get_by_role("link", name="greeter").click()
+    page.select_option("#log-stream", "stdout")
+    expect(page.locator("#live-logs")).to_contain_text("greeted tester", timeout=WAIT_MS)
+    page.fill("#log-grep", "nobody-said-this")
+    page.keyboard.press("Enter")
+    expect(page.locator("#live-logs")).to_contain_text("Nothing on stdout matching")
 
     # KV: open the key, someone else changes it meanwhile, our save is a conflict showing their value; saving
     # again (knowingly) replaces it.

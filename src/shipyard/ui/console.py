@@ -194,10 +194,10 @@ def _digest(html: str) -> str:
 
 
 def live_block(view: str, params: dict[str, str], html: str) -> Markup:
-    """The fragment wrapped in the element that asks for its next version (htmx: on load, swap itself)."""
+    """The fragment wrapped in the element whose data-live URL console.js long-polls for its next version."""
     query = urlencode({**params, "h": _digest(html)})
-    return Markup('<div class="live" id="live-{0}" hx-get="/ui/live/{0}?{1}" hx-trigger="load" '
-                  'hx-swap="outerHTML" hx-disinherit="*">').format(view, query) + Markup(html) + Markup("</div>")
+    return Markup('<div class="live" id="live-{0}" data-live="/ui/live/{0}?{1}">').format(view, query) + Markup(
+        html) + Markup("</div>")
 
 
 async def fragment_html(request: web.Request, view: str) -> str:
