@@ -21,6 +21,11 @@ def _cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
+def _server_help() -> str:
+    return subprocess.run([sys.executable, "-m", "shipyard.cli.main", "server", "--help"], capture_output=True,
+                          text=True, timeout=60).stdout
+
+
 def _state(c: consul.Consul) -> tuple[object, ...]:
     _, kv = c.kv.get("", recurse=True)
     return (
@@ -101,3 +106,27 @@ def test_cli_restore_of_a_bad_file_is_one_line(fresh_server: ServerProcess, tmp_
     result = _cli(fresh_server, "restore", str(file))
     assert result.returncode == 1
     assert "not a snapshot file" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_save_wipe_restore_compare_on_etcd(tmp_path: Path) -> None:
+    from support import EtcdProcess
+
+    etcd = EtcdProcess(tmp_path / "etcd").start()
+    # One server on this etcd, with the embedded bus: a server on etcd asks for that to be said.
+    single = ["--single-server"] if "--single-server" in _server_help() else []
+    server = ServerProcess(tmp_path / "data", "--store", f"etcd://127.0.0.1:{etcd.client_port}/snap-test", *single)
+    try:
+        server.start()
+        c = consul.Consul(host="127.0.0.1", port=server.http_port)
+        _fill(c)
+        before = _state(c)
+        snapshot = c.snapshot.save()
+        c.kv.delete("", recurse=True)
+        c.agent.service.deregister("snapsvc")
+        c.config.delete(kind="service-defaults", name="snapsvc")
+        assert _state(c) != before
+        assert c.snapshot.restore(snapshot) is True
+        assert _state(c) == before
+    finally:
+        server.stop()
+        etcd.stop()

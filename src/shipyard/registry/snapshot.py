@@ -7,6 +7,9 @@ The file format (version 1) is a gzipped tar, as Consul's is, with three members
   leases.json  {"<lease id>": ttl seconds} for the leases keys were attached to
   SHA256SUMS   "<sha256 hex>  <member>" lines for the three members above, checked before anything is restored.
 A restored lease is a new lease with the same TTL, counted from the restore (as etcd does after a restart).
+The restore is one store transaction: on SQLite any size; on etcd it is bounded by the cluster's --max-txn-ops
+(default 128 keys) and --max-request-bytes, and a larger snapshot is refused whole (raise those to restore it).
+A key created by a write racing the restore (after its read of the current keys) survives it.
 This module never writes part of a snapshot: a file that does not verify changes nothing.
 """
 
@@ -131,7 +134,11 @@ async def restore_snapshot(store: Store, data: bytes) -> int:
     try:
         for old in sorted({e["Lease"] for e in entries if e["Lease"]}):
             granted[old] = (await store.grant_lease(ttls.get(old, 60))).id
-        ops: list[Put | Delete] = [Delete("", prefix=True)]
+        # Every key the snapshot lacks is deleted by name, not by one range delete over everything: etcd refuses a
+        # txn whose range delete covers a key it also puts ("duplicate key given in txn request").
+        wanted = {e["Key"] for e in entries}
+        current = await store.range("", prefix=True)
+        ops: list[Put | Delete] = [Delete(kv.key) for kv in current.kvs if kv.key not in wanted]
         ops += [Put(e["Key"], e["Value"], granted.get(e["Lease"], 0)) for e in entries]
         result = await store.txn([], ops)
     except BaseException:
