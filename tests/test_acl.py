@@ -5,6 +5,9 @@ API and on Shipyard's own APIs (native jobs, store, bus, gateway admin, Marathon
 from __future__ import annotations
 
 import http.server
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -17,7 +20,7 @@ import pytest
 import requests
 
 from shipyard.acl import ANONYMOUS_TOKEN_ID, Authorizer, RulesError, parse_rules
-from support import ServerProcess
+from support import ServerProcess, free_port
 
 MANAGEMENT = str(uuid.uuid4())
 
@@ -380,3 +383,37 @@ def test_gateway_workers_and_instances_hold_scoped_tokens(tmp_path: Path) -> Non
     finally:
         server.stop()
         upstream.shutdown()
+
+
+def _shipyard(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shipyard.cli.main", *args], capture_output=True, text=True,
+                          timeout=180, cwd=cwd, env={**os.environ, **(env or {})})
+
+
+def test_up_with_acl_prints_the_management_token_once_and_keeps_it_private(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "shipyard.yaml").write_text("services:\n  sleeper:\n    cmd: sleep 600\n    instances: 1\n")
+    http_port = free_port()
+    addr = f"127.0.0.1:{http_port}"
+    ports = ["--http-port", str(http_port), "--gateway-port", str(free_port()), "--dns-port", str(free_port()),
+             "--vault-port", str(free_port())]
+    clean = {"SHIPYARD_HTTP_TOKEN": "", "CONSUL_HTTP_TOKEN": ""}
+    try:
+        done = _shipyard("up", "--acl", *ports, cwd=project, env=clean)
+        assert done.returncode == 0, done.stdout + done.stderr
+        saved = project / ".shipyard" / "data" / "acl-management-token"
+        token = saved.read_text().strip()
+        assert f"ACL management token (shown once; kept in {saved}" in done.stdout and token in done.stdout
+        assert saved.stat().st_mode & 0o777 == 0o600
+        assert requests.get(f"http://{addr}/v1/kv/x", timeout=5).status_code == 403  # default deny
+        me = requests.get(f"http://{addr}/v1/acl/token/self", headers={"X-Consul-Token": token}, timeout=5)
+        assert me.json()["Policies"][0]["Name"] == "global-management"
+        # The CLI sends the token from the environment; without it the server's answer is filtered.
+        listed = _shipyard("ps", "--http-addr", addr, cwd=project, env={"SHIPYARD_HTTP_TOKEN": token})
+        assert listed.returncode == 0 and "sleeper" in listed.stdout
+        assert "sleeper" not in _shipyard("ps", "--http-addr", addr, cwd=project, env=clean).stdout
+        again = _shipyard("up", "--http-addr", addr, cwd=project, env=clean)  # finds the kept token
+        assert again.returncode == 0 and token not in again.stdout, again.stdout + again.stderr
+    finally:
+        _shipyard("down", "--http-addr", addr, cwd=project, env=clean)

@@ -47,6 +47,14 @@ class ApiClient:
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, verify=tls.httpx_verify(self.base_url),
                                   headers=token_headers())
 
+    def use_token(self, token: str) -> None:
+        """Send this ACL token from now on (e.g. the management token `up` just bootstrapped)."""
+        self._http.headers["X-Consul-Token"] = token
+
+    @property
+    def has_token(self) -> bool:
+        return "X-Consul-Token" in self._http.headers
+
     def request(
         self, method: str, path: str, *, params: dict[str, Any] | None = None, content: bytes | None = None,
         json: Any = None, ok_statuses: tuple[int, ...] = (200,),

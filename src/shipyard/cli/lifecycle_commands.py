@@ -117,6 +117,31 @@ def vault_dev_note(state_dir: Path, port: int) -> str:
             f"VAULT_ADDR=http://127.0.0.1:{port} VAULT_TOKEN={saved.get('root_token', '')}")
 
 
+MANAGEMENT_TOKEN_FILE = "acl-management-token"  # in the data dir of the server `up` started, 0600
+
+
+def bootstrap_acl(api: ApiClient, data_dir: Path) -> str:
+    """With --acl: bootstraps the server `up` just started and keeps the management token in its data dir,
+    readable by the owner only; says it once. A data dir bootstrapped before keeps (and reuses) its token."""
+    path = data_dir / MANAGEMENT_TOKEN_FILE
+    if path.exists():
+        return path.read_text().strip()
+    token = str(api.request("PUT", "/v1/acl/bootstrap").json()["SecretID"])
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    console.print(f"ACL management token (shown once; kept in {path}, readable by you only): {token}\n"
+                  f"  export SHIPYARD_HTTP_TOKEN=$(cat {path})", highlight=False, soft_wrap=True)
+    return token
+
+
+def use_saved_token(api: ApiClient, state_dir: Path) -> None:
+    """No token in the environment: the management token of the server an earlier `up --acl` started here."""
+    saved = state_dir / "data" / MANAGEMENT_TOKEN_FILE
+    if not api.has_token and saved.exists():
+        api.use_token(saved.read_text().strip())
+
+
 def _server_options(gateway_port: int | None, dns_port: int | None) -> list[str]:
     extra = []
     if gateway_port is not None:
@@ -141,9 +166,12 @@ def _server_options(gateway_port: int | None, dns_port: int | None) -> list[str]
               help="DNS port of the server `up` starts (default 8600; 0: no DNS).")
 @click.option("--vault-port", type=click.IntRange(1, 65535), default=None,
               help="Port of the secrets engine (dev mode) of the server `up` starts (default 8200).")
+@click.option("--acl", is_flag=True,
+              help="The server `up` starts enforces ACLs (default deny); its management token is printed once and "
+                   "kept in .shipyard/data/acl-management-token (0600).")
 @click.pass_context
 def up(ctx: click.Context, directory: str, force: bool, timeout: float, crash_limit: int, http_port: int | None,
-       gateway_port: int | None, dns_port: int | None, vault_port: int | None) -> None:
+       gateway_port: int | None, dns_port: int | None, vault_port: int | None, acl: bool) -> None:
     """Start a server if none is running, deploy DIRECTORY/shipyard.yaml, wait until all is healthy.
 
     The server it starts keeps its state in DIRECTORY/.shipyard (server.log, data/); `shipyard down DIRECTORY`
@@ -161,10 +189,15 @@ def up(ctx: click.Context, directory: str, force: bool, timeout: float, crash_li
             extra.append("--enable-script-checks")
         # A laptop's platform: the secrets engine unseals itself (and says so).
         extra += ["--vault-dev", *(["--vault-port", str(vault_port)] if vault_port else [])]
+        extra += ["--acl"] if acl else []
         with console.status(f"starting shipyard server at {api.base_url}"):
             pid = start_server(api, state_dir, extra)
         console.print(f"started shipyard server (pid {pid}, logs in {state_dir})", highlight=False)
         console.print(vault_dev_note(state_dir, vault_port or 8200), highlight=False, soft_wrap=True)
+        if acl:
+            api.use_token(bootstrap_acl(api, state_dir / "data"))
+    else:
+        use_saved_token(api, spec_file.parent / STATE_DIR)
     targets = _deploy_with_plan(api, project, force)
     wait_rolled_out(api, targets, timeout, crash_limit)
     console.print(f"[green]all services healthy[/green] ({len(targets)} jobs) in "
@@ -260,6 +293,7 @@ def down(ctx: click.Context, timeout: float, data_dir: str | None, directory: st
     api = _client(ctx)
     state_dir = Path(directory).absolute() / STATE_DIR
     pid_file = state_dir / "server.pid"
+    use_saved_token(api, state_dir)
     if not server_is_up(api):
         # `up`'s data dir, or `shipyard server`'s default one in this directory
         candidates = [Path(data_dir)] if data_dir else [state_dir / "data", Path(directory) / "shipyard-data"]
