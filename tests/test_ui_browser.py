@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -237,6 +238,7 @@ def test_console_login_with_acl_tokens(browser: Browser, tmp_path: Path) -> None
     server = ServerProcess(tmp_path / "data", "--acl", "--acl-initial-management", management).start()
     try:
         _login_flow(browser, server, management)
+        _forged_writes_are_refused(server, management)
     finally:
         server.stop()
 
@@ -288,3 +290,27 @@ def _login_flow(browser: Browser, server: ServerProcess, management: str) -> Non
     context.close()
     # The 403 view's own document answer is the one expected "failed to load" console line.
     assert [p for p in watched.problems if "403" not in p] == []
+
+
+def _status(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _forged_writes_are_refused(server: ServerProcess, management: str) -> None:
+    """The console's form posts need the session's CSRF token, and a foreign Origin is refused before that; the
+    key is unchanged by both."""
+    form = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": f"shipyard_ui_token={management}"}
+    body = b"key=shared/motd&value=forged&cas=0"
+    status, text = _status(server.url + "/ui/kv", body, form)
+    assert status == 403 and "form token" in text
+    status, text = _status(server.url + "/ui/kv", body, {**form, "Origin": "http://evil.example",
+                                                             "X-Shipyard-CSRF": "anything"})
+    assert status == 403 and "cross-origin" in text
+    raw = urllib.request.urlopen(urllib.request.Request(f"{server.url}/v1/kv/shared/motd?raw",
+                                                        headers={"X-Consul-Token": management}), timeout=10).read()
+    assert raw == b"welcome"

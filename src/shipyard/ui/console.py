@@ -177,12 +177,17 @@ async def frag_logs(request: web.Request) -> tuple[str, dict[str, Any]]:
         "grep", "")
     job = request.query.get("name", "")
     require(request, "job", job, "read")
-    if isinstance(platform_of(request).jobs, JobService) and alloc:
-        found, _ = await platform_of(request).jobs.allocation(alloc)  # type: ignore[union-attr]
-        if found.job != job:
+    jobs = platform_of(request).jobs
+    gone = ""
+    if isinstance(jobs, JobService) and alloc:
+        try:
+            found, _ = await jobs.allocation(alloc)
+        except ShipyardError:  # collected since the page was drawn: say so rather than fail the live view
+            found, gone = None, f"Instance {alloc} is gone."
+        if found is not None and found.job != job:
             raise BadRequest(f"allocation {alloc!r} is not an instance of {job!r}")
-    lines = await views.logs(platform_of(request), alloc, stream, grep=grep) if alloc else []
-    return "frag_logs.html", {"lines": lines, "alloc": alloc, "stream": stream, "grep": grep}
+    lines = await views.logs(platform_of(request), alloc, stream, grep=grep) if alloc and not gone else []
+    return "frag_logs.html", {"lines": lines, "alloc": alloc, "stream": stream, "grep": grep, "gone": gone}
 
 
 FRAGMENTS: dict[str, Fragment] = {"overview": frag_overview, "service": frag_service, "gateway": frag_gateway,
