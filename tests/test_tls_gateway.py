@@ -220,3 +220,46 @@ def test_https_only_routes_redirect_or_426(gateway: ServerProcess) -> None:
     bad = requests.post(gateway.url + "/api/gateway/services/tls-echo/routes", json={
         "paths": ["/x"], "protocols": ["https"], "https_redirect_status_code": 200}, timeout=10)
     assert bad.status_code == 400
+
+
+TLS_UPSTREAM = """
+import ssl, sys
+from aiohttp import web
+
+async def echo(request: web.Request) -> web.Response:
+    return web.json_response({"name": "tls-upstream", "secure": request.secure, "path": request.path})
+
+context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+context.load_cert_chain(sys.argv[2], sys.argv[3])
+app = web.Application()
+app.router.add_route("*", "/{tail:.*}", echo)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), ssl_context=context, print=None)
+"""
+
+
+def test_tls_to_an_upstream_service(gateway: ServerProcess, authority: Authority, tmp_path: Path) -> None:
+    """A service with protocol https: the gateway speaks TLS to it (unverified as Kong does by default; with
+    tls_verify the instance's certificate must chain to a system CA, which this test CA does not: 502)."""
+    cert, key, _ = authority.issue("localhost")
+    (tmp_path / "up.pem").write_text(cert)
+    (tmp_path / "up-key.pem").write_text(key)
+    port = free_port()
+    upstream = subprocess.Popen([sys.executable, "-c", TLS_UPSTREAM, str(port), str(tmp_path / "up.pem"),
+                                 str(tmp_path / "up-key.pem")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    admin = gateway.url + "/api/gateway"
+    try:
+        for name, verify in (("tls-upstream", None), ("tls-upstream-verified", True)):
+            body = {"name": name, "url": f"https://127.0.0.1:{port}", **({"tls_verify": verify} if verify else {})}
+            assert requests.post(admin + "/services", json=body, timeout=10).status_code == 201
+            assert requests.post(admin + f"/services/{name}/routes", json={"paths": [f"/{name}"]},
+                                 timeout=10).status_code == 201
+        wait_until(lambda: requests.get(gateway.gateway_url + "/tls-upstream/x", timeout=5).status_code == 200,
+                   "the route to the TLS upstream")
+        answer = requests.get(gateway.gateway_url + "/tls-upstream/x", timeout=10).json()
+        assert answer == {"name": "tls-upstream", "secure": True, "path": "/x"}
+        # The handshake fails verification: a connect failure (502, or 503 once the only instance is ejected).
+        refused = requests.get(gateway.gateway_url + "/tls-upstream-verified/x", timeout=10)
+        assert refused.status_code in (502, 503) and "tls-upstream" not in refused.json().get("name", "")
+    finally:
+        upstream.terminate()
+        upstream.wait(10)

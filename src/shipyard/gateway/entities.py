@@ -157,7 +157,7 @@ def _ref(value: Any) -> str | None:
 
 def normalize_service(body: Mapping[str, Any]) -> dict[str, Any]:
     f = Fields(body, {"id", "name", "host", "port", "path", "protocol", "connect_timeout", "read_timeout",
-                      "write_timeout", "retries", "tags", "url", "enabled"})
+                      "write_timeout", "retries", "tags", "url", "enabled", "tls_verify"})
     name = f.string("name", required=True, pattern=NAME_RE)
     record: dict[str, Any] = {"id": f.string("id") or "", "name": name}
     host, port, path, protocol = f.string("host"), f.get("port"), f.string("path"), f.get("protocol")
@@ -187,6 +187,8 @@ def normalize_service(body: Mapping[str, Any]) -> dict[str, Any]:
     record["retries"] = f.integer("retries", 5, high=32767)
     record["tags"] = f.strings("tags")
     record["enabled"] = f.boolean("enabled", True)
+    if body.get("tls_verify") is not None:  # Kong's null: do not verify the instances' certificates
+        record["tls_verify"] = f.boolean("tls_verify", False)
     f.check()
     return record
 

@@ -23,6 +23,7 @@ import orjson
 from shipyard.gateway.builtin import is_builtin_path
 from shipyard.gateway.paths import InvalidPath, canonical_path, strict_view
 from shipyard.gateway.plugins.base import FastRequest, Reject, RequestContext
+from shipyard.gateway.upstream import tls_pool_key
 
 if TYPE_CHECKING:
     from shipyard.gateway.routes import Target
@@ -647,11 +648,13 @@ class ClientConnection:
                 self._respond(req, 503, json_body(f"no healthy instance of service '{backend.name}'"))
             return
         req.target = target
+        spec = backend.spec
+        pool_key = tls_pool_key(target.address, spec.tls_verify) if spec.tls else target.address
         if req.method in IDEMPOTENT and not req.has_body:
-            conn = self.gw.pool.take(target.address)  # closed under us: found out after the write, and retried
+            conn = self.gw.pool.take(pool_key)  # closed under us: found out after the write, and retried
         else:
             # Written once only: a pooled connection whose close the loop has not handled yet is skipped now.
-            conn = self.gw.pool.take_live(target.address)
+            conn = self.gw.pool.take_live(pool_key)
         if conn is not None:
             self._attach(req, conn)
         else:
@@ -679,7 +682,8 @@ class ClientConnection:
     async def _connect(self, req: Request, target: Target) -> None:
         backend = req.match.route.backend  # type: ignore[union-attr]
         try:
-            conn = await self.gw.pool.connect(target, backend.spec.connect_timeout)
+            conn = await self.gw.pool.connect(target, backend.spec.connect_timeout, backend.spec.tls,
+                                              backend.spec.tls_verify)
         except (OSError, TimeoutError) as exc:
             if self.closed or req is not self.current:
                 return

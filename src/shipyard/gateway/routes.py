@@ -83,6 +83,8 @@ class BackendSpec:
     read_timeout: float = DEFAULT_READ_TIMEOUT
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
     retries: int = DEFAULT_RETRIES
+    tls: bool = False  # the service's protocol is https: the gateway speaks TLS to its instances
+    tls_verify: bool = False  # ...and checks their certificates (Kong's service tls_verify; off by default as Kong)
 
 
 def _loads(raw: bytes) -> Any:

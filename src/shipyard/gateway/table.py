@@ -314,6 +314,8 @@ def build_route_table(contents: StoreContents, revision: int = 0, own: OwnListen
             read_timeout=_seconds(record.get("read_timeout"), 60.0),
             write_timeout=_seconds(record.get("write_timeout"), 60.0),
             retries=int(record.get("retries", 5) if isinstance(record.get("retries", 5), int) else 5),
+            tls=record.get("protocol") == "https",
+            tls_verify=record.get("tls_verify") is True,
         )
         backend = backends[(service, from_tag)] = Backend(spec, build_balancer(found, spec.balancing))
         return backend

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import select
 import socket
+import ssl
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -32,12 +33,13 @@ class UpstreamConnection:
 
     __slots__ = (
         "address", "body_started", "client", "closed", "fd", "headers", "idle_since",
-        "keep_alive", "parser", "pool", "reset_parser", "reused", "transport", "tunnel",
+        "keep_alive", "parser", "pool", "pool_key", "reset_parser", "reused", "transport", "tunnel",
     )
 
-    def __init__(self, pool: UpstreamPool, address: str) -> None:
+    def __init__(self, pool: UpstreamPool, address: str, pool_key: str = "") -> None:
         self.pool = pool
         self.address = address
+        self.pool_key = pool_key or address  # idle connections are kept by it: TLS ones apart from plain ones
         self.transport: asyncio.Transport | None = None
         self.client: ClientConnection | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -140,6 +142,12 @@ class UpstreamConnection:
             self.transport.abort()
 
 
+def tls_pool_key(address: str, verify: bool) -> str:
+    """Where idle TLS connections to `address` are kept: never handed to a plain HTTP backend or to one that
+    verifies certificates when they were made without verifying."""
+    return f"{address}#tls-verified" if verify else f"{address}#tls"
+
+
 class UpstreamPool:
     """Idle keep-alive connections per instance address; LIFO so warm connections are reused first."""
 
@@ -147,6 +155,21 @@ class UpstreamPool:
         self.loop = loop
         self.idle: dict[str, list[UpstreamConnection]] = {}
         self.own = own  # the server's own listeners: a guarded target must not turn out to be one once resolved
+        self._tls: dict[bool, ssl.SSLContext] = {}  # upstream TLS contexts, by whether they verify the instance
+
+    def tls_context(self, verify: bool) -> ssl.SSLContext:
+        """TLS to instances (a service with protocol https). Kong does not verify upstream certificates unless the
+        service says tls_verify; when it does, the system's CAs and the instance's host name are checked."""
+        context = self._tls.get(verify)
+        if context is None:
+            context = ssl.create_default_context()
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.set_alpn_protocols(["http/1.1"])
+            if not verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._tls[verify] = context
+        return context
 
     def take(self, address: str) -> UpstreamConnection | None:
         conns = self.idle.get(address)
@@ -181,16 +204,24 @@ class UpstreamPool:
         return None
 
     def drop(self, address: str) -> None:
-        """Closes every idle connection to an instance (found dead: they are too)."""
-        for conn in self.idle.pop(address, ()):
-            conn.abort()
+        """Closes every idle connection to an instance (found dead: they are too), plain and TLS."""
+        for key in (address, tls_pool_key(address, False), tls_pool_key(address, True)):
+            for conn in self.idle.pop(key, ()):
+                conn.abort()
 
-    async def connect(self, target: Target, timeout: float) -> UpstreamConnection:
+    async def connect(self, target: Target, timeout: float, tls: bool = False,
+                      verify: bool = False) -> UpstreamConnection:
         address = target.address
         async with asyncio.timeout(timeout):
-            transport, protocol = await self.loop.create_connection(  # type: ignore[type-var]
-                lambda: UpstreamConnection(self, address), target.host, target.port
-            )
+            if tls:
+                key = tls_pool_key(address, verify)
+                transport, protocol = await self.loop.create_connection(  # type: ignore[type-var]
+                    lambda: UpstreamConnection(self, address, key), target.host, target.port,
+                    ssl=self.tls_context(verify), server_hostname=target.host)
+            else:
+                transport, protocol = await self.loop.create_connection(  # type: ignore[type-var]
+                    lambda: UpstreamConnection(self, address), target.host, target.port
+                )
         if target.guarded and self.own is not None:
             # A catalog instance's host name may resolve to this host (the table could only judge addresses).
             peer = transport.get_extra_info("peername")
@@ -205,14 +236,14 @@ class UpstreamPool:
             return
         conn.client = None
         conn.idle_since = now
-        conns = self.idle.setdefault(conn.address, [])
+        conns = self.idle.setdefault(conn.pool_key, [])
         if len(conns) >= MAX_IDLE_PER_TARGET:
             conn.close()
             return
         conns.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
-        conns = self.idle.get(conn.address)
+        conns = self.idle.get(conn.pool_key)
         if conns and conn in conns:
             conns.remove(conn)
 
