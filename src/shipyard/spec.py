@@ -21,7 +21,7 @@ from shipyard.errors import Unprocessable
 PROJECT_FIELDS = ("project", "services", "workers")
 TASK_FIELDS = (
     "cmd", "args", "instances", "env", "ports", "health", "resources", "depends_on",
-    "update", "restart", "stop_grace", "tags", "meta", "routes", "workdir",
+    "update", "restart", "stop_grace", "tags", "meta", "routes", "workdir", "secrets", "vault",
 )
 WORKER_FIELDS = (*(f for f in TASK_FIELDS if f != "routes"), "autoscale")
 # Written by the CLI, not by people (so not in the schema): {file: digest} of the working directory, which makes a
@@ -38,6 +38,8 @@ DEPENDENCY_CONDITIONS = ("started", "healthy")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 PORT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A secret reference: a secrets engine read path, '#', the field (secret/data/mediahub/db#password).
+SECRET_REF_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.@+-]+)+#[^#\s]+$")
 DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h))+$")
 DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -124,6 +126,8 @@ class TaskSpec:
     routes: tuple[Mapping[str, Any], ...] = ()
     autoscale: Autoscale | None = None  # workers only
     source: Mapping[str, str] = field(default_factory=dict)  # the working directory's files as deployed
+    secrets: Mapping[str, str] = field(default_factory=dict)  # env name -> "engine/path#field" (secrets engine)
+    vault_policies: tuple[str, ...] = ()  # the secrets engine policies of each instance's token
 
     def to_dict(self) -> dict[str, Any]:
         return task_to_dict(self)
@@ -282,6 +286,10 @@ def task_to_dict(t: TaskSpec) -> dict[str, Any]:
                             "cooldown": float(a.cooldown)}
     if t.source:  # only when set, like autoscale: jobs deployed without it keep their hashes
         out["source"] = dict(sorted(t.source.items()))
+    if t.secrets:  # only when set, like source
+        out["secrets"] = dict(sorted(t.secrets.items()))
+    if t.vault_policies:
+        out["vault"] = {"policies": list(t.vault_policies)}
     return out
 
 
@@ -441,6 +449,13 @@ class _Validator:
                 self.expect((*path, key), item, "a string")
         return out
 
+    def secret_refs(self, path: tuple[Any, ...], value: Any) -> dict[str, str]:
+        refs = self.string_map(path, value, ENV_NAME_RE)
+        for name, ref in refs.items():
+            if not SECRET_REF_RE.match(ref) or ".." in ref.split("#")[0].split("/"):
+                self.fail((*path, name), "expected a secret reference like secret/data/app/db#password")
+        return refs
+
     def string_list(self, path: tuple[Any, ...], value: Any, non_empty: bool = False) -> tuple[str, ...]:
         if not isinstance(value, list) or (non_empty and not value):
             self.expect(path, value, "a non-empty list of strings" if non_empty else "a list of strings")
@@ -513,6 +528,11 @@ class _Validator:
         if spec.get("tags") is not None:
             values["tags"] = self.string_list((*path, "tags"), spec["tags"])
         values["meta"] = self.string_map((*path, "meta"), spec.get("meta"))
+        values["secrets"] = self.secret_refs((*path, "secrets"), spec.get("secrets"))
+        if spec.get("vault") is not None:
+            vault = self.mapping((*path, "vault"), spec["vault"], ("policies",))
+            if vault is not None:
+                values["vault_policies"] = self.string_list((*path, "vault", "policies"), vault.get("policies"))
         if kind == "service" and spec.get("routes") is not None:
             values["routes"] = self.routes((*path, "routes"), spec["routes"])
         if kind == "worker" and spec.get("autoscale") is not None:

@@ -54,6 +54,11 @@ def _task(fields: tuple[str, ...]) -> dict[str, Any]:
         "routes": {"type": "array", "items": {"type": "object", "minProperties": 1},
                    "description": "Gateway routes; their fields belong to the gateway."},
         "autoscale": {"$ref": "#/$defs/autoscale"},
+        "secrets": {**_string_map(spec.ENV_NAME_RE.pattern), "description": "Environment variables read from the "
+                    "secrets engine at each start: NAME: engine/path#field (secret/data/app/db#password)."},
+        "vault": {"type": "object", "additionalProperties": False, "properties": {
+            "policies": {"type": "array", "items": {"type": "string"},
+                         "description": "Secrets engine policies of each instance's own token (VAULT_TOKEN)."}}},
     }
     return _object({k: v for k, v in props.items() if k in fields}, fields,
                    oneOf=[{"required": ["cmd"]}, {"required": ["args"]}])

@@ -676,8 +676,14 @@ class NodeAgent:
                 client="failed", address=self.address, updated_at=time.time(), message=str(exc.message),
             ))  # fmt: skip
             return
-        env = self.platform_env if self.instance_env is None else {**self.platform_env,
-                                                                   **await self.instance_env(spec)}
+        try:
+            env = self.platform_env if self.instance_env is None else {**self.platform_env,
+                                                                       **await self.instance_env(spec)}
+        except ShipyardError as exc:  # e.g. a secret it needs cannot be read yet (sealed engine): not started
+            await self.write_status(alloc.id, AllocStatus(
+                client="pending", address=self.address, updated_at=time.time(), message=str(exc.message),
+            ))  # fmt: skip
+            return
         task = instance_spec_for(spec, alloc, mhz_per_core=self.mhz_per_core, platform_env=env)
         ports = {name: ports[name] for name in names if name in ports}
         supervisor = Supervisor(self.driver, task, ports)

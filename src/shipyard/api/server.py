@@ -39,6 +39,7 @@ from shipyard.api.native import add_native_routes
 from shipyard.api.native.gateway_api import seal_stored_keys
 from shipyard.api.ports import check_ports_free
 from shipyard.api.vault import VaultService
+from shipyard.api.vault.delivery import secrets_env_hook
 from shipyard.bus import Bus
 from shipyard.bus.autoscaler import BusAutoscaler
 from shipyard.bus.directory import DirectoryBus, QueueDirectory
@@ -201,6 +202,9 @@ async def start_platform(platform: Platform) -> None:
     await platform.health.start()
     if platform.scheduler is not None:
         await platform.scheduler.start()
+    vault = platform.extras.get("vault")
+    if isinstance(vault, VaultService):
+        await attach_vault(vault, platform.agent)
     if platform.agent is not None:
         await platform.agent.start()
     bus = platform.extras.get("bus")
@@ -388,31 +392,43 @@ async def start_control_listeners(config: ServerConfig, runner: web.AppRunner,
     return listener
 
 
+def prepare_vault(config: ServerConfig, platform: Platform, tls_context: ssl.SSLContext | None) -> None:
+    """The secrets engine exists before the agent starts, so that instances started then get their secrets."""
+    if config.vault_port:
+        platform.extras["vault"] = VaultService(
+            platform.store, config.bind, config.vault_port, dev=config.vault_dev, data_dir=config.data_dir,
+            dev_root_token=config.vault_dev_root_token, ssl_context=tls_context)
+
+
+async def attach_vault(vault: VaultService, agent: NodeAgent | None) -> None:
+    """Dev mode unseals now; each instance start gets its own engine token and its job's secrets (after the ACL
+    token hook); an unseal starts the instances that waited for it."""
+    await vault.unseal_if_dev()
+    if agent is not None:
+        agent.instance_env = secrets_env_hook(vault.core, vault.address, agent.instance_env)
+        vault.core.on_unseal.append(agent.reconcile)
+
+
 async def start_vault(config: ServerConfig, platform: Platform,
                       tls_context: ssl.SSLContext | None) -> VaultService | None:
-    """The secrets engine on --vault-port (HTTPS with the control API's certificate when TLS is configured): sealed
-    until unsealed, unless in dev mode (which says so, with its root token, as `vault server -dev` does)."""
-    if not config.vault_port:
+    """The secrets engine's listener on --vault-port (HTTPS with the control API's certificate when TLS is
+    configured): sealed until unsealed, unless in dev mode (which says so, with its root token, as vault -dev)."""
+    vault = platform.extras.get("vault")
+    if not isinstance(vault, VaultService):
         return None
-    vault = VaultService(platform.store, config.bind, config.vault_port, dev=config.vault_dev,
-                         data_dir=config.data_dir, dev_root_token=config.vault_dev_root_token, ssl_context=tls_context)
     try:
-        await vault.start()
+        await vault.listen()
     except OSError as exc:
-        await vault.stop()
         if config.vault_port_required:
             raise ShipyardError(f"cannot listen on {config.bind}:{config.vault_port} (--vault-port): "
                                 f"{exc.strerror}") from None
         log.warning("secrets engine not served: port %d is taken (give --vault-port)", config.vault_port)
-        return None
-    platform.extras["vault"] = vault
+        return vault  # still delivers secrets to this server's instances
     state = "dev mode: initialised and unsealed, NOT for production" if vault.root_token else "sealed until unsealed"
-    scheme = "https" if tls_context is not None else "http"
-    log.info("secrets engine (Vault API) on %s://%s:%d (%s)", scheme, config.bind, config.vault_port, state)
+    log.info("secrets engine (Vault API) on %s (%s)", vault.address, state)
     if vault.root_token:
         print(f"secrets engine in dev mode (in memory unless a data dir; never for production). "
-              f"VAULT_ADDR={scheme}://{config.bind}:{config.vault_port} root token: {vault.root_token}",
-              file=sys.stderr, flush=True)
+              f"VAULT_ADDR={vault.address} root token: {vault.root_token}", file=sys.stderr, flush=True)
     return vault
 
 
@@ -431,6 +447,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         make_data_dir_private(config.data_dir)
     lock_fd = lock_data_dir(config.data_dir) if config.data_dir is not None else None
     platform = await build_platform(config)
+    prepare_vault(config, platform, tls_context)
     runner: web.AppRunner | None = None
     dns_server: DnsServer | None = None
     gateway: GatewaySupervisor | None = None

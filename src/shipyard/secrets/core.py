@@ -6,11 +6,13 @@ never checks a token or a policy itself.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import os
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from shipyard.errors import BadRequest, ShipyardError
@@ -62,6 +64,9 @@ class VaultCore:
         self.auth = MountTable(barrier, "core/auth", auth=True)
         self.audit_devices: dict[str, audit_mod.FileAuditDevice] = {}
         self.policy_cache: dict[str, Policy] = {}
+        # Called (as tasks) after each unseal: the agent starts the instances that waited for their secrets.
+        self.on_unseal: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # --- seal lifecycle -------------------------------------------------------------------------------------
     async def initialize(self, shares: int, threshold: int) -> dict[str, Any]:
@@ -90,6 +95,10 @@ class VaultCore:
         await self.auth.load()
         await self._load_audit()
         self.policy_cache.clear()
+        for callback in self.on_unseal:
+            task = asyncio.get_running_loop().create_task(callback())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def seal_status(self) -> dict[str, Any]:
         config = await self.barrier.seal_config()

@@ -129,9 +129,19 @@ class VaultService:
         self.listener: asyncio.AbstractServer | None = None
         self.root_token = ""  # dev mode only: shown once at start, as `vault server -dev` does
 
+    @property
+    def address(self) -> str:
+        return f"{'https' if self.ssl_context is not None else 'http'}://{self.bind}:{self.port}"
+
     async def start(self) -> None:
-        if self.dev:
+        await self.unseal_if_dev()
+        await self.listen()
+
+    async def unseal_if_dev(self) -> None:
+        if self.dev and self.core.barrier.sealed:
             await self._dev_unseal()
+
+    async def listen(self) -> None:
         self.runner = web.AppRunner(build_vault_app(self.core), access_log=None, handle_signals=False,
                                     shutdown_timeout=2.0)
         await self.runner.setup()
