@@ -417,3 +417,40 @@ def test_up_with_acl_prints_the_management_token_once_and_keeps_it_private(tmp_p
         assert again.returncode == 0 and token not in again.stdout, again.stdout + again.stderr
     finally:
         _shipyard("down", "--http-addr", addr, cwd=project, env=clean)
+
+
+def test_every_route_has_its_own_rule() -> None:
+    """A route without a rule in api/acl_table.py needs operator:write (fail closed); this lists any such route so
+    that it gets its rule (the web console checks its cookie's token itself)."""
+    from aiohttp import web
+
+    from shipyard.api.acl_table import PREFIXES, lookup
+    from shipyard.api.consul import add_consul_routes
+    from shipyard.api.context import PLATFORM
+    from shipyard.api.marathon import add_marathon_routes
+    from shipyard.api.native import add_native_routes
+
+    class Config:
+        acl = True
+
+    class Platform:
+        config = Config()
+
+    app = web.Application()
+    app[PLATFORM] = Platform()  # type: ignore[assignment]
+    add_consul_routes(app)
+    add_native_routes(app)
+    add_marathon_routes(app)
+    catch_all = {id(rule) for prefix, rule in PREFIXES if prefix in ("/v1/", "/v2/", "/api/")}
+
+    def routes(application: web.Application) -> Iterator[tuple[str, str]]:
+        for route in application.router.routes():
+            sub = getattr(route.resource, "_app", None)
+            if isinstance(sub, web.Application):
+                yield from routes(sub)
+            elif route.resource is not None and route.method != "HEAD":
+                yield route.method, route.resource.canonical
+
+    unruled = sorted((method, path) for method, path in routes(app)
+                     if id(lookup(method, path, path)) in catch_all and path != "/v2/eventSubscriptions")
+    assert unruled == []

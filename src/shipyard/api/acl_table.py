@@ -227,6 +227,10 @@ async def agent_read(request: web.Request) -> Need:
     return Need([("agent", _node(request), READ)])
 
 
+async def agent_write(request: web.Request) -> Need:
+    return Need([("agent", _node(request), WRITE)])
+
+
 CONSUL: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/kv/{key}"): kv_get,
     ("PUT", "/v1/kv/{key}"): named("key", WRITE, "key"),
@@ -413,6 +417,15 @@ def _by_method(resource: str, name: str = "") -> Rule:
 
 
 TABLE.update({
+    ("GET", "/v1/agent/metrics"): agent_read,
+    ("GET", "/v1/agent/monitor"): agent_read,
+    ("PUT", "/v1/agent/reload"): agent_write,
+    ("PUT", "/v1/agent/leave"): agent_write,
+    ("PUT", "/v1/agent/force-leave/{node}"): fixed(("operator", "", WRITE)),
+    ("GET", "/v1/catalog/connect/{name}"): filtered(_svc_node),
+    ("GET", "/v1/health/connect/{name}"): filtered(_svc_node),
+    ("GET", "/v1/health/ingress/{name}"): filtered(_svc_node),
+    ("GET", "/v1/catalog/gateway-services/{gateway}"): named("service", READ, "gateway"),
     ("GET", "/v1/discovery-chain/{service}"): named("service", READ, "service"),
     ("POST", "/v1/discovery-chain/{service}"): named("service", READ, "service"),
     ("GET", "/v1/agent/connect/ca/roots"): fixed(),
