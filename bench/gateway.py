@@ -253,6 +253,41 @@ def tls_summary(phases: dict[str, list[dict[str, Any]]], args: argparse.Namespac
     }
 
 
+def full_summary(phases: dict[str, list[dict[str, Any]]], args: argparse.Namespace, duration: int,
+                 with_plugins: bool, tls_phases: bool) -> dict[str, Any]:
+    """The JSON line: every phase's medians, the ratios against nginx, and the targets met."""
+    nginx, plain = summary(phases["nginx"]), summary(phases["gateway"])
+    out: dict[str, Any] = {
+        "bench": "gateway", "workers": args.workers, "connections": args.connections, "threads": args.threads,
+        "duration_s": duration, "rounds": args.rounds, "nginx": nginx, "gateway": plain,
+        "ratio": median_ratio([r["rps"] for r in phases["gateway"]], [r["rps"] for r in phases["nginx"]]),
+        "p99_ratio": median_ratio([r["p99_ms"] for r in phases["gateway"]], [r["p99_ms"] for r in phases["nginx"]]),
+    }
+    if with_plugins:
+        out["gateway_key_auth_rate_limiting"] = summary(phases["plugins"])
+        out["plugins_ratio"] = median_ratio([r["rps"] for r in phases["plugins"]],
+                                            [r["rps"] for r in phases["nginx"]])
+        out["plugins_p99_ratio"] = median_ratio([r["p99_ms"] for r in phases["plugins"]],
+                                                [r["p99_ms"] for r in phases["nginx"]])
+    else:
+        out["gateway_key_auth_rate_limiting"] = None
+        out["note"] = "key-auth/rate-limiting plugins not available: plugin phase skipped"
+    if tls_phases:
+        out["tls"] = tls_summary(phases, args, duration)
+    errors = sum(r["socket_errors"] + r["non_2xx"] for r in (nginx, plain, out.get(
+        "gateway_key_auth_rate_limiting") or {"socket_errors": 0, "non_2xx": 0}))
+    errors += out["tls"]["errors"] if tls_phases else 0
+    out["targets"] = {
+        "ratio>=0.6": bool(out["ratio"] and out["ratio"] >= THROUGHPUT_TARGET),
+        "plugins_ratio>=0.5": bool(out.get("plugins_ratio") and out["plugins_ratio"] >= PLUGINS_TARGET),
+        "p99<=2x": bool(out["p99_ratio"] and out["p99_ratio"] <= P99_TARGET),
+        "zero_errors": errors == 0,
+    }
+    if tls_phases:
+        out["targets"]["tls_ratio>=0.6"] = out["tls"]["targets"]["tls_ratio>=0.6"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs (for a smoke test)")
@@ -330,35 +365,7 @@ def main() -> None:
         if args.tls_only:
             print(json.dumps(tls_summary(phases, args, duration)), flush=True)
             return
-        nginx, plain = summary(phases["nginx"]), summary(phases["gateway"])
-        out: dict[str, Any] = {
-            "bench": "gateway", "workers": args.workers, "connections": args.connections, "threads": args.threads,
-            "duration_s": duration, "rounds": args.rounds, "nginx": nginx, "gateway": plain,
-            "ratio": median_ratio([r["rps"] for r in phases["gateway"]], [r["rps"] for r in phases["nginx"]]),
-            "p99_ratio": median_ratio([r["p99_ms"] for r in phases["gateway"]], [r["p99_ms"] for r in phases["nginx"]]),
-        }
-        if with_plugins:
-            out["gateway_key_auth_rate_limiting"] = summary(phases["plugins"])
-            out["plugins_ratio"] = median_ratio([r["rps"] for r in phases["plugins"]],
-                                                [r["rps"] for r in phases["nginx"]])
-            out["plugins_p99_ratio"] = median_ratio([r["p99_ms"] for r in phases["plugins"]],
-                                                    [r["p99_ms"] for r in phases["nginx"]])
-        else:
-            out["gateway_key_auth_rate_limiting"] = None
-            out["note"] = "key-auth/rate-limiting plugins not available: plugin phase skipped"
-        if tls_phases:
-            out["tls"] = tls_summary(phases, args, duration)
-        errors = sum(r["socket_errors"] + r["non_2xx"] for r in (nginx, plain, out.get(
-            "gateway_key_auth_rate_limiting") or {"socket_errors": 0, "non_2xx": 0}))
-        errors += out["tls"]["errors"] if tls_phases else 0
-        out["targets"] = {
-            "ratio>=0.6": bool(out["ratio"] and out["ratio"] >= THROUGHPUT_TARGET),
-            "plugins_ratio>=0.5": bool(out.get("plugins_ratio") and out["plugins_ratio"] >= PLUGINS_TARGET),
-            "p99<=2x": bool(out["p99_ratio"] and out["p99_ratio"] <= P99_TARGET),
-            "zero_errors": errors == 0,
-        }
-        if tls_phases:
-            out["targets"]["tls_ratio>=0.6"] = out["tls"]["targets"]["tls_ratio>=0.6"]
+        out = full_summary(phases, args, duration, with_plugins, tls_phases)
         print(json.dumps(out), flush=True)
     finally:
         for proc in reversed(procs):

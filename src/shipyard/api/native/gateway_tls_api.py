@@ -105,6 +105,22 @@ async def _snis_of(store: Any, cert_id: str) -> list[tuple[KeyValue, dict[str, A
     return out
 
 
+def _replace_snis(current: list[tuple[KeyValue, dict[str, Any]]], names: list[str], cert_id: str,
+                  compares: list[Any], ops: list[Any]) -> None:
+    """Adds to a txn what makes the certificate's SNIs exactly `names`: a new name must be free, a dropped one
+    must not have changed meanwhile."""
+    held = {sni["name"] for _, sni in current}
+    for kv, sni in current:
+        if sni["name"] not in names:
+            ops.append(Delete(kv.key))
+            compares.append(Compare(kv.key, "mod", "=", kv.mod_revision))
+    for name in names:
+        if name not in held:
+            sni = stamp({"id": new_id(), "name": name, "certificate": {"id": cert_id}, "tags": []})
+            ops.append(Put(SNIS.key(sni), dumps(sni)))
+            compares.append(Compare(SNIS.key(sni), "version", "=", 0))
+
+
 async def _write_certificate(store: Any, record: dict[str, Any], previous: tuple[KeyValue, dict[str, Any]] | None,
                              names: list[str] | None) -> dict[str, Any]:
     """One txn: the certificate, and (when `names` is given) its SNI set replaced; a name another certificate holds
@@ -118,15 +134,7 @@ async def _write_certificate(store: Any, record: dict[str, Any], previous: tuple
     current = await _snis_of(store, record["id"]) if old_kv else []
     kept = [sni["name"] for _, sni in current]
     if names is not None:
-        for kv, sni in current:
-            if sni["name"] not in names:
-                ops.append(Delete(kv.key))
-                compares.append(Compare(kv.key, "mod", "=", kv.mod_revision))
-        for name in names:
-            if name not in kept:
-                sni = stamp({"id": new_id(), "name": name, "certificate": {"id": record["id"]}, "tags": []})
-                ops.append(Put(SNIS.key(sni), dumps(sni)))
-                compares.append(Compare(SNIS.key(sni), "version", "=", 0))
+        _replace_snis(current, names, record["id"], compares, ops)
         kept = list(names)
     result = await store.txn(compares, ops, [])
     if not result.succeeded:
