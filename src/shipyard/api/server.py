@@ -349,6 +349,14 @@ def gateway_default_certificate(config: ServerConfig) -> tuple[str, str]:
     return str(cert), str(key)
 
 
+def listener_ports(config: ServerConfig, tls: bool) -> list[tuple[int, str, bool]]:
+    """(port, option, UDP too) of every listener this server opens (0: that one is off)."""
+    return [(config.http_port, "--http-port", False), (config.dns_port, "--dns-port", True),
+            (config.gateway_port, "--gateway-port", False),
+            (config.tls.https_port if tls else 0, "--https-port", False),
+            (config.tls.gateway_port if config.gateway_port else 0, "--gateway-tls-port", False)]
+
+
 def locked_down(config: ServerConfig) -> bool:
     """ACLs on with default deny and TLS configured: the control plane may face a network."""
     acl_on = bool(getattr(config, "acl", False))  # --acl (the ACL system's flags live beside this one)
@@ -437,11 +445,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     check_bind(config)
     tls_context = https_context(config)  # a missing or unreadable certificate is one line before anything listens
     # A taken port is one line and exit 1 now, not a traceback (control, DNS) or workers crash-looping (gateway).
-    check_ports_free(config.bind, [(config.http_port, "--http-port", False), (config.dns_port, "--dns-port", True),
-                                   (config.gateway_port, "--gateway-port", False),
-                                   (config.tls.https_port if tls_context else 0, "--https-port", False),
-                                   (config.tls.gateway_port if config.gateway_port else 0, "--gateway-tls-port",
-                                    False)])
+    check_ports_free(config.bind, listener_ports(config, tls_context is not None))
     make_process_private()  # store, bus, logs, counters: 0600 files in 0700 dirs, whatever the operator's umask
     if config.data_dir is not None:
         make_data_dir_private(config.data_dir)
