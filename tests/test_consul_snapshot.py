@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -130,3 +131,21 @@ def test_save_wipe_restore_compare_on_etcd(tmp_path: Path) -> None:
     finally:
         server.stop()
         etcd.stop()
+
+
+def test_cli_with_acls_needs_a_management_token(tmp_path: Path) -> None:
+    token = "6f1c6f5e-3d2a-4d8e-9a57-0a1b2c3d4e5f"
+    server = ServerProcess(tmp_path / "data", "--acl", "--acl-initial-management", token).start()
+    try:
+        file = tmp_path / "acl.snap"
+        env = {k: v for k, v in os.environ.items() if not k.endswith("HTTP_TOKEN")}
+        cmd = [sys.executable, "-m", "shipyard.cli.main", "--http-addr", server.url, "snapshot", "save", str(file)]
+        refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+        assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+        assert not file.exists()
+        allowed = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                                 env={**env, "CONSUL_HTTP_TOKEN": token})
+        assert allowed.returncode == 0, allowed.stderr
+        assert file.read_bytes()[:2] == b"\x1f\x8b"
+    finally:
+        server.stop()
