@@ -132,6 +132,10 @@ def test_console_walk_through(browser: Browser, hello_server: ServerProcess) -> 
     server = hello_server
     _http("PUT", f"{server.url}/v1/kv/config/hello/greeting", b'{"text": "hello", "exclaim": true}')
     _dead_letter(server, "ui-demo", {"nobody": "here"})
+    # A service that cannot start: the overview lists it first, with why.
+    _http("POST", f"{server.url}/api/v1/jobs", json.dumps(
+        {"name": "broken", "cmd": "sh -c 'echo missing DATABASE_URL >&2; exit 3'", "instances": 1,
+         "resources": {"cpu": 10, "memory": 32}}).encode(), {"Content-Type": "application/json"})
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
     watched = Watched(page)
@@ -142,7 +146,10 @@ def test_console_walk_through(browser: Browser, hello_server: ServerProcess) -> 
     services = page.locator("table.services")
     expect(services.locator("tr[data-service=hello] .badge")).to_have_text("passing")
     expect(services.locator("tr[data-service=hello]")).to_contain_text("2/2 passing")
-    expect(page.locator(".cards")).to_contain_text("0 failing")
+    attention = page.locator("#attention + .scroll")
+    expect(attention.locator("tr", has_text="broken").first).to_contain_text("exit code 3", timeout=WAIT_MS)
+    expect(attention).to_contain_text("missing DATABASE_URL")
+    expect(page.locator(".cards")).not_to_contain_text("0 failing")
     transferred = page.evaluate("performance.getEntriesByType('navigation').concat("
                                 "performance.getEntriesByType('resource')).reduce((n, e) => n + e.transferSize, 0)")
     assert 0 < transferred < 200_000, f"first view transferred {transferred} bytes"

@@ -81,9 +81,15 @@ def _alloc_problem(alloc: Allocation, status: AllocStatus | None) -> dict[str, A
     if state not in BAD_ALLOC_STATES and not looping:
         return None
     last = (status.last_exit or {}) if status is not None else {}
-    why = (status.message if status is not None else "") or str(last.get("reason") or "")
+    # The exit and its stderr say why; the agent's message ("restarting in 2.1s") changes every report.
+    why = str(last.get("description") or "") or (status.message if status is not None else "")
     return {"job": alloc.job, "alloc": alloc.id, "index": alloc.index, "node": alloc.node,
-            "state": "crash-looping" if looping else state, "why": why, "exit": last}
+            "state": "crash-looping" if looping else state, "why": why, "stderr": _stderr(last)}
+
+
+def _stderr(last_exit: dict[str, Any] | None) -> list[str]:
+    tail = (last_exit or {}).get("stderr_tail") or []
+    return [str(line) for line in tail[-3:]]
 
 
 async def overview(platform: Platform, auth: Authorizer | None) -> dict[str, Any]:
@@ -130,7 +136,8 @@ def _instance_row(alloc: Allocation, status: AllocStatus | None, snap: CatalogSn
         "desired": alloc.desired, "state": "crash-looping" if st.crash_looping else st.client,
         "address": entry.data.get("Address", st.address) if entry else st.address,
         "port": entry.data.get("Port", "") if entry else next(iter(st.ports.values()), ""),
-        "ports": st.ports, "restarts": st.restarts, "last_exit": st.last_exit, "message": st.message,
+        "ports": st.ports, "restarts": st.restarts, "message": "" if st.crash_looping else st.message,
+        "last_exit": (st.last_exit or {}).get("description", ""), "stderr": _stderr(st.last_exit),
         "pid": st.pid, "cpu": alloc.cpu, "memory": alloc.memory, "limits": st.limits,
         "healthy_since": when(st.healthy_since), "canary": alloc.canary, "checks": checks,
         "check_status": worst([c["status"] for c in checks]) if checks else "",
@@ -166,8 +173,8 @@ def _catalog_instance(node: str, data: dict[str, Any], snap: CatalogSnapshot) ->
     checks = [_check_row(node, c.data) for c in snap.service_checks(node, data.get("ID", ""))]
     return {"id": data.get("ID", ""), "short": data.get("ID", ""), "index": "", "node": node, "version": "",
             "desired": "run", "state": "registered", "address": data.get("Address", ""), "port": data.get("Port", ""),
-            "ports": {}, "restarts": "", "last_exit": None, "message": "", "pid": None, "cpu": "", "memory": "",
-            "limits": "", "healthy_since": "", "canary": False, "checks": checks,
+            "ports": {}, "restarts": "", "last_exit": "", "stderr": [], "message": "", "pid": None, "cpu": "",
+            "memory": "", "limits": "", "healthy_since": "", "canary": False, "checks": checks,
             "check_status": worst([c["status"] for c in checks]) if checks else ""}
 
 
