@@ -8,8 +8,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,13 +26,16 @@ def shipyard(addr: str, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120, env=env)
 
 
-def wait_for_file(path: Path, timeout: float = 60) -> dict[str, object]:
+def wait_for_file(path: Path, timeout: float = 60, until: Callable[[dict[str, Any]], bool] = bool) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
+    report: dict[str, Any] = {}
     while time.monotonic() < deadline:
         if path.exists():
-            return dict(json.loads(path.read_text()))
+            report = dict(json.loads(path.read_text()))
+            if until(report):
+                return report
         time.sleep(0.2)
-    raise AssertionError(f"{path} was not written in {timeout}s")
+    raise AssertionError(f"{path}: not the report wanted in {timeout}s (last: {report})")
 
 
 @pytest.fixture
@@ -45,7 +49,7 @@ def vault(tmp_path: Path) -> Iterator[VaultServer]:
     server.stop()
 
 
-def project(folder: Path, out: Path, secret: str) -> Path:
+def project(folder: Path, out: Path, secret: str, change_mode: str = "restart") -> Path:
     folder.mkdir()
     (folder / "shipyard.yaml").write_text(f"""\
 services:
@@ -60,7 +64,9 @@ services:
       DB_PASSWORD: {secret}
     vault:
       policies: [mediahub-db]
+      change_mode: {change_mode}
     stop_grace: 1s
+    update: {{max_parallel: 1, min_healthy_time: 0s}}
 """)
     return folder
 
@@ -95,3 +101,20 @@ def test_bad_secret_references_are_refused_at_deploy(vault: VaultServer, tmp_pat
     folder = project(tmp_path / "proj", tmp_path / "r.json", "no-field-here")
     refused = shipyard(vault.addr, "deploy", "--detach", "--dry-run", str(folder))
     assert refused.returncode == 1 and "secret reference" in refused.stdout + refused.stderr
+
+
+@pytest.mark.parametrize("mode", ["restart", "signal"])
+def test_a_changed_secret_reaches_the_instances(vault: VaultServer, tmp_path: Path, mode: str) -> None:
+    out = tmp_path / "report.json"
+    folder = project(tmp_path / "proj", out, "secret/data/mediahub/db#password", change_mode=mode)
+    deployed = shipyard(vault.addr, "deploy", "--detach", str(folder))
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    first = wait_for_file(out)
+    assert first["DB_PASSWORD"] == "mediahub-db-password"
+    vault.client("delivery-root").secrets.kv.v2.create_or_update_secret("mediahub/db",
+                                                                       secret={"password": "rotated-password"})
+    second = wait_for_file(out, until=lambda r: r["DB_PASSWORD"] == "rotated-password")
+    if mode == "restart":  # a new instance, started with the new value in its environment
+        assert second["pid"] != first["pid"] and second["signals"] == 0
+    else:  # the same instance, told by a signal, read it again with its token
+        assert second["pid"] == first["pid"] and second["signals"] == 1

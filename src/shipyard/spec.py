@@ -9,6 +9,7 @@ import difflib
 import hashlib
 import json
 import re
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,7 @@ NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 PORT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A secret reference: a secrets engine read path, '#', the field (secret/data/mediahub/db#password).
+CHANGE_MODES = ("restart", "signal", "noop")
 SECRET_REF_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.@+-]+)+#[^#\s]+$")
 DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h))+$")
 DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -128,6 +130,8 @@ class TaskSpec:
     source: Mapping[str, str] = field(default_factory=dict)  # the working directory's files as deployed
     secrets: Mapping[str, str] = field(default_factory=dict)  # env name -> "engine/path#field" (secrets engine)
     vault_policies: tuple[str, ...] = ()  # the secrets engine policies of each instance's token
+    vault_change_mode: str = "restart"  # when a secret it reads changes: restart | signal | noop (Nomad's change_mode)
+    vault_change_signal: str = "SIGHUP"  # the signal of change_mode: signal
 
     def to_dict(self) -> dict[str, Any]:
         return task_to_dict(self)
@@ -288,8 +292,9 @@ def task_to_dict(t: TaskSpec) -> dict[str, Any]:
         out["source"] = dict(sorted(t.source.items()))
     if t.secrets:  # only when set, like source
         out["secrets"] = dict(sorted(t.secrets.items()))
-    if t.vault_policies:
-        out["vault"] = {"policies": list(t.vault_policies)}
+    if t.vault_policies or t.vault_change_mode != "restart" or t.vault_change_signal != "SIGHUP":
+        out["vault"] = {"policies": list(t.vault_policies), "change_mode": t.vault_change_mode,
+                        "change_signal": t.vault_change_signal}
     return out
 
 
@@ -449,6 +454,23 @@ class _Validator:
                 self.expect((*path, key), item, "a string")
         return out
 
+    def vault(self, path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+        vault = self.mapping(path, value, ("policies", "change_mode", "change_signal"))
+        if vault is None:
+            return {}
+        out: dict[str, Any] = {"vault_policies": self.string_list((*path, "policies"), vault.get("policies"))}
+        mode = vault.get("change_mode", "restart")
+        if mode not in CHANGE_MODES:
+            self.fail((*path, "change_mode"), f"expected one of {', '.join(CHANGE_MODES)}")
+        else:
+            out["vault_change_mode"] = mode
+        sig = vault.get("change_signal", "SIGHUP")
+        if not isinstance(sig, str) or sig not in signal.Signals.__members__:
+            self.fail((*path, "change_signal"), "expected a signal name like SIGHUP or SIGUSR1")
+        else:
+            out["vault_change_signal"] = sig
+        return out
+
     def secret_refs(self, path: tuple[Any, ...], value: Any) -> dict[str, str]:
         refs = self.string_map(path, value, ENV_NAME_RE)
         for name, ref in refs.items():
@@ -530,9 +552,7 @@ class _Validator:
         values["meta"] = self.string_map((*path, "meta"), spec.get("meta"))
         values["secrets"] = self.secret_refs((*path, "secrets"), spec.get("secrets"))
         if spec.get("vault") is not None:
-            vault = self.mapping((*path, "vault"), spec["vault"], ("policies",))
-            if vault is not None:
-                values["vault_policies"] = self.string_list((*path, "vault", "policies"), vault.get("policies"))
+            values.update(self.vault((*path, "vault"), spec["vault"]))
         if kind == "service" and spec.get("routes") is not None:
             values["routes"] = self.routes((*path, "routes"), spec["routes"])
         if kind == "worker" and spec.get("autoscale") is not None:

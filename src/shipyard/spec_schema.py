@@ -58,7 +58,12 @@ def _task(fields: tuple[str, ...]) -> dict[str, Any]:
                     "secrets engine at each start: NAME: engine/path#field (secret/data/app/db#password)."},
         "vault": {"type": "object", "additionalProperties": False, "properties": {
             "policies": {"type": "array", "items": {"type": "string"},
-                         "description": "Secrets engine policies of each instance's own token (VAULT_TOKEN)."}}},
+                         "description": "Secrets engine policies of each instance's own token (VAULT_TOKEN)."},
+            "change_mode": {"enum": list(spec.CHANGE_MODES), "default": "restart",
+                            "description": "When a secret in `secrets` changes: a rolling restart, a signal, nothing."},
+            "change_signal": {"type": "string", "default": "SIGHUP",
+                              "description": "The signal of change_mode: signal."},
+        }},
     }
     return _object({k: v for k, v in props.items() if k in fields}, fields,
                    oneOf=[{"required": ["cmd"]}, {"required": ["args"]}])

@@ -1,30 +1,48 @@
-"""A service for the secrets delivery tests: writes what it was given (a secret as env, its engine token's reach)
-to $OUT as JSON, then idles until stopped."""
+"""A service for the secrets delivery tests: writes what it was given (a secret as env, its engine token's reach,
+its pid) to $OUT as JSON, then idles; on SIGHUP it reads its secret again through the API with its own token and
+writes the report again (what a service with change_mode: signal does)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 
-def status_of(path: str) -> int:
+def get(path: str) -> tuple[int, Any]:
     request = urllib.request.Request(f"{os.environ['VAULT_ADDR']}/v1/{path}",
                                      headers={"X-Vault-Token": os.environ.get("VAULT_TOKEN", "")})
     try:
         with urllib.request.urlopen(request, timeout=5) as answer:
-            return answer.status
+            return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as exc:
-        return exc.code
+        return exc.code, None
 
 
-report = {"DB_PASSWORD": os.environ.get("DB_PASSWORD"), "own": status_of(os.environ["OWN"]),
-          "other": status_of(os.environ["OTHER"]), "token_prefix": os.environ.get("VAULT_TOKEN", "")[:4]}
-tmp = os.environ["OUT"] + ".tmp"
-with open(tmp, "w") as fh:
-    json.dump(report, fh)
-os.replace(tmp, os.environ["OUT"])
+def write(report: dict[str, Any]) -> None:
+    tmp = os.environ["OUT"] + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(report, fh)
+    os.replace(tmp, os.environ["OUT"])
+
+
+report = {"DB_PASSWORD": os.environ.get("DB_PASSWORD"), "own": get(os.environ["OWN"])[0],
+          "other": get(os.environ["OTHER"])[0], "token_prefix": os.environ.get("VAULT_TOKEN", "")[:4],
+          "pid": os.getpid(), "signals": 0}
+
+
+def reread(signum: int, frame: object) -> None:
+    _, body = get(os.environ["OWN"])
+    report["DB_PASSWORD"] = body["data"]["data"]["password"] if body else None
+    report["signals"] += 1
+    write(report)
+
+
+signal.signal(signal.SIGHUP, reread)
+write(report)
 while True:
     time.sleep(60)

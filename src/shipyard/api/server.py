@@ -39,7 +39,6 @@ from shipyard.api.native import add_native_routes
 from shipyard.api.native.gateway_api import seal_stored_keys
 from shipyard.api.ports import check_ports_free
 from shipyard.api.vault import VaultService
-from shipyard.api.vault.delivery import secrets_env_hook
 from shipyard.bus import Bus
 from shipyard.bus.autoscaler import BusAutoscaler
 from shipyard.bus.directory import DirectoryBus, QueueDirectory
@@ -204,7 +203,7 @@ async def start_platform(platform: Platform) -> None:
         await platform.scheduler.start()
     vault = platform.extras.get("vault")
     if isinstance(vault, VaultService):
-        await attach_vault(vault, platform.agent)
+        await attach_vault(vault, platform)
     if platform.agent is not None:
         await platform.agent.start()
     bus = platform.extras.get("bus")
@@ -408,13 +407,13 @@ def prepare_vault(config: ServerConfig, platform: Platform, tls_context: ssl.SSL
             dev_root_token=config.vault_dev_root_token, ssl_context=tls_context)
 
 
-async def attach_vault(vault: VaultService, agent: NodeAgent | None) -> None:
+async def attach_vault(vault: VaultService, platform: Platform) -> None:
     """Dev mode unseals now; each instance start gets its own engine token and its job's secrets (after the ACL
-    token hook); an unseal starts the instances that waited for it."""
+    token hook); an unseal starts the instances that waited for it; a changed secret restarts or signals the
+    instances that read it (their change_mode)."""
     await vault.unseal_if_dev()
-    if agent is not None:
-        agent.instance_env = secrets_env_hook(vault.core, vault.address, agent.instance_env)
-        vault.core.on_unseal.append(agent.reconcile)
+    if platform.agent is not None:
+        vault.attach(platform.agent, platform.jobs)
 
 
 async def start_vault(config: ServerConfig, platform: Platform,

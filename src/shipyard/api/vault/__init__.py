@@ -19,7 +19,10 @@ from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_server import Server
 
+from shipyard.agent.node_agent import NodeAgent
+from shipyard.api.vault.delivery import SecretChangeWatcher, secrets_env_hook
 from shipyard.errors import ShipyardError
+from shipyard.scheduler.jobs import JobService
 from shipyard.secrets.barrier import Barrier
 from shipyard.secrets.core import VaultCore, decode_key
 from shipyard.secrets.request import Missing, Request
@@ -127,6 +130,7 @@ class VaultService:
         self.ssl_context = ssl_context
         self.runner: web.AppRunner | None = None
         self.listener: asyncio.AbstractServer | None = None
+        self.watcher: SecretChangeWatcher | None = None
         self.root_token = ""  # dev mode only: shown once at start, as `vault server -dev` does
 
     @property
@@ -171,7 +175,16 @@ class VaultService:
             with os.fdopen(fd, "w") as fh:
                 json.dump({"unseal_key": result["keys"][0], "root_token": self.root_token}, fh)
 
+    def attach(self, agent: NodeAgent, jobs: JobService | None) -> None:
+        """Instances get their secrets at each start, wait for an unseal when sealed, and follow changes."""
+        self.watcher = SecretChangeWatcher(self.core, self.core.barrier.store, agent, jobs)
+        agent.instance_env = secrets_env_hook(self.core, self.address, agent.instance_env, self.watcher)
+        self.core.on_unseal.append(agent.reconcile)
+        self.watcher.start()
+
     async def stop(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
         if self.listener is not None:
             self.listener.close()
         if self.runner is not None:
