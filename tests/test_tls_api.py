@@ -210,3 +210,49 @@ def test_non_loopback_bind_needs_acl_deny_and_tls(pki: Pki, tmp_path: Path) -> N
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+SDK_SCRIPT = """
+import asyncio
+from shipyard.sdk import config
+from shipyard.sdk.server_api import control_client, server_url
+
+class Settings(config.Settings):
+    greeting: str = "default"
+
+print(config.load(Settings, "tlsapp").greeting)
+
+async def main() -> None:
+    async with control_client(server_url()) as http:
+        print(server_url(), (await http.get("/v1/kv/tlsapp/greeting", params={"raw": ""})).text)
+
+asyncio.run(main())
+"""
+
+
+def test_sdk_reads_config_over_https_with_a_client_certificate(verifying: ServerProcess, pki: Pki) -> None:
+    env = _env(pki)
+    shipyard("--http-addr", "https://" + _https_addr(verifying), "kv", "put", "tlsapp/greeting", "hello-tls",
+             env=env)
+    env.update({"SHIPYARD_HTTP_ADDR": _https_addr(verifying), "SHIPYARD_HTTP_SSL": "true",
+                "SHIPYARD_CACERT": env.pop("CONSUL_CACERT"), "SHIPYARD_CLIENT_CERT": env.pop("CONSUL_CLIENT_CERT"),
+                "SHIPYARD_CLIENT_KEY": env.pop("CONSUL_CLIENT_KEY")})
+    out = subprocess.run([sys.executable, "-c", SDK_SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["hello-tls", f"https://{_https_addr(verifying)} hello-tls"]
+
+
+def test_bad_tls_settings_are_one_line_at_start(pki: Pki, tmp_path: Path) -> None:
+    base = [sys.executable, "-m", "shipyard.cli.main", "server", "--dev", "--dns-port", "0", "--no-gateway",
+            "--http-port", str(free_port()), "--https-port", str(free_port())]
+    cases = [
+        (["--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(pki.server_key)], "not found"),
+        (["--tls-cert", str(pki.server_cert)], "--tls-key"),
+        (["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.cli_key)], "cannot load"),
+        (["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--verify-incoming"], "--tls-ca"),
+    ]
+    for flags, text in cases:
+        done = subprocess.run(base + flags, capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and text in done.stderr, (flags, done.stderr)
+        assert "Traceback" not in done.stderr
+        assert len([line for line in done.stderr.splitlines() if "error" in line.lower()]) == 1, done.stderr
