@@ -21,7 +21,8 @@ from test_consul_txn import *  # noqa: F403
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     base = tmp_path_factory.mktemp("on-etcd")
     etcd = EtcdProcess(base / "etcd").start()
-    proc = ServerProcess(base / "data", "--store", f"etcd://127.0.0.1:{etcd.client_port}/shipyard-test")
+    proc = ServerProcess(base / "data", "--store", f"etcd://127.0.0.1:{etcd.client_port}/shipyard-test",
+                         "--single-server")  # the only server on this etcd, with the embedded bus
     proc.start()
     yield proc
     proc.stop()

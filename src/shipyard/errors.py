@@ -37,5 +37,11 @@ class PayloadTooLarge(ShipyardError):
     status = 413
 
 
+class NotLeader(ShipyardError):
+    """This server does not (or no longer) lead its cluster: what only the leader may commit, it must not."""
+
+    status = 503
+
+
 class Unprocessable(ShipyardError):
     status = 422

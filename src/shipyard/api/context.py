@@ -84,6 +84,8 @@ class ServerConfig:
     gateway_port: int = 0  # 0: no gateway workers (the CLI defaults to 8080; --no-gateway gives 0)
     gateway_workers: int = 0  # 0: one per core
     bus_url: str = ""  # "": the embedded broker; "rabbitmq://user:pass@host:port/vhost" (or amqp://): RabbitMQ
+    single_server: bool = False  # on etcd: this is the only server (allows the embedded bus)
+    leader_ttl: int = 3  # on etcd: seconds of the leadership lease (a dead leader is replaced within about this)
     dns: DnsConfig = field(default_factory=DnsConfig)
     vault_port: int = 8200  # the Vault-compatible secrets engine's listener; 0: none
     vault_port_required: bool = False  # given explicitly: taken is an error (the default 8200 taken is a warning)

@@ -27,6 +27,7 @@ from shipyard.acl.state import GATEWAY_RULES, ACLState, internal_key, service_ru
 from shipyard.agent.node_agent import NodeAgent
 from shipyard.api.acl_guard import acl_middleware
 from shipyard.api.acl_table import rule_for as acl_rule_for
+from shipyard.api.cluster import attach_cluster, check_cluster_bus, start_cluster, stop_cluster
 from shipyard.api.consul import add_consul_routes
 from shipyard.api.consul.acl_api import ACL_STATE
 from shipyard.api.context import PLATFORM, Platform, ServerConfig
@@ -160,6 +161,7 @@ async def open_bus(config: ServerConfig, store: Store) -> Bus:
 
 async def build_platform(config: ServerConfig) -> Platform:
     check_bus_url(config)
+    check_cluster_bus(config)
     store = await open_store(config)
     node = NodeIdentity.load(
         config.data_dir, name=config.node_name, address=config.bind, datacenter=config.datacenter
@@ -185,6 +187,7 @@ async def build_platform(config: ServerConfig) -> Platform:
     platform.extras["autoscaler"] = BusAutoscaler(platform.jobs, bus)
     if config.acl:
         platform.extras[ACL_STATE] = ACLState(store, default_allow=config.acl_default_policy == "allow")
+    attach_cluster(platform)  # on etcd: the leader's loops run only while this server leads
     return platform
 
 
@@ -199,8 +202,6 @@ async def start_platform(platform: Platform) -> None:
     await platform.catalog.start()
     await platform.sessions.start()
     await platform.health.start()
-    if platform.scheduler is not None:
-        await platform.scheduler.start()
     vault = platform.extras.get("vault")
     if isinstance(vault, VaultService):
         await attach_vault(vault, platform)
@@ -209,23 +210,16 @@ async def start_platform(platform: Platform) -> None:
     bus = platform.extras.get("bus")
     if isinstance(bus, Bus):
         await bus.start()  # RabbitMQ: says now if it is unreachable, then keeps trying in the background
-    autoscaler = platform.extras.get("autoscaler")
-    if isinstance(autoscaler, BusAutoscaler):
-        await autoscaler.start()
+    await start_cluster(platform)  # the scheduler and the autoscaler: at once alone, once elected in a cluster
 
 
 async def stop_platform(platform: Platform) -> None:
-    autoscaler = platform.extras.get("autoscaler")
-    if isinstance(autoscaler, BusAutoscaler):
-        await autoscaler.stop()
+    await stop_cluster(platform)  # steps down first, so another server takes over while this one stops
     if platform.agent is not None:
         with contextlib.suppress(Exception):
             await platform.agent.stop()
         if platform.config.data_dir is None:
             shutil.rmtree(platform.agent.data_dir, ignore_errors=True)
-    if platform.scheduler is not None:
-        with contextlib.suppress(Exception):
-            await platform.scheduler.stop()
     for part in (platform.health, platform.sessions, platform.catalog):
         with contextlib.suppress(Exception):
             await part.stop()

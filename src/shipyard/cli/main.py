@@ -73,6 +73,10 @@ def cli(ctx: click.Context, http_addr: str) -> None:
     help="Message bus: `embedded`, or RabbitMQ at amqp://user:pass@host:port/vhost "
          "(amqps:// for TLS; rabbitmq:// is accepted as a synonym of amqp://).",
 )
+@click.option("--single-server", is_flag=True,
+              help="With --store etcd: this is the only server on that etcd (allows the embedded bus).")
+@click.option("--leader-ttl", default=3, show_default=True, type=click.IntRange(2, 60),
+              help="With --store etcd: seconds of the leadership lease; a dead leader is replaced within about this.")
 @click.option("--enable-script-checks", is_flag=True, help="Allow health checks that run commands.")
 @click.option("--http-check-output", is_flag=True,
               help="Record HTTP checks' response bodies in their output (as Consul does); off: status line only.")
@@ -109,6 +113,8 @@ def server(
     dev: bool,
     store_url: str,
     bus_url: str,
+    single_server: bool,
+    leader_ttl: int,
     enable_script_checks: bool,
     http_check_output: bool,
     insecure_bind: bool,
@@ -151,6 +157,8 @@ def server(
         gateway_port=0 if no_gateway else gateway_port,
         gateway_workers=gateway_workers,
         bus_url="" if bus_url in ("", "embedded") else bus_url,
+        single_server=single_server,
+        leader_ttl=leader_ttl,
         dns=dns_config(dns_flags),
         tls=tls_config(dns_flags),
         **vault_settings(dns_flags, dev=dev),

@@ -242,6 +242,8 @@ class SessionManager:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        # Invalidating sessions must run once per cluster: only the leader reaps (a single server always does).
+        self.reaping = True
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -418,6 +420,8 @@ class SessionManager:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), _RESYNC_SECONDS)
             self._wake.clear()
+            if not self.reaping:
+                continue
             try:
                 if not await self.reconcile():
                     self._wake.set()

@@ -17,6 +17,7 @@ from urllib.parse import unquote
 
 import orjson
 
+from shipyard.errors import NotLeader
 from shipyard.scheduler.jobs import decode_version, revert_ops
 from shipyard.scheduler.model import (
     Allocation,
@@ -179,9 +180,14 @@ async def read_state(store: Store, now: float | None = None,
 class SchedulerLoop:
     """Watches the scheduler's inputs and re-plans on every change, and on a short timer while rolling out."""
 
-    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time,
+                 fence: Callable[[], list[Compare]] | None = None, owner: str = "") -> None:
         self.store = store
         self.clock = clock
+        # In a cluster, the compares that hold only while this server leads (raises NotLeader when it knows it
+        # does not): every plan txn carries them, so a deposed leader's commit fails in the store itself.
+        self.fence = fence
+        self.owner = owner  # written in the plan guard: which server committed each plan
         self.passes = 0
         self.commits = 0
         self._dirty = asyncio.Event()
@@ -218,6 +224,8 @@ class SchedulerLoop:
         record changed under us) never holds back another's; the jobs that conflicted are planned again."""
         self.passes += 1
         committed = Plan()
+        if self.fence is not None:
+            self.fence()  # not leading: no read, no plan (NotLeader)
         conflicted: list[str] = []
         for _ in range(PLAN_ATTEMPTS):
             state = await read_state(self.store, self.clock(), self._job_cache)
@@ -236,6 +244,7 @@ class SchedulerLoop:
         """Commits each job's txn; returns the jobs whose compares failed. Every txn also moves the plan guard, so
         concurrent loops still serialise: after one of ours commits, the next expects the guard it left."""
         guard = state.guard.mod_revision if state.guard else 0
+        fence = self.fence() if self.fence is not None else []
         conflicted = []
         for job_id in sorted(groups):
             group = groups[job_id]
@@ -246,9 +255,9 @@ class SchedulerLoop:
             compares = [*group.compares,
                         Compare(job_key(job_id), "mod", "=", job_kv.mod_revision if job_kv else 0),
                         Compare(deployment_key(job_id), "mod", "=", dep.mod_revision if dep else 0),
-                        Compare(PLAN_GUARD, "mod", "=", guard)]
+                        Compare(PLAN_GUARD, "mod", "=", guard), *fence]
             ops = [*group.ops, Put(PLAN_GUARD, dumps({"revision": state.snapshot.revision, "at": state.snapshot.now,
-                                                      "job": job_id}))]
+                                                      "job": job_id, "by": self.owner}))]
             outcome = await self.store.txn(compares, ops)
             if outcome.succeeded:
                 self.commits += 1
@@ -385,6 +394,9 @@ class SchedulerLoop:
                 _, recheck = await self.run_once()
             except asyncio.CancelledError:
                 raise
+            except NotLeader as exc:
+                log.info("scheduler: %s; no plan committed", exc.message)
+                recheck = ERROR_BACKOFF
             except Exception:
                 log.exception("scheduler pass failed; retrying")
                 recheck = ERROR_BACKOFF

@@ -12,6 +12,7 @@ import orjson
 from aiohttp import web
 
 from shipyard import __version__ as shipyard_version
+from shipyard.api.cluster import cluster_members
 from shipyard.api.consul.common import (
     ConsulError,
     bad_request,
@@ -693,4 +694,5 @@ async def agent_self(request: web.Request) -> web.Response:
 
 @routes.get("/v1/agent/members")
 async def agent_members(request: web.Request) -> web.Response:
-    return json_response([member_of(platform_of(request), wan=query_flag(request, "wan"))])
+    platform, wan = platform_of(request), query_flag(request, "wan")
+    return json_response(await cluster_members(platform, member_of(platform, wan=wan), wan=wan))

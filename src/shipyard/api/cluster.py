@@ -1,0 +1,117 @@
+"""Wires a server into its cluster: which loops only the leader runs (scheduler, session reaping, autoscaler), the
+fence on the scheduler's commits, and the refusal of a cluster whose bus would live in one server's files.
+
+It composes parts (registry/servers.py elects, the loops do their work); it never decides leadership itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from shipyard.api.context import Platform, ServerConfig
+from shipyard.bus.autoscaler import BusAutoscaler
+from shipyard.errors import ShipyardError
+from shipyard.registry.servers import ServerCluster, ServerInfo
+from shipyard.store.etcd import EtcdStore
+
+log = logging.getLogger("shipyard.cluster")
+
+CLUSTER = "cluster"
+
+
+def check_cluster_bus(config: ServerConfig) -> None:
+    """Several servers on etcd share everything that decides behaviour: the embedded bus is one server's file, so
+    a server on etcd needs RabbitMQ, unless it is told it is alone (--single-server)."""
+    if config.store_url and not config.bus_url and not config.single_server:
+        raise ShipyardError(
+            "a server on etcd is a cluster member, and the embedded bus lives in one server's files (messages sent "
+            "through one server would never reach workers of another): give --bus amqp://user:pass@host:port/vhost "
+            "(RabbitMQ), or --single-server if this is the only server on this etcd", status=2)
+
+
+def cluster_of(platform: Platform) -> ServerCluster | None:
+    """This server's cluster membership; None with the embedded SQLite store (one server, leading by itself)."""
+    cluster = platform.extras.get(CLUSTER)
+    return cluster if isinstance(cluster, ServerCluster) else None
+
+
+def attach_cluster(platform: Platform) -> None:
+    """On etcd: a ServerCluster whose leadership starts and stops the leader's loops, and fences the scheduler."""
+    if not isinstance(platform.store, EtcdStore):
+        return
+    config, node = platform.config, platform.node
+    me = ServerInfo(node.id, node.name, node.address, config.http_port, node.datacenter)
+
+    async def elected() -> None:
+        await start_leader_duties(platform)
+
+    async def deposed() -> None:
+        await stop_leader_duties(platform)
+
+    cluster = ServerCluster(platform.store, me, ttl=config.leader_ttl, on_elected=elected, on_deposed=deposed)
+    platform.extras[CLUSTER] = cluster
+    platform.sessions.reaping = False  # until elected
+    if platform.scheduler is not None:
+        platform.scheduler.fence = cluster.fence
+        platform.scheduler.owner = node.name
+
+
+async def start_leader_duties(platform: Platform) -> None:
+    platform.sessions.reaping = True
+    if platform.scheduler is not None:
+        await platform.scheduler.start()
+    autoscaler = platform.extras.get("autoscaler")
+    if isinstance(autoscaler, BusAutoscaler):
+        await autoscaler.start()
+
+
+async def stop_leader_duties(platform: Platform) -> None:
+    platform.sessions.reaping = False
+    autoscaler = platform.extras.get("autoscaler")
+    if isinstance(autoscaler, BusAutoscaler):
+        with contextlib.suppress(Exception):
+            await autoscaler.stop()
+    if platform.scheduler is not None:
+        with contextlib.suppress(Exception):
+            await platform.scheduler.stop()
+
+
+async def start_cluster(platform: Platform) -> None:
+    """Joins the cluster (the leader's loops start once elected), or, alone on SQLite, runs them at once."""
+    cluster = cluster_of(platform)
+    if cluster is None:
+        log.info("single server (embedded SQLite store): it is the leader; a cluster of servers needs --store etcd")
+        await start_leader_duties(platform)
+        return
+    await cluster.start()
+    leader = cluster.leader
+    log.info("cluster: server %s (%s) joined on etcd; leader: %s", cluster.me.name, cluster.me.peer_address,
+             f"{leader.name} ({leader.peer_address})" if leader else "none yet")
+
+
+async def stop_cluster(platform: Platform) -> None:
+    cluster = cluster_of(platform)
+    if cluster is None:
+        await stop_leader_duties(platform)
+        return
+    with contextlib.suppress(Exception):
+        await cluster.stop()  # steps down (stopping the leader's loops) and gives its lease back
+    await stop_leader_duties(platform)
+
+
+async def cluster_members(platform: Platform, me: dict[str, Any], *, wan: bool = False) -> list[dict[str, Any]]:
+    """Consul's member list: this server alone, or every server that ever joined the cluster, each with its own
+    name, address and Status (1 alive: its lease holds; 3 left: it stopped and said so; 4 failed: its lease
+    expired). `me` is this server's own member entry, the template of the others."""
+    cluster = cluster_of(platform)
+    if cluster is None:
+        return [me]
+    out = []
+    for member in await cluster.members():
+        server = member.server
+        tags = {**me["Tags"], "id": server.id, "dc": server.datacenter}
+        name = f"{server.name}.{server.datacenter}" if wan else server.name
+        out.append({**me, "Name": name, "Addr": server.address, "Tags": tags, "Status": member.status})
+    return out
