@@ -216,6 +216,10 @@ def test_three_servers_elect_exactly_one_leader_and_list_each_other(cluster: Clu
     assert listed.returncode == 0, listed.stderr
     for server in cluster.servers:
         assert server.name in listed.stdout and f"{server.address}:" in listed.stdout
+    for server in cluster.servers:
+        stats = requests.get(server.url + "/v1/agent/self", timeout=5).json()["Stats"]["consul"]
+        assert stats["leader"] == ("true" if server is leader else "false")
+        assert stats["leader_addr"] == leader.addr
     # The leader key in etcd names exactly the server all of them agree on.
     record = cluster.etcd_get(LEADER_KEY)
     assert record is not None and json.loads(base64.b64decode(record["value"]))["name"] == leader.name

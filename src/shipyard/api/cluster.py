@@ -37,6 +37,12 @@ def cluster_of(platform: Platform) -> ServerCluster | None:
     return cluster if isinstance(cluster, ServerCluster) else None
 
 
+def leads(platform: Platform) -> bool:
+    """Whether this server leads: always alone on SQLite, while it holds the leader key in a cluster."""
+    cluster = cluster_of(platform)
+    return cluster is None or cluster.leading
+
+
 def attach_cluster(platform: Platform) -> None:
     """On etcd: a ServerCluster whose leadership starts and stops the leader's loops, and fences the scheduler."""
     if not isinstance(platform.store, EtcdStore):

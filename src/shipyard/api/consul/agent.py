@@ -12,7 +12,7 @@ import orjson
 from aiohttp import web
 
 from shipyard import __version__ as shipyard_version
-from shipyard.api.cluster import cluster_members
+from shipyard.api.cluster import cluster_members, leads
 from shipyard.api.consul.common import (
     ConsulError,
     bad_request,
@@ -680,7 +680,7 @@ async def agent_self(request: web.Request) -> web.Response:
             "consul": {
                 "bootstrap": "true",
                 "known_datacenters": "1",
-                "leader": "true",
+                "leader": "true" if leads(platform) else "false",
                 "leader_addr": leader_address(request),
                 "server": "true",
             },
