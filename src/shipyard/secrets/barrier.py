@@ -142,6 +142,11 @@ class Barrier:
             raise BadRequest("invalid key length")
         self.keyring = Keyring.from_json(root_key, raw)
 
+    async def reload_keyring(self) -> None:
+        """Another server sharing the store may have rotated: re-read the keyring under the root key we hold."""
+        if self.keyring is not None:
+            await self.unseal_with(self.keyring.root_key)
+
     def reset_progress(self) -> None:
         self.unseal_shares, self.nonce = [], ""
 
@@ -167,7 +172,12 @@ class Barrier:
         ring = self._ring()
         key = DATA + path
         kv = await self.store.get(key)
-        return None if kv is None else open_bytes(ring.keys, kv.value, key.encode())
+        if kv is None:
+            return None
+        if int.from_bytes(kv.value[:4], "big") not in ring.keys:
+            await self.reload_keyring()  # written under a term another server added (rotation) since we read it
+            ring = self._ring()
+        return open_bytes(ring.keys, kv.value, key.encode())
 
     async def put(self, path: str, value: bytes) -> None:
         ring = self._ring()

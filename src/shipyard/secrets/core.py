@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import os
 import time
 import uuid
@@ -18,11 +19,12 @@ from typing import Any
 from shipyard.errors import BadRequest, ShipyardError
 from shipyard.secrets import audit as audit_mod
 from shipyard.secrets.approle import AppRole
-from shipyard.secrets.barrier import Barrier, Sealed
+from shipyard.secrets.barrier import DATA, PREFIX, Barrier, Sealed
 from shipyard.secrets.mounts import MountTable
 from shipyard.secrets.policy import ACL, DEFAULT_POLICY, Policy, parse_policy
 from shipyard.secrets.request import Missing, PermissionDenied, Request, data_response
 from shipyard.secrets.tokens import TokenEntry, TokenRequest, TokenStore
+from shipyard.store import follow_prefix
 
 VERSION = "1.15.0+shipyard"
 # Answered while sealed and without a token, as in Vault.
@@ -67,6 +69,7 @@ class VaultCore:
         # Called (as tasks) after each unseal: the agent starts the instances that waited for their secrets.
         self.on_unseal: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._followers: list[asyncio.Task[None]] = []
 
     # --- seal lifecycle -------------------------------------------------------------------------------------
     async def initialize(self, shares: int, threshold: int) -> dict[str, Any]:
@@ -91,14 +94,50 @@ class VaultCore:
         return await self.seal_status()
 
     async def post_unseal(self) -> None:
-        await self.mounts.load()
-        await self.auth.load()
-        await self._load_audit()
-        self.policy_cache.clear()
+        await self.reload()
+        self._follow_shared_state()
         for callback in self.on_unseal:
             task = asyncio.get_running_loop().create_task(callback())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def reload(self) -> None:
+        """Re-reads what this process keeps of the shared state: the keyring's terms, mounts, auth methods, audit
+        devices; forgets parsed policies."""
+        await self.barrier.reload_keyring()
+        await self.mounts.load()
+        await self.auth.load()
+        await self._load_audit()
+        self.policy_cache.clear()
+
+    def _follow_shared_state(self) -> None:
+        """Servers sharing one store (etcd) see each other's rotations, mounts, auth methods, audit devices and
+        policies: each change under those prefixes reloads them here (level-triggered, like every loop)."""
+        if self._followers:
+            return
+
+        async def on_change(_: object) -> None:
+            if not self.barrier.sealed:
+                await self.reload()
+
+        async def resync() -> int:
+            revision = self.barrier.store.revision
+            await on_change(None)
+            return revision
+
+        loop = asyncio.get_running_loop()
+        for prefix in (PREFIX + "core/", DATA + "core/", DATA + "policy/"):
+            self._followers.append(loop.create_task(follow_prefix(self.barrier.store, prefix, on_change, resync,
+                                                                  from_revision=self.barrier.store.revision,
+                                                                  name=f"secrets engine {prefix}")))
+
+    async def stop_following(self) -> None:
+        for task in self._followers:
+            task.cancel()
+        for task in self._followers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._followers = []
 
     async def seal_status(self) -> dict[str, Any]:
         config = await self.barrier.seal_config()
@@ -224,6 +263,9 @@ class VaultCore:
             assert isinstance(backend, AppRole)
             return await backend.handle(req, found[1])
         found = self.mounts.resolve(req.path)
+        if found is None:  # mounted by another server a moment ago? (their watch reloads us too, a bit later)
+            await self.mounts.load()
+            found = self.mounts.resolve(req.path)
         engine = None if found is None else self.mounts.backends.get(found[0].path)
         if found is None or engine is None or isinstance(engine, AppRole):
             raise _no_route(req.path)

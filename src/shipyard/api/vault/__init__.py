@@ -183,6 +183,7 @@ class VaultService:
         self.watcher.start()
 
     async def stop(self) -> None:
+        await self.core.stop_following()
         if self.watcher is not None:
             await self.watcher.stop()
         if self.listener is not None:
