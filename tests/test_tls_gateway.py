@@ -263,3 +263,13 @@ def test_tls_to_an_upstream_service(gateway: ServerProcess, authority: Authority
     finally:
         upstream.terminate()
         upstream.wait(10)
+
+
+def test_gateway_apply_leaves_certificates_alone(gateway: ServerProcess, certificates: dict[str, bytes]) -> None:
+    """gateway.yaml is the whole truth for routes, services and consumers; certificates and SNIs are managed by the
+    admin API, so an apply (here its dry run, which lists every write) never deletes them."""
+    r = requests.post(gateway.url + "/api/gateway/config", json={"config": {}, "dry_run": True}, timeout=10)
+    assert r.status_code == 200, r.text
+    kinds = {change["kind"] for change in r.json()["changes"]}
+    assert "service" in kinds  # the dry run would delete what the empty file does not name...
+    assert not kinds & {"certificates", "snis"}, kinds  # ...but not the TLS material

@@ -50,6 +50,8 @@ from shipyard.gateway.plugins.basic_auth import is_password_hash, verify_passwor
 from shipyard.store import Compare, Delete, Put
 
 ROOT = "gateway/"
+# Not entities of the file: settings, and the TLS port's certificates and SNIs (admin API only), kept by an apply.
+NOT_DECLARED = (SETTINGS_PREFIX, "gateway/certificates/", "gateway/snis/")
 CREDENTIAL_SECTIONS = {
     "keyauth_credentials": "key-auth", "key-auth": "key-auth", "key_auth": "key-auth",
     "jwt_secrets": "jwt", "jwt": "jwt",
@@ -306,7 +308,7 @@ def _settings_apart_and_keys_sealed(kvs: list[Any], entries: list[Entry]) -> tup
     hash_kv = next((kv for kv in kvs if kv.key == HASH_KEY_PATH), None)
     new_key = None if hash_kv is not None else new_hash_key_value()
     sealed = _seal_keys(entries, hasher_from_value(hash_kv.value if hash_kv is not None else new_key))
-    return [kv for kv in kvs if not kv.key.startswith(SETTINGS_PREFIX)], (new_key if sealed else None)
+    return [kv for kv in kvs if not kv.key.startswith(NOT_DECLARED)], (new_key if sealed else None)
 
 
 async def plan_changes(entries: list[Entry], current_kvs: Iterable[Any]) -> Plan:
