@@ -117,4 +117,4 @@ def test_a_changed_secret_reaches_the_instances(vault: VaultServer, tmp_path: Pa
     if mode == "restart":  # a new instance, started with the new value in its environment
         assert second["pid"] != first["pid"] and second["signals"] == 0
     else:  # the same instance, told by a signal, read it again with its token
-        assert second["pid"] == first["pid"] and second["signals"] == 1
+        assert second["pid"] == first["pid"] and second["signals"] == 1 and second["same_by_get"] is True

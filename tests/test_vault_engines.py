@@ -245,3 +245,31 @@ def test_bad_input(vault: tuple[VaultServer, hvac.Client]) -> None:
     cross_site = requests.post(f"{server.vault_url}/v1/sys/seal", headers={"Origin": "http://evil.example",
                                                                         "X-Vault-Token": token}, timeout=10)
     assert cross_site.status_code == 403 and not admin.sys.is_sealed()
+
+
+def test_sdk_reads_secrets_typed_and_refuses_quietly_wrong_ones(vault: tuple[VaultServer, hvac.Client]) -> None:
+    from shipyard.sdk import config
+    from shipyard.sdk.secrets import Secrets, SecretsError
+
+    class Db(config.Settings):
+        password: str = ""
+        pool: int = 5
+        tls: bool = False
+
+    server, admin = vault
+    admin.secrets.kv.v2.create_or_update_secret("sdk/db", secret={"password": "pw", "pool": "12", "tls": "yes"})
+    admin.secrets.kv.v1.create_or_update_secret("sdk/v1", secret={"key": "v1-value"}, mount_point="kv1")
+    sdk = Secrets(server.vault_url, admin.token)
+    assert sdk.load(Db, "secret/data/sdk/db") == Db(password="pw", pool=12, tls=True)
+    assert sdk.get("kv1/sdk/v1#key") == "v1-value"
+    with pytest.raises(SecretsError, match="no field"):
+        sdk.get("secret/data/sdk/db#nope")
+    with pytest.raises(SecretsError, match="404"):
+        sdk.get("secret/data/sdk/missing#password")
+    with pytest.raises(SecretsError, match="403 permission denied"):
+        Secrets(server.vault_url, "not-a-token").get("secret/data/sdk/db#password")
+    with pytest.raises(SecretsError, match="no token"):
+        Secrets(server.vault_url, "").get("secret/data/sdk/db#password")
+    admin.secrets.kv.v2.create_or_update_secret("sdk/bad", secret={"pool": "many"})
+    with pytest.raises(SecretsError, match="pool"):
+        sdk.load(Db, "secret/data/sdk/bad")

@@ -12,6 +12,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from shipyard.sdk import config, secrets
+
 
 def get(path: str) -> tuple[int, Any]:
     request = urllib.request.Request(f"{os.environ['VAULT_ADDR']}/v1/{path}",
@@ -35,9 +37,14 @@ report = {"DB_PASSWORD": os.environ.get("DB_PASSWORD"), "own": get(os.environ["O
           "pid": os.getpid(), "signals": 0}
 
 
+class DbSecrets(config.Settings):
+    password: str = ""
+
+
 def reread(signum: int, frame: object) -> None:
-    _, body = get(os.environ["OWN"])
-    report["DB_PASSWORD"] = body["data"]["data"]["password"] if body else None
+    # The SDK's typed read, with the instance's own token (VAULT_ADDR and VAULT_TOKEN from its environment).
+    report["DB_PASSWORD"] = secrets.load(DbSecrets, os.environ["OWN"]).password
+    report["same_by_get"] = secrets.get(os.environ["OWN"] + "#password") == report["DB_PASSWORD"]
     report["signals"] += 1
     write(report)
 
