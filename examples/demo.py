@@ -115,6 +115,9 @@ def main() -> None:
     parser.add_argument("--tls", action="store_true",
                         help="HTTPS on the control API (--https-port) and TLS on the gateway (--gateway-tls-port), "
                              "with a CA made for the demo (plain HTTP stays on loopback for the CLI and services).")
+    parser.add_argument("--acl", action="store_true",
+                        help="ACLs on with default deny: every service uses its own scoped token; the management "
+                             "token is printed once and kept in the project's .shipyard/data.")
     parser.add_argument("--https-port", type=int, default=8501)
     parser.add_argument("--gateway-tls-port", type=int, default=8443)
     args = parser.parse_args()
@@ -137,7 +140,7 @@ def main() -> None:
     if ca_file is not None:
         gateway = f"https://localhost:{args.gateway_tls_port}"
     try:
-        shipyard(addr, "up", str(project))
+        shipyard(addr, "up", *(["--acl"] if args.acl else []), str(project))
         if ca_file is not None:
             https_api = f"https://127.0.0.1:{args.https_port}"
             leader = httpx.get(f"{https_api}/v1/status/leader", verify=verify, timeout=5).status_code
@@ -159,6 +162,8 @@ Try the walk-through (copy-paste into a shell in {Path.cwd()}):
 {walkthrough(gateway, project)}
 
 And the platform:
+{f"  export SHIPYARD_HTTP_TOKEN=$(cat {project}/.shipyard/data/acl-management-token)   # ACLs: default deny{chr(10)}"
+ if args.acl else ""}\
   {shipyard_cmd} ps
   {shipyard_cmd} logs transcode
   {shipyard_cmd} kv put mediahub/files/max_upload_mb 5       # live config: uploads over 5 MB now get 413

@@ -93,7 +93,10 @@ async def register_with_gateway() -> None:
     issuer and whose RS256 public key is ours. Idempotent (both instances do it), retried until the server answers."""
     base = f"http://{shipyard_addr()}/api/gateway/consumers/{GATEWAY_CONSUMER}"
     delay = 0.2
-    async with httpx.AsyncClient(timeout=5.0) as http:
+    # Under --acl the platform hands each instance its token; the gateway admin API needs `gateway = "write"`,
+    # which the operator grants this service with a policy named service-auth (docs/acl.md).
+    token = os.environ.get("SHIPYARD_HTTP_TOKEN", "")
+    async with httpx.AsyncClient(timeout=5.0, headers={"X-Consul-Token": token} if token else {}) as http:
         while True:
             try:
                 r = await http.put(base, json={"username": GATEWAY_CONSUMER})

@@ -425,12 +425,13 @@ class ACLState:
             await self.put_policy({"Name": policy_name, "Description": f"Shipyard's own {name}", "Rules": rules},
                                   policy_id)
         token = await self._read(TOKENS + accessor)
-        if token is None or token["SecretHash"] != secret_hash(secret):
+        if token is None or token["SecretHash"] != secret_hash(secret) or token.get("ShipyardService") != service:
             if token is not None:
                 await self.store.delete(SECRETS + token["SecretHash"])
             fresh = self._new_token({"Description": f"Shipyard's own {name}", "Policies": [{"ID": policy_id}],
                                      "ServiceIdentities": [{"ServiceName": service}] if service else []}, secret)
             fresh["AccessorID"] = accessor
+            fresh["ShipyardService"] = service  # its instances also get the operator's policy service-<name>
             await self._put_token(fresh)
         return secret
 
@@ -468,6 +469,10 @@ class ACLState:
                 policy_ids += [p["ID"] for p in role.get("Policies") or []]
                 rules += _identity_rules(role)
         rules += _identity_rules(token)
+        if token.get("ShipyardService"):
+            # What the operator grants a service's instances beyond the defaults: the policy named service-<name>.
+            extra = await self.policy_by_name(f"service-{token['ShipyardService']}")
+            policy_ids += [extra["ID"]] if extra is not None else []
         for policy_id in dict.fromkeys(policy_ids):
             policy = await self.policy(policy_id)
             if policy is not None:

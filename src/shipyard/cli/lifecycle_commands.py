@@ -135,6 +135,27 @@ def bootstrap_acl(api: ApiClient, data_dir: Path) -> str:
     return token
 
 
+def apply_service_policies(api: ApiClient, project_dir: Path) -> None:
+    """DIRECTORY/acl/<service>.hcl: what the project grants a service's instances beyond their own token's defaults
+    (service identity, KV prefix, bus), kept as the policy service-<service> that their tokens carry (docs/acl.md).
+    Only for a server with ACLs (the management token of `up --acl`, or one from the environment)."""
+    files = sorted((project_dir / "acl").glob("*.hcl"))
+    if not files or not api.has_token:
+        return
+    for path in files:
+        name, rules = f"service-{path.stem}", path.read_text()
+        found = api.request("GET", f"/v1/acl/policy/name/{name}", ok_statuses=(200, 401, 403))
+        if found.status_code == 401:
+            return  # the server has no ACLs: nothing to grant
+        current = found.json() if found.status_code == 200 else None
+        if current is not None and current.get("Rules") == rules:
+            continue
+        where = f"/v1/acl/policy/{current['ID']}" if current is not None else "/v1/acl/policy"
+        api.request("PUT", where, json={"Name": name, "Rules": rules,
+                                        "Description": f"{path.name} of the project in {project_dir}"})
+        console.print(f"ACL policy {name}: {'updated' if current else 'created'} from {path}", highlight=False)
+
+
 def use_saved_token(api: ApiClient, state_dir: Path) -> None:
     """No token in the environment: the management token of the server an earlier `up --acl` started here."""
     saved = state_dir / "data" / MANAGEMENT_TOKEN_FILE
@@ -198,6 +219,7 @@ def up(ctx: click.Context, directory: str, force: bool, timeout: float, crash_li
             api.use_token(bootstrap_acl(api, state_dir / "data"))
     else:
         use_saved_token(api, spec_file.parent / STATE_DIR)
+    apply_service_policies(api, spec_file.parent)
     targets = _deploy_with_plan(api, project, force)
     wait_rolled_out(api, targets, timeout, crash_limit)
     console.print(f"[green]all services healthy[/green] ({len(targets)} jobs) in "
