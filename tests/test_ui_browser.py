@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -82,6 +83,19 @@ def _dead_letter(server: ServerProcess, queue: str, body: dict[str, Any]) -> Non
         pool.submit(asyncio.run, fail_one()).result(timeout=30)
 
 
+def _greet_through_gateway(server: ServerProcess) -> None:
+    """Turns on the prometheus plugin, then greets through the gateway until the workers have counted a greeting
+    (they pick the plugin up from the store a moment after it is written)."""
+    _http("POST", f"{server.url}/api/gateway/plugins", b'{"name": "prometheus"}', {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        urllib.request.urlopen(server.gateway_url + "/hello/tester", timeout=10).read()
+        with urllib.request.urlopen(server.url + "/api/gateway/metrics", timeout=10) as response:
+            if 'requests_total{service="hello"' in response.read().decode():
+                return
+    raise AssertionError("the gateway never counted a greeting: " + server.log_tail())
+
+
 class Watched:
     """Every console error and failed request of a page, to assert there were none."""
 
@@ -125,7 +139,7 @@ def hello_server(tmp_path: Path) -> Iterator[ServerProcess]:
 
 def _shot(page: Page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"))
+    page.screenshot(path=str(SHOTS / f"{name}.png"), caret="initial")  # hiding it injects a style the CSP refuses
 
 
 def test_console_walk_through(browser: Browser, hello_server: ServerProcess) -> None:
@@ -181,7 +195,7 @@ def test_console_walk_through(browser: Browser, hello_server: ServerProcess) -> 
     _shot(page, "service")
 
     # Logs: a greeting through the gateway reaches the worker, whose stdout the page follows; search filters it.
-    urllib.request.urlopen(server.gateway_url + "/hello/tester", timeout=10).read()
+    _greet_through_gateway(server)
     page.get_by_role("link", name="Overview").click()
     page.locator("table.services").get_by_role("link", name="greeter").click()
     page.select_option("#log-stream", "stdout")
@@ -214,6 +228,7 @@ def test_console_walk_through(browser: Browser, hello_server: ServerProcess) -> 
     # Gateway: the hello service's urlprefix route is in the table.
     page.get_by_role("link", name="Gateway").click()
     expect(page.locator("#live-gateway")).to_contain_text("/hello")
+    expect(page.locator("table.metrics tbody tr").first).to_contain_text("hello")  # the greeting went through it
     _shot(page, "gateway")
 
     # Bus: the dead letter is listed with why; retry puts it back in its queue, and the page follows.

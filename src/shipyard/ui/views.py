@@ -7,6 +7,7 @@ It reads through the same service objects the API handlers use; it never writes 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import asdict
 from typing import Any
@@ -20,6 +21,8 @@ from shipyard.api.context import Platform
 from shipyard.bus import Bus
 from shipyard.errors import ShipyardError
 from shipyard.gateway.entities import CONSUMERS, PLUGINS, ROUTES, SERVICES, Kind
+from shipyard.gateway.plugins.prometheus import LATENCY, REQUESTS
+from shipyard.gateway.supervisor import GatewaySupervisor
 from shipyard.registry.catalog import CatalogSnapshot
 from shipyard.scheduler.jobs import JobService
 from shipyard.scheduler.model import Allocation
@@ -210,7 +213,55 @@ async def gateway(platform: Platform, auth: Authorizer | None) -> dict[str, Any]
     tagged = sorted({(t.removeprefix("urlprefix-"), e.data.get("Service", "")) for e in snap.services.values()
                      for t in (e.data.get("Tags") or []) if t.startswith("urlprefix-")})
     return {"services": services, "routes": routes, "consumers": await _records(platform, CONSUMERS),
-            "plugins": await _records(platform, PLUGINS), "tagged": tagged, "denied": False}
+            "plugins": await _records(platform, PLUGINS), "tagged": tagged, "denied": False,
+            "metrics": await route_metrics(platform)}
+
+
+def _labels(text: str) -> dict[str, str]:
+    return dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', text))
+
+
+def _percentile(buckets: list[tuple[float, float]], count: float, q: float) -> str:
+    """The upper bound of the histogram bucket holding the q-quantile (what Prometheus' histogram_quantile
+    interpolates within)."""
+    for bound, cumulative in buckets:
+        if cumulative >= q * count:
+            return "> 60 s" if bound == float("inf") else f"≤ {bound * 1000:g} ms"
+    return ""
+
+
+async def route_metrics(platform: Platform) -> list[dict[str, Any]] | None:
+    """Per service and route: requests, error rate and latency percentiles, from the prometheus plugin's series
+    (the same text GET /api/gateway/metrics serves); None when the gateway does not run here."""
+    supervisor = platform.extras.get("gateway")
+    if not isinstance(supervisor, GatewaySupervisor):
+        return None
+    text = await asyncio.to_thread(supervisor.metrics_text)
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for line in text.splitlines():
+        match = re.match(r"(\w+)\{(.*)\} (\S+)$", line)
+        if match is None:
+            continue
+        name, labels, value = match.group(1), _labels(match.group(2)), float(match.group(3))
+        row = rows.setdefault((labels.get("service", ""), labels.get("route", "")),
+                              {"requests": 0.0, "errors": 0.0, "buckets": {}})
+        if name == REQUESTS:
+            row["requests"] += value
+            row["errors"] += value if labels.get("status_class") == "5xx" else 0.0
+        elif name == LATENCY + "_bucket":  # summed over consumers when the plugin labels them
+            bound = float(labels.get("le", "inf").replace("+Inf", "inf"))
+            row["buckets"][bound] = row["buckets"].get(bound, 0.0) + value
+    out = []
+    for (service_name, route), row in sorted(rows.items()):
+        count = row["requests"]
+        if not count:
+            continue
+        buckets = sorted(row["buckets"].items())
+        out.append({"service": service_name, "route": route, "requests": int(count),
+                    "error_pct": round(100 * row["errors"] / count, 1),
+                    "p50": _percentile(buckets, count, 0.5), "p95": _percentile(buckets, count, 0.95),
+                    "p99": _percentile(buckets, count, 0.99)})
+    return out
 
 
 async def bus(platform: Platform, auth: Authorizer | None, selected: str = "") -> dict[str, Any]:
