@@ -199,11 +199,18 @@ def test_audit_lines_hmac_every_secret(vault: tuple[VaultServer, hvac.Client], t
     read = admin.secrets.kv.v2.read_secret_version("audited", raise_on_deleted_version=True)
     assert read["data"]["data"]["password"] == "clear-text-password-123"
     admin.secrets.transit.encrypt_data("dk", b64(b"transit-plaintext-456"))
+    with pytest.raises(hvac_errors.Forbidden):
+        hvac.Client(url=admin.url, token="denied-token-789").secrets.kv.v2.read_secret_version(
+            "audited", raise_on_deleted_version=True)
+    wanted = admin.sys.calculate_hash("file", "clear-text-password-123")["data"]["hash"]
     admin.sys.disable_audit_device("file")
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert len(lines) >= 6 and {line["type"] for line in lines} == {"request", "response"}
     text = log_path.read_text()
-    for clear in ("clear-text-password-123", b64(b"transit-plaintext-456"), admin.token):
+    assert wanted in text  # sys/audit-hash finds the entries of a known value
+    denied = [line for line in lines if line.get("error") == "permission denied"]
+    assert denied and denied[0]["request"]["client_token"].startswith("hmac-sha256:")
+    for clear in ("clear-text-password-123", b64(b"transit-plaintext-456"), admin.token, "denied-token-789"):
         assert clear not in text
     writes = [line for line in lines if line["request"]["path"] == "secret/data/audited"]
     assert writes[0]["request"]["data"]["data"]["password"].startswith("hmac-sha256:")

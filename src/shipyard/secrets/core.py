@@ -182,7 +182,14 @@ class VaultCore:
             raise Sealed()
         login = self._login_backend(req)
         if login is None:
-            await self._authorise(req)
+            try:
+                await self._authorise(req)
+            except PermissionDenied:
+                # Refusals are audited too (the token HMAC'd): they are what an investigation looks for.
+                request_id = str(uuid.uuid4())
+                await self._audit("request", req, request_id)
+                await self._audit("response", req, request_id, error="permission denied")
+                raise
         return await self._audited(req, login)
 
     def _login_backend(self, req: Request) -> AppRole | None:

@@ -189,6 +189,16 @@ async def _audit(core: VaultCore, req: Request, path: str) -> dict[str, Any] | N
     raise UnsupportedOperation()
 
 
+async def _audit_hash(core: VaultCore, req: Request, path: str) -> dict[str, Any]:
+    """The HMAC a device writes for a value, so an operator can search the log for a known value."""
+    device = core.audit_devices.get(path.strip("/") + "/")
+    if device is None or req.operation not in _WRITE:
+        raise Missing()
+    if not isinstance(req.data.get("input"), str):
+        raise BadRequest("'input' must be a string")
+    return _envelope({"hash": device.hash(req.data["input"])})
+
+
 async def _capabilities_self(core: VaultCore, req: Request, _: str) -> dict[str, Any]:
     assert req.entry is not None
     acl = await core.acl(req.entry)
@@ -224,6 +234,6 @@ async def _leases(core: VaultCore, req: Request, path: str) -> dict[str, Any] | 
 
 _ROUTES: list[tuple[str, Handler]] = [
     ("seal", _seal), ("rotate", _rotate), ("key-status", _key_status), ("mounts/", _mounts), ("auth/", _auth),
-    ("policy/", _policy), ("policies/acl/", _policies_acl), ("audit/", _audit),
+    ("policy/", _policy), ("policies/acl/", _policies_acl), ("audit/", _audit), ("audit-hash/", _audit_hash),
     ("capabilities-self", _capabilities_self), ("internal/ui/mounts/", _ui_mounts), ("leases/", _leases),
 ]
