@@ -177,3 +177,34 @@ def test_tokens_are_stored_only_as_hashes(vault: tuple[VaultServer, str], tmp_pa
     token = server.client(root).auth.token.create(policies=["default"])["auth"]["client_token"]
     blob = b"".join(p.read_bytes() for p in Path(server.data_dir).rglob("*") if p.is_file())
     assert token.encode() not in blob and root.encode() not in blob
+
+
+def test_leases_of_approle_logins_lookup_renew_revoke_prefix(vault: tuple[VaultServer, str]) -> None:
+    server, root = vault
+    admin = server.client(root)
+    admin.sys.enable_auth_method("approle", path="ci-auth")
+    admin.auth.approle.create_or_update_approle("deployer", token_policies=["app-read"], token_ttl="10m",
+                                                mount_point="ci-auth")
+    role_id = admin.auth.approle.read_role_id("deployer", mount_point="ci-auth")["data"]["role_id"]
+    logins = []
+    for _ in range(2):
+        secret_id = admin.auth.approle.generate_secret_id("deployer", mount_point="ci-auth")["data"]["secret_id"]
+        logins.append(hvac.Client(url=server.vault_url).auth.approle.login(
+            role_id=role_id, secret_id=secret_id, mount_point="ci-auth")["auth"])
+    keys = admin.sys.list_leases("auth/ci-auth/login")["data"]["keys"]
+    assert sorted(keys) == sorted(login["accessor"] for login in logins)
+    lease = f"auth/ci-auth/login/{logins[0]['accessor']}"
+    info = admin.sys.read_lease(lease)["data"]
+    assert info["id"] == lease and 500 <= info["ttl"] <= 600 and info["renewable"] is True
+    assert admin.sys.renew_lease(lease, increment=60)["lease_duration"] <= 60
+    with pytest.raises(hvac_errors.InvalidRequest, match="invalid lease"):
+        admin.sys.read_lease("auth/ci-auth/login/not-an-accessor")
+    other = admin.auth.token.create(policies=["default"])["auth"]["client_token"]
+    app = server.client(other)
+    with pytest.raises(hvac_errors.Forbidden):  # listing and revoking by prefix need sudo
+        app.sys.revoke_prefix("auth/ci-auth/")
+    admin.sys.revoke_prefix("auth/ci-auth/")
+    for login in logins:
+        with pytest.raises(hvac_errors.Forbidden):
+            server.client(login["client_token"]).auth.token.lookup_self()
+    assert app.auth.token.lookup_self()["data"]["policies"] == ["default"]  # other tokens are untouched

@@ -31,7 +31,8 @@ VERSION = "1.15.0+shipyard"
 UNAUTHENTICATED = ("sys/init", "sys/unseal", "sys/seal-status", "sys/health", "sys/leader")
 # Paths that need `sudo` besides their operation's capability (Vault's root-protected paths).
 SUDO_PATHS = ("sys/seal", "sys/rotate", "sys/audit", "sys/auth/", "sys/raw", "auth/token/accessors",
-              "auth/token/revoke-orphan", "sys/leases/revoke-prefix")
+              "auth/token/revoke-orphan", "sys/leases/revoke-prefix", "sys/leases/revoke-force",
+              "sys/leases/lookup/")
 
 
 def decode_key(value: Any) -> bytes:

@@ -221,15 +221,9 @@ async def _ui_mounts(core: VaultCore, req: Request, path: str) -> dict[str, Any]
 
 
 async def _leases(core: VaultCore, req: Request, path: str) -> dict[str, Any] | None:
-    """KV, transit and this token store issue no leases (tokens renew through auth/token/), so every lease
-    lookup answers as Vault does for an unknown lease ID."""
-    if path in ("lookup", "renew", "revoke") and req.operation in _WRITE:
-        raise BadRequest("invalid lease")
-    if path.startswith(("revoke-prefix/", "revoke-force/")) and req.operation in _WRITE:
-        return None  # nothing under any prefix: revoking it is done
-    if path.startswith("lookup") and req.operation in ("list", "read"):
-        raise Missing()
-    raise UnsupportedOperation()
+    from shipyard.secrets import leases
+
+    return await leases.handle(core, req, path)
 
 
 _ROUTES: list[tuple[str, Handler]] = [
