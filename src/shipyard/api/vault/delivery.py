@@ -55,7 +55,7 @@ async def instance_secrets(core: VaultCore, spec: TaskSpec, vault_addr: str) -> 
         raise SecretUnavailable(f"{spec.name}: the secrets engine is sealed; instances start once it is unsealed")
     token, _ = await core.tokens.create(TokenRequest(
         policies=["default", *spec.vault_policies], display_name=f"job-{spec.name}", orphan=True,
-        meta={"job": spec.name}, path="auth/token/create"), None)
+        meta={"job": spec.name}, path=f"auth/shipyard/job/{spec.name}"), None)  # its leases: revoke-prefix by job
     env = {"VAULT_ADDR": vault_addr, "VAULT_TOKEN": token}
     for name, ref in sorted(spec.secrets.items()):
         path, _, field = ref.partition("#")
