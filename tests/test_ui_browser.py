@@ -307,6 +307,19 @@ def _login_flow(browser: Browser, server: ServerProcess, management: str) -> Non
     page.fill("#token", management)
     page.get_by_role("button", name="Log in").click()
     expect(page.locator("h1")).to_have_text("Overview")
+
+    # Access: tokens (never their secrets) and policies; a new token's SecretID is shown once, and it works.
+    page.get_by_role("link", name="Access").click()
+    expect(page.locator("table.tokens")).to_contain_text("you")
+    expect(page.locator("table.tokens")).not_to_contain_text(management)
+    page.fill("#tok-desc", "ci reader")
+    page.get_by_label("kv-only").check()
+    page.get_by_role("button", name="Create token").click()
+    secret = page.locator("#created-token pre").inner_text().strip()
+    assert str(uuid.UUID(secret)) == secret
+    [entry] = _http("GET", f"{server.url}/v1/kv/shared/motd", headers={"X-Consul-Token": secret})
+    assert entry["Key"] == "shared/motd"
+    _shot(page, "access")
     page.get_by_role("button", name="Log out").click()
     page.wait_for_url("**/ui/login")
     context.close()

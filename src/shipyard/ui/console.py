@@ -414,6 +414,45 @@ async def bus_action(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound()
 
 
+# ---- access (ACL tokens and policies) ---------------------------------------------------------------------------
+
+
+async def _access_context(request: web.Request) -> dict[str, Any]:
+    acl = acl_of(platform_of(request))
+    require(request, "acl", "", "read")
+    policies = sorted(await acl.policies(), key=lambda p: p.get("Name", ""))
+    tokens = sorted(await acl.tokens(), key=lambda t: t.get("Description", ""))
+    me = auth(request)
+    return {"title": "Access", "policies": policies, "tokens": tokens,
+            "me": me.accessor_id if me is not None else "",
+            "can_write": me is None or me.allows("acl", "", "write")}
+
+
+@ui_handler
+async def access_page(request: web.Request) -> web.StreamResponse:
+    if acl_of(platform_of(request)) is None:
+        return render(request, "access.html", {"title": "Access", "off": True})
+    return render(request, "access.html", await _access_context(request))
+
+
+@ui_handler
+@accepts_body(FORM)
+async def access_token_create(request: web.Request) -> web.StreamResponse:
+    """A new token with the policies ticked; its SecretID is shown this once (the store keeps only its hash)."""
+    form = await check_csrf(request)
+    require(request, "acl", "", "write")
+    acl = acl_of(platform_of(request))
+    if acl is None:
+        raise web.HTTPNotFound()
+    chosen = [name for name in (await request.post()).getall("policy", []) if isinstance(name, str)]
+    try:
+        token = await acl.create_token({"Description": form.get("description", ""),
+                                        "Policies": [{"Name": name} for name in chosen]})
+    except ShipyardError as exc:
+        return flash(request, exc.message, ok=False)
+    return render(request, "token_created.html", {"token": token})
+
+
 # ---- login ------------------------------------------------------------------------------------------------------
 
 
@@ -471,6 +510,8 @@ def add_ui_routes(app: web.Application) -> None:
     app.router.add_post("/ui/kv/delete", kv_delete)
     app.router.add_get("/ui/logs", logs_fragment)
     app.router.add_get("/ui/live/{view}", live)
+    app.router.add_get("/ui/access", access_page)
+    app.router.add_post("/ui/access/tokens", access_token_create)
     app.router.add_get("/ui/login", login_page)
     app.router.add_post("/ui/login", login)
     app.router.add_post("/ui/logout", logout)
