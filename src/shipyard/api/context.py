@@ -96,6 +96,9 @@ class ServerConfig:
     acl: bool = False  # --acl: Consul's ACL system guards every API (docs/acl.md)
     acl_default_policy: str = "deny"  # what a token may do that no rule of it names: "allow" or "deny"
     acl_initial_management: str = ""  # a SecretID made a global-management token at start (Consul's initial_management)
+    acl_default_token: str = ""  # Consul's acl.tokens.default: the token of requests that send none
+    acl_agent_token: str = ""  # Consul's acl.tokens.agent (kept; this server's own processes get their own tokens)
+    acl_token_persistence: bool = False  # Consul's acl.enable_token_persistence (agent tokens stay in memory)
 
 
 @dataclass

@@ -197,6 +197,9 @@ async def start_platform(platform: Platform) -> None:
     acl = platform.extras.get(ACL_STATE)
     if isinstance(acl, ACLState):
         await acl.start(platform.config.acl_initial_management)
+        acl.default_token = platform.config.acl_default_token
+        if platform.config.acl_agent_token:
+            acl.agent_tokens["agent"] = platform.config.acl_agent_token
         if platform.agent is not None:
             platform.agent.instance_env = service_token_env(acl, internal_key(platform.config.data_dir))
     await platform.catalog.start()

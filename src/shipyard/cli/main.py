@@ -86,6 +86,11 @@ def cli(ctx: click.Context, http_addr: str) -> None:
               help="With --acl: what a token may do that none of its rules name.")
 @click.option("--acl-initial-management", default="", envvar="SHIPYARD_ACL_INITIAL_MANAGEMENT", metavar="TOKEN",
               help="With --acl: a SecretID (a UUID) that is made a global-management token at start.")
+@click.option("--config-file", "config_file", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="A Consul agent configuration file (JSON or HCL; repeatable): acl, ports, tls, datacenter, "
+                   "node_name, client_addr, data_dir, enable_script_checks. Flags given here win.")
+@click.option("--config-dir", "config_dir", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
+              help="A directory of Consul configuration files (*.json, *.hcl, read in name order; repeatable).")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="Another name clients use for this server (repeatable); other Host headers get 421.")
 @click.option(
@@ -121,6 +126,8 @@ def server(
     acl: bool,
     acl_default_policy: str,
     acl_initial_management: str,
+    config_file: tuple[str, ...],
+    config_dir: tuple[str, ...],
     allowed_hosts: tuple[str, ...],
     drain_delay: float,
     gateway_port: int,
@@ -163,6 +170,13 @@ def server(
         tls=tls_config(dns_flags),
         **vault_settings(dns_flags, dev=dev),
     )
+    if config_file or config_dir:
+        from shipyard.cli.consul_config import apply_config_files, config_files
+
+        ctx = click.get_current_context()
+        given = {name for name in ctx.params if ctx.get_parameter_source(name) in (
+            click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)}
+        apply_config_files(config, config_files(config_file, config_dir), given)
     uvloop.run(serve(config))
 
 

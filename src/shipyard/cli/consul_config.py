@@ -1,0 +1,157 @@
+"""Consul agent configuration files for `shipyard server --config-file F --config-dir D`: the keys Shipyard has a
+meaning for (JSON or HCL, read by pyhcl), laid over the ServerConfig the flags made; a flag given on the command line
+wins, as in Consul. Unknown keys warn; a known key of the wrong type is one line naming its path.
+
+It fills a ServerConfig and nothing else; it never starts anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import hcl  # type: ignore[import-untyped]
+
+from shipyard.api.context import ServerConfig
+from shipyard.errors import ShipyardError
+
+log = logging.getLogger("shipyard.config")
+
+
+class ConfigFileError(ShipyardError):
+    status = 1
+
+
+def _str(path: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigFileError(f"{path}: expected a string, got {json.dumps(value)}")
+    return value
+
+
+def _bool(path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigFileError(f"{path}: expected true or false, got {json.dumps(value)}")
+    return value
+
+
+def _port(path: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= 65535:
+        raise ConfigFileError(f"{path}: expected a port number, got {json.dumps(value)}")
+    return max(value, 0)  # Consul's -1 turns a listener off, as 0 does here
+
+
+def _policy(path: str, value: Any) -> str:
+    if value not in ("allow", "deny"):
+        raise ConfigFileError(f"{path}: expected \"allow\" or \"deny\", got {json.dumps(value)}")
+    return str(value)
+
+
+Setter = Callable[[ServerConfig, Any, str], None]
+
+
+def _field(name: str, parse: Callable[[str, Any], Any], flag: str = "") -> tuple[str, Setter]:
+    def put(config: ServerConfig, value: Any, path: str) -> None:
+        setattr(config, name, parse(path, value))
+    return flag or name, put
+
+
+def _tls_field(name: str, parse: Callable[[str, Any], Any], flag: str) -> tuple[str, Setter]:
+    def put(config: ServerConfig, value: Any, path: str) -> None:
+        setattr(config.tls, name, parse(path, value))
+    return flag, put
+
+
+def _data_dir(config: ServerConfig, value: Any, path: str) -> None:
+    if config.data_dir is not None:  # --dev keeps everything in memory whatever the file says
+        config.data_dir = os.path.abspath(_str(path, value))
+
+
+# Key path -> (the server flag that, given on the command line, wins over it; how it sets the ServerConfig).
+KEYS: dict[str, tuple[str, Setter]] = {
+    "datacenter": _field("datacenter", _str),
+    "node_name": _field("node_name", _str),
+    "data_dir": ("data_dir", _data_dir),
+    "client_addr": _field("bind", _str),
+    "bind_addr": _field("bind", _str),
+    "enable_script_checks": _field("enable_script_checks", _bool),
+    "ports.http": _field("http_port", _port),
+    "ports.dns": _field("dns_port", _port),
+    "ports.https": _tls_field("https_port", _port, "https_port"),
+    "acl.enabled": _field("acl", _bool),
+    "acl.default_policy": _field("acl_default_policy", _policy),
+    "acl.tokens.initial_management": _field("acl_initial_management", _str),
+    "acl.tokens.master": _field("acl_initial_management", _str),  # Consul's name before 1.11
+    "acl.tokens.default": _field("acl_default_token", _str, "acl_default_token"),
+    "acl.tokens.agent": _field("acl_agent_token", _str, "acl_agent_token"),
+    "acl.enable_token_persistence": _field("acl_token_persistence", _bool, "acl_token_persistence"),
+    "tls.defaults.ca_file": _tls_field("ca_file", _str, "tls_ca"),
+    "tls.defaults.cert_file": _tls_field("cert_file", _str, "tls_cert"),
+    "tls.defaults.key_file": _tls_field("key_file", _str, "tls_key"),
+    "tls.defaults.verify_incoming": _tls_field("verify_incoming", _bool, "verify_incoming"),
+}
+_PARENTS = {".".join(k.split(".")[:i]) for k in KEYS for i in range(1, k.count(".") + 1)}
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigFileError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else hcl.loads(text)
+    except Exception as exc:  # json's and pyhcl's syntax errors, with the line in the message
+        raise ConfigFileError(f"config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"config file {path}: expected an object at the top")
+    return data
+
+
+def config_files(files: Iterable[str], dirs: Iterable[str]) -> list[Path]:
+    """The files in Consul's order: each --config-file, then each --config-dir's *.json and *.hcl by name."""
+    paths = [Path(f) for f in files]
+    for d in dirs:
+        folder = Path(d)
+        if not folder.is_dir():
+            raise ConfigFileError(f"--config-dir {d}: not a directory")
+        paths += sorted(p for p in folder.iterdir() if p.suffix in (".json", ".hcl") and p.is_file())
+    return paths
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if path in _PARENTS:
+            if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+                value = value[0]  # HCL written as `acl = [{...}]` or a repeated block
+            if not isinstance(value, dict):
+                raise ConfigFileError(f"{path}: expected an object, got {json.dumps(value)}")
+            yield from _flatten(value, path + ".")
+        else:
+            yield path, value
+
+
+def apply_config_files(config: ServerConfig, paths: list[Path], explicit: set[str]) -> None:
+    """Lays the files' known keys over config, later files over earlier ones; a flag in `explicit` (given on the
+    command line) keeps its value."""
+    for path in paths:
+        try:
+            _apply_one(config, path, explicit)
+        except ConfigFileError as exc:
+            if exc.message.startswith(("config file ", "cannot read config file ")):
+                raise
+            raise ConfigFileError(f"config file {path}: {exc.message}") from None
+
+
+def _apply_one(config: ServerConfig, path: Path, explicit: set[str]) -> None:
+    for key, value in _flatten(read_file(path)):
+        known = KEYS.get(key)
+        if known is None:
+            log.warning("config file %s: %s is not a key Shipyard uses; ignored", path, key)
+            continue
+        flag, put = known
+        if flag not in explicit:
+            put(config, value, key)
