@@ -8,12 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_demo_with_tls_on_the_control_api_and_the_gateway(tmp_path: Path) -> None:
+@pytest.mark.parametrize("acl", [False, True], ids=["tls", "tls-and-acl"])
+def test_demo_with_tls_on_the_control_api_and_the_gateway(tmp_path: Path, acl: bool) -> None:
+    """With acl: the issue's whole demo, ACLs on with default deny and every service on its scoped token."""
     project = tmp_path / "mediahub"
     shutil.copytree(ROOT / "examples" / "mediahub", project,
                     ignore=shutil.ignore_patterns(".data", ".shipyard", "__pycache__"))
@@ -21,7 +25,7 @@ def test_demo_with_tls_on_the_control_api_and_the_gateway(tmp_path: Path) -> Non
     cmd = [
         sys.executable, str(ROOT / "examples" / "demo.py"), "--exit-when-healthy", "--project", str(project), "--tls",
         "--http-port", str(free_port()), "--dns-port", str(free_port()), "--gateway-port", str(free_port()),
-        "--https-port", str(https_port), "--gateway-tls-port", str(tls_port),
+        "--https-port", str(https_port), "--gateway-tls-port", str(tls_port), *(["--acl"] if acl else []),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
     out = done.stdout + done.stderr
