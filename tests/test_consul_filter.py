@@ -1,8 +1,9 @@
 """Consul's ?filter= language: a table of (expression, record, expected) in process, then the endpoints over HTTP.
 
-The table holds the examples of Consul's API docs ("Filtering": its operators, selectors, precedence and the
-example queries) and go-bexpr 0.1.2's behaviours that Consul inherits (any-element lists, absent map keys,
-typed values, its refusal texts).
+The table holds what Consul's API docs ("Filtering") show: every operator form, the selector examples
+(ServiceMeta.foo and ServiceMeta["foo"]), values as bare selectors, numbers, double-quoted and raw backtick strings,
+the precedence example, and filters of the kinds its endpoint pages describe; then go-bexpr 0.1.2's behaviours that
+Consul inherits (any-element lists, absent map keys, typed values, its refusal texts).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ INSTANCE = {"Node": "node-a", "Address": "10.0.0.1", "NodeMeta": {"os": "linux"}
             "ServicePort": 6379, "ServiceWeights": {"Passing": 1, "Warning": 1}}
 
 CASES: list[tuple[str, dict[str, Any], dict[str, Any], bool]] = [
-    # Consul docs, "Filtering" examples: services by Meta, instances by node meta and tag, health by status.
+    # As Consul's docs write them: services by Meta, instances by node meta and tag, health by status.
     ("Meta.env == qa", AGENT_SERVICE, REDIS, True),
     ("Meta.env == qa", AGENT_SERVICE, WEB, False),
     ('Meta.env == "qa"', AGENT_SERVICE, REDIS, True),
@@ -100,6 +101,7 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], bool]] = [
     ("  ( Service==redis )  ", AGENT_SERVICE, REDIS, True),
     ("Service == redis\nand\tPort == 6379", AGENT_SERVICE, REDIS, True),
     ('Service == "re\\x64is"', AGENT_SERVICE, REDIS, True),  # Go string escapes
+    ("Service == `re\\x64is`", AGENT_SERVICE, REDIS, False),  # backticks: raw, escapes not expanded
 ]
 
 
