@@ -256,3 +256,42 @@ def test_bad_tls_settings_are_one_line_at_start(pki: Pki, tmp_path: Path) -> Non
         assert done.returncode != 0 and text in done.stderr, (flags, done.stderr)
         assert "Traceback" not in done.stderr
         assert len([line for line in done.stderr.splitlines() if "error" in line.lower()]) == 1, done.stderr
+
+
+def test_consul_config_file_tls_block_turns_https_on(pki: Pki, tmp_path: Path) -> None:
+    """Consul's own agent configuration: tls { defaults { ... } } and ports { https } give the same HTTPS port the
+    flags give, client certificates required."""
+    http_port, https_port = free_port(), free_port()
+    config = tmp_path / "consul.hcl"
+    config.write_text(f"""
+ports {{
+  http = {http_port}
+  https = {https_port}
+  dns = -1
+}}
+tls {{
+  defaults {{
+    ca_file = "{pki.ca}"
+    cert_file = "{pki.server_cert}"
+    key_file = "{pki.server_key}"
+    verify_incoming = true
+  }}
+}}
+""")
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen([sys.executable, "-m", "shipyard.cli.main", "server", "--dev", "--no-gateway",
+                             "--config-file", str(config)], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "shipyard server ready" not in log_tail(log, 20000):
+            assert proc.poll() is None and time.monotonic() < deadline, log_tail(log, 3000)
+            time.sleep(0.1)
+        url = f"https://127.0.0.1:{https_port}/v1/status/leader"
+        assert requests.get(url, verify=str(pki.ca), cert=(str(pki.cli_cert), str(pki.cli_key)),
+                            timeout=10).status_code == 200
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(url, verify=str(pki.ca), timeout=10)  # no client certificate: refused at the handshake
+    finally:
+        proc.terminate()
+        proc.wait(20)
