@@ -192,6 +192,13 @@ def test_console_walk_through(browser: Browser, hello_server: ServerProcess) -> 
     assert page.evaluate("window.__same_document") is True
     expect(page.locator("section.deployment")).to_contain_text("successful", timeout=WAIT_MS)  # its progress, live
     expect(page.locator("#live-logs")).to_be_visible()
+
+    # A rolling restart from the page: its deployment's progress is followed to the end.
+    page.get_by_role("button", name="Restart").click()
+    deployment = page.locator("section.deployment")
+    expect(deployment.locator("h2")).to_contain_text("restart 1")
+    expect(deployment.locator("h2")).to_contain_text("successful", timeout=WAIT_MS)
+    expect(deployment).to_contain_text("3/3 healthy")
     _shot(page, "service")
 
     # Logs: a greeting through the gateway reaches the worker, whose stdout the page follows; search filters it.
