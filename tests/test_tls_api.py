@@ -17,7 +17,7 @@ import consul
 import pytest
 import requests
 
-from support import ServerProcess, free_port, log_tail
+from support import ServerProcess, free_port, log_tail, need_binary
 from tls_support import Pki, make_pki, shipyard, tls_server
 
 
@@ -295,3 +295,21 @@ tls {{
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_cli_trusts_a_ca_directory_and_names_a_missing_ca(verifying: ServerProcess, pki: Pki, tmp_path: Path) -> None:
+    """CONSUL_CAPATH: a directory of CA certificates under OpenSSL's hashed names (c_rehash), as Consul reads it."""
+    openssl = need_binary("openssl")
+    subject_hash = subprocess.run([openssl, "x509", "-hash", "-noout", "-in", str(pki.ca)], capture_output=True,
+                                  text=True, check=True).stdout.strip()
+    cas = tmp_path / "cas"
+    cas.mkdir()
+    (cas / f"{subject_hash}.0").write_bytes(pki.ca.read_bytes())
+    env = _env(pki)
+    del env["CONSUL_CACERT"]
+    env["CONSUL_CAPATH"] = str(cas)
+    shipyard("--http-addr", "https://" + _https_addr(verifying), "kv", "put", "tls/capath", "ok", env=env)
+    env["CONSUL_CACERT"] = str(tmp_path / "missing-ca.pem")
+    missing = shipyard("--http-addr", "https://" + _https_addr(verifying), "kv", "get", "tls/capath", env=env,
+                       check=False)
+    assert missing.returncode == 1 and "cannot load the CA" in missing.stderr and "Traceback" not in missing.stderr

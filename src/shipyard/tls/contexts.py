@@ -56,11 +56,14 @@ def server_context(cert_file: str, key_file: str, ca_file: str = "", *, verify_i
 
 
 def client_context(ca_file: str = "", cert_file: str = "", key_file: str = "", *,
-                   verify: bool = True) -> ssl.SSLContext:
-    """A client's context: the server is checked against `ca_file` (the system's CAs without one); with
-    `cert_file` the client proves itself (for servers that verify incoming connections)."""
-    context = ssl.create_default_context(cafile=ca_file or None) if verify else ssl.SSLContext(
-        ssl.PROTOCOL_TLS_CLIENT)
+                   verify: bool = True, ca_path: str = "") -> ssl.SSLContext:
+    """A client's context: the server is checked against `ca_file` or the CAs in directory `ca_path` (the system's
+    CAs without either); with `cert_file` the client proves itself (for servers that verify incoming connections)."""
+    try:
+        context = ssl.create_default_context(cafile=ca_file or None, capath=ca_path or None) if verify else \
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    except (FileNotFoundError, ssl.SSLError) as exc:
+        raise TlsConfigError(f"cannot load the CA {ca_file or ca_path}: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if not verify:
         context.check_hostname = False
@@ -88,6 +91,7 @@ class ClientTls:
     cert_file: str = ""
     key_file: str = ""
     verify: bool = True
+    ca_path: str = ""  # CONSUL_CAPATH: a directory of CA certificates
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ClientTls:
@@ -95,7 +99,7 @@ class ClientTls:
         verify_text = _env(env, "HTTP_SSL_VERIFY")
         return cls(https=_truthy(_env(env, "HTTP_SSL")), ca_file=_env(env, "CACERT"),
                    cert_file=_env(env, "CLIENT_CERT"), key_file=_env(env, "CLIENT_KEY"),
-                   verify=not verify_text or _truthy(verify_text))
+                   verify=not verify_text or _truthy(verify_text), ca_path=_env(env, "CAPATH"))
 
     def base_url(self, addr: str) -> str:
         """host:port -> http(s)://host:port (https with CONSUL_HTTP_SSL); a URL is kept as given."""
@@ -104,7 +108,7 @@ class ClientTls:
         return f"{'https' if self.https else 'http'}://{addr}".rstrip("/")
 
     def context(self) -> ssl.SSLContext:
-        return client_context(self.ca_file, self.cert_file, self.key_file, verify=self.verify)
+        return client_context(self.ca_file, self.cert_file, self.key_file, verify=self.verify, ca_path=self.ca_path)
 
     def httpx_verify(self, base_url: str) -> ssl.SSLContext | bool:
         """What httpx's `verify=` gets: the context for https URLs, True (unused) for plain HTTP."""
