@@ -323,18 +323,22 @@ async def _job_action(platform: Platform, name: str, action: str, form: dict[str
     jobs = platform.jobs
     if not isinstance(jobs, JobService):
         raise BadRequest("this server runs no scheduler")
+    force = form.get("force") == "1"  # supersede a deployment in progress, as the API's force does
     if action == "scale":
         try:
             count = int(form.get("instances", ""))
         except ValueError:
             raise BadRequest("instances must be a whole number") from None
-        await jobs.scale(name, count)
+        await jobs.scale(name, count, force=force)
         message = f"{name}: scaling to {count} instance{'s' if count != 1 else ''}"
-    elif action in ("restart", "stop", "rollback"):
+    elif action == "restart":
+        await jobs.restart(name, force=force)
+        message = f"{name}: rolling restart started"
+    elif action in ("stop", "rollback"):
         await getattr(jobs, action)(name)
         message = f"{name}: {action} requested"
     elif action == "promote":
-        await jobs.promote(name)
+        await jobs.promote(name, force=force)
         message = f"{name}: deployment promoted"
     else:
         raise web.HTTPNotFound()
