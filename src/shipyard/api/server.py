@@ -373,7 +373,15 @@ def check_bind(config: ServerConfig) -> None:
                 config.bind)
 
 
+def check_gateway_certificate(config: ServerConfig) -> None:
+    """--gateway-tls-cert loads (one line now, rather than every gateway worker exiting at start)."""
+    tls = config.tls
+    if config.gateway_port and tls.gateway_port and tls.gateway_cert_file:
+        server_context(tls.gateway_cert_file, tls.gateway_key_file or tls.gateway_cert_file, what="--gateway-tls-cert")
+
+
 def https_context(config: ServerConfig) -> ssl.SSLContext | None:
+    check_gateway_certificate(config)
     tls = config.tls
     if not tls.enabled:
         return None
