@@ -243,17 +243,21 @@ def test_sdk_reads_config_over_https_with_a_client_certificate(verifying: Server
 
 
 def test_bad_tls_settings_are_one_line_at_start(pki: Pki, tmp_path: Path) -> None:
-    base = [sys.executable, "-m", "shipyard.cli.main", "server", "--dev", "--dns-port", "0", "--no-gateway",
+    base = [sys.executable, "-m", "shipyard.cli.main", "server", "--dev", "--dns-port", "0",
             "--http-port", str(free_port()), "--https-port", str(free_port())]
+    no_gateway = [*base, "--no-gateway"]
     cases = [
-        (["--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(pki.server_key)], "not found"),
-        (["--tls-cert", str(pki.server_cert)], "--tls-key"),
-        (["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.cli_key)], "cannot load"),
-        (["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--verify-incoming"], "--tls-ca"),
+        ([*no_gateway, "--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(pki.server_key)], "not found"),
+        ([*no_gateway, "--tls-cert", str(pki.server_cert)], "--tls-key"),
+        ([*no_gateway, "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.cli_key)], "cannot load"),
+        ([*no_gateway, "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--verify-incoming"],
+         "--tls-ca"),
+        ([*base, "--gateway-port", str(free_port()), "--gateway-tls-port", str(free_port()), "--gateway-tls-cert",
+          str(pki.server_cert), "--gateway-tls-key", str(pki.cli_key)], "--gateway-tls-cert: cannot load"),
     ]
-    for flags, text in cases:
-        done = subprocess.run(base + flags, capture_output=True, text=True, timeout=60)
-        assert done.returncode != 0 and text in done.stderr, (flags, done.stderr)
+    for cmd, text in cases:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and text in done.stderr, (cmd, done.stderr)
         assert "Traceback" not in done.stderr
         assert len([line for line in done.stderr.splitlines() if "error" in line.lower()]) == 1, done.stderr
 
