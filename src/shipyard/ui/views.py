@@ -153,8 +153,8 @@ async def service(platform: Platform, auth: Authorizer | None, name: str) -> dic
     out: dict[str, Any] = {"name": name, "job": None, "instances": [], "deployment": None, "versions": [],
                            "routes": await _routes_of(platform, name)}
     jobs = platform.jobs
-    known = {jid for jid in [j.id for j in await jobs.list()]} if isinstance(jobs, JobService) else set()
-    if isinstance(jobs, JobService) and name in known:
+    known = {j.id for j in await jobs.list()} if isinstance(jobs, JobService) else set()
+    if isinstance(jobs, JobService) and name in known and can(auth, "job", name):
         job = await jobs.get(name)
         allocs = await jobs.allocations(name)
         allocs.sort(key=lambda pair: (pair[0].desired != "run", pair[0].index, -pair[0].version))
@@ -224,9 +224,11 @@ def _labels(text: str) -> dict[str, str]:
 def _percentile(buckets: list[tuple[float, float]], count: float, q: float) -> str:
     """The upper bound of the histogram bucket holding the q-quantile (what Prometheus' histogram_quantile
     interpolates within)."""
+    below = 0.0
     for bound, cumulative in buckets:
         if cumulative >= q * count:
-            return "> 60 s" if bound == float("inf") else f"≤ {bound * 1000:g} ms"
+            return f"> {below * 1000:g} ms" if bound == float("inf") else f"≤ {bound * 1000:g} ms"
+        below = bound
     return ""
 
 
