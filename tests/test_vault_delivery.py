@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+from hvac import exceptions as hvac_errors
 
 from support import free_port
 from vault_support import VaultServer
@@ -65,6 +67,8 @@ services:
     vault:
       policies: [mediahub-db]
       change_mode: {change_mode}
+      files:
+        db.password: {secret}
     stop_grace: 1s
     update: {{max_parallel: 1, min_healthy_time: 0s}}
 """)
@@ -118,3 +122,27 @@ def test_a_changed_secret_reaches_the_instances(vault: VaultServer, tmp_path: Pa
         assert second["pid"] != first["pid"] and second["signals"] == 0
     else:  # the same instance, told by a signal, read it again with its token
         assert second["pid"] == first["pid"] and second["signals"] == 1 and second["same_by_get"] is True
+
+
+def test_secret_files_on_tmpfs_and_a_stopped_instance_loses_its_token_and_files(vault: VaultServer,
+                                                                               tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    folder = project(tmp_path / "proj", out, "secret/data/mediahub/db#password")
+    deployed = shipyard(vault.addr, "deploy", "--detach", str(folder))
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    report = wait_for_file(out)
+    files = report["secret_files"]
+    assert files["files"] == {"db.password": "mediahub-db-password"}
+    assert files["dir_mode"] == "0o700" and files["modes"] == {"db.password": "0o600"}
+    assert files["dir"].startswith("/dev/shm/") or not Path("/dev/shm").is_dir()
+    assert not str(files["dir"]).startswith(str(vault.data_dir))
+    admin = vault.client("delivery-root")
+    assert admin.auth.token.lookup_accessor(report["accessor"])["data"]["path"] == "auth/shipyard/job/mediahub"
+    stopped = requests.post(f"{vault.url}/api/v1/jobs/mediahub/stop", json={}, timeout=10)
+    assert stopped.status_code == 200, stopped.text
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and Path(files["dir"]).exists():
+        time.sleep(0.5)
+    assert not Path(files["dir"]).exists()
+    with pytest.raises(hvac_errors.InvalidRequest):  # the stopped instance's token was revoked by the sweep
+        admin.auth.token.lookup_accessor(report["accessor"])

@@ -41,6 +41,7 @@ PORT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A secret reference: a secrets engine read path, '#', the field (secret/data/mediahub/db#password).
 CHANGE_MODES = ("restart", "signal", "noop")
+SECRET_FILE_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 SECRET_REF_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.@+-]+)+#[^#\s]+$")
 DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h))+$")
 DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -132,6 +133,7 @@ class TaskSpec:
     vault_policies: tuple[str, ...] = ()  # the secrets engine policies of each instance's token
     vault_change_mode: str = "restart"  # when a secret it reads changes: restart | signal | noop (Nomad's change_mode)
     vault_change_signal: str = "SIGHUP"  # the signal of change_mode: signal
+    vault_files: Mapping[str, str] = field(default_factory=dict)  # file name -> "engine/path#field", on tmpfs
 
     def to_dict(self) -> dict[str, Any]:
         return task_to_dict(self)
@@ -292,9 +294,11 @@ def task_to_dict(t: TaskSpec) -> dict[str, Any]:
         out["source"] = dict(sorted(t.source.items()))
     if t.secrets:  # only when set, like source
         out["secrets"] = dict(sorted(t.secrets.items()))
-    if t.vault_policies or t.vault_change_mode != "restart" or t.vault_change_signal != "SIGHUP":
+    if t.vault_policies or t.vault_change_mode != "restart" or t.vault_change_signal != "SIGHUP" or t.vault_files:
         out["vault"] = {"policies": list(t.vault_policies), "change_mode": t.vault_change_mode,
                         "change_signal": t.vault_change_signal}
+        if t.vault_files:
+            out["vault"]["files"] = dict(sorted(t.vault_files.items()))
     return out
 
 
@@ -455,10 +459,17 @@ class _Validator:
         return out
 
     def vault(self, path: tuple[Any, ...], value: Any) -> dict[str, Any]:
-        vault = self.mapping(path, value, ("policies", "change_mode", "change_signal"))
+        vault = self.mapping(path, value, ("policies", "change_mode", "change_signal", "files"))
         if vault is None:
             return {}
         out: dict[str, Any] = {"vault_policies": self.string_list((*path, "policies"), vault.get("policies"))}
+        files = self.string_map((*path, "files"), vault.get("files"))
+        for name, ref in files.items():
+            if not SECRET_FILE_RE.match(name):
+                self.fail((*path, "files", name), "invalid file name (letters, digits, . _ -; not starting with .)")
+            elif not SECRET_REF_RE.match(ref) or ".." in ref.split("#")[0].split("/"):
+                self.fail((*path, "files", name), "expected a secret reference like secret/data/app/db#password")
+        out["vault_files"] = files
         mode = vault.get("change_mode", "restart")
         if mode not in CHANGE_MODES:
             self.fail((*path, "change_mode"), f"expected one of {', '.join(CHANGE_MODES)}")

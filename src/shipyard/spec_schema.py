@@ -63,6 +63,8 @@ def _task(fields: tuple[str, ...]) -> dict[str, Any]:
                             "description": "When a secret in `secrets` changes: a rolling restart, a signal, nothing."},
             "change_signal": {"type": "string", "default": "SIGHUP",
                               "description": "The signal of change_mode: signal."},
+            "files": {**_string_map(spec.SECRET_FILE_RE.pattern), "description": "Files in $SECRETS_DIR (tmpfs, "
+                      "0600 in a 0700 folder): name: engine/path#field."},
         }},
     }
     return _object({k: v for k, v in props.items() if k in fields}, fields,

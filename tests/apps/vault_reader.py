@@ -32,9 +32,19 @@ def write(report: dict[str, Any]) -> None:
     os.replace(tmp, os.environ["OUT"])
 
 
+def secret_files() -> dict[str, Any]:
+    folder = os.environ.get("SECRETS_DIR", "")
+    if not folder:
+        return {}
+    files = {name: open(os.path.join(folder, name)).read() for name in sorted(os.listdir(folder))}
+    modes = {name: oct(os.stat(os.path.join(folder, name)).st_mode & 0o777) for name in files}
+    return {"dir": folder, "dir_mode": oct(os.stat(folder).st_mode & 0o777), "files": files, "modes": modes}
+
+
 report = {"DB_PASSWORD": os.environ.get("DB_PASSWORD"), "own": get(os.environ["OWN"])[0],
           "other": get(os.environ["OTHER"])[0], "token_prefix": os.environ.get("VAULT_TOKEN", "")[:4],
-          "pid": os.getpid(), "signals": 0}
+          "accessor": (get("auth/token/lookup-self")[1] or {}).get("data", {}).get("accessor"),
+          "secret_files": secret_files(), "pid": os.getpid(), "signals": 0}
 
 
 class DbSecrets(config.Settings):

@@ -20,7 +20,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_server import Server
 
 from shipyard.agent.node_agent import NodeAgent
-from shipyard.api.vault.delivery import SecretChangeWatcher, secrets_env_hook
+from shipyard.api.vault.delivery import SecretChangeWatcher, files_root_for, secrets_env_hook
 from shipyard.errors import ShipyardError
 from shipyard.scheduler.jobs import JobService
 from shipyard.secrets.barrier import Barrier
@@ -177,7 +177,8 @@ class VaultService:
 
     def attach(self, agent: NodeAgent, jobs: JobService | None) -> None:
         """Instances get their secrets at each start, wait for an unseal when sealed, and follow changes."""
-        self.watcher = SecretChangeWatcher(self.core, self.core.barrier.store, agent, jobs)
+        self.watcher = SecretChangeWatcher(self.core, self.core.barrier.store, agent, jobs,
+                                           files_root_for(self.data_dir))
         agent.instance_env = secrets_env_hook(self.core, self.address, agent.instance_env, self.watcher)
         self.core.on_unseal.append(agent.reconcile)
         self.watcher.start()

@@ -11,7 +11,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
+import shutil
 import signal
+import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +24,7 @@ from shipyard.secrets.approle import AppRole
 from shipyard.secrets.barrier import DATA
 from shipyard.secrets.core import VaultCore
 from shipyard.secrets.request import Missing, PermissionDenied, Request
-from shipyard.secrets.tokens import TokenRequest
+from shipyard.secrets.tokens import TokenRequest, hash_token
 from shipyard.spec import TaskSpec
 from shipyard.store import Store, follow_prefix
 
@@ -29,6 +33,28 @@ if TYPE_CHECKING:
     from shipyard.scheduler.jobs import JobService
 
 log = logging.getLogger("shipyard.vault")
+SWEEP_INTERVAL = 5.0  # seconds between sweeps of stopped instances' tokens and secret files
+SWEEP_GRACE = 10.0  # a token or folder younger than this may belong to an instance that is starting
+
+
+def files_root_for(data_dir: str | None) -> str:
+    """This server's folder of instance secret files: on tmpfs (/dev/shm) when there is one, one per data dir so
+    that servers on one machine never sweep each other's, and stable across restarts for adopted instances."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    key = hashlib.sha256((data_dir or f"pid-{os.getpid()}").encode()).hexdigest()[:12]
+    return os.path.join(base, f"shipyard-secrets-{os.getuid()}-{key}")
+
+
+def _remove_stale_dirs(root: str, live: set[str], older_than: float) -> None:
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return
+    for name in names:
+        folder = os.path.join(root, name)
+        with contextlib.suppress(OSError):
+            if folder not in live and os.stat(folder).st_mtime < older_than:
+                shutil.rmtree(folder, ignore_errors=True)
 
 EnvHook = Callable[[TaskSpec], Awaitable[dict[str, str]]]
 
@@ -47,25 +73,52 @@ def _field(response: dict[str, Any] | None, ref: str, field: str) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-async def instance_secrets(core: VaultCore, spec: TaskSpec, vault_addr: str) -> dict[str, str]:
-    """VAULT_ADDR, a fresh VAULT_TOKEN with the job's policies, and the job's secrets read with that token."""
-    if not spec.secrets and not spec.vault_policies:
+async def _read_ref(core: VaultCore, spec: TaskSpec, token: str, ref: str) -> str:
+    path, _, field = ref.partition("#")
+    try:
+        response = await core.handle(Request("read", path, token=token))
+    except PermissionDenied:
+        raise SecretUnavailable(f"secret {ref}: permission denied to job {spec.name} (vault.policies)") from None
+    except Missing:
+        raise SecretUnavailable(f"secret {ref}: not found") from None
+    return _field(response, ref, field)
+
+
+def _write_files(root: str, spec: TaskSpec, accessor: str, files: dict[str, str]) -> str:
+    """The instance's secret files: 0600 in a 0700 folder of its own under a tmpfs root (never the data dir)."""
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    folder = os.path.join(root, f"{spec.name}.{accessor}")
+    os.mkdir(folder, 0o700)
+    for name, value in files.items():
+        fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value)
+    return folder
+
+
+async def instance_secrets(core: VaultCore, spec: TaskSpec, vault_addr: str, files_root: str = "") -> dict[str, str]:
+    """VAULT_ADDR, a fresh VAULT_TOKEN with the job's policies, the job's secrets read with that token as env, and
+    its secret files (SECRETS_DIR)."""
+    if not spec.secrets and not spec.vault_policies and not spec.vault_files:
         return {}
     if core.barrier.sealed:
         raise SecretUnavailable(f"{spec.name}: the secrets engine is sealed; instances start once it is unsealed")
-    token, _ = await core.tokens.create(TokenRequest(
+    token, entry = await core.tokens.create(TokenRequest(
         policies=["default", *spec.vault_policies], display_name=f"job-{spec.name}", orphan=True,
-        meta={"job": spec.name}, path=f"auth/shipyard/job/{spec.name}"), None)  # its leases: revoke-prefix by job
+        # Its leases list and revoke by job (revoke-prefix); "server" says whose sweep may revoke it.
+        meta={"job": spec.name, "server": files_root}, path=f"auth/shipyard/job/{spec.name}"), None)
     env = {"VAULT_ADDR": vault_addr, "VAULT_TOKEN": token}
-    for name, ref in sorted(spec.secrets.items()):
-        path, _, field = ref.partition("#")
-        try:
-            response = await core.handle(Request("read", path, token=token))
-        except PermissionDenied:
-            raise SecretUnavailable(f"secret {ref}: permission denied to job {spec.name} (vault.policies)") from None
-        except Missing:
-            raise SecretUnavailable(f"secret {ref}: not found") from None
-        env[name] = _field(response, ref, field)
+    try:
+        for name, ref in sorted(spec.secrets.items()):
+            env[name] = await _read_ref(core, spec, token, ref)
+        files = {name: await _read_ref(core, spec, token, ref) for name, ref in sorted(spec.vault_files.items())}
+        if files:
+            if not files_root:
+                raise SecretUnavailable(f"{spec.name}: secret files need the engine's delivery (not attached)")
+            env["SECRETS_DIR"] = await asyncio.to_thread(_write_files, files_root, spec, entry.accessor, files)
+    except ShipyardError:
+        await core.tokens.revoke_tree(entry)  # the instance does not start: its token goes now
+        raise
     return env
 
 
@@ -76,8 +129,8 @@ def secrets_env_hook(core: VaultCore, vault_addr: str, previous: EnvHook | None,
 
     async def env_for(spec: TaskSpec) -> dict[str, str]:
         before = await previous(spec) if previous is not None else {}
-        env = await instance_secrets(core, spec, vault_addr)
-        if watcher is not None and spec.secrets:
+        env = await instance_secrets(core, spec, vault_addr, watcher.files_root if watcher is not None else "")
+        if watcher is not None and (spec.secrets or spec.vault_files):
             watcher.delivered[spec.name] = await secrets_digest(core, spec)
         return {**before, **env}
 
@@ -99,7 +152,7 @@ async def read_internal(core: VaultCore, path: str) -> dict[str, Any] | None:
 async def secrets_digest(core: VaultCore, spec: TaskSpec) -> str:
     """A digest of the values a job's secrets name: equal digests, same environment."""
     digest = hashlib.sha256()
-    for name, ref in sorted(spec.secrets.items()):
+    for name, ref in sorted([*spec.secrets.items(), *((f"file:{k}", v) for k, v in spec.vault_files.items())]):
         path, _, field = ref.partition("#")
         try:
             value = _field(await read_internal(core, path), ref, field)
@@ -113,14 +166,45 @@ class SecretChangeWatcher:
     """Follows the engine's storage; when a secret a running job reads changes, acts by the job's change_mode:
     a rolling restart (new instances read the new value), a signal to its instances, or nothing."""
 
-    def __init__(self, core: VaultCore, store: Store, agent: NodeAgent, jobs: JobService | None) -> None:
+    def __init__(self, core: VaultCore, store: Store, agent: NodeAgent, jobs: JobService | None,
+                 files_root: str) -> None:
         self.core, self.store, self.agent, self.jobs = core, store, agent, jobs
+        self.files_root = files_root  # this server's tmpfs folder of instance secret files
         self.delivered: dict[str, str] = {}  # job -> digest of the values its latest instance start was given
         self.task: asyncio.Task[None] | None = None
+        self.sweeper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(follow_prefix(
+        loop = asyncio.get_running_loop()
+        self.task = loop.create_task(follow_prefix(
             self.store, DATA + "logical/", lambda _: self.check(), self._resync, name="secrets engine changes"))
+        self.sweeper = loop.create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self.sweep()
+            except Exception as exc:  # a failed sweep is retried on the next tick, never ends the loop
+                log.warning("secrets sweep failed: %s: %s", type(exc).__name__, exc)
+
+    async def sweep(self, grace: float = SWEEP_GRACE) -> None:
+        """Revokes the engine tokens and removes the secret files of instances that no longer run here (older
+        than `grace`, so an instance between its env and its start keeps them)."""
+        if self.core.barrier.sealed:
+            return
+        live_tokens, live_dirs = set(), set()
+        for runner in list(self.agent.runners.values()):
+            env = runner.supervisor.spec.env
+            live_tokens.add(hash_token(env.get("VAULT_TOKEN", "")))
+            live_dirs.add(env.get("SECRETS_DIR", ""))
+        now = time.time()
+        for token_hash in await self.core.barrier.list("token/id/"):
+            entry = await self.core.tokens.by_hash(token_hash)
+            if (entry is not None and entry.path.startswith("auth/shipyard/job/") and token_hash not in live_tokens
+                    and now - entry.creation_time > grace and entry.meta.get("server") == self.files_root):
+                await self.core.tokens.revoke_tree(entry)
+        await asyncio.to_thread(_remove_stale_dirs, self.files_root, live_dirs, now - grace)
 
     async def _resync(self) -> int:
         revision = self.store.revision
@@ -128,10 +212,11 @@ class SecretChangeWatcher:
         return revision
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+        for task in (self.task, self.sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def check(self) -> None:
         if self.core.barrier.sealed:
