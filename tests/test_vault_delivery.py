@@ -122,6 +122,9 @@ def test_a_changed_secret_reaches_the_instances(vault: VaultServer, tmp_path: Pa
         assert second["pid"] != first["pid"] and second["signals"] == 0
     else:  # the same instance, told by a signal, read it again with its token
         assert second["pid"] == first["pid"] and second["signals"] == 1 and second["same_by_get"] is True
+        # its secret file was rewritten before the signal, in the same folder
+        assert second["secret_files"]["files"] == {"db.password": "rotated-password"}
+        assert second["secret_files"]["dir"] == first["secret_files"]["dir"]
 
 
 def test_secret_files_on_tmpfs_and_a_stopped_instance_loses_its_token_and_files(vault: VaultServer,

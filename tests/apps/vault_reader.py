@@ -56,6 +56,7 @@ def reread(signum: int, frame: object) -> None:
     report["DB_PASSWORD"] = secrets.load(DbSecrets, os.environ["OWN"]).password
     report["same_by_get"] = secrets.get(os.environ["OWN"] + "#password") == report["DB_PASSWORD"]
     report["signals"] += 1
+    report["secret_files"] = secret_files()
     write(report)
 
 

@@ -45,6 +45,15 @@ def files_root_for(data_dir: str | None) -> str:
     return os.path.join(base, f"shipyard-secrets-{os.getuid()}-{key}")
 
 
+def _replace_files(folder: str, files: dict[str, str]) -> None:
+    for name, value in files.items():
+        draft = os.path.join(folder, f".{name}.new")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value)
+        os.replace(draft, os.path.join(folder, name))  # an instance reading it sees the old or the new, whole
+
+
 def _remove_stale_dirs(root: str, live: set[str], older_than: float) -> None:
     try:
         names = os.listdir(root)
@@ -230,6 +239,18 @@ class SecretChangeWatcher:
             self.delivered[name] = digest
             await self._act(spec)
 
+    async def _rerender(self, spec: TaskSpec, env: dict[str, str]) -> None:
+        """Rewrites a running instance's secret files with the current values, read with its own token."""
+        folder, token = env.get("SECRETS_DIR", ""), env.get("VAULT_TOKEN", "")
+        if not folder or not spec.vault_files:
+            return
+        try:
+            files = {name: await _read_ref(self.core, spec, token, ref) for name, ref in spec.vault_files.items()}
+        except ShipyardError as exc:
+            log.warning("secrets of %s changed, but its files keep the old values: %s", spec.name, exc.message)
+            return
+        await asyncio.to_thread(_replace_files, folder, files)
+
     async def _act(self, spec: TaskSpec) -> None:
         if spec.vault_change_mode == "signal":
             sig = signal.Signals[spec.vault_change_signal]
@@ -237,6 +258,7 @@ class SecretChangeWatcher:
                 same_job = runner.spec is not None and runner.spec.name == spec.name
                 instance = runner.supervisor.instance if same_job else None
                 if instance is not None:
+                    await self._rerender(spec, runner.supervisor.spec.env)  # as Nomad: files first, then the signal
                     instance.signal_group(sig)
             log.info("secrets of %s changed: sent %s to its instances", spec.name, sig.name)
         elif spec.vault_change_mode == "restart" and self.jobs is not None:
