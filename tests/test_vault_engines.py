@@ -280,3 +280,25 @@ def test_sdk_reads_secrets_typed_and_refuses_quietly_wrong_ones(vault: tuple[Vau
     admin.secrets.kv.v2.create_or_update_secret("sdk/bad", secret={"pool": "many"})
     with pytest.raises(SecretsError, match="pool"):
         sdk.load(Db, "secret/data/sdk/bad")
+
+
+def test_kv_v2_concurrent_writers_each_get_their_own_version_and_cas_lets_one_win(
+        vault: tuple[VaultServer, hvac.Client]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, admin = vault
+
+    def write(n: int, cas: int | None = None, path: str = "race/one") -> requests.Response:
+        body: dict[str, object] = {"data": {"n": str(n)}}
+        if cas is not None:
+            body["options"] = {"cas": cas}
+        return server.raw("POST", f"secret/data/{path}", token=admin.token, json=body)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(write, range(40)))
+    assert all(answer.status_code == 200 for answer in answers), [a.text for a in answers if a.status_code != 200]
+    versions = sorted(answer.json()["data"]["version"] for answer in answers)
+    assert versions == list(range(1, 41))  # no two writes got the same version
+    with ThreadPoolExecutor(8) as pool:
+        raced = list(pool.map(lambda n: write(n, cas=0, path="race/create-once"), range(8)))
+    assert sorted(answer.status_code for answer in raced) == [200] + [400] * 7

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from shipyard.errors import BadRequest, ShipyardError
 from shipyard.secrets import shamir
 from shipyard.store import Store
-from shipyard.store.base import Delete, Put
+from shipyard.store.base import Compare, Delete, Put
 
 PREFIX = "/vault/"
 SEAL_CONFIG = PREFIX + "core/seal-config"  # shares and threshold: public, as in Vault
@@ -184,15 +184,30 @@ class Barrier:
         key = DATA + path
         await self.store.put(key, seal_bytes(ring.keys[ring.term], ring.term, value, key.encode()))
 
-    async def put_many(self, entries: list[tuple[str, bytes]], deletes: Sequence[str] = ()) -> None:
-        """Several entries (and deletions) in one store transaction: all or none, one durable commit."""
+    async def get_versioned(self, path: str) -> tuple[bytes | None, int]:
+        """The entry and its store mod_revision (0 when absent), for a write that must not race another."""
         ring = self._ring()
+        key = DATA + path
+        kv = await self.store.get(key)
+        if kv is None:
+            return None, 0
+        if int.from_bytes(kv.value[:4], "big") not in ring.keys:
+            await self.reload_keyring()
+            ring = self._ring()
+        return open_bytes(ring.keys, kv.value, key.encode()), kv.mod_revision
+
+    async def put_many(self, entries: list[tuple[str, bytes]], deletes: Sequence[str] = (),
+                       unchanged: dict[str, int] | None = None) -> bool:
+        """Several entries (and deletions) in one store transaction: all or none, one durable commit. With
+        `unchanged` ({path: mod_revision read}), nothing is written (False) if another write came in between."""
+        ring = self._ring()
+        compares = [Compare(DATA + path, "mod", "=", revision) for path, revision in (unchanged or {}).items()]
         ops: list[Put | Delete] = []
         for path, value in entries:
             key = DATA + path
             ops.append(Put(key, seal_bytes(ring.keys[ring.term], ring.term, value, key.encode())))
         ops += [Delete(DATA + path) for path in deletes]
-        await self.store.txn([], ops)
+        return (await self.store.txn(compares, ops)).succeeded
 
     async def delete(self, path: str, *, prefix: bool = False) -> None:
         self._ring()
@@ -234,9 +249,15 @@ class View:
     async def delete(self, path: str, *, prefix: bool = False) -> None:
         await self.barrier.delete(self.prefix + path, prefix=prefix)
 
-    async def put_json_many(self, docs: dict[str, object], deletes: list[str]) -> None:
+    async def get_json_versioned(self, path: str) -> tuple[dict[str, Any] | None, int]:
+        raw, revision = await self.barrier.get_versioned(self.prefix + path)
+        return (None if raw is None else dict(json.loads(raw))), revision
+
+    async def put_json_many(self, docs: dict[str, object], deletes: list[str],
+                            unchanged: dict[str, int] | None = None) -> bool:
         entries = [(self.prefix + path, json.dumps(doc, separators=(",", ":")).encode()) for path, doc in docs.items()]
-        await self.barrier.put_many(entries, [self.prefix + path for path in deletes])
+        return await self.barrier.put_many(entries, [self.prefix + path for path in deletes],
+                                           {self.prefix + p: r for p, r in (unchanged or {}).items()})
 
     async def list(self, path: str) -> list[str]:
         return await self.barrier.list(self.prefix + path)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from shipyard.errors import BadRequest
+from shipyard.errors import BadRequest, Conflict
 from shipyard.secrets.barrier import View
 from shipyard.secrets.request import Missing, Request, UnsupportedOperation, as_int, data_response
 from shipyard.secrets.tokens import DEFAULT_TTL, parse_duration
 
 _NO_TIME = ""
+WRITE_ATTEMPTS = 20
 
 
 def _now_iso(epoch: float | None = None) -> str:
@@ -152,12 +153,21 @@ class KVv2:
         return data_response({"data": doc, "metadata": info})
 
     async def _write(self, req: Request, path: str) -> dict[str, Any]:
+        """A new version; concurrent writers of one path each get their own version (or a cas refusal), never the
+        same number: the write commits only if the metadata is still the one it read, else it reads again."""
+        for _ in range(WRITE_ATTEMPTS):
+            written = await self._write_once(req, path)
+            if written is not None:
+                return written
+        raise Conflict(f"too many concurrent writes to {path}; try again")
+
+    async def _write_once(self, req: Request, path: str) -> dict[str, Any] | None:
         body = _secret_data(req)
         data = body.get("data")
         if not isinstance(data, dict):
             raise BadRequest("no data provided")
         options = body.get("options") or {}
-        meta = await self._meta(path)
+        meta, revision = await self.view.get_json_versioned("meta/" + path)
         config = await self.config()
         if req.operation == "patch":
             if meta is None or not meta["current_version"]:
@@ -171,7 +181,7 @@ class KVv2:
                         "cas_required": False, "delete_version_after": 0, "custom_metadata": None,
                         "created_time": _now_iso()}
         self._check_cas(meta, config, options)
-        return await self._store_version(path, meta, config, data)
+        return await self._store_version(path, meta, config, data, revision)
 
     @staticmethod
     def _check_cas(meta: dict[str, Any], config: dict[str, Any], options: dict[str, Any]) -> None:
@@ -184,7 +194,7 @@ class KVv2:
             raise BadRequest("check-and-set parameter did not match the current version")
 
     async def _store_version(self, path: str, meta: dict[str, Any], config: dict[str, Any],
-                             data: dict[str, Any]) -> dict[str, Any]:
+                             data: dict[str, Any], revision: int) -> dict[str, Any] | None:
         now = time.time()
         number = meta["current_version"] + 1
         after = meta["delete_version_after"] or config["delete_version_after"]
@@ -198,8 +208,9 @@ class KVv2:
             del meta["versions"][str(old)]
         meta["oldest_version"] = min(int(n) for n in meta["versions"])
         # The version, its metadata and the versions it pushes out: one transaction, one durable commit.
-        await self.view.put_json_many({f"ver/{path}/{number}": data, "meta/" + path: meta},
-                                      [f"ver/{path}/{old}" for old in dropped])
+        if not await self.view.put_json_many({f"ver/{path}/{number}": data, "meta/" + path: meta},
+                                             [f"ver/{path}/{old}" for old in dropped], {"meta/" + path: revision}):
+            return None  # another write got in first: read again
         return data_response(self._version_meta(meta, number))
 
     def _versions(self, req: Request) -> list[int]:
