@@ -48,6 +48,11 @@ def _http(method: str, url: str, body: bytes | None = None, headers: dict[str, s
     return json.loads(raw) if raw.strip() else None
 
 
+def _raw(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return bytes(response.read())
+
+
 def _deploy_hello(server: ServerProcess, tmp_path: Path, token: str = "") -> None:
     project = tmp_path / "hello"
     shutil.copytree(ROOT / "examples" / "hello", project)
@@ -145,6 +150,10 @@ def _shot(page: Page, name: str) -> None:
 def test_console_walk_through(browser: Browser, hello_server: ServerProcess) -> None:
     server = hello_server
     _http("PUT", f"{server.url}/v1/kv/config/hello/greeting", b'{"text": "hello", "exclaim": true}')
+    _http("PUT", f"{server.url}/v1/kv/config/greeting/text", b"hello")
+    _http("POST", f"{server.url}/api/v1/jobs", json.dumps(
+        {"name": "greeting", "kind": "worker", "cmd": f"python {ROOT / 'tests' / 'apps' / 'kv_greeting.py'}",
+         "instances": 1, "resources": {"cpu": 10, "memory": 64}}).encode(), {"Content-Type": "application/json"})
     _dead_letter(server, "ui-demo", {"nobody": "here"})
     # A service that cannot start: the overview lists it first, with why.
     _http("POST", f"{server.url}/api/v1/jobs", json.dumps(
@@ -211,26 +220,36 @@ def test_console_walk_through(browser: Browser, hello_server: ServerProcess) -> 
     page.keyboard.press("Enter")
     expect(page.locator("#live-logs")).to_contain_text("Nothing on stdout matching")
 
-    # KV: open the key, someone else changes it meanwhile, our save is a conflict showing their value; saving
-    # again (knowingly) replaces it.
+    # KV: values are shown by their content (this one as JSON).
     page.get_by_role("link", name="Key/value").click()
     page.get_by_role("link", name="config/").click()
     page.get_by_role("link", name="hello/").click()
     page.get_by_role("link", name="greeting").click()
     expect(page.locator("pre.value")).to_contain_text('"exclaim": true')
     _shot(page, "kv")
-    _http("PUT", f"{server.url}/v1/kv/config/hello/greeting", b'{"text": "changed by someone else"}')
-    page.fill("#kv-value", '{"text": "mine"}')
+
+    # The greeting worker's text: someone else changes it while it is open here, so our save is a conflict that
+    # shows their value and overwrites nothing; saving again (knowingly) replaces it, and the running worker
+    # picks the new text up (its log says so).
+    page.get_by_role("link", name="config", exact=True).click()
+    page.get_by_role("link", name="greeting/").click()
+    page.get_by_role("link", name="text").click()
+    expect(page.locator("pre.value")).to_have_text("hello")
+    _http("PUT", f"{server.url}/v1/kv/config/greeting/text", b"changed by someone else")
+    page.fill("#kv-value", "mine")
     page.get_by_role("button", name="Save").click()
     conflict = page.locator("#kv-conflict")
     expect(conflict).to_contain_text("Conflict")
     expect(conflict).to_contain_text("changed by someone else")
-    stored = _http("GET", f"{server.url}/v1/kv/config/hello/greeting?raw")
-    assert stored == {"text": "changed by someone else"}, "the conflicting save must not overwrite"
-    expect(page.locator("#kv-value")).to_have_value('{"text": "mine"}')
+    assert _raw(f"{server.url}/v1/kv/config/greeting/text?raw") == b"changed by someone else", "no overwrite"
+    expect(page.locator("#kv-value")).to_have_value("mine")
     page.get_by_role("button", name="Save anyway").click()
-    expect(page.locator("#kv-editor")).to_contain_text("Saved config/hello/greeting")
-    assert _http("GET", f"{server.url}/v1/kv/config/hello/greeting?raw") == {"text": "mine"}
+    expect(page.locator("#kv-editor")).to_contain_text("Saved config/greeting/text")
+    assert _raw(f"{server.url}/v1/kv/config/greeting/text?raw") == b"mine"
+    page.get_by_role("link", name="Overview").click()
+    page.locator("table.services").get_by_role("link", name="greeting").click()
+    page.select_option("#log-stream", "stdout")
+    expect(page.locator("#live-logs")).to_contain_text("greeting is now: mine", timeout=WAIT_MS)
 
     # Gateway: the hello service's urlprefix route is in the table.
     page.get_by_role("link", name="Gateway").click()
