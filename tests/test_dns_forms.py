@@ -108,7 +108,7 @@ def test_consul_service_soa_and_ns_name_the_server(server: ServerProcess, c: con
 
 
 def test_prepared_query_names_are_nxdomain_with_soa(server: ServerProcess, c: consul.Consul) -> None:
-    # There are no prepared queries yet (/v1/query is another issue): Consul answers an unknown one so.
+    # No query of these names exists: Consul answers NXDOMAIN with the SOA (tests/test_dns_query.py: known ones).
     for name in ("nosuch.query.consul", "_nosuch._tcp.query.consul", "nosuch.query.dc1.consul"):
         out = dig(server.dns_port, name, "SRV")
         assert "status: NXDOMAIN" in out, name

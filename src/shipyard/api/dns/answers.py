@@ -12,12 +12,17 @@ import math
 import random
 import time
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from shipyard.api.context import DnsConfig
 from shipyard.api.dns import wire
 from shipyard.api.dns.names import Lookup, parse_lookup
-from shipyard.api.dns.view import CatalogView, Instance, NodeRecord
+from shipyard.api.dns.view import CatalogView, Instance, NodeRecord, instance_from_entry
 from shipyard.api.dns.wire import PackedUnit, Query, Record, make_record, pack_unit
+from shipyard.registry.sessions import _parse_go_duration  # the parser that vetted DNS.TTL when it was written
+
+if TYPE_CHECKING:
+    from shipyard.registry.prepared_queries import QueryExecution
 
 CACHE_LIMIT = 4096  # distinct questions remembered per catalog view; a flood of random names only clears it
 MAX_NAMESERVERS = 3
@@ -36,6 +41,9 @@ class Answer:
     limit: int = 0  # at most this many units after the shuffle (0: all)
     soa_zone: str = ""  # the zone whose SOA goes in the authority section ("" for none)
     soa_in_answer: bool = False
+    # A prepared query's ID or name: the records come from executing it, which reads the store, so the caller
+    # (DnsResponder) runs it and asks prepared_answer for them; nothing else in this answer is used then.
+    prepared: str = ""
 
     def pick(self) -> list[PackedUnit]:
         units = list(self.units)
@@ -130,6 +138,26 @@ class Answerer:
                     return Answer(units=(pack_unit((self._ptr(inst.service, "service"),)),))
         return None
 
+    def prepared_answer(self, execution: QueryExecution | None, qtype: int, zone: str) -> Answer:
+        """The answer from a prepared query's execution (None: no such query), as Consul's preparedQueryLookup
+        builds it with the service form's records. The execution shuffled and Near-sorted its nodes: the order
+        is kept, so the nearest instance comes first."""
+        if execution is None or not execution.nodes:
+            return self._finish(Answer(rcode=wire.NXDOMAIN), zone)
+        ignored = frozenset(execution.query.get("Service", {}).get("IgnoreCheckIDs") or ())
+        instances = [instance_from_entry(entry, ignored) for entry in execution.nodes]
+        answer = self._instances_answer(instances, qtype, self._query_ttl(execution), zone, shuffle=False)
+        return self._finish(answer, zone)
+
+    def _query_ttl(self, execution: QueryExecution) -> int:
+        """The query's DNS.TTL, else the service's TTL from service_ttl (Consul's order)."""
+        if not execution.dns_ttl:
+            return self.service_ttl(execution.service.lower())
+        try:
+            return max(int(_parse_go_duration(execution.dns_ttl)), 0)
+        except ValueError:
+            return 0  # vetted when the query was written; Consul answers with a zero TTL if it cannot parse it
+
     # ---- dispatch -------------------------------------------------------------------------------
 
     def _compute(self, query: Query, zone: str, view: CatalogView) -> Answer:
@@ -148,6 +176,10 @@ class Answerer:
         lookup = parse_lookup(rest.split(".") if rest else [], srv=qtype == wire.SRV,
                               datacenter=self.datacenter.lower())
         answer = self._dispatch(lookup, qtype, zone, view)
+        return answer if answer.prepared else self._finish(answer, zone)
+
+    @staticmethod
+    def _finish(answer: Answer, zone: str) -> Answer:
         if answer.rcode == wire.NXDOMAIN:
             return Answer(rcode=answer.rcode, soa_zone=zone)
         if not answer.units and not answer.cname_units:
@@ -161,8 +193,11 @@ class Answerer:
             return self._node(lookup, qtype, zone, view)
         if lookup.kind == "addr":
             return self._addr(lookup, qtype)
-        # "query": prepared queries do not exist yet, and Consul answers an unknown one NXDOMAIN; "ingress":
-        # there are no ingress gateways; "virtual": no virtual IPs. Anything else is a name Consul does not know.
+        if lookup.kind == "query":
+            # No WAN federation: a query in another datacenter has nowhere to run.
+            return Answer(prepared=lookup.service) if self._local(lookup.datacenter) else Answer(rcode=wire.NXDOMAIN)
+        # "ingress": there are no ingress gateways; "virtual": no virtual IPs. Anything else is a name Consul does
+        # not know.
         return Answer(rcode=wire.NXDOMAIN)
 
     def _local(self, datacenter: str) -> bool:
@@ -177,9 +212,13 @@ class Answerer:
                                    connect=lookup.kind == "connect")
         if not instances:
             return Answer(rcode=wire.NXDOMAIN)
-        ttl = self.service_ttl(lookup.service)
+        return self._instances_answer(instances, qtype, self.service_ttl(lookup.service), zone, shuffle=True)
+
+    def _instances_answer(self, instances: list[Instance], qtype: int, ttl: int, zone: str, *, shuffle: bool
+                          ) -> Answer:
+        """SRV, or A/AAAA (CNAME for host names) under a_record_limit: the service form's and a prepared query's."""
         if qtype == wire.SRV:
-            return Answer(units=tuple(self._srv_units(instances, ttl, zone)), shuffle=True)
+            return Answer(units=tuple(self._srv_units(instances, ttl, zone)), shuffle=shuffle)
         if qtype == wire.TXT:
             return Answer()  # NODATA (Consul answers A records to a service TXT question; no client wants that)
         plain: list[PackedUnit] = []
@@ -191,7 +230,7 @@ class Answerer:
                 continue
             seen.add(record.key)
             (cnames if record.rtype == wire.CNAME else plain).append(pack_unit((record,)))
-        return Answer(units=tuple(plain), cname_units=tuple(cnames), shuffle=True,
+        return Answer(units=tuple(plain), cname_units=tuple(cnames), shuffle=shuffle,
                       limit=max(self.config.a_record_limit, 0))
 
     def service_ttl(self, service: str) -> int:

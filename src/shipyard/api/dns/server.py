@@ -8,6 +8,7 @@ never writes to the store and never blocks the event loop.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import struct
@@ -22,6 +23,7 @@ from shipyard.api.dns.recursor import Recursors
 from shipyard.api.dns.view import CatalogView, build_view
 from shipyard.api.dns.wire import PackedUnit, Query, Rejection
 from shipyard.registry.catalog import Catalog
+from shipyard.registry.prepared_queries import execute_prepared_query
 
 log = logging.getLogger("shipyard.dns")
 
@@ -75,12 +77,12 @@ class DnsResponder:
                 return parsed
             if zone is None:
                 return self._reverse(parsed, view, tcp) or parsed  # not ours: a recursor may know it
-            return self._local(parsed, zone, view, tcp)
+            return self._local(parsed, zone, view, tcp) or parsed  # None: a prepared query, run in respond
         except Exception as exc:  # a bug must cost one answer, not the listener
             self._log.warning("bug", "DNS: answering failed: %r", exc)
             return None
 
-    async def respond(self, query: Query, *, tcp: bool) -> bytes | None:
+    async def respond(self, query: Query, *, tcp: bool, peer: object = None) -> bytes | None:
         try:
             zone = zone_of(query.name, self.answerer.domains)
             if zone is None and not _is_reverse(query.name):
@@ -88,7 +90,7 @@ class DnsResponder:
             view = await self._fresh_view()
             if zone is None:
                 return self._reverse(query, view, tcp) or await self._forward(query, tcp)
-            return self._local(query, zone, view, tcp)
+            return self._local(query, zone, view, tcp) or await self._prepared(query, zone, tcp, peer)
         except Exception as exc:
             self._log.warning("bug", "DNS: answering failed: %r", exc)
             return wire.encode_error(query, wire.SERVFAIL, recursion_available=self.recursion_available)
@@ -137,8 +139,11 @@ class DnsResponder:
 
     # ---- answers --------------------------------------------------------------------------------
 
-    def _local(self, query: Query, zone: str, view: CatalogView, tcp: bool) -> bytes:
+    def _local(self, query: Query, zone: str, view: CatalogView, tcp: bool) -> bytes | None:
+        """The reply from the catalog view; None for a prepared query's name (its answer needs the store)."""
         answer = self.answerer.answer(query, zone, view)
+        if answer.prepared:
+            return None
         if tcp or answer.soa_zone:  # an SOA's serial is the current second: not for keeping
             return self._sized(query, answer, zone, tcp)
         orderings = answer.orderings(REPLY_CACHE_ORDERINGS)
@@ -149,6 +154,17 @@ class DnsResponder:
             self._replies, self._replies_view = {}, view
         self._replies[query.raw[2:]] = replies
         return query.raw[:2] + random.choice(replies)
+
+    async def _prepared(self, query: Query, zone: str, tcp: bool, peer: object) -> bytes:
+        """`<query>.query.consul`: the query is run for every question, never cached, as Consul runs it: its
+        definition may change without the catalog changing, and each run shuffles and Near-sorts afresh. As in
+        Consul's preparedQueryLookup the source is the client's subnet (EDNS) or address, for `Near: "_ip"`;
+        the query's own Near (`_agent` is this server's node) orders the answers."""
+        name = self.answerer.answer(query, zone, await self._fresh_view()).prepared
+        catalog = self.catalog
+        execution = await execute_prepared_query(catalog.store, catalog, catalog.node, name,
+                                                 source_ip=_source_ip(query, peer))
+        return self._sized(query, self.answerer.prepared_answer(execution, query.qtype, zone), zone, tcp)
 
     def _reverse(self, query: Query, view: CatalogView, tcp: bool) -> bytes | None:
         answer = self.answerer.reverse(query, view) if query.qtype in (wire.PTR, wire.ANY) else None
@@ -219,6 +235,20 @@ def _is_reverse(name: str) -> bool:
     return name.endswith((".in-addr.arpa", ".ip6.arpa"))
 
 
+def _source_ip(query: Query, peer: object) -> str:
+    """The EDNS client subnet's address if the question carries one (a resolver asking for a client), else the
+    peer's address: what Consul passes a prepared query as its source."""
+    options = query.edns_options  # the client subnet option, if any, as the reply echoes it
+    if len(options) >= 8:
+        family, address = int.from_bytes(options[4:6], "big"), options[8:]
+        size = {1: 4, 2: 16}.get(family)
+        if size is not None and len(address) <= size:
+            return str(ipaddress.ip_address(address.ljust(size, b"\x00")))
+    if isinstance(peer, tuple) and peer and isinstance(peer[0], str):
+        return peer[0]
+    return ""
+
+
 class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, responder: DnsResponder) -> None:
         self.responder = responder
@@ -242,7 +272,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         pass  # ICMP unreachable from a client that went away: nothing to do
 
     async def _reply_later(self, query: Query, addr: tuple[str, int]) -> None:
-        data = await self.responder.respond(query, tcp=False)
+        data = await self.responder.respond(query, tcp=False, peer=addr)
         if data is not None and self.transport is not None:
             self.transport.sendto(data, addr)
 
@@ -254,9 +284,10 @@ async def _serve_tcp_client(responder: DnsResponder, reader: asyncio.StreamReade
             header = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
             (length,) = struct.unpack("!H", header)
             data = await asyncio.wait_for(reader.readexactly(length), TCP_IDLE_TIMEOUT)
-            outcome = responder.respond_now(data, tcp=True, peer=writer.get_extra_info("peername"))
+            peer = writer.get_extra_info("peername")
+            outcome = responder.respond_now(data, tcp=True, peer=peer)
             if isinstance(outcome, Query):
-                outcome = await responder.respond(outcome, tcp=True)
+                outcome = await responder.respond(outcome, tcp=True, peer=peer)
             if outcome is None:
                 break
             writer.write(struct.pack("!H", len(outcome)) + outcome)

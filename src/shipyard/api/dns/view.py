@@ -80,6 +80,18 @@ def build_view(snapshot: CatalogSnapshot, revision: int, this_node: str) -> Cata
     return view
 
 
+def instance_from_entry(entry: dict[str, Any], ignored_checks: frozenset[str] = frozenset()) -> Instance:
+    """An Instance from one of Consul's health entries (what a prepared query's execution returns), its status
+    the worst of the checks the query did not ignore."""
+    node_data = _mapping(entry.get("Node"))
+    node = _node_record(str(node_data.get("Node") or ""), node_data)
+    status = PASSING
+    for check in entry.get("Checks") or []:
+        if isinstance(check, dict) and str(check.get("CheckID") or "") not in ignored_checks:
+            status = _worst(status, str(check.get("Status") or PASSING))
+    return _instance(node, _mapping(entry.get("Service")), status)
+
+
 def _add_servers(view: CatalogView, this_node: str, status: dict[tuple[str, str], str]) -> None:
     # Consul servers register a "consul" service; Shipyard's server is in the catalog only as a node, so the
     # service is answered for it unless something registered one of that name.
