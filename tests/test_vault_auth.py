@@ -208,3 +208,13 @@ def test_leases_of_approle_logins_lookup_renew_revoke_prefix(vault: tuple[VaultS
         with pytest.raises(hvac_errors.Forbidden):
             server.client(login["client_token"]).auth.token.lookup_self()
     assert app.auth.token.lookup_self()["data"]["policies"] == ["default"]  # other tokens are untouched
+
+
+def test_num_uses_holds_under_concurrent_requests(vault: tuple[VaultServer, str]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, root = vault
+    token = server.client(root).auth.token.create(policies=["app-read"], num_uses=3)["auth"]["client_token"]
+    with ThreadPoolExecutor(10) as pool:
+        codes = list(pool.map(lambda _: server.raw("GET", "secret/data/app/db", token=token).status_code, range(10)))
+    assert sorted(codes) == [200] * 3 + [403] * 7

@@ -101,10 +101,13 @@ class Barrier:
         root_key = os.urandom(32)
         keyring = Keyring(root_key, {1: os.urandom(32)}, {1: time.time()})
         parts = [root_key] if shares == 1 else shamir.split(root_key, shares, threshold)
-        # The keyring first, then the config that says "initialised": a crash between them leaves it uninitialised.
-        await self._store_keyring(keyring)
-        await self.store.put(SEAL_CONFIG, json.dumps({"secret_shares": shares, "secret_threshold": threshold,
-                                                      "type": "shamir"}).encode())
+        # The keyring and the config that says "initialised" in one txn, only if no other server initialised first.
+        config = json.dumps({"secret_shares": shares, "secret_threshold": threshold, "type": "shamir"}).encode()
+        sealed_ring = seal_bytes(keyring.root_key, 0, keyring.to_json(), KEYRING.encode())
+        done = await self.store.txn([Compare(SEAL_CONFIG, "version", "=", 0)],
+                                    [Put(KEYRING, sealed_ring), Put(SEAL_CONFIG, config)])
+        if not done.succeeded:
+            raise BadRequest("Vault is already initialized")
         return parts
 
     async def _store_keyring(self, keyring: Keyring) -> None:

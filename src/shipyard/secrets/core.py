@@ -216,7 +216,8 @@ class VaultCore:
             raise PermissionDenied()
         if req.path.startswith(SUDO_PATHS) and not acl.allows(req.path, "sudo"):
             raise PermissionDenied()
-        await self.tokens.use(entry)
+        if not await self.tokens.use(entry):
+            raise PermissionDenied()
 
     async def _exists(self, req: Request) -> bool:
         """Vault's existence check, which makes a write `create` or `update` for the policy check."""

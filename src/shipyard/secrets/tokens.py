@@ -6,6 +6,7 @@ Token IDs are kept only as SHA-256 hashes (they are bearer secrets); this module
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets as _random
 import string
@@ -158,16 +159,27 @@ class TokenStore:
         raw = await self.barrier.get(f"token/accessor/{accessor}") if accessor and "/" not in accessor else None
         return None if raw is None else await self.by_hash(raw.decode())
 
-    async def use(self, entry: TokenEntry) -> None:
-        """Counts one use of a limited-use token; the last use revokes it (after the request it authorises)."""
+    async def use(self, entry: TokenEntry) -> bool:
+        """Counts one use of a limited-use token; the last use revokes it (after the request it authorises).
+        False when no use is left: concurrent requests each take one use (a txn on the entry's revision), so a
+        token with num_uses=N authorises N requests, never more."""
         if not entry.num_uses:
-            return
-        entry.num_uses -= 1
-        if entry.num_uses == 0:
-            await self.revoke_tree(entry)
-            entry.num_uses = -1  # spent: the caller's request still completes, as in Vault
-        else:
-            await self._save(entry)
+            return True
+        for _ in range(50):
+            raw, revision = await self.barrier.get_versioned(f"token/id/{entry.hash}")
+            if raw is None:
+                return False
+            current = TokenEntry(**json.loads(raw))
+            current.num_uses -= 1
+            if current.num_uses < 0:
+                return False
+            document = json.dumps(asdict(current), separators=(",", ":")).encode()
+            if await self.barrier.put_many([(f"token/id/{entry.hash}", document)], (),
+                                           {f"token/id/{entry.hash}": revision}):
+                if current.num_uses == 0:
+                    await self.revoke_tree(current)  # spent: the caller's request still completes, as in Vault
+                return True
+        return False
 
     async def renew(self, entry: TokenEntry, increment: int) -> TokenEntry:
         if not entry.renewable:
