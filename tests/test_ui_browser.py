@@ -235,6 +235,7 @@ def test_console_walk_through(browser: Browser, hello_server: ServerProcess) -> 
     page.get_by_role("link", name="greeting/").click()
     page.get_by_role("link", name="text").click()
     expect(page.locator("pre.value")).to_have_text("hello")
+    expect(page.locator("#kv-value")).to_have_value("hello")  # the editor opens with the current value
     _http("PUT", f"{server.url}/v1/kv/config/greeting/text", b"changed by someone else")
     page.fill("#kv-value", "mine")
     page.get_by_role("button", name="Save").click()
