@@ -218,3 +218,20 @@ def test_num_uses_holds_under_concurrent_requests(vault: tuple[VaultServer, str]
     with ThreadPoolExecutor(10) as pool:
         codes = list(pool.map(lambda _: server.raw("GET", "secret/data/app/db", token=token).status_code, range(10)))
     assert sorted(codes) == [200] * 3 + [403] * 7
+
+
+def test_single_use_secret_id_logs_in_once_under_racing_logins(vault: tuple[VaultServer, str]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, root = vault
+    admin = server.client(root)
+    admin.sys.enable_auth_method("approle", path="race-auth")
+    admin.auth.approle.create_or_update_approle("once", token_policies=["default"], secret_id_num_uses=1,
+                                                mount_point="race-auth")
+    role_id = admin.auth.approle.read_role_id("once", mount_point="race-auth")["data"]["role_id"]
+    secret_id = admin.auth.approle.generate_secret_id("once", mount_point="race-auth")["data"]["secret_id"]
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda _: server.raw("POST", "auth/race-auth/login",
+                                                   json={"role_id": role_id, "secret_id": secret_id}).status_code,
+                              range(8)))
+    assert sorted(codes) == [200] + [400] * 7

@@ -139,14 +139,18 @@ class AppRole:
         return name, request, {"role_name": name}
 
     async def _consume_secret_id(self, name: str, secret_id: str) -> None:
+        """One use of a secret ID, taken in a txn on its record's revision: a single-use ID logs in once, however
+        many logins race with it."""
         key = f"secret/{name}/{_hash(secret_id)}"
-        record = await self.view.get_json(key) if secret_id else None
-        if record is None or (record["expires"] and record["expires"] < time.time()):
-            raise BadRequest("invalid role or secret ID")
-        if record["num_uses"]:
+        for _ in range(50):
+            record, revision = await self.view.get_json_versioned(key) if secret_id else (None, 0)
+            if record is None or (record["expires"] and record["expires"] < time.time()):
+                raise BadRequest("invalid role or secret ID")
+            if not record["num_uses"]:
+                return
             record["num_uses"] -= 1
-            if record["num_uses"] == 0:
-                await self.view.delete(key)
-            else:
-                await self.view.put_json(key, record)
+            last = record["num_uses"] == 0
+            if await self.view.put_json_many({} if last else {key: record}, [key] if last else [], {key: revision}):
+                return
+        raise BadRequest("invalid role or secret ID")
 
