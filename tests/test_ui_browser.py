@@ -247,6 +247,17 @@ def test_console_walk_through(browser: Browser, hello_server: ServerProcess) -> 
     page.get_by_role("button", name="Save anyway").click()
     expect(page.locator("#kv-editor")).to_contain_text("Saved config/greeting/text")
     assert _raw(f"{server.url}/v1/kv/config/greeting/text?raw") == b"mine"
+    # A new key beside it (create-only: cas 0), then deleted from the page.
+    page.get_by_role("link", name="New key").click()
+    expect(page.locator("#kv-key")).to_have_value("config/greeting/")
+    page.fill("#kv-key", "config/greeting/extra")
+    page.fill("#kv-value", "x")
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator("#kv-editor")).to_contain_text("Saved config/greeting/extra")
+    page.get_by_role("button", name="Delete").click()
+    page.wait_for_url("**/ui/kv?prefix=config%2Fgreeting%2F")
+    expect(page.locator("ul.keys")).not_to_contain_text("extra")
+    expect(page.locator("ul.keys")).to_contain_text("text")
     page.get_by_role("link", name="Overview").click()
     page.locator("table.services").get_by_role("link", name="greeting").click()
     page.select_option("#log-stream", "stdout")
