@@ -3,9 +3,7 @@
 The suite is vendored unmodified under tests/vendor/py_consul (see VENDORED.md there); only the sdist's top-level
 conftest.py, which starts Consul containers, is replaced by tests/pyconsul_conftest.py (a fresh dev server per
 test, as upstream has a fresh container per test). The suite runs in a subprocess and every test must pass except
-the ACL ones (test_acl*.py: Consul's ACL system is the access-control issue's; upstream's ACL fixture starts the
-server with --acl and an initial management token, so they run, but are not yet required) and EXPECTED_FAILURES
-below.
+EXPECTED_FAILURES below (the ACL tests run against `shipyard server --acl --acl-initial-management TOKEN`).
 
 To run it by hand (all of it, or one file or test, with the failures written to a file):
     .venv/bin/pytest tests/test_pyconsul_upstream.py -q            # the whole suite, as `make test` does
@@ -36,17 +34,27 @@ STAND_IN = TESTS / "pyconsul_conftest.py"
 
 # Each upstream test that does not pass yet, with why. Keep it small: an entry leaves when the API lands (a test
 # listed here that passes fails this harness, so the list cannot go stale).
-EXPECTED_FAILURES: dict[str, str] = {}
+_HIDDEN = ("a token's SecretID is shown only by the write that makes it; reads and lists answer \"<hidden>\" "
+           "(the store keeps a hash of each secret: docs/acl.md)")
+EXPECTED_FAILURES: dict[str, str] = {
+    "tests/api/test_acl.py::TestConsulAcl::test_acl_token_list": _HIDDEN,
+    "tests/api/test_acl.py::TestConsulAcl::test_acl_token_create": _HIDDEN,
+    "tests/api/test_acl.py::TestConsulAcl::test_acl_auth_method_crud": "ACL auth methods are not implemented",
+    "tests/api/test_acl.py::TestConsulAcl::test_acl_binding_rule_crud": "ACL binding rules are not implemented",
+    "tests/api/test_acl.py::TestConsulAcl::test_acl_token_create_templated": "templated policies are not implemented",
+    "tests/api/test_acl_templated_policy.py::TestConsulAclTemplatedPolicy::test_acl_templated_policy_list":
+        "templated policies are not implemented",
+    "tests/api/test_acl_templated_policy.py::TestConsulAclTemplatedPolicy::test_acl_templated_policy_preview":
+        "templated policies are not implemented",
+    "tests/api/test_acl_templated_policy.py::TestConsulAclTemplatedPolicy::test_acl_templated_policy_read":
+        "templated policies are not implemented",
+}
 
 PYTEST_INI = """[pytest]
 asyncio_mode = auto
 asyncio_default_fixture_loop_scope = function
 timeout = 90
 """
-
-
-def is_acl_test(node_id: str) -> bool:
-    return Path(node_id.split("::")[0]).name.startswith("test_acl")
 
 
 def outcomes(report: Path) -> dict[str, str]:
@@ -80,7 +88,7 @@ def run_suite(workdir: Path) -> tuple[dict[str, str], str]:
 
 
 def write_failures(path: str, results: dict[str, str]) -> None:
-    lines = [f"{node}\t{EXPECTED_FAILURES.get(node, 'acl' if is_acl_test(node) else 'NOT EXPECTED')}"
+    lines = [f"{node}\t{EXPECTED_FAILURES.get(node, 'NOT EXPECTED')}"
              for node, outcome in sorted(results.items()) if outcome == "failed"]
     passed = sum(1 for outcome in results.values() if outcome == "passed")
     Path(path).write_text(f"# {passed} of {len(results)} passed\n" + "".join(line + "\n" for line in lines))
@@ -95,8 +103,7 @@ def test_pyconsul_upstream_suite() -> None:
     assert results, f"the upstream suite ran no test:\n{output}"
     if os.environ.get("PYCONSUL_FAILURES"):
         write_failures(os.environ["PYCONSUL_FAILURES"], results)
-    unexpected = sorted(n for n, o in results.items() if o == "failed" and not is_acl_test(n)
-                        and n not in EXPECTED_FAILURES)
+    unexpected = sorted(n for n, o in results.items() if o == "failed" and n not in EXPECTED_FAILURES)
     now_passing = sorted(n for n, o in results.items() if o == "passed" and n in EXPECTED_FAILURES)
     passed = sum(1 for o in results.values() if o == "passed")
     assert not unexpected, f"{passed} of {len(results)} passed; failing: {unexpected}\n{output}"

@@ -24,7 +24,7 @@ import orjson
 
 from shipyard.acl.authorizer import ANONYMOUS_TOKEN_ID, MANAGEMENT_POLICY_ID, ACLNotFound, Authorizer
 from shipyard.acl.rules import MANAGEMENT_RULES, Rule, parse_rules
-from shipyard.errors import BadRequest, NotFound, ShipyardError
+from shipyard.errors import BadRequest, ShipyardError
 from shipyard.store import Store
 from shipyard.store.base import Compare, Put
 from shipyard.store.follow import follow_prefix
@@ -105,10 +105,12 @@ GATEWAY_RULES = ('store = "read"\ngateway = "read"\nservice_prefix "" { policy =
 
 
 def _uuid_or_400(value: Any, what: str) -> str:
+    """A client-chosen ID, checked to be a UUID and kept as written (Consul compares IDs and secrets as strings)."""
     try:
-        return str(uuid.UUID(str(value)))
+        uuid.UUID(str(value))
     except ValueError:
         raise BadRequest(f"Invalid {what}: {value!r} is not a UUID") from None
+    return str(value)
 
 
 class ACLState:
@@ -159,6 +161,8 @@ class ACLState:
         await self._create_if_absent(TOKENS + ANONYMOUS_TOKEN_ID, anonymous)
 
     async def _ensure_management_token(self, secret: str) -> None:
+        # As in Consul, a configured initial management token means the ACL system is bootstrapped.
+        await self.store.txn([Compare(BOOTSTRAP_KEY, "create", "=", 0)], [Put(BOOTSTRAP_KEY, b"initial")])
         if await self.store.get(SECRETS + secret_hash(secret)) is not None:
             return
         await self._put_token(self._new_token({"Description": "Initial Management Token",
@@ -319,9 +323,9 @@ class ACLState:
         return await self._public_token(created, secret)
 
     async def update_token(self, accessor_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        token = await self._read(TOKENS + accessor_id)
+        token = await self._read(TOKENS + _uuid_or_400(accessor_id, "AccessorID"))
         if token is None:
-            raise NotFound("Cannot find token to update")
+            raise ACLNotFound()
         token.update(await self._token_fields(body))
         token.pop("ModifyIndex", None)
         await self._put_token(token, new_secret=False)
@@ -330,9 +334,9 @@ class ACLState:
         return updated
 
     async def clone_token(self, accessor_id: str, description: str | None) -> dict[str, Any]:
-        token = await self._read(TOKENS + accessor_id)
+        token = await self._read(TOKENS + _uuid_or_400(accessor_id, "AccessorID"))
         if token is None or accessor_id == ANONYMOUS_TOKEN_ID:
-            raise NotFound("Cannot find token to clone")
+            raise ACLNotFound()
         body = {**token, "Description": token["Description"] if description is None else description}
         return await self.create_token({k: v for k, v in body.items() if k not in ("AccessorID", "SecretHash")})
 

@@ -7,6 +7,7 @@ never here, except token/self, whose answer is the caller's own token.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import orjson
@@ -66,8 +67,19 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 def _found(record: dict[str, Any] | None, what: str) -> web.Response:
     if record is None:
-        raise ConsulError(403, f"ACL not found: Requested {what} does not exist")
+        # A 404, which Consul's clients read as "no such thing" (py-consul: None).
+        raise ConsulError(404, f"ACL not found: Requested {what} does not exist")
     return _json(record)
+
+
+def _id(request: web.Request) -> str:
+    """The {id} of the path, which must be a UUID (Consul's 400 otherwise)."""
+    value = request.match_info["id"]
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        raise BadRequest(f"Invalid ID: {value!r} is not a UUID") from None
+    return value
 
 
 def _policy_stub(policy: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +113,7 @@ async def policy_by_name(request: web.Request) -> web.Response:
 
 @routes.get("/v1/acl/policy/{id}")
 async def policy_read(request: web.Request) -> web.Response:
-    return _found(await state_of(request).policy(request.match_info["id"]), "policy")
+    return _found(await state_of(request).policy(_id(request)), "policy")
 
 
 @routes.put("/v1/acl/policy/{id}")
@@ -146,7 +158,10 @@ async def token_clone(request: web.Request) -> web.Response:
 
 @routes.get("/v1/acl/token/{id}")
 async def token_read(request: web.Request) -> web.Response:
-    return _found(await state_of(request).token(request.match_info["id"]), "token")
+    token = await state_of(request).token(_id(request))
+    if token is None:
+        raise ConsulError(403, "ACL not found")  # Consul's acl.ErrNotFound for tokens (policies and roles: 404)
+    return _json(token)
 
 
 @routes.put("/v1/acl/token/{id}")
@@ -185,7 +200,7 @@ async def role_by_name(request: web.Request) -> web.Response:
 
 @routes.get("/v1/acl/role/{id}")
 async def role_read(request: web.Request) -> web.Response:
-    return _found(await state_of(request).role(request.match_info["id"]), "role")
+    return _found(await state_of(request).role(_id(request)), "role")
 
 
 @routes.put("/v1/acl/role/{id}")
