@@ -460,3 +460,26 @@ def test_every_route_has_its_own_rule() -> None:
     unruled = sorted((method, path) for method, path in routes(app)
                      if id(lookup(method, path, path)) in catch_all and path != "/v2/eventSubscriptions")
     assert unruled == []
+
+
+def test_dns_answers_only_what_the_anonymous_token_may_read(acl_server: ServerProcess, admin: consul.Consul) -> None:
+    import dns.message
+    import dns.query
+    import dns.rcode
+
+    admin.agent.service.register("dnsweb", service_id="dnsweb-1", address="127.0.0.1", port=7)
+
+    def ask() -> dns.message.Message:
+        query = dns.message.make_query("dnsweb.service.consul", "SRV")
+        return dns.query.udp(query, "127.0.0.1", port=acl_server.dns_port, timeout=5)
+
+    assert ask().rcode() == dns.rcode.NXDOMAIN  # default deny: the anonymous token reads no service
+    policy = hcl_policy(admin, "dns-read", 'service_prefix "" { policy = "read" }\nnode_prefix "" { policy = "read" }')
+    admin.acl.token.update(ANONYMOUS_TOKEN_ID, policies_id=[policy["ID"]], description="Anonymous Token")
+    try:
+        answer = ask()
+        assert answer.rcode() == dns.rcode.NOERROR
+        assert [rr.port for rrset in answer.answer for rr in rrset] == [7]
+    finally:
+        admin.acl.token.update(ANONYMOUS_TOKEN_ID, description="Anonymous Token")
+    assert ask().rcode() == dns.rcode.NXDOMAIN

@@ -16,9 +16,10 @@ import orjson
 from aiohttp import web
 from aiohttp.streams import StreamReader
 
-from shipyard.acl import Authorizer
+from shipyard.acl import READ, Authorizer
 from shipyard.acl.state import ACLState
 from shipyard.api.body import read_limited
+from shipyard.api.dns.view import CatalogView, restrict_view
 from shipyard.errors import ShipyardError
 
 FILTERED_HEADER = "X-Consul-Results-Filtered-By-ACLs"
@@ -133,3 +134,23 @@ def _filter_response(response: web.StreamResponse, keep_only: Filter, authorizer
     if dropped:
         response.body = orjson.dumps(visible)
         response.headers[FILTERED_HEADER] = "true"
+
+
+def dns_restriction(state: ACLState) -> Callable[[CatalogView], Awaitable[CatalogView]]:
+    """The DNS interface's ACL edge: each catalog view cut down to what the default (else anonymous) token may read,
+    the cut kept while neither the view nor the token's Authorizer changes (so DNS's reply cache keeps working)."""
+    last: list[tuple[CatalogView, Authorizer, CatalogView]] = []
+
+    async def restrict(view: CatalogView) -> CatalogView:
+        try:
+            authorizer = await state.resolve("")
+        except ShipyardError:  # an unknown default token: nothing is readable
+            authorizer = Authorizer([], default_allow=False)
+        if last and last[0][0] is view and last[0][1] is authorizer:
+            last[0][2].revision = view.revision
+            return last[0][2]
+        cut = restrict_view(view, lambda resource, name: authorizer.allows(resource, name, READ))
+        last[:] = [(view, authorizer, cut)]
+        return cut
+
+    return restrict

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from shipyard.acl.state import GATEWAY_RULES, ACLState, internal_key, service_rules
 from shipyard.agent.node_agent import NodeAgent
-from shipyard.api.acl_guard import acl_middleware
+from shipyard.api.acl_guard import acl_middleware, dns_restriction
 from shipyard.api.acl_table import rule_for as acl_rule_for
 from shipyard.api.cluster import attach_cluster, check_cluster_bus, start_cluster, stop_cluster
 from shipyard.api.consul import add_consul_routes
@@ -469,6 +469,9 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         https = await start_control_listeners(config, runner, tls_context)
         if config.dns_port:
             dns_server = DnsServer(platform.catalog, config.datacenter, config.bind, config.dns_port, config.dns)
+            acl = platform.extras.get(ACL_STATE)
+            if isinstance(acl, ACLState):
+                dns_server.responder.restrict = dns_restriction(acl)
             await dns_server.start()
         gateway = gateway_supervisor(config)
         if gateway is not None:

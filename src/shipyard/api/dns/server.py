@@ -13,6 +13,7 @@ import logging
 import random
 import struct
 import time
+from collections.abc import Awaitable, Callable
 
 from shipyard.api.context import DnsConfig
 from shipyard.api.dns import wire
@@ -53,6 +54,9 @@ class DnsResponder:
         self._log = RateLimitedLog(log)
         self._replies: dict[bytes, tuple[bytes, ...]] = {}  # question bytes after the id -> replies after it
         self._replies_view: CatalogView | None = None
+        # With --acl: what the default (else anonymous) token may read of a view; None: everything.
+        self.restrict: Callable[[CatalogView], Awaitable[CatalogView]] | None = None
+        self._whole: CatalogView | None = None  # the unrestricted view the current one was cut from
 
     # ---- entry points ---------------------------------------------------------------------------
 
@@ -129,11 +133,13 @@ class DnsResponder:
 
     async def _read_view(self) -> CatalogView:
         snapshot = await self.catalog.snapshot()
-        view = self._view
+        view = self._whole if self.restrict is not None else self._view
         if view is None or view.snapshot is not snapshot:
             view = build_view(snapshot, snapshot.revision, self.catalog.node.name)
         else:
             view.revision = snapshot.revision  # other prefixes changed: the same catalog, current at a later revision
+        if self.restrict is not None:
+            self._whole, view = view, await self.restrict(view)
         self._view, self._read_at = view, time.monotonic()
         return view
 

@@ -5,6 +5,7 @@ Built from one CatalogSnapshot, immutable afterwards, so that answering a questi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,20 @@ def build_view(snapshot: CatalogSnapshot, revision: int, this_node: str) -> Cata
             view.connect.setdefault(inst.service.lower(), []).append(inst)
     _add_servers(view, this_node, status)
     return view
+
+
+def restrict_view(view: CatalogView, readable: Callable[[str, str], bool]) -> CatalogView:
+    """The part of the view a token may read, readable(resource, name) deciding ("service"/"node"): Consul's DNS
+    answers with the agent's default (else the anonymous) token, so under default deny it names nothing unread."""
+    out = CatalogView(view.revision, view.snapshot, servers=view.servers)
+    out.nodes = {k: n for k, n in view.nodes.items() if readable("node", n.name)}
+
+    def visible(instances: list[Instance]) -> list[Instance]:
+        return [i for i in instances if readable("service", i.service) and readable("node", i.node.name)]
+
+    out.services = {k: kept for k, v in view.services.items() if (kept := visible(v))}
+    out.connect = {k: kept for k, v in view.connect.items() if (kept := visible(v))}
+    return out
 
 
 def instance_from_entry(entry: dict[str, Any], ignored_checks: frozenset[str] = frozenset()) -> Instance:
