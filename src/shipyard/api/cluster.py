@@ -1,5 +1,5 @@
-"""Wires a server into its cluster: which loops only the leader runs (scheduler, session reaping, autoscaler), the
-fence on the scheduler's commits, and the refusal of a cluster whose bus would live in one server's files.
+"""Wires a server into its cluster: which loops only the leader runs (scheduler, session reaping, autoscaler, the
+servers' node liveness), the fence on the scheduler's commits, and the refusal of an embedded bus on etcd.
 
 It composes parts (registry/servers.py elects, the loops do their work); it never decides leadership itself.
 """
@@ -10,6 +10,7 @@ import contextlib
 import logging
 from typing import Any
 
+from shipyard.agent.liveness import ServerNodeLiveness
 from shipyard.api.context import Platform, ServerConfig
 from shipyard.bus.autoscaler import BusAutoscaler
 from shipyard.errors import ShipyardError
@@ -19,6 +20,7 @@ from shipyard.store.etcd import EtcdStore
 log = logging.getLogger("shipyard.cluster")
 
 CLUSTER = "cluster"
+LIVENESS = "server-node-liveness"
 
 
 def check_cluster_bus(config: ServerConfig) -> None:
@@ -56,8 +58,15 @@ def attach_cluster(platform: Platform) -> None:
     async def deposed() -> None:
         await stop_leader_duties(platform)
 
-    cluster = ServerCluster(platform.store, me, ttl=config.leader_ttl, on_elected=elected, on_deposed=deposed)
+    async def rejoined() -> None:
+        await platform.catalog.start()  # its node and a passing serfHealth again
+        if platform.agent is not None:
+            await platform.agent.write_node()  # placeable again
+
+    cluster = ServerCluster(platform.store, me, ttl=config.leader_ttl, on_elected=elected, on_deposed=deposed,
+                            on_rejoined=rejoined)
     platform.extras[CLUSTER] = cluster
+    platform.extras[LIVENESS] = ServerNodeLiveness(cluster, platform.catalog, node_lost_after=config.node_lost_after)
     platform.sessions.reaping = False  # until elected
     if platform.scheduler is not None:
         platform.scheduler.fence = cluster.fence
@@ -71,10 +80,16 @@ async def start_leader_duties(platform: Platform) -> None:
     autoscaler = platform.extras.get("autoscaler")
     if isinstance(autoscaler, BusAutoscaler):
         await autoscaler.start()
+    liveness = platform.extras.get(LIVENESS)
+    if isinstance(liveness, ServerNodeLiveness):
+        await liveness.start()
 
 
 async def stop_leader_duties(platform: Platform) -> None:
     platform.sessions.reaping = False
+    liveness = platform.extras.get(LIVENESS)
+    if isinstance(liveness, ServerNodeLiveness):
+        await liveness.stop()
     autoscaler = platform.extras.get("autoscaler")
     if isinstance(autoscaler, BusAutoscaler):
         with contextlib.suppress(Exception):

@@ -77,6 +77,8 @@ def cli(ctx: click.Context, http_addr: str) -> None:
               help="With --store etcd: this is the only server on that etcd (allows the embedded bus).")
 @click.option("--leader-ttl", default=3, show_default=True, type=click.IntRange(2, 60),
               help="With --store etcd: seconds of the leadership lease; a dead leader is replaced within about this.")
+@click.option("--node-lost-after", default=15.0, show_default=True, type=click.FloatRange(0, 3600),
+              help="With --store etcd: seconds a server may be gone before the instances on its node are replaced.")
 @click.option("--enable-script-checks", is_flag=True, help="Allow health checks that run commands.")
 @click.option("--http-check-output", is_flag=True,
               help="Record HTTP checks' response bodies in their output (as Consul does); off: status line only.")
@@ -120,6 +122,7 @@ def server(
     bus_url: str,
     single_server: bool,
     leader_ttl: int,
+    node_lost_after: float,
     enable_script_checks: bool,
     http_check_output: bool,
     insecure_bind: bool,
@@ -166,6 +169,7 @@ def server(
         bus_url="" if bus_url in ("", "embedded") else bus_url,
         single_server=single_server,
         leader_ttl=leader_ttl,
+        node_lost_after=node_lost_after,
         dns=dns_config(dns_flags),
         tls=tls_config(dns_flags),
         **vault_settings(dns_flags, dev=dev),

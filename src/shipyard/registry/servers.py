@@ -67,12 +67,16 @@ class ServerCluster:
     """Registers this server, campaigns for leadership and keeps its lease alive; calls on_elected/on_deposed."""
 
     def __init__(self, store: Store, me: ServerInfo, *, ttl: int = DEFAULT_TTL,
-                 on_elected: Duty | None = None, on_deposed: Duty | None = None) -> None:
+                 on_elected: Duty | None = None, on_deposed: Duty | None = None,
+                 on_rejoined: Duty | None = None) -> None:
         self.store = store
         self.me = me
         self.ttl = ttl
         self.on_elected = on_elected
         self.on_deposed = on_deposed
+        # After its lease expired (cut off, paused) and it registered again: the leader may have taken its node
+        # out of placement meanwhile, so the server says it is back.
+        self.on_rejoined = on_rejoined
         self.elections_won = 0
         self._lease = 0
         self._leading = False
@@ -199,8 +203,11 @@ class ServerCluster:
     async def _run(self) -> None:
         """Keeps the lease alive every third of its TTL and campaigns whenever no leader key exists."""
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races the event, and a
+            # stop() would then wait forever for this loop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.ttl / 3)
+                async with asyncio.timeout(self.ttl / 3):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self._renew()
@@ -217,9 +224,13 @@ class ServerCluster:
     async def _renew(self) -> None:
         if not self._lease:
             await self._register()
+            log.info("cluster: %s registered again after losing its lease", self.me.name)
+            if self.on_rejoined is not None:
+                await self.on_rejoined()
             return
         sent = time.monotonic()
-        ttl = await asyncio.wait_for(self.store.keepalive(self._lease), self.ttl / 3)
+        async with asyncio.timeout(self.ttl / 3):
+            ttl = await self.store.keepalive(self._lease)
         self._deadline = sent + ttl * SAFETY
 
     async def _watchdog(self) -> None:

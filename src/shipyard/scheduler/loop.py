@@ -387,8 +387,11 @@ class SchedulerLoop:
             if recheck is None:
                 await self._dirty.wait()
             else:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races the event, and
+                # stop() (a leader stepping down) would then wait forever for this loop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._dirty.wait(), recheck)
+                    async with asyncio.timeout(recheck):
+                        await self._dirty.wait()
             self._dirty.clear()
             try:
                 _, recheck = await self.run_once()
