@@ -199,6 +199,8 @@ def test_audit_lines_hmac_every_secret(vault: tuple[VaultServer, hvac.Client], t
     read = admin.secrets.kv.v2.read_secret_version("audited", raise_on_deleted_version=True)
     assert read["data"]["data"]["password"] == "clear-text-password-123"
     admin.secrets.transit.encrypt_data("dk", b64(b"transit-plaintext-456"))
+    admin.auth.token.lookup_self()  # its answer carries the token itself ("id")
+    admin.auth.token.lookup(admin.token)
     with pytest.raises(hvac_errors.Forbidden):
         hvac.Client(url=admin.url, token="denied-token-789").secrets.kv.v2.read_secret_version(
             "audited", raise_on_deleted_version=True)

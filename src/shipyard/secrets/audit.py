@@ -18,7 +18,8 @@ from shipyard.errors import BadRequest
 # Fields Vault leaves in clear because they are not secret and operators search by them.
 _CLEAR_KEYS = frozenset({"policies", "token_policies", "type", "path", "operation", "mount_type", "version",
                          "key_version", "latest_version", "renewable", "lease_duration", "ttl", "num_uses",
-                         "remote_address", "id", "request_id", "namespace", "display_name", "orphan", "keys"})
+                         "remote_address", "request_id", "namespace", "display_name", "orphan", "keys"})
+# Not "id": a token lookup answers with the token itself under "id"; only the request's own id stays in clear.
 
 
 class FileAuditDevice:
@@ -72,6 +73,8 @@ def entry(kind: str, device: FileAuditDevice, auth: dict[str, Any] | None, reque
           response: dict[str, Any] | None = None, error: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "type": kind,
                            "auth": device.redact(auth or {}), "request": device.redact(request)}
+    if "id" in request:
+        out["request"]["id"] = request["id"]  # the request's own id (a UUID), to pair request and response lines
     if kind == "response":
         out["response"] = device.redact(response or {})
     if error:
