@@ -102,9 +102,7 @@ async def handle(core: VaultCore, req: Request) -> dict[str, Any] | None:
         return await _on_token(core, req, target, action.replace("-accessor", ""), "")
     if action.rstrip("/") == "accessors" and req.operation in ("list", "read"):
         return data_response({"keys": await core.tokens.accessors()})
-    if action.startswith("lookup/") and req.operation == "read":
-        target = await core.tokens.lookup(action[len("lookup/"):])
-        return await _on_token(core, req, target, "lookup", action[len("lookup/"):])
+    # Not Vault's deprecated GET auth/token/lookup/<token>: a token in a URL ends up in paths, logs and the audit.
     raise Missing()
 
 
