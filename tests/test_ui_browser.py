@@ -263,9 +263,19 @@ def test_console_walk_through(browser: Browser, hello_server: ServerProcess) -> 
     page.select_option("#log-stream", "stdout")
     expect(page.locator("#live-logs")).to_contain_text("greeting is now: mine", timeout=WAIT_MS)
 
-    # Gateway: the hello service's urlprefix route is in the table.
+    # Gateway: admin-API entities and the hello service's urlprefix route are in the tables.
+    json_type = {"Content-Type": "application/json"}
+    _http("POST", f"{server.url}/api/gateway/services", b'{"name": "legacy", "url": "http://127.0.0.1:9/v1"}',
+          json_type)
+    _http("POST", f"{server.url}/api/gateway/services/legacy/routes", b'{"name": "legacy-api", "paths": ["/v1"]}',
+          json_type)
+    _http("POST", f"{server.url}/api/gateway/consumers", b'{"username": "alice"}', json_type)
     page.get_by_role("link", name="Gateway").click()
-    expect(page.locator("#live-gateway")).to_contain_text("/hello")
+    gateway = page.locator("#live-gateway")
+    expect(gateway).to_contain_text("/hello")
+    expect(gateway.locator("tr", has_text="legacy-api")).to_contain_text("legacy")
+    expect(gateway).to_contain_text("http://127.0.0.1:9")
+    expect(gateway).to_contain_text("alice")
     expect(page.locator("table.metrics tbody tr").first).to_contain_text("hello")  # the greeting went through it
     _shot(page, "gateway")
 

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from aiohttp import web
-from jinja2 import Environment, FileSystemLoader, select_autoescape
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
 from shipyard.acl import ACLNotFound, Authorizer, PermissionDenied
@@ -38,6 +38,7 @@ LIVE_TICK = 2.0  # re-render at least this often: bus depth and logs are not in 
 SECRET: web.AppKey[bytes] = web.AppKey("ui_csrf_secret", bytes)
 
 TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
+                        undefined=StrictUndefined,  # a name a template uses but no view gives is an error, not ""
                         trim_blocks=True, lstrip_blocks=True)
 TEMPLATES.filters["when"] = views.when
 
@@ -105,7 +106,7 @@ def ui_handler(handler: Handler) -> Handler:
         except PermissionDenied as exc:
             if request.headers.get("HX-Request"):
                 return flash(request, str(exc.message), ok=False)
-            return render(request, "denied.html", {"message": exc.message}, status=403)
+            return render(request, "denied.html", {"title": "Not allowed", "message": exc.message}, status=403)
 
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__
@@ -299,7 +300,8 @@ async def kv_page(request: web.Request) -> web.StreamResponse:
         require(request, "key", key, "read")
         entry = await views.kv_entry(platform, key)
     return render(request, "kv.html", {"title": "Key/value", **listing, "key": key, "entry": entry,
-                                       "new": "new" in request.query})
+                                       "new": "new" in request.query, "saved": False, "conflict": False,
+                                       "draft": None})
 
 
 @ui_handler
@@ -427,7 +429,7 @@ async def _access_context(request: web.Request) -> dict[str, Any]:
     policies = sorted(await acl.policies(), key=lambda p: p.get("Name", ""))
     tokens = sorted(await acl.tokens(), key=lambda t: t.get("Description", ""))
     me = auth(request)
-    return {"title": "Access", "policies": policies, "tokens": tokens,
+    return {"title": "Access", "off": False, "policies": policies, "tokens": tokens,
             "me": me.accessor_id if me is not None else "",
             "can_write": me is None or me.allows("acl", "", "write")}
 

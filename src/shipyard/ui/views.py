@@ -189,11 +189,16 @@ async def _routes_of(platform: Platform, name: str) -> list[dict[str, Any]]:
     rows = [{"source": "tag", "paths": [p], "name": f"urlprefix-{p}", "hosts": []} for p in prefixes]
     gw_services = {s.get("id"): s for s in await _records(platform, SERVICES)}
     for route in await _records(platform, ROUTES):
-        target = gw_services.get((route.get("service") or {}).get("id"))
+        target = gw_services.get(_ref_id(route.get("service")))
         if target is not None and name in (target.get("name"), target.get("host")):
             rows.append({"source": "admin", "paths": route.get("paths") or [], "name": route.get("name") or "",
                          "hosts": route.get("hosts") or []})
     return rows
+
+
+def _ref_id(ref: Any) -> str:
+    """A stored reference to another entity: its id (as the store keeps it) or Kong's {"id": ...} shape."""
+    return str(ref.get("id") or "") if isinstance(ref, dict) else str(ref or "")
 
 
 async def _records(platform: Platform, kind: Kind) -> list[dict[str, Any]]:
@@ -203,12 +208,12 @@ async def _records(platform: Platform, kind: Kind) -> list[dict[str, Any]]:
 
 async def gateway(platform: Platform, auth: Authorizer | None) -> dict[str, Any]:
     if not can(auth, "gateway", ""):
-        return {"denied": True}
+        return {"denied": True, "metrics": None}
     services = await _records(platform, SERVICES)
     by_id = {s.get("id"): s.get("name") for s in services}
     routes = await _records(platform, ROUTES)
     for r in routes:
-        r["service_name"] = by_id.get((r.get("service") or {}).get("id"), "")
+        r["service_name"] = by_id.get(_ref_id(r.get("service")), "")
     snap = await platform.catalog.snapshot()
     tagged = sorted({(t.removeprefix("urlprefix-"), e.data.get("Service", "")) for e in snap.services.values()
                      for t in (e.data.get("Tags") or []) if t.startswith("urlprefix-")})
