@@ -297,6 +297,11 @@ def test_a_paused_leader_is_fenced_and_steps_down(cluster: Cluster) -> None:
         os.killpg(old.proc.pid, signal.SIGCONT)
     # Resumed, it must follow the new leader (and commit nothing): give it a moment to act on its stale state.
     wait_for("the resumed server to name the new leader", lambda: old.leader() == new.addr, timeout=15)
+    # It registered again: alive among the members, its node passing (it may have been marked lost meanwhile).
+    wait_for("the resumed server alive with a passing node", lambda: {
+        m["Name"]: m["Status"] for m in requests.get(new.url + "/v1/agent/members", timeout=5).json()
+    }[old.name] == 1 and all(c["Status"] == "passing" for c in requests.get(
+        new.url + f"/v1/health/node/{old.name}", timeout=5).json() if c["CheckID"] == "serfHealth"))
     deploy(old, "after-resume", 1)  # a write through it still works: it is a follower now
     wait_for("the app written through the old leader to run", lambda: running(new, "after-resume") == 1)
     record = cluster.etcd_get(LEADER_KEY)

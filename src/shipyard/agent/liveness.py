@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 
-from shipyard.registry.catalog import CRITICAL, SERF_CHECK_ID, Catalog
+from shipyard.registry.catalog import CRITICAL, PASSING, SERF_CHECK_ID, Catalog
 from shipyard.registry.servers import SERVERS, ServerCluster
 from shipyard.scheduler.records import node_key
 from shipyard.store import Compare, Delete, Get
@@ -63,7 +63,9 @@ class ServerNodeLiveness:
         for member in await self.cluster.members():
             name = member.server.name
             if member.status == 1 or member.server.id == self.cluster.me.id:
-                self._down_since.pop(name, None)
+                if self._down_since.pop(name, None) is not None:
+                    # Back (it says so itself too; this covers a pass of ours that raced its return).
+                    await self.catalog.update_check_status(name, SERF_CHECK_ID, PASSING, "Agent alive and reachable")
                 continue
             since = self._down_since.setdefault(name, now)
             why = "left the cluster" if member.status == 3 else "its lease expired (failed or cut off)"
