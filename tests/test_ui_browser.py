@@ -298,6 +298,7 @@ def test_console_walk_through(browser: Browser, hello_server: ServerProcess) -> 
     page.get_by_role("link", name="Overview").click()
     expect(page.locator("table.services")).to_be_visible()
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+    _shot(page, "overview-phone")
 
     context.close()
     assert watched.problems == []
