@@ -244,3 +244,26 @@ def test_engine_speaks_https_when_tls_is_configured(tmp_path: Path) -> None:
             requests.get(f"http://127.0.0.1:{server.vault_port}/v1/sys/health", timeout=5)
     finally:
         server.stop()
+
+
+def test_rekey_gives_new_shares_and_the_old_ones_stop_working(vault: VaultServer) -> None:
+    root, old_keys = init_and_unseal(vault, shares=3, threshold=2)
+    client = vault.client(root)
+    client.sys.enable_secrets_engine("kv", path="kv", options={"version": "1"})
+    client.secrets.kv.v1.create_or_update_secret("kept", secret={"v": "across rekey"}, mount_point="kv")
+    started = client.sys.start_rekey(secret_shares=5, secret_threshold=3)
+    assert started["started"] is True and started["n"] == 5 and started["t"] == 3 and started["required"] == 2
+    with pytest.raises(hvac_errors.InvalidRequest, match="nonce"):
+        client.sys.rekey(old_keys[0], nonce="wrong")
+    with pytest.raises(hvac_errors.InvalidRequest, match="do not rebuild"):
+        client.sys.rekey_multi([shamir.split(os.urandom(32), 3, 2)[0].hex(), old_keys[0]], nonce=started["nonce"])
+    done = client.sys.rekey_multi(old_keys[:2], nonce=started["nonce"])
+    assert done["complete"] is True and len(done["keys"]) == 5
+    client.sys.seal()
+    with pytest.raises(hvac_errors.InvalidRequest):
+        client.sys.submit_unseal_keys(old_keys)  # the old shares no longer unseal (t is 3 now: all three old ones)
+    client.sys.submit_unseal_key(reset=True)
+    client.sys.submit_unseal_keys(done["keys"][2:5])
+    assert not client.sys.is_sealed()
+    assert client.secrets.kv.v1.read_secret("kept", mount_point="kv")["data"] == {"v": "across rekey"}
+    assert client.sys.read_seal_status()["t"] == 3

@@ -7,6 +7,7 @@ configuration) to the store and never logs a key, a share or a value.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import time
@@ -82,6 +83,7 @@ class Barrier:
         self.keyring: Keyring | None = None
         self.unseal_shares: list[bytes] = []
         self.nonce = ""
+        self.rekey: dict[str, Any] | None = None  # a rekey in progress: nonce, new shares/threshold, shares given
 
     @property
     def sealed(self) -> bool:
@@ -145,16 +147,78 @@ class Barrier:
             raise BadRequest("invalid key length")
         self.keyring = Keyring.from_json(root_key, raw)
 
+    def rekey_status(self) -> dict[str, Any]:
+        pending = self.rekey
+        return {"started": pending is not None, "nonce": pending["nonce"] if pending else "",
+                "t": pending["threshold"] if pending else 0, "n": pending["shares"] if pending else 0,
+                "progress": len(pending["submitted"]) if pending else 0, "required": 0,
+                "pgp_fingerprints": None, "backup": False, "verification_required": False}
+
+    async def rekey_init(self, shares: int, threshold: int) -> dict[str, Any]:
+        """Starts replacing the key shares (a new root key; the keyring and the data stay): Vault's sys/rekey."""
+        self._ring()
+        if self.rekey is not None:
+            raise BadRequest("rekey already in progress")
+        if shares < 1 or threshold < 1 or threshold > shares or (shares > 1 and threshold < 2) or shares > 255:
+            raise BadRequest("invalid seal configuration: threshold must be 1..shares (and at least 2 when "
+                             "shares > 1), shares at most 255")
+        self.rekey = {"nonce": base64.urlsafe_b64encode(os.urandom(12)).decode(), "shares": shares,
+                      "threshold": threshold, "submitted": []}
+        return await self.rekey_view()
+
+    async def rekey_view(self) -> dict[str, Any]:
+        config = await self.seal_config() or {}
+        return {**self.rekey_status(), "required": config.get("secret_threshold", 0)}
+
+    async def rekey_update(self, share: bytes, nonce: str) -> dict[str, Any]:
+        """One current share; at the current threshold, a new root key re-wraps the keyring and new shares are
+        returned (once). Shares that do not rebuild the current root key cancel nothing but are refused."""
+        ring = self._ring()
+        pending = self.rekey
+        if pending is None:
+            raise BadRequest("no rekey in progress")
+        if nonce != pending["nonce"]:
+            raise BadRequest("incorrect nonce")
+        if share not in pending["submitted"]:
+            pending["submitted"].append(share)
+        config = await self.seal_config() or {}
+        if len(pending["submitted"]) < config.get("secret_threshold", 1):
+            return await self.rekey_view()
+        submitted, pending["submitted"] = pending["submitted"], []
+        try:
+            rebuilt = submitted[0] if len(submitted) == 1 else shamir.combine(submitted)
+        except BadRequest:
+            rebuilt = b""
+        if rebuilt != ring.root_key:
+            raise BadRequest("failed to rekey: the key shares do not rebuild the current root key; progress reset")
+        return await self._finish_rekey(ring, pending)
+
+    async def _finish_rekey(self, ring: Keyring, pending: dict[str, Any]) -> dict[str, Any]:
+        root_key = os.urandom(32)
+        shares, threshold = pending["shares"], pending["threshold"]
+        parts = [root_key] if shares == 1 else shamir.split(root_key, shares, threshold)
+        config = json.dumps({"secret_shares": shares, "secret_threshold": threshold, "type": "shamir"}).encode()
+        wrapped = seal_bytes(root_key, 0, Keyring(root_key, ring.keys, ring.install_times).to_json(), KEYRING.encode())
+        await self.store.txn([], [Put(KEYRING, wrapped), Put(SEAL_CONFIG, config)])
+        self.keyring = Keyring(root_key, ring.keys, ring.install_times)
+        self.rekey = None
+        return {"complete": True, "nonce": pending["nonce"], "keys": [p.hex() for p in parts],
+                "keys_base64": [base64.b64encode(p).decode() for p in parts], "backup": False,
+                "verification_required": False}
+
     async def reload_keyring(self) -> None:
-        """Another server sharing the store may have rotated: re-read the keyring under the root key we hold."""
+        """Another server sharing the store may have rotated: re-read the keyring under the root key we hold. After
+        another server's rekey (a new root key) we cannot, and keep the terms we have until unsealed again."""
         if self.keyring is not None:
-            await self.unseal_with(self.keyring.root_key)
+            with contextlib.suppress(InvalidTag, BadRequest):
+                await self.unseal_with(self.keyring.root_key)
 
     def reset_progress(self) -> None:
         self.unseal_shares, self.nonce = [], ""
 
     def seal(self) -> None:
         self.keyring = None
+        self.rekey = None
         self.reset_progress()
 
     def _ring(self) -> Keyring:

@@ -28,7 +28,8 @@ from shipyard.store import follow_prefix
 
 VERSION = "1.15.0+shipyard"
 # Answered while sealed and without a token, as in Vault.
-UNAUTHENTICATED = ("sys/init", "sys/unseal", "sys/seal-status", "sys/health", "sys/leader")
+UNAUTHENTICATED = ("sys/init", "sys/unseal", "sys/seal-status", "sys/health", "sys/leader", "sys/rekey/init",
+                   "sys/rekey/update")
 # Paths that need `sudo` besides their operation's capability (Vault's root-protected paths).
 SUDO_PATHS = ("sys/seal", "sys/rotate", "sys/audit", "sys/auth/", "sys/raw", "auth/token/accessors",
               "auth/token/revoke-orphan", "sys/leases/revoke-prefix", "sys/leases/revoke-force",

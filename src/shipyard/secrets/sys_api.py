@@ -10,11 +10,18 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from shipyard.errors import BadRequest
+from shipyard.secrets.barrier import Sealed
 from shipyard.secrets.policy import parse_policy
 from shipyard.secrets.request import Missing, Request, UnsupportedOperation, data_response
 
 if TYPE_CHECKING:
     from shipyard.secrets.core import VaultCore
+
+
+def decode_key(value: Any) -> bytes:
+    from shipyard.secrets.core import decode_key as decode
+
+    return decode(value)
 
 Handler = Callable[["VaultCore", Request, str], Awaitable["dict[str, Any] | None"]]
 _WRITE = ("create", "update")
@@ -36,10 +43,32 @@ async def handle_unauthenticated(core: VaultCore, req: Request) -> dict[str, Any
         if req.operation not in _WRITE:
             raise UnsupportedOperation()
         return await core.unseal(req.data)
+    if req.path.startswith("sys/rekey/"):
+        return await _rekey(core, req)
     if req.path == "sys/leader":
         return {"ha_enabled": False, "is_self": True, "leader_address": "", "leader_cluster_address": "",
                 "performance_standby": False, "raft_committed_index": 0}
     return await core.seal_status()  # sys/seal-status (sys/health is answered by the edge with its codes)
+
+
+async def _rekey(core: VaultCore, req: Request) -> dict[str, Any] | None:
+    """Vault's sys/rekey: new key shares for the same data, authorised by the current shares (no token)."""
+    barrier = core.barrier
+    if barrier.sealed:
+        raise Sealed()
+    if req.path == "sys/rekey/update":
+        if req.operation not in _WRITE:
+            raise UnsupportedOperation()
+        return await barrier.rekey_update(decode_key(req.data.get("key")), str(req.data.get("nonce") or ""))
+    if req.operation == "read":
+        return await barrier.rekey_view()
+    if req.operation == "delete":
+        barrier.rekey = None
+        return None
+    if req.data.get("pgp_keys") or req.data.get("require_verification"):
+        raise BadRequest("pgp_keys and require_verification are not supported")
+    return await barrier.rekey_init(_int(req.data.get("secret_shares"), "secret_shares"),
+                                    _int(req.data.get("secret_threshold"), "secret_threshold"))
 
 
 def _int(value: Any, name: str) -> int:
