@@ -267,3 +267,26 @@ def test_rekey_gives_new_shares_and_the_old_ones_stop_working(vault: VaultServer
     assert not client.sys.is_sealed()
     assert client.secrets.kv.v1.read_secret("kept", mount_point="kv")["data"] == {"v": "across rekey"}
     assert client.sys.read_seal_status()["t"] == 3
+
+
+def test_generate_root_from_the_shares_with_a_one_time_pad(vault: VaultServer) -> None:
+    import base64
+
+    root, keys = init_and_unseal(vault, shares=3, threshold=2)
+    vault.client(root).auth.token.revoke_self()  # every root token gone
+    client = vault.client()
+    started = client.sys.start_root_token_generation()
+    otp, nonce = started["otp"], started["nonce"]
+    assert started["started"] is True and started["required"] == 2 and len(otp) == 28
+    assert client.sys.generate_root(keys[0], nonce)["progress"] == 1
+    done = client.sys.generate_root(keys[2], nonce)
+    assert done["complete"] is True
+    encoded = done["encoded_token"]
+    token = bytes(a ^ b for a, b in zip(base64.b64decode(encoded + "=" * (-len(encoded) % 4)), otp.encode(),
+                                        strict=True)).decode()
+    assert token.startswith("hvs.") and token.encode() not in encoded.encode()
+    assert vault.client(token).auth.token.lookup_self()["data"]["policies"] == ["root"]
+    started = client.sys.start_root_token_generation()
+    client.sys.generate_root(shamir.split(os.urandom(32), 3, 2)[0].hex(), started["nonce"])
+    with pytest.raises(hvac_errors.InvalidRequest, match="do not rebuild"):
+        client.sys.generate_root(keys[1], started["nonce"])

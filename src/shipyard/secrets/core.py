@@ -29,7 +29,7 @@ from shipyard.store import follow_prefix
 VERSION = "1.15.0+shipyard"
 # Answered while sealed and without a token, as in Vault.
 UNAUTHENTICATED = ("sys/init", "sys/unseal", "sys/seal-status", "sys/health", "sys/leader", "sys/rekey/init",
-                   "sys/rekey/update")
+                   "sys/rekey/update", "sys/generate-root/attempt", "sys/generate-root/update")
 # Paths that need `sudo` besides their operation's capability (Vault's root-protected paths).
 SUDO_PATHS = ("sys/seal", "sys/rotate", "sys/audit", "sys/auth/", "sys/raw", "auth/token/accessors",
               "auth/token/revoke-orphan", "sys/leases/revoke-prefix", "sys/leases/revoke-force",
@@ -72,6 +72,7 @@ class VaultCore:
         self.on_unseal: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._followers: list[asyncio.Task[None]] = []
+        self.root_generation: Any = None  # a sys/generate-root attempt in progress (generate_root.RootGeneration)
 
     # --- seal lifecycle -------------------------------------------------------------------------------------
     async def initialize(self, shares: int, threshold: int) -> dict[str, Any]:

@@ -45,6 +45,10 @@ async def handle_unauthenticated(core: VaultCore, req: Request) -> dict[str, Any
         return await core.unseal(req.data)
     if req.path.startswith("sys/rekey/"):
         return await _rekey(core, req)
+    if req.path.startswith("sys/generate-root/"):
+        from shipyard.secrets.generate_root import handle as generate_root
+
+        return await generate_root(core, req)
     if req.path == "sys/leader":
         return {"ha_enabled": False, "is_self": True, "leader_address": "", "leader_cluster_address": "",
                 "performance_standby": False, "raft_committed_index": 0}
