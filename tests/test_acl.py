@@ -483,3 +483,15 @@ def test_dns_answers_only_what_the_anonymous_token_may_read(acl_server: ServerPr
     finally:
         admin.acl.token.update(ANONYMOUS_TOKEN_ID, description="Anonymous Token")
     assert ask().rcode() == dns.rcode.NXDOMAIN
+
+
+def test_templated_policy_builtin_service_grants_like_a_service_identity(acl_server: ServerProcess,
+                                                                         admin: consul.Consul) -> None:
+    token = admin.acl.token.create(templated_policies=[{"builtin/service": {"Name": "ledger"}}])["SecretID"]
+    assert call(acl_server, "PUT", "/v1/agent/service/register", token,
+                json={"Name": "ledger", "ID": "ledger-1", "Port": 9}).status_code == 200
+    assert call(acl_server, "PUT", "/v1/agent/service/register", token,
+                json={"Name": "other", "ID": "other-1", "Port": 9}).status_code == 403
+    bad = call(acl_server, "PUT", "/v1/acl/token", MANAGEMENT,
+               json={"TemplatedPolicies": [{"TemplateName": "builtin/nope", "TemplateVariables": {"name": "x"}}]})
+    assert bad.status_code == 400 and "builtin/nope" in bad.text

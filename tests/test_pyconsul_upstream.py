@@ -41,13 +41,6 @@ EXPECTED_FAILURES: dict[str, str] = {
     "tests/api/test_acl.py::TestConsulAcl::test_acl_token_create": _HIDDEN,
     "tests/api/test_acl.py::TestConsulAcl::test_acl_auth_method_crud": "ACL auth methods are not implemented",
     "tests/api/test_acl.py::TestConsulAcl::test_acl_binding_rule_crud": "ACL binding rules are not implemented",
-    "tests/api/test_acl.py::TestConsulAcl::test_acl_token_create_templated": "templated policies are not implemented",
-    "tests/api/test_acl_templated_policy.py::TestConsulAclTemplatedPolicy::test_acl_templated_policy_list":
-        "templated policies are not implemented",
-    "tests/api/test_acl_templated_policy.py::TestConsulAclTemplatedPolicy::test_acl_templated_policy_preview":
-        "templated policies are not implemented",
-    "tests/api/test_acl_templated_policy.py::TestConsulAclTemplatedPolicy::test_acl_templated_policy_read":
-        "templated policies are not implemented",
 }
 
 PYTEST_INI = """[pytest]

@@ -24,6 +24,7 @@ import orjson
 
 from shipyard.acl.authorizer import ANONYMOUS_TOKEN_ID, MANAGEMENT_POLICY_ID, ACLNotFound, Authorizer
 from shipyard.acl.rules import MANAGEMENT_RULES, Rule, parse_rules
+from shipyard.acl.templates import render, variables_of
 from shipyard.errors import BadRequest, ShipyardError
 from shipyard.store import Store
 from shipyard.store.base import Compare, Put
@@ -283,6 +284,8 @@ class ACLState:
                  "CreateTime": _now()}
         if body.get("ExpirationTime"):
             token["ExpirationTime"] = body["ExpirationTime"]
+        if body.get("TemplatedPolicies"):
+            token["TemplatedPolicies"] = body["TemplatedPolicies"]
         return token
 
     async def _put_token(self, token: dict[str, Any], *, new_secret: bool = True) -> None:
@@ -298,7 +301,8 @@ class ACLState:
                   "Policies": await self._links(body.get("Policies"), "Policy"),
                   "Roles": await self._links(body.get("Roles"), "Role"),
                   "ServiceIdentities": _service_identities(body.get("ServiceIdentities")),
-                  "NodeIdentities": body.get("NodeIdentities") or []}
+                  "NodeIdentities": body.get("NodeIdentities") or [],
+                  "TemplatedPolicies": _templated(body.get("TemplatedPolicies"))}
         ttl = body.get("ExpirationTTL")
         if ttl:
             seconds = _duration(ttl)
@@ -402,7 +406,8 @@ class ACLState:
                 "Description": str(body.get("Description") or ""),
                 "Policies": await self._links(body.get("Policies"), "Policy"),
                 "ServiceIdentities": _service_identities(body.get("ServiceIdentities")),
-                "NodeIdentities": body.get("NodeIdentities") or []}
+                "NodeIdentities": body.get("NodeIdentities") or [],
+                "TemplatedPolicies": _templated(body.get("TemplatedPolicies"))}
         role["Hash"] = _hash(role)
         await self.store.put(ROLES + role_id, orjson.dumps(role))
         self.invalidate()
@@ -490,7 +495,20 @@ def _identity_rules(record: dict[str, Any]) -> list[Rule]:
         rules += service_identity_rules(identity["ServiceName"])
     for identity in record.get("NodeIdentities") or []:
         rules += node_identity_rules(identity["NodeName"])
+    for entry in record.get("TemplatedPolicies") or []:
+        rules += parse_rules(render(entry["TemplateName"], entry.get("TemplateVariables") or {}))
     return rules
+
+
+def _templated(value: Any) -> list[dict[str, Any]]:
+    """Consul's TemplatedPolicies: [{TemplateName, TemplateVariables: {name}}], checked against the builtins."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+        raise BadRequest("TemplatedPolicies must be a list of objects with TemplateName")
+    return [{"TemplateName": str(x.get("TemplateName")),
+             "TemplateVariables": variables_of(str(x.get("TemplateName")), x.get("TemplateVariables"))}
+            for x in value]
 
 
 def _service_identities(value: Any) -> list[dict[str, Any]]:

@@ -272,6 +272,7 @@ CONSUL: dict[tuple[str, str], Rule] = {
     # The ACL API: bootstrap needs no token; token/self needs only a valid one (resolving it is the check).
     ("PUT", "/v1/acl/bootstrap"): fixed(),
     ("GET", "/v1/acl/token/self"): fixed(),
+    ("POST", "/v1/acl/templated-policy/preview/{name}"): fixed(("acl", "", READ)),  # renders; writes nothing
 }
 
 

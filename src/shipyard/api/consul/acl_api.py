@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 
 from shipyard.acl.state import ACLState
+from shipyard.acl.templates import TEMPLATES, render, template_json, variables_of
 from shipyard.api.acl_guard import token_of
 from shipyard.api.consul.common import ConsulError
 from shipyard.api.context import platform_of
@@ -31,7 +32,7 @@ AGENT_TOKEN_KINDS = frozenset({"default", "agent", "agent_recovery", "agent_mast
 _FIELDS = {f.lower(): f for f in (
     "ID", "Name", "Description", "Rules", "Datacenters", "AccessorID", "SecretID", "Policies", "Roles",
     "ServiceIdentities", "NodeIdentities", "ServiceName", "NodeName", "Datacenter", "Local", "ExpirationTime",
-    "ExpirationTTL", "Token", "BootstrapSecret", "TemplatedPolicies")}
+    "ExpirationTTL", "Token", "BootstrapSecret", "TemplatedPolicies", "TemplateName", "TemplateVariables")}
 
 
 def canonical_fields(data: Any) -> Any:
@@ -232,6 +233,31 @@ async def agent_token(request: web.Request) -> web.Response:
         state.default_token = token
         state.invalidate()
     return web.Response(status=200)
+
+
+# ---- templated policies ----------------------------------------------------------------------------------------
+@routes.get("/v1/acl/templated-policies")
+async def templated_policy_list(request: web.Request) -> web.Response:
+    return _json({name: template_json(name) for name in TEMPLATES})
+
+
+@routes.get("/v1/acl/templated-policy/name/{name:.+}")
+async def templated_policy_read(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if name not in TEMPLATES:
+        raise ConsulError(404, f"ACL not found: Requested templated policy {name} does not exist")
+    return _json(template_json(name))
+
+
+@routes.post("/v1/acl/templated-policy/preview/{name:.+}")
+async def templated_policy_preview(request: web.Request) -> web.Response:
+    """The policy a template renders to with these variables, as Consul shows it (a synthetic policy)."""
+    name = request.match_info["name"]
+    variables = variables_of(name, await _body(request))
+    rules = render(name, variables)
+    return _json({"ID": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{name}:{variables}")),
+                  "Name": f"synthetic-policy-{uuid.uuid4().hex[:16]}", "Description": f"synthetic policy of {name}",
+                  "Rules": rules})
 
 
 @routes.route("*", "/v1/acl/{tail:.*}")
