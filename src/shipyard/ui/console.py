@@ -34,7 +34,8 @@ COOKIE = "shipyard_ui_token"
 CSRF_HEADER = "X-Shipyard-CSRF"
 FORM = "application/x-www-form-urlencoded"
 LIVE_WAIT = 25.0  # seconds a live fragment waits for a change before answering unchanged (proxies cut ~30s+)
-LIVE_TICK = 2.0  # re-render at least this often: bus depth and logs are not in the store, so no watch wakes them
+LIVE_TICK = 2.0  # how often views of what is not in the store (bus depth, logs, gateway counters) re-render
+TICKED_VIEWS = frozenset({"bus", "logs", "gateway"})  # the others change only with a store write, which wakes them
 SECRET: web.AppKey[bytes] = web.AppKey("ui_csrf_secret", bytes)
 
 TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
@@ -238,7 +239,8 @@ async def live(request: web.Request) -> web.StreamResponse:
         gone = request.transport is None or request.transport.is_closing()
         if _digest(html) != seen or loop.time() >= deadline or gone:
             break
-        await wait_for_change(platform_of(request), min(LIVE_TICK, deadline - loop.time()))
+        remaining = deadline - loop.time()
+        await wait_for_change(platform_of(request), min(LIVE_TICK, remaining) if view in TICKED_VIEWS else remaining)
         await viewer(request)  # a token deleted meanwhile ends the view (to the login page)
     return web.Response(text=str(live_block(view, params, html)), content_type="text/html",
                         headers={"Cache-Control": "no-store"})
