@@ -414,3 +414,46 @@ def test_a_server_on_sqlite_is_one_server_leading_itself_and_says_so(tmp_path: P
         assert "single server (embedded SQLite store): it is the leader" in server.log_tail()
     finally:
         server.stop()
+
+
+def test_a_server_cut_off_has_its_instances_replaced_and_stops_them_when_back(cluster: Cluster) -> None:
+    leader = wait_for("one leader", cluster.agreed_leader)
+    cut, other = [s for s in cluster.servers if s is not leader]
+    assert cut.proc is not None
+    # The app's instance on the server about to be cut off (the other nodes ineligible while it is placed).
+    cluster.set_eligible(leader.name, False)
+    cluster.set_eligible(other.name, False)
+    deploy(leader, "moved", 1)
+    wait_for("the app to run on the server to cut off", lambda: hosts(leader, "moved") == {cut.address})
+    cluster.set_eligible(leader.name, True)
+    cluster.set_eligible(other.name, True)
+    shims = instance_pids(cut)
+    assert shims, "no instance of the app found in the cut-off server's data dir"
+    os.killpg(cut.proc.pid, signal.SIGSTOP)  # its instances (own sessions) keep running, as on a partitioned host
+    try:
+        cut_at = time.monotonic()
+        wait_for("the instance to be replaced on another node",
+                 lambda: hosts(leader, "moved") - {cut.address} != set(), timeout=45)
+        print(f"\ninstance of a cut-off server replaced after {time.monotonic() - cut_at:.2f}s "
+              f"(lease {TTL}s, --node-lost-after {LOST_AFTER}s)")
+    finally:
+        os.killpg(cut.proc.pid, signal.SIGCONT)
+    wait_for("the superseded instance stopped once its server is back", lambda: not any(alive(p) for p in shims))
+    wait_for("one instance, not on the server that was cut off",
+             lambda: running(leader, "moved") == 1 and cut.address not in hosts(leader, "moved"))
+
+
+def instance_pids(server: ClusterServer) -> list[int]:
+    pids = []
+    for state_file in (server.data_dir / "agent" / "instances").glob("*/state.json"):
+        state = json.loads(state_file.read_text())
+        pids.append(int(state["shim_pid"]))
+    return [p for p in pids if alive(p)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:].split()[0] not in (b"Z", b"X")

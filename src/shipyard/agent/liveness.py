@@ -70,7 +70,7 @@ class ServerNodeLiveness:
             since = self._down_since.setdefault(name, now)
             why = "left the cluster" if member.status == 3 else "its lease expired (failed or cut off)"
             if await self.catalog.update_check_status(name, SERF_CHECK_ID, CRITICAL, f"Agent not live: {why}"):
-                log.warning("cluster: server %s %s: its node is critical", name, why)
+                log.warning("cluster: server %s is gone (%s): its node is critical", name, why)
             if now - since >= self.node_lost_after:
                 await self._remove_node(member.server.id, name)
 
