@@ -144,7 +144,7 @@ def apply_service_policies(api: ApiClient, project_dir: Path) -> None:
         return
     for path in files:
         name, rules = f"service-{path.stem}", path.read_text()
-        found = api.request("GET", f"/v1/acl/policy/name/{name}", ok_statuses=(200, 401, 403))
+        found = api.request("GET", f"/v1/acl/policy/name/{name}", ok_statuses=(200, 401, 403, 404))
         if found.status_code == 401:
             return  # the server has no ACLs: nothing to grant
         current = found.json() if found.status_code == 200 else None
