@@ -29,7 +29,8 @@ def test_demo_with_acls_default_deny(tmp_path: Path) -> None:
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     assert "ACL management token (shown once" in out
-    assert "ACL policy service-auth: created from" in out
+    for service in ("auth", "files", "transcode"):  # the project's acl/<service>.hcl
+        assert f"ACL policy service-{service}: created from" in out
     assert "all services healthy (6 jobs)" in out
     assert "without a token -> 401" in out  # the gateway routes: its workers read the store with their token
     assert "export SHIPYARD_HTTP_TOKEN=$(cat" in out
