@@ -6,6 +6,7 @@ Turns every transport or HTTP failure into a ShipyardError with one clear line; 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,6 +47,16 @@ class ApiClient:
         # The ACL token from SHIPYARD_HTTP_TOKEN or CONSUL_HTTP_TOKEN, as Consul's CLI sends it.
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, verify=tls.httpx_verify(self.base_url),
                                   headers=token_headers())
+        self._told_filtered = False
+
+    def _note_filtered(self, response: httpx.Response) -> None:
+        """Once per command: an answer the server cut down to what the token may read (else an empty list under
+        ACLs looks like an empty platform)."""
+        if self._told_filtered or response.headers.get("X-Consul-Results-Filtered-By-ACLs") != "true":
+            return
+        self._told_filtered = True
+        hint = "" if self.has_token else " (no token sent: set SHIPYARD_HTTP_TOKEN or CONSUL_HTTP_TOKEN)"
+        print(f"note: the server left out what this ACL token may not read{hint}", file=sys.stderr)
 
     def use_token(self, token: str) -> None:
         """Send this ACL token from now on (e.g. the management token `up` just bootstrapped)."""
@@ -77,6 +88,7 @@ class ApiClient:
         if response.status_code not in ok_statuses:
             text = _error_text(response)
             raise ShipyardError(f"{method} {path} failed ({response.status_code}): {text}", status=response.status_code)
+        self._note_filtered(response)
         return response
 
     @contextlib.contextmanager
