@@ -102,10 +102,13 @@ rabbitmq_up() {
 }
 
 server_up() {
-  local h=$1
+  local h=$1 members
+  # Its own host's etcd member first, then the others: a server outlives the loss of its local member.
+  members="$(addr "$h"):2379"
+  for o in "${HOSTS[@]}"; do [ "$o" = "$h" ] || members+=",$(addr "$o"):2379"; done
   # --insecure-bind: a private lab network without ACLs or TLS; never do this on a real network.
   spawn "$h" "server-$h" "$SHIPYARD" server --bind "$(addr "$h")" --insecure-bind --node "server-$h" \
-    --data-dir "$DIR/server-$h" --store "etcd://$(addr "$h"):2379/shipyard" \
+    --data-dir "$DIR/server-$h" --store "etcd://$members/shipyard" \
     --bus "amqp://guest:guest@$(addr 1):5672/" --leader-ttl "$LEADER_TTL" --gateway-workers 1 --vault-port 0
 }
 

@@ -30,7 +30,7 @@ from shipyard.scheduler.records import ALLOCS, PLAN_GUARD, encode_node, node_key
 from shipyard.spec import Resources, TaskSpec
 from shipyard.store import Put
 from shipyard.store.etcd import EtcdStore
-from support import EtcdProcess, ServerProcess, need_peer
+from support import EtcdProcess, ServerProcess, free_port, need_peer
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 TTL = 2  # --leader-ttl of the servers under test
@@ -457,3 +457,33 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(b")") + 2:].split()[0] not in (b"Z", b"X")
+
+
+# ---- several etcd members in --store -------------------------------------------------------------------------
+
+
+async def test_the_etcd_store_skips_a_member_that_cannot_be_reached(tmp_path: Path) -> None:
+    etcd = EtcdProcess(tmp_path / "etcd").start()
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: a member that is down
+    store = await EtcdStore.open(f"{dead},{etcd.url}", namespace="members/")
+    try:
+        watcher = await store.watch("k", prefix=True).start()
+        revision = await store.put("k/1", b"v")
+        assert (await store.get("k/1")) is not None and store.url == etcd.url
+        batch = await watcher.__anext__()
+        assert batch[0].kv.key == "k/1" and batch[0].revision == revision
+        watcher.cancel()
+    finally:
+        await store.close()
+        etcd.stop()
+
+
+def test_a_server_given_several_etcd_members_serves_while_one_is_down(tmp_path: Path, etcd: EtcdProcess) -> None:
+    members = f"127.0.0.1:{free_port()},127.0.0.1:{etcd.client_port}"
+    server = ServerProcess(tmp_path / "data", "--store", f"etcd://{members}/{NAMESPACE}", "--single-server",
+                           "--no-gateway", "--vault-port", "0").start()
+    try:
+        assert requests.put(server.url + "/v1/kv/greeting", data=b"hi", timeout=5).json() is True
+        assert requests.get(server.url + "/v1/kv/greeting?raw", timeout=5).content == b"hi"
+    finally:
+        server.stop()

@@ -100,14 +100,16 @@ def lock_data_dir(data_dir: str) -> int:
 
 
 async def open_store(config: ServerConfig) -> Store:
-    """The embedded SQLite store by default; etcd when --store etcd://host:port[/namespace] is given."""
+    """The embedded SQLite store by default; etcd when --store etcd://host:port[,host:port...][/namespace] is
+    given (several members: one that cannot be reached is skipped)."""
     if config.store_url:
         parsed = urlsplit(config.store_url)
         if parsed.scheme not in ("etcd", "etcd+http") or not parsed.netloc:
             raise ShipyardError(f"unsupported --store {config.store_url!r}: use etcd://host:port[/namespace]")
         namespace = parsed.path.strip("/") + "/" if parsed.path.strip("/") else "shipyard/"
+        members = ",".join(f"http://{member}" for member in parsed.netloc.split(",") if member)
         try:
-            return await EtcdStore.open(f"http://{parsed.netloc}", namespace=namespace)
+            return await EtcdStore.open(members, namespace=namespace)
         except (StoreError, OSError, TimeoutError) as exc:
             raise ShipyardError(f"cannot use etcd at {parsed.netloc}: {exc}") from None
     db_path = None if config.data_dir is None else os.path.join(config.data_dir, "store.db")

@@ -66,7 +66,7 @@ def cli(ctx: click.Context, http_addr: str) -> None:
 @click.option("--dev", is_flag=True, help="Keep all state in memory only (nothing on disk).")
 @click.option(
     "--store", "store_url", default="", envvar="SHIPYARD_STORE",
-    show_envvar=True, help="Keep state in etcd instead: etcd://host:port[/namespace].",
+    show_envvar=True, help="Keep state in etcd instead: etcd://host:port[,host:port...][/namespace].",
 )
 @click.option(
     "--bus", "bus_url", default="embedded", show_default=True, envvar="SHIPYARD_BUS", show_envvar=True,

@@ -83,11 +83,16 @@ class EtcdWatcher:
     async def start(self) -> EtcdWatcher:
         if self._response is None:
             session = await self._store.session()
-            self._response = await session.post(
-                self._store.url + "/v3/watch",
-                data=orjson.dumps({"create_request": self._request}),
-                timeout=aiohttp.ClientTimeout(total=None),
-            )
+            url = self._store.url
+            try:
+                self._response = await session.post(
+                    url + "/v3/watch",
+                    data=orjson.dumps({"create_request": self._request}),
+                    timeout=aiohttp.ClientTimeout(total=None),
+                )
+            except aiohttp.ClientError as exc:
+                self._store.next_endpoint(url)  # the caller's retry watches through another member
+                raise StoreError(f"etcd at {url} unreachable: {exc}", status=503) from None
             if self._response.status != 200:
                 text = await self._response.text()
                 raise StoreError(f"etcd watch failed ({self._response.status}): {text}")
@@ -127,14 +132,17 @@ class EtcdWatcher:
 
 
 class EtcdStore:
-    """Store protocol on etcd. `url` is a client URL such as http://127.0.0.1:2379.
+    """Store protocol on etcd. `url` is a client URL such as http://127.0.0.1:2379, or several members' URLs
+    separated by commas: a member that cannot be reached is skipped for the next one (any member serves every
+    request of an etcd cluster, linearizably).
 
     etcd forgets deletions once they are compacted and does not report them in a range, so this
     backend follows every change under its namespace with one watch and remembers deletions seen
     since it started: that is what makes a prefix's index include tombstones, as with SQLite."""
 
     def __init__(self, url: str, *, namespace: str = "shipyard/") -> None:
-        self.url = url.rstrip("/")
+        self.urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
+        self.url = self.urls[0]
         self.namespace = namespace
         self._ns = namespace.encode()
         self._session: aiohttp.ClientSession | None = None
@@ -159,13 +167,29 @@ class EtcdStore:
             self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30))
         return self._session
 
+    def next_endpoint(self, failed: str) -> None:
+        """After `failed` could not be reached: use the next member (once, however many requests saw it fail)."""
+        if self.url == failed and len(self.urls) > 1:
+            self.url = self.urls[(self.urls.index(failed) + 1) % len(self.urls)]
+            log.warning("etcd member %s unreachable; using %s", failed, self.url)
+
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         session = await self.session()
-        try:
-            async with session.post(self.url + path, data=orjson.dumps(body)) as response:
-                data = orjson.loads(await response.read())
-        except aiohttp.ClientError as exc:
-            raise StoreError(f"etcd at {self.url} unreachable: {exc}", status=503) from None
+        # Only a request that never reached a member is sent again (to the next one): one that may have been
+        # applied (a timeout after sending) is reported, never repeated.
+        for _ in range(len(self.urls)):
+            url = self.url
+            try:
+                async with session.post(url + path, data=orjson.dumps(body)) as response:
+                    data = orjson.loads(await response.read())
+                break
+            except aiohttp.ClientConnectorError as exc:
+                self.next_endpoint(url)
+                error = f"etcd at {url} unreachable: {exc}"
+            except aiohttp.ClientError as exc:
+                raise StoreError(f"etcd at {url} unreachable: {exc}", status=503) from None
+        else:
+            raise StoreError(error, status=503)
         if response.status != 200 or "error" in data:
             message = data.get("error") or data.get("message") or f"HTTP {response.status}"
             if "lease not found" in message:
