@@ -150,6 +150,8 @@ def test_token_crud_list_clone_and_self(acl_server: ServerProcess, admin: consul
     assert read["Description"] == "ci" and read["SecretID"] == "<hidden>"
     assert [t["AccessorID"] for t in admin.acl.token.list(policy=policy["ID"])] == [token["AccessorID"]]
     assert [t["AccessorID"] for t in admin.acl.token.list(role=role["ID"])] == [with_role["AccessorID"]]
+    billing = admin.acl.token.create(service_identities=[{"ServiceName": "ledger-api"}])
+    assert [t["AccessorID"] for t in admin.acl.token.list(servicename="ledger-api")] == [billing["AccessorID"]]
     me = consul.Consul(host="127.0.0.1", port=acl_server.http_port, token=token["SecretID"]).acl.token.read_self()
     assert me["AccessorID"] == token["AccessorID"]
     clone = admin.acl.token.clone(token["AccessorID"], description="copy")

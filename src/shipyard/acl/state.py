@@ -221,13 +221,15 @@ class ACLState:
             raise ACLNotFound()
         return await self._public_token(token, secret)
 
-    async def tokens(self, policy: str = "", role: str = "") -> list[dict[str, Any]]:
+    async def tokens(self, policy: str = "", role: str = "", service: str = "") -> list[dict[str, Any]]:
         out = []
         for token in await self._list(TOKENS):
             public = await self._public_token(token)
             if policy and not any(p["ID"] == policy for p in public["Policies"]):
                 continue
             if role and not any(r["ID"] == role for r in public["Roles"]):
+                continue
+            if service and not any(s["ServiceName"] == service for s in public["ServiceIdentities"]):
                 continue
             out.append(public)
         return out

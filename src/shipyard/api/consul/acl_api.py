@@ -139,7 +139,9 @@ async def token_create(request: web.Request) -> web.Response:
 
 @routes.get("/v1/acl/tokens")
 async def token_list(request: web.Request) -> web.Response:
-    tokens = await state_of(request).tokens(request.query.get("policy", ""), request.query.get("role", ""))
+    query = request.query
+    tokens = await state_of(request).tokens(query.get("policy", ""), query.get("role", ""),
+                                            query.get("servicename", ""))
     return _json(tokens)
 
 
