@@ -304,3 +304,16 @@ def test_kv_v2_concurrent_writers_each_get_their_own_version_and_cas_lets_one_wi
     with ThreadPoolExecutor(8) as pool:
         raced = list(pool.map(lambda n: write(n, cas=0, path="race/create-once"), range(8)))
     assert sorted(answer.status_code for answer in raced) == [200] + [400] * 7
+
+
+def test_transit_concurrent_rotations_each_add_a_version(vault: tuple[VaultServer, hvac.Client]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, admin = vault
+    admin.secrets.transit.create_key("spin")
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(lambda _: server.raw("POST", "transit/keys/spin/rotate", token=admin.token).status_code,
+                              range(12)))
+    assert codes == [200] * 12
+    key = admin.secrets.transit.read_key("spin")["data"]
+    assert key["latest_version"] == 13 and sorted(map(int, key["keys"])) == list(range(1, 14))

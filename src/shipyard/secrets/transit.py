@@ -110,11 +110,7 @@ class Transit:
             return data_response({"keys": keys})
         name, _, action = rest.partition("/")
         if action == "rotate" and req.operation in ("create", "update"):
-            key = await self._load(name)
-            key["latest_version"] += 1
-            key["versions"][str(key["latest_version"])] = _new_version(key["type"])
-            await self.view.put_json("policy/" + name, key)
-            return data_response(self._describe(name, key))
+            return data_response(self._describe(name, await self._rotate(name)))
         if action == "config" and req.operation in ("create", "update"):
             return await self._configure(name, req.data)
         if action:
@@ -134,6 +130,18 @@ class Transit:
             await self.view.delete("policy/" + name)
             return None
         raise UnsupportedOperation()
+
+    async def _rotate(self, name: str) -> dict[str, Any]:
+        """A new key version; concurrent rotations each add their own (a txn on the key's revision)."""
+        for _ in range(50):
+            key, revision = await self.view.get_json_versioned("policy/" + name) if "/" not in name else (None, 0)
+            if key is None:
+                raise BadRequest(f"encryption key not found: {name}")
+            key["latest_version"] += 1
+            key["versions"][str(key["latest_version"])] = _new_version(key["type"])
+            if await self.view.put_json_many({"policy/" + name: key}, [], {"policy/" + name: revision}):
+                return key
+        raise BadRequest(f"too many concurrent changes to key {name}; try again")
 
     async def _create_key(self, name: str, key_type: str) -> dict[str, Any]:
         if key_type not in KEY_TYPES:
