@@ -487,3 +487,18 @@ def test_a_server_given_several_etcd_members_serves_while_one_is_down(tmp_path: 
         assert requests.get(server.url + "/v1/kv/greeting?raw", timeout=5).content == b"hi"
     finally:
         server.stop()
+
+
+def test_a_lock_held_through_a_server_that_dies_is_released(cluster: Cluster) -> None:
+    leader = wait_for("one leader", cluster.agreed_leader)
+    holder, other = [s for s in cluster.servers if s is not leader]
+    # A session made through a server belongs to that server's node and, as in Consul, to its serfHealth check.
+    session = requests.put(holder.url + "/v1/session/create", json={"Name": "singleton"}, timeout=5).json()["ID"]
+    assert requests.put(holder.url + f"/v1/kv/service/lock?acquire={session}", data=b"me", timeout=5).json() is True
+    entry = requests.get(other.url + "/v1/kv/service/lock", timeout=5).json()[0]
+    assert entry["Session"] == session
+    holder.kill9()
+    # The leader marks the dead server's node critical; session invalidation (the leader's) frees the lock.
+    wait_for("the lock released", lambda: "Session" not in requests.get(
+        other.url + "/v1/kv/service/lock", timeout=5).json()[0], timeout=30)
+    assert requests.get(other.url + f"/v1/session/info/{session}", timeout=5).json() in (None, [])
