@@ -1,5 +1,5 @@
-"""Every relative link in docs/*.md points to a file of the repository (a fresh clone has nothing beside it), and
-the pages a user or contributor needs are there."""
+"""Every relative link in README.md and docs/*.md points to a file of the repository (a fresh clone has nothing
+beside it), and the pages a user or contributor needs are there."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LINK = re.compile(r"\]\(([^)\s]+)\)")
-PAGES = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
