@@ -502,3 +502,23 @@ def test_a_lock_held_through_a_server_that_dies_is_released(cluster: Cluster) ->
     wait_for("the lock released", lambda: "Session" not in requests.get(
         other.url + "/v1/kv/service/lock", timeout=5).json()[0], timeout=30)
     assert requests.get(other.url + f"/v1/session/info/{session}", timeout=5).json() in (None, [])
+
+
+async def test_a_server_back_under_a_new_id_is_one_member_alive(tmp_path: Path) -> None:
+    etcd = EtcdProcess(tmp_path / "etcd").start()
+    store = await EtcdStore.open(etcd.url, namespace="rejoin/")
+    try:
+        before = ServerCluster(store, ServerInfo("id-1", "node-a", "127.0.0.2", 1), ttl=TTL)
+        await before.start()
+        await before.stop()  # left
+        assert [(m.server.name, m.status) for m in await before.members()] == [("node-a", 3)]
+        after = ServerCluster(store, ServerInfo("id-2", "node-a", "127.0.0.2", 1), ttl=TTL)  # --dev: a new id
+        await after.start()
+        try:
+            # One member, alive: the node liveness of the leader never takes it for the one that left.
+            assert [(m.server.id, m.status) for m in await after.members()] == [("id-2", 1)]
+        finally:
+            await after.stop()
+    finally:
+        await store.close()
+        etcd.stop()

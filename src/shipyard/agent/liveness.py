@@ -62,7 +62,7 @@ class ServerNodeLiveness:
     async def check_once(self, now: float) -> None:
         for member in await self.cluster.members():
             name = member.server.name
-            if member.status == 1 or member.server.id == self.cluster.me.id:
+            if member.status == 1 or name == self.cluster.me.name:
                 if self._down_since.pop(name, None) is not None:
                     # Back (it says so itself too; this covers a pass of ours that raced its return).
                     await self.catalog.update_check_status(name, SERF_CHECK_ID, PASSING, "Agent alive and reachable")

@@ -110,14 +110,18 @@ class ServerCluster:
         read = await self.store.txn((), [Get(MEMBERS, True), Get(SERVERS, True)])
         known, alive = read.ranges()
         live = {kv.key[len(SERVERS):] for kv in alive}
-        out = []
+        by_name: dict[str, tuple[bool, int, Member]] = {}
         for kv in known:
             with contextlib.suppress(Exception):
                 data = orjson.loads(kv.value)
                 info = ServerInfo.decode(kv.value)
                 status = 1 if info.id in live else 3 if data.get("left") else 4
-                out.append(Member(info, status))
-        return sorted(out, key=lambda m: m.server.name)
+                # One member per name, as in Serf: a server that came back under a new id (--dev, a new data dir)
+                # replaces its old self, whose node is its own node now.
+                rank = (status == 1, kv.mod_revision, Member(info, status))
+                if info.name not in by_name or rank[:2] > by_name[info.name][:2]:
+                    by_name[info.name] = rank
+        return sorted((member for _, _, member in by_name.values()), key=lambda m: m.server.name)
 
     async def peers(self) -> list[ServerInfo]:
         rr = await self.store.range(SERVERS, prefix=True)
