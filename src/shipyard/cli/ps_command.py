@@ -1,5 +1,5 @@
 """`shipyard ps`: one line per instance (fits 100 columns), the notes they share once below the table, the
-crash-loop stderr lines; `-o wide` and `--json` for everything.
+crash-loop stderr lines, a row per job whose record cannot be read; `-o wide` and `--json` for everything.
 
 It only reads the jobs and allocs API; it never changes anything.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
+from urllib.parse import quote
 
 import click
 from rich.console import Console
@@ -25,10 +26,22 @@ _STATE_STYLE = {"healthy": "green", "running": "cyan", "pending": "yellow", "wai
                 "failed": "red", "crash-loop": "red", "stopping": "dim"}
 
 
-def _rows(api: ApiClient, service: str | None) -> list[dict[str, Any]]:
+def _unreadable(api: ApiClient, listing: dict[str, Any], service: str | None) -> list[dict[str, Any]]:
+    """Job records the scheduler cannot decode (it leaves their instances alone). For one such SERVICE the
+    server's own 409 is the answer: raised here as the CLI's one-line error."""
+    unreadable = [u for u in listing.get("unreadable", []) if not service or u["id"] == service]
+    if service and unreadable:
+        api.get_json(f"/api/v1/jobs/{quote(service, safe='')}")  # 409 while the record is still unreadable
+        return []  # readable again since the listing: shown as usual
+    return unreadable
+
+
+def _rows(api: ApiClient, service: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     allocs = api.request("GET", "/api/v1/allocs", params={"job": service} if service else None).json()["allocations"]
-    jobs = api.get_json("/api/v1/jobs")["jobs"]
-    if service and not any(job["id"] == service for job in jobs):
+    listing = api.get_json("/api/v1/jobs")
+    jobs = listing["jobs"]
+    unreadable = _unreadable(api, listing, service)
+    if service and service not in {job["id"] for job in jobs} | {u["id"] for u in listing.get("unreadable", [])}:
         raise NotFound(f"no service {service!r} (see `shipyard ps`)")
     # Instances held back by depends_on have no allocation yet: they show as waiting, with what for.
     for job in jobs:
@@ -38,7 +51,7 @@ def _rows(api: ApiClient, service: str | None) -> list[dict[str, Any]]:
         for index in waiting.get("indexes", []):
             allocs.append({"job": job["id"], "index": index, "id": "-", "version": job["version"], "desired": "run",
                            "node": "-", "status": {"client": "waiting", "message": waiting.get("reason", "")}})
-    return sorted(allocs, key=lambda a: (a["job"], a["index"], a["desired"]))
+    return sorted(allocs, key=lambda a: (a["job"], a["index"], a["desired"])), unreadable
 
 
 def _state(alloc: dict[str, Any]) -> str:
@@ -93,6 +106,34 @@ def _notes(allocs: list[dict[str, Any]], detailed: bool) -> list[str]:
     return notes
 
 
+def _unreadable_row(entry: dict[str, Any], wide: bool) -> list[str]:
+    """One row per job whose record cannot be read; the why and the way out are a note (too long for a row)."""
+    return [escape(entry["id"]), "-", "[red]UNREADABLE[/red]", "", "", "", "record cannot be read (see below)",
+            *(["-", "-", "", ""] if wide else [])]
+
+
+def _unreadable_note(api: ApiClient, entry: dict[str, Any]) -> str:
+    # No CLI command deletes one job (`shipyard stop` keeps it, and must read it), so the way out is the API's.
+    error = " ".join(str(entry.get("error", "")).split())
+    url = f"{api.base_url}/api/v1/jobs/{quote(entry['id'], safe='')}"
+    return (f"[red]{escape(entry['id'])}[/red]: record cannot be read ({escape(error)}); instances left as they "
+            f"are — delete the job (curl -X DELETE {escape(url)}) and deploy again")
+
+
+def _table(allocs: list[dict[str, Any]], unreadable: list[dict[str, Any]], wide: bool) -> Table:
+    headers = ["INSTANCE", "VER", "STATE", "PORTS", "PID", "RESTARTS", "LAST EXIT"]
+    table = Table(*headers, *(["ALLOC", "NODE", "HEALTHY", "MESSAGE"] if wide else []), box=None, pad_edge=False)
+    for column in table.columns:
+        column.no_wrap = not wide
+        column.overflow = "fold" if wide else "ellipsis"
+    # An unreadable job's row comes just before its instances' rows (they are still there, left alone).
+    keyed = [((a["job"], 0), _row(a, wide)) for a in allocs] + [((u["id"], -1), _unreadable_row(u, wide))
+                                                                 for u in unreadable]
+    for _, row in sorted(keyed, key=lambda pair: pair[0]):
+        table.add_row(*row)
+    return table
+
+
 @click.command()
 @click.argument("service", required=False)
 @click.option("-o", "--output", type=click.Choice(["table", "wide"]), default="table", show_default=True,
@@ -103,24 +144,17 @@ def ps(ctx: click.Context, service: str | None, output: str, as_json: bool) -> N
     """List instances (of SERVICE): state, ports, pid, restarts, last exit; below the table, why an instance is
     not healthy with its last stderr lines, and how limits are enforced."""
     api = ApiClient(ctx.obj["http_addr"])
-    allocs = _rows(api, service)
+    allocs, unreadable = _rows(api, service)
     if as_json:
-        click.echo(json.dumps({"allocations": allocs}, indent=2, sort_keys=True))
+        click.echo(json.dumps({"allocations": allocs, "unreadable": unreadable}, indent=2, sort_keys=True))
         return
-    if not allocs:
+    if not allocs and not unreadable:
         console.print("no instances" + (f" of {service}" if service else "") + " (deploy with `shipyard up`)",
                       highlight=False)
         return
     wide = output == "wide"
-    headers = ["INSTANCE", "VER", "STATE", "PORTS", "PID", "RESTARTS", "LAST EXIT"]
-    table = Table(*headers, *(["ALLOC", "NODE", "HEALTHY", "MESSAGE"] if wide else []), box=None, pad_edge=False)
-    for column in table.columns:
-        column.no_wrap = not wide
-        column.overflow = "fold" if wide else "ellipsis"
-    for alloc in allocs:
-        table.add_row(*_row(alloc, wide))
-    console.print(table, soft_wrap=wide)
-    notes = _notes(allocs, detailed=bool(service) or wide)
+    console.print(_table(allocs, unreadable, wide), soft_wrap=wide)
+    notes = [_unreadable_note(api, u) for u in unreadable] + _notes(allocs, detailed=bool(service) or wide)
     if notes:
         console.print()
     for note in notes:
