@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import requests
 
@@ -59,3 +60,18 @@ def test_ps_of_an_unreadable_job_is_the_servers_409_in_one_line(fresh_server: Se
     [line] = out.stderr.splitlines()
     assert "(409)" in line and "job 'web': its record cannot be read (ValueError" in line, line
     assert "Traceback" not in out.stderr
+
+
+def test_down_stops_the_instances_of_an_unreadable_job(fresh_server: ServerProcess) -> None:
+    deployed = requests.post(f"{fresh_server.url}/api/v1/jobs", data="services:\n  web:\n    cmd: sleep 300\n",
+                             headers={"Content-Type": "application/yaml"}, timeout=10)
+    assert deployed.status_code in (200, 201), deployed.text
+    deadline = time.monotonic() + 60
+    while not requests.get(f"{fresh_server.url}/api/v1/allocs", timeout=10).json()["allocations"]:
+        assert time.monotonic() < deadline, "web never got an instance"
+        time.sleep(0.2)
+    _break_job(fresh_server, "web")
+    cmd = [sys.executable, "-m", "shipyard.cli.main", "down", "--http-addr", fresh_server.addr, "--timeout", "60"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert requests.get(f"{fresh_server.url}/api/v1/allocs", timeout=10).json()["allocations"] == []

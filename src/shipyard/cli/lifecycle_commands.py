@@ -262,7 +262,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _stop_jobs(api: ApiClient, timeout: float) -> None:
-    jobs = api.get_json("/api/v1/jobs")["jobs"]
+    listing = api.get_json("/api/v1/jobs")
+    # A quarantined (unreadable) job still has instances: it is deleted like any other, or they would outlive `down`.
+    jobs = listing["jobs"] + listing.get("unreadable", [])
     for job in jobs:
         api.request("DELETE", f"/api/v1/jobs/{job['id']}")
     deadline = time.monotonic() + timeout
