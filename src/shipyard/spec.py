@@ -526,18 +526,33 @@ class _Validator:
         return ProjectSpec(services=services, workers=workers, project=project_name)
 
     def task(self, path: tuple[Any, ...], name: str, kind: str, body: Any) -> TaskSpec | None:
-        allowed = TASK_FIELDS if kind == "service" else WORKER_FIELDS
-        internal = {k: body[k] for k in INTERNAL_FIELDS if k in body} if isinstance(body, dict) else {}
-        if internal:  # accepted, but not offered in "unknown field (allowed: ...)"
-            body = {k: v for k, v in body.items() if k not in internal}
-        if kind == "worker" and isinstance(body, dict) and "routes" in body:
-            self.fail((*path, "routes"), "unknown field (routes are only for services)")
-            body = {k: v for k, v in body.items() if k != "routes"}
-        spec = self.mapping(path, body, allowed)
+        body, internal = self._task_body(path, kind, body)
+        spec = self.mapping(path, body, TASK_FIELDS if kind == "service" else WORKER_FIELDS)
         if spec is None:
             return None
         before = len(self.problems)
         values: dict[str, Any] = {"name": name, "kind": kind}
+        # The three parts run in the file's field order, so problems on one line keep the order they always had.
+        self._task_command(path, spec, values)
+        self._task_runtime(path, spec, values)
+        self._task_extras(path, kind, spec, internal, values)
+        if len(self.problems) > before:
+            return None
+        return TaskSpec(**values)
+
+    def _task_body(self, path: tuple[Any, ...], kind: str, body: Any) -> tuple[Any, dict[str, Any]]:
+        """The body to check against the allowed fields, and its internal fields set apart: those are accepted
+        but must not be offered in "unknown field (allowed: ...)", and a worker's routes get their own message."""
+        internal = {k: body[k] for k in INTERNAL_FIELDS if k in body} if isinstance(body, dict) else {}
+        if internal:
+            body = {k: v for k, v in body.items() if k not in internal}
+        if kind == "worker" and isinstance(body, dict) and "routes" in body:
+            self.fail((*path, "routes"), "unknown field (routes are only for services)")
+            body = {k: v for k, v in body.items() if k != "routes"}
+        return body, internal
+
+    def _task_command(self, path: tuple[Any, ...], spec: dict[str, Any], values: dict[str, Any]) -> None:
+        """What runs and how many: cmd or args (exactly one), instances."""
         if ("cmd" in spec) == ("args" in spec):
             self.fail(path, "exactly one of cmd or args is required")
         elif "cmd" in spec:
@@ -546,6 +561,10 @@ class _Validator:
             values["args"] = self.string_list((*path, "args"), spec["args"], non_empty=True)
         if "instances" in spec:
             values["instances"] = self.integer((*path, "instances"), spec["instances"], 0)
+
+    def _task_runtime(self, path: tuple[Any, ...], spec: dict[str, Any], values: dict[str, Any]) -> None:
+        """How each instance runs: environment, ports and their health check, resources, ordering, update and
+        restart policies, stop grace, working directory (health needs the ports, so they come first)."""
         values["env"] = self.string_map((*path, "env"), spec.get("env"), ENV_NAME_RE)
         values["ports"] = self.ports((*path, "ports"), spec.get("ports"))
         if spec.get("health") is not None:
@@ -558,6 +577,11 @@ class _Validator:
             values["stop_grace"] = self.duration((*path, "stop_grace"), spec["stop_grace"])
         if spec.get("workdir") is not None:
             values["workdir"] = self.string((*path, "workdir"), spec["workdir"])
+
+    def _task_extras(self, path: tuple[Any, ...], kind: str, spec: dict[str, Any], internal: dict[str, Any],
+                     values: dict[str, Any]) -> None:
+        """What the platform attaches to the task: tags, meta, secrets, vault, a service's routes, a worker's
+        autoscale, and the internal source field."""
         if spec.get("tags") is not None:
             values["tags"] = self.string_list((*path, "tags"), spec["tags"])
         values["meta"] = self.string_map((*path, "meta"), spec.get("meta"))
@@ -570,9 +594,6 @@ class _Validator:
             values["autoscale"] = self.autoscale((*path, "autoscale"), spec["autoscale"])
         if internal.get("source") is not None:
             values["source"] = self.string_map((*path, "source"), internal["source"])
-        if len(self.problems) > before:
-            return None
-        return TaskSpec(**values)
 
     def ports(self, path: tuple[Any, ...], value: Any) -> tuple[Port, ...]:
         if value is None:
@@ -614,34 +635,52 @@ class _Validator:
             self.fail(path, "exactly one of http, tcp or command is required")
             return None
         kind = kinds[0]
-        port_names = [p.name for p in ports]
-        target: str | None
-        port = None
         if kind == "http":
-            target = self.string((*path, "http"), spec["http"], re.compile(r"^/"), 'a path starting with "/"')
-            if "port" in spec:
-                port = self.string((*path, "port"), spec["port"])
-                if port is not None and port not in port_names:
-                    self.fail((*path, "port"), f"no port named {port!r} (ports: {', '.join(port_names) or 'none'})")
-            elif not ports:
-                self.fail((*path, "http"), "an http check needs a port; declare one under ports")
-            else:
-                port = ports[0].name
+            target, port = self._http_check_target(path, spec, ports)
         else:
-            if "port" in spec:
-                self.fail((*path, "port"), f"unknown field (port is for http checks; {kind} names its own)")
-            target = self.string((*path, kind), spec[kind])
-            if kind == "tcp" and target is not None and target not in port_names:
-                self.fail((*path, "tcp"), f"no port named {target!r} (ports: {', '.join(port_names) or 'none'})")
+            target, port = self._tcp_or_command_target(path, spec, kind, ports), None
+        values = self._health_timings(path, spec)
+        if target is None or None in values.values():
+            return None
+        return HealthCheck(kind=kind, target=target, port=port, **values)
+
+    def _http_check_target(self, path: tuple[Any, ...], spec: dict[str, Any], ports: tuple[Port, ...]
+                           ) -> tuple[str | None, str | None]:
+        """An http check's path and the port it is sent to: the named one, else the task's first port."""
+        port_names = [p.name for p in ports]
+        port = None
+        target = self.string((*path, "http"), spec["http"], re.compile(r"^/"), 'a path starting with "/"')
+        if "port" in spec:
+            port = self.string((*path, "port"), spec["port"])
+            if port is not None and port not in port_names:
+                self.fail((*path, "port"), f"no port named {port!r} (ports: {', '.join(port_names) or 'none'})")
+        elif not ports:
+            self.fail((*path, "http"), "an http check needs a port; declare one under ports")
+        else:
+            port = ports[0].name
+        return target, port
+
+    def _tcp_or_command_target(self, path: tuple[Any, ...], spec: dict[str, Any], kind: str,
+                               ports: tuple[Port, ...]) -> str | None:
+        """A tcp check's port name (which must be declared) or a command check's command line."""
+        port_names = [p.name for p in ports]
+        if "port" in spec:
+            self.fail((*path, "port"), f"unknown field (port is for http checks; {kind} names its own)")
+        target = self.string((*path, kind), spec[kind])
+        if kind == "tcp" and target is not None and target not in port_names:
+            self.fail((*path, "tcp"), f"no port named {target!r} (ports: {', '.join(port_names) or 'none'})")
+        return target
+
+    def _health_timings(self, path: tuple[Any, ...], spec: dict[str, Any]) -> dict[str, Any]:
+        """The check's interval, timeout, grace and failure count that the file sets (None where one is invalid,
+        which makes the whole check invalid)."""
         values: dict[str, Any] = {}
         for key in ("interval", "timeout", "grace"):
             if key in spec:
                 values[key] = self.duration((*path, key), spec[key])
         if "failures" in spec:
             values["failures"] = self.integer((*path, "failures"), spec["failures"], 1)
-        if target is None or None in values.values():
-            return None
-        return HealthCheck(kind=kind, target=target, port=port, **values)
+        return values
 
     def resources(self, path: tuple[Any, ...], value: Any) -> Resources:
         spec = self.mapping(path, value, RESOURCE_FIELDS) or {}
