@@ -201,10 +201,30 @@ def normalize_route(body: Mapping[str, Any]) -> dict[str, Any]:
     service = _ref(f.get("service", required=True))
     record["service"] = service
     record["hosts"] = [h.lower() for h in f.strings("hosts")]
-    paths = f.strings("paths")
+    plain, regex_paths = _route_paths(f, body)
+    regex_paths += _route_regex_paths(f)
+    record["paths"] = plain
+    record["regex_paths"] = regex_paths
+    record["methods"] = _route_methods(f)
+    record["headers"] = _route_headers(f)
+    record["strip_path"] = f.boolean("strip_path", True)
+    record["preserve_host"] = f.boolean("preserve_host", False)
+    record["tags"] = f.strings("tags")
+    record["protocols"] = _route_protocols(f)
+    record["https_redirect_status_code"] = f.integer("https_redirect_status_code", 426, low=301, high=426)
+    if record["https_redirect_status_code"] not in REDIRECT_STATUSES:
+        f.errors["https_redirect_status_code"] = "expected one of: 426, 301, 302, 307, 308"
+    if not (record["hosts"] or record["paths"] or record["regex_paths"] or record["methods"] or record["headers"]):
+        f.errors["@entity"] = "must set one of 'methods', 'hosts', 'headers', 'paths' when 'protocols' is 'http'"
+    f.check()
+    return record
+
+
+def _route_paths(f: Fields, body: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """paths split into fixed paths and Kong 3's ~-marked regex paths (which take the route's regex_priority)."""
     regex_paths = []
     plain = []
-    for p in paths:
+    for p in f.strings("paths"):
         if p.startswith("~/"):  # Kong 3 marks regex paths with ~
             try:
                 compile_route_regex(p[1:])
@@ -216,10 +236,17 @@ def normalize_route(body: Mapping[str, Any]) -> dict[str, Any]:
             plain.append(p)
         else:
             f.errors["paths"] = "should start with: / (fixed path) or ~/ (regex path)"
+    return plain, regex_paths
+
+
+def _route_regex_paths(f: Fields) -> list[dict[str, Any]]:
+    """The regex_paths field ({pattern, priority} items, or bare patterns at priority 0), each pattern checked as
+    the gateway will compile it."""
     raw_regex = f.get("regex_paths", [])
     if not isinstance(raw_regex, list):
         f.errors["regex_paths"] = "expected an array"
         raw_regex = []
+    regex_paths = []
     for item in raw_regex:
         if isinstance(item, str):
             item = {"pattern": item, "priority": 0}
@@ -232,32 +259,35 @@ def normalize_route(body: Mapping[str, Any]) -> dict[str, Any]:
             f.errors["regex_paths"] = f"invalid regex '{item['pattern']}': {regex_error_text(exc)}"
             continue
         regex_paths.append({"pattern": item["pattern"], "priority": int(item.get("priority") or 0)})
-    record["paths"] = plain
-    record["regex_paths"] = regex_paths
-    record["methods"] = [m.upper() for m in f.strings("methods")]
-    for m in record["methods"]:
+    return regex_paths
+
+
+def _route_methods(f: Fields) -> list[str]:
+    """methods upper-cased, as the gateway compares them with the request's."""
+    methods = [m.upper() for m in f.strings("methods")]
+    for m in methods:
         if not METHODS_RE.match(m):
             f.errors["methods"] = f"invalid method: {m}"
+    return methods
+
+
+def _route_headers(f: Fields) -> dict[str, list[str]]:
+    """headers as lower-cased names to lists of values (HTTP header names are case-insensitive)."""
     headers = f.get("headers", {})
     if not isinstance(headers, Mapping) or not all(
         isinstance(v, list) and all(isinstance(x, str) for x in v) for v in headers.values()
     ):
         f.errors["headers"] = "expected a map of header names to arrays of values"
         headers = {}
-    record["headers"] = {str(k).lower(): list(v) for k, v in headers.items()}
-    record["strip_path"] = f.boolean("strip_path", True)
-    record["preserve_host"] = f.boolean("preserve_host", False)
-    record["tags"] = f.strings("tags")
-    record["protocols"] = f.strings("protocols") or ["http", "https"]
-    if any(p not in PROTOCOLS for p in record["protocols"]):
+    return {str(k).lower(): list(v) for k, v in headers.items()}
+
+
+def _route_protocols(f: Fields) -> list[str]:
+    """protocols, both http and https when unset (Kong's default)."""
+    protocols = f.strings("protocols") or ["http", "https"]
+    if any(p not in PROTOCOLS for p in protocols):
         f.errors["protocols"] = "expected one of: http, https"
-    record["https_redirect_status_code"] = f.integer("https_redirect_status_code", 426, low=301, high=426)
-    if record["https_redirect_status_code"] not in REDIRECT_STATUSES:
-        f.errors["https_redirect_status_code"] = "expected one of: 426, 301, 302, 307, 308"
-    if not (record["hosts"] or record["paths"] or record["regex_paths"] or record["methods"] or record["headers"]):
-        f.errors["@entity"] = "must set one of 'methods', 'hosts', 'headers', 'paths' when 'protocols' is 'http'"
-    f.check()
-    return record
+    return protocols
 
 
 def normalize_consumer(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -280,39 +310,56 @@ def normalize_credential(kind: str, body: Mapping[str, Any], *, existing: Mappin
     record: dict[str, Any] = {"id": f.string("id") or "", "kind": kind, "consumer": _ref(f.get("consumer")),
                               "tags": f.strings("tags")}
     if kind == "key-auth":
-        # A new key is stored as its hash by the caller (credential_hash.seal_key); an unchanged one keeps its hash.
-        key = f.string("key") or (existing or {}).get("key")
-        if key is None and (existing or {}).get("key_hash"):
-            record["key_hash"] = (existing or {})["key_hash"]
-        else:
-            record["key"] = key or secrets.token_urlsafe(24)
+        _key_auth_fields(f, record, existing or {})
     elif kind == "jwt":
-        record["key"] = f.string("key") or (existing or {}).get("key") or secrets.token_hex(16)
-        algorithm = f.choice("algorithm", JWT_ALGORITHMS, "HS256")
-        record["algorithm"] = algorithm
-        if algorithm.startswith("HS"):
-            record["secret"] = f.string("secret") or (existing or {}).get("secret") or secrets.token_hex(32)
-        else:
-            pem = f.string("rsa_public_key", required=True)
-            if pem:
-                try:
-                    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-                    load_pem_public_key(pem.encode())
-                except (ValueError, TypeError):
-                    f.errors["rsa_public_key"] = "invalid key"
-            record["rsa_public_key"] = pem
+        _jwt_fields(f, record, existing or {})
     elif kind == "basic-auth":
-        record["username"] = f.string("username", required=True)
-        password = f.string("password", required=existing is None)
-        if password is None:
-            record["password"] = (existing or {}).get("password")
-        else:
-            record["password"] = password if is_password_hash(password) else hash_password(password)
+        _basic_auth_fields(f, record, existing)
     else:
         record["group"] = f.string("group", required=True)
     f.check()
     return record
+
+
+def _key_auth_fields(f: Fields, record: dict[str, Any], existing: Mapping[str, Any]) -> None:
+    """A key-auth credential's key: the given one, else the existing one (or its hash), else a new random key."""
+    # A new key is stored as its hash by the caller (credential_hash.seal_key); an unchanged one keeps its hash.
+    key = f.string("key") or existing.get("key")
+    if key is None and existing.get("key_hash"):
+        record["key_hash"] = existing["key_hash"]
+    else:
+        record["key"] = key or secrets.token_urlsafe(24)
+
+
+def _jwt_fields(f: Fields, record: dict[str, Any], existing: Mapping[str, Any]) -> None:
+    """A jwt credential's key and algorithm, with an HMAC secret (kept or made) or an RSA/EC public key (required
+    and parsed, so a bad PEM is a 400 now rather than every request failing later)."""
+    record["key"] = f.string("key") or existing.get("key") or secrets.token_hex(16)
+    algorithm = f.choice("algorithm", JWT_ALGORITHMS, "HS256")
+    record["algorithm"] = algorithm
+    if algorithm.startswith("HS"):
+        record["secret"] = f.string("secret") or existing.get("secret") or secrets.token_hex(32)
+        return
+    pem = f.string("rsa_public_key", required=True)
+    if pem:
+        try:
+            from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+            load_pem_public_key(pem.encode())
+        except (ValueError, TypeError):
+            f.errors["rsa_public_key"] = "invalid key"
+    record["rsa_public_key"] = pem
+
+
+def _basic_auth_fields(f: Fields, record: dict[str, Any], existing: Mapping[str, Any] | None) -> None:
+    """A basic-auth credential's username and password hash; the password is required only on create, and one
+    that is already a hash is stored as it is (never hashed twice)."""
+    record["username"] = f.string("username", required=True)
+    password = f.string("password", required=existing is None)
+    if password is None:
+        record["password"] = (existing or {}).get("password")
+    else:
+        record["password"] = password if is_password_hash(password) else hash_password(password)
 
 
 def normalize_plugin(body: Mapping[str, Any]) -> dict[str, Any]:
