@@ -532,7 +532,7 @@ class _Validator:
             return None
         before = len(self.problems)
         values: dict[str, Any] = {"name": name, "kind": kind}
-        # The three parts run in the file's field order, so problems on one line keep the order they always had.
+        # The three parts check fields in the order this method always did: problems on one line keep their order.
         self._task_command(path, spec, values)
         self._task_runtime(path, spec, values)
         self._task_extras(path, kind, spec, internal, values)
