@@ -186,7 +186,7 @@ async def desired_state(config: Mapping[str, Any]) -> list[Entry]:
             for j, c in enumerate(_list(body, section, where + ".")):
                 cwhere = f"{where}.{section}[{j}]"
                 plain = c.get("password") if kind == "basic-auth" else None
-                # A plain password is hashed only if it differs from what is stored (see plan_changes).
+                # A plain password is hashed only if it differs from what is stored (see _settle_password).
                 body_c = {**c, "consumer": record["id"]}
                 if plain is not None and not is_password_hash(str(plain)):
                     body_c["password"] = "scrypt$0$0$0$$"  # placeholder hash, replaced before any write
@@ -316,7 +316,23 @@ async def plan_changes(entries: list[Entry], current_kvs: Iterable[Any]) -> Plan
     kvs, new_hash_key = _settings_apart_and_keys_sealed(list(current_kvs), entries)
     current = _decode_current(kvs)
     revisions = {kv.key: kv.mod_revision for kv in kvs}
-    # Entities that already exist under the same natural key keep their ids (created by the admin API or earlier).
+    _keep_existing_ids(entries, current)
+    changes, puts, wanted_keys = await _entity_writes(entries, current)
+    deletes = _entity_deletes(current, wanted_keys, changes)
+    _rebuild_unique_index(entries, kvs, puts, deletes)
+    if new_hash_key is not None:
+        puts[HASH_KEY_PATH] = new_hash_key  # guarded below like any new key: whoever makes it first wins
+    guards = [Compare(k, "mod", "=", revisions[k]) for k in set(puts) | set(deletes) if k in revisions]
+    guards += [Compare(k, "version", "=", 0) for k in puts if k not in revisions]
+    order = {"service": 0, "upstream": 1, "target": 2, "route": 3, "consumer": 4, "plugin": 9}
+    changes.sort(key=lambda c: ({"delete": 1}.get(c.action, 0), order.get(c.kind, 5), c.label))
+    return Plan(changes=changes if any(c for c in changes) else [], puts=puts, deletes=deletes, guards=guards)
+
+
+def _keep_existing_ids(entries: list[Entry], current: Mapping[str, dict[str, Any]]) -> None:
+    """Entities that already exist under the same natural key keep their ids (created by the admin API or
+    earlier), so an apply updates them in place instead of deleting and re-creating them. A route's or consumer's
+    id is also a foreign key of plugins and credentials, so those references follow the remapped id."""
     by_natural = {(_kind_of_key(k), _natural(_kind_of_key(k), r)): r for k, r in current.items() if r}
     remap: dict[str, str] = {}
     for e in entries:
@@ -335,6 +351,25 @@ async def plan_changes(entries: list[Entry], current_kvs: Iterable[Any]) -> Plan
             old = by_natural.get((e.kind, _natural(e.kind, r)))
             if old and old.get("id"):
                 r["id"] = old["id"]
+
+
+async def _settle_password(record: dict[str, Any], plain: str, old: Mapping[str, Any] | None) -> None:
+    """A basic-auth password from the file: the stored hash when it still matches (so an unchanged file is "no
+    changes" and nothing is hashed twice), else a new hash. Both run in a thread: hashing is deliberately slow."""
+    stored = str((old or {}).get("password") or "")
+    same = bool(stored) and await asyncio.to_thread(verify_password, plain, stored)
+    if same:
+        record["password"] = stored
+    else:
+        from shipyard.gateway.plugins.basic_auth import hash_password
+
+        record["password"] = await asyncio.to_thread(hash_password, plain)
+
+
+async def _entity_writes(entries: list[Entry], current: Mapping[str, dict[str, Any]]
+                         ) -> tuple[list[Change], dict[str, bytes], set[str]]:
+    """The creates and updates of the file's entities (with the fields an update changes), their puts, and the
+    keys the file wants (everything else under gateway/ is to be deleted)."""
     changes: list[Change] = []
     puts: dict[str, bytes] = {}
     wanted_keys: set[str] = set()
@@ -343,14 +378,7 @@ async def plan_changes(entries: list[Entry], current_kvs: Iterable[Any]) -> Plan
         wanted_keys.add(key)
         old = current.get(key)
         if e.plain_password is not None:
-            stored = str((old or {}).get("password") or "")
-            same = bool(stored) and await asyncio.to_thread(verify_password, e.plain_password, stored)
-            if same:
-                e.record["password"] = stored
-            else:
-                from shipyard.gateway.plugins.basic_auth import hash_password
-
-                e.record["password"] = await asyncio.to_thread(hash_password, e.plain_password)
+            await _settle_password(e.record, e.plain_password, old)
         if old is None:
             changes.append(Change("create", e.kind, e.label))
             puts[key] = dumps(stamp(e.record))
@@ -360,6 +388,13 @@ async def plan_changes(entries: list[Entry], current_kvs: Iterable[Any]) -> Plan
             fields = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
             changes.append(Change("update", e.kind, e.label, fields))
             puts[key] = dumps(stamp(e.record, old))
+    return changes, puts, wanted_keys
+
+
+def _entity_deletes(current: Mapping[str, dict[str, Any]], wanted_keys: set[str], changes: list[Change]
+                    ) -> list[str]:
+    """The stored entities the file does not name (the file is the whole truth for gateway/): their keys, and a
+    delete change for each appended to changes."""
     deletes = []
     for key, record in sorted(current.items()):
         if key not in wanted_keys:
@@ -367,20 +402,19 @@ async def plan_changes(entries: list[Entry], current_kvs: Iterable[Any]) -> Plan
             deletes.append(key)
             label = _plugin_label(record) if kind == "plugin" and record.get("name") else _natural(kind, record)
             changes.append(Change("delete", kind, label))
-    # The unique index is rebuilt from the desired records, in the same txn.
+    return deletes
+
+
+def _rebuild_unique_index(entries: list[Entry], kvs: list[Any], puts: dict[str, bytes], deletes: list[str]
+                          ) -> None:
+    """The unique index is rebuilt from the desired records, in the same txn: entries that differ are added to
+    puts, entries no desired record claims to deletes."""
     wanted_unique = {k: e.key.encode() for e in entries for k in unique_keys(e.entity, e.record)}
     current_unique = {kv.key: kv.value for kv in kvs if kv.key.startswith(UNIQUE)}
     for k, v in wanted_unique.items():
         if current_unique.get(k) != v:
             puts[k] = v
     deletes += [k for k in current_unique if k not in wanted_unique]
-    if new_hash_key is not None:
-        puts[HASH_KEY_PATH] = new_hash_key  # guarded below like any new key: whoever makes it first wins
-    guards = [Compare(k, "mod", "=", revisions[k]) for k in set(puts) | set(deletes) if k in revisions]
-    guards += [Compare(k, "version", "=", 0) for k in puts if k not in revisions]
-    order = {"service": 0, "upstream": 1, "target": 2, "route": 3, "consumer": 4, "plugin": 9}
-    changes.sort(key=lambda c: ({"delete": 1}.get(c.action, 0), order.get(c.kind, 5), c.label))
-    return Plan(changes=changes if any(c for c in changes) else [], puts=puts, deletes=deletes, guards=guards)
 
 
 async def apply_plan(store: Any, plan: Plan, revision: int) -> bool:
