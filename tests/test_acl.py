@@ -217,6 +217,20 @@ def test_unknown_token_is_acl_not_found(acl_server: ServerProcess) -> None:
     assert (answer.status_code, answer.text) == (403, "ACL not found")
 
 
+def test_expired_token_is_acl_not_found(acl_server: ServerProcess, admin: consul.Consul) -> None:
+    admin.kv.put("exp/k", "v")
+    policy = hcl_policy(admin, f"p-{uuid.uuid4().hex[:8]}", 'key "exp/k" { policy = "read" }')
+    made = call(acl_server, "PUT", "/v1/acl/token", MANAGEMENT,
+                json={"Policies": [{"ID": policy["ID"]}], "ExpirationTTL": "1s"})
+    assert made.status_code == 200, made.text
+    secret = made.json()["SecretID"]
+    assert call(acl_server, "GET", "/v1/kv/exp/k", secret).status_code == 200
+    expired: list[requests.Response] = []
+    _wait(lambda: expired.append(call(acl_server, "GET", "/v1/kv/exp/k", secret)) or
+          expired[-1].status_code != 200, "the token to expire")
+    assert (expired[-1].status_code, expired[-1].text) == (403, "ACL not found")
+
+
 def test_catalog_lists_are_filtered(acl_server: ServerProcess, admin: consul.Consul) -> None:
     admin.agent.service.register("web", service_id="web-1", port=1)
     admin.agent.service.register("db", service_id="db-1", port=2)
