@@ -103,3 +103,68 @@ def test_wrong_type_in_a_config_file_is_one_line_at_start(tmp_path: Path) -> Non
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [f"error: config file {path}: acl.enabled: expected true or false, "
                                                 'got "yes"']
+
+
+DNS_HCL = '''
+domain     = "sy.internal"
+alt_domain = "alt.test"
+recursors  = ["127.0.0.1:5353", "[::1]"]
+dns_config {
+  only_passing     = true
+  node_ttl         = "30s"
+  service_ttl      = { "web*" = "10s", "db" = "1m" }
+  a_record_limit   = 2
+  udp_answer_limit = 5
+  enable_truncate  = true
+  allow_stale      = false
+  recursor_timeout = "500ms"
+  recursor_strategy = "random"
+}
+'''
+
+
+def test_dns_keys_fill_the_dns_config_and_flags_win(tmp_path: Path) -> None:
+    path = tmp_path / "dns.hcl"
+    path.write_text(DNS_HCL)
+    config = ServerConfig(data_dir=None)
+    apply_config_files(config, [path], {"dns_node_ttl"})
+    dns = config.dns
+    assert (dns.domain, dns.alt_domain) == ("sy.internal.", "alt.test.")
+    assert dns.recursors == ["127.0.0.1:5353", "[::1]:53"]
+    assert dns.only_passing and dns.enable_truncate and not dns.allow_stale
+    assert dns.node_ttl == 0.0  # --dns-node-ttl was given: it wins
+    assert dns.service_ttl == {"web*": 10.0, "db": 60.0}
+    assert (dns.a_record_limit, dns.udp_answer_limit) == (2, 5)
+    assert (dns.recursor_timeout, dns.recursor_strategy) == (0.5, "random")
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ('dns_config { node_ttl = "soon" }', "dns_config.node_ttl: 'soon' is not a duration"),
+    ('dns_config { udp_answer_limit = 99 }', "dns_config.udp_answer_limit: expected a whole number from 1 to 8"),
+    ('recursors = "1.1.1.1"', "recursors: expected a list"),
+    ('dns_config { service_ttl = "5s" }', "dns_config.service_ttl: expected an object"),
+    ('dns_config { recursor_strategy = "fastest" }', 'dns_config.recursor_strategy: expected "sequential"'),
+])
+def test_bad_dns_keys_are_one_line_naming_the_key(tmp_path: Path, text: str, words: str) -> None:
+    path = tmp_path / "consul.hcl"
+    path.write_text(text)
+    with pytest.raises(ConfigFileError) as info:
+        apply_config_files(ServerConfig(data_dir=None), [path], set())
+    assert words in info.value.message, info.value.message
+
+
+def test_a_server_answers_dns_as_its_config_file_says(tmp_path: Path) -> None:
+    from dns_support import ask, records, wait_for
+    from support import ServerProcess
+
+    path = tmp_path / "dns.json"
+    path.write_text('{"domain": "sy.internal", "dns_config": {"service_ttl": {"web": "42s"}}}')
+    server = ServerProcess(tmp_path / "data", "--config-file", str(path), "--no-gateway").start()
+    try:
+        requests.put(f"{server.url}/v1/agent/service/register", json={"Name": "web", "Port": 8080},
+                     timeout=10).raise_for_status()
+        wait_for(lambda: bool(records(ask(server.dns_port, "web.service.sy.internal", "A").answer)))
+        [rrset] = ask(server.dns_port, "web.service.sy.internal", "A").answer
+        assert rrset.ttl == 42
+    finally:
+        server.stop()

@@ -14,9 +14,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import click
 import hcl  # type: ignore[import-untyped]
 
 from shipyard.api.context import ServerConfig
+from shipyard.cli.dns_options import DomainName, Duration, Recursor
 from shipyard.errors import ShipyardError
 
 log = logging.getLogger("shipyard.config")
@@ -65,6 +67,52 @@ def _tls_field(name: str, parse: Callable[[str, Any], Any], flag: str) -> tuple[
     return flag, put
 
 
+def _through(kind: click.ParamType) -> Callable[[str, Any], Any]:
+    """A parser from one of the server's own option types, so a file's value means what the flag's would."""
+    def parse(path: str, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigFileError(f"{path}: expected a {kind.name}, got {json.dumps(value)}")
+        try:
+            return kind.convert(value, None, None)
+        except click.BadParameter as exc:
+            raise ConfigFileError(f"{path}: {exc.message}") from None
+    return parse
+
+
+def _list_of(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], list[Any]]:
+    def parse_list(path: str, value: Any) -> list[Any]:
+        if not isinstance(value, list):
+            raise ConfigFileError(f"{path}: expected a list, got {json.dumps(value)}")
+        return [parse(f"{path}[{i}]", item) for i, item in enumerate(value)]
+    return parse_list
+
+
+def _service_ttls(path: str, value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise ConfigFileError(f"{path}: expected an object of service name to duration, got {json.dumps(value)}")
+    return {str(name): _through(Duration())(f"{path}.{name}", ttl) for name, ttl in value.items()}
+
+
+def _count(low: int, high: int) -> Callable[[str, Any], int]:
+    def parse(path: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigFileError(f"{path}: expected a whole number from {low} to {high}, got {json.dumps(value)}")
+        return value
+    return parse
+
+
+def _strategy(path: str, value: Any) -> str:
+    if value not in ("sequential", "random"):
+        raise ConfigFileError(f"{path}: expected \"sequential\" or \"random\", got {json.dumps(value)}")
+    return str(value)
+
+
+def _dns_field(name: str, parse: Callable[[str, Any], Any], flag: str) -> tuple[str, Setter]:
+    def put(config: ServerConfig, value: Any, path: str) -> None:
+        setattr(config.dns, name, parse(path, value))
+    return flag, put
+
+
 def _data_dir(config: ServerConfig, value: Any, path: str) -> None:
     if config.data_dir is not None:  # --dev keeps everything in memory whatever the file says
         config.data_dir = os.path.abspath(_str(path, value))
@@ -92,6 +140,21 @@ KEYS: dict[str, tuple[str, Setter]] = {
     "tls.defaults.cert_file": _tls_field("cert_file", _str, "tls_cert"),
     "tls.defaults.key_file": _tls_field("key_file", _str, "tls_key"),
     "tls.defaults.verify_incoming": _tls_field("verify_incoming", _bool, "verify_incoming"),
+    "domain": _dns_field("domain", _through(DomainName()), "domain"),
+    "alt_domain": _dns_field("alt_domain", _through(DomainName()), "alt_domain"),
+    "recursors": _dns_field("recursors", _list_of(_through(Recursor())), "recursors"),
+    "dns_config.allow_stale": _dns_field("allow_stale", _bool, "dns_allow_stale"),
+    "dns_config.max_stale": _dns_field("max_stale", _through(Duration()), "dns_max_stale"),
+    "dns_config.node_ttl": _dns_field("node_ttl", _through(Duration()), "dns_node_ttl"),
+    "dns_config.service_ttl": _dns_field("service_ttl", _service_ttls, "dns_service_ttls"),
+    "dns_config.only_passing": _dns_field("only_passing", _bool, "dns_only_passing"),
+    "dns_config.a_record_limit": _dns_field("a_record_limit", _count(0, 65535), "dns_a_record_limit"),
+    "dns_config.udp_answer_limit": _dns_field("udp_answer_limit", _count(1, 8), "dns_udp_answer_limit"),
+    "dns_config.enable_truncate": _dns_field("enable_truncate", _bool, "dns_enable_truncate"),
+    "dns_config.recursor_timeout": _dns_field("recursor_timeout", _through(Duration()), "dns_recursor_timeout"),
+    "dns_config.recursor_strategy": _dns_field("recursor_strategy", _strategy, "dns_recursor_strategy"),
+    "dns_config.enable_additional_node_meta_txt": _dns_field("enable_additional_node_meta_txt", _bool,
+                                                             "dns_node_meta_txt"),
 }
 _PARENTS = {".".join(k.split(".")[:i]) for k in KEYS for i in range(1, k.count(".") + 1)}
 
