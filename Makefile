@@ -18,6 +18,15 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py src/shipyard/gateway/proxy.py sr
 	else $(BIN)/python -m pip install -q -e '.[test,mediahub]'; fi
 	touch $(STAMP)
 
+# `make demo` needs the package and the example's extras only, not the test tools (browsers' drivers, client suites):
+# a fresh clone reaches a running demo sooner. `make test` installs the rest on top.
+DEMO_STAMP := $(VENV)/.installed-demo
+$(DEMO_STAMP): $(BIN)/python pyproject.toml setup.py src/shipyard/gateway/proxy.py src/shipyard/gateway/upstream.py
+	if [ -f $(STAMP) ] && [ -z "$$(find $(filter-out $(BIN)/python,$^) -newer $(STAMP))" ]; then :; \
+	elif [ -x $(BIN)/uv ]; then $(BIN)/uv pip install -q --python $(BIN)/python --reinstall-package shipyard -e '.[mediahub]'; \
+	else $(BIN)/python -m pip install -q -e '.[mediahub]'; fi
+	touch $(DEMO_STAMP)
+
 # Debian peers the tests and benchmarks run against (installed only when root and missing).
 peers:
 	@bash scripts/install-peers.sh
@@ -35,7 +44,7 @@ bench: $(STAMP) peers
 	$(BIN)/python bench/kv.py
 
 # `make demo DEMO_ARGS="--gateway-port 9080"` when a default port (8500, 8600, 8080) is taken.
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/python examples/demo.py $(DEMO_ARGS)
 
 clean:
