@@ -9,7 +9,6 @@ import collections
 import collections.abc
 import os
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,19 +23,14 @@ from marathon import MarathonClient  # noqa: E402
 from marathon.exceptions import MarathonHttpError  # noqa: E402
 
 from support import ServerProcess, need_binary  # noqa: E402
+from test_marathon_api import wait_for as wait_for_api  # noqa: E402
 
 WAIT = 60.0
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    """test_marathon_api's poll, with this module's shorter default wait."""
+    return wait_for_api(what, check, timeout)
 
 
 def sleeper(app_id: str, instances: int = 2, ports: int = 2) -> dict[str, Any]:
