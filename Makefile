@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench peers clean
 
+# Most of the suite waits on real servers and peers, so two workers halve it even on two cores
+# (`make test TEST_WORKERS=0` runs it in one process).
+TEST_WORKERS ?= 2
+
 # uv installs the same packages as pip from the same index, about ten times faster (it matters for the
 # "fresh clone to healthy in under a minute" promise); pip is the fallback when uv cannot be fetched.
 $(BIN)/python:
@@ -36,7 +40,7 @@ peers:
 test: $(STAMP) peers
 	$(BIN)/ruff check setup.py src tests bench examples
 	$(BIN)/mypy
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check setup.py src tests bench examples

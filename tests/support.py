@@ -21,10 +21,39 @@ import requests
 REQUIRE_PEERS = os.environ.get("SHIPYARD_REQUIRE_PEERS") == "1"
 
 
+# Under pytest-xdist each worker takes ports from its own slice of 10000-19999: below the kernel's ephemeral range
+# (32768+, where outgoing connections take theirs) and the agents' instance range (20000-32000), so two workers
+# never hand out the same port, and a port handed out is not taken by some client's connection before its server
+# binds it. Without xdist the kernel picks, as before.
+_WORKER_PORTS = 2500
+_port_cursor: list[int] = []
+
+
+def _port_is_free(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):  # DNS listens on both
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    low = 10000 + (int(worker[2:]) % 4) * _WORKER_PORTS
+    if not _port_cursor:
+        _port_cursor.append(low + os.getpid() % _WORKER_PORTS)
+    for _ in range(_WORKER_PORTS):
+        port = _port_cursor[0]
+        _port_cursor[0] = low + (port + 1 - low) % _WORKER_PORTS
+        if _port_is_free(port):
+            return port
+    raise RuntimeError(f"no free port in {low}-{low + _WORKER_PORTS - 1}")
 
 
 def log_tail(path: Path, n: int) -> str:
