@@ -317,3 +317,28 @@ def test_transit_concurrent_rotations_each_add_a_version(vault: tuple[VaultServe
     assert codes == [200] * 12
     key = admin.secrets.transit.read_key("spin")["data"]
     assert key["latest_version"] == 13 and sorted(map(int, key["keys"])) == list(range(1, 14))
+
+
+def test_kv_v2_concurrent_delete_undelete_destroy_lose_no_change(vault: tuple[VaultServer, hvac.Client]) -> None:
+    """Each delete, undelete or destroy of one version is its own hvac call, all at once and racing new writes:
+    every one of them shows in the metadata afterwards (they are compare-and-swap, none writes back a stale copy)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, admin = vault
+    kv = admin.secrets.kv.v2
+    kv.create_or_update_secret("race/meta", secret={"n": "0"})
+    kv.update_metadata("race/meta", max_versions=50)
+    for n in range(1, 30):
+        kv.create_or_update_secret("race/meta", secret={"n": str(n)})
+    kv.delete_secret_versions("race/meta", versions=list(range(21, 31)))  # to be undeleted, one call each
+    calls = ([lambda n=n: kv.delete_secret_versions("race/meta", versions=[n]) for n in range(1, 11)]
+             + [lambda n=n: kv.destroy_secret_versions("race/meta", versions=[n]) for n in range(11, 21)]
+             + [lambda n=n: kv.undelete_secret_versions("race/meta", versions=[n]) for n in range(21, 31)]
+             + [lambda n=n: kv.create_or_update_secret("race/meta", secret={"n": f"new-{n}"}) for n in range(10)])
+    with ThreadPoolExecutor(10) as pool:
+        list(pool.map(lambda call: call(), calls))
+    versions = kv.read_secret_metadata("race/meta")["data"]["versions"]
+    assert len(versions) == 40
+    assert all(versions[str(n)]["deletion_time"] and not versions[str(n)]["destroyed"] for n in range(1, 11))
+    assert all(versions[str(n)]["destroyed"] for n in range(11, 21))
+    assert all(not versions[str(n)]["deletion_time"] for n in range(21, 31))

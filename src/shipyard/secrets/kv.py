@@ -6,6 +6,7 @@ It reads and writes only its mount's barrier view; it never sees tokens or polic
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shipyard.errors import BadRequest, Conflict
@@ -132,9 +133,7 @@ class KVv2:
         if req.operation in ("create", "update", "patch"):
             return await self._write(req, path)
         if req.operation == "delete":
-            meta = await self._meta(path)
-            if meta is not None and meta["current_version"]:
-                await self._mark_deleted(path, meta, [meta["current_version"]])
+            await self._change_meta(path, lambda meta: self._mark_deleted([meta["current_version"]])(meta))
             return None
         raise UnsupportedOperation()
 
@@ -219,46 +218,60 @@ class KVv2:
             raise BadRequest("no version number provided")
         return [as_int(v, "versions") for v in versions]
 
-    async def _mark_deleted(self, path: str, meta: dict[str, Any], numbers: list[int]) -> None:
-        for number in numbers:
-            version = meta["versions"].get(str(number))
-            if version is not None and not self._deleted(version):
-                version["deletion_time"] = _now_iso()
-        await self.view.put_json("meta/" + path, meta)
+    async def _change_meta(self, path: str, change: Callable[[dict[str, Any]], list[str]]) -> None:
+        """Applies `change` to the path's metadata (it returns the version entries to drop) as a compare-and-swap,
+        as _write does: a delete, undelete or destroy racing another write of the same metadata reads it again
+        instead of writing back a copy that loses the other's change."""
+        for _ in range(WRITE_ATTEMPTS):
+            meta, revision = await self.view.get_json_versioned("meta/" + path)
+            if meta is None:
+                return
+            drops = change(meta)
+            if await self.view.put_json_many({"meta/" + path: meta}, drops, {"meta/" + path: revision}):
+                return
+        raise Conflict(f"too many concurrent writes to {path}; try again")
+
+    def _mark_deleted(self, numbers: list[int]) -> Callable[[dict[str, Any]], list[str]]:
+        def change(meta: dict[str, Any]) -> list[str]:
+            for number in numbers:
+                version = meta["versions"].get(str(number))
+                if version is not None and not self._deleted(version):
+                    version["deletion_time"] = _now_iso()
+            return []
+        return change
 
     async def _delete_versions(self, req: Request, path: str) -> None:
         if req.operation not in ("create", "update"):
             raise UnsupportedOperation()
-        meta = await self._meta(path)
-        if meta is not None:
-            await self._mark_deleted(path, meta, self._versions(req))
+        await self._change_meta(path, self._mark_deleted(self._versions(req)))
 
     async def _undelete(self, req: Request, path: str) -> None:
         if req.operation not in ("create", "update"):
             raise UnsupportedOperation()
         numbers = self._versions(req)
-        meta = await self._meta(path)
-        if meta is None:
-            return
-        for number in numbers:
-            version = meta["versions"].get(str(number))
-            if version is not None and not version["destroyed"]:
-                version["deletion_time"] = _NO_TIME
-        await self.view.put_json("meta/" + path, meta)
+
+        def change(meta: dict[str, Any]) -> list[str]:
+            for number in numbers:
+                version = meta["versions"].get(str(number))
+                if version is not None and not version["destroyed"]:
+                    version["deletion_time"] = _NO_TIME
+            return []
+        await self._change_meta(path, change)
 
     async def _destroy(self, req: Request, path: str) -> None:
         if req.operation not in ("create", "update"):
             raise UnsupportedOperation()
         numbers = self._versions(req)
-        meta = await self._meta(path)
-        if meta is None:
-            return
-        for number in numbers:
-            version = meta["versions"].get(str(number))
-            if version is not None:
-                version["destroyed"] = True
-                await self.view.delete(f"ver/{path}/{number}")
-        await self.view.put_json("meta/" + path, meta)
+
+        def change(meta: dict[str, Any]) -> list[str]:
+            drops = []
+            for number in numbers:
+                version = meta["versions"].get(str(number))
+                if version is not None:
+                    version["destroyed"] = True
+                    drops.append(f"ver/{path}/{number}")
+            return drops
+        await self._change_meta(path, change)
 
     async def _metadata(self, req: Request, path: str) -> dict[str, Any] | None:
         if req.operation == "list" or (req.operation == "read" and (not path or path.endswith("/"))):
@@ -276,15 +289,24 @@ class KVv2:
             await self.view.delete("meta/" + path)
             return None
         if req.operation in ("create", "update", "patch"):
-            await self._update_metadata(req, path, meta)
+            await self._update_metadata(req, path)
             return None
         raise UnsupportedOperation()
 
-    async def _update_metadata(self, req: Request, path: str, meta: dict[str, Any] | None) -> None:
-        meta = meta or {"versions": {}, "current_version": 0, "oldest_version": 0, "max_versions": 0,
-                        "cas_required": False, "delete_version_after": 0, "custom_metadata": None,
-                        "created_time": _now_iso()}
+    async def _update_metadata(self, req: Request, path: str) -> None:
         body = _secret_data(req)
+        for _ in range(WRITE_ATTEMPTS):  # compare-and-swap, as _change_meta (the metadata may not exist yet)
+            meta, revision = await self.view.get_json_versioned("meta/" + path)
+            meta = meta or {"versions": {}, "current_version": 0, "oldest_version": 0, "max_versions": 0,
+                            "cas_required": False, "delete_version_after": 0, "custom_metadata": None,
+                            "created_time": _now_iso()}
+            self._apply_metadata(meta, body)
+            if await self.view.put_json_many({"meta/" + path: meta}, [], {"meta/" + path: revision}):
+                return
+        raise Conflict(f"too many concurrent writes to {path}; try again")
+
+    @staticmethod
+    def _apply_metadata(meta: dict[str, Any], body: dict[str, Any]) -> None:
         if "max_versions" in body:
             meta["max_versions"] = as_int(body["max_versions"], "max_versions")
         if "cas_required" in body:
@@ -298,7 +320,6 @@ class KVv2:
                 raise BadRequest("custom_metadata must be a map of strings")
             meta["custom_metadata"] = custom
         meta["updated_time"] = _now_iso()
-        await self.view.put_json("meta/" + path, meta)
 
     @staticmethod
     def _metadata_body(meta: dict[str, Any]) -> dict[str, Any]:
