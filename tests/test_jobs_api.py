@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import shlex
 import subprocess
 import sys
 import time
@@ -654,3 +655,38 @@ def test_http_bad_input_gets_clear_errors(server) -> None:  # type: ignore[no-un
     names = {j["id"] for j in requests.get(jobs, timeout=10).json()["jobs"]}
     assert not names & {"web", "huge", "api-bad"}
 
+
+
+HOG = "block = b'x' * (64 << 20)\nwhile True:\n    sum(range(10_000))"  # 64 MiB resident and one core busy
+
+
+def test_http_allocs_usage_is_the_instances_real_cpu_and_memory(server) -> None:  # type: ignore[no-untyped-def]
+    """?usage=1: each instance's CPU share and resident memory, read from /proc by the server's node agent."""
+    jobs = [{"name": "api-hog", "cmd": f"{sys.executable} -c {shlex.quote(HOG)}", "instances": 1,
+             "resources": {"cpu": 10, "memory": 256}},
+            {"name": "api-idle", "cmd": "sleep 60", "instances": 1, "resources": {"cpu": 10, "memory": 16}}]
+    for spec in jobs:
+        assert requests.post(_api(server, "/jobs"), json=spec, timeout=10).status_code == 201
+
+    def usage(job: str) -> dict | None:
+        [alloc] = _wait(f"{job} running", lambda: _running(server, job))
+        [row] = requests.get(_api(server, f"/allocs?job={job}&usage=1"), timeout=10).json()["allocations"]
+        return row["usage"] if row["id"] == alloc["id"] else None
+
+    hog = _wait("the hog's usage with its block resident", lambda: (u := usage("api-hog")) and
+                u["rss_bytes"] >= 64 << 20 and u)
+    assert hog["cpu_percent"] > 0 and hog["cpu_seconds"] > 0 and hog["processes"] >= 1
+    later = _wait("more CPU time on the next reading", lambda: (u := usage("api-hog")) and
+                  u["cpu_seconds"] > hog["cpu_seconds"] and u)
+    assert later["cpu_percent"] > 0  # measured over the time between the two readings
+    idle = _wait("the idle instance's usage", lambda: usage("api-idle"))
+    assert 0 < idle["rss_bytes"] < 64 << 20 and idle["cpu_percent"] < later["cpu_percent"]
+
+    alloc_id = _running(server, "api-hog")[0]["id"]
+    one = requests.get(_api(server, f"/allocs/{alloc_id}?usage=1"), timeout=10).json()["allocation"]
+    assert one["usage"]["rss_bytes"] >= 64 << 20
+    plain = requests.get(_api(server, "/allocs?job=api-hog"), timeout=10).json()["allocations"]
+    assert all("usage" not in a for a in plain)  # only when asked: it costs a /proc pass
+    _error(requests.get(_api(server, "/allocs?usage=maybe"), timeout=10), 400)
+    for spec in jobs:
+        assert requests.delete(_api(server, f"/jobs/{spec['name']}"), timeout=10).status_code == 200

@@ -17,6 +17,7 @@ import yaml
 
 from shipyard.acl import Authorizer
 from shipyard.agent.logfiles import read_tail_lines
+from shipyard.agent.usage import Usage
 from shipyard.api.context import Platform
 from shipyard.bus import Bus
 from shipyard.errors import ShipyardError
@@ -130,7 +131,18 @@ async def _job_rows(jobs: JobService, auth: Authorizer | None,
     return rows
 
 
-def _instance_row(alloc: Allocation, status: AllocStatus | None, snap: CatalogSnapshot) -> dict[str, Any]:
+def _usage_cells(usage: Usage | None) -> dict[str, str] | None:
+    """CPU as a share of one core and RSS, rounded so that an idle instance's row (and so the live view) stays put."""
+    if usage is None:
+        return None
+    cpu = usage.cpu_percent
+    mib = usage.rss_bytes / (1 << 20)
+    return {"cpu": "0%" if cpu == 0 else "<1%" if cpu < 1 else f"{cpu:.0f}%",
+            "memory": f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"}
+
+
+def _instance_row(alloc: Allocation, status: AllocStatus | None, snap: CatalogSnapshot,
+                  usage: Usage | None = None) -> dict[str, Any]:
     entry = snap.services.get((alloc.node, alloc.id))
     checks = [_check_row(alloc.node, c.data) for c in snap.service_checks(alloc.node, alloc.id)] if entry else []
     st = status or AllocStatus(client=alloc.client)
@@ -141,7 +153,7 @@ def _instance_row(alloc: Allocation, status: AllocStatus | None, snap: CatalogSn
         "port": entry.data.get("Port", "") if entry else next(iter(st.ports.values()), ""),
         "ports": st.ports, "restarts": st.restarts, "message": "" if st.crash_looping else st.message,
         "last_exit": (st.last_exit or {}).get("description", ""), "stderr": _stderr(st.last_exit),
-        "pid": st.pid, "cpu": alloc.cpu, "memory": alloc.memory, "limits": st.limits,
+        "pid": st.pid, "cpu": alloc.cpu, "memory": alloc.memory, "limits": st.limits, "usage": _usage_cells(usage),
         "healthy_since": when(st.healthy_since), "canary": alloc.canary, "checks": checks,
         "check_status": worst([c["status"] for c in checks]) if checks else "",
     }
@@ -159,10 +171,12 @@ async def service(platform: Platform, auth: Authorizer | None, name: str) -> dic
         allocs = await jobs.allocations(name)
         allocs.sort(key=lambda pair: (pair[0].desired != "run", pair[0].index, -pair[0].version))
         dep = await jobs.deployment(name)
+        # One /proc pass for every instance of the view (those running on this server's node).
+        usage = await platform.agent.usage({a.id for a, _ in allocs}) if platform.agent is not None else {}
         out.update(
             job={"id": job.id, "kind": job.spec.kind, "version": job.version, "status": job.status,
                  "instances": job.spec.instances, "cmd": job.spec.cmd, "stable": job.stable_version},
-            instances=[_instance_row(a, s, snap) for a, s in allocs],
+            instances=[_instance_row(a, s, snap, usage.get(a.id)) for a, s in allocs],
             deployment=asdict(dep) | {"active": dep.active} if dep is not None else None,
             versions=[{"version": v.version, "created": when(v.created_at), "reason": v.reason}
                       for v in reversed(await jobs.versions(name))][:10],
@@ -177,7 +191,7 @@ def _catalog_instance(node: str, data: dict[str, Any], snap: CatalogSnapshot) ->
     return {"id": data.get("ID", ""), "short": data.get("ID", ""), "index": "", "node": node, "version": "",
             "desired": "run", "state": "registered", "address": data.get("Address", ""), "port": data.get("Port", ""),
             "ports": {}, "restarts": "", "last_exit": "", "stderr": [], "message": "", "pid": None, "cpu": "",
-            "memory": "", "limits": "", "healthy_since": "", "canary": False, "checks": checks,
+            "memory": "", "limits": "", "usage": None, "healthy_since": "", "canary": False, "checks": checks,
             "check_status": worst([c["status"] for c in checks]) if checks else ""}
 
 
