@@ -28,9 +28,11 @@ from shipyard.bus import Bus
 from shipyard.errors import BadRequest, ShipyardError
 from shipyard.scheduler.jobs import JobService
 from shipyard.ui import views
+from shipyard.ui.gateway_views import gateway_extras
 
 HERE = Path(__file__).parent
 COOKIE = "shipyard_ui_token"
+VAULT_COOKIE = "shipyard_ui_vault"  # the Secrets page's Vault token (ui/secrets_views.py), same cookie rules
 CSRF_HEADER = "X-Shipyard-CSRF"
 FORM = "application/x-www-form-urlencoded"
 LIVE_WAIT = 25.0  # seconds a live fragment waits for a change before answering unchanged (proxies cut ~30s+)
@@ -167,7 +169,8 @@ async def frag_service(request: web.Request) -> tuple[str, dict[str, Any]]:
 
 
 async def frag_gateway(request: web.Request) -> tuple[str, dict[str, Any]]:
-    return "frag_gateway.html", await views.gateway(platform_of(request), auth(request))
+    context = await views.gateway(platform_of(request), auth(request))
+    return "frag_gateway.html", {**context, **await gateway_extras(request, auth(request))}
 
 
 async def frag_bus(request: web.Request) -> tuple[str, dict[str, Any]]:
@@ -495,6 +498,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     await check_csrf(request)
     response = web.HTTPSeeOther("/ui/login")
     response.del_cookie(COOKIE, path="/ui/")
+    response.del_cookie(VAULT_COOKIE, path="/ui/")
     raise response
 
 
