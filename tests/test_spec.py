@@ -124,7 +124,8 @@ def test_unknown_fields_suggest_the_right_one() -> None:
         "shipyard.yaml:4: services.api.instance: unknown field (did you mean 'instances'?)",
         "shipyard.yaml:5: services.api.helth: unknown field (did you mean 'health'?)",
         "shipyard.yaml:6: services.api.zzz: unknown field (allowed: cmd, args, instances, env, ports, health, "
-        "resources, depends_on, update, restart, stop_grace, tags, meta, routes, workdir, secrets, vault)",
+        "resources, depends_on, update, restart, stop_grace, tags, meta, routes, workdir, secrets, vault, "
+        "constraints, spread, distinct_hosts)",
     ]
     assert problems("service:\n  api: {cmd: x}\n") == [
         "shipyard.yaml:1: service: unknown field (did you mean 'services'?)"]

@@ -23,6 +23,7 @@ PROJECT_FIELDS = ("project", "services", "workers")
 TASK_FIELDS = (
     "cmd", "args", "instances", "env", "ports", "health", "resources", "depends_on",
     "update", "restart", "stop_grace", "tags", "meta", "routes", "workdir", "secrets", "vault",
+    "constraints", "spread", "distinct_hosts",
 )
 WORKER_FIELDS = (*(f for f in TASK_FIELDS if f != "routes"), "autoscale")
 # Written by the CLI, not by people (so not in the schema): {file: digest} of the working directory, which makes a
@@ -34,6 +35,15 @@ UPDATE_FIELDS = ("max_parallel", "min_healthy_time", "healthy_deadline", "auto_r
 RESTART_FIELDS = ("initial", "factor", "max", "attempts", "reset_after")
 PORT_FIELDS = ("static",)
 AUTOSCALE_FIELDS = ("queue", "min", "max", "target_depth", "cooldown")
+CONSTRAINT_FIELDS = ("attribute", "operator", "value")
+SPREAD_FIELDS = ("attribute", "weight", "targets")
+# Nomad's constraint operators (plus not_regexp, which Marathon's UNLIKE needs); "==" is read as "=".
+CONSTRAINT_OPERATORS = ("=", "!=", "regexp", "not_regexp", "version", "is_set", "is_not_set", "distinct_hosts",
+                        "distinct_property")
+# A node attribute as Nomad spells it: ${node.unique.name}, ${node.class}, ${meta.rack}, ${attr.kernel.name}...
+ATTRIBUTE_RE = re.compile(r"^\$\{(node\.(unique\.name|unique\.id|name|class|datacenter)"
+                          r"|(attr|meta)\.[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})\}$")
+VERSION_PART_RE = re.compile(r"^\s*(=|!=|>=|<=|>|<|~>)?\s*v?(\d+(?:\.\d+){0,3})\s*$")
 DEPENDENCY_CONDITIONS = ("started", "healthy")
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -107,6 +117,35 @@ class Autoscale:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """A rule every node of a job's instances must pass (Nomad's constraint block)."""
+
+    attribute: str  # "${meta.rack}"; "" for distinct_hosts
+    operator: str = "="
+    value: str = ""  # distinct_property: the most instances per value ("1" unless given)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Spread a job's instances over the values of a node attribute: evenly, or by percent per value."""
+
+    attribute: str
+    weight: int = 100  # 1-100: how much this spread counts against the job's other spreads
+    targets: Mapping[str, int] = field(default_factory=dict)  # value -> percent; the rest is shared by other values
+
+
+def parse_version_constraint(text: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """'>= 1.2, < 2' -> (('>=', (1, 2)), ('<', (2,))); ValueError when a part is not '[op] number[.number...]'."""
+    parts = []
+    for piece in text.split(","):
+        match = VERSION_PART_RE.match(piece)
+        if match is None:
+            raise ValueError(piece.strip() or text)
+        parts.append((match.group(1) or "=", tuple(int(n) for n in match.group(2).split("."))))
+    return tuple(parts)
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """One service or worker: what the scheduler calls a job."""
 
@@ -134,6 +173,13 @@ class TaskSpec:
     vault_change_mode: str = "restart"  # when a secret it reads changes: restart | signal | noop (Nomad's change_mode)
     vault_change_signal: str = "SIGHUP"  # the signal of change_mode: signal
     vault_files: Mapping[str, str] = field(default_factory=dict)  # file name -> "engine/path#field", on tmpfs
+    constraints: tuple[Constraint, ...] = ()  # where instances may run (node attributes, meta, distinct...)
+    spread: tuple[Spread, ...] = ()
+    distinct_hosts: bool = False  # at most one instance of the job per node
+
+    @property
+    def has_placement_rules(self) -> bool:
+        return bool(self.constraints or self.spread or self.distinct_hosts)
 
     def to_dict(self) -> dict[str, Any]:
         return task_to_dict(self)
@@ -299,7 +345,20 @@ def task_to_dict(t: TaskSpec) -> dict[str, Any]:
                         "change_signal": t.vault_change_signal}
         if t.vault_files:
             out["vault"]["files"] = dict(sorted(t.vault_files.items()))
+    _placement_to_dict(t, out)
     return out
+
+
+def _placement_to_dict(t: TaskSpec, out: dict[str, Any]) -> None:
+    # Only when set, like source: jobs stored before placement rules existed keep their hashes.
+    if t.constraints:
+        out["constraints"] = [{k: v for k, v in (("attribute", c.attribute), ("operator", c.operator),
+                                                 ("value", c.value)) if v} for c in t.constraints]
+    if t.spread:
+        out["spread"] = [{"attribute": s.attribute, "weight": s.weight, "targets": dict(sorted(s.targets.items()))}
+                         for s in t.spread]
+    if t.distinct_hosts:
+        out["distinct_hosts"] = True
 
 
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
@@ -594,6 +653,129 @@ class _Validator:
             values["autoscale"] = self.autoscale((*path, "autoscale"), spec["autoscale"])
         if internal.get("source") is not None:
             values["source"] = self.string_map((*path, "source"), internal["source"])
+        self._task_placement(path, spec, values)
+
+    def _task_placement(self, path: tuple[Any, ...], spec: dict[str, Any], values: dict[str, Any]) -> None:
+        """Where instances may run: constraints, spread, distinct_hosts."""
+        if spec.get("constraints") is not None:
+            values["constraints"] = self.constraints((*path, "constraints"), spec["constraints"])
+        if spec.get("spread") is not None:
+            values["spread"] = self.spreads((*path, "spread"), spec["spread"])
+        if spec.get("distinct_hosts") is not None:
+            if isinstance(spec["distinct_hosts"], bool):
+                values["distinct_hosts"] = spec["distinct_hosts"]
+            else:
+                self.expect((*path, "distinct_hosts"), spec["distinct_hosts"], "true or false")
+
+    def constraints(self, path: tuple[Any, ...], value: Any) -> tuple[Constraint, ...]:
+        if not isinstance(value, list):
+            self.expect(path, value, "a list of constraints (attribute, operator, value)")
+            return ()
+        out = []
+        for i, item in enumerate(value):
+            constraint = self.constraint((*path, i), item)
+            if constraint is not None:
+                out.append(constraint)
+        return tuple(out)
+
+    def constraint(self, path: tuple[Any, ...], value: Any) -> Constraint | None:
+        spec = self.mapping(path, value, CONSTRAINT_FIELDS)
+        if spec is None:
+            return None
+        operator = spec.get("operator", "=")
+        operator = "=" if operator == "==" else operator
+        if operator not in CONSTRAINT_OPERATORS:
+            self.expect((*path, "operator"), operator, "one of " + ", ".join(CONSTRAINT_OPERATORS))
+            return None
+        attribute = self._constraint_attribute(path, spec, operator)
+        text = self._constraint_value(path, spec, operator)
+        if attribute is None or text is None:
+            return None
+        return Constraint(attribute, operator, text)
+
+    def _constraint_attribute(self, path: tuple[Any, ...], spec: dict[str, Any], operator: str) -> str | None:
+        if operator == "distinct_hosts":
+            if "attribute" in spec:
+                self.fail((*path, "attribute"), "distinct_hosts takes no attribute (it is about nodes)")
+                return None
+            return ""
+        if "attribute" not in spec:
+            self.fail(path, "attribute is required (e.g. ${meta.rack}, ${node.class}, ${attr.kernel.name})")
+            return None
+        return self.string((*path, "attribute"), spec["attribute"], ATTRIBUTE_RE,
+                           "a node attribute like ${meta.rack}, ${node.class}, ${node.unique.name}, "
+                           "${attr.kernel.name} or ${attr.cpu.arch}")
+
+    def _constraint_value(self, path: tuple[Any, ...], spec: dict[str, Any], operator: str) -> str | None:
+        """The value as text, checked for what the operator needs (a regexp that compiles, a version range...)."""
+        where, raw = (*path, "value"), spec.get("value")
+        if operator in ("is_set", "is_not_set") or (operator == "distinct_hosts" and raw in (None, True, "true")):
+            if raw is not None and operator != "distinct_hosts":
+                self.fail(where, f"{operator} takes no value")
+                return None
+            return ""
+        if operator in ("distinct_hosts", "distinct_property"):
+            if operator == "distinct_hosts":
+                self.expect(where, raw, "true (or no value)")
+                return None
+            if raw is None:
+                return "1"
+            # Stored specs (and Marathon's MAX_PER) carry the count as text.
+            count = self.integer(where, int(raw) if isinstance(raw, str) and raw.isdigit() else raw, 1)
+            return None if count is None else str(count)
+        if isinstance(raw, bool) or not isinstance(raw, str | int | float) or raw == "":
+            self.expect(where, raw, f"a value for {operator} (a string)")
+            return None
+        return self._checked_value(where, operator, str(raw))
+
+    def _checked_value(self, where: tuple[Any, ...], operator: str, text: str) -> str | None:
+        if operator in ("regexp", "not_regexp"):
+            try:
+                re.compile(text)
+            except re.error as exc:
+                self.fail(where, f"invalid regular expression: {exc}")
+                return None
+        elif operator == "version":
+            try:
+                parse_version_constraint(text)
+            except ValueError as exc:
+                self.fail(where, f"invalid version range at {str(exc)!r} "
+                                 "(expected e.g. \">= 1.2, < 2\" or \"~> 5.10\")")
+                return None
+        return text
+
+    def spreads(self, path: tuple[Any, ...], value: Any) -> tuple[Spread, ...]:
+        if not isinstance(value, list):
+            self.expect(path, value, "a list of spreads (attribute, weight, targets)")
+            return ()
+        out = []
+        for i, item in enumerate(value):
+            spread = self.spread((*path, i), item)
+            if spread is not None:
+                out.append(spread)
+        return tuple(out)
+
+    def spread(self, path: tuple[Any, ...], value: Any) -> Spread | None:
+        spec = self.mapping(path, value, SPREAD_FIELDS)
+        if spec is None:
+            return None
+        if "attribute" not in spec:
+            self.fail(path, "attribute is required (e.g. ${meta.rack})")
+            return None
+        attribute = self.string((*path, "attribute"), spec["attribute"], ATTRIBUTE_RE,
+                                "a node attribute like ${meta.rack} or ${node.datacenter}")
+        weight = self.integer((*path, "weight"), spec["weight"], 1, 100) if "weight" in spec else 100
+        targets: dict[str, int] = {}
+        for name, percent in (self.mapping((*path, "targets"), spec.get("targets"), None) or {}).items():
+            n = self.integer((*path, "targets", name), percent, 0, 100)
+            if n is not None:
+                targets[str(name)] = n
+        if sum(targets.values()) > 100:
+            self.fail((*path, "targets"), f"percentages add up to {sum(targets.values())}, more than 100")
+            return None
+        if attribute is None or weight is None:
+            return None
+        return Spread(attribute, weight, targets)
 
     def ports(self, path: tuple[Any, ...], value: Any) -> tuple[Port, ...]:
         if value is None:

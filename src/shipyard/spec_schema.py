@@ -66,6 +66,12 @@ def _task(fields: tuple[str, ...]) -> dict[str, Any]:
             "files": {**_string_map(spec.SECRET_FILE_RE.pattern), "description": "Files in $SECRETS_DIR (tmpfs, "
                       "0600 in a 0700 folder): name: engine/path#field."},
         }},
+        "constraints": {"type": "array", "items": {"$ref": "#/$defs/constraint"},
+                        "description": "Nodes the instances may run on (all must hold)."},
+        "spread": {"type": "array", "items": {"$ref": "#/$defs/spread"},
+                   "description": "Spread instances over the values of a node attribute."},
+        "distinct_hosts": {"type": "boolean", "default": False,
+                           "description": "At most one instance of this job per node."},
     }
     return _object({k: v for k, v in props.items() if k in fields}, fields,
                    oneOf=[{"required": ["cmd"]}, {"required": ["args"]}])
@@ -119,6 +125,20 @@ def json_schema() -> dict[str, Any]:
                          "description": "Time without a scaling change before scaling down."},
         }, spec.AUTOSCALE_FIELDS, required=["queue"],
             description="Workers only: scale on queue depth between min and max instances."),
+        "constraint": _object({
+            "attribute": {"type": "string", "pattern": spec.ATTRIBUTE_RE.pattern,
+                          "description": "${node.unique.name}, ${node.class}, ${node.datacenter}, ${meta.<key>}, "
+                                         "${attr.<name>} (kernel.name, kernel.version, cpu.arch, os.name...)."},
+            "operator": {"enum": [*spec.CONSTRAINT_OPERATORS, "=="], "default": "="},
+            "value": {"type": ["string", "number", "boolean"], "description": "regexp: a regular expression; "
+                      "version: a range like \">= 1.2, < 2\"; distinct_property: the most instances per value."},
+        }, spec.CONSTRAINT_FIELDS),
+        "spread": _object({
+            "attribute": {"type": "string", "pattern": spec.ATTRIBUTE_RE.pattern},
+            "weight": {"type": "integer", "minimum": 1, "maximum": 100, "default": 100},
+            "targets": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 100},
+                        "description": "value: percent of the instances; values not listed share the rest."},
+        }, spec.SPREAD_FIELDS, required=["attribute"]),
         "service": _task(spec.TASK_FIELDS),
         "worker": _task(spec.WORKER_FIELDS),
     }

@@ -36,11 +36,13 @@ from shipyard.scheduler.records import (
     ALLOCS,
     DEPLOYMENTS,
     JOBS,
+    NODE_CONTROL,
     NODES,
     PLAN_GUARD,
     UNPLACEABLE,
     WAITING,
     alloc_key,
+    controls_by_node,
     decode_alloc,
     decode_deployment,
     decode_job,
@@ -56,12 +58,13 @@ from shipyard.scheduler.records import (
     split_node_alloc,
     unplaceable_key,
     waiting_key,
+    with_control,
 )
 from shipyard.store import Compare, Delete, Get, KeyValue, Put, Store, follow_prefix
 
 log = logging.getLogger("shipyard.scheduler")
 
-WATCHED = (NODES, JOBS, DEPLOYMENTS, ALLOCS, ALLOC_STATUS)
+WATCHED = (NODES, NODE_CONTROL, JOBS, DEPLOYMENTS, ALLOCS, ALLOC_STATUS)
 # A failed compare means someone wrote in between; re-read and re-plan up to this many times per pass.
 PLAN_ATTEMPTS = 8
 # While a deployment is active, time alone (min_healthy_time, deadlines) moves it on: look again at least this often.
@@ -134,13 +137,16 @@ async def read_state(store: Store, now: float | None = None,
     """Everything at one revision: a read-only txn is a consistent snapshot in both backends.
 
     job_cache (key -> (mod_revision, Job)) spares re-validating unchanged specs on every pass."""
-    prefixes = (NODES, JOBS, DEPLOYMENTS, ALLOCS, ALLOC_STATUS, UNPLACEABLE, WAITING)
+    prefixes = (NODES, JOBS, DEPLOYMENTS, ALLOCS, ALLOC_STATUS, UNPLACEABLE, WAITING, NODE_CONTROL)
     read = await store.txn((), [Get(p, True) for p in prefixes] + [Get(PLAN_GUARD)])
-    node_kvs, job_kvs, dep_kvs, alloc_kvs, status_kvs, unplaceable_kvs, waiting_kvs, guard_kvs = read.ranges()
+    (node_kvs, job_kvs, dep_kvs, alloc_kvs, status_kvs, unplaceable_kvs, waiting_kvs, control_kvs,
+     guard_kvs) = read.ranges()
+    controls = controls_by_node(control_kvs)
     nodes: list[Node] = []
     for kv in node_kvs:
         with contextlib.suppress(Exception):  # an unreadable record is skipped, never fatal for the cluster
-            nodes.append(decode_node(kv.value))
+            node = decode_node(kv.value)
+            nodes.append(with_control(node, controls.get(node.id)))
     state = StoreState(Snapshot((), ()))
     _read_jobs(state, job_kvs, job_cache)
     deployments = _read_deployments(state, dep_kvs)
@@ -443,6 +449,20 @@ def _merge_plan(into: Plan, plan: Plan, jobs: set[str]) -> None:
 
 def next_recheck(snapshot: Snapshot, plan: Plan) -> float | None:
     """Seconds until time alone could change the plan (a replacement turns stable, a deadline passes)."""
+    rollout = _rollout_recheck(snapshot, plan)
+    if _draining_busy(snapshot):
+        # A drain moves instances as a rolling update does, often outside any active deployment; its deadline
+        # comes by time alone too.
+        return ACTIVE_RECHECK if rollout is None else min(rollout, ACTIVE_RECHECK)
+    return rollout
+
+
+def _draining_busy(snapshot: Snapshot) -> bool:
+    draining = {n.id for n in snapshot.nodes if n.draining}
+    return bool(draining) and any(a.desired == "run" and a.node in draining for a in snapshot.allocations)
+
+
+def _rollout_recheck(snapshot: Snapshot, plan: Plan) -> float | None:
     latest = {d.job: d for d in snapshot.deployments}
     latest.update({d.job: d for d in plan.deployments})
     active = {job for job, d in latest.items() if d.active}

@@ -19,8 +19,14 @@ class Node:
     id: str
     cpu: int  # MHz available to allocations
     memory: int  # MB available to allocations
-    attributes: dict[str, str] = field(default_factory=dict)
-    eligible: bool = True  # False: keeps what it runs, gets nothing new (draining)
+    attributes: dict[str, str] = field(default_factory=dict)  # ${attr.*}: kernel.name, cpu.arch, address...
+    eligible: bool = True  # False: keeps what it runs, gets nothing new (eligibility off, or draining)
+    node_class: str = ""  # ${node.class}
+    meta: dict[str, str] = field(default_factory=dict)  # ${meta.*}: what the operator says of the node (rack...)
+    # Draining: its instances move to other nodes as a rolling update would; at drain_deadline (if any) the ones
+    # left are stopped. A draining node is also ineligible.
+    draining: bool = False
+    drain_deadline: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ class NodePool:
             self.mem_total.append(node.memory)
             self.cpu_free.append(node.cpu)
             self.mem_free.append(node.memory)
-            self.eligible.append(node.eligible)
+            self.eligible.append(node.eligible and not node.draining)
         for alloc in allocations:
             i = self.index_of.get(alloc.node)
             if i is not None and alloc.desired == "run" and alloc.client not in TERMINAL:

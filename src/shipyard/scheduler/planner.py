@@ -9,7 +9,8 @@ from collections import defaultdict
 from dataclasses import replace
 
 from shipyard.errors import Conflict
-from shipyard.scheduler.model import Allocation, Deployment, Job, Plan, Snapshot, Unplaceable, Waiting
+from shipyard.scheduler.feasibility import RulePlacer, by_class_note
+from shipyard.scheduler.model import TERMINAL, Allocation, Deployment, Job, Plan, Snapshot, Unplaceable, Waiting
 from shipyard.scheduler.placement import NodePool
 from shipyard.scheduler.reconcile import JobDecision, reconcile_job, reconcile_stopped
 
@@ -24,6 +25,7 @@ def plan(snapshot: Snapshot, *, spread: bool = False, candidates: int = 2) -> Pl
     floor = (min(c for c, _ in demands), min(m for _, m in demands)) if demands else (0, 0)
     pool = NodePool(snapshot.nodes, snapshot.allocations, floor)
     alive = frozenset(pool.index_of)
+    draining = Draining.of(snapshot)
     by_job: dict[str, list[Allocation]] = defaultdict(list)
     for alloc in snapshot.allocations:
         by_job[alloc.job].append(alloc)
@@ -45,13 +47,42 @@ def plan(snapshot: Snapshot, *, spread: bool = False, candidates: int = 2) -> Pl
             decision = reconcile_stopped(job_id, allocs, latest.get(job_id), "job stopped")
         else:
             waiting_for = _waiting_for(job, jobs, up) if job.spec.depends_on else ""
-            decision = reconcile_job(job, allocs, latest.get(job_id), alive, snapshot.now, template, waiting_for)
+            decision = reconcile_job(job, allocs, latest.get(job_id), alive, snapshot.now, template, waiting_for,
+                                     draining.nodes, draining.expired)
             if decision.waiting:
                 result.waiting.append(Waiting(job_id, decision.waiting, waiting_for))
         _merge(result, decision)
         if decision.place:
-            seq = _place(result, pool, job, template, decision, allocs, snapshot, seq, spread, candidates)
+            rules = _rule_placer(pool, snapshot, job, template, decision, allocs, draining.nodes)
+            seq = _place(result, pool, job, template, decision, allocs, snapshot, seq, spread, candidates, rules)
     return result
+
+
+class Draining:
+    """The nodes being drained, and those whose drain deadline has passed (what still runs there is stopped)."""
+
+    def __init__(self, nodes: frozenset[str], expired: frozenset[str]) -> None:
+        self.nodes = nodes
+        self.expired = expired
+
+    @classmethod
+    def of(cls, snapshot: Snapshot) -> Draining:
+        draining = [n for n in snapshot.nodes if n.draining]
+        expired = [n.id for n in draining if n.drain_deadline is not None and snapshot.now >= n.drain_deadline]
+        return cls(frozenset(n.id for n in draining), frozenset(expired))
+
+
+def _rule_placer(pool: NodePool, snapshot: Snapshot, job: Job, template: str, decision: JobDecision,
+                 allocs: list[Allocation], draining: frozenset[str]) -> RulePlacer | None:
+    """Only jobs with placement rules pay for a scan of the nodes. The instances that count against distinct and
+    spread rules are those that stay: not stopping, not outdated (a rolling update replaces them), not on a
+    draining node (they are moving)."""
+    if not job.spec.has_placement_rules:
+        return None
+    stopping = {s.alloc for s in decision.stop}
+    counted = [a for a in allocs if a.desired == "run" and a.client not in TERMINAL and a.id not in stopping
+               and a.node not in draining and a.template == template and a.generation == job.generation]
+    return RulePlacer(pool, snapshot.nodes, job.spec, counted)
 
 
 # Client statuses that count as "started" for depends_on: the process runs (healthy or not yet checked).
@@ -100,7 +131,7 @@ def _merge(result: Plan, decision: JobDecision) -> None:
 
 
 def _place(result: Plan, pool: NodePool, job: Job, template: str, decision: JobDecision, allocs: list[Allocation],
-           snapshot: Snapshot, seq: int, spread: bool, candidates: int) -> int:
+           snapshot: Snapshot, seq: int, spread: bool, candidates: int, rules: RulePlacer | None = None) -> int:
     resources = job.spec.resources
     cpu, mem = resources.cpu, resources.memory
     counts: dict[int, int] | None = None
@@ -119,21 +150,31 @@ def _place(result: Plan, pool: NodePool, job: Job, template: str, decision: JobD
         if failed:  # capacity only shrinks within a plan: what did not fit once will not fit again
             failed.append(index)
             continue
-        i = choose(cpu, mem, counts, total, candidates)
+        i = choose(cpu, mem, counts, total, candidates) if rules is None else rules.choose(cpu, mem)
         if i is None:
             failed.append(index)
             continue
         reserve(i, cpu, mem)
         if counts is not None:
             counts[i] += 1
+        if rules is not None:
+            rules.placed(i)
         seq += 1
         place(Allocation(f"{prefix}{index}{suffix}{seq}", job.id, job.version, index, ids[i], cpu, mem, template,
                          job.generation, "run", "pending", deployment_id, canary, snapshot.now, None))
     if failed:
-        reason = pool.unplaceable_reason(cpu, mem)
+        reason = _why(pool, snapshot, rules, cpu, mem)
         result.unplaceable.append(Unplaceable(job.id, tuple(failed), reason))
         _account_unplaced(result, deployment_id, decision, failed, reason)
     return seq
+
+
+def _why(pool: NodePool, snapshot: Snapshot, rules: RulePlacer | None, cpu: int, mem: int) -> str:
+    if rules is not None:
+        return rules.why(cpu, mem)
+    reason = pool.unplaceable_reason(cpu, mem)
+    note = by_class_note(pool, snapshot.nodes, cpu, mem)
+    return f"{reason}; {note}" if note else reason
 
 
 def _account_unplaced(result: Plan, deployment_id: str | None, decision: JobDecision, failed: list[int],

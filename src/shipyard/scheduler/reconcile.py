@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from shipyard.scheduler.model import TERMINAL, Allocation, Deployment, Job, JobRevert, Stop, VersionUpdate
+from shipyard.spec import UpdatePolicy
 
 
 @dataclass
@@ -71,9 +72,14 @@ def reconcile_stopped(job_id: str, allocs: list[Allocation], deployment: Deploym
 
 
 def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None, alive_nodes: set[str] | frozenset,
-                  now: float, template: str, waiting_for: str = "") -> JobDecision:
+                  now: float, template: str, waiting_for: str = "", draining: frozenset[str] = frozenset(),
+                  drain_expired: frozenset[str] = frozenset()) -> JobDecision:
     """waiting_for: why the job's dependencies are not met yet ("" when they are); it holds back the placements of
-    a job that has not started, never those of one already running (ordering at start only, as in Compose)."""
+    a job that has not started, never those of one already running (ordering at start only, as in Compose).
+
+    draining: nodes whose instances move elsewhere as a rolling update would (replacement placed and stable before
+    the old one stops, max_parallel at a time); drain_expired: draining nodes past their deadline, whose instances
+    stop at once (and are placed again elsewhere)."""
     decision = JobDecision()
     spec = job.spec
     policy = spec.update
@@ -88,6 +94,8 @@ def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None,
             continue
         if a.node not in alive_nodes or a.client == "lost":
             decision.stop.append(_stop(a, "node lost"))
+        elif a.node in drain_expired:
+            decision.stop.append(_stop(a, "node drain deadline reached"))
         elif a.client in TERMINAL:
             decision.stop.append(_stop(a, f"instance {a.client}"))
         else:
@@ -101,7 +109,8 @@ def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None,
     current: dict[int, Allocation] = {}
     outdated: dict[int, Allocation] = {}
     for a in sorted(live, key=lambda a: (a.client != "healthy", a.created_at)):
-        bucket = current if a.template == template and a.generation == job.generation else outdated
+        fresh = a.template == template and a.generation == job.generation and a.node not in draining
+        bucket = current if fresh else outdated
         if a.index in bucket:
             decision.stop.append(_stop(a, "duplicate instance"))  # keeps the healthy, older one
         else:
@@ -129,6 +138,8 @@ def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None,
         if d.status == "failed" and policy.auto_revert and stable_version is not None and stable_version != job.version:
             decision.revert = JobRevert(job.id, stable_version, f"deployment {d.id} failed: {d.description}")
         _place_missing(decision, slots, current, outdated, live, waiting_for)
+        # ...and instances on a draining node still move (to the job's current version: the only one it can place).
+        _roll(decision, {i: a for i, a in outdated.items() if a.node in draining}, current, policy, now, draining)
         return decision
 
     ours = [a for a in current.values() if a.deployment == d.id]
@@ -158,18 +169,7 @@ def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None,
     else:
         if d.status == "paused-for-promotion":
             d = replace(d, status="running", description="promoted")
-        # Old instances go only once their replacement has been healthy for min_healthy_time (surge, never dip).
-        in_flight = 0
-        for i, old in sorted(outdated.items()):
-            new = current.get(i)
-            if new is None:
-                continue
-            if stable(new, now, policy.min_healthy_time):
-                decision.stop.append(_stop(old, f"replaced by {new.id}"))
-            else:
-                in_flight += 1
-        for i in waiting[:max(0, policy.max_parallel - in_flight)]:
-            decision.place.append((i, False))
+        _roll(decision, outdated, current, policy, now, draining)
 
     if not d.active:
         return decision  # a successful deployment only keeps the count up; its record stays as it ended
@@ -186,6 +186,25 @@ def reconcile_job(job: Job, allocs: list[Allocation], latest: Deployment | None,
     if d != latest:
         decision.changed.append(d)
     return decision
+
+
+def _roll(decision: JobDecision, outdated: dict[int, Allocation], current: dict[int, Allocation],
+          policy: UpdatePolicy, now: float, draining: frozenset[str]) -> None:
+    """Old instances (outdated, or on a draining node) go only once their replacement has been healthy for
+    min_healthy_time (surge, never dip), max_parallel replacements in flight at a time."""
+    in_flight = 0
+    for i, old in sorted(outdated.items()):
+        new = current.get(i)
+        if new is None:
+            continue
+        if stable(new, now, policy.min_healthy_time):
+            why = "node draining; " if old.node in draining else ""
+            decision.stop.append(_stop(old, f"{why}replaced by {new.id}"))
+        else:
+            in_flight += 1
+    waiting = sorted(i for i in outdated if i not in current)
+    for i in waiting[:max(0, policy.max_parallel - in_flight)]:
+        decision.place.append((i, False))
 
 
 def _place_missing(decision: JobDecision, slots: list[int], current: dict[int, Allocation],

@@ -4,7 +4,9 @@ the job API, the scheduler loop and the node agents.
 Keys and JSON codecs only; it never decides anything and never talks to anything but the store.
 
 Layout (each value is a JSON object):
-  nodes/<node>                    Node: capacity an agent offers (written by that node's agent)
+  nodes/<node>                    Node: capacity, attributes, class and meta an agent offers (that node's agent)
+  node-control/<node>             what operators decided for a node: eligibility, drain and its deadline
+                                  (written only by the node API; merged into Node for planning)
   jobs/<job>                      Job: the current version of a service or worker (written by the job API)
   job-versions/<job>/<version>    the TaskSpec of every version, for history and auto-revert
   deployments/<job>               the latest Deployment of a job (written by the scheduler loop)
@@ -31,6 +33,7 @@ from shipyard.spec import TaskSpec
 from shipyard.store import KeyValue, Store
 
 NODES = "nodes/"
+NODE_CONTROL = "node-control/"
 JOBS = "jobs/"
 JOB_VERSIONS = "job-versions/"
 DEPLOYMENTS = "deployments/"
@@ -47,6 +50,10 @@ def _q(part: str) -> str:
 
 def node_key(node: str) -> str:
     return NODES + _q(node)
+
+
+def node_control_key(node: str) -> str:
+    return NODE_CONTROL + _q(node)
 
 
 def job_key(job: str) -> str:
@@ -90,13 +97,60 @@ def dumps(value: Any) -> bytes:
 
 
 def encode_node(node: Node) -> bytes:
-    return dumps(asdict(node))
+    """An agent's record of its node; drain state is not in it (node-control/ holds what operators decide)."""
+    return dumps({"id": node.id, "cpu": node.cpu, "memory": node.memory, "attributes": node.attributes,
+                  "eligible": node.eligible, "class": node.node_class, "meta": node.meta})
+
+
+def _text_map(value: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
 
 def decode_node(raw: bytes) -> Node:
     data = orjson.loads(raw)
-    return Node(data["id"], int(data["cpu"]), int(data["memory"]), dict(data.get("attributes") or {}),
-                bool(data.get("eligible", True)))
+    return Node(data["id"], int(data["cpu"]), int(data["memory"]), _text_map(data.get("attributes")),
+                bool(data.get("eligible", True)), str(data.get("class") or ""), _text_map(data.get("meta")))
+
+
+@dataclass(frozen=True)
+class NodeControl:
+    """An operator's decisions about one node (`shipyard node eligibility` / `node drain`)."""
+
+    eligible: bool = True
+    draining: bool = False
+    drain_deadline: float | None = None  # epoch seconds; None: no deadline
+    drain_started: float | None = None
+    updated_at: float = 0.0
+
+
+def encode_control(control: NodeControl) -> bytes:
+    return dumps(asdict(control))
+
+
+def decode_control(raw: bytes) -> NodeControl:
+    data = orjson.loads(raw)
+    deadline, started = data.get("drain_deadline"), data.get("drain_started")
+    return NodeControl(bool(data.get("eligible", True)), bool(data.get("draining", False)),
+                       None if deadline is None else float(deadline), None if started is None else float(started),
+                       float(data.get("updated_at", 0.0)))
+
+
+def with_control(node: Node, control: NodeControl | None) -> Node:
+    """The node as the planner sees it: eligible only if both its agent and the operators say so."""
+    if control is None:
+        return node
+    return replace(node, eligible=node.eligible and control.eligible, draining=control.draining,
+                   drain_deadline=control.drain_deadline if control.draining else None)
+
+
+def controls_by_node(kvs: list[KeyValue]) -> dict[str, NodeControl]:
+    out = {}
+    for kv in kvs:
+        try:
+            out[unquote(kv.key[len(NODE_CONTROL):])] = decode_control(kv.value)
+        except Exception:  # unreadable: the node is planned as if no operator had touched it
+            continue
+    return out
 
 
 def encode_job(job: Job) -> bytes:
@@ -185,6 +239,7 @@ def _decode_all(kvs: list[KeyValue], decode: Any) -> list[Any]:
 async def read_snapshot(store: Store, now: float | None = None) -> Snapshot:
     """Everything the planner needs, with each allocation's client status merged in from its agent."""
     nodes = await store.range(NODES, prefix=True)
+    controls = controls_by_node((await store.range(NODE_CONTROL, prefix=True)).kvs)
     jobs = await store.range(JOBS, prefix=True)
     deployments = await store.range(DEPLOYMENTS, prefix=True)
     allocs = await store.range(ALLOCS, prefix=True)
@@ -202,7 +257,7 @@ async def read_snapshot(store: Store, now: float | None = None) -> Snapshot:
             alloc = replace(alloc, client=status.client, healthy_since=status.healthy_since)
         merged.append(alloc)
     return Snapshot(
-        nodes=_decode_all(nodes.kvs, decode_node),
+        nodes=[with_control(n, controls.get(n.id)) for n in _decode_all(nodes.kvs, decode_node)],
         jobs=_decode_all(jobs.kvs, decode_job),
         allocations=merged,
         deployments=_decode_all(deployments.kvs, decode_deployment),
