@@ -28,6 +28,7 @@ from shipyard.agent.node_agent import NodeAgent
 from shipyard.api.acl_guard import acl_middleware, dns_restriction
 from shipyard.api.acl_table import rule_for as acl_rule_for
 from shipyard.api.cluster import attach_cluster, check_cluster_bus, start_cluster, stop_cluster
+from shipyard.api.cluster_gateway import start_gateway_counters, stop_gateway_counters
 from shipyard.api.consul import add_consul_routes
 from shipyard.api.consul.acl_api import ACL_STATE
 from shipyard.api.context import PLATFORM, Platform, ServerConfig
@@ -484,6 +485,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
                 gateway.extra_env[TOKEN_VARIABLES[0]] = secret
             await gateway.start()
             await gateway.wait_listening()
+            await start_gateway_counters(platform, gateway.shared_path)  # several servers: counts shared via etcd
         vault = await start_vault(config, platform, tls_context)
         log.info(
             "shipyard server ready: %s, DNS on port %s (node %s, data dir %s, bus %s)",
@@ -504,10 +506,11 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     finally:
         if gateway is not None:
             await gateway.stop()
-            if config.data_dir is None:
-                for path in gateway.shared_files:
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
+        await stop_gateway_counters(platform)  # the workers' last counts, published while the store is still open
+        if gateway is not None and config.data_dir is None:
+            for path in gateway.shared_files:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         if dns_server is not None:
             await dns_server.stop()
         if https is not None:

@@ -78,7 +78,11 @@ def cli(ctx: click.Context, http_addr: str) -> None:
 @click.option("--leader-ttl", default=3, show_default=True, type=click.IntRange(2, 60),
               help="With --store etcd: seconds of the leadership lease; a dead leader is replaced within about this.")
 @click.option("--node-lost-after", default=15.0, show_default=True, type=click.FloatRange(0, 3600),
-              help="With --store etcd: seconds a server may be gone before the instances on its node are replaced.")
+              help="Seconds a server (with --store etcd) or an agent may be gone before the instances on its node "
+                   "are replaced.")
+@click.option("--gateway-sync", default=0.1, show_default=True, type=click.FloatRange(0.01, 10),
+              help="With --store etcd (several servers): seconds between syncs of the gateways' rate-limit counts "
+                   "(docs/cluster.md: the tolerance of a limit grows with it).")
 @click.option("--enable-script-checks", is_flag=True, help="Allow health checks that run commands.")
 @click.option("--http-check-output", is_flag=True,
               help="Record HTTP checks' response bodies in their output (as Consul does); off: status line only.")
@@ -123,6 +127,7 @@ def server(
     single_server: bool,
     leader_ttl: int,
     node_lost_after: float,
+    gateway_sync: float,
     enable_script_checks: bool,
     http_check_output: bool,
     insecure_bind: bool,
@@ -170,6 +175,7 @@ def server(
         single_server=single_server,
         leader_ttl=leader_ttl,
         node_lost_after=node_lost_after,
+        gateway_sync=gateway_sync,
         dns=dns_config(dns_flags),
         tls=tls_config(dns_flags),
         **vault_settings(dns_flags, dev=dev),
@@ -185,7 +191,14 @@ def server(
 
 
 def _register_subcommands() -> None:
-    from shipyard.cli import bus_commands, gateway_commands, jobs_commands, registry_commands, tls_commands
+    from shipyard.cli import (
+        agent_command,
+        bus_commands,
+        gateway_commands,
+        jobs_commands,
+        registry_commands,
+        tls_commands,
+    )
 
     registry_commands.register(cli)
     jobs_commands.register(cli)
@@ -194,8 +207,9 @@ def _register_subcommands() -> None:
     from shipyard.cli import snapshot_commands
     snapshot_commands.register(cli)
     tls_commands.register(cli)
+    agent_command.register(cli)
     for name, command in cli.commands.items():
-        if name != "server":  # the server listens; every other command talks to one
+        if name not in ("server", "agent"):  # the server listens, an agent has its --server; the others talk to one
             add_http_addr(command)
 
 

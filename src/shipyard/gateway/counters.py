@@ -3,10 +3,14 @@
 Owns rate-limit windows (second/minute/hour) and node-wide metric sums; never makes a network call and never
 blocks longer than one short byte-range lock (a few microseconds), so it is safe on a worker's event loop.
 
-Layout: a 64-byte header, then buckets of BUCKET_SLOTS slots of 32 bytes: (key hash u64, window start i64,
-window length i64, count i64). A key+window hashes to one bucket; the bucket's byte range is locked with
+Layout: a 64-byte header, then buckets of BUCKET_SLOTS slots of 40 bytes: (key hash u64, window start i64,
+window length i64, count i64, remote i64). A key+window hashes to one bucket; the bucket's byte range is locked with
 fcntl.lockf while a slot is found (matching, expired, empty, or else the oldest is evicted) and updated, so
 "increment if below the limit" is atomic across processes: a limit admits exactly that many requests.
+
+`remote` is what the other gateways of a cluster counted in the same key+window, as last synced through the store
+(gateway/cluster_counters.py writes it; always 0 on a lone server): a request is admitted while count + remote stays
+within the limit, so a cluster's limit holds in all, within what the gateways admit between two syncs.
 
 Far from its limit a key does not need a lock per request: when at least LEASE_FRACTION requests remain in a
 window, the locked update also reserves a lease of up to LEASE_MAX more for this process (counted in the shared
@@ -27,12 +31,12 @@ import tempfile
 import threading
 import time
 
-MAGIC = b"SHIPCTR1"
+MAGIC = b"SHIPCTR2"
 HEADER = 64
-SLOT = struct.Struct("<Qqqq")
+SLOT = struct.Struct("<Qqqqq")
 BUCKET_SLOTS = 8
 BUCKET_BYTES = SLOT.size * BUCKET_SLOTS
-DEFAULT_BUCKETS = 8192  # 64k slots, 2 MiB
+DEFAULT_BUCKETS = 8192  # 64k slots, 2.5 MiB
 ENV_PATH = "SHIPYARD_GATEWAY_SHARED"
 
 WINDOWS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -88,15 +92,14 @@ class SharedCounters:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.lockf(self._fd, fcntl.LOCK_EX, HEADER, 0)
         try:
-            current = os.fstat(self._fd).st_size
-            if current < size:
+            head = os.pread(self._fd, 16, 0)
+            if head[:8] == MAGIC and os.fstat(self._fd).st_size >= HEADER:
+                buckets = int.from_bytes(head[8:16], "little")  # the creator's size wins
+                size = HEADER + buckets * BUCKET_BYTES
+            else:  # new, or left by an older layout (its slots would be misread): start empty
+                os.ftruncate(self._fd, 0)
                 os.ftruncate(self._fd, size)
                 os.pwrite(self._fd, MAGIC + buckets.to_bytes(8, "little"), 0)
-            else:
-                head = os.pread(self._fd, 16, 0)
-                if head[:8] == MAGIC:
-                    buckets = int.from_bytes(head[8:16], "little")  # the creator's size wins
-                size = HEADER + buckets * BUCKET_BYTES
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, HEADER, 0)
         self.buckets = buckets
@@ -131,34 +134,20 @@ class SharedCounters:
         fcntl.lockf(fd, fcntl.LOCK_EX, BUCKET_BYTES, base)
         try:
             # The slot this key used last time is almost always still its slot: check it before scanning.
-            target, count, matched = self._hints.get(h, -1), 0, False
+            target, count, remote, matched = self._hints.get(h, -1), 0, 0, False
             if target >= 0:
-                sh, sstart, slen, count = SLOT.unpack_from(m, target)
+                sh, sstart, slen, count, remote = SLOT.unpack_from(m, target)
                 matched = sh == h and sstart == start and slen == window
             if not matched:
-                target, count = -1, 0
-                free, oldest, oldest_end = -1, base, None
-                for i in range(BUCKET_SLOTS):
-                    off = base + i * SLOT.size
-                    sh, sstart, slen, scount = SLOT.unpack_from(m, off)
-                    if sh == h and sstart == start and slen == window:
-                        target, count, matched = off, scount, True
-                        break
-                    end = sstart + slen
-                    if free < 0 and (sh == 0 or end <= now):
-                        free = off
-                    elif oldest_end is None or end < oldest_end:
-                        oldest, oldest_end = off, end
-                if not matched:
-                    target = free if free >= 0 else oldest
-            allowed = limit is None or count + amount <= limit
+                target, count, remote, matched = self._scan(base, h, start, window, now)
+            allowed = limit is None or count + remote + amount <= limit
             if allowed and (matched or amount > 0):
                 count = count + amount if count + amount > 0 else 0
                 extra = 0
-                if lease and limit is not None and limit - count >= LEASE_FRACTION:
-                    extra = min(LEASE_MAX, (limit - count) // LEASE_FRACTION)
-                    self._leases[(key, window)] = _Lease(start, window, extra, count + extra)
-                SLOT.pack_into(m, target, h, start, window, count + extra)
+                if lease and limit is not None and limit - count - remote >= LEASE_FRACTION:
+                    extra = min(LEASE_MAX, (limit - count - remote) // LEASE_FRACTION)
+                    self._leases[(key, window)] = _Lease(start, window, extra, count + remote + extra)
+                SLOT.pack_into(m, target, h, start, window, count + extra, remote)
                 if not matched:
                     if len(self._hints) >= HASH_CACHE_SIZE:
                         self._hints.clear()
@@ -166,7 +155,51 @@ class SharedCounters:
                     self._hints[h] = target
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN, BUCKET_BYTES, base)
-        return WindowUse(allowed, count, limit if limit is not None else 0, start + window - now)
+        return WindowUse(allowed, count + remote, limit if limit is not None else 0, start + window - now)
+
+    def _scan(self, base: int, h: int, start: int, window: int, now: float) -> tuple[int, int, int, bool]:
+        """(offset, count, remote, matched) of h's slot for this window in the locked bucket at `base`; when it has
+        none, the slot to take for it (empty or expired, else the one whose window ends first) and zeros."""
+        m = self._map
+        free, oldest, oldest_end = -1, base, None
+        for i in range(BUCKET_SLOTS):
+            off = base + i * SLOT.size
+            sh, sstart, slen, scount, sremote = SLOT.unpack_from(m, off)
+            if sh == h and sstart == start and slen == window:
+                return off, scount, sremote, True
+            end = sstart + slen
+            if free < 0 and (sh == 0 or end <= now):
+                free = off
+            elif oldest_end is None or end < oldest_end:
+                oldest, oldest_end = off, end
+        return (free if free >= 0 else oldest), 0, 0, False
+
+    def raw_slots(self) -> bytes:
+        """A consistent copy of every slot (one shared lock over all buckets, held for a memory copy)."""
+        end = HEADER + self.buckets * BUCKET_BYTES
+        with self._thread_lock:
+            fcntl.lockf(self._fd, fcntl.LOCK_SH, end - HEADER, HEADER)
+            try:
+                return self._map[HEADER:end]
+            finally:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, end - HEADER, HEADER)
+
+    def set_remote(self, h: int, start: int, window: int, remote: int, *, now: float | None = None) -> None:
+        """Records what the other gateways of the cluster counted in window (start, window) of the key whose slot
+        hash is h; the local count is kept (a slot is taken for the key if it has none here yet)."""
+        if now is None:
+            now = time.time()
+        if start + window <= now:
+            return  # over: no request will look at it again
+        base = HEADER + (h % self.buckets) * BUCKET_BYTES
+        with self._thread_lock:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX, BUCKET_BYTES, base)
+            try:
+                target, count, _, matched = self._scan(base, h, start, window, now)
+                if matched or remote:
+                    SLOT.pack_into(self._map, target, h, start, window, count, max(0, remote))
+            finally:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, BUCKET_BYTES, base)
 
     def acquire(self, key: str, window: int, limit: int, *, now: float | None = None, amount: int = 1) -> WindowUse:
         """Count `amount` in the current window of `key` unless that would pass `limit` (then nothing is counted)."""
