@@ -149,3 +149,36 @@ def test_secret_files_on_tmpfs_and_a_stopped_instance_loses_its_token_and_files(
     assert not Path(files["dir"]).exists()
     with pytest.raises(hvac_errors.InvalidRequest):  # the stopped instance's token was revoked by the sweep
         admin.auth.token.lookup_accessor(report["accessor"])
+
+
+def _secrets_on_disk(data_dir: Path, values: list[str]) -> list[str]:
+    """Files under the data dir holding any of `values`, read as bytes (logs, launch and state files included)."""
+    found = []
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            found += [f"{path}: {value[:6]}…" for value in values if value.encode() in blob]
+    return found
+
+
+def test_delivered_secrets_are_never_on_disk_and_restarts_get_them_again(vault: VaultServer, tmp_path: Path) -> None:
+    """The instance's secret env and engine token reach its shim over a pipe: no file under the data dir holds them.
+    Killed, it restarts with its secret; adopted by a restarted server and killed again, its agent fetches the
+    secret anew (with a new token) for that restart."""
+    out = tmp_path / "report.json"
+    folder = project(tmp_path / "proj", out, "secret/data/mediahub/db#password")
+    deployed = shipyard(vault.addr, "deploy", "--detach", str(folder))
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    first = wait_for_file(out)
+    assert first["DB_PASSWORD"] == "mediahub-db-password" and first["token"].startswith("hvs.")
+    assert _secrets_on_disk(vault.data_dir, ["mediahub-db-password", first["token"]]) == []
+    os.kill(first["pid"], 9)
+    second = wait_for_file(out, until=lambda r: r["pid"] != first["pid"])
+    assert second["DB_PASSWORD"] == "mediahub-db-password" and second["own"] == 200
+    vault.restart()  # the instance keeps running under its shim; the new server adopts it
+    os.kill(second["pid"], 9)
+    third = wait_for_file(out, until=lambda r: r["pid"] != second["pid"])
+    assert third["DB_PASSWORD"] == "mediahub-db-password" and third["own"] == 200
+    assert third["token"] != second["token"]  # fetched again after the server restart, under a fresh token
+    assert _secrets_on_disk(vault.data_dir, ["mediahub-db-password", first["token"], second["token"],
+                                             third["token"]]) == []

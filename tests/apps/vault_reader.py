@@ -44,7 +44,8 @@ def secret_files() -> dict[str, Any]:
 report = {"DB_PASSWORD": os.environ.get("DB_PASSWORD"), "own": get(os.environ["OWN"])[0],
           "other": get(os.environ["OTHER"])[0], "token_prefix": os.environ.get("VAULT_TOKEN", "")[:4],
           "accessor": (get("auth/token/lookup-self")[1] or {}).get("data", {}).get("accessor"),
-          "secret_files": secret_files(), "pid": os.getpid(), "signals": 0}
+          "secret_files": secret_files(), "pid": os.getpid(), "signals": 0,
+          "token": os.environ.get("VAULT_TOKEN", "")}  # the tests look for it in the server's data dir
 
 
 class DbSecrets(config.Settings):

@@ -37,7 +37,7 @@ import shipyard.agent.shim as shim
 from shipyard.agent.state import proc_start_time
 
 MAX_REQUEST = 65536
-FDS_PER_REQUEST = 2
+FDS_PER_REQUEST = 2  # the reply socket and the shim log; a third, the secret env pipe, when the instance has one
 
 
 def _reap_children(signum: int = 0, frame: object = None) -> None:
@@ -53,7 +53,7 @@ def _reap_children(signum: int = 0, frame: object = None) -> None:
 def _receive(channel: socket.socket) -> tuple[dict, list[int]] | None:
     """One request, or None when the driver closed its end."""
     fd_size = array.array("i").itemsize
-    data, ancdata, _flags, _addr = channel.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(FDS_PER_REQUEST * fd_size))
+    data, ancdata, _flags, _addr = channel.recvmsg(MAX_REQUEST, socket.CMSG_SPACE((FDS_PER_REQUEST + 1) * fd_size))
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -96,18 +96,19 @@ def _retitle_as_shim() -> None:
         pass
 
 
-def _run_shim_in_child(request: dict, reply_fd: int, log_fd: int) -> int:
-    """In the forked child: become what `python -m shipyard.agent.shim LAUNCH` would be, and run it."""
+def _run_shim_in_child(request: dict, reply_fd: int, log_fd: int, secret_fd: int | None = None) -> int:
+    """In the forked child: become what `python -m shipyard.agent.shim LAUNCH` would be, and run it (with the
+    secret env pipe, when there is one, on stdin, as a spawned shim has it)."""
     os.setsid()
     # The dispositions a fresh interpreter has (SIGPIPE stays ignored, as Python sets it; Popen restores it).
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)  # also drops our copy of the request channel, so only the fork server holds it
+    os.dup2(devnull if secret_fd is None else secret_fd, 0)  # also drops our copy of the request channel
     os.dup2(reply_fd, 1)
     os.dup2(log_fd, 2)
-    for fd in {devnull, reply_fd, log_fd} - {0, 1, 2}:
+    for fd in {devnull, reply_fd, log_fd, secret_fd or devnull} - {0, 1, 2}:
         os.close(fd)
     _retitle_as_shim()
     _say(1, {"shim_pid": os.getpid(), "shim_start_time": proc_start_time(os.getpid())})
@@ -129,13 +130,14 @@ def serve(channel: socket.socket) -> None:
         if received is None:
             return
         request, fds = received
-        if len(fds) != FDS_PER_REQUEST or not isinstance(request.get("launch"), str):
+        if len(fds) not in (FDS_PER_REQUEST, FDS_PER_REQUEST + 1) or not isinstance(request.get("launch"), str):
             for fd in fds[:1]:
                 _say(fd, {"ok": False, "error": "fork server: malformed launch request"})
             for fd in fds:
                 os.close(fd)
             continue
-        reply_fd, log_fd = fds
+        reply_fd, log_fd = fds[:2]
+        secret_fd = fds[2] if len(fds) > FDS_PER_REQUEST else None
         try:
             pid = os.fork()
         except OSError as exc:
@@ -145,15 +147,15 @@ def serve(channel: socket.socket) -> None:
             code = 1
             try:
                 channel.detach()  # fd 0 is about to become /dev/null; the child must not close that later
-                code = _run_shim_in_child(request, reply_fd, log_fd)
+                code = _run_shim_in_child(request, reply_fd, log_fd, secret_fd)
             finally:
                 try:
                     sys.stdout.flush()
                     sys.stderr.flush()
                 finally:
                     os._exit(code)
-        os.close(reply_fd)
-        os.close(log_fd)
+        for fd in fds:
+            os.close(fd)
         _reap_children()  # a SIGCHLD can arrive while this loop is busy, not only while blocked in recvmsg
 
 

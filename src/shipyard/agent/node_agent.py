@@ -61,6 +61,9 @@ RECONCILE_EVERY = 10.0  # a full pass heals anything a missed event left behind
 STATUS_TICK = 0.25  # how often a runner re-reads its supervisor when nothing wakes it
 MIN_CHECK_INTERVAL = 1.0  # the health checker never probes more often than this
 DEFAULT_MHZ_PER_CORE = 2000
+# What the instance_env hook gives that is not secret (where the engine is, which token, the secret files' folder):
+# kept in the instance's recorded spec. Everything else it gives (tokens, secret values) is secret env: memory only.
+PUBLIC_DELIVERED_ENV = frozenset({"VAULT_ADDR", "VAULT_TOKEN_ACCESSOR", "SECRETS_DIR"})
 
 
 # ---- the machine ----------------------------------------------------------------------------------
@@ -98,7 +101,7 @@ def machine_capacity() -> tuple[int, int]:
 
 def instance_spec_for(
     spec: JobSpec, alloc: Allocation, *, mhz_per_core: int, static_ports: dict[str, int] | None = None,
-    platform_env: dict[str, str] | None = None,
+    platform_env: dict[str, str] | None = None, secret_env: dict[str, str] | None = None,
 ) -> InstanceSpec:
     """The agent's description of one instance of `spec` for `alloc` (what the exec driver runs).
     `platform_env` (e.g. SHIPYARD_BUS_URL) comes first, so a spec's own env can override it."""
@@ -123,6 +126,7 @@ def instance_spec_for(
         cpus=round(spec.resources.cpu / mhz_per_core, 3),
         health_cmd=spec.health.target if spec.health is not None and spec.health.kind == "command" else None,
         workdir=spec.workdir,
+        secret_env=dict(secret_env or {}),
     )
 
 
@@ -599,10 +603,13 @@ class NodeAgent:
         for instance in report.adopted:
             alloc = wanted[instance.alloc_id]
             spec = await self.job_spec(alloc.job, alloc.version)
+            supervisor = Supervisor.for_adopted(self.driver, instance)
             runner = AllocRunner(
-                self, alloc, spec, Supervisor.for_adopted(self.driver, instance),
-                previous=previous.get(alloc.id), note="adopted after a server restart",
+                self, alloc, spec, supervisor, previous=previous.get(alloc.id), note="adopted after a server restart",
             )  # fmt: skip
+            if self.instance_env is not None:
+                # Its secret env was never written down: its next start (a restart) fetches it again.
+                supervisor.respec = lambda runner=runner: self._respec(runner)  # type: ignore[misc]
             self.runners[alloc.id] = runner
             runner.start()
             log.info("adopted instance %s of %s (pid %s)", alloc.id, alloc.job, instance.pid)
@@ -679,14 +686,12 @@ class NodeAgent:
             ))  # fmt: skip
             return
         try:
-            env = self.platform_env if self.instance_env is None else {**self.platform_env,
-                                                                       **await self.instance_env(spec)}
+            task = await self._instance_spec(spec, alloc)
         except ShipyardError as exc:  # e.g. a secret it needs cannot be read yet (sealed engine): not started
             await self.write_status(alloc.id, AllocStatus(
                 client="pending", address=self.address, updated_at=time.time(), message=str(exc.message),
             ))  # fmt: skip
             return
-        task = instance_spec_for(spec, alloc, mhz_per_core=self.mhz_per_core, platform_env=env)
         ports = {name: ports[name] for name in names if name in ports}
         supervisor = Supervisor(self.driver, task, ports)
         previous = None
@@ -701,6 +706,20 @@ class NodeAgent:
         runner = AllocRunner(self, alloc, spec, supervisor, previous=previous, note=note)
         self.runners[alloc.id] = runner
         runner.start()
+
+    async def _instance_spec(self, spec: JobSpec, alloc: Allocation) -> InstanceSpec:
+        """What the driver runs for `alloc`, with what the instance_env hook delivers split into public env and
+        secret env (memory only)."""
+        delivered = await self.instance_env(spec) if self.instance_env is not None else {}
+        public = {k: v for k, v in delivered.items() if k in PUBLIC_DELIVERED_ENV}
+        secret = {k: v for k, v in delivered.items() if k not in PUBLIC_DELIVERED_ENV}
+        return instance_spec_for(spec, alloc, mhz_per_core=self.mhz_per_core,
+                                 platform_env={**self.platform_env, **public}, secret_env=secret)
+
+    async def _respec(self, runner: AllocRunner) -> InstanceSpec:
+        if runner.spec is None:
+            raise ShipyardError(f"job {runner.alloc.job!r} version {runner.alloc.version} not found in the store")
+        return await self._instance_spec(runner.spec, runner.alloc)
 
     def _allocate_ports(self, spec: JobSpec, old_ports: dict[str, int]) -> dict[str, int]:
         names = [p.name for p in spec.ports]

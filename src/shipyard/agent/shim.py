@@ -62,6 +62,21 @@ def _signal_all(pids: set[int], pgid: int, sig: int) -> None:
             pass
 
 
+def _read_secret_env(launch: dict[str, Any]) -> dict[str, str]:
+    """The instance's secret env, sent by the agent over a pipe on our stdin (never in the launch file); kept in
+    this process's memory only, for the one start it makes."""
+    if not launch.get("secret_env"):
+        return {}
+    chunks = []
+    while chunk := os.read(0, 65536):
+        chunks.append(chunk)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    data = json.loads(b"".join(chunks) or b"{}")
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
 def _start_error(launch: dict[str, Any], exc: BaseException) -> str:
     if launch.get("cwd") and not os.path.isdir(launch["cwd"]):  # Popen would blame the program for a lost cwd
         return f"cannot start: its working directory {launch['cwd']} is gone"
@@ -131,9 +146,10 @@ class ShimRun:
 
         out_log, err_log = self._open_logs()
         try:
+            env = {**launch["env"], **_read_secret_env(launch)}
             proc = subprocess.Popen(
                 launch["argv"],
-                env=launch["env"],
+                env=env,
                 cwd=launch["cwd"],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -142,7 +158,7 @@ class ShimRun:
                 preexec_fn=self._join_cgroup if self.cgroup else None,
                 umask=launch.get("umask", -1),  # the operator's, not the server's private one
             )
-        except (OSError, subprocess.SubprocessError) as exc:
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
             message = _start_error(launch, exc)
             err_log.write(message.encode() + b"\n")
             self._close_timeline(message.encode() + b"\n")

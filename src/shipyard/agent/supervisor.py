@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shipyard.agent.drivers.exec import ExecDriver, ExecInstance, InstanceStartError
+from shipyard.agent.drivers.exec import ExecDriver, ExecInstance
 from shipyard.agent.state import ExitRecord
 from shipyard.agent.task import TaskSpec
+from shipyard.errors import ShipyardError
 
 STARTING, RUNNING, BACKOFF, STOPPING, STOPPED, DETACHED = (
     "starting", "running", "backoff", "stopping", "stopped", "detached"
@@ -76,6 +78,9 @@ class Supervisor:
         self._lock = asyncio.Lock()
         self._finished = False
         self._loop_task: asyncio.Task[None] | None = None
+        # Called once before the next start, for a spec made afresh: an adopted instance's recorded spec has no
+        # secret env (never written down), so its restart fetches it again.
+        self.respec: Callable[[], Awaitable[TaskSpec]] | None = None
 
     @classmethod
     def for_adopted(cls, driver: ExecDriver, instance: ExecInstance) -> Supervisor:
@@ -168,8 +173,11 @@ class Supervisor:
             self._state = STARTING
             self._run_started = time.monotonic()
             try:
+                if self.respec is not None:
+                    self.spec = await self.respec()
+                    self.respec = None
                 self._instance = await self._launch()
-            except InstanceStartError as exc:
+            except ShipyardError as exc:  # InstanceStartError, or a secret the fresh spec needs cannot be read
                 self._instance = None
                 return ExitRecord(127, None, "start failed", [exc.message], time.time())
             self._state = RUNNING

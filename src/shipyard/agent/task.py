@@ -56,6 +56,10 @@ class TaskSpec:
     cpus: float | None = None
     logs: LogLimits = LogLimits()
     health_cmd: str | None = None
+    # Secret values delivered to the instance (engine token, `secrets:` values, the ACL token): in its environment
+    # and in this process's memory only. Never serialised (to_dict drops it: launch and state files hold no
+    # secret), never shown (repr); the shim gets it over a pipe.
+    secret_env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.args is None) == (self.cmd is None):
@@ -80,6 +84,7 @@ class TaskSpec:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        del data["secret_env"]
         data["args"] = list(self.args) if self.args is not None else None
         data["ports"] = list(self.ports)
         return data
@@ -87,6 +92,7 @@ class TaskSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskSpec:
         data = dict(data)
+        data.pop("secret_env", None)
         data["restart"] = RestartPolicy(**data.get("restart") or {})
         data["logs"] = LogLimits(**data.get("logs") or {})
         if data.get("args") is not None:

@@ -74,13 +74,16 @@ class HealthCommandResult:
     output: str
 
 
-def instance_env(spec: TaskSpec, ports: dict[str, int]) -> dict[str, str]:
-    """The instance's environment: a few host basics, the spec's env, then the platform's variables.
+def instance_env(spec: TaskSpec, ports: dict[str, int], *, secrets: bool = True) -> dict[str, str]:
+    """The instance's environment: a few host basics, its secret env (unless `secrets` is False: what may be
+    written to its launch file), the spec's env, then the platform's variables.
 
     Platform variables win over the spec's env so that what the instance binds is what the registry announces.
     """
     env = {name: os.environ[name] for name in INHERITED_ENV if name in os.environ}
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    if secrets:
+        env.update(spec.secret_env)
     env.update(spec.env)
     for index, (name, port) in enumerate(ports.items()):
         if index == 0:
@@ -289,7 +292,8 @@ class ExecDriver:
             "service": spec.service,
             "instance": spec.instance,
             "argv": spec.argv,
-            "env": instance_env(spec, ports),
+            "env": instance_env(spec, ports, secrets=False),
+            "secret_env": bool(spec.secret_env),  # the shim reads it from its stdin: never in this file
             "cwd": spec.workdir or str(directory),
             "ports": ports,
             "stop_grace": spec.stop_grace,
@@ -307,7 +311,12 @@ class ExecDriver:
         }
         shim_log = await asyncio.to_thread(self._prepare_run, spec, directory, launch)
         try:
-            launched = await self._launch_shim(spec.alloc_id, directory, launch_path, shim_log)
+            secret_fd, secret_writer = _secret_pipe(spec)
+            try:
+                launched = await self._launch_shim(spec.alloc_id, directory, launch_path, shim_log, secret_fd)
+            finally:
+                if secret_fd is not None:
+                    os.close(secret_fd)
         finally:
             shim_log.close()
         try:
@@ -317,6 +326,8 @@ class ExecDriver:
             raise InstanceStartError(f"shim for {spec.alloc_id} did not start within {HANDSHAKE_TIMEOUT:g}s") from None
         finally:
             launched.close()
+            if secret_writer is not None:
+                await secret_writer
         handshake = _parse_handshake(line)
         if not handshake.get("ok"):
             await launched.wait()
@@ -326,6 +337,7 @@ class ExecDriver:
         if data is None:
             raise InstanceStartError(f"shim for {spec.alloc_id} wrote no state file")
         instance = ExecInstance(self, InstanceState.from_dict(data), launched.process, adopted=False)
+        instance.spec = spec  # with its secret env (the state file's copy has none), for health commands
         self.running[spec.alloc_id] = instance
         return instance
 
@@ -333,21 +345,23 @@ class ExecDriver:
         """Let the fork server go (it exits; running shims and instances are not touched)."""
         await self.fork_server.close()
 
-    async def _launch_shim(self, alloc_id: str, directory: Path, launch_path: Path, shim_log: BinaryIO) -> LaunchedShim:
+    async def _launch_shim(self, alloc_id: str, directory: Path, launch_path: Path, shim_log: BinaryIO,
+                           secret_fd: int | None = None) -> LaunchedShim:
         for _ in range(FORK_SERVER_ATTEMPTS):
             if not self.fork_server.usable:
                 break
             try:
-                return await self.fork_server.launch(launch_path, directory, shim_log.fileno())
+                return await self.fork_server.launch(launch_path, directory, shim_log.fileno(), secret_fd)
             except ForkServerLost as exc:
                 log.warning("fork server could not launch the shim for %s: %s", alloc_id, exc)
-        return await self._spawn_shim(directory, launch_path, shim_log)
+        return await self._spawn_shim(directory, launch_path, shim_log, secret_fd)
 
-    async def _spawn_shim(self, directory: Path, launch_path: Path, shim_log: BinaryIO) -> LaunchedShim:
+    async def _spawn_shim(self, directory: Path, launch_path: Path, shim_log: BinaryIO,
+                          secret_fd: int | None = None) -> LaunchedShim:
         """The way without a fork server: a fresh interpreter running the shim module."""
         process = await asyncio.create_subprocess_exec(
             self.python, "-m", "shipyard.agent.shim", str(launch_path),
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.DEVNULL if secret_fd is None else secret_fd,
             stdout=asyncio.subprocess.PIPE,
             stderr=shim_log,
             start_new_session=True,  # the server's signals and terminal never reach the shim
@@ -468,14 +482,17 @@ class ShimForkServer:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    async def launch(self, launch_path: Path, cwd: Path, shim_log_fd: int) -> LaunchedShim:
-        """Have a shim forked for `launch_path`; returns once it exists. Raises ForkServerLost if none was."""
+    async def launch(self, launch_path: Path, cwd: Path, shim_log_fd: int,
+                     secret_fd: int | None = None) -> LaunchedShim:
+        """Have a shim forked for `launch_path`; returns once it exists. Raises ForkServerLost if none was.
+        `secret_fd` (the read end of the instance's secret env pipe) becomes the shim's stdin."""
         channel, generation = await self._ensure_running()
         ours, theirs = socket.socketpair()
         try:
             request = json.dumps({"launch": str(launch_path), "cwd": str(cwd)}).encode()
             try:
-                await self._send(channel, request, [theirs.fileno(), shim_log_fd])
+                fds = [theirs.fileno(), shim_log_fd] + ([] if secret_fd is None else [secret_fd])
+                await self._send(channel, request, fds)
             except OSError as exc:
                 await self._replace(generation)
                 raise ForkServerLost(f"request not delivered: {exc}") from None
@@ -630,6 +647,24 @@ def _parse_handshake(line: bytes) -> dict:
     except ValueError:
         return {"ok": False}
     return data if isinstance(data, dict) else {"ok": False}
+
+
+def _secret_pipe(spec: TaskSpec) -> tuple[int | None, asyncio.Future[None] | None]:
+    """The instance's secret env for its shim, through a pipe (its read end, and the write under way in a thread):
+    in memory only, never in a file. A pipe holds 64 KiB, so the write runs while the shim starts and reads it."""
+    if not spec.secret_env:
+        return None, None
+    payload = json.dumps({k: v for k, v in spec.secret_env.items() if k not in spec.env}).encode()
+    read_fd, write_fd = os.pipe()
+    return read_fd, asyncio.ensure_future(asyncio.to_thread(_write_and_close, write_fd, payload))
+
+
+def _write_and_close(fd: int, payload: bytes) -> None:
+    try:
+        with open(fd, "wb", closefd=True) as pipe:
+            pipe.write(payload)
+    except BrokenPipeError:
+        pass  # the shim failed before reading: its handshake says why
 
 
 def _unlink(path: Path) -> None:

@@ -116,7 +116,8 @@ async def instance_secrets(core: VaultCore, spec: TaskSpec, vault_addr: str, fil
         policies=["default", *spec.vault_policies], display_name=f"job-{spec.name}", orphan=True,
         # Its leases list and revoke by job (revoke-prefix); "server" says whose sweep may revoke it.
         meta={"job": spec.name, "server": files_root}, path=f"auth/shipyard/job/{spec.name}"), None)
-    env = {"VAULT_ADDR": vault_addr, "VAULT_TOKEN": token}
+    # The accessor is not secret: the agent keeps it on record so that its sweep knows the token is in use.
+    env = {"VAULT_ADDR": vault_addr, "VAULT_TOKEN": token, "VAULT_TOKEN_ACCESSOR": entry.accessor}
     try:
         for name, ref in sorted(spec.secrets.items()):
             env[name] = await _read_ref(core, spec, token, ref)
@@ -202,16 +203,19 @@ class SecretChangeWatcher:
         than `grace`, so an instance between its env and its start keeps them)."""
         if self.core.barrier.sealed:
             return
-        live_tokens, live_dirs = set(), set()
+        live_tokens, live_accessors, live_dirs = set(), set(), set()
         for runner in list(self.agent.runners.values()):
-            env = runner.supervisor.spec.env
-            live_tokens.add(hash_token(env.get("VAULT_TOKEN", "")))
-            live_dirs.add(env.get("SECRETS_DIR", ""))
+            spec = runner.supervisor.spec
+            live_tokens.add(hash_token(spec.secret_env.get("VAULT_TOKEN", "")))
+            # An adopted instance's spec has no secret env, only the accessor of the token it was started with.
+            live_accessors.add(spec.env.get("VAULT_TOKEN_ACCESSOR", ""))
+            live_dirs.add(spec.env.get("SECRETS_DIR", ""))
         now = time.time()
         for token_hash in await self.core.barrier.list("token/id/"):
             entry = await self.core.tokens.by_hash(token_hash)
             if (entry is not None and entry.path.startswith("auth/shipyard/job/") and token_hash not in live_tokens
-                    and now - entry.creation_time > grace and entry.meta.get("server") == self.files_root):
+                    and entry.accessor not in live_accessors and now - entry.creation_time > grace
+                    and entry.meta.get("server") == self.files_root):
                 await self.core.tokens.revoke_tree(entry)
         await asyncio.to_thread(_remove_stale_dirs, self.files_root, live_dirs, now - grace)
 
@@ -231,7 +235,8 @@ class SecretChangeWatcher:
         if self.core.barrier.sealed:
             return
         specs = {runner.spec.name: runner.spec for runner in list(self.agent.runners.values())
-                 if runner.spec is not None and runner.spec.secrets and not runner.stopping}
+                 if runner.spec is not None and (runner.spec.secrets or runner.spec.vault_files)
+                 and not runner.stopping}
         for name, spec in specs.items():
             digest = await secrets_digest(self.core, spec)
             if self.delivered.setdefault(name, digest) == digest:
@@ -243,6 +248,10 @@ class SecretChangeWatcher:
         """Rewrites a running instance's secret files with the current values, read with its own token."""
         folder, token = env.get("SECRETS_DIR", ""), env.get("VAULT_TOKEN", "")
         if not folder or not spec.vault_files:
+            return
+        if not token:  # adopted after a server restart: its token was never written down, so not known here
+            log.warning("secrets of %s changed, but an adopted instance's files keep the old values until it "
+                        "restarts", spec.name)
             return
         try:
             files = {name: await _read_ref(self.core, spec, token, ref) for name, ref in spec.vault_files.items()}
@@ -258,7 +267,8 @@ class SecretChangeWatcher:
                 same_job = runner.spec is not None and runner.spec.name == spec.name
                 instance = runner.supervisor.instance if same_job else None
                 if instance is not None:
-                    await self._rerender(spec, runner.supervisor.spec.env)  # as Nomad: files first, then the signal
+                    task = runner.supervisor.spec
+                    await self._rerender(spec, {**task.env, **task.secret_env})  # as Nomad: files, then the signal
                     instance.signal_group(sig)
             log.info("secrets of %s changed: sent %s to its instances", spec.name, sig.name)
         elif spec.vault_change_mode == "restart" and self.jobs is not None:
