@@ -29,6 +29,7 @@ from shipyard.agent.task import TaskSpec as InstanceSpec
 from shipyard.agent.usage import Usage, UsageMeter
 from shipyard.errors import NotFound, ShipyardError
 from shipyard.registry.catalog import CHECKS, CRITICAL, PASSING, Catalog
+from shipyard.registry.machine import machine_attributes
 from shipyard.registry.node import NodeIdentity
 from shipyard.scheduler.model import Allocation, Node
 from shipyard.scheduler.records import (
@@ -567,7 +568,9 @@ class NodeAgent:
         """This node's capacity for the planner; keeps an operator's eligibility (drain) as it is."""
         capacity = self.capacity if self.capacity is not None else await asyncio.to_thread(machine_capacity)
         cpu, memory = capacity
+        # The machine's kernel, arch, OS... (${attr.*} in placement constraints); the agent's own keys win.
         attributes = {
+            **await asyncio.to_thread(machine_attributes),
             "address": self.address, "datacenter": self.node.datacenter, "driver": "exec",
             "limits": self.driver.cgroups.reason if self.driver.cgroups.available else "rss-polling",
         }  # fmt: skip
