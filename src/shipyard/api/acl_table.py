@@ -325,6 +325,11 @@ NATIVE: dict[tuple[str, str], Rule] = {
     ("GET", "/api/v1/allocs/{id}"): alloc_get,
     ("GET", "/api/v1/allocs/{id}/logs"): alloc_logs,
     ("GET", "/api/v1/health"): fixed(),
+    ("GET", "/api/v1/nodes"): filtered(lambda n: [("node", str(n.get("name", "")), READ)]
+                                       if isinstance(n, dict) else [], key="nodes"),
+    ("GET", "/api/v1/nodes/{node}"): named("node", READ, "node"),
+    ("POST", "/api/v1/nodes/{node}/eligibility"): named("node", WRITE, "node"),
+    ("POST", "/api/v1/nodes/{node}/drain"): named("node", WRITE, "node"),
     ("GET", "/api/v1/bus/queues"): filtered(lambda q: [("bus", str(q.get("name", "")), READ)]
                                             if isinstance(q, dict) else []),
     ("GET", "/api/v1/bus/status"): fixed(("bus", "", READ)),

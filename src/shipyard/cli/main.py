@@ -196,6 +196,7 @@ def _register_subcommands() -> None:
         bus_commands,
         gateway_commands,
         jobs_commands,
+        node_commands,
         registry_commands,
         tls_commands,
     )
@@ -208,6 +209,7 @@ def _register_subcommands() -> None:
     snapshot_commands.register(cli)
     tls_commands.register(cli)
     agent_command.register(cli)
+    node_commands.register(cli)
     for name, command in cli.commands.items():
         if name not in ("server", "agent"):  # the server listens, an agent has its --server; the others talk to one
             add_http_addr(command)

@@ -23,7 +23,7 @@ from shipyard.errors import NotFound
 console = Console()
 
 _STATE_STYLE = {"healthy": "green", "running": "cyan", "pending": "yellow", "waiting": "yellow", "unhealthy": "red",
-                "failed": "red", "crash-loop": "red", "stopping": "dim"}
+                "unplaceable": "red", "failed": "red", "crash-loop": "red", "stopping": "dim"}
 
 
 def _unreadable(api: ApiClient, listing: dict[str, Any], service: str | None) -> list[dict[str, Any]]:
@@ -43,14 +43,17 @@ def _rows(api: ApiClient, service: str | None) -> tuple[list[dict[str, Any]], li
     unreadable = _unreadable(api, listing, service)
     if service and service not in {job["id"] for job in jobs} | {u["id"] for u in listing.get("unreadable", [])}:
         raise NotFound(f"no service {service!r} (see `shipyard ps`)")
-    # Instances held back by depends_on have no allocation yet: they show as waiting, with what for.
+    # Instances held back by depends_on, or that fit on no node, have no allocation yet: they show as waiting or
+    # unplaceable, with what for (the placement reason counts nodes per rule and node class).
     for job in jobs:
-        waiting = job.get("waiting")
-        if not waiting or (service and job["id"] != service):
+        if service and job["id"] != service:
             continue
-        for index in waiting.get("indexes", []):
-            allocs.append({"job": job["id"], "index": index, "id": "-", "version": job["version"], "desired": "run",
-                           "node": "-", "status": {"client": "waiting", "message": waiting.get("reason", "")}})
+        for state in ("waiting", "unplaceable"):
+            held = job.get(state)
+            for index in (held or {}).get("indexes", []):
+                allocs.append({"job": job["id"], "index": index, "id": "-", "version": job["version"],
+                               "desired": "run", "node": "-",
+                               "status": {"client": state, "message": (held or {}).get("reason", "")}})
     return sorted(allocs, key=lambda a: (a["job"], a["index"], a["desired"])), unreadable
 
 
@@ -93,16 +96,22 @@ def _notes(allocs: list[dict[str, Any]], detailed: bool) -> list[str]:
     notes: list[str] = []
     limits = sorted({(a.get("status") or {}).get("limits", "") for a in allocs} - {""})
     notes += [f"limits: {escape(text)}" for text in limits if "not enforced" in text or detailed]
+    held: dict[tuple[str, str, str], list[str]] = {}  # unplaceable: one note per job and reason
     for alloc in allocs:
         status = alloc.get("status") or {}
         state = _state(alloc)
         if state in ("healthy", "running", "stopping") and not (detailed and status.get("last_exit")):
             continue
         name = f"{alloc['job']}.{alloc['index']}"
+        if state == "unplaceable" and alloc["id"] == "-":
+            held.setdefault((alloc["job"], state, status.get("message") or ""), []).append(str(alloc["index"]))
+            continue
         if status.get("message"):
             notes.append(f"{name}: {escape(status['message'])}")
         for line in stderr_tail(status, 5 if detailed else 3):
             notes.append(f"    [dim]{escape(line)}[/dim]")
+    for (job, state, message), indexes in held.items():
+        notes.append(f"{escape(job)}.{','.join(indexes)} {state}: {escape(message)}")
     return notes
 
 

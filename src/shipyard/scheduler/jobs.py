@@ -24,6 +24,7 @@ from shipyard.scheduler.records import (
     ALLOCS,
     DEPLOYMENTS,
     JOBS,
+    UNPLACEABLE,
     WAITING,
     AllocStatus,
     decode_alloc,
@@ -183,6 +184,16 @@ class JobService:
         """The scheduler's last word on instances of this job it could not place, or None."""
         kv = await self.store.get(unplaceable_key(check_job_id(job_id)))
         return orjson.loads(kv.value) if kv is not None else None
+
+    async def unplaceables(self) -> dict[str, dict[str, Any]]:
+        """Every job's unplaceable record, by job: {"indexes", "count", "reason", "since"}."""
+        result = await self.store.range(UNPLACEABLE, prefix=True)
+        out = {}
+        for kv in result.kvs:
+            with contextlib.suppress(Exception):
+                record = orjson.loads(kv.value)
+                out[record["job"]] = record
+        return out
 
     async def waiting(self, job_id: str | None = None) -> dict[str, dict[str, Any]]:
         """Instances held back until their job's depends_on is met, by job: {"indexes", "reason", "since"...}."""

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from shipyard.api.native import bus_api, gateway_api, gateway_tls_api, health_api, jobs_api, logs_api, store_api
+from shipyard.api.native import (
+    bus_api,
+    gateway_api,
+    gateway_tls_api,
+    health_api,
+    jobs_api,
+    logs_api,
+    nodes_api,
+    store_api,
+)
 
 
 def add_native_routes(app: web.Application) -> None:
@@ -18,3 +27,4 @@ def add_native_routes(app: web.Application) -> None:
     app.router.add_routes(gateway_api.routes)
     app.router.add_routes(gateway_tls_api.routes)
     app.router.add_routes(health_api.routes)
+    app.router.add_routes(nodes_api.routes)

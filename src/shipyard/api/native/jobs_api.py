@@ -157,11 +157,13 @@ async def list_jobs(request: web.Request) -> web.Response:
     allocs = await jobs.allocations()
     deployments = {d.job: d for d in await jobs.deployments()}
     waiting = await jobs.waiting()
+    unplaceable = await jobs.unplaceables()
     out = []
     for job in await jobs.list():
         mine = [(a, s) for a, s in allocs if a.job == job.id]
         out.append({**job_json(job), "deployment": deployment_json(deployments.get(job.id)),
-                    "instances": _counts(job, mine), "waiting": waiting.get(job.id)})
+                    "instances": _counts(job, mine), "waiting": waiting.get(job.id),
+                    "unplaceable": unplaceable.get(job.id)})
     # Records the scheduler cannot read (it leaves their instances alone): id, key, mod_revision, error.
     return _json({"jobs": out, "unreadable": await jobs.unreadable()})
 
