@@ -511,8 +511,11 @@ class NodeAgent:
         # Command checks ask the same switch as the registry's script checks; without a checker, it is off.
         self.script_checks = health.scripts if health is not None else ScriptChecks()
         self.capacity = capacity
+        self.meta: dict[str, str] = {}  # an agent's --meta and --node-class: on its node record, for constraints
+        self.node_class = ""
         self.keep_instances_on_stop = keep_instances_on_stop
         self.address = node.address if node.address not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        self.platform_env.setdefault("SHIPYARD_NODE_ADDRESS", self.address)  # what its instances bind (HOST)
         self.driver = ExecDriver(self.data_dir)
         self.ports = PortAllocator(port_range) if port_range else PortAllocator()
         self.mhz_per_core = cpu_mhz_per_core()
@@ -580,9 +583,18 @@ class NodeAgent:
         if current is not None:
             with contextlib.suppress(Exception):
                 eligible = decode_node(current.value).eligible
-        record = encode_node(Node(self.node.name, int(cpu), int(memory), attributes, eligible))
+        record = encode_node(Node(self.node.name, int(cpu), int(memory), attributes, eligible,
+                                  node_class=self.node_class, meta=dict(self.meta)))
         if current is None or current.value != record:
             await self.store.put(key, record)
+
+    async def settle(self) -> None:
+        """Reconcile now and wait until what should not run has stopped (deregistered first): an agent back after
+        being cut off does this before it says it is live again, so a superseded instance is never counted."""
+        await self.reconcile()
+        stops = list(self._stops)
+        if stops:
+            await asyncio.gather(*stops, return_exceptions=True)
 
     # ---- adoption -------------------------------------------------------------------------------
 

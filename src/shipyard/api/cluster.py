@@ -10,10 +10,11 @@ import contextlib
 import logging
 from typing import Any
 
-from shipyard.agent.liveness import ServerNodeLiveness
+from shipyard.agent.liveness import NodeLiveness, ServerNodeLiveness, agent_node_members
 from shipyard.api.context import Platform, ServerConfig
 from shipyard.bus.autoscaler import BusAutoscaler
 from shipyard.errors import ShipyardError
+from shipyard.registry.agents import agent_members
 from shipyard.registry.servers import ServerCluster, ServerInfo
 from shipyard.store.etcd import EtcdStore
 
@@ -46,10 +47,13 @@ def leads(platform: Platform) -> bool:
 
 
 def attach_cluster(platform: Platform) -> None:
-    """On etcd: a ServerCluster whose leadership starts and stops the leader's loops, and fences the scheduler."""
-    if not isinstance(platform.store, EtcdStore):
-        return
+    """On etcd: a ServerCluster whose leadership starts and stops the leader's loops, and fences the scheduler.
+    Alone on SQLite: the liveness of the agents' nodes (`shipyard agent` on other machines), which it leads."""
     config, node = platform.config, platform.node
+    if not isinstance(platform.store, EtcdStore):
+        platform.extras[LIVENESS] = NodeLiveness(platform.store, platform.catalog, [agent_node_members(platform.store)],
+                                                 me=node.name, node_lost_after=config.node_lost_after)
+        return
     me = ServerInfo(node.id, node.name, node.address, config.http_port, node.datacenter)
 
     async def elected() -> None:
@@ -81,14 +85,14 @@ async def start_leader_duties(platform: Platform) -> None:
     if isinstance(autoscaler, BusAutoscaler):
         await autoscaler.start()
     liveness = platform.extras.get(LIVENESS)
-    if isinstance(liveness, ServerNodeLiveness):
+    if isinstance(liveness, NodeLiveness):
         await liveness.start()
 
 
 async def stop_leader_duties(platform: Platform) -> None:
     platform.sessions.reaping = False
     liveness = platform.extras.get(LIVENESS)
-    if isinstance(liveness, ServerNodeLiveness):
+    if isinstance(liveness, NodeLiveness):
         await liveness.stop()
     autoscaler = platform.extras.get("autoscaler")
     if isinstance(autoscaler, BusAutoscaler):
@@ -123,16 +127,28 @@ async def stop_cluster(platform: Platform) -> None:
 
 
 async def cluster_members(platform: Platform, me: dict[str, Any], *, wan: bool = False) -> list[dict[str, Any]]:
-    """Consul's member list: this server alone, or every server that ever joined the cluster, each with its own
-    name, address and Status (1 alive: its lease holds; 3 left: it stopped and said so; 4 failed: its lease
-    expired). `me` is this server's own member entry, the template of the others."""
+    """Consul's member list: this server alone, or every server that ever joined the cluster, then every agent
+    (`shipyard agent`; not in the WAN pool, as Consul clients), each with its own name, address and Status (1 alive:
+    its lease holds; 3 left: it stopped and said so; 4 failed: its lease expired). `me` is this server's own member
+    entry, the template of the others."""
     cluster = cluster_of(platform)
-    if cluster is None:
-        return [me]
     out = []
-    for member in await cluster.members():
-        server = member.server
-        tags = {**me["Tags"], "id": server.id, "dc": server.datacenter}
-        name = f"{server.name}.{server.datacenter}" if wan else server.name
-        out.append({**me, "Name": name, "Addr": server.address, "Tags": tags, "Status": member.status})
+    if cluster is None:
+        out.append(me)
+    else:
+        for member in await cluster.members():
+            server = member.server
+            tags = {**me["Tags"], "id": server.id, "dc": server.datacenter}
+            name = f"{server.name}.{server.datacenter}" if wan else server.name
+            out.append({**me, "Name": name, "Addr": server.address, "Tags": tags, "Status": member.status})
+    if not wan:
+        out += [agent_member_entry(me, agent.info, agent.status) for agent in await agent_members(platform.store)]
     return out
+
+
+def agent_member_entry(me: dict[str, Any], info: Any, status: int) -> dict[str, Any]:
+    """A Consul client's member entry ("role": "node", no Raft tags) for an agent, at its advertised address."""
+    server_only = ("port", "raft_vsn", "wan_join_port", "bootstrap", "expect", "ft_fs", "ft_si")
+    tags = {k: v for k, v in me["Tags"].items() if k not in server_only}
+    tags.update(role="node", id=info.id, dc=info.datacenter)
+    return {**me, "Name": info.name, "Addr": info.address, "Port": info.logs_port, "Tags": tags, "Status": status}

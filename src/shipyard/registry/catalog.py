@@ -272,13 +272,16 @@ def _serf_check(node: str) -> dict[str, Any]:
 class Catalog:
     """Registers this node, and applies service and check registrations to the store atomically."""
 
-    def __init__(self, store: Store, node: NodeIdentity) -> None:
+    def __init__(self, store: Store, node: NodeIdentity, *, node_meta: dict[str, str] | None = None) -> None:
         self.store = store
         self.node = node
+        self.node_meta = dict(node_meta or {})  # an agent's --meta, on its node record (Consul's NodeMeta)
         self._cache: CatalogSnapshot | None = None
 
     async def start(self) -> None:
-        await self.register_node(_node_record(self.node), [_serf_check(self.node.name)])
+        record = _node_record(self.node)
+        record["Meta"].update(self.node_meta)
+        await self.register_node(record, [_serf_check(self.node.name)])
 
     async def stop(self) -> None:
         self._cache = None

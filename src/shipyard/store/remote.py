@@ -74,9 +74,14 @@ class RemoteWatcher:
 
     async def _open(self) -> aiohttp.ClientResponse:
         session = await self._store.session()
-        response = await session.get(
-            self._store.base_url + self._path, params=self._params, timeout=aiohttp.ClientTimeout(total=None)
-        )
+        try:
+            # The server sends a heartbeat line every WATCH_HEARTBEAT (15 s): a stream silent for much longer is
+            # dead (a cut link), and the follower opens it again (on the next server if there are several).
+            response = await session.get(self._store.base_url + self._path, params=self._params,
+                                         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=40))
+        except (aiohttp.ClientError, TimeoutError):
+            self._store.next_server()
+            raise
         if response.status == 410:
             body = await response.json()
             response.release()
@@ -121,11 +126,20 @@ class RemoteWatcher:
 
 class RemoteStore:
     """Store protocol over HTTP. `watch()` returns a watcher whose stream opens on first use
-    (or `await watcher.start()`); pass from_revision to be gap-free across reconnects."""
+    (or `await watcher.start()`); pass from_revision to be gap-free across reconnects.
 
-    def __init__(self, base_url: str, *, namespace: str = "", ssl_context: ssl.SSLContext | None = None,
-                 token: str | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
+    Given several servers (of one cluster, so one store), it uses one at a time: a server that refuses or cannot be
+    connected to is skipped for the next at once (the request never left); after a failure once the request may have
+    been sent, the error is raised and the next call goes to the next server (a write is never sent twice)."""
+
+    def __init__(self, base_url: str | Sequence[str], *, namespace: str = "", ssl_context: ssl.SSLContext | None = None,
+                 token: str | None = None, timeout: aiohttp.ClientTimeout | None = None) -> None:
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ValueError("RemoteStore needs at least one server URL")
+        self.base_urls = [url.rstrip("/") for url in urls]
+        self._current = 0
+        self.timeout = timeout or aiohttp.ClientTimeout(total=30)
         self.headers = token_headers(token)  # an ACL token (default: SHIPYARD_HTTP_TOKEN / CONSUL_HTTP_TOKEN)
         self.ssl_context = ssl_context  # an https:// server: its CA, and our certificate if it verifies clients
         # Like EtcdStore's: every key lives under it on the server, and callers never see it.
@@ -133,6 +147,15 @@ class RemoteStore:
         self._session: aiohttp.ClientSession | None = None
         self._revision = 0
         self._compact_revision = 0
+
+    @property
+    def base_url(self) -> str:
+        """The server requests go to now."""
+        return self.base_urls[self._current]
+
+    def next_server(self) -> None:
+        """Use the next server from now on (one did not answer)."""
+        self._current = (self._current + 1) % len(self.base_urls)
 
     def _path(self, key: str) -> str:
         return f"{BASE}/kv/{quote(self.namespace + key, safe='/')}"
@@ -144,26 +167,39 @@ class RemoteStore:
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(ssl=self.ssl_context) if self.ssl_context is not None else None
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), connector=connector,
+            self._session = aiohttp.ClientSession(timeout=self.timeout, connector=connector,
                                                   headers=self.headers)
         return self._session
 
     async def _call(self, method: str, path: str, *, params: dict[str, str] | None = None, data: Any = None,
                     json_body: Any = None) -> Any:
-        session = await self.session()
         headers = None
         if json_body is not None:
             # The server takes structured bodies only with their real type (its guard refuses browser-sendable ones).
             data, headers = orjson.dumps(json_body), {"Content-Type": "application/json"}
-        try:
-            async with session.request(method, self.base_url + path, params=params, data=data,
-                                       headers=headers) as response:
-                body = await response.read()
-                if response.status >= 400:
-                    raise self._error(response.status, body)
-                return orjson.loads(body)
-        except aiohttp.ClientError as exc:
-            raise StoreError(f"store at {self.base_url} unreachable: {exc}", status=503) from None
+        for attempt in range(len(self.base_urls)):
+            try:
+                return await self._send(method, path, params, data, headers)
+            except aiohttp.ClientConnectorError as exc:  # no connection: the request never left, try the next one
+                self.next_server()
+                if attempt == len(self.base_urls) - 1:
+                    raise StoreError(f"store at {self.base_url} unreachable: {exc}", status=503) from None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                failed = self.base_url
+                if len(self.base_urls) > 1:
+                    self.next_server()
+                raise StoreError(f"store at {failed} unreachable: {exc or type(exc).__name__}", status=503) from None
+        raise AssertionError("unreachable")
+
+    async def _send(self, method: str, path: str, params: dict[str, str] | None, data: Any,
+                    headers: dict[str, str] | None) -> Any:
+        session = await self.session()
+        async with session.request(method, self.base_url + path, params=params, data=data,
+                                   headers=headers) as response:
+            body = await response.read()
+            if response.status >= 400:
+                raise self._error(response.status, body)
+            return orjson.loads(body)
 
     def _error(self, status: int, body: bytes) -> StoreError:
         """The server's typed error again, so callers catch the same exceptions as with a local store."""

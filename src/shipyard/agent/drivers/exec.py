@@ -21,11 +21,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import quote
 
 import shipyard
-from shipyard.agent.limits import CgroupSupport, create_instance_cgroup, detect_cgroup_support
+from shipyard.agent.limits import (
+    CgroupSupport,
+    create_instance_cgroup,
+    detect_cgroup_support,
+    instance_pids,
+    rss_bytes,
+)
 from shipyard.agent.logfiles import read_tail
 from shipyard.agent.state import (
     EXIT_FILE,
@@ -90,7 +96,8 @@ def instance_env(spec: TaskSpec, ports: dict[str, int], *, secrets: bool = True)
             env["PORT"] = str(port)
         env[f"PORT{index}"] = str(port)
         env["PORT_" + "".join(c if c.isalnum() else "_" for c in name.upper())] = str(port)
-    env["HOST"] = "127.0.0.1"
+    # The node's address (an agent's --advertise, a server's --bind): where the catalog says the instance is.
+    env["HOST"] = spec.env.get("SHIPYARD_NODE_ADDRESS") or "127.0.0.1"
     env["SHIPYARD_SERVICE"] = spec.service
     env["SHIPYARD_ALLOC_ID"] = spec.alloc_id
     env["SHIPYARD_INSTANCE"] = str(spec.instance)
@@ -257,7 +264,10 @@ class ExecInstance:
 
 
 class ExecDriver:
-    """Starts instances under shims in `<data_dir>/instances/<alloc_id>/`; one live instance per alloc id."""
+    """Starts instances under shims in `<data_dir>/instances/<alloc_id>/`; one live instance per alloc id.
+    Implements drivers/base.py's TaskDriver (checked by mypy below)."""
+
+    name = "exec"
 
     def __init__(
         self,
@@ -344,6 +354,32 @@ class ExecDriver:
     async def close(self) -> None:
         """Let the fork server go (it exits; running shims and instances are not touched)."""
         await self.fork_server.close()
+
+    # ---- the rest of the driver interface (drivers/base.py: TaskDriver) ------------------------------------------
+
+    async def stop(self, instance: ExecInstance) -> ExitRecord:
+        return await instance.stop()
+
+    def signal(self, instance: ExecInstance, sig: int) -> None:
+        instance.signal_group(sig)
+
+    async def wait(self, instance: ExecInstance) -> ExitRecord:
+        return await instance.wait()
+
+    async def stats(self, instance: ExecInstance) -> dict[str, int]:
+        """Resident memory and process count of the instance's whole tree (read from /proc, off the loop)."""
+        def read() -> dict[str, int]:
+            pids = instance_pids(instance.shim_pid, instance.pgid) if instance.running else set()
+            return {"rss_bytes": rss_bytes(pids), "processes": len(pids)}
+        return await asyncio.to_thread(read)
+
+    def logs(self, alloc_id: str, stream: str) -> Path:
+        if stream not in ("stdout", "stderr"):
+            raise ShipyardError(f"stream must be stdout or stderr, not {stream!r}", status=400)
+        return self.instance_dir(alloc_id) / (STDOUT_LOG if stream == "stdout" else STDERR_LOG)
+
+    def adopt(self, state: InstanceState) -> ExecInstance:
+        return self.attach(state)
 
     async def _launch_shim(self, alloc_id: str, directory: Path, launch_path: Path, shim_log: BinaryIO,
                            secret_fd: int | None = None) -> LaunchedShim:
@@ -672,3 +708,10 @@ def _unlink(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
+
+
+if TYPE_CHECKING:
+    from shipyard.agent.drivers.base import TaskDriver
+
+    def _implements_task_driver(driver: ExecDriver) -> TaskDriver[ExecInstance]:
+        return driver  # mypy checks ExecDriver against the TaskDriver protocol here

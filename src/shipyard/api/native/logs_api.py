@@ -1,5 +1,6 @@
 """Instance logs over HTTP (/api/v1/allocs/{id}/logs): the last lines of stdout, stderr or both interleaved in
 time order (stream=all, from the shim's timeline file; timestamps=1 keeps each line's time), optionally followed.
+Served by servers (an instance on a `shipyard agent` elsewhere: asked of that agent) and by agents themselves.
 
 It only reads the files the shim writes (off the event loop); it never touches the instance or its process.
 """
@@ -16,6 +17,7 @@ from aiohttp import web
 from shipyard.agent.logfiles import read_tail_lines, split_timeline_line
 from shipyard.agent.state import TIMELINE_LOG
 from shipyard.api.context import platform_of
+from shipyard.api.native.agent_logs import AGENT_LOGS, proxy_agent_logs, remote_agent_of
 from shipyard.errors import BadRequest, NotFound, ShipyardError
 
 routes = web.RouteTableDef()
@@ -116,18 +118,37 @@ class _LogReader:
             self._fh = None
 
 
-@routes.get(PREFIX + "/{id}/logs")
-async def alloc_logs(request: web.Request) -> web.StreamResponse:
-    platform = platform_of(request)
-    agent = getattr(platform, "agent", None)
+def _local_agent(request: web.Request) -> tuple[Any, bool]:
+    """(the node agent whose files to read, whether this is an agent's own listener rather than a server)."""
+    own = request.app.get(AGENT_LOGS)
+    if own is not None:
+        return own, True
+    agent = getattr(platform_of(request), "agent", None)
     if agent is None:
         raise ShipyardError("this server runs no node agent", status=503)
+    return agent, False
+
+
+def _runs_here(agent: Any, alloc_id: str) -> bool:
+    try:
+        return bool(agent.log_file(alloc_id, "stdout").parent.is_dir())
+    except ShipyardError:
+        return False
+
+
+@routes.get(PREFIX + "/{id}/logs")
+async def alloc_logs(request: web.Request) -> web.StreamResponse:
+    agent, on_agent = _local_agent(request)
     alloc_id = request.match_info["id"]
     stream = request.query.get("stream", "stdout")
     if stream not in ("stdout", "stderr", "all"):
         raise BadRequest(f"query parameter stream must be stdout, stderr or all, not {stream!r}")
     tail = _tail_param(request)
     follow = _follow_param(request)
+    if not on_agent and not await asyncio.to_thread(_runs_here, agent, alloc_id):
+        remote = await remote_agent_of(platform_of(request).store, alloc_id)
+        if remote is not None:
+            return await proxy_agent_logs(request, remote, alloc_id)
     path, timeline = _stream_file(agent, alloc_id, stream)
     if timeline is not None:
         timeline.timestamps = _follow_param(request, "timestamps")

@@ -1,0 +1,228 @@
+"""Composition root of `shipyard agent`: a node without a server. It reaches the servers' store over HTTP
+(RemoteStore, failing over between --server URLs), registers its node, heartbeats on a lease, runs the instances the
+scheduler places on its node (the same NodeAgent a server runs for itself), probes their checks locally, and serves
+their logs to the servers on a small listener.
+
+It wires parts together and runs them; it never decides placement, and it never stops an instance because the
+servers cannot be reached (only because its allocations are gone, once it sees that they are).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import ssl
+import sys
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from shipyard.agent.node_agent import DEFAULT_DRAIN_DELAY, NodeAgent
+from shipyard.api.errors import error_middleware
+from shipyard.api.native.agent_logs import AGENT_LOGS, secret_middleware
+from shipyard.api.native.logs_api import routes as log_routes
+from shipyard.api.server import lock_data_dir
+from shipyard.errors import ShipyardError
+from shipyard.private_files import make_data_dir_private, make_process_private
+from shipyard.registry.agents import DEFAULT_AGENT_TTL, AgentHeartbeat, AgentInfo
+from shipyard.registry.catalog import Catalog
+from shipyard.registry.health import HealthChecker
+from shipyard.registry.node import NodeIdentity
+from shipyard.store import StoreError
+from shipyard.store.remote import RemoteStore
+from shipyard.tls.contexts import client_context
+
+log = logging.getLogger("shipyard.agent")
+
+DEFAULT_AGENT_PORT = 8510
+# Calls to a server give up quickly, so a cut link is noticed within a heartbeat or two (watches have their own).
+CALL_TIMEOUT = aiohttp.ClientTimeout(total=10, sock_connect=3)
+FIRST_CONTACT_RETRY = 1.0
+
+
+@dataclass
+class AgentConfig:
+    servers: list[str]  # control API URLs of the cluster's servers, tried in order
+    node_name: str
+    advertise: str  # this machine's address: instances, checks and the logs listener use it
+    data_dir: str
+    meta: dict[str, str] = field(default_factory=dict)
+    node_class: str = ""
+    port: int = DEFAULT_AGENT_PORT  # the logs listener (0: an ephemeral port)
+    datacenter: str = "dc1"
+    token: str | None = None  # ACL token for the servers (None: SHIPYARD_HTTP_TOKEN / CONSUL_HTTP_TOKEN)
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    cpu_mhz: int | None = None
+    memory_mb: int | None = None
+    ttl: int = DEFAULT_AGENT_TTL
+    drain_delay: float = DEFAULT_DRAIN_DELAY
+    enable_script_checks: bool = False
+
+
+def server_url(raw: str) -> str:
+    """host:port, or a full http(s) URL, as a URL (a bare address means plain HTTP, as --http-addr does)."""
+    url = raw.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ShipyardError(f"--server {raw!r}: give host:port or http(s)://host:port", status=2)
+    return url
+
+
+def instance_env(config: AgentConfig) -> dict[str, str]:
+    """What every instance is told: the control API of the first server (where it calls the catalog, KV and
+    bus), the CA when that is HTTPS, and the platform's own python/shipyard on PATH (as a server does)."""
+    url = config.servers[0]
+    env = {"SHIPYARD_HTTP_ADDR": url.removeprefix("http://"), "SHIPYARD_BUS_URL": url}
+    if url.startswith("https://") and config.ca_file:
+        env["SHIPYARD_CACERT"] = os.path.abspath(config.ca_file)
+    env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), os.environ.get("PATH", "")) if p)
+    return env
+
+
+def tls_context(config: AgentConfig) -> ssl.SSLContext | None:
+    if not any(url.startswith("https://") for url in config.servers):
+        return None
+    return client_context(config.ca_file, config.cert_file, config.key_file)
+
+
+class RemoteAgent:
+    """The parts of one agent process and their order of start, return and stop."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.store = RemoteStore(config.servers, ssl_context=tls_context(config), token=config.token,
+                                 timeout=CALL_TIMEOUT)
+        self.node = NodeIdentity.load(config.data_dir, name=config.node_name, address=config.advertise,
+                                      datacenter=config.datacenter)
+        self.catalog = Catalog(self.store, self.node, node_meta=config.meta)
+        self.health = HealthChecker(self.store, self.catalog, self.node,
+                                    enable_script_checks=config.enable_script_checks)
+        capacity = (config.cpu_mhz, config.memory_mb) if config.cpu_mhz and config.memory_mb else None
+        self.agent = NodeAgent(self.store, self.catalog, self.node, os.path.join(config.data_dir, "agent"),
+                               config.drain_delay, health=self.health, capacity=capacity,
+                               keep_instances_on_stop=True, platform_env=instance_env(config))
+        self.agent.meta = dict(config.meta)
+        self.agent.node_class = config.node_class
+        self.secret = secrets.token_urlsafe(32)
+        self.runner: web.AppRunner | None = None
+        self.heartbeat: AgentHeartbeat | None = None
+
+    async def _partial_capacity(self) -> None:
+        """Only one of --cpu-mhz / --memory-mb given: the other is detected."""
+        if self.agent.capacity is None and (self.config.cpu_mhz or self.config.memory_mb):
+            from shipyard.agent.node_agent import machine_capacity
+
+            cpu, memory = await asyncio.to_thread(machine_capacity)
+            self.agent.capacity = (self.config.cpu_mhz or cpu, self.config.memory_mb or memory)
+
+    async def start(self) -> None:
+        await self._partial_capacity()
+        port = await self._listen()
+        await self._first_contact()
+        info = AgentInfo(self.node.name, self.node.id, self.agent.address, port, self.node.datacenter,
+                         dict(self.config.meta), self.secret)
+        self.heartbeat = AgentHeartbeat(self.store, info, ttl=self.config.ttl, on_rejoined=self.rejoin)
+        await self.heartbeat.start()
+        await self.catalog.start()  # its node, with its meta and a passing serfHealth
+        await self.health.start()
+        await self.agent.start()  # its node record for placement, adoption, then its allocations
+        log.info("shipyard agent ready: node %s at %s (logs on port %d), servers %s, %s", self.node.name,
+                 self.agent.address, port, ", ".join(self.config.servers), _capacity_summary(self.agent))
+
+    async def _first_contact(self) -> None:
+        """Waits for some server to answer (an agent may well start before them)."""
+        said = False
+        while True:
+            try:
+                await self.store.range("nodes/", prefix=True)
+                return
+            except StoreError as exc:
+                if not said:
+                    log.warning("no server answers yet (%s); trying every %.0fs", exc.message, FIRST_CONTACT_RETRY)
+                    said = True
+                await asyncio.sleep(FIRST_CONTACT_RETRY)
+
+    async def _listen(self) -> int:
+        app = web.Application(middlewares=[error_middleware, secret_middleware(self.secret)])
+        app[AGENT_LOGS] = self.agent
+        app.add_routes(log_routes)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.agent.address, self.config.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ShipyardError(f"cannot listen on {self.agent.address}:{self.config.port} (--port): "
+                                f"{exc.strerror}") from None
+        server = site._server  # the port actually bound (--port 0)
+        sockets = getattr(server, "sockets", None) or []
+        return int(sockets[0].getsockname()[1]) if sockets else self.config.port
+
+    async def rejoin(self) -> None:
+        """Back after its lease expired: first stop what was replaced meanwhile (it deregisters first), then say
+        the node is live and placeable again, so a superseded instance is never counted as passing."""
+        await self.agent.settle()
+        await self.catalog.start()
+        await self.agent.write_node()
+        log.info("agent %s: live again (what was replaced while it was cut off is stopped)", self.node.name)
+
+    async def stop(self) -> None:
+        """Leaves (members show 3); instances keep running under their shims for the next agent on this data dir."""
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
+        with contextlib.suppress(Exception):
+            await self.agent.stop()
+        for part in (self.health, self.catalog):
+            with contextlib.suppress(Exception):
+                await part.stop()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        await self.store.close()
+
+
+def _capacity_summary(agent: NodeAgent) -> str:
+    if agent.capacity is None:
+        return "capacity detected"
+    return f"capacity {agent.capacity[0]} MHz, {agent.capacity[1]} MB"
+
+
+async def run_agent(config: AgentConfig) -> None:
+    """Runs an agent until SIGINT/SIGTERM."""
+    make_process_private()
+    make_data_dir_private(config.data_dir)
+    lock_fd = lock_data_dir(config.data_dir)
+    agent = RemoteAgent(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        starting = asyncio.ensure_future(agent.start())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()
+            await stop.wait()
+        else:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        stopped.cancel()
+        log.info("shipyard agent stopping")
+    finally:
+        kept = len(agent.agent.runners)
+        await agent.stop()
+        if kept:
+            print(f"{kept} instance{'s' if kept != 1 else ''} keep running and will be adopted by the next agent "
+                  f"started with --data-dir {config.data_dir}", file=sys.stderr, flush=True)
+        os.close(lock_fd)

@@ -1,0 +1,90 @@
+"""Logs of instances on a `shipyard agent` of another machine: the server finds the allocation's node, reads that
+agent's record (address, logs port, secret) from the store and relays the agent's answer as it streams; and the
+agent's side: its listener accepts only requests carrying its secret.
+
+It relays bytes only; it never reads a log file itself, and the secret never appears in a log line or an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from aiohttp import web
+
+from shipyard.errors import ShipyardError
+from shipyard.registry.agents import AgentInfo, agent_info
+from shipyard.scheduler.records import ALLOC_STATUS, ALLOCS, split_node_alloc
+from shipyard.store import Store
+
+# The node agent an agent's own listener serves logs of (set only in `shipyard agent`'s app).
+AGENT_LOGS: web.AppKey[Any] = web.AppKey("agent-logs", object)
+SECRET_HEADER = "X-Shipyard-Agent-Secret"
+CONNECT_TIMEOUT = 5.0
+
+
+async def remote_agent_of(store: Store, alloc_id: str) -> AgentInfo | None:
+    """The agent of the node the allocation is (or was last reported) on; None when that is no agent's node."""
+    suffix = "/" + quote(alloc_id, safe="")
+    for prefix in (ALLOCS, ALLOC_STATUS):
+        for kv in (await store.range(prefix, prefix=True)).kvs:
+            if kv.key.endswith(suffix):
+                node, _ = split_node_alloc(kv.key, prefix)
+                return await agent_info(store, node)
+    return None
+
+
+async def proxy_agent_logs(request: web.Request, agent: AgentInfo, alloc_id: str) -> web.StreamResponse:
+    host = f"[{agent.address}]" if ":" in agent.address else agent.address
+    url = f"http://{host}:{agent.logs_port}/api/v1/allocs/{quote(alloc_id, safe='')}/logs"
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        try:
+            upstream = await session.get(url, params=request.query, headers={SECRET_HEADER: agent.logs_secret})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ShipyardError(f"the agent of node {agent.name} ({agent.address}:{agent.logs_port}) does not answer "
+                                f"for its logs: {type(exc).__name__}", status=502) from None
+        async with upstream:
+            if upstream.status != 200:
+                raise _agent_error(agent, upstream.status, await upstream.read())
+            response = web.StreamResponse(headers={"Content-Type": upstream.headers.get(
+                "Content-Type", "text/plain; charset=utf-8"), "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            with contextlib.suppress(aiohttp.ClientPayloadError, ConnectionResetError):
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            await response.write_eof()
+            return response
+
+
+def _agent_error(agent: AgentInfo, status: int, body: bytes) -> ShipyardError:
+    message = body.decode(errors="replace")[:500]
+    with contextlib.suppress(Exception):
+        import orjson
+
+        message = str(orjson.loads(body).get("error") or message)
+    if status in (400, 404):
+        return ShipyardError(message, status=status)  # the agent's answer about the request itself
+    return ShipyardError(f"the agent of node {agent.name} answered {status}: {message}", status=502)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def secret_middleware(secret: str) -> Any:
+    """An agent's listener: only a caller that read its record in the store (a server) may read its logs."""
+    expected = secret.encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        given = request.headers.get(SECRET_HEADER, "").encode()
+        if not hmac.compare_digest(given, expected):
+            return web.json_response({"error": "this agent serves logs to the servers of its cluster only"},
+                                     status=403)
+        return await handler(request)
+
+    return check

@@ -1,0 +1,84 @@
+"""`shipyard agent`: run this machine as a node of a cluster whose servers run elsewhere.
+
+It parses flags into an AgentConfig and runs the agent (api/agent_process.py); it holds no behaviour of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+import uvloop
+
+from shipyard.errors import ShipyardError
+from shipyard.tokens import token_from_env
+
+
+def parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r}: give key=value", param_hint="--meta")
+        meta[key.strip()] = value.strip()
+    return meta
+
+
+@click.command()
+@click.option("--server", "servers", multiple=True, required=True, metavar="URL",
+              help="A server's control API, host:port or http(s)://host:port (repeatable: the next one is used when "
+                   "one cannot be reached).")
+@click.option("--node", "node_name", default="", help="Node name (default: the host name).")
+@click.option("--advertise", default="127.0.0.1", show_default=True, metavar="ADDR",
+              help="This machine's address as the others reach it: its instances, their checks, its logs port.")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Node metadata (repeatable), for placement.")
+@click.option("--node-class", default="", metavar="CLASS", help="Node class, for placement constraints.")
+@click.option("--data-dir", default="./shipyard-agent", show_default=True,
+              help="Where its instances' state and logs are kept (instances outlive the agent and are adopted).")
+@click.option("--port", default=8510, show_default=True, type=click.IntRange(0, 65535),
+              help="Port (on --advertise) where the servers fetch its instances' logs.")
+@click.option("--datacenter", default="dc1", show_default=True)
+@click.option("--token", default="", envvar="SHIPYARD_HTTP_TOKEN", show_envvar=True, metavar="TOKEN",
+              help="ACL token for the servers (better through the environment: flags show in ps; "
+                   "CONSUL_HTTP_TOKEN works too).")
+@click.option("--ca-file", default="", envvar="CONSUL_CACERT", show_envvar=True,
+              help="CA of https:// servers.")
+@click.option("--client-cert", default="", envvar="CONSUL_CLIENT_CERT", show_envvar=True,
+              help="Client certificate, for servers that verify incoming connections.")
+@click.option("--client-key", default="", envvar="CONSUL_CLIENT_KEY", show_envvar=True, help="Key of --client-cert.")
+@click.option("--cpu-mhz", type=click.IntRange(1, None), default=None, help="CPU to offer (default: detected).")
+@click.option("--memory-mb", type=click.IntRange(1, None), default=None, help="Memory to offer (default: detected).")
+@click.option("--heartbeat-ttl", default=5, show_default=True, type=click.IntRange(2, 300),
+              help="Seconds of its liveness lease: cut off longer, its node turns critical.")
+@click.option("--drain-delay", default=1.0, show_default=True, type=click.FloatRange(0, 600),
+              help="Seconds between deregistering an instance and sending it SIGTERM.")
+@click.option("--enable-script-checks", is_flag=True, help="Allow health checks that run commands.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+def agent(servers: tuple[str, ...], node_name: str, advertise: str, meta: tuple[str, ...], node_class: str,
+          data_dir: str, port: int,
+          datacenter: str, token: str, ca_file: str, client_cert: str, client_key: str, cpu_mhz: int | None,
+          memory_mb: int | None, heartbeat_ttl: int, drain_delay: float, enable_script_checks: bool,
+          log_level: str) -> None:
+    """Run this machine as a node of a cluster: register it, heartbeat, run what the servers place here."""
+    from shipyard.api.agent_process import AgentConfig, run_agent, server_url
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    config = AgentConfig(
+        servers=[server_url(s) for s in servers], node_name=node_name, advertise=advertise,
+        data_dir=os.path.abspath(data_dir), meta=parse_meta(meta), node_class=node_class, port=port,
+        datacenter=datacenter,
+        token=token or token_from_env() or None,
+        ca_file=ca_file, cert_file=client_cert, key_file=client_key, cpu_mhz=cpu_mhz, memory_mb=memory_mb,
+        ttl=heartbeat_ttl, drain_delay=drain_delay, enable_script_checks=enable_script_checks,
+    )
+    if advertise in ("", "0.0.0.0", "::"):
+        raise ShipyardError("--advertise must be an address the servers and other nodes can reach", status=2)
+    uvloop.run(run_agent(config))
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(agent)
