@@ -197,6 +197,10 @@ def test_tokens_and_policies_edited_and_deleted_with_acl_write(server: ServerPro
     assert console.post(f"/ui/access/policies/{policy['ID']}/delete").headers.get("HX-Redirect") == "/ui/access"
     assert requests.get(f"{server.url}/v1/acl/policy/{policy['ID']}", timeout=10,
                         headers={"X-Consul-Token": MANAGEMENT}).status_code == 404
+    # The builtin policy and the anonymous token offer no Delete; a forged one is the API's refusal, in words.
+    page = console.get("/ui/access").text
+    assert "/ui/access/policies/00000000-0000-0000-0000-000000000001/delete" not in page
+    assert "/ui/access/tokens/00000000-0000-0000-0000-000000000002/delete" not in page
     builtin = console.post("/ui/access/policies/00000000-0000-0000-0000-000000000001/delete")
     assert "not permitted" in builtin.text
 
@@ -234,7 +238,7 @@ def test_gateway_certificates_with_days_left_never_the_key(server: ServerProcess
     assert '<span class="tag">*.soon.example.test</span>' in section
     rows = re.findall(r'<tr class="cert (\w+)"', section)
     assert rows == ["expired", "expiring", "valid"]  # soonest to expire first
-    assert "expired 4 d ago" in section and '<span class="badge expiring">10 d</span>' in section
+    assert "expired 3 d ago" in section and '<span class="badge expiring">10 d</span>' in section
     assert "PRIVATE KEY" not in page and all(key.splitlines()[1] not in page for key in keys)
 
 

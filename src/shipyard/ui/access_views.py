@@ -12,12 +12,15 @@ from typing import Any
 
 from aiohttp import web
 
+from shipyard.acl.authorizer import ANONYMOUS_TOKEN_ID, MANAGEMENT_POLICY_ID
 from shipyard.acl.state import ACLState
 from shipyard.api.context import platform_of
 from shipyard.api.guard import accepts_body
 from shipyard.errors import ShipyardError
-from shipyard.ui.console import FORM, acl_of, check_csrf, flash, render, require, ui_handler
+from shipyard.ui.console import FORM, TEMPLATES, acl_of, check_csrf, flash, render, require, ui_handler
 
+# What the API refuses to delete: the forms offer no Delete for them.
+TEMPLATES.globals.update(anonymous_token=ANONYMOUS_TOKEN_ID, builtin_policy=MANAGEMENT_POLICY_ID)
 # Fields of a token record that the API's update takes back as they are (an update replaces what it is given).
 KEPT_TOKEN_FIELDS = ("Roles", "ServiceIdentities", "NodeIdentities", "TemplatedPolicies", "ExpirationTime")
 

@@ -490,6 +490,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         raise web.HTTPSeeOther("/ui/login?why=bad") from None
     response = web.HTTPSeeOther("/ui/")
     response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/ui/", secure=request.secure)
+    response.del_cookie(VAULT_COOKIE, path="/ui/")  # a Vault token given in someone else's session is not inherited
     raise response
 
 

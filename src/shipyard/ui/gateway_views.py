@@ -53,10 +53,10 @@ def certificate_row(record: dict[str, Any], snis: list[str], now: dt.datetime) -
                            "issuer": "", "sans": [], "expires": "", "days_left": None, "state": "bad"}
     if parsed["error"]:
         return row
-    days = (parsed["not_after"] - now).total_seconds() / 86400
+    days = (parsed["not_after"] - now).total_seconds() / 86400  # whole days are counted toward zero below
     row.update(subject=parsed["subject"], issuer="self-signed" if parsed["self_signed"] else parsed["issuer"],
                sans=parsed["sans"], expires=parsed["not_after"].strftime("%Y-%m-%d %H:%M UTC"),
-               days_left=int(days // 1), state="expired" if days < 0 else "expiring" if days <= EXPIRING_DAYS
+               days_left=int(days), state="expired" if days < 0 else "expiring" if days <= EXPIRING_DAYS
                else "valid")
     return row
 
