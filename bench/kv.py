@@ -3,6 +3,10 @@
 Owns the harness (both servers as real subprocesses in temp dirs) and one load generator used
 identically for both; never imports Shipyard internals — it measures only what a client sees.
 
+Phases in the same run: the server on its embedded SQLite store against etcd (PUT, GET, blocking-query fan-out
+against etcd watches); with --acl and a scoped token against the plain server; and a server on the bench's own etcd
+(--single-server) against etcd's gateway on that same etcd (PUT, GET), the cost of the etcd store's path.
+
 Usage: python bench/kv.py [--quick]   (progress on stderr, one JSON line with all figures on stdout)
 """
 
@@ -37,6 +41,7 @@ PUT_RATIO_TARGET = 0.5
 GET_RATIO_TARGET = 0.5
 FANOUT_TARGET_S = 1.0
 ACL_RATIO_TARGET = 0.8  # KV with a token under --acl (default deny) vs the same server kind without ACLs
+ETCD_STORE_RATIO_TARGET = 0.7  # the Consul KV API of a server on etcd vs etcd's own gateway, same etcd
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -158,6 +163,23 @@ class ShipyardAclServer(ShipyardServer):
                                                                 "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as resp:
             return dict(json.loads(resp.read()))
+
+
+class ShipyardOnEtcdServer(ShipyardServer):
+    """A server whose store is the bench's etcd (--single-server: no RabbitMQ needed), so its Consul KV API can be
+    compared with etcd's own gateway on the same etcd, under the same load."""
+
+    name = "shipyard-etcd"
+
+    def __init__(self, workdir: Path, etcd: EtcdServer) -> None:
+        super().__init__(workdir / "on-etcd")
+        workdir.joinpath("on-etcd").mkdir(parents=True, exist_ok=True)
+        self.etcd = etcd
+
+    def command(self) -> list[str]:
+        # Ports of its own for the parts the plain server runs too, so only the store differs.
+        return [*super().command(), "--store", f"etcd://127.0.0.1:{self.etcd.port}/bench-shipyard", "--single-server",
+                "--gateway-port", str(free_port()), "--dns-port", str(free_port()), "--vault-port", "0"]
 
 
 class EtcdServer(ServerUnderTest):
@@ -571,7 +593,8 @@ def summarise_fanout(runs: list[FanoutResult]) -> dict[str, float]:
 async def run(args: argparse.Namespace, servers: dict[str, ServerUnderTest]) -> dict[str, object]:
     pairs = make_keys_and_values(args.keys, args.key_bytes, args.value_bytes)
     builders: dict[str, Callable[..., Workload]] = {"shipyard": shipyard_workload, "etcd": etcd_workload,
-                                                    "shipyard-acl": shipyard_workload}
+                                                    "shipyard-acl": shipyard_workload,
+                                                    "shipyard-etcd": shipyard_workload}
     workloads = {name: builders[name](server.port, pairs) for name, server in servers.items()}
     acl_server = servers.get("shipyard-acl")
     if isinstance(acl_server, ShipyardAclServer):
@@ -597,8 +620,8 @@ async def run(args: argparse.Namespace, servers: dict[str, ServerUnderTest]) -> 
                     f"p50 {r.percentile_ms(0.5):6.2f} ms  p99 {r.percentile_ms(0.99):6.2f} ms  errors {r.errors}"
                 )
         for name, server in servers.items():
-            if name == "shipyard-acl":
-                continue  # the ACL phase measures KV GET/PUT only
+            if name in ("shipyard-acl", "shipyard-etcd"):
+                continue  # the ACL and etcd-store phases measure KV GET/PUT only
             if name == "shipyard":
                 f = await fanout_shipyard(server, args.watchers, args.settle, args.fanout_timeout)
             else:
@@ -618,6 +641,7 @@ async def run(args: argparse.Namespace, servers: dict[str, ServerUnderTest]) -> 
             "fanout": summarise_fanout(results[name]["fanout"]) if results[name]["fanout"] else None,
         }
     acl = figures.pop("shipyard-acl", None)
+    on_etcd = figures.pop("shipyard-etcd", None)
 
     def ratio(op: str) -> float | None:
         if len(figures) < 2:
@@ -630,6 +654,10 @@ async def run(args: argparse.Namespace, servers: dict[str, ServerUnderTest]) -> 
     for op in ("put", "get"):
         plain = figures["shipyard"][op]["ops_per_s"] if acl and "shipyard" in figures else 0  # type: ignore[index]
         ratios[f"acl_{op}"] = round(acl[op]["ops_per_s"] / plain, 3) if acl and plain else None  # type: ignore[index]
+    for op in ("put", "get"):
+        etcd_ops = figures["etcd"][op]["ops_per_s"] if on_etcd and "etcd" in figures else 0  # type: ignore[index]
+        ratios[f"etcd_store_{op}"] = (
+            round(on_etcd[op]["ops_per_s"] / etcd_ops, 3) if on_etcd and etcd_ops else None)  # type: ignore[index]
     fanout_s = figures["shipyard"]["fanout"]["all_answered_s"] if "shipyard" in figures else None  # type: ignore[index]
     return {
         "bench": "kv",
@@ -644,14 +672,17 @@ async def run(args: argparse.Namespace, servers: dict[str, ServerUnderTest]) -> 
         "shipyard": figures.get("shipyard"),
         "etcd": figures.get("etcd"),
         "shipyard_acl": acl,
+        "shipyard_on_etcd": on_etcd,
         "ratios": ratios,
         "targets": {"put_ratio": PUT_RATIO_TARGET, "get_ratio": GET_RATIO_TARGET, "fanout_s": FANOUT_TARGET_S,
-                    "acl_ratio": ACL_RATIO_TARGET},
+                    "acl_ratio": ACL_RATIO_TARGET, "etcd_store_ratio": ETCD_STORE_RATIO_TARGET},
         "meets_targets": {
             "put": ratios["put"] is not None and ratios["put"] >= PUT_RATIO_TARGET,
             "get": ratios["get"] is not None and ratios["get"] >= GET_RATIO_TARGET,
             "fanout": fanout_s is not None and fanout_s < FANOUT_TARGET_S,
             "acl": all(r is not None and r >= ACL_RATIO_TARGET for r in (ratios["acl_put"], ratios["acl_get"])),
+            "etcd_store": all(r is not None and r >= ETCD_STORE_RATIO_TARGET
+                              for r in (ratios["etcd_store_put"], ratios["etcd_store_get"])),
         },
     }
 
@@ -678,6 +709,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settle", type=float, default=2.0, help="seconds for blocking queries to be taken in")
     parser.add_argument("--fanout-timeout", type=float, default=30.0)
     parser.add_argument("--no-acl", action="store_true", help="skip the ACL phase (a second server with --acl)")
+    parser.add_argument("--no-etcd-store", action="store_true",
+                        help="skip the etcd-store phase (a server on the bench's etcd against etcd's own gateway)")
     parser.add_argument("--workdir", default=None, help="parent of the temp dirs (default: system temp)")
     parser.add_argument(
         "--only", choices=("shipyard", "etcd"), default=None, help="measure one side only (no ratios; for debugging)"
@@ -694,7 +727,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress(f"{ETCD_BINARY} is missing (apt-get install etcd-server)")
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="shipyard-bench-kv-", dir=args.workdir))
-    servers: dict[str, ServerUnderTest] = {"shipyard": ShipyardServer(workdir), "etcd": EtcdServer(workdir)}
+    etcd = EtcdServer(workdir)
+    servers: dict[str, ServerUnderTest] = {"shipyard": ShipyardServer(workdir), "etcd": etcd}
+    if not args.no_etcd_store:
+        servers["shipyard-etcd"] = ShipyardOnEtcdServer(workdir, etcd)  # after etcd: started once etcd is up
     if not args.no_acl:
         servers["shipyard-acl"] = ShipyardAclServer(workdir)
     if args.only:
