@@ -14,7 +14,8 @@ from support import ServerProcess
 # module-scoped server starts once; modules that share one machine-wide peer by name (RabbitMQ's exchanges and
 # queues; network namespaces and their bridge) run one after another on the same worker.
 SHARED_PEER_MODULES = {
-    "rabbitmq": {"test_bus.py", "test_cluster_servers.py", "test_queues_cli.py", "test_worker.py"},
+    "rabbitmq": {"test_bus.py", "test_cluster_servers.py", "test_node_drain.py", "test_queues_cli.py",
+                 "test_worker.py"},
 }
 
 

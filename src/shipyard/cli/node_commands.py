@@ -49,19 +49,22 @@ def _drain_text(n: dict[str, Any]) -> str:
     return f"{drain['remaining']} left" + (f", deadline in {left:.0f}s" if left is not None else "")
 
 
-def _resources(n: dict[str, Any]) -> tuple[str, str]:
+def _resources(n: dict[str, Any], units: bool = True) -> tuple[str, str]:
     r = n["resources"]
-    return f"{r['cpu_used']}/{r['cpu']} MHz", f"{r['memory_used']}/{r['memory']} MB"
+    mhz, mb = (" MHz", " MB") if units else ("", "")
+    return f"{r['cpu_used']}/{r['cpu']}{mhz}", f"{r['memory_used']}/{r['memory']}{mb}"
 
 
 def _nodes_table(nodes: list[dict[str, Any]]) -> Table:
-    table = Table("NAME", "STATUS", "CLASS", "ADDRESS", "ELIGIBILITY", "DRAIN", "ALLOCS", "CPU", "MEMORY",
+    table = Table("NAME", "STATUS", "CLASS", "ADDRESS", "ELIGIBILITY", "DRAIN", "ALLOCS", "CPU MHZ", "MEMORY MB",
                   box=None, pad_edge=False)
+    for column in table.columns:
+        column.no_wrap = column.header != "DRAIN"  # the drain's deadline text may wrap; names and figures never
     for n in nodes:
         status = "[green]ready[/green]" if n["status"] == "ready" else "[red]down[/red]"
         eligibility = n["eligibility"] if n["eligibility"] == "eligible" else f"[yellow]{n['eligibility']}[/yellow]"
         table.add_row(escape(n["name"]), status, escape(n["class"] or "-"), escape(n["address"] or "-"), eligibility,
-                      _drain_text(n), str(n["allocs"]), *_resources(n))
+                      _drain_text(n), str(n["allocs"]), *_resources(n, units=False))
     return table
 
 
