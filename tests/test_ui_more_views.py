@@ -131,6 +131,8 @@ def test_secrets_listed_by_path_revealed_on_click_only_with_read(server: ServerP
     page = console.get("/ui/secrets", params={"mount": "secret/", "prefix": "app/"}).text
     assert "<code>db</code>" in page and "<code>api</code>" in page and page.count(">Reveal</button>") == 2
     assert "s3cret-db-pw" not in page and "k-api-123" not in page
+    tricky = console.get("/ui/secrets", params={"mount": "secret/", "prefix": "app/../other/"})
+    assert tricky.status_code == 400 and "invalid path" in tricky.text and "x-other" not in tricky.text
     denied = console.get("/ui/secrets", params={"mount": "secret/", "prefix": "other/"})
     assert denied.status_code == 403 and "do not allow listing secret/metadata/other/" in denied.text
 

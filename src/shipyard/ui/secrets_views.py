@@ -102,16 +102,39 @@ async def _listing(core: VaultCore, token: str, mount: Mount, prefix: str) -> li
     return sorted(str(k) for k in keys)
 
 
+def _signed_out(token: str) -> dict[str, Any]:
+    """The page without a (valid) Vault token: the form, and why when a kept token stopped working."""
+    return {"who": None, "mounts": [], "mount": "", "prefix": "", "crumbs": [], "folders": [], "keys": [],
+            "expired": bool(token)}
+
+
+def _kv_mounts(core: VaultCore, acl: ACL) -> list[Mount]:
+    return [m for p, m in sorted(core.mounts.mounts.items()) if m.type in KV_TYPES and mount_visible(acl, p)]
+
+
+def _chosen_mount(mounts: list[Mount], name: str) -> Mount | None:
+    """The mount asked for (a 403 when the token reaches no such KV mount), else the first one."""
+    if not name:
+        return mounts[0] if mounts else None
+    for mount in mounts:
+        if mount.path == name:
+            return mount
+    raise PermissionDenied(f"No KV mount {name} that your Vault token may use")
+
+
+def folder_prefix(prefix: str) -> str:
+    """A prefix as a folder: no leading slash, a trailing one ("app" lists the folder "app/", as Vault does)."""
+    prefix = prefix.lstrip("/")
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
 async def secrets_context(core: VaultCore, token: str, mount_name: str, prefix: str) -> dict[str, Any]:
     entry, acl = await _session(core, token)
     if entry is None or acl is None:
-        return {"who": None, "mounts": [], "mount": "", "prefix": "", "crumbs": [], "folders": [], "keys": [],
-                "expired": bool(token)}
-    mounts = [m for p, m in sorted(core.mounts.mounts.items()) if m.type in KV_TYPES and mount_visible(acl, p)]
-    chosen = next((m for m in mounts if m.path == mount_name), mounts[0] if mounts and not mount_name else None)
-    if mount_name and chosen is None:
-        raise PermissionDenied(f"No KV mount {mount_name} that your Vault token may use")
-    prefix = prefix.lstrip("/") if prefix.endswith("/") or not prefix else prefix + "/"
+        return _signed_out(token)
+    mounts = _kv_mounts(core, acl)
+    chosen = _chosen_mount(mounts, mount_name)
+    prefix = folder_prefix(prefix)
     keys = await _listing(core, token, chosen, prefix) if chosen is not None else []
     return {"who": {"name": entry.display_name, "policies": entry.policies}, "expired": False,
             "mounts": [{"path": m.path, "version": kv_version(m), "description": m.description} for m in mounts],
@@ -153,12 +176,18 @@ async def secrets_page(request: web.Request) -> web.StreamResponse:
     core = engine_of(request)
     context: dict[str, Any] = {"title": "Secrets", "unavailable": _unavailable(core), "who": None,
                                "expired": False, "request_why": request.query.get("why", "")}
-    if core is not None and not context["unavailable"]:
-        try:
-            context.update(await secrets_context(core, vault_token(request), request.query.get("mount", ""),
-                                                 request.query.get("prefix", "")))
-        except Sealed:
-            context["unavailable"] = _unavailable(core)
+    if core is None or context["unavailable"]:
+        return render(request, "secrets.html", context)
+    try:
+        context.update(await secrets_context(core, vault_token(request), request.query.get("mount", ""),
+                                             request.query.get("prefix", "")))
+    except Sealed:
+        context["unavailable"] = _unavailable(core)
+    except PermissionDenied:
+        raise  # the 403 view
+    except ShipyardError as exc:  # a prefix the engine refuses (`..`, control characters): said on the page
+        context["unavailable"] = f"{exc.message} (the prefix {request.query.get('prefix', '')!r} is not a path)"
+        return render(request, "secrets.html", context, status=exc.status)
     return render(request, "secrets.html", context)
 
 
