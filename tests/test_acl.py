@@ -503,6 +503,27 @@ def test_dns_answers_only_what_the_anonymous_token_may_read(acl_server: ServerPr
     assert ask().rcode() == dns.rcode.NXDOMAIN
 
 
+def test_the_agents_dns_token_answers_dns_and_only_dns(acl_server: ServerProcess, admin: consul.Consul) -> None:
+    """Consul's `dns` agent token (`consul acl set-agent-token dns`): DNS answers as it may read, while HTTP requests
+    without a token stay the anonymous token's (the default token would open both)."""
+    import dns.message
+    import dns.query
+    import dns.rcode
+
+    admin.agent.service.register("dnsapi", service_id="dnsapi-1", address="127.0.0.1", port=8)
+    query = dns.message.make_query("dnsapi.service.consul", "SRV")
+    assert dns.query.udp(query, "127.0.0.1", port=acl_server.dns_port, timeout=5).rcode() == dns.rcode.NXDOMAIN
+    secret = admin.acl.token.create(templated_policies=[{"builtin/dns": {}}])["SecretID"]
+    assert call(acl_server, "PUT", "/v1/agent/token/dns", MANAGEMENT, json={"Token": secret}).status_code == 200
+    try:
+        answer = dns.query.udp(query, "127.0.0.1", port=acl_server.dns_port, timeout=5)
+        assert [rr.port for rrset in answer.answer for rr in rrset] == [8]
+        assert call(acl_server, "GET", "/v1/catalog/service/dnsapi").json() == []  # anonymous: filtered out
+        assert call(acl_server, "PUT", "/v1/agent/token/nope", MANAGEMENT, json={"Token": secret}).status_code == 404
+    finally:
+        call(acl_server, "PUT", "/v1/agent/token/dns", MANAGEMENT, json={"Token": ""})
+
+
 def test_templated_policy_builtin_service_grants_like_a_service_identity(acl_server: ServerProcess,
                                                                          admin: consul.Consul) -> None:
     token = admin.acl.token.create(templated_policies=[{"builtin/service": {"Name": "ledger"}}])["SecretID"]

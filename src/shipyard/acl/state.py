@@ -121,9 +121,29 @@ class ACLState:
         self.store = store
         self.default_allow = default_allow
         self.default_token = ""  # /v1/agent/token/default: used for requests that send no token
-        self.agent_tokens: dict[str, str] = {}
+        self.agent_tokens: dict[str, str] = {}  # by Consul's kind (token_file.PERSISTED_KINDS)
+        self.tokens_from_api: set[str] = set()  # the kinds set through the API: what token persistence keeps
         self._cache: dict[str, tuple[Authorizer, float]] = {}
         self._follow: asyncio.Task[None] | None = None
+
+    # ---- the agent's own tokens (/v1/agent/token/<kind>) ------------------------------------------------------
+    def set_agent_token(self, kind: str, token: str, *, from_api: bool = True) -> None:
+        """`kind` is canonical (token_file.canonical_kind). The default token answers requests that send none; the
+        dns token answers the DNS interface (else the default token does, as in Consul)."""
+        self.agent_tokens[kind] = token
+        if from_api:
+            self.tokens_from_api.add(kind)
+        if kind == "default":
+            self.default_token = token
+        self.invalidate()
+
+    def api_tokens(self) -> dict[str, str]:
+        return {kind: self.agent_tokens[kind] for kind in self.tokens_from_api if self.agent_tokens.get(kind)}
+
+    @property
+    def dns_token(self) -> str:
+        """The SecretID DNS answers as ("": the default token, else anonymous)."""
+        return self.agent_tokens.get("dns", "")
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     async def start(self, initial_management: str = "") -> None:

@@ -137,14 +137,15 @@ def _filter_response(response: web.StreamResponse, keep_only: Filter, authorizer
 
 
 def dns_restriction(state: ACLState) -> Callable[[CatalogView], Awaitable[CatalogView]]:
-    """The DNS interface's ACL edge: each catalog view cut down to what the default (else anonymous) token may read,
-    the cut kept while neither the view nor the token's Authorizer changes (so DNS's reply cache keeps working)."""
+    """The DNS interface's ACL edge: each catalog view cut down to what the agent's dns token (else the default, else
+    the anonymous token) may read, the cut kept while neither the view nor the token's Authorizer changes (so DNS's
+    reply cache keeps working)."""
     last: list[tuple[CatalogView, Authorizer, CatalogView]] = []
 
     async def restrict(view: CatalogView) -> CatalogView:
         try:
-            authorizer = await state.resolve("")
-        except ShipyardError:  # an unknown default token: nothing is readable
+            authorizer = await state.resolve(state.dns_token)  # "": the default token, else anonymous
+        except ShipyardError:  # an unknown dns or default token: nothing is readable
             authorizer = Authorizer([], default_allow=False)
         if last and last[0][0] is view and last[0][1] is authorizer:
             last[0][2].revision = view.revision

@@ -35,6 +35,8 @@ from shipyard.api.context import PLATFORM
 def add_consul_routes(app: web.Application) -> None:
     if app[PLATFORM].config.acl:
         app.router.add_routes(acl_api.routes)  # first, so that acl.py's "ACL support disabled" never answers
+        if app[PLATFORM].config.acl_token_persistence:
+            app.on_startup.append(acl_api.load_persisted_tokens)  # after the configuration's tokens: these win
     for module in (agent, agent_runtime, catalog, health, kv, session, status, txn, acl):
         app.router.add_routes(module.routes)
     for module in (event, config, discovery_chain, coordinate, query, operator, snapshot, connect):

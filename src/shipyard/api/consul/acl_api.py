@@ -7,6 +7,8 @@ never here, except token/self, whose answer is the caller's own token.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from typing import Any
 
@@ -15,16 +17,15 @@ from aiohttp import web
 
 from shipyard.acl.state import ACLState
 from shipyard.acl.templates import TEMPLATES, render, template_json, variables_of
+from shipyard.acl.token_file import TokenFileError, canonical_kind, read_tokens, write_tokens
 from shipyard.api.acl_guard import token_of
 from shipyard.api.consul.common import ConsulError
-from shipyard.api.context import platform_of
+from shipyard.api.context import PLATFORM, platform_of
 from shipyard.errors import BadRequest
 
+log = logging.getLogger("shipyard.acl")
 routes = web.RouteTableDef()
 ACL_STATE = "acl"  # platform.extras key
-AGENT_TOKEN_KINDS = frozenset({"default", "agent", "agent_recovery", "agent_master", "replication",
-                               "config_file_service_registration", "acl_token", "acl_agent_token",
-                               "acl_agent_master_token", "acl_replication_token"})
 
 
 # Go's encoding/json matches field names case-insensitively, and clients rely on it (py-consul sends "name",
@@ -223,18 +224,38 @@ async def role_delete(request: web.Request) -> web.Response:
 # ---- the agent's own tokens ------------------------------------------------------------------------------------
 @routes.put("/v1/agent/token/{kind}")
 async def agent_token(request: web.Request) -> web.Response:
-    kind = request.match_info["kind"]
-    if kind not in AGENT_TOKEN_KINDS:
-        raise ConsulError(404, f"Token {kind!r} is unknown")
+    kind = canonical_kind(request.match_info["kind"])
+    if kind is None:
+        raise ConsulError(404, f"Token {request.match_info['kind']!r} is unknown")
     token = (await _body(request)).get("Token")
     if not isinstance(token, str):
         raise BadRequest("Request decode failed: Token must be a string")
     state = state_of(request)
-    state.agent_tokens[kind] = token
-    if kind == "default":
-        state.default_token = token
-        state.invalidate()
+    state.set_agent_token(kind, token)
+    config = platform_of(request).config
+    if config.acl_token_persistence and config.data_dir is not None:
+        # As Consul: set in memory first, then the file; a failed write is the request's error (500).
+        await asyncio.to_thread(write_tokens, config.data_dir, state.api_tokens())
     return web.Response(status=200)
+
+
+async def load_persisted_tokens(app: web.Application) -> None:
+    """At start, with acl.enable_token_persistence: the tokens an earlier run of this data dir was given through
+    the API. As in Consul they win over the configuration's, and an unreadable file is a warning, not a dead server."""
+    platform = app[PLATFORM]
+    state = platform.extras.get(ACL_STATE)
+    if not isinstance(state, ACLState) or platform.config.data_dir is None:
+        return
+    try:
+        persisted = await asyncio.to_thread(read_tokens, platform.config.data_dir)
+    except TokenFileError as exc:
+        log.warning("unable to load persisted tokens: %s", exc)
+        return
+    for kind, token in persisted.items():
+        if state.agent_tokens.get(kind) or (kind == "default" and state.default_token):  # the config's
+            log.warning("%r token present in both the configuration and persisted token store, using the persisted "
+                        "token", kind)
+        state.set_agent_token(kind, token)
 
 
 # ---- templated policies ----------------------------------------------------------------------------------------
