@@ -268,6 +268,8 @@ def test_gateway_charts_per_route_from_the_sampled_history(server: ServerProcess
     assert "<span>100 %</span>" in gone  # every request to a closed port is a 502
     assert "<span>0 %</span>" in ctl
     assert 'aria-label="ctl-route: latency p50, p95, p99"' in ctl
+    routes = page[page.index('id="gw-routes"'):page.index('id="gw-svc"')]
+    assert re.search(r"<td>ctl-route</td>.*?<td>ctl</td></tr>", routes)  # the route's service, referenced by name
     assert requests.get(f"{admin}/metrics", headers={"X-Consul-Token": MANAGEMENT}, timeout=10).ok
 
 

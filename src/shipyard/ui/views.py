@@ -201,13 +201,19 @@ async def _routes_of(platform: Platform, name: str) -> list[dict[str, Any]]:
     prefixes = sorted({t.removeprefix("urlprefix-") for _, e in snap.services_named(name)
                        for t in (e.data.get("Tags") or []) if t.startswith("urlprefix-")})
     rows = [{"source": "tag", "paths": [p], "name": f"urlprefix-{p}", "hosts": []} for p in prefixes]
-    gw_services = {s.get("id"): s for s in await _records(platform, SERVICES)}
+    gw_services = _by_id_or_name(await _records(platform, SERVICES))
     for route in await _records(platform, ROUTES):
         target = gw_services.get(_ref_id(route.get("service")))
         if target is not None and name in (target.get("name"), target.get("host")):
             rows.append({"source": "admin", "paths": route.get("paths") or [], "name": route.get("name") or "",
                          "hosts": route.get("hosts") or []})
     return rows
+
+
+def _by_id_or_name(services: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """Services by id and by name: a route keeps the reference it was given (POST /services/<name>/routes keeps
+    the name)."""
+    return {**{s.get("name"): s for s in services if s.get("name")}, **{s.get("id"): s for s in services}}
 
 
 def _ref_id(ref: Any) -> str:
@@ -224,7 +230,7 @@ async def gateway(platform: Platform, auth: Authorizer | None) -> dict[str, Any]
     if not can(auth, "gateway", ""):
         return {"denied": True, "metrics": None}
     services = await _records(platform, SERVICES)
-    by_id = {s.get("id"): s.get("name") for s in services}
+    by_id = {ref: s.get("name") for ref, s in _by_id_or_name(services).items()}
     routes = await _records(platform, ROUTES)
     for r in routes:
         r["service_name"] = by_id.get(_ref_id(r.get("service")), "")
