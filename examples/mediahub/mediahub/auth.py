@@ -1,19 +1,23 @@
-"""The auth service: users (SQLite, argon2 password hashes), sign-up, log-in issuing RS256 JWTs, roles.
+"""The auth service: users (SQLite, argon2 hashes of peppered passwords), sign-up, log-in issuing RS256 JWTs, roles.
 
-The gateway verifies its tokens with the public key this service registers as a jwt credential of the gateway
-consumer `mediahub-users`; it must never hand out the private key nor log a password or a token.
+Its signing key and password pepper come from the platform's secrets engine at start (a file on tmpfs and an env
+variable, shipyard.yaml `secrets:`/`vault:`), never from its data dir. The gateway verifies its tokens with the
+public key this service registers as a jwt credential of the gateway consumer `mediahub-users`; it must never hand
+out the private key, nor log a password, the pepper or a token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
-import secrets
 import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -60,29 +64,46 @@ db = Database(DATA / "users.db", SCHEMA)
 # ---- the signing key and the gateway credential ---------------------------------------------------------------
 
 
+class MissingSecret(SystemExit):
+    """Started without what the secrets engine delivers: exit with one line saying what and where from."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"auth: {what} (shipyard.yaml secrets:/vault: of auth, from the secrets engine; "
+                         "`shipyard up` creates them from vault/secrets.yaml)")
+
+
 def signing_key() -> rsa.RSAPrivateKey:
-    """Made once and kept in the data dir; both instances start together, so the first to link its file wins."""
-    path = DATA / "jwt-signing-key.pem"
-    if not path.exists():
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-        draft = DATA / f".jwt-signing-key.{os.getpid()}.{secrets.token_hex(4)}"
-        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-        try:
-            os.link(draft, path)  # atomic and refuses to replace: never two keys
-        except FileExistsError:
-            pass
-        finally:
-            draft.unlink()
-    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    assert isinstance(loaded, rsa.RSAPrivateKey)
+    """The key from the secrets engine, delivered as $SECRETS_DIR/jwt-signing-key.pem (tmpfs, 0600). Both instances
+    read the same one, so either's tokens verify. A key an older version kept in the data dir is removed."""
+    legacy = DATA / "jwt-signing-key.pem"
+    if legacy.exists():
+        legacy.unlink(missing_ok=True)
+        log.warning("removed %s: the signing key now lives in the secrets engine", legacy)
+    folder = os.environ.get("SECRETS_DIR", "")
+    try:
+        pem = (Path(folder) / "jwt-signing-key.pem").read_bytes() if folder else b""
+    except OSError:
+        pem = b""
+    if not pem:
+        raise MissingSecret("no signing key in $SECRETS_DIR/jwt-signing-key.pem")
+    loaded = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(loaded, rsa.RSAPrivateKey):
+        raise MissingSecret("the signing key is not an RSA key (RS256)")
     return loaded
 
 
+def password_pepper() -> bytes:
+    """A secret mixed into every password before argon2 (HMAC-SHA256), kept apart from the users database: a copy
+    of the database alone does not let anyone test guesses offline."""
+    pepper = os.environ.get("PASSWORD_PEPPER", "")
+    if len(pepper) < 16:
+        raise MissingSecret("PASSWORD_PEPPER is missing or shorter than 16 characters")
+    return pepper.encode()
+
+
 PRIVATE_KEY = signing_key()
+PEPPER = password_pepper()
+PEPPERED = "pepper1"  # prefix of a stored hash made from the peppered password; hashes without it predate the pepper
 PUBLIC_PEM = PRIVATE_KEY.public_key().public_bytes(
     serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 gateway_ready = asyncio.Event()
@@ -118,6 +139,28 @@ async def register_with_gateway() -> None:
                 log.warning("cannot register the jwt credential with the gateway yet: %s", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+# ---- passwords -------------------------------------------------------------------------------------------------
+
+
+def _peppered(password: str) -> str:
+    return hmac.new(PEPPER, password.encode(), hashlib.sha256).hexdigest()
+
+
+def hash_password(password: str) -> str:
+    return f"{PEPPERED}{hasher.hash(_peppered(password))}"
+
+
+def verify_password(stored: str, password: str) -> bool:
+    """Raises VerificationError/InvalidHashError on a wrong password; True when the stored hash should be remade
+    (an argon2 parameter change, or a hash from before the pepper, which is upgraded at its next log-in)."""
+    if stored.startswith(PEPPERED):
+        stored = stored[len(PEPPERED):]
+        hasher.verify(stored, _peppered(password))
+        return hasher.check_needs_rehash(stored)
+    hasher.verify(stored, password)
+    return True
 
 
 # ---- the API ---------------------------------------------------------------------------------------------------
@@ -161,7 +204,7 @@ def _user(row: sqlite3.Row) -> User:
 
 @app.post("/auth/signup", status_code=201, response_model=User, summary="Create an account (the first is admin)")
 async def signup(body: SignUp) -> User:
-    password_hash = await asyncio.to_thread(hasher.hash, body.password)
+    password_hash = await asyncio.to_thread(hash_password, body.password)
     user_id = uuid.uuid4().hex
 
     def insert(conn: sqlite3.Connection) -> sqlite3.Row:
@@ -183,12 +226,12 @@ async def login(body: LogIn) -> Token:
     try:
         if not rows:
             raise VerificationError("no such user")
-        await asyncio.to_thread(hasher.verify, rows[0]["password_hash"], body.password)
+        stale = await asyncio.to_thread(verify_password, rows[0]["password_hash"], body.password)
     except (VerificationError, InvalidHashError):
         raise ApiError(401, "wrong email or password") from None
     row = rows[0]
-    if hasher.check_needs_rehash(row["password_hash"]):
-        new_hash = await asyncio.to_thread(hasher.hash, body.password)
+    if stale:
+        new_hash = await asyncio.to_thread(hash_password, body.password)
         await db.run(lambda c: c.execute("UPDATE users SET password_hash = ? WHERE id = ?", (new_hash, row["id"])))
     ttl = settings.current.token_ttl_seconds
     now = int(time.time())

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import ssl
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from aiohttp import web
 
 from shipyard.acl.state import GATEWAY_RULES, ACLState, internal_key, service_rules
 from shipyard.agent.node_agent import NodeAgent
+from shipyard.agent.ports import port_is_free
 from shipyard.api.acl_guard import acl_middleware, dns_restriction
 from shipyard.api.acl_table import rule_for as acl_rule_for
 from shipyard.api.cluster import attach_cluster, check_cluster_bus, start_cluster, stop_cluster
@@ -411,8 +413,21 @@ def prepare_vault(config: ServerConfig, platform: Platform, tls_context: ssl.SSL
     """The secrets engine exists before the agent starts, so that instances started then get their secrets."""
     if config.vault_port:
         platform.extras["vault"] = VaultService(
-            platform.store, config.bind, config.vault_port, dev=config.vault_dev, data_dir=config.data_dir,
+            platform.store, config.bind, vault_port_for(config), dev=config.vault_dev, data_dir=config.data_dir,
             dev_root_token=config.vault_dev_root_token, ssl_context=tls_context)
+
+
+def vault_port_for(config: ServerConfig) -> int:
+    """--vault-port as given; the default (8200), when another process holds it, becomes a free port, said in the
+    log: this server's instances get VAULT_ADDR, and it must be their own engine, never another server's."""
+    if config.vault_port_required or port_is_free(config.vault_port, config.bind):
+        return config.vault_port
+    with socket.socket() as sock:
+        sock.bind((config.bind, 0))
+        port = int(sock.getsockname()[1])
+    log.warning("secrets engine: port %d is taken; it listens on %d instead (give --vault-port)",
+                config.vault_port, port)
+    return port
 
 
 async def attach_vault(vault: VaultService, platform: Platform) -> None:

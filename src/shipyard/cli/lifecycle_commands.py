@@ -22,6 +22,7 @@ from shipyard.cli.deploy_plan import plan_lines, plan_project
 from shipyard.cli.http import ApiClient, ServerUnreachable
 from shipyard.cli.project_files import load_locally, project_file, resolve_project
 from shipyard.cli.rollout import DEFAULT_CRASH_LIMIT, Target, wait_rolled_out
+from shipyard.cli.vault_setup import apply_vault_folder, logged_address
 from shipyard.errors import ShipyardError
 from shipyard.script_checks import runs_command
 from shipyard.spec import ProjectSpec
@@ -113,8 +114,9 @@ def vault_dev_note(state_dir: Path, port: int) -> str:
         saved = json.loads((data_dir / "vault-dev.json").read_text())
     except (OSError, ValueError):
         return f"secrets engine: not started (port {port} taken? see the server log)"
+    addr = logged_address(state_dir) or f"http://127.0.0.1:{port}"
     return (f"secrets engine in DEV MODE (unsealed automatically; not for production): "
-            f"VAULT_ADDR=http://127.0.0.1:{port} VAULT_TOKEN={saved.get('root_token', '')}")
+            f"VAULT_ADDR={addr} VAULT_TOKEN={saved.get('root_token', '')}")
 
 
 MANAGEMENT_TOKEN_FILE = "acl-management-token"  # in the data dir of the server `up` started, 0600
@@ -220,6 +222,9 @@ def up(ctx: click.Context, directory: str, force: bool, timeout: float, crash_li
     else:
         use_saved_token(api, spec_file.parent / STATE_DIR)
     apply_service_policies(api, spec_file.parent)
+    # DIRECTORY/vault/: the engine policies the services' tokens carry and the secrets they read, made when absent.
+    for line in apply_vault_folder(spec_file.parent, spec_file.parent / STATE_DIR):
+        console.print(line, highlight=False, soft_wrap=True)
     targets = _deploy_with_plan(api, project, force)
     wait_rolled_out(api, targets, timeout, crash_limit)
     console.print(f"[green]all services healthy[/green] ({len(targets)} jobs) in "
