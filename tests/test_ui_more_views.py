@@ -176,8 +176,11 @@ def test_tokens_and_policies_edited_and_deleted_with_acl_write(server: ServerPro
     token = _consul(server, "PUT", "/v1/acl/token", {"Description": "before", "Policies": [{"Name": "ui-made"}],
                                                       "ServiceIdentities": [{"ServiceName": "web"}]})
     page = console.get("/ui/access").text
-    assert f"/ui/access/tokens/{token['AccessorID']}/delete" in page and "Delete policy" in page
-    assert token["SecretID"] not in page
+    assert f"/ui/access/tokens/{token['AccessorID']}/delete" in page and ">Edit policy</button>" in page
+    assert token["SecretID"] not in page and 'name="policy" value="ui-made" checked' not in page
+    form = console.get(f"/ui/access/tokens/{token['AccessorID']}/edit").text  # fetched by the Edit button
+    assert 'name="policy" value="ui-made" checked' in form and token["SecretID"] not in form
+    assert "Delete policy" in console.get(f"/ui/access/policies/{policy['ID']}/edit").text
     saved = console.post(f"/ui/access/tokens/{token['AccessorID']}", {"description": "after"})
     assert saved.headers.get("HX-Redirect") == "/ui/access"
     after = _consul(server, "GET", f"/v1/acl/token/{token['AccessorID']}")
@@ -189,7 +192,8 @@ def test_tokens_and_policies_edited_and_deleted_with_acl_write(server: ServerPro
     reader = _consul(server, "PUT", "/v1/acl/token", {"Policies": [{"ID": reader_policy["ID"]}]})
     looker = Console(server, reader["SecretID"])
     page = looker.get("/ui/access").text
-    assert "Delete policy" not in page and "/delete" not in page and "ui-made" in page
+    assert "Edit policy" not in page and "/delete" not in page and "ui-made" in page
+    assert "Permission denied" in looker.get(f"/ui/access/policies/{policy['ID']}/edit").text
     assert "Permission denied" in looker.post(f"/ui/access/tokens/{token['AccessorID']}/delete").text
     assert _consul(server, "GET", f"/v1/acl/token/{token['AccessorID']}")["Description"] == "after"
 
@@ -200,8 +204,9 @@ def test_tokens_and_policies_edited_and_deleted_with_acl_write(server: ServerPro
     assert requests.get(f"{server.url}/v1/acl/policy/{policy['ID']}", timeout=10,
                         headers={"X-Consul-Token": MANAGEMENT}).status_code == 404
     # The builtin policy and the anonymous token offer no Delete; a forged one is the API's refusal, in words.
+    page = console.get("/ui/access/policies/00000000-0000-0000-0000-000000000001/edit").text
+    assert "Save policy" in page and "/ui/access/policies/00000000-0000-0000-0000-000000000001/delete" not in page
     page = console.get("/ui/access").text
-    assert "/ui/access/policies/00000000-0000-0000-0000-000000000001/delete" not in page
     assert "/ui/access/tokens/00000000-0000-0000-0000-000000000002/delete" not in page
     builtin = console.post("/ui/access/policies/00000000-0000-0000-0000-000000000001/delete")
     assert "not permitted" in builtin.text

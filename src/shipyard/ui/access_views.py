@@ -73,6 +73,29 @@ async def token_delete(request: web.Request) -> web.StreamResponse:
     return _back_to_access()
 
 
+@ui_handler
+async def token_form(request: web.Request) -> web.StreamResponse:
+    """The edit form of one token, fetched by its Edit button."""
+    acl = _state(request)
+    token = await acl.token(request.match_info["accessor"])
+    if token is None:
+        return flash(request, "That token no longer exists (deleted meanwhile): reload the page.", ok=False)
+    policies = sorted(await acl.policies(), key=lambda p: p.get("Name", ""))
+    return render(request, "token_form.html", {"t": token, "policies": policies})
+
+
+@ui_handler
+async def policy_form(request: web.Request) -> web.StreamResponse:
+    """The edit form of one policy (or of a new one: id "new"), fetched by its button."""
+    acl = _state(request)
+    policy_id = request.match_info["id"]
+    policy = {"ID": "", "Name": "", "Description": "", "Rules": ""} if policy_id == "new" else await acl.policy(
+        policy_id)
+    if policy is None:
+        return flash(request, "That policy no longer exists (deleted meanwhile): reload the page.", ok=False)
+    return render(request, "policy_form.html", policy_form_context(policy))
+
+
 def policy_form_context(policy: dict[str, Any], *, error: str = "", line: int | None = None,
                         saved: bool = False) -> dict[str, Any]:
     return {"p": policy, "error": error, "line": line, "saved": saved}
@@ -113,6 +136,8 @@ async def policy_delete(request: web.Request) -> web.StreamResponse:
 
 
 def add_access_routes(app: web.Application) -> None:
+    app.router.add_get("/ui/access/tokens/{accessor}/edit", token_form)
+    app.router.add_get("/ui/access/policies/{id}/edit", policy_form)
     app.router.add_post("/ui/access/tokens/{accessor}", token_update)
     app.router.add_post("/ui/access/tokens/{accessor}/delete", token_delete)
     app.router.add_post("/ui/access/policies", policy_save)
