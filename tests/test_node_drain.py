@@ -152,7 +152,7 @@ def test_drain_moves_three_instances_under_load_without_a_failed_request(
     assert load.failures == [], load.failures[:5]
     assert load.nodes.get("node-a", 0) > 0 and load.nodes.get("node-b", 0) > 0
 
-    assert "drain complete" in drained.stdout and "3 instance(s) moved" in drained.stdout, drained.stdout
+    assert "drain complete" in drained.stdout and "3 instance(s) moved off" in drained.stdout, drained.stdout
     assert drained.stdout.count(": now on node-b") == 3, drained.stdout
     assert healthy_on(a) == {"node-b": 3}
     status = requests.get(a.url + "/api/v1/nodes/node-a", timeout=5).json()["node"]

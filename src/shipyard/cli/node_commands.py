@@ -203,14 +203,14 @@ def _follow_drain(api: ApiClient, name: str, timeout: float | None) -> None:
                                     f"(shipyard node status {name})")
             time.sleep(POLL_SECONDS)
             n = follower.poll()
-    console.print(f"[green]node {escape(name)}: drain complete[/green] ({len(follower.seen)} instance(s) moved; "
+    console.print(f"[green]node {escape(name)}: drain complete[/green] ({len(follower.seen)} instance(s) moved off; "
                   "it stays ineligible: `shipyard node eligibility " + escape(name) + " on` to use it again)",
                   highlight=False)
 
 
 def _deadline(text: str) -> float:
     try:
-        return parse_duration(text)
+        return parse_duration(float(text) if text.replace(".", "", 1).isdigit() else text)  # "0": now
     except ValueError:
         raise click.BadParameter(f'expected a duration like "1m", "30s" or "1h", got {text!r}') from None
 
