@@ -456,6 +456,7 @@ def test_every_route_has_its_own_rule() -> None:
 
     class Config:
         acl = True
+        acl_token_persistence = True
 
     class Platform:
         config = Config()
