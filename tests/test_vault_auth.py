@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hvac
 import pytest
+import requests
 from hvac import exceptions as hvac_errors
 
 from vault_support import VaultServer, init_and_unseal
@@ -235,3 +236,43 @@ def test_single_use_secret_id_logs_in_once_under_racing_logins(vault: tuple[Vaul
                                                    json={"role_id": role_id, "secret_id": secret_id}).status_code,
                               range(8)))
     assert sorted(codes) == [200] + [400] * 7
+
+
+
+def test_response_wrapping_single_use_lookup_rewrap_and_concurrent_unwraps(vault: tuple[VaultServer, str]) -> None:
+    """X-Vault-Wrap-TTL on a KV read and on token create, sys/wrapping/wrap, lookup, rewrap, unwrap with the
+    wrapping token or in the body; a wrapping token opens nothing else, and of concurrent unwraps one wins."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, root = vault
+    admin = server.client(root)
+    wrapped = admin.read("secret/data/app/db", wrap_ttl="90s")
+    info = wrapped["wrap_info"]
+    assert wrapped["data"] is None and info["ttl"] == 90 and info["creation_path"] == "secret/data/app/db"
+    holder = server.client(info["token"])
+    with pytest.raises(hvac_errors.Forbidden):  # the wrapping token reads nothing itself
+        holder.secrets.kv.v2.read_secret_version("app/db", raise_on_deleted_version=True)
+    looked = server.raw("POST", "sys/wrapping/lookup", json={"token": info["token"]}).json()["data"]
+    assert looked["creation_path"] == "secret/data/app/db" and looked["creation_ttl"] == 90
+    rewrapped = admin.write_data("sys/wrapping/rewrap", data={"token": info["token"]})["wrap_info"]
+    assert rewrapped["token"] != info["token"] and rewrapped["ttl"] == 90
+    with pytest.raises(hvac_errors.InvalidRequest, match="wrapping token is not valid"):
+        admin.sys.unwrap(info["token"])  # the old one went with the rewrap
+    assert server.client(rewrapped["token"]).sys.unwrap()["data"]["data"] == {"password": "app-pw"}
+    with pytest.raises((hvac_errors.InvalidRequest, hvac_errors.Forbidden)):
+        server.client(rewrapped["token"]).sys.unwrap()  # single use
+
+    created = admin.auth.token.create(policies=["app-read"], wrap_ttl="60s")["wrap_info"]
+    assert created["wrapped_accessor"]
+    token = admin.sys.unwrap(created["token"])["auth"]["client_token"]  # the wrapping token in the body
+    assert server.client(token).lookup_token()["data"]["accessor"] == created["wrapped_accessor"]
+    data = admin.sys.wrap(payload={"api_key": "k-123"}, ttl="30s")["wrap_info"]
+    assert data["creation_path"] == "sys/wrapping/wrap"
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: server.raw("POST", "sys/wrapping/unwrap", token=data["token"]), range(6)))
+    won = [a for a in answers if a.status_code == 200]
+    assert len(won) == 1 and won[0].json()["data"] == {"api_key": "k-123"}
+    assert server.raw("POST", "sys/wrapping/wrap", token=root, json={"a": "b"}).status_code == 400  # no TTL
+    bad_ttl = requests.get(f"{server.vault_url}/v1/secret/data/app/db", timeout=10,
+                           headers={"X-Vault-Token": root, "X-Vault-Wrap-TTL": "soon"})
+    assert bad_ttl.status_code == 400 and "X-Vault-Wrap-TTL" in bad_ttl.json()["errors"][0]

@@ -18,6 +18,7 @@ from typing import Any
 
 from shipyard.errors import BadRequest, ShipyardError
 from shipyard.secrets import audit as audit_mod
+from shipyard.secrets import wrapping
 from shipyard.secrets.approle import AppRole
 from shipyard.secrets.barrier import DATA, PREFIX, Barrier, Sealed
 from shipyard.secrets.mounts import MountTable
@@ -184,7 +185,7 @@ class VaultCore:
         if self.barrier.sealed:
             raise Sealed()
         login = self._login_backend(req)
-        if login is None:
+        if login is None and req.path not in wrapping.SELF_AUTHORISED:
             try:
                 await self._authorise(req)
             except PermissionDenied:
@@ -252,6 +253,8 @@ class VaultCore:
         except ShipyardError as exc:
             await self._audit("response", req, request_id, error=exc.message or str(exc.status))
             raise
+        if response is not None and req.wrap_ttl:
+            response = await wrapping.wrap(self, req, response, req.wrap_ttl)
         if response is not None:
             response["request_id"] = request_id
         await self._audit("response", req, request_id, response)
@@ -262,6 +265,8 @@ class VaultCore:
 
         if login is not None:
             return await token_api.approle_login(self, login, req)
+        if req.path.startswith("sys/wrapping/"):
+            return await wrapping.handle(self, req)
         if req.path.startswith("sys/"):
             return await sys_api.handle(self, req)
         if req.path.startswith("auth/token/"):

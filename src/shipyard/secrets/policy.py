@@ -61,6 +61,16 @@ path "sys/wrapping/wrap" {
     capabilities = ["update"]
 }
 
+# Allow a token to look up the creation time and TTL of a given response-wrapping token
+path "sys/wrapping/lookup" {
+    capabilities = ["update"]
+}
+
+# Allow a token to unwrap a response-wrapping token (passed in the body rather than as its own token)
+path "sys/wrapping/unwrap" {
+    capabilities = ["update"]
+}
+
 # Allow general purpose tools
 path "sys/tools/hash" {
     capabilities = ["update"]

@@ -22,6 +22,7 @@ class Request:
     token: str = ""
     entry: TokenEntry | None = None  # the caller's token, once authenticated
     remote_address: str = ""
+    wrap_ttl: int = 0  # X-Vault-Wrap-TTL in seconds: the response goes behind a wrapping token (secrets.wrapping)
 
 
 class PermissionDenied(ShipyardError):

@@ -26,6 +26,7 @@ from shipyard.scheduler.jobs import JobService
 from shipyard.secrets.barrier import Barrier
 from shipyard.secrets.core import VaultCore, decode_key
 from shipyard.secrets.request import Missing, Request
+from shipyard.secrets.wrapping import wrap_ttl
 from shipyard.store import Store
 
 log = logging.getLogger("shipyard.vault")
@@ -84,7 +85,8 @@ async def vault_request(request: web.Request) -> web.StreamResponse:
         if not token and bearer.lower().startswith("bearer "):
             token = bearer[7:].strip()
         req = Request(operation, path, await _request_data(request, operation), token,
-                      remote_address=request.remote or "")
+                      remote_address=request.remote or "",
+                      wrap_ttl=wrap_ttl(request.headers.get("X-Vault-Wrap-TTL", "")))
         response = await core.handle(req)
     except Missing as exc:
         return _json(404, exc.body) if exc.body is not None else _errors(404)
