@@ -1,39 +1,52 @@
-"""The web console in a real headless browser (Debian's chromium driven by Playwright) against a real server running
-examples/hello: overview, a service scaled to 3 live, a KV edit that conflicts, a dead letter retried, and the login
-with ACL tokens. Screenshots of the main views land in docs/screenshots/ (1280x800) for the README.
+"""The web console in a real headless browser (Debian's chromium driven by Playwright) against the demo: the mediahub
+example started by `shipyard up --acl` (ACLs on, default deny) on free ports in a copy of the project.
+
+One browser session walks what an operator does: log in with the management token, see every mediahub service
+healthy, open a service (its instances' real CPU and memory), scale it to 3 and watch the third instance turn healthy
+live, roll out a new version and follow the deployment to its end, edit live config a running service reads (and see
+it through the gateway), hit a KV conflict, retry a transcode job the worker dead-lettered, the gateway and access
+pages; and, in a second session, a token without rights (403 view) that later expires (back to the login, with why).
+Screenshots of the main views land in docs/screenshots/ (1280x800) for the README and docs/console.md.
 
 No console errors and no failed requests are allowed, except a live view's long-poll cancelled on purpose when the
-page leaves it (net::ERR_ABORTED on /ui/live/, which the console's own script does).
+page leaves it (net::ERR_ABORTED on /ui/live/, which the console's own script does), and the 403 view's own answer.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import concurrent.futures
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from support import ServerProcess, need_peer
+from support import ServerProcess, free_port, need_peer
 
 ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "mediahub"
 SHOTS = ROOT / "docs" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 WAIT_MS = 60_000  # a new instance starts, then passes its first health check
+SERVICES = ("auth", "assets", "files", "search", "jobs")
+TTL_KEY = "mediahub/auth/token_ttl_seconds"  # live config of the auth service: the lifetime of the tokens it issues
+EXPIRING_TTL = 15.0  # seconds the limited token lives: past its 403 view, before its expiry is checked
 
 try:
     from playwright.sync_api import Browser, ConsoleMessage, Page, Request, expect, sync_playwright
@@ -41,64 +54,58 @@ except ImportError:  # the test extra installs it; need_peer below says so (and 
     sync_playwright = None  # type: ignore[assignment]
 
 
-def _http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> Any:
-    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        raw = response.read()
-    return json.loads(raw) if raw.strip() else None
+@dataclass
+class Mediahub:
+    """The demo's platform: its control API (with the management token `up --acl` made) and its gateway."""
+
+    api: str
+    gateway: str
+    token: str
+    project: Path
+
+    def call(self, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        headers = {"X-Consul-Token": self.token if token is None else token, "Content-Type": "application/json"}
+        request = urllib.request.Request(self.api + path, data=data, method=method, headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raw = response.read()
+        return json.loads(raw) if raw.strip() else None
+
+    def raw(self, path: str) -> bytes:
+        request = urllib.request.Request(self.api + path, headers={"X-Consul-Token": self.token})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return bytes(response.read())
 
 
-def _raw(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return bytes(response.read())
+def _stop(project: Path) -> None:
+    """The platform gone at once: the server's process group killed (its gateway workers with it; a graceful stop
+    takes seconds and this copy is thrown away), then every instance's shim told to stop its instance."""
+    pid_file = project / ".shipyard" / "server.pid"
+    pid = int(pid_file.read_text().strip() or 0) if pid_file.is_file() else 0
+    if pid:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # `up` starts the server in a session of its own
+        except ProcessLookupError:
+            pass
+    ServerProcess(project / ".shipyard" / "data").stop_instances()
 
 
-def _deploy_hello(server: ServerProcess, tmp_path: Path, token: str = "") -> None:
-    project = tmp_path / "hello"
-    shutil.copytree(ROOT / "examples" / "hello", project)
-    env = {**os.environ, "SHIPYARD_HTTP_ADDR": server.addr}
-    if token:
-        env["SHIPYARD_HTTP_TOKEN"] = token
-    done = subprocess.run([sys.executable, "-m", "shipyard.cli.main", "deploy", ".", "--timeout", "90"], cwd=project,
-                          env=env, capture_output=True, text=True, timeout=150)
-    assert done.returncode == 0, done.stdout + done.stderr + server.log_tail()
-
-
-def _dead_letter(server: ServerProcess, queue: str, body: dict[str, Any]) -> None:
-    """A message in `queue` failed by a consumer for good (max_attempts 1), as a broken worker leaves it."""
-    from shipyard.bus.http_client import HttpBus
-
-    _http("PUT", f"{server.url}/api/v1/bus/queues/{queue}", json.dumps({"max_attempts": 1}).encode(),
-          {"Content-Type": "application/json"})
-    _http("POST", f"{server.url}/api/v1/bus/queues/{queue}/enqueue",
-          json.dumps({"payload": base64.b64encode(json.dumps(body).encode()).decode()}).encode(),
-          {"Content-Type": "application/json"})
-
-    async def fail_one() -> None:
-        bus = HttpBus(server.url)
-        consumer = await bus.consume(queue)
-        delivery = await consumer.get(timeout=10)
-        assert delivery is not None
-        await delivery.fail("KeyError: 'name'")
-        await consumer.close()
-        await bus.close()
-
-    # Playwright's sync API runs an event loop in this thread: the bus client gets its own.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, fail_one()).result(timeout=30)
-
-
-def _greet_through_gateway(server: ServerProcess) -> None:
-    """Turns on the prometheus plugin, then greets through the gateway until the workers have counted a greeting
-    (they pick the plugin up from the store a moment after it is written)."""
-    _http("POST", f"{server.url}/api/gateway/plugins", b'{"name": "prometheus"}', {"Content-Type": "application/json"})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        urllib.request.urlopen(server.gateway_url + "/hello/tester", timeout=10).read()
-        with urllib.request.urlopen(server.url + "/api/gateway/metrics", timeout=10) as response:
-            if 'requests_total{service="hello"' in response.read().decode():
-                return
-    raise AssertionError("the gateway never counted a greeting: " + server.log_tail())
+@pytest.fixture(scope="module")
+def mediahub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mediahub]:
+    # A copy of the example, so the test's databases and server state never mix with a developer's `make demo`.
+    project = tmp_path_factory.mktemp("ui") / "mediahub"
+    shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns(".data", ".shipyard", "__pycache__"))
+    http_port, gateway_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "shipyard.cli.main", "--http-addr", f"127.0.0.1:{http_port}", "up", "--acl",
+           "--gateway-port", str(gateway_port), "--dns-port", str(free_port()), "--vault-port", str(free_port()),
+           str(project)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=ROOT)
+        assert done.returncode == 0, done.stdout + done.stderr
+        token = (project / ".shipyard" / "data" / "acl-management-token").read_text().strip()
+        yield Mediahub(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{gateway_port}", token, project)
+    finally:
+        _stop(project)
 
 
 class Watched:
@@ -132,248 +139,279 @@ def browser() -> Iterator[Browser]:
         launched.close()
 
 
-@pytest.fixture
-def hello_server(tmp_path: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess(tmp_path / "data").start()
-    try:
-        _deploy_hello(server, tmp_path)
-        yield server
-    finally:
-        server.stop()
-
-
 def _shot(page: Page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), caret="initial")  # hiding it injects a style the CSP refuses
 
 
-def test_console_walk_through(browser: Browser, hello_server: ServerProcess) -> None:
-    server = hello_server
-    _http("PUT", f"{server.url}/v1/kv/config/hello/greeting", b'{"text": "hello", "exclaim": true}')
-    _http("PUT", f"{server.url}/v1/kv/config/greeting/text", b"hello")
-    _http("POST", f"{server.url}/api/v1/jobs", json.dumps(
-        {"name": "greeting", "kind": "worker", "cmd": f"python {ROOT / 'tests' / 'apps' / 'kv_greeting.py'}",
-         "instances": 1, "resources": {"cpu": 10, "memory": 64}}).encode(), {"Content-Type": "application/json"})
-    _dead_letter(server, "ui-demo", {"nobody": "here"})
-    # A service that cannot start: the overview lists it first, with why.
-    _http("POST", f"{server.url}/api/v1/jobs", json.dumps(
-        {"name": "broken", "cmd": "sh -c 'echo missing DATABASE_URL >&2; exit 3'", "instances": 1,
-         "resources": {"cpu": 10, "memory": 32}}).encode(), {"Content-Type": "application/json"})
+def _poll(what: str, check: Callable[[], Any], timeout: float = 60, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+    return value
+
+
+def _user_with_a_broken_upload(gateway: str, sample: bytes) -> User:
+    user = User(gateway)
+    user.upload(sample[: len(sample) // 2])
+    return user
+
+
+class User:
+    """A mediahub user, through the gateway only: signed up, logged in (RS256 JWT), with one asset."""
+
+    def __init__(self, gateway: str) -> None:
+        self.http = httpx.Client(base_url=gateway, timeout=30)
+        self.email, self.password = f"ui-{uuid.uuid4().hex[:8]}@example.com", "correct horse battery"
+        self.http.post("/auth/signup", json={"email": self.email, "password": self.password}).raise_for_status()
+        self.http.headers["Authorization"] = f"Bearer {self.log_in()['access_token']}"
+        self.asset = self.http.post("/assets", json={"title": "Harbour at dusk"}).raise_for_status().json()["id"]
+
+    def log_in(self) -> dict[str, Any]:
+        return self.http.post("/auth/login", json={"email": self.email, "password": self.password}
+                              ).raise_for_status().json()
+
+    def upload(self, data: bytes) -> None:
+        self.http.put(f"/files/{self.asset}", params={"filename": "harbour.jpg"}, content=data,
+                      headers={"Content-Type": "image/jpeg"}).raise_for_status()
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return list(self.http.get("/jobs", params={"asset_id": self.asset}).raise_for_status().json())
+
+
+def test_console_on_the_demo(browser: Browser, mediahub: Mediahub) -> None:
+    hub = mediahub
+    hub.call("PUT", f"/v1/kv/{TTL_KEY}", b"3600")
+    hub.call("POST", "/api/gateway/plugins", {"name": "prometheus"})  # per-route traffic on the gateway page
+    # A token that may read mediahub's settings only, for a few seconds: its 403 view now, its expiry later.
+    policy = hub.call("PUT", "/v1/acl/policy", {"Name": "settings-reader",
+                                                "Rules": 'key_prefix "mediahub/" { policy = "read" }'})
+    limited = hub.call("PUT", "/v1/acl/token", {"Description": "settings reader", "Policies": [{"ID": policy["ID"]}],
+                                                "ExpirationTTL": f"{EXPIRING_TTL:g}s"})
+    # Meanwhile, through the gateway: a user whose upload the transcode worker cannot decode (a JPEG cut short):
+    # it fails for good, a dead letter.
+    sample = (EXAMPLE / "sample" / "harbour.jpg").read_bytes()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    user_made = pool.submit(_user_with_a_broken_upload, hub.gateway, sample)
+
+    reader = browser.new_context(viewport={"width": 1280, "height": 800})
+    reader_page = reader.new_page()
+    reader_watch = Watched(reader_page)
+    _log_in(reader_page, hub, limited["SecretID"])
+    response = reader_page.goto(hub.api + "/ui/services/search")  # the key is readable, the service is not
+    assert response is not None and response.status == 403
+    expect(reader_page.locator("h1")).to_contain_text("403")
+
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
     watched = Watched(page)
+    _overview(page, hub)
+    version = _service_scaled_then_rolling(page, hub)
+    # The deployment goes on in this tab, followed live; the operator works in another one meanwhile.
+    other = context.new_page()
+    watched_other = Watched(other)
+    other.goto(hub.api + "/ui/")
+    user = user_made.result(timeout=60)
+    pool.shutdown()
+    _live_config(other, hub, user)
+    _dead_letter_retried(other, hub, user, sample)
+    _gateway_and_access(other, hub)
+    _rolled_out(page, version)
+    _phone_overview_with_a_failing_service(other, hub)
+    context.close()
 
-    # Overview: / redirects to the console; both services are healthy; the first view is small.
-    page.goto(server.url + "/")
-    assert page.url == server.url + "/ui/"
-    services = page.locator("table.services")
-    expect(services.locator("tr[data-service=hello] .badge")).to_have_text("passing")
-    expect(services.locator("tr[data-service=hello]")).to_contain_text("2/2 passing")
-    attention = page.locator("#attention + .scroll")
-    expect(attention.locator("tr", has_text="broken").first).to_contain_text("exit code 3", timeout=WAIT_MS)
-    expect(attention).to_contain_text("missing DATABASE_URL")
-    expect(page.locator(".cards")).not_to_contain_text("0 failing")
+    # The limited token has expired meanwhile: its next view returns to the login, with why.
+    remaining = datetime.fromisoformat(limited["ExpirationTime"]).timestamp() - time.time()
+    if remaining > 0:
+        reader_page.wait_for_timeout(remaining * 1000 + 100)  # a real expiry: the clock has to pass it
+    reader_page.goto(hub.api + "/ui/")
+    reader_page.wait_for_url("**/ui/login?why=expired")
+    expect(reader_page.locator(".flash.err")).to_contain_text("no longer valid")
+    reader.close()
+
+    assert watched.problems + watched_other.problems == []
+    assert [p for p in reader_watch.problems if "403" not in p] == []  # the 403 view's own answer is expected
+    _forged_writes_are_refused(hub)
+
+
+def _log_in(page: Page, hub: Mediahub, token: str) -> None:
+    page.goto(hub.api + "/")
+    page.wait_for_url("**/ui/login")
+    page.fill("#token", token)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url("**/ui/")
+
+
+def _overview(page: Page, hub: Mediahub) -> None:
+    """Log in with the management token; every mediahub service is healthy; the first view is small."""
+    page.goto(hub.api + "/")
+    page.wait_for_url("**/ui/login")
     transferred = page.evaluate("performance.getEntriesByType('navigation').concat("
                                 "performance.getEntriesByType('resource')).reduce((n, e) => n + e.transferSize, 0)")
-    assert 0 < transferred < 200_000, f"first view transferred {transferred} bytes"
+    assert 0 < transferred < 200_000, f"the first view (the login) transferred {transferred} bytes"
+    page.fill("#token", "not-a-token")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.locator(".flash.err")).to_contain_text("not known")
+    page.fill("#token", hub.token)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url("**/ui/")
+    cookie = next(c for c in page.context.cookies() if c["name"] == "shipyard_ui_token")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    services = page.locator("table.services")
+    for name in (*SERVICES, "transcode"):
+        row = services.locator(f"tr[data-service={name}]")
+        expect(row.locator(".badge")).to_have_text("passing")
+        expect(row).to_contain_text("2/2 passing")
+    expect(page.locator("#jobs + .scroll tr", has_text="transcode")).to_contain_text("2/2 running")
+    expect(page.locator(".cards")).to_contain_text("0 failing")
     _shot(page, "overview")
 
     # Keyboard: the first Tab lands on the skip link; the service link is reachable and opens the service.
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.className") == "skip"
-    services.get_by_role("link", name="hello").focus()
+    services.get_by_role("link", name="search").focus()
     page.keyboard.press("Enter")
-    page.wait_for_url("**/ui/services/hello")
+    page.wait_for_url("**/ui/services/search")
 
-    # Service page: two healthy instances with passing checks and their output; scale to 3 and watch the third
-    # instance turn healthy with no reload (the marker set on this document survives).
+
+def _service_scaled_then_rolling(page: Page, hub: Mediahub) -> int:
+    """Instances with their checks and real CPU/memory, and logs; scale to 3 and see the third turn healthy with no
+    reload (a marker set on this document survives); then a new version starts rolling out (returned)."""
     rows = page.locator("table.instances tbody tr")
     expect(rows).to_have_count(2)
-    expect(page.locator("#checks-h + .scroll")).to_contain_text("200 OK")
+    expect(page.locator("#checks-h + .scroll")).to_contain_text("200")
+    usage = rows.first.locator(".usage")
+    expect(usage).to_have_text(re.compile(r"^(\d+%|<1%) · \d+ MiB$"))
+    assert int(usage.inner_text().split("·")[1].split()[0]) > 0, "a running Python service has resident memory"
+    # Logs: an instance's stderr, followed live; the search filters it.
+    expect(page.locator("#live-logs")).to_contain_text("search serving on")
+    page.fill("#log-grep", "nobody-said-this")
+    page.keyboard.press("Enter")
+    expect(page.locator("#live-logs")).to_contain_text("Nothing on stderr matching")
     page.evaluate("window.__same_document = true")
     page.fill("#instances", "3")
     page.get_by_role("button", name="Scale").click()
-    expect(page.locator("#flash")).to_contain_text("hello: scaling to 3 instances")
+    expect(page.locator("#flash")).to_contain_text("search: scaling to 3 instances")
     third = page.locator("table.instances tr", has=page.locator("td:first-child", has_text="2"))
     expect(third.locator(".badge").first).to_have_text("healthy", timeout=WAIT_MS)
     expect(rows).to_have_count(3)
     expect(third.locator(".badge.passing")).to_have_count(1, timeout=WAIT_MS)
-    assert page.evaluate("window.__same_document") is True
-    expect(page.locator("section.deployment")).to_contain_text("successful", timeout=WAIT_MS)  # its progress, live
-    expect(page.locator("#live-logs")).to_be_visible()
+    expect(page.locator("section.deployment")).to_contain_text("successful", timeout=WAIT_MS)
 
-    # A rolling restart from the page: its deployment's progress is followed to the end.
-    page.get_by_role("button", name="Restart").click()
+    # A new version, as a user changes a service: its spec with one more env var, through the native API.
+    spec = hub.call("GET", "/api/v1/jobs/search")["job"]["spec"]
+    spec["env"] = {**spec["env"], "SEARCH_SNIPPET_WORDS": "12"}
+    [deployed] = hub.call("POST", "/api/v1/jobs", spec)["deployed"]
+    version = int(deployed["job"]["version"])
+    expect(page.locator("section.deployment h2")).to_contain_text(f"Deployment v{version}: running")
+    return version
+
+
+def _rolled_out(page: Page, version: int) -> None:
+    """Back on the service's tab: the deployment it followed live has ended, every instance on the new version."""
     deployment = page.locator("section.deployment")
-    expect(deployment.locator("h2")).to_contain_text("restart 1")
-    expect(deployment.locator("h2")).to_contain_text("successful", timeout=WAIT_MS)
+    expect(deployment.locator("h2")).to_contain_text(f"Deployment v{version}: successful", timeout=WAIT_MS)
     expect(deployment).to_contain_text("3/3 healthy")
+    rows = page.locator("table.instances tbody tr")
+    expect(rows).to_have_count(3, timeout=WAIT_MS)  # the replaced instances are gone
+    for i in range(3):
+        expect(rows.nth(i).locator("td").nth(5)).to_have_text(str(version))
+    assert page.evaluate("window.__same_document") is True
     _shot(page, "service")
 
-    # Logs: a greeting through the gateway reaches the worker, whose stdout the page follows; search filters it.
-    _greet_through_gateway(server)
-    page.get_by_role("link", name="Overview").click()
-    page.locator("table.services").get_by_role("link", name="greeter").click()
-    page.select_option("#log-stream", "stdout")
-    expect(page.locator("#live-logs")).to_contain_text("greeted tester", timeout=WAIT_MS)
-    page.fill("#log-grep", "nobody-said-this")
-    page.keyboard.press("Enter")
-    expect(page.locator("#live-logs")).to_contain_text("Nothing on stdout matching")
 
-    # KV: values are shown by their content (this one as JSON).
+def _live_config(page: Page, hub: Mediahub, user: User) -> None:
+    """The auth service's token lifetime, edited here while someone else changes it: the save is a conflict that
+    shows their value and overwrites nothing; saving again knowingly replaces it, and the running auth instances
+    issue tokens with the new lifetime (seen through the gateway)."""
     page.get_by_role("link", name="Key/value").click()
-    page.get_by_role("link", name="config/").click()
-    page.get_by_role("link", name="hello/").click()
-    page.get_by_role("link", name="greeting").click()
-    expect(page.locator("pre.value")).to_contain_text('"exclaim": true')
+    page.get_by_role("link", name="mediahub/").click()
+    page.get_by_role("link", name="auth/").click()
+    page.get_by_role("link", name="token_ttl_seconds").click()
+    expect(page.locator("pre.value")).to_have_text("3600")
+    expect(page.locator("#kv-value")).to_have_value("3600")  # the editor opens with the current value
     _shot(page, "kv")
-
-    # The greeting worker's text: someone else changes it while it is open here, so our save is a conflict that
-    # shows their value and overwrites nothing; saving again (knowingly) replaces it, and the running worker
-    # picks the new text up (its log says so).
-    page.get_by_role("link", name="config", exact=True).click()
-    page.get_by_role("link", name="greeting/").click()
-    page.get_by_role("link", name="text").click()
-    expect(page.locator("pre.value")).to_have_text("hello")
-    expect(page.locator("#kv-value")).to_have_value("hello")  # the editor opens with the current value
-    _http("PUT", f"{server.url}/v1/kv/config/greeting/text", b"changed by someone else")
-    page.fill("#kv-value", "mine")
+    hub.call("PUT", f"/v1/kv/{TTL_KEY}", b"1800")  # someone else, meanwhile
+    page.fill("#kv-value", "600")
     page.get_by_role("button", name="Save").click()
     conflict = page.locator("#kv-conflict")
     expect(conflict).to_contain_text("Conflict")
-    expect(conflict).to_contain_text("changed by someone else")
-    assert _raw(f"{server.url}/v1/kv/config/greeting/text?raw") == b"changed by someone else", "no overwrite"
-    expect(page.locator("#kv-value")).to_have_value("mine")
+    expect(conflict).to_contain_text("1800")
+    assert hub.raw(f"/v1/kv/{TTL_KEY}?raw") == b"1800", "no overwrite"
+    expect(page.locator("#kv-value")).to_have_value("600")
     page.get_by_role("button", name="Save anyway").click()
-    expect(page.locator("#kv-editor")).to_contain_text("Saved config/greeting/text")
-    assert _raw(f"{server.url}/v1/kv/config/greeting/text?raw") == b"mine"
-    # A new key beside it (create-only: cas 0), then deleted from the page.
-    page.get_by_role("link", name="New key").click()
-    expect(page.locator("#kv-key")).to_have_value("config/greeting/")
-    page.fill("#kv-key", "config/greeting/extra")
-    page.fill("#kv-value", "x")
-    page.get_by_role("button", name="Save").click()
-    expect(page.locator("#kv-editor")).to_contain_text("Saved config/greeting/extra")
-    page.get_by_role("button", name="Delete").click()
-    page.wait_for_url("**/ui/kv?prefix=config%2Fgreeting%2F")
-    expect(page.locator("ul.keys")).not_to_contain_text("extra")
-    expect(page.locator("ul.keys")).to_contain_text("text")
-    page.get_by_role("link", name="Overview").click()
-    page.locator("table.services").get_by_role("link", name="greeting").click()
-    page.select_option("#log-stream", "stdout")
-    expect(page.locator("#live-logs")).to_contain_text("greeting is now: mine", timeout=WAIT_MS)
+    expect(page.locator("#kv-editor")).to_contain_text(f"Saved {TTL_KEY}")
+    assert hub.raw(f"/v1/kv/{TTL_KEY}?raw") == b"600"
+    # Both auth instances follow the key: two log-ins in a row (the gateway spreads them over both) get the new
+    # lifetime. Spaced out: log-ins are rate-limited to 5 a second per client.
+    lifetimes: list[int] = []
 
-    # Gateway: admin-API entities and the hello service's urlprefix route are in the tables.
-    json_type = {"Content-Type": "application/json"}
-    _http("POST", f"{server.url}/api/gateway/services", b'{"name": "legacy", "url": "http://127.0.0.1:9/v1"}',
-          json_type)
-    _http("POST", f"{server.url}/api/gateway/services/legacy/routes", b'{"name": "legacy-api", "paths": ["/v1"]}',
-          json_type)
-    _http("POST", f"{server.url}/api/gateway/consumers", b'{"username": "alice"}', json_type)
+    def two_in_a_row() -> bool:
+        lifetimes.append(user.log_in()["expires_in"])
+        return lifetimes[-2:] == [600, 600]
+
+    _poll("two tokens in a row issued for 600 s", two_in_a_row, timeout=30, interval=0.2)
+
+
+def _dead_letter_retried(page: Page, hub: Mediahub, user: User, sample: bytes) -> None:
+    """The worker dead-lettered the cut-short upload (listed with why); once the user uploads the whole file, a
+    retry from the page runs that job again, and it succeeds."""
+    page.get_by_role("link", name="Bus").click()
+    page.get_by_role("link", name="transcode", exact=True).click()
+    dead = page.locator("table.dead tbody tr")
+    expect(dead).to_have_count(1, timeout=WAIT_MS)
+    expect(dead).to_contain_text("cannot decode")
+    _shot(page, "bus")
+    [failed] = user.jobs()
+    assert failed["status"] == "failed", failed
+    user.upload(sample)
+    dead.get_by_role("button", name="Retry").click()
+    expect(page.locator("#flash")).to_contain_text("transcode: 1 dead letter back in the queue")
+    expect(page.locator("table.dead")).to_have_count(0)
+    expect(page.locator("tr[data-queue=transcode] td").nth(6)).to_have_text("0")  # dead letters
+    done = _poll("the retried job done", lambda: (j := {x["id"]: x for x in user.jobs()}.get(failed["id"])) and
+                 j["status"] == "succeeded" and j, timeout=30)
+    assert done["attempts"] == 2 and done["result"]["format"] == "JPEG"
+
+
+def _gateway_and_access(page: Page, hub: Mediahub) -> None:
+    """The gateway's routes (mediahub's, with their plugins' consumer) and traffic; tokens and policies."""
     page.get_by_role("link", name="Gateway").click()
     gateway = page.locator("#live-gateway")
-    expect(gateway).to_contain_text("/hello")
-    expect(gateway.locator("tr", has_text="legacy-api")).to_contain_text("legacy")
-    expect(gateway).to_contain_text("http://127.0.0.1:9")
-    expect(gateway).to_contain_text("alice")
-    expect(page.locator("table.metrics tbody tr").first).to_contain_text("hello")  # the greeting went through it
+    for path in ("/auth/signup", "/assets", "/files", "/search", "/jobs"):
+        expect(gateway).to_contain_text(path)
+    expect(gateway).to_contain_text("mediahub-users")
+    expect(page.locator("table.metrics tbody tr", has_text="auth").first).to_be_visible()  # the log-ins went through
     _shot(page, "gateway")
 
-    # Bus: the dead letter is listed with why; retry puts it back in its queue, and the page follows.
-    page.get_by_role("link", name="Bus").click()
-    page.get_by_role("link", name="ui-demo").click()
-    dead = page.locator("table.dead tbody tr")
-    expect(dead).to_have_count(1)
-    expect(dead).to_contain_text("KeyError")
-    _shot(page, "bus")
-    dead.get_by_role("button", name="Retry").click()
-    expect(page.locator("#flash")).to_contain_text("ui-demo: 1 dead letter back in the queue")
-    queue_row = page.locator("tr[data-queue=ui-demo]")
-    expect(page.locator("table.dead")).to_have_count(0)
-    expect(queue_row.locator("td").nth(2)).to_have_text("1")  # depth
-    expect(queue_row.locator("td").nth(6)).to_have_text("0")  # dead letters
-
-    # Phone width: nothing overflows the page sideways (wide tables scroll inside their own box).
-    page.set_viewport_size({"width": 375, "height": 740})
-    page.get_by_role("link", name="Overview").click()
-    expect(page.locator("table.services")).to_be_visible()
-    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
-    _shot(page, "overview-phone")
-
-    context.close()
-    assert watched.problems == []
-
-
-def test_console_login_with_acl_tokens(browser: Browser, tmp_path: Path) -> None:
-    management = str(uuid.uuid4())
-    server = ServerProcess(tmp_path / "data", "--acl", "--acl-initial-management", management).start()
-    try:
-        _login_flow(browser, server, management)
-        _forged_writes_are_refused(server, management)
-    finally:
-        server.stop()
-
-
-def _acl(server: ServerProcess, method: str, path: str, token: str, body: dict[str, Any] | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    return _http(method, server.url + path, data, {"X-Consul-Token": token, "Content-Type": "application/json"})
-
-
-def _login_flow(browser: Browser, server: ServerProcess, management: str) -> None:
-    _http("PUT", f"{server.url}/v1/kv/shared/motd", b"welcome", {"X-Consul-Token": management})
-    policy = _acl(server, "PUT", "/v1/acl/policy", management,
-                  {"Name": "kv-only", "Rules": 'key_prefix "shared/" { policy = "read" }'})
-    limited = _acl(server, "PUT", "/v1/acl/token", management, {"Policies": [{"ID": policy["ID"]}]})
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    page = context.new_page()
-    watched = Watched(page)
-
-    page.goto(server.url + "/ui/")
-    page.wait_for_url("**/ui/login")
-    page.fill("#token", "not-a-token")
-    page.get_by_role("button", name="Log in").click()
-    expect(page.locator(".flash.err")).to_contain_text("not known")
-
-    # A token that may read shared/ only: the key is there, a service page is a 403 view.
-    page.fill("#token", limited["SecretID"])
-    page.get_by_role("button", name="Log in").click()
-    page.wait_for_url("**/ui/")
-    cookie = next(c for c in context.cookies() if c["name"] == "shipyard_ui_token")
-    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
-    page.goto(server.url + "/ui/kv?prefix=shared/&key=shared/motd")
-    expect(page.locator("pre.value")).to_have_text("welcome")
-    response = page.goto(server.url + "/ui/services/consul")
-    assert response is not None and response.status == 403
-    expect(page.locator("h1")).to_contain_text("403")
-
-    # The token is deleted meanwhile: the next view returns to the login with why.
-    _acl(server, "DELETE", f"/v1/acl/token/{limited['AccessorID']}", management)
-    page.goto(server.url + "/ui/")
-    page.wait_for_url("**/ui/login?why=expired")
-    expect(page.locator(".flash.err")).to_contain_text("no longer valid")
-
-    # The management token sees everything; log out ends the session.
-    page.fill("#token", management)
-    page.get_by_role("button", name="Log in").click()
-    expect(page.locator("h1")).to_have_text("Overview")
-
-    # Access: tokens (never their secrets) and policies; a new token's SecretID is shown once, and it works.
     page.get_by_role("link", name="Access").click()
     expect(page.locator("table.tokens")).to_contain_text("you")
-    expect(page.locator("table.tokens")).not_to_contain_text(management)
+    expect(page.locator("table.tokens")).not_to_contain_text(hub.token)
     page.fill("#tok-desc", "ci reader")
-    page.get_by_label("kv-only").check()
+    page.get_by_label("settings-reader").check()
     page.get_by_role("button", name="Create token").click()
     secret = page.locator("#created-token pre").inner_text().strip()
     assert str(uuid.UUID(secret)) == secret
-    [entry] = _http("GET", f"{server.url}/v1/kv/shared/motd", headers={"X-Consul-Token": secret})
-    assert entry["Key"] == "shared/motd"
+    assert hub.raw(f"/v1/kv/{TTL_KEY}?raw") == b"600"
+    assert hub.call("GET", f"/v1/kv/{TTL_KEY}", token=secret)[0]["Key"] == TTL_KEY  # the new token works
     _shot(page, "access")
+
+
+def _phone_overview_with_a_failing_service(page: Page, hub: Mediahub) -> None:
+    """A service that cannot start is listed first, with why; at phone width nothing overflows sideways (wide
+    tables scroll inside their own box). Log out ends the session."""
+    hub.call("POST", "/api/v1/jobs", {"name": "broken", "cmd": "sh -c 'echo missing DATABASE_URL >&2; exit 3'",
+                                      "instances": 1, "resources": {"cpu": 10, "memory": 32}})
+    page.set_viewport_size({"width": 375, "height": 740})
+    page.get_by_role("link", name="Overview").click()
+    attention = page.locator("#attention + .scroll")
+    expect(attention.locator("tr", has_text="broken").first).to_contain_text("exit code 3", timeout=WAIT_MS)
+    expect(attention).to_contain_text("missing DATABASE_URL")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+    _shot(page, "overview-phone")
     page.get_by_role("button", name="Log out").click()
     page.wait_for_url("**/ui/login")
-    context.close()
-    # The 403 view's own document answer is the one expected "failed to load" console line.
-    assert [p for p in watched.problems if "403" not in p] == []
 
 
 def _status(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
@@ -385,16 +423,14 @@ def _status(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def _forged_writes_are_refused(server: ServerProcess, management: str) -> None:
+def _forged_writes_are_refused(hub: Mediahub) -> None:
     """The console's form posts need the session's CSRF token, and a foreign Origin is refused before that; the
     key is unchanged by both."""
-    form = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": f"shipyard_ui_token={management}"}
-    body = b"key=shared/motd&value=forged&cas=0"
-    status, text = _status(server.url + "/ui/kv", body, form)
+    form = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": f"shipyard_ui_token={hub.token}"}
+    body = f"key={TTL_KEY}&value=1&cas=0".encode()
+    status, text = _status(hub.api + "/ui/kv", body, form)
     assert status == 403 and "form token" in text
-    status, text = _status(server.url + "/ui/kv", body, {**form, "Origin": "http://evil.example",
-                                                             "X-Shipyard-CSRF": "anything"})
+    status, text = _status(hub.api + "/ui/kv", body, {**form, "Origin": "http://evil.example",
+                                                       "X-Shipyard-CSRF": "anything"})
     assert status == 403 and "cross-origin" in text
-    raw = urllib.request.urlopen(urllib.request.Request(f"{server.url}/v1/kv/shared/motd?raw",
-                                                        headers={"X-Consul-Token": management}), timeout=10).read()
-    assert raw == b"welcome"
+    assert hub.raw(f"/v1/kv/{TTL_KEY}?raw") == b"600"

@@ -207,7 +207,18 @@ async def _routes_of(platform: Platform, name: str) -> list[dict[str, Any]]:
         if target is not None and name in (target.get("name"), target.get("host")):
             rows.append({"source": "admin", "paths": route.get("paths") or [], "name": route.get("name") or "",
                          "hosts": route.get("hosts") or []})
+    rows += [{"source": "job", "paths": r.get("paths") or [], "name": r.get("name") or "",
+              "hosts": r.get("hosts") or []} for r in await _job_routes(platform, name)]
     return rows
+
+
+async def _job_routes(platform: Platform, only: str = "") -> list[dict[str, Any]]:
+    """Routes a service declares in its shipyard.yaml (`routes:`), which the gateway builds from the job records of
+    jobs that are not stopped (gateway/table.py)."""
+    if not isinstance(platform.jobs, JobService):
+        return []
+    return [{**r, "service_name": job.id} for job in await platform.jobs.list()
+            if job.status != "stopped" and only in ("", job.id) for r in job.spec.routes]
 
 
 def _by_id_or_name(services: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
@@ -234,6 +245,7 @@ async def gateway(platform: Platform, auth: Authorizer | None) -> dict[str, Any]
     routes = await _records(platform, ROUTES)
     for r in routes:
         r["service_name"] = by_id.get(_ref_id(r.get("service")), "")
+    routes += await _job_routes(platform)
     snap = await platform.catalog.snapshot()
     tagged = sorted({(t.removeprefix("urlprefix-"), e.data.get("Service", "")) for e in snap.services.values()
                      for t in (e.data.get("Tags") or []) if t.startswith("urlprefix-")})
