@@ -36,8 +36,9 @@ VAULT_COOKIE = "shipyard_ui_vault"  # the Secrets page's Vault token (ui/secrets
 CSRF_HEADER = "X-Shipyard-CSRF"
 FORM = "application/x-www-form-urlencoded"
 LIVE_WAIT = 25.0  # seconds a live fragment waits for a change before answering unchanged (proxies cut ~30s+)
-LIVE_TICK = 2.0  # how often views of what is not in the store (bus depth, logs, gateway counters) re-render
-TICKED_VIEWS = frozenset({"bus", "logs", "gateway"})  # the others change only with a store write, which wakes them
+LIVE_TICK = 2.0  # how often views of what is not in the store (bus depth, logs, gateway counters, CPU) re-render
+# The others change only with a store write, which wakes them. The service view shows its instances' CPU and memory.
+TICKED_VIEWS = frozenset({"bus", "logs", "gateway", "service"})
 SECRET: web.AppKey[bytes] = web.AppKey("ui_csrf_secret", bytes)
 
 TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
