@@ -196,3 +196,32 @@ def test_drain_moves_instances_even_after_a_failed_deployment() -> None:
     cluster.now += 10
     result = cluster.step()
     assert len(result.stop) == 1 and node not in placed_on(cluster)
+
+
+def test_marathon_constraints_map_to_placement_rules_and_back() -> None:
+    from shipyard.api.marathon.apps import AppInvalid, app_from_spec, spec_from_app
+
+    app = {"id": "/web", "cmd": "serve", "cpus": 0.1, "mem": 64, "constraints": [
+        ["hostname", "UNIQUE"], ["rack", "CLUSTER", "r1"], ["${attr.kernel.name}", "LIKE", "lin.*"],
+        ["zone", "UNLIKE", "z9"], ["rack", "GROUP_BY"], ["zone", "MAX_PER", "2"]]}
+    spec = spec_from_app(app)
+    assert spec.distinct_hosts and spec.spread == (Spread("${meta.rack}"),)
+    assert spec.constraints == (Constraint("${meta.rack}", "=", "r1"),
+                                Constraint("${attr.kernel.name}", "regexp", "^(?:lin.*)$"),
+                                Constraint("${meta.zone}", "not_regexp", "^(?:z9)$"),
+                                Constraint("${meta.zone}", "distinct_property", "2"))
+    assert app_from_spec(spec)["constraints"] == [
+        ["hostname", "UNIQUE"], ["rack", "CLUSTER", "r1"], ["${attr.kernel.name}", "LIKE", "lin.*"],
+        ["zone", "UNLIKE", "z9"], ["zone", "MAX_PER", "2"], ["rack", "GROUP_BY"]]
+    assert spec_from_app(app_from_spec(spec)) == spec  # a GET body PUT back changes nothing
+    # Placed as Marathon would: one per host, rack r1 only.
+    cluster = Cluster(rack_nodes())
+    cluster.submit(replace(spec, instances=3, constraints=spec.constraints[:1]))
+    result = cluster.step()
+    assert sorted(a.node for a in result.place) == ["n1", "n2"] and result.unplaceable
+    with pytest.raises(AppInvalid) as refused:
+        spec_from_app({**app, "constraints": [["rack", "CLUSTER"], ["rack", "NEAR", "x"], "hostname:UNIQUE"]})
+    errors = {d["path"]: " ".join(d["errors"]) for d in refused.value.details}
+    assert "CLUSTER without one" in errors["/constraints(0)"]
+    assert "unknown operator 'NEAR'" in errors["/constraints(1)"]
+    assert "must be" in errors["/constraints(2)"]

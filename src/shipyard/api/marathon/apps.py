@@ -12,8 +12,8 @@ maximumOverCapacity x instances = update.max_parallel; backoffSeconds/backoffFac
 restart initial/factor/max; taskKillGracePeriodSeconds = stop_grace; dependencies = depends_on (started).
 Fields an app leaves out keep the job's current values on an update and Shipyard's defaults on a create
 (except portDefinitions, which defaults to one dynamic port as in Marathon). Marathon features Shipyard does
-not have (containers, constraints, fetch, disk, gpus, secrets, readiness checks) are refused when set,
-never silently dropped.
+not have (containers, fetch, disk, gpus, secrets, readiness checks) are refused when set, never silently
+dropped. constraints map to placement rules (api/marathon/constraints.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from shipyard.api.marathon.constraints import constraints_of, placement_from_constraints
 from shipyard.errors import Unprocessable
 from shipyard.spec import ENV_NAME_RE, NAME_RE, PORT_NAME_RE, SpecError, TaskSpec
 
@@ -41,7 +42,7 @@ IGNORED_FIELDS = frozenset({"role", "killSelection", "unreachableStrategy", "req
 MAPPED_FIELDS = frozenset({
     "id", "cmd", "args", "instances", "cpus", "mem", "env", "labels", "portDefinitions", "ports",
     "healthChecks", "upgradeStrategy", "backoffSeconds", "backoffFactor", "maxLaunchDelaySeconds",
-    "taskKillGracePeriodSeconds", "dependencies",
+    "taskKillGracePeriodSeconds", "dependencies", "constraints",
 })
 HEALTH_PROTOCOLS = {"HTTP": "http", "MESOS_HTTP": "http", "TCP": "tcp", "MESOS_TCP": "tcp", "COMMAND": "command"}
 HEALTH_FIELDS = frozenset({
@@ -56,7 +57,6 @@ def _neutral_values() -> dict[str, tuple[Any, ...]]:
         "disk": (None, 0, 0.0),
         "gpus": (None, 0),
         "executor": (None, "", "//cmd"),
-        "constraints": (None, []),
         "uris": (None, []),
         "fetch": (None, []),
         "storeUrls": (None, []),
@@ -81,7 +81,6 @@ UNSUPPORTED_WHY = {
     "fetch": "Shipyard has no Mesos fetcher to download artifacts into a task sandbox; ship the files with the "
              "app (or fetch them in cmd)",
     "storeUrls": "Shipyard has no Mesos fetcher to download artifacts into a task sandbox",
-    "constraints": "Shipyard places instances by free resources only; placement constraints are not supported",
     "secrets": "Marathon secret references need a Mesos secrets plugin; use env values or Shipyard's secrets",
     "readinessChecks": "Shipyard gates rollouts on the app's health check; readiness checks are not supported",
 }
@@ -219,6 +218,8 @@ def spec_from_app(app: Any, base: TaskSpec | None = None, *, app_id: str | None 
             problems.add("/taskKillGracePeriodSeconds", "must be a number >= 0")
     if "dependencies" in app:
         _dependencies(app["dependencies"], data, problems)
+    if "constraints" in app:  # they replace every placement rule the job had
+        data.update(placement_from_constraints(app["constraints"], problems.add))
     problems.raise_if_any()
     try:
         return TaskSpec.from_dict(data)
@@ -495,7 +496,7 @@ def app_from_spec(spec: TaskSpec) -> dict[str, Any]:
         "disk": 0,
         "gpus": 0,
         "executor": "",
-        "constraints": [],
+        "constraints": constraints_of(spec),
         "uris": [],
         "fetch": [],
         "storeUrls": [],
