@@ -3,6 +3,7 @@ one changes (mounts, policies, keyring rotation, tokens, secrets) the other sees
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def pair(tmp_path: Path) -> Iterator[tuple[VaultServer, VaultServer]]:
         etcd.stop()
 
 
-def test_second_server_sees_mounts_policies_rotation_tokens_and_secrets(pair: tuple[VaultServer, VaultServer]) -> None:
+def test_second_server_sees_mounts_policies_rotation_tokens_and_secrets_and_is_a_standby_that_serves(
+        pair: tuple[VaultServer, VaultServer]) -> None:
     a, b = pair
     init = a.client().sys.initialize(secret_shares=3, secret_threshold=2)
     assert b.client().sys.is_initialized() and b.client().sys.is_sealed()
@@ -63,3 +65,38 @@ def test_second_server_sees_mounts_policies_rotation_tokens_and_secrets(pair: tu
     assert deadline_reads < 100
     a.client(root).sys.seal()  # sealing is per server
     assert not b.client().sys.is_sealed()
+    a.client().sys.submit_unseal_keys(init["keys"][:2])
+
+    # The leading server is the active node, the other a standby: 429 on sys/health as Vault's, 200 with
+    # ?standbyok (what a load balancer spreading over all servers asks), and it still serves reads and writes.
+    active, standby = wait_for_active_and_standby(a, b)
+    assert standby.raw("GET", "sys/health").json()["standby"] is True
+    assert standby.raw("GET", "sys/health", params={"standbyok": "true"}).status_code == 200
+    assert standby.raw("GET", "sys/health", params={"standbycode": "200"}).status_code == 200
+    assert standby.raw("GET", "sys/health", params={"perfstandbyok": "true"}).status_code == 429
+    assert standby.raw("HEAD", "sys/health").status_code == 429
+    leader = standby.client().sys.read_leader_status()
+    assert leader["ha_enabled"] is True and leader["is_self"] is False
+    assert active.client().sys.read_leader_status()["is_self"] is True
+    standby.client(root).secrets.kv.v2.create_or_update_secret("z", secret={"v": "via standby"}, mount_point="shared")
+    assert active.client(root).secrets.kv.v2.read_secret_version("z", mount_point="shared",
+                                                                 raise_on_deleted_version=True)["data"]["data"] == {
+        "v": "via standby"}
+    active.stop()  # the standby takes over once the leader's lease is gone
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and standby.raw("GET", "sys/health").status_code != 200:
+        time.sleep(0.2)
+    assert standby.raw("GET", "sys/health").json()["standby"] is False
+    assert standby.client().sys.read_leader_status()["is_self"] is True
+
+
+def wait_for_active_and_standby(a: VaultServer, b: VaultServer) -> tuple[VaultServer, VaultServer]:
+    """(active, standby) once one of the two leads and the other knows it is a standby."""
+    deadline = time.monotonic() + 30
+    codes: list[int] = []
+    while time.monotonic() < deadline:
+        codes = [a.raw("GET", "sys/health").status_code, b.raw("GET", "sys/health").status_code]
+        if sorted(codes) == [200, 429]:
+            return (a, b) if codes[0] == 200 else (b, a)
+        time.sleep(0.2)
+    raise AssertionError(f"no active and standby pair within 30 s: sys/health codes {codes}")

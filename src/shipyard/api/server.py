@@ -29,7 +29,7 @@ from shipyard.agent.node_agent import NodeAgent
 from shipyard.agent.ports import port_is_free
 from shipyard.api.acl_guard import acl_middleware, dns_restriction
 from shipyard.api.acl_table import rule_for as acl_rule_for
-from shipyard.api.cluster import attach_cluster, check_cluster_bus, start_cluster, stop_cluster
+from shipyard.api.cluster import attach_cluster, check_cluster_bus, cluster_of, start_cluster, stop_cluster
 from shipyard.api.cluster_gateway import start_gateway_counters, stop_gateway_counters
 from shipyard.api.consul import add_consul_routes
 from shipyard.api.consul.acl_api import ACL_STATE
@@ -412,9 +412,14 @@ async def start_control_listeners(config: ServerConfig, runner: web.AppRunner,
 def prepare_vault(config: ServerConfig, platform: Platform, tls_context: ssl.SSLContext | None) -> None:
     """The secrets engine exists before the agent starts, so that instances started then get their secrets."""
     if config.vault_port:
-        platform.extras["vault"] = VaultService(
+        platform.extras["vault"] = vault = VaultService(
             platform.store, config.bind, vault_port_for(config), dev=config.vault_dev, data_dir=config.data_dir,
             dev_root_token=config.vault_dev_root_token, ssl_context=tls_context)
+        vault.core.address = vault.address
+        cluster = cluster_of(platform)
+        if cluster is not None:  # on etcd: the leading server is the engine's active node, the others standbys
+            vault.core.ha_enabled = True
+            vault.core.standby = lambda: not cluster.leading
 
 
 def vault_port_for(config: ServerConfig) -> int:

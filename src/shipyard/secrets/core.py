@@ -74,6 +74,12 @@ class VaultCore:
         self._tasks: set[asyncio.Task[None]] = set()
         self._followers: list[asyncio.Task[None]] = []
         self.root_generation: Any = None  # a sys/generate-root attempt in progress (generate_root.RootGeneration)
+        # Servers on one etcd: the leader is the active node, the others standbys (set by the server). A standby
+        # serves every request itself (the state is the shared store, written with compare-and-swap); only
+        # sys/health and sys/leader tell the difference, so load balancers can prefer the active one.
+        self.ha_enabled = False
+        self.standby: Callable[[], bool] = lambda: False
+        self.address = ""  # this server's engine address, for sys/leader
 
     # --- seal lifecycle -------------------------------------------------------------------------------------
     async def initialize(self, shares: int, threshold: int) -> dict[str, Any]:
@@ -162,7 +168,20 @@ class VaultCore:
             return _code(query, "uninitcode", 501), body
         if self.barrier.sealed:
             return _code(query, "sealedcode", 503), body
+        body["standby"] = self.standby()
+        # Vault's order: a standby is 429 unless ?standbyok; ?perfstandbyok concerns performance standbys, which
+        # these are not (they report performance_standby false), so it changes nothing here.
+        if body["standby"] and not _flag(query, "standbyok"):
+            return _code(query, "standbycode", 429), body
         return _code(query, "activecode", 200), body
+
+    def leader_status(self) -> dict[str, Any]:
+        """sys/leader: in a cluster, whether this server is the active node (its own address when it is; a
+        standby does not know the active node's engine port, so it answers an empty leader_address)."""
+        active = not self.standby()
+        return {"ha_enabled": self.ha_enabled, "is_self": active, "active_time": "0001-01-01T00:00:00Z",
+                "leader_address": self.address if active else "", "leader_cluster_address": "",
+                "performance_standby": False, "performance_standby_last_remote_wal": 0, "raft_committed_index": 0}
 
     async def dev_start(self, token_id: str = "") -> dict[str, Any]:
         """Dev mode: initialise with one share, unseal, mount kv v2 at secret/ (as `vault server -dev`)."""
@@ -339,6 +358,11 @@ def _combine(keys: list[bytes]) -> bytes:
     from shipyard.secrets.shamir import combine
 
     return combine(keys)
+
+
+def _flag(query: dict[str, str], name: str) -> bool:
+    """A boolean query parameter as Vault reads it: present and empty, or a true value."""
+    return name in query and query[name].strip().lower() in ("", "1", "t", "true", "yes")
 
 
 def _code(query: dict[str, str], name: str, default: int) -> int:

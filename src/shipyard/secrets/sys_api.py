@@ -50,8 +50,7 @@ async def handle_unauthenticated(core: VaultCore, req: Request) -> dict[str, Any
 
         return await generate_root(core, req)
     if req.path == "sys/leader":
-        return {"ha_enabled": False, "is_self": True, "leader_address": "", "leader_cluster_address": "",
-                "performance_standby": False, "raft_committed_index": 0}
+        return core.leader_status()
     return await core.seal_status()  # sys/seal-status (sys/health is answered by the edge with its codes)
 
 
