@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # A real Shipyard cluster on one machine, for trying failover: three "hosts" (network namespaces on a private
-# bridge), each running one etcd member (a 3-member etcd cluster) and one `shipyard server`; RabbitMQ on host 1.
+# bridge), each running one etcd member (a 3-member etcd cluster) and one `shipyard server`; RabbitMQ on host 1;
+# and two agents-only hosts (4 and 5) running `shipyard agent` against the three servers.
 #
-#   sudo scripts/cluster.sh up       # create the namespaces, start etcd x3, RabbitMQ, servers x3
-#   sudo scripts/cluster.sh status   # who leads, the members, per host
-#   sudo scripts/cluster.sh kill N   # kill -9 the server on host N (1-3), to watch another take over
-#   sudo scripts/cluster.sh down     # stop everything and delete the namespaces
+#   sudo scripts/cluster.sh up         # create the namespaces, start etcd x3, RabbitMQ, servers x3, agents x2
+#   sudo scripts/cluster.sh status     # who leads, the members, per host
+#   sudo scripts/cluster.sh kill N     # kill -9 the server on host N (1-3), to watch another take over
+#   sudo scripts/cluster.sh cut N      # take host N's link down (an agent host 4-5: its instances move away)
+#   sudo scripts/cluster.sh restore N  # bring it back (the agent stops what was replaced meanwhile)
+#   sudo scripts/cluster.sh down       # stop everything and delete the namespaces
 #
 # It touches nothing of the machine's own network: the bridge lives in its own namespace (shipyard-lab-hub) and
 # the 10.77.0.0/24 addresses exist only inside the namespaces it creates. Reach a host with
@@ -16,6 +19,7 @@ set -euo pipefail
 PREFIX=shipyard-lab
 HUB=$PREFIX-hub
 HOSTS=(1 2 3)
+AGENT_HOSTS=(4 5)
 NET=10.77.0
 DIR=${SHIPYARD_LAB_DIR:-/tmp/shipyard-lab}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -53,12 +57,20 @@ wait_http() {  # host url what
   die "$what did not come up (see $DIR/*.log)"
 }
 
+wait_tcp() {  # host address port what (the agent's logs port answers only servers: a connection is enough)
+  for _ in $(seq 1 300); do
+    if in_ns "$1" bash -c "exec 3<>/dev/tcp/$2/$3" 2>/dev/null; then return 0; fi
+    sleep 0.2
+  done
+  die "$4 did not come up (see $DIR/*.log)"
+}
+
 network_up() {
   ip netns add "$HUB"
   ip -n "$HUB" link add br0 type bridge
   ip -n "$HUB" link set br0 up
   ip -n "$HUB" link set lo up
-  for h in "${HOSTS[@]}"; do
+  for h in "${HOSTS[@]}" "${AGENT_HOSTS[@]}"; do
     ip netns add "$(ns "$h")"
     # One veth per host: eth0 inside the host, its peer on the hub's bridge.
     ip link add "sylab$h" type veth peer name "sylab${h}p"
@@ -112,6 +124,13 @@ server_up() {
     --bus "amqp://guest:guest@$(addr 1):5672/" --leader-ttl "$LEADER_TTL" --gateway-workers 1 --vault-port 0
 }
 
+agent_up() {
+  local h=$1 servers=()
+  for o in "${HOSTS[@]}"; do servers+=(--server "http://$(addr "$o"):8500"); done
+  spawn "$h" "agent-$h" "$SHIPYARD" agent "${servers[@]}" --node "agent-$h" --advertise "$(addr "$h")" \
+    --meta "host=h$h" --data-dir "$DIR/agent-$h"
+}
+
 up() {
   need up
   [ -e "/run/netns/$HUB" ] && die "a lab is already up (scripts/cluster.sh down first)"
@@ -121,6 +140,8 @@ up() {
   rabbitmq_up
   for h in "${HOSTS[@]}"; do server_up "$h"; done
   for h in "${HOSTS[@]}"; do wait_http "$h" "http://$(addr "$h"):8500/v1/status/leader" "server $h"; done
+  for h in "${AGENT_HOSTS[@]}"; do agent_up "$h"; done
+  for h in "${AGENT_HOSTS[@]}"; do wait_tcp "$h" "$(addr "$h")" 8510 "agent $h"; done
   status
 }
 
@@ -135,6 +156,13 @@ status() {
   done
 }
 
+link() {  # host up|down
+  local h=${1:?which host: 1-5}
+  [ -e "/run/netns/$(ns "$h")" ] || die "no host $h"
+  ip -n "$(ns "$h")" link set eth0 "$2"
+  echo "host $h's link is $2"
+}
+
 kill_server() {
   local h=${1:?which host: 1, 2 or 3}
   [ -f "$DIR/server-$h.pid" ] || die "no server on host $h"
@@ -144,7 +172,7 @@ kill_server() {
 
 down() {
   [ "$(id -u)" = 0 ] || die "run as root: sudo $0 down"
-  for pidfile in "$DIR"/server-*.pid "$DIR"/rabbitmq.pid "$DIR"/etcd-*.pid; do
+  for pidfile in "$DIR"/agent-*.pid "$DIR"/server-*.pid "$DIR"/rabbitmq.pid "$DIR"/etcd-*.pid; do
     [ -f "$pidfile" ] || continue
     kill -TERM -- "-$(cat "$pidfile")" 2>/dev/null || true
   done
@@ -155,7 +183,7 @@ down() {
     rm -f "$pidfile"
   done
   # Whatever still runs inside the lab's namespaces (epmd, instances' shims) goes with them.
-  for h in "${HOSTS[@]}"; do
+  for h in "${HOSTS[@]}" "${AGENT_HOSTS[@]}"; do
     if [ -e "/run/netns/$(ns "$h")" ]; then
       for pid in $(ip netns pids "$(ns "$h")"); do kill -KILL "$pid" 2>/dev/null || true; done
       ip netns del "$(ns "$h")"
@@ -170,5 +198,7 @@ case "${1:-}" in
   down) down ;;
   status) status ;;
   kill) kill_server "${2:-}" ;;
-  *) die "usage: $0 up|status|kill N|down" ;;
+  cut) link "${2:-}" down ;;
+  restore) link "${2:-}" up ;;
+  *) die "usage: $0 up|status|kill N|cut N|restore N|down" ;;
 esac

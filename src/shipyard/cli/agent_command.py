@@ -50,7 +50,7 @@ def parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--client-key", default="", envvar="CONSUL_CLIENT_KEY", show_envvar=True, help="Key of --client-cert.")
 @click.option("--cpu-mhz", type=click.IntRange(1, None), default=None, help="CPU to offer (default: detected).")
 @click.option("--memory-mb", type=click.IntRange(1, None), default=None, help="Memory to offer (default: detected).")
-@click.option("--heartbeat-ttl", default=5, show_default=True, type=click.IntRange(2, 300),
+@click.option("--heartbeat-ttl", default=3, show_default=True, type=click.IntRange(2, 300),
               help="Seconds of its liveness lease: cut off longer, its node turns critical.")
 @click.option("--drain-delay", default=1.0, show_default=True, type=click.FloatRange(0, 600),
               help="Seconds between deregistering an instance and sending it SIGTERM.")

@@ -21,7 +21,7 @@ log = logging.getLogger("shipyard.agent")
 
 AGENTS = "cluster/agents/"  # one record per live agent, on its lease
 AGENT_MEMBERS = "cluster/agent-members/"  # one record per agent ever seen; absent from AGENTS: failed or left
-DEFAULT_AGENT_TTL = 5
+DEFAULT_AGENT_TTL = 3  # as the leader lease: with --node-lost-after 15, replaced within ~20 s of a cut
 
 Hook = Callable[[], Awaitable[None]]
 
@@ -146,8 +146,8 @@ class AgentHeartbeat:
                 raise
             except Exception as exc:
                 if self.reachable:
-                    log.warning("agent %s: no server answers (%s: %s); its instances keep running", self.info.name,
-                                type(exc).__name__, exc)
+                    log.warning("agent %s: no server answers (%s); its instances keep running", self.info.name,
+                                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
                 self.reachable = False
 
     async def beat(self) -> bool:

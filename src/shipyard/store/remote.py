@@ -181,9 +181,10 @@ class RemoteStore:
             try:
                 return await self._send(method, path, params, data, headers)
             except aiohttp.ClientConnectorError as exc:  # no connection: the request never left, try the next one
+                failed = self.base_url
                 self.next_server()
                 if attempt == len(self.base_urls) - 1:
-                    raise StoreError(f"store at {self.base_url} unreachable: {exc}", status=503) from None
+                    raise StoreError(f"store at {failed} unreachable: {exc}", status=503) from None
             except (aiohttp.ClientError, TimeoutError) as exc:
                 failed = self.base_url
                 if len(self.base_urls) > 1:

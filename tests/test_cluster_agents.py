@@ -1,0 +1,318 @@
+"""`shipyard agent` on machines without a server, in network namespaces: a server (SQLite, bound on a bridge address
+of the host's namespace) and two agents, each in its own namespace with its own address on the bridge. One agent's
+link is cut: its instance turns critical, is replaced on the other agent, and is stopped once the link is back; no
+moment has more passing instances than count + max_parallel.
+
+Needs root (ip netns); every name carries this process's id, and everything it creates is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from support import ServerProcess, free_port, need_peer
+
+pytestmark = pytest.mark.xdist_group("netns")
+
+TTL = 2  # the agents' --heartbeat-ttl
+LOST_AFTER = 3  # the server's --node-lost-after
+COUNT, MAX_PARALLEL = 2, 1
+APP = """\
+import http.server, os
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok\\n")
+    def log_message(self, *args): pass
+print("hello from", os.environ["SHIPYARD_ALLOC_ID"], "on", os.environ["HOST"], flush=True)
+http.server.HTTPServer((os.environ["HOST"], int(os.environ["PORT"])), Handler).serve_forever()
+"""
+
+
+def netns_usable() -> bool:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return False
+    probe = f"sytest-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
+    if made:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return made
+
+
+def ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, f"ip {' '.join(args)}: {result.stderr}"
+
+
+@dataclass
+class Lab:
+    """A bridge in its own namespace; the host's namespace on it at .254, each agent's namespace at .1, .2..."""
+
+    tag: str
+    net: str
+
+    @property
+    def hub(self) -> str:
+        return f"{self.tag}-hub"
+
+    def ns(self, i: int) -> str:
+        return f"{self.tag}-a{i}"
+
+    def veth(self, i: int) -> str:
+        return f"{self.tag}a{i}"  # <= 15 characters
+
+    def addr(self, i: int) -> str:
+        return f"{self.net}.{i}"
+
+    def up(self, agents: int) -> None:
+        ip("netns", "add", self.hub)
+        ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+        ip("-n", self.hub, "link", "set", "br0", "up")
+        self._plug(self.veth(0), None, self.addr(254))
+        for i in range(1, agents + 1):
+            ip("netns", "add", self.ns(i))
+            ip("-n", self.ns(i), "link", "set", "lo", "up")
+            self._plug(self.veth(i), self.ns(i), self.addr(i))
+
+    def _plug(self, name: str, netns: str | None, address: str) -> None:
+        ip("link", "add", name, "type", "veth", "peer", "name", name + "b")
+        ip("link", "set", name + "b", "netns", self.hub)
+        ip("-n", self.hub, "link", "set", name + "b", "master", "br0", "up")
+        where = ["-n", netns] if netns else []
+        if netns:
+            ip("link", "set", name, "netns", netns)
+        ip(*where, "addr", "add", f"{address}/24", "dev", name)
+        ip(*where, "link", "set", name, "up")
+
+    def link(self, i: int, state: str) -> None:
+        ip("-n", self.ns(i), "link", "set", self.veth(i), state)
+
+    def down(self, agents: int) -> None:
+        # Deleting a namespace deletes its veth ends, and with them their peers (the host's one too).
+        for name in [self.hub, *(self.ns(i) for i in range(1, agents + 1))]:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+class LabServer(ServerProcess):
+    def __init__(self, data_dir: Path, address: str) -> None:
+        super().__init__(data_dir, "--bind", address, "--insecure-bind", "--no-gateway", "--vault-port", "0",
+                         "--node", "srv", "--node-lost-after", str(LOST_AFTER), dev=True)
+        self.address = address
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.http_port}"
+
+    @property
+    def addr(self) -> str:
+        return f"{self.address}:{self.http_port}"
+
+
+class AgentProcess:
+    def __init__(self, lab: Lab, i: int, server: LabServer, base: Path) -> None:
+        self.name, self.netns, self.address = f"agent-{i}", lab.ns(i), lab.addr(i)
+        self.port = free_port()
+        self.data_dir = base / self.name
+        self.log_path = base / f"{self.name}.log"
+        self.command = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "shipyard.cli.main", "agent",
+                        "--server", server.url, "--node", self.name, "--advertise", self.address,
+                        "--port", str(self.port), "--meta", f"rack=r{i}", "--data-dir", str(self.data_dir),
+                        "--heartbeat-ttl", str(TTL), "--drain-delay", "0.2"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def shim_pids(self) -> list[int]:
+        pids = []
+        for state_file in (self.data_dir / "agent" / "instances").glob("*/state.json"):
+            with_state = json.loads(state_file.read_text())
+            pids.append(int(with_state["shim_pid"]))
+        return [p for p in pids if alive(p)]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in self.shim_pids():  # instances outlive their agent by design; a test leaves none behind
+            os.kill(pid, signal.SIGTERM)
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:].split()[0] not in (b"Z", b"X")
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except requests.RequestException as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class PassingWatch:
+    """Polls /v1/health/service/web?passing in the background: the most passing instances ever seen at once."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.most = 0
+        self.seen: list[tuple[float, list[str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PassingWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                entries = requests.get(self.url + "/v1/health/service/web?passing", timeout=2).json()
+            except (requests.RequestException, ValueError):
+                continue
+            where = sorted(f"{e['Service']['ID']}@{e['Node']['Node']}" for e in entries)
+            if len(where) > self.most:
+                self.most = len(where)
+            if not self.seen or self.seen[-1][1] != where:
+                self.seen.append((time.monotonic(), where))
+            self._stop.wait(0.1)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[tuple[Lab, LabServer, list[AgentProcess]]]:
+    need_peer("network namespaces", netns_usable(), "needs root and iproute2 (ip netns)")
+    tag = f"sy{os.getpid() % 100000}"
+    net = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+    lab = Lab(tag, net)
+    agents: list[AgentProcess] = []
+    server: LabServer | None = None
+    try:
+        lab.up(2)
+        server = LabServer(tmp_path / "server", lab.addr(254))
+        server.start()
+        agents = [AgentProcess(lab, i, server, tmp_path) for i in (1, 2)]
+        for agent in agents:
+            agent.start()
+        yield lab, server, agents
+    finally:
+        for agent in agents:
+            agent.stop()
+        if server is not None:
+            server.stop()
+        lab.down(2)
+
+
+def passing_nodes(server: LabServer) -> dict[str, str]:
+    """alloc id -> node of every passing instance of web."""
+    entries = requests.get(server.url + "/v1/health/service/web?passing", timeout=5).json()
+    return {e["Service"]["ID"]: e["Node"]["Node"] for e in entries}
+
+
+def test_an_agent_cut_off_has_its_instance_replaced_and_stops_it_when_back(
+        lab: tuple[Lab, LabServer, list[AgentProcess]], tmp_path: Path) -> None:
+    net, server, (cut, other) = lab
+    # Only the agents run instances: the server's own node is not eligible.
+    r = requests.post(server.url + "/api/v1/nodes/srv/eligibility", json={"eligible": False}, timeout=5)
+    assert r.status_code == 200, r.text
+
+    def members() -> dict[str, tuple[str, int]]:
+        listed = requests.get(server.url + "/v1/agent/members", timeout=5).json()
+        return {m["Name"]: (m["Addr"], m["Status"]) for m in listed}
+
+    wait_for("both agents alive among the members", lambda: all(
+        members().get(a.name) == (a.address, 1) for a in (cut, other)), timeout=30)
+    nodes = {n["Node"]: n for n in requests.get(server.url + "/v1/catalog/nodes", timeout=5).json()}
+    assert nodes[cut.name]["Address"] == cut.address and nodes[cut.name]["Meta"]["rack"] == "r1"
+    listed = subprocess.run([sys.executable, "-m", "shipyard.cli.main", "--http-addr", server.addr, "members"],
+                            capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0 and f"{cut.address}:{cut.port}" in listed.stdout, listed.stdout + listed.stderr
+
+    app = tmp_path / "app.py"
+    app.write_text(APP)
+    spec: dict[str, Any] = {"name": "web", "args": [sys.executable, str(app)], "instances": COUNT,
+            "ports": {"http": {}},
+            "health": {"http": "/", "interval": "1s", "timeout": "1s", "grace": "2s"},
+            "resources": {"cpu": 10, "memory": 32}, "stop_grace": "2s",
+            "spread": [{"attribute": "${meta.rack}"}],
+            "update": {"max_parallel": MAX_PARALLEL, "min_healthy_time": "1s"}}
+    r = requests.post(server.url + "/api/v1/jobs", json=spec, timeout=10)
+    assert r.status_code in (200, 201), r.text
+    placed = wait_for("one passing instance on each agent", lambda: (
+        p if sorted((p := passing_nodes(server)).values()) == [cut.name, other.name] else None), timeout=45)
+    on_cut = next(alloc for alloc, node in placed.items() if node == cut.name)
+
+    # Its logs, asked of the server, come from the agent that runs it; the agent's own port serves no one else.
+    logs = requests.get(server.url + f"/api/v1/allocs/{on_cut}/logs", timeout=10)
+    assert logs.status_code == 200 and f"hello from {on_cut} on {cut.address}" in logs.text, logs.text
+    assert requests.get(f"http://{cut.address}:{cut.port}/api/v1/allocs/{on_cut}/logs", timeout=5).status_code == 403
+
+    shims = cut.shim_pids()
+    assert shims, f"no instance found in {cut.data_dir}: {cut.log_tail()}"
+    with PassingWatch(server.url) as watch:
+        net.link(1, "down")
+        cut_at = time.monotonic()
+
+        def instance_critical() -> bool:
+            entries = requests.get(server.url + "/v1/health/service/web", timeout=5).json()
+            mine = [e for e in entries if e["Node"]["Node"] == cut.name]
+            return bool(mine) and all(
+                any(c["Status"] == "critical" and c["ServiceID"] for c in e["Checks"]) for e in mine)
+
+        wait_for("the cut-off agent's instance critical", instance_critical, timeout=TTL + 10)
+        critical_after = time.monotonic() - cut_at
+        assert members()[cut.name][1] == 4
+        wait_for("two passing instances, both on the other agent", lambda: list(
+            passing_nodes(server).values()) == [other.name] * COUNT, timeout=20)
+        replaced_after = time.monotonic() - cut_at
+        assert all(alive(p) for p in shims), "an agent that cannot reach a server keeps its instances running"
+
+        net.link(1, "up")
+        back_at = time.monotonic()
+        wait_for("the superseded instance stopped once the agent is back",
+                 lambda: not any(alive(p) for p in shims), timeout=30)
+        stopped_after = time.monotonic() - back_at
+        wait_for("the agent alive again, its node passing and without web", lambda: members()[cut.name][1] == 1
+                 and all(c["Status"] == "passing" for c in requests.get(
+                     server.url + f"/v1/health/node/{cut.name}", timeout=5).json())
+                 and cut.name not in {e["Node"]["Node"] for e in requests.get(
+                     server.url + "/v1/health/service/web", timeout=5).json()}, timeout=30)
+        assert sorted(passing_nodes(server).values()) == [other.name] * COUNT
+    print(f"\nagent cut off (lease {TTL}s, --node-lost-after {LOST_AFTER}s): its instance critical after "
+          f"{critical_after:.2f}s, replaced on the other agent after {replaced_after:.2f}s; link back: the "
+          f"superseded instance stopped after {stopped_after:.2f}s; most passing at once: {watch.most}")
+    assert watch.most <= COUNT + MAX_PARALLEL, f"more than count + max_parallel passing at once: {watch.seen}"
