@@ -68,6 +68,27 @@ def test_constraints_place_by_the_nodes_attributes_and_say_why_not(server: Serve
         assert requests.delete(f"{server.url}/api/v1/jobs/{name}", timeout=10).status_code == 200
 
 
+def test_marathon_constraints_and_the_queue_say_why(server: ServerProcess) -> None:
+    app = {"id": "/pinned", "cmd": "sleep 60", "instances": 1, "cpus": 0.01, "mem": 16,
+           "constraints": [["hostname", "UNIQUE"], ["rack", "CLUSTER", "r9"]]}
+    created = requests.post(f"{server.url}/v2/apps", json=app, timeout=10)
+    assert created.status_code == 201, created.text
+    assert created.json()["constraints"] == [["hostname", "UNIQUE"], ["rack", "CLUSTER", "r9"]]
+
+    def queued() -> dict[str, Any] | None:
+        items = requests.get(f"{server.url}/v2/queue", timeout=10).json()["queue"]
+        return next((q for q in items if q["app"]["id"] == "/pinned" and "processedOffersSummary" in q), None)
+
+    item = wait_for("the app queued with its offer summary", queued)
+    assert item["count"] == 1
+    assert item["processedOffersSummary"]["rejectSummaryLastOffers"][1] == {
+        "reason": "UnfulfilledConstraint", "declined": 1, "processed": 1}
+    assert item["unplaceable"]["reason"].startswith("no node fits (1 node): constraint ${meta.rack} = r9 filtered")
+    refused = requests.put(f"{server.url}/v2/apps/pinned", json={"constraints": [["rack", "NEAR", "r1"]]}, timeout=10)
+    assert refused.status_code == 422 and "unknown operator 'NEAR'" in refused.text, refused.text
+    assert requests.delete(f"{server.url}/v2/apps/pinned", timeout=10).status_code == 200
+
+
 def test_eligibility_and_a_drain_with_nowhere_to_go(server: ServerProcess) -> None:
     name = requests.get(f"{server.url}/api/v1/nodes", timeout=10).json()["nodes"][0]["name"]
     status = cli(server, "node", "status")

@@ -121,6 +121,23 @@ def test_why_nothing_fits_counts_per_rule_and_node_class() -> None:
         "no node fits (4 nodes): 1 node ineligible or draining (class db: 1); constraint ${meta.rack} = r2 filtered "
         "2 nodes (class web: 2); memory exhausted on 1 node (class db: 1; needs 2048 MB, most free: n3 with 1024 MB)")
     assert "unplaceable" in cluster.deployment().description
+    assert dict(result.unplaceable[0].counts) == {"nodes": 4, "ineligible": 1, "constraint": 2, "distinct": 0,
+                                                  "memory": 1, "cpu": 0}
+
+
+def test_marathon_queue_reports_the_counts_as_an_offer_funnel() -> None:
+    from shipyard.api.marathon.cluster import offers_summary
+
+    record = {"since": 0.0, "nodes": {"nodes": 4, "ineligible": 1, "constraint": 2, "distinct": 0, "memory": 1,
+                                      "cpu": 0}}
+    summary = offers_summary(record, 0.0)
+    assert summary is not None and summary["processedOffersCount"] == 4
+    assert summary["rejectSummaryLastOffers"] == [
+        {"reason": "AgentMaintenance", "declined": 1, "processed": 4},
+        {"reason": "UnfulfilledConstraint", "declined": 2, "processed": 3},
+        {"reason": "InsufficientMemory", "declined": 1, "processed": 1},
+        {"reason": "InsufficientCpus", "declined": 0, "processed": 0}]
+    assert offers_summary(None, 0.0) is None
 
 
 def test_a_job_without_rules_names_the_classes_that_fell_short() -> None:

@@ -215,6 +215,16 @@ class RulePlacer:
                          f"(class {_by_class(self.ineligible)})")
         for text, counts in self.filtered.items():
             parts.append(f"constraint {text} filtered {_nodes(sum(counts.values()))} (class {_by_class(counts)})")
+        distinct, exhausted = self._tally(cpu, mem)
+        for rule, counts in distinct.items():
+            parts.append(f"{rule} filtered {_nodes(sum(counts.values()))} (class {_by_class(counts)})")
+        for dimension, counts in exhausted.items():
+            parts.append(f"{dimension} exhausted on {_nodes(sum(counts.values()))} (class {_by_class(counts)}; "
+                         f"{self._need(dimension, cpu, mem)})")
+        return f"no node fits ({_nodes(len(self.nodes))}): " + "; ".join(parts)
+
+    def _tally(self, cpu: int, mem: int) -> tuple[dict[str, Counter[str]], dict[str, Counter[str]]]:
+        """The feasible nodes left out, by node class: per distinct rule, and per resource exhausted."""
         distinct: dict[str, Counter[str]] = {}
         exhausted: dict[str, Counter[str]] = {}
         for i in self.feasible:
@@ -226,18 +236,36 @@ class RulePlacer:
                 exhausted.setdefault("memory", Counter())[cls] += 1
             elif self.pool.cpu_free[i] < cpu:
                 exhausted.setdefault("cpu", Counter())[cls] += 1
-        for rule, counts in distinct.items():
-            parts.append(f"{rule} filtered {_nodes(sum(counts.values()))} (class {_by_class(counts)})")
-        for dimension, counts in exhausted.items():
-            parts.append(f"{dimension} exhausted on {_nodes(sum(counts.values()))} (class {_by_class(counts)}; "
-                         f"{self._need(dimension, cpu, mem)})")
-        return f"no node fits ({_nodes(len(self.nodes))}): " + "; ".join(parts)
+        return distinct, exhausted
+
+    def counts(self, cpu: int, mem: int) -> tuple[tuple[str, int], ...]:
+        """The same as why(), as figures (see model.Unplaceable.counts)."""
+        distinct, exhausted = self._tally(cpu, mem)
+        figures = {"nodes": len(self.nodes), "ineligible": sum(self.ineligible.values()),
+                   "constraint": sum(sum(c.values()) for c in self.filtered.values()),
+                   "distinct": sum(sum(c.values()) for c in distinct.values()),
+                   "memory": sum(exhausted.get("memory", Counter()).values()),
+                   "cpu": sum(exhausted.get("cpu", Counter()).values())}
+        return tuple(figures.items())
 
     def _need(self, dimension: str, cpu: int, mem: int) -> str:
         free = self.pool.mem_free if dimension == "memory" else self.pool.cpu_free
         i = max(self.feasible, key=lambda i: (free[i], -i))
         unit, amount = ("MB", mem) if dimension == "memory" else ("MHz", cpu)
         return f"needs {amount} {unit}, most free: {self.pool.ids[i]} with {free[i]} {unit}"
+
+
+def pool_counts(pool: NodePool, cpu: int, mem: int) -> tuple[tuple[str, int], ...]:
+    """For a job without placement rules: the nodes, the ineligible ones, and those short of memory or cpu."""
+    figures = {"nodes": len(pool.ids), "ineligible": 0, "constraint": 0, "distinct": 0, "memory": 0, "cpu": 0}
+    for i in range(len(pool.ids)):
+        if not pool.eligible[i]:
+            figures["ineligible"] += 1
+        elif pool.mem_free[i] < mem:
+            figures["memory"] += 1
+        elif pool.cpu_free[i] < cpu:
+            figures["cpu"] += 1
+    return tuple(figures.items())
 
 
 def by_class_note(pool: NodePool, nodes: Iterable[Node], cpu: int, mem: int) -> str:

@@ -356,6 +356,8 @@ class SchedulerLoop:
             reported.add(u.job)
             record = {"job": u.job, "indexes": list(u.indexes), "count": len(u.indexes), "reason": u.reason,
                       "since": state.snapshot.now}
+            if isinstance(u, Unplaceable) and u.counts:
+                record["nodes"] = dict(u.counts)  # nodes looked at and left out, by why (Marathon's queue)
             old = stored.get(u.job)
             if old is not None:
                 with contextlib.suppress(Exception):

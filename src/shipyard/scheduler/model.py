@@ -128,6 +128,9 @@ class Unplaceable:
     job: str
     indexes: tuple[int, ...]
     reason: str
+    # How many nodes were looked at and why each was left out: ("nodes", n), ("ineligible", n), ("constraint", n),
+    # ("distinct", n), ("memory", n), ("cpu", n) (Marathon's queue reports them as its offer reject summary).
+    counts: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from collections import defaultdict
 from dataclasses import replace
 
 from shipyard.errors import Conflict
-from shipyard.scheduler.feasibility import RulePlacer, by_class_note
+from shipyard.scheduler.feasibility import RulePlacer, by_class_note, pool_counts
 from shipyard.scheduler.model import TERMINAL, Allocation, Deployment, Job, Plan, Snapshot, Unplaceable, Waiting
 from shipyard.scheduler.placement import NodePool
 from shipyard.scheduler.reconcile import JobDecision, reconcile_job, reconcile_stopped
@@ -164,7 +164,8 @@ def _place(result: Plan, pool: NodePool, job: Job, template: str, decision: JobD
                          job.generation, "run", "pending", deployment_id, canary, snapshot.now, None))
     if failed:
         reason = _why(pool, snapshot, rules, cpu, mem)
-        result.unplaceable.append(Unplaceable(job.id, tuple(failed), reason))
+        figures = rules.counts(cpu, mem) if rules is not None else pool_counts(pool, cpu, mem)
+        result.unplaceable.append(Unplaceable(job.id, tuple(failed), reason, figures))
         _account_unplaced(result, deployment_id, decision, failed, reason)
     return seq
 

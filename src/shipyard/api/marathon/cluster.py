@@ -108,8 +108,34 @@ def _app_ids(group: dict[str, Any]) -> list[str]:
 # ---- /v2/queue ----------------------------------------------------------------------------------------------
 
 
-def queue_item(state: AppState, now: float) -> dict[str, Any] | None:
-    """An app with instances still to launch: how many, and how long its restart backoff still holds them."""
+# The scheduler's reasons for leaving a node out, as Marathon's offer reject reasons, in the order it applies them.
+REJECT_REASONS = (("ineligible", "AgentMaintenance"), ("constraint", "UnfulfilledConstraint"),
+                  ("distinct", "UnfulfilledConstraint"), ("memory", "InsufficientMemory"), ("cpu", "InsufficientCpus"))
+
+
+def offers_summary(unplaceable: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
+    """Marathon's processedOffersSummary from the scheduler's last try: each node is an offer, and the reject
+    summary is a funnel (each reason's `processed` is what was left after the reasons before it)."""
+    nodes = (unplaceable or {}).get("nodes")
+    if not isinstance(nodes, dict):
+        return None
+    processed = int(nodes.get("nodes", 0))
+    declined_by: dict[str, int] = {}
+    for key, reason in REJECT_REASONS:
+        declined_by[reason] = declined_by.get(reason, 0) + int(nodes.get(key, 0))
+    summary = []
+    for reason, declined in declined_by.items():
+        summary.append({"reason": reason, "declined": declined, "processed": processed})
+        processed -= declined
+    assert unplaceable is not None
+    return {"processedOffersCount": int(nodes.get("nodes", 0)), "unusedOffersCount": int(nodes.get("nodes", 0)),
+            "lastUnusedOfferAt": iso(float(unplaceable.get("since", now))), "lastUsedOfferAt": None,
+            "rejectSummaryLastOffers": summary, "rejectSummaryLaunchAttempt": summary}
+
+
+def queue_item(state: AppState, now: float, unplaceable: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """An app with instances still to launch: how many, how long its restart backoff still holds them, and (when the
+    scheduler could not place some) why, as Marathon's offer summary plus the scheduler's own sentence."""
     if state.job.status != "running":
         return None
     wanted = [(a, s) for a, s in state.tasks if a.desired == "run"]
@@ -122,15 +148,21 @@ def queue_item(state: AppState, now: float) -> dict[str, Any] | None:
     waits = [s.next_restart_at - now for _, s in waiting if s is not None and s.next_restart_at is not None]
     left = max(0, round(max(waits, default=0.0)))
     since = min((a.created_at for a, _ in waiting), default=now)
-    return {"app": app_json(state, embed_tasks=False), "count": count, "since": iso(since), "overdue": False,
+    item = {"app": app_json(state, embed_tasks=False), "count": count, "since": iso(since), "overdue": False,
             "delay": {"timeLeftSeconds": left, "overdue": False}}
+    summary = offers_summary(unplaceable, now)
+    if summary is not None and unplaceable is not None:
+        item["processedOffersSummary"] = summary
+        item["unplaceable"] = {"count": unplaceable.get("count"), "reason": unplaceable.get("reason")}
+    return item
 
 
 @routes.get("/queue")
 async def list_queue(request: web.Request) -> web.Response:
     jobs = jobs_of(request)
     now = time.time()
-    items = [queue_item(s, now) for s in await app_states(jobs, await jobs.list())]
+    unplaceable = await jobs.unplaceables()
+    items = [queue_item(s, now, unplaceable.get(s.job.id)) for s in await app_states(jobs, await jobs.list())]
     return marathon_json({"queue": [i for i in items if i is not None]})
 
 
