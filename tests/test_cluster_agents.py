@@ -37,7 +37,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200); self.end_headers(); self.wfile.write(b"ok\\n")
     def log_message(self, *args): pass
-print("hello from", os.environ["SHIPYARD_ALLOC_ID"], "on", os.environ["HOST"], flush=True)
+print("hello from", os.environ["SHIPYARD_ALLOC_ID"], "on", os.environ["HOST"], "control",
+      os.environ["SHIPYARD_HTTP_ADDR"], flush=True)
 http.server.HTTPServer((os.environ["HOST"], int(os.environ["PORT"])), Handler).serve_forever()
 """
 
@@ -127,8 +128,10 @@ class AgentProcess:
         self.port = free_port()
         self.data_dir = base / self.name
         self.log_path = base / f"{self.name}.log"
+        # Agent 2 is given a server that is down first: it must go on to the next one.
+        dead = ["--server", f"http://{server.address}:{free_port()}"] if i == 2 else []
         self.command = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "shipyard.cli.main", "agent",
-                        "--server", server.url, "--node", self.name, "--advertise", self.address,
+                        *dead, "--server", server.url, "--node", self.name, "--advertise", self.address,
                         "--port", str(self.port), "--meta", f"rack=r{i}", "--data-dir", str(self.data_dir),
                         "--heartbeat-ttl", str(TTL), "--drain-delay", "0.2"]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -275,10 +278,14 @@ def test_an_agent_cut_off_has_its_instance_replaced_and_stops_it_when_back(
     placed = wait_for("one passing instance on each agent", lambda: (
         p if sorted((p := passing_nodes(server)).values()) == [cut.name, other.name] else None), timeout=45)
     on_cut = next(alloc for alloc, node in placed.items() if node == cut.name)
+    on_other = next(alloc for alloc, node in placed.items() if node == other.name)
 
     # Its logs, asked of the server, come from the agent that runs it; the agent's own port serves no one else.
-    logs = requests.get(server.url + f"/api/v1/allocs/{on_cut}/logs", timeout=10)
-    assert logs.status_code == 200 and f"hello from {on_cut} on {cut.address}" in logs.text, logs.text
+    # Instances reach the platform at a server that answers (agent 2 was given a dead one first).
+    for alloc, agent in ((on_cut, cut), (on_other, other)):
+        logs = requests.get(server.url + f"/api/v1/allocs/{alloc}/logs", timeout=10)
+        assert logs.status_code == 200, logs.text
+        assert f"hello from {alloc} on {agent.address} control {server.addr}" in logs.text, logs.text
     assert requests.get(f"http://{cut.address}:{cut.port}/api/v1/allocs/{on_cut}/logs", timeout=5).status_code == 403
 
     shims = cut.shim_pids()
@@ -316,3 +323,21 @@ def test_an_agent_cut_off_has_its_instance_replaced_and_stops_it_when_back(
           f"{critical_after:.2f}s, replaced on the other agent after {replaced_after:.2f}s; link back: the "
           f"superseded instance stopped after {stopped_after:.2f}s; most passing at once: {watch.most}")
     assert watch.most <= COUNT + MAX_PARALLEL, f"more than count + max_parallel passing at once: {watch.seen}"
+
+
+# ---- without namespaces: the agent's flags --------------------------------------------------------------------
+
+
+def test_bad_agent_flags_are_one_clear_line(tmp_path: Path) -> None:
+    def agent(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "shipyard.cli.main", "agent", "--data-dir", str(tmp_path / "d"),
+                               *args], capture_output=True, text=True, timeout=30)
+
+    wrong_scheme = agent("--server", "ftp://10.0.0.1:8500")
+    assert wrong_scheme.returncode != 0 and "ftp://10.0.0.1:8500" in wrong_scheme.stderr
+    assert len(wrong_scheme.stderr.strip().splitlines()) == 1, wrong_scheme.stderr
+    no_value = agent("--server", "127.0.0.1:8500", "--meta", "rack")
+    assert no_value.returncode == 2 and "key=value" in no_value.stderr, no_value.stderr
+    wildcard = agent("--server", "127.0.0.1:8500", "--advertise", "0.0.0.0")
+    assert wildcard.returncode != 0 and "--advertise" in wildcard.stderr, wildcard.stderr
+    assert not (tmp_path / "d").exists()  # refused before it touched anything

@@ -78,10 +78,10 @@ def server_url(raw: str) -> str:
     return url
 
 
-def instance_env(config: AgentConfig) -> dict[str, str]:
-    """What every instance is told: the control API of the first server (where it calls the catalog, KV and
-    bus), the CA when that is HTTPS, and the platform's own python/shipyard on PATH (as a server does)."""
-    url = config.servers[0]
+def instance_env(config: AgentConfig, url: str) -> dict[str, str]:
+    """What every instance is told: the control API of a server (`url`: the one that answered the agent first; where
+    it calls the catalog, KV and bus), the CA when that is HTTPS, and the platform's own python/shipyard on PATH (as
+    a server does)."""
     env = {"SHIPYARD_HTTP_ADDR": url.removeprefix("http://"), "SHIPYARD_BUS_URL": url}
     if url.startswith("https://") and config.ca_file:
         env["SHIPYARD_CACERT"] = os.path.abspath(config.ca_file)
@@ -110,7 +110,7 @@ class RemoteAgent:
         capacity = (config.cpu_mhz, config.memory_mb) if config.cpu_mhz and config.memory_mb else None
         self.agent = NodeAgent(self.store, self.catalog, self.node, os.path.join(config.data_dir, "agent"),
                                config.drain_delay, health=self.health, capacity=capacity,
-                               keep_instances_on_stop=True, platform_env=instance_env(config))
+                               keep_instances_on_stop=True, platform_env=instance_env(config, config.servers[0]))
         self.agent.meta = dict(config.meta)
         self.agent.node_class = config.node_class
         self.secret = secrets.token_urlsafe(32)
@@ -129,6 +129,7 @@ class RemoteAgent:
         await self._partial_capacity()
         port = await self._listen()
         await self._first_contact()
+        self.agent.platform_env.update(instance_env(self.config, self.store.base_url))  # a server that answers
         info = AgentInfo(self.node.name, self.node.id, self.agent.address, port, self.node.datacenter,
                          dict(self.config.meta), self.secret)
         self.heartbeat = AgentHeartbeat(self.store, info, ttl=self.config.ttl, on_rejoined=self.rejoin)
