@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -292,11 +293,14 @@ def test_blocking_query_under_acls(acl_server: ServerProcess, admin: consul.Cons
 
 # ---- enforcement on Shipyard's own APIs ------------------------------------------------------------------------
 SPEC = {"name": "webapp", "cmd": "sleep 60", "instances": 0}
+NODE = socket.gethostname()  # the server's node (no --node given)
 
 
 @pytest.mark.parametrize(("method", "path", "body", "rules"), [
     ("POST", "/api/v1/jobs", SPEC, 'job_prefix "web" { policy = "write" }'),
     ("GET", "/api/v1/jobs/webapp", None, 'job "webapp" { policy = "read" }'),
+    ("GET", f"/api/v1/nodes/{NODE}", None, f'node "{NODE}" {{ policy = "read" }}'),
+    ("POST", f"/api/v1/nodes/{NODE}/eligibility", {"eligible": True}, f'node "{NODE}" {{ policy = "write" }}'),
     ("GET", "/v2/apps/webapp", None, 'job_prefix "" { policy = "read" }'),
     ("GET", "/api/gateway/services", None, 'gateway = "read"'),
     ("GET", "/api/gateway/metrics", None, 'gateway = "read"'),
