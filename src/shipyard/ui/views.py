@@ -137,7 +137,7 @@ def _usage_cells(usage: Usage | None) -> dict[str, str] | None:
         return None
     cpu = usage.cpu_percent
     mib = usage.rss_bytes / (1 << 20)
-    return {"cpu": "0%" if cpu == 0 else "<1%" if cpu < 1 else f"{cpu:.0f}%",
+    return {"cpu": "<1%" if cpu < 1 else f"{cpu:.0f}%",  # idle: 0 or 1 clock tick a reading, not worth a wake-up
             "memory": f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"}
 
 
