@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -273,6 +274,12 @@ def test_response_wrapping_single_use_lookup_rewrap_and_concurrent_unwraps(vault
     won = [a for a in answers if a.status_code == 200]
     assert len(won) == 1 and won[0].json()["data"] == {"api_key": "k-123"}
     assert server.raw("POST", "sys/wrapping/wrap", token=root, json={"a": "b"}).status_code == 400  # no TTL
+    short = admin.sys.wrap(payload={"gone": "soon"}, ttl="1s")["wrap_info"]["token"]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and server.raw("POST", "sys/wrapping/lookup", json={"token": short}).ok:
+        time.sleep(0.2)
+    expired = server.raw("POST", "sys/wrapping/unwrap", token=root, json={"token": short})
+    assert expired.status_code == 400 and expired.json()["errors"] == ["wrapping token is not valid or does not exist"]
     bad_ttl = requests.get(f"{server.vault_url}/v1/secret/data/app/db", timeout=10,
                            headers={"X-Vault-Token": root, "X-Vault-Wrap-TTL": "soon"})
     assert bad_ttl.status_code == 400 and "X-Vault-Wrap-TTL" in bad_ttl.json()["errors"][0]

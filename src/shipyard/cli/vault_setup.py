@@ -2,8 +2,8 @@
 engine policy per file, named by the file) and the secrets it needs to exist (vault/secrets.yaml), generated here
 and created only when absent, so a rotated value is never replaced.
 
-It speaks the engine's Vault HTTP API with an operator's token (VAULT_TOKEN, else the dev root token of the server
-`up` started); it never prints or logs a secret value, and never writes one to disk.
+It speaks the engine's Vault HTTP API with an operator's token (the dev root token of the server `up` started here,
+else VAULT_TOKEN); it never prints or logs a secret value, and never writes one to disk.
 """
 
 from __future__ import annotations
@@ -83,20 +83,18 @@ def logged_address(state_dir: Path) -> str:
 
 
 def engine_address(state_dir: Path) -> str:
-    """VAULT_ADDR, else the address the server `up` started printed, else the default."""
-    if os.environ.get("VAULT_ADDR"):
-        return os.environ["VAULT_ADDR"].rstrip("/")
-    return logged_address(state_dir) or "http://127.0.0.1:8200"
+    """The address the server `up` started here printed, else VAULT_ADDR, else the default. The project's own
+    server comes first: a shell may still export the address of another one (an earlier run's)."""
+    return logged_address(state_dir) or os.environ.get("VAULT_ADDR", "").rstrip("/") or "http://127.0.0.1:8200"
 
 
 def engine_token(state_dir: Path) -> str:
-    """VAULT_TOKEN, else the root token of the dev-mode engine of the server `up` started (its data dir)."""
-    if os.environ.get("VAULT_TOKEN"):
-        return os.environ["VAULT_TOKEN"]
+    """The root token of the dev-mode engine of the server `up` started here (its data dir), else VAULT_TOKEN."""
     try:
-        return str(json.loads((state_dir / "data" / "vault-dev.json").read_text()).get("root_token") or "")
+        saved = str(json.loads((state_dir / "data" / "vault-dev.json").read_text()).get("root_token") or "")
     except (OSError, ValueError):
-        return ""
+        saved = ""
+    return saved or os.environ.get("VAULT_TOKEN", "")
 
 
 class EngineSetup:

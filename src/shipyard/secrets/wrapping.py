@@ -71,6 +71,21 @@ async def _stored(core: VaultCore, token: str) -> tuple[dict[str, Any], int]:
     return stored, revision
 
 
+async def purge_expired(core: VaultCore, now: float | None = None) -> int:
+    """Removes wrapped responses whose TTL ran out and that nobody came for (with their tokens); returns how many."""
+    now = time.time() if now is None else now
+    purged = 0
+    for token_hash in await core.barrier.list("wrapping/"):
+        stored = await core.barrier.get_json(f"wrapping/{token_hash}")
+        if stored is not None and now > stored["creation_time"] + stored["creation_ttl"]:
+            await core.barrier.delete(f"wrapping/{token_hash}")
+            entry = await core.tokens.by_hash(token_hash)  # an expired one is reaped on sight; else revoke it here
+            if entry is not None:
+                await core.tokens.revoke_tree(entry)
+            purged += 1
+    return purged
+
+
 async def _take(core: VaultCore, token: str) -> dict[str, Any]:
     """The wrapped entry, removed with its token: a compare-and-swap delete, so only one caller ever gets it."""
     stored, revision = await _stored(core, token)

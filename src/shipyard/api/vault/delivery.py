@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from shipyard.errors import ShipyardError
+from shipyard.secrets import wrapping
 from shipyard.secrets.approle import AppRole
 from shipyard.secrets.barrier import DATA
 from shipyard.secrets.core import VaultCore
@@ -218,6 +219,7 @@ class SecretChangeWatcher:
                     and entry.meta.get("server") == self.files_root):
                 await self.core.tokens.revoke_tree(entry)
         await asyncio.to_thread(_remove_stale_dirs, self.files_root, live_dirs, now - grace)
+        await wrapping.purge_expired(self.core, now)  # responses wrapped and never unwrapped
 
     async def _resync(self) -> int:
         revision = self.store.revision
