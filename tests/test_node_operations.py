@@ -6,12 +6,22 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
 import requests
 
 from support import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server whose node is in rack r1, class web (Consul's -node-meta spelling works too)."""
+    proc = ServerProcess(tmp_path_factory.mktemp("nodes") / "data", "--node-meta", "rack:r1", "--node-class", "web",
+                         "--no-gateway").start()
+    yield proc
+    proc.stop()
 
 
 def cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
@@ -47,10 +57,15 @@ def running(server: ServerProcess, name: str) -> int:
 def test_constraints_place_by_the_nodes_attributes_and_say_why_not(server: ServerProcess) -> None:
     node = requests.get(f"{server.url}/api/v1/nodes", timeout=10).json()["nodes"][0]
     assert node["attributes"]["kernel.name"] == "linux" and node["attributes"]["cpu.arch"]
-    deploy(server, "on-linux", constraints=[{"attribute": "${attr.kernel.name}", "value": "linux"}])
+    assert node["meta"] == {"rack": "r1"} and node["class"] == "web"
+    catalog = requests.get(f"{server.url}/v1/catalog/node/{node['name']}", timeout=10).json()
+    assert catalog["Node"]["Meta"]["rack"] == "r1"  # the same meta, as Consul's NodeMeta
+    deploy(server, "on-linux", constraints=[{"attribute": "${attr.kernel.name}", "value": "linux"},
+                                            {"attribute": "${meta.rack}", "value": "r1"},
+                                            {"attribute": "${node.class}", "value": "web"}])
     deploy(server, "on-rack9", constraints=[{"attribute": "${meta.rack}", "value": "r9"}])
     wait_for("on-linux running", lambda: running(server, "on-linux") == 2)
-    reason = "no node fits (1 node): constraint ${meta.rack} = r9 filtered 1 node (class none: 1)"
+    reason = "no node fits (1 node): constraint ${meta.rack} = r9 filtered 1 node (class web: 1)"
     wait_for("on-rack9 unplaceable", lambda: (job(server, "on-rack9")["unplaceable"] or {}).get("reason") == reason)
     listed = {j["id"]: j for j in requests.get(f"{server.url}/api/v1/jobs", timeout=10).json()["jobs"]}
     assert listed["on-rack9"]["unplaceable"]["indexes"] == [0, 1] and listed["on-linux"]["unplaceable"] is None
@@ -101,7 +116,7 @@ def test_eligibility_and_a_drain_with_nowhere_to_go(server: ServerProcess) -> No
     requests.post(f"{server.url}/api/v1/jobs/drained/scale", json={"instances": 3, "force": True},
                   timeout=10).raise_for_status()
     wait_for("the third instance unplaceable", lambda: (job(server, "drained")["unplaceable"] or {}).get("reason")
-             == "no eligible nodes")
+             == "no eligible nodes; 1 node ineligible or draining (class web: 1)")
     assert running(server, "drained") == 2  # the node kept what it ran
 
     # No other node: the rolling rules could never move them, so the deadline (now) stops them.

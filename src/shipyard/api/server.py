@@ -171,7 +171,7 @@ async def build_platform(config: ServerConfig) -> Platform:
     node = NodeIdentity.load(
         config.data_dir, name=config.node_name, address=config.bind, datacenter=config.datacenter
     )
-    catalog = Catalog(store, node)
+    catalog = Catalog(store, node, node_meta=config.node_meta)
     health = HealthChecker(store, catalog, node, enable_script_checks=config.enable_script_checks,
                            http_check_output=config.http_check_output)
     kv = ConsulKV(store)
@@ -188,6 +188,7 @@ async def build_platform(config: ServerConfig) -> Platform:
         store, catalog, node, agent_dir, config.drain_delay,
         health=health, keep_instances_on_stop=config.data_dir is not None, platform_env=platform_env(config),
     )  # fmt: skip
+    platform.agent.meta, platform.agent.node_class = dict(config.node_meta), config.node_class  # for placement
     platform.extras["bus"] = bus = await open_bus(config, store)
     platform.extras["autoscaler"] = BusAutoscaler(platform.jobs, bus)
     if config.acl:

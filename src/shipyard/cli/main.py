@@ -63,6 +63,10 @@ def cli(ctx: click.Context, http_addr: str) -> None:
               help="Port of the DNS interface, UDP and TCP (0: no DNS).")
 @click.option("--node", "node_name", default="", help="Node name (default: the host name).")
 @click.option("--datacenter", default="dc1", show_default=True, help="Datacenter name, as in Consul.")
+@click.option("--node-meta", "node_meta", multiple=True, metavar="KEY=VALUE",
+              help="Metadata of this server's node (repeatable; KEY:VALUE as Consul's -node-meta works too): its "
+                   "catalog NodeMeta and ${meta.KEY} in placement constraints.")
+@click.option("--node-class", default="", metavar="CLASS", help="This server's node class (${node.class}).")
 @click.option("--dev", is_flag=True, help="Keep all state in memory only (nothing on disk).")
 @click.option(
     "--store", "store_url", default="", envvar="SHIPYARD_STORE",
@@ -121,6 +125,8 @@ def server(
     dns_port: int,
     node_name: str,
     datacenter: str,
+    node_meta: tuple[str, ...],
+    node_class: str,
     dev: bool,
     store_url: str,
     bus_url: str,
@@ -175,6 +181,8 @@ def server(
         single_server=single_server,
         leader_ttl=leader_ttl,
         node_lost_after=node_lost_after,
+        node_meta=_node_meta(node_meta),
+        node_class=node_class,
         gateway_sync=gateway_sync,
         dns=dns_config(dns_flags),
         tls=tls_config(dns_flags),
@@ -188,6 +196,17 @@ def server(
             click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)}
         apply_config_files(config, config_files(config_file, config_dir), given)
     uvloop.run(serve(config))
+
+
+def _node_meta(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        sep = "=" if "=" in pair else ":"
+        key, found, value = pair.partition(sep)
+        if not found or not key.strip():
+            raise click.BadParameter(f"{pair!r}: give KEY=VALUE", param_hint="--node-meta")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _register_subcommands() -> None:
