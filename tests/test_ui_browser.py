@@ -44,6 +44,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 WAIT_MS = 60_000  # a new instance starts, then passes its first health check
+EXPECT_MS = 15_000
 SERVICES = ("auth", "assets", "files", "search", "jobs")
 TTL_KEY = "mediahub/auth/token_ttl_seconds"  # live config of the auth service: the lifetime of the tokens it issues
 EXPIRING_TTL = 15.0  # seconds the limited token lives: past its 403 view, before its expiry is checked
@@ -133,10 +134,13 @@ class Watched:
 def browser() -> Iterator[Browser]:
     need_peer("playwright", sync_playwright is not None, "pip install playwright (the test extra)")
     need_peer("chromium", os.path.exists(CHROMIUM), "apt-get install chromium (scripts/install-peers.sh)")
+    # A live view answers within a second; on a machine as loaded as CI's can be, allow it longer than the default 5 s.
+    expect.set_options(timeout=EXPECT_MS)
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield launched
         launched.close()
+    expect.set_options(timeout=5_000)  # Playwright's default, for other modules
 
 
 def _shot(page: Page, name: str) -> None:
