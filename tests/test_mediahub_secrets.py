@@ -70,7 +70,6 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthOnly]:
     spec = yaml.safe_load((project / "shipyard.yaml").read_text())
     auth = {**spec["services"]["auth"], "instances": 1}
     (project / "shipyard.yaml").write_text(yaml.safe_dump({"project": spec["project"], "services": {"auth": auth}}))
-    (project / "acl").rename(project / "acl-unused")  # no ACLs here: nothing to grant
     run = AuthOnly(project)
     up = run.shipyard("up", "--vault-port", str(free_port()), str(project))
     try:
