@@ -35,6 +35,7 @@ from shipyard.store.base import (
     TxnResult,
     require_bytes,
 )
+from shipyard.store.etcd_http import EtcdHttp, MaybeSent, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ _TARGETS = {
 _RESULTS = {"=": "EQUAL", "!=": "NOT_EQUAL", "<": "LESS", ">": "GREATER"}
 # "value is (not) absent" as a compare of the version with 0
 _ABSENT_VERSION_OPS: dict[str, CompareOp] = {"=": "=", "!=": ">"}
+RECENT_MAX = 100_000  # keys remembered as write hints (recent())
 
 
 def _b64(data: bytes) -> str:
@@ -67,10 +69,11 @@ def prefix_range_end(prefix: bytes) -> bytes:
 class EtcdWatcher:
     """One etcd watch stream; yields one batch per revision. Opens on first use or `start()`."""
 
-    def __init__(self, store: EtcdStore, key: str, prefix: bool, from_revision: int) -> None:
+    def __init__(self, store: EtcdStore, key: str, prefix: bool, from_revision: int, *, prev_kv: bool = True) -> None:
         self._store = store
         self._request = store._key_range(key, prefix)
-        self._request.update({"prev_kv": True})
+        if prev_kv:
+            self._request["prev_kv"] = True
         if from_revision:
             self._request["start_revision"] = str(from_revision)
         self._response: aiohttp.ClientResponse | None = None
@@ -145,10 +148,16 @@ class EtcdStore:
         self.url = self.urls[0]
         self.namespace = namespace
         self._ns = namespace.encode()
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # watch streams
+        # Unary calls: a lighter client than aiohttp's (a KV request through the Consul API is one or two of them,
+        # and aiohttp's client cost about a third of the server's CPU per request).
+        self._members = {u: EtcdHttp(u) for u in self.urls}
         self._revision = 0
         self._compact_revision = 0
         self._tombstones: SortedDict = SortedDict()
+        # The latest version of each key this process saw (follow stream, own writes; None: deleted): a hint for
+        # optimistic writers (see recent()), never an answer to a read.
+        self._recent: dict[str, KeyValue | None] = {}
         self._follower: asyncio.Task[None] | None = None
 
     @classmethod
@@ -174,24 +183,27 @@ class EtcdStore:
             log.warning("etcd member %s unreachable; using %s", failed, self.url)
 
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        session = await self.session()
+        raw = orjson.dumps(body)
         # Only a request that never reached a member is sent again (to the next one): one that may have been
         # applied (a timeout after sending) is reported, never repeated.
         for _ in range(len(self.urls)):
             url = self.url
             try:
-                async with session.post(url + path, data=orjson.dumps(body)) as response:
-                    data = orjson.loads(await response.read())
+                status, answer = await self._members[url].post(path, raw)
                 break
-            except aiohttp.ClientConnectorError as exc:
+            except Unreachable as exc:
                 self.next_endpoint(url)
                 error = f"etcd at {url} unreachable: {exc}"
-            except aiohttp.ClientError as exc:
+            except MaybeSent as exc:
                 raise StoreError(f"etcd at {url} unreachable: {exc}", status=503) from None
         else:
             raise StoreError(error, status=503)
-        if response.status != 200 or "error" in data:
-            message = data.get("error") or data.get("message") or f"HTTP {response.status}"
+        try:
+            data = orjson.loads(answer)
+        except orjson.JSONDecodeError:
+            raise StoreError(f"etcd at {url} answered {status} with no JSON: {answer[:200]!r}", status=503) from None
+        if status != 200 or "error" in data:
+            message = data.get("error") or data.get("message") or f"HTTP {status}"
             if "lease not found" in message:
                 raise LeaseNotFound(int(body.get("ID", 0)))
             if "compacted" in message:
@@ -307,20 +319,26 @@ class EtcdStore:
         }
         data = await self._call("/v3/kv/txn", body)
         succeeded = bool(data.get("succeeded", False))
+        revision = int(data["header"]["revision"])
+        ops = success if succeeded else failure
         responses: list[object] = []
-        for raw in data.get("responses", []):
+        for op, raw in zip(ops, data.get("responses", []), strict=False):
             if "response_put" in raw:
                 prev = raw["response_put"].get("prev_kv")
-                responses.append(self._kv(prev) if prev else None)
+                before = self._kv(prev) if prev else None
+                responses.append(before)
+                if isinstance(op, Put):
+                    self._remember(op.key, KeyValue(op.key, op.value, before.create_revision if before else revision,
+                                                    revision, before.version + 1 if before else 1, op.lease), revision)
             elif "response_delete_range" in raw:
                 deleted = [self._kv(kv) for kv in raw["response_delete_range"].get("prev_kvs", [])]
-                revision = int(data["header"]["revision"])
                 for kv in deleted:
                     self._tombstones[kv.key] = revision
+                    self._remember(kv.key, None, revision)
                 responses.append(deleted)
             else:
                 responses.append([self._kv(kv) for kv in raw.get("response_range", {}).get("kvs", [])])
-        return TxnResult(succeeded, int(data["header"]["revision"]), responses)
+        return TxnResult(succeeded, revision, responses)
 
     def watch(self, key: str, *, prefix: bool = False, from_revision: int = 0) -> EtcdWatcher:
         return EtcdWatcher(self, key, prefix, from_revision)
@@ -329,7 +347,9 @@ class EtcdStore:
         """Keeps the revision current and remembers deletions (see the class docstring)."""
         next_revision = self._revision + 1
         while True:
-            watcher = self.watch("", prefix=True, from_revision=next_revision)
+            # No previous values: this stream only tracks revisions and deletions, and etcd would read the previous
+            # version of every key written (a second read per write) to send it.
+            watcher = EtcdWatcher(self, "", True, next_revision, prev_kv=False)
             try:
                 await watcher.start()
                 ready.set()
@@ -350,7 +370,25 @@ class EtcdStore:
             finally:
                 watcher.cancel()
 
+    def recent(self, key: str) -> tuple[bool, KeyValue | None]:
+        """(seen, the latest version of `key` this process has seen, None if deleted). It may be behind etcd:
+        only for a txn that compares the mod revision it read (a stale hint fails the compare and the writer reads
+        again), which saves that writer its read."""
+        if key in self._recent:
+            return True, self._recent[key]
+        return False, None
+
+    def _remember(self, key: str, kv: KeyValue | None, revision: int) -> None:
+        if key in self._recent:
+            known = self._recent[key]
+            if revision <= (known.mod_revision if known is not None else 0):
+                return  # never back to an older version (the follow stream lags behind this process's own txns)
+        if len(self._recent) >= RECENT_MAX:
+            self._recent.clear()  # a bounded hint, not a mirror: forgetting costs a read, nothing else
+        self._recent[key] = kv
+
     def _note_change(self, event: Event) -> None:
+        self._remember(event.kv.key, event.kv if event.type == EventType.PUT else None, event.revision)
         # The follow stream may lag behind this process's own txn, which records its deletions at once: an older
         # put seen late must not erase a newer tombstone, or a prefix's index would go back and a blocking query
         # on it would miss the deletion.
@@ -389,5 +427,7 @@ class EtcdStore:
             self._follower.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._follower
+        for member in self._members.values():
+            member.close()
         if self._session is not None:
             await self._session.close()
