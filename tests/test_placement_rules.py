@@ -105,10 +105,15 @@ def test_spread_evens_instances_over_an_attribute_against_bin_packing() -> None:
 
 def test_spread_targets_split_by_percent_and_scale_up_keeps_them() -> None:
     cluster = Cluster(rack_nodes())
-    cluster.submit(job(10, spread=(Spread("${node.class}", 100, {"web": 70, "db": 30}),)))
-    cluster.step()
+    rule = (Spread("${node.class}", 100, {"web": 70, "db": 30}),)
+    cluster.submit(job(10, spread=rule))
+    converge(cluster)
     classes = Counter({"n1": "web", "n2": "web", "n3": "db", "n4": "db"}[n] for n in placed_on(cluster).elements())
     assert classes == {"web": 7, "db": 3}
+    cluster.submit(job(20, spread=rule))  # the instances already placed count toward the shares
+    cluster.step()
+    classes = Counter({"n1": "web", "n2": "web", "n3": "db", "n4": "db"}[n] for n in placed_on(cluster).elements())
+    assert classes == {"web": 14, "db": 6}
 
 
 def test_why_nothing_fits_counts_per_rule_and_node_class() -> None:
