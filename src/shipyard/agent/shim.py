@@ -146,7 +146,7 @@ class ShimRun:
 
         out_log, err_log = self._open_logs()
         try:
-            env = {**launch["env"], **_read_secret_env(launch)}
+            env = {**_read_secret_env(launch), **launch["env"]}  # as instance_env(): the secret env lies under the rest
             proc = subprocess.Popen(
                 launch["argv"],
                 env=env,

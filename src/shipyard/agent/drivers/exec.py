@@ -81,15 +81,15 @@ class HealthCommandResult:
 
 
 def instance_env(spec: TaskSpec, ports: dict[str, int], *, secrets: bool = True) -> dict[str, str]:
-    """The instance's environment: a few host basics, its secret env (unless `secrets` is False: what may be
-    written to its launch file), the spec's env, then the platform's variables.
+    """The instance's environment: its secret env (unless `secrets` is False: what may be written to its launch
+    file; the shim adds it under the rest, the same way), a few host basics, the spec's env, then the platform's
+    variables.
 
     Platform variables win over the spec's env so that what the instance binds is what the registry announces.
     """
-    env = {name: os.environ[name] for name in INHERITED_ENV if name in os.environ}
+    env = dict(spec.secret_env) if secrets else {}
+    env.update({name: os.environ[name] for name in INHERITED_ENV if name in os.environ})
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-    if secrets:
-        env.update(spec.secret_env)
     env.update(spec.env)
     for index, (name, port) in enumerate(ports.items()):
         if index == 0:
