@@ -2,10 +2,12 @@
 example started by `shipyard up --acl` (ACLs on, default deny) on free ports in a copy of the project.
 
 One browser session walks what an operator does: log in with the management token, see every mediahub service
-healthy, open a service (its instances' real CPU and memory), scale it to 3 and watch the third instance turn healthy
-live, roll out a new version and follow the deployment to its end, edit live config a running service reads (and see
-it through the gateway), hit a KV conflict, retry a transcode job the worker dead-lettered, the gateway and access
-pages; and, in a second session, a token without rights (403 view) that later expires (back to the login, with why).
+healthy, open a service (its instances' real CPU and memory, logs), roll out a new version and follow the deployment
+to its end in that tab while working in a second one (edit live config a running service reads, through a KV
+conflict, and see its effect through the gateway; retry a transcode job the worker dead-lettered; the gateway and
+access pages), then scale the service to 3 and watch the third instance turn healthy, all without reloading the
+service's tab. In a second session, a token without rights (403 view) that later expires (back to the login, with
+why). The waits overlap on purpose: CI's time is short.
 Screenshots of the main views land in docs/screenshots/ (1280x800) for the README and docs/console.md.
 
 No console errors and no failed requests are allowed, except a live view's long-poll cancelled on purpose when the
@@ -212,17 +214,19 @@ def test_console_on_the_demo(browser: Browser, mediahub: Mediahub) -> None:
     page = context.new_page()
     watched = Watched(page)
     _overview(page, hub)
-    version = _service_scaled_then_rolling(page, hub)
-    # The deployment goes on in this tab, followed live; the operator works in another one meanwhile.
+    version = _service_then_rolling(page, hub)
+    # The deployment goes on in this tab, followed live; the operator works in another one meanwhile, and comes
+    # back to scale the service when it is over.
     other = context.new_page()
     watched_other = Watched(other)
     other.goto(hub.api + "/ui/")
     user = user_made.result(timeout=60)
     pool.shutdown()
     _live_config(other, hub, user)
+    _rolled_out_then_scaled(page, version)
     _dead_letter_retried(other, hub, user, sample)
     _gateway_and_access(other, hub)
-    _rolled_out(page, version)
+    _third_healthy(page)
     page.close()  # before the log-out in the other tab, which would send its live view to the login
     _phone_overview_with_a_failing_service(other, hub)
     context.close()
@@ -281,9 +285,9 @@ def _overview(page: Page, hub: Mediahub) -> None:
     page.wait_for_url("**/ui/services/search")
 
 
-def _service_scaled_then_rolling(page: Page, hub: Mediahub) -> int:
-    """Instances with their checks and real CPU/memory, and logs; scale to 3 and see the third turn healthy with no
-    reload (a marker set on this document survives); then a new version starts rolling out (returned)."""
+def _service_then_rolling(page: Page, hub: Mediahub) -> int:
+    """Instances with their checks and real CPU/memory, and logs; then a new version starts rolling out (returned),
+    which the page follows live (a marker set on this document survives to the end)."""
     rows = page.locator("table.instances tbody tr")
     expect(rows).to_have_count(2)
     expect(page.locator("#checks-h + .scroll")).to_contain_text("200")
@@ -296,14 +300,6 @@ def _service_scaled_then_rolling(page: Page, hub: Mediahub) -> int:
     page.keyboard.press("Enter")
     expect(page.locator("#live-logs")).to_contain_text("Nothing on stderr matching")
     page.evaluate("window.__same_document = true")
-    page.fill("#instances", "3")
-    page.get_by_role("button", name="Scale").click()
-    expect(page.locator("#flash")).to_contain_text("search: scaling to 3 instances")
-    third = page.locator("table.instances tr", has=page.locator("td:first-child", has_text="2"))
-    expect(third.locator(".badge").first).to_have_text("healthy", timeout=WAIT_MS)
-    expect(rows).to_have_count(3)
-    expect(third.locator(".badge.passing")).to_have_count(1, timeout=WAIT_MS)
-    expect(page.locator("section.deployment")).to_contain_text("successful", timeout=WAIT_MS)
 
     # A new version, as a user changes a service: its spec with one more env var, through the native API.
     spec = hub.call("GET", "/api/v1/jobs/search")["job"]["spec"]
@@ -314,17 +310,32 @@ def _service_scaled_then_rolling(page: Page, hub: Mediahub) -> int:
     return version
 
 
-def _rolled_out(page: Page, version: int) -> None:
-    """Back on the service's tab: the deployment it followed live has ended, every instance on the new version."""
+def _rolled_out_then_scaled(page: Page, version: int) -> None:
+    """Back on the service's tab: the deployment it followed live has ended, every instance on the new version;
+    then scaled to 3 (the third instance is watched from here on, see _third_healthy)."""
     deployment = page.locator("section.deployment")
     expect(deployment.locator("h2")).to_contain_text(f"Deployment v{version}: successful", timeout=WAIT_MS)
-    expect(deployment).to_contain_text("3/3 healthy")
+    expect(deployment).to_contain_text("2/2 healthy")
     rows = page.locator("table.instances tbody tr")
-    expect(rows).to_have_count(3, timeout=WAIT_MS)  # the replaced instances are gone
-    for i in range(3):
+    expect(rows).to_have_count(2, timeout=WAIT_MS)  # the replaced instances are gone
+    for i in range(2):
         expect(rows.nth(i).locator("td").nth(5)).to_have_text(str(version))
-    assert page.evaluate("window.__same_document") is True
     _shot(page, "service")
+    page.fill("#instances", "3")
+    page.get_by_role("button", name="Scale").click()
+    expect(page.locator("#flash")).to_contain_text("search: scaling to 3 instances")
+
+
+def _third_healthy(page: Page) -> None:
+    """The third instance has turned healthy on the page, with no reload."""
+    rows = page.locator("table.instances tbody tr")
+    third = page.locator("table.instances tr", has=page.locator("td:first-child", has_text="2"))
+    expect(third.locator(".badge").first).to_have_text("healthy", timeout=WAIT_MS)
+    expect(rows).to_have_count(3)
+    expect(third.locator(".badge.passing")).to_have_count(1, timeout=WAIT_MS)
+    expect(page.locator("section.deployment")).to_contain_text("successful", timeout=WAIT_MS)
+    expect(page.locator("table.instances .badge.healthy")).to_have_count(3)
+    assert page.evaluate("window.__same_document") is True
 
 
 def _live_config(page: Page, hub: Mediahub, user: User) -> None:
