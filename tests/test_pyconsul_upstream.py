@@ -39,8 +39,6 @@ _HIDDEN = ("a token's SecretID is shown only by the write that makes it; reads a
 EXPECTED_FAILURES: dict[str, str] = {
     "tests/api/test_acl.py::TestConsulAcl::test_acl_token_list": _HIDDEN,
     "tests/api/test_acl.py::TestConsulAcl::test_acl_token_create": _HIDDEN,
-    "tests/api/test_acl.py::TestConsulAcl::test_acl_auth_method_crud": "ACL auth methods are not implemented",
-    "tests/api/test_acl.py::TestConsulAcl::test_acl_binding_rule_crud": "ACL binding rules are not implemented",
 }
 
 PYTEST_INI = """[pytest]

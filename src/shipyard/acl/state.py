@@ -333,7 +333,8 @@ class ACLState:
             fields["ExpirationTime"] = body["ExpirationTime"]
         return fields
 
-    async def create_token(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def create_token(self, body: dict[str, Any], *, auth_method: str = "") -> dict[str, Any]:
+        """`auth_method`: the token a login through that method makes (only login sets it, as in Consul)."""
         secret = _uuid_or_400(body["SecretID"], "SecretID") if body.get("SecretID") else str(uuid.uuid4())
         if await self.store.get(SECRETS + secret_hash(secret)) is not None:
             raise BadRequest("Invalid Token: SecretID is already in use")
@@ -343,6 +344,8 @@ class ACLState:
             if await self.store.get(TOKENS + token["AccessorID"]) is not None:
                 raise BadRequest("Invalid Token: AccessorID is already in use")
         token["Local"] = bool(body.get("Local"))
+        if auth_method:
+            token["AuthMethod"] = auth_method
         await self._put_token(token)
         created = await self._read(TOKENS + token["AccessorID"])
         assert created is not None

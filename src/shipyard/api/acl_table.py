@@ -272,6 +272,8 @@ CONSUL: dict[tuple[str, str], Rule] = {
     # The ACL API: bootstrap needs no token; token/self needs only a valid one (resolving it is the check).
     ("PUT", "/v1/acl/bootstrap"): fixed(),
     ("GET", "/v1/acl/token/self"): fixed(),
+    ("POST", "/v1/acl/login"): fixed(),  # the bearer JWT is the credential
+    ("POST", "/v1/acl/logout"): fixed(),  # resolving the token is the check; only a login token may end itself
     ("POST", "/v1/acl/templated-policy/preview/{name}"): fixed(("acl", "", READ)),  # renders; writes nothing
 }
 

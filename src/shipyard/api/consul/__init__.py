@@ -11,6 +11,7 @@ from aiohttp import web
 from shipyard.api.consul import (
     acl,
     acl_api,
+    acl_login_api,
     agent,
     agent_runtime,
     catalog,
@@ -34,6 +35,7 @@ from shipyard.api.context import PLATFORM
 
 def add_consul_routes(app: web.Application) -> None:
     if app[PLATFORM].config.acl:
+        app.router.add_routes(acl_login_api.routes)  # before acl_api's catch-all for what Shipyard lacks
         app.router.add_routes(acl_api.routes)  # first, so that acl.py's "ACL support disabled" never answers
         if app[PLATFORM].config.acl_token_persistence:
             app.on_startup.append(acl_api.load_persisted_tokens)  # after the configuration's tokens: these win

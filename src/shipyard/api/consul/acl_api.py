@@ -285,5 +285,5 @@ async def templated_policy_preview(request: web.Request) -> web.Response:
 
 @routes.route("*", "/v1/acl/{tail:.*}")
 async def acl_unsupported(request: web.Request) -> web.Response:
-    """Auth methods, binding rules, login and templated policies are not implemented."""
+    """What Shipyard's ACL system lacks (e.g. /v1/acl/replication, /v1/acl/authorize): Consul's 404 shape."""
     raise ConsulError(404, f"{request.path} is not supported by Shipyard's ACL system")
