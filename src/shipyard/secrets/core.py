@@ -177,8 +177,9 @@ class VaultCore:
 
     def leader_status(self) -> dict[str, Any]:
         """sys/leader: in a cluster, whether this server is the active node (its own address when it is; a
-        standby does not know the active node's engine port, so it answers an empty leader_address)."""
-        active = not self.standby()
+        standby does not know the active node's engine port, so it answers an empty leader_address). A lone
+        server answers as Vault without HA: ha_enabled and is_self false."""
+        active = self.ha_enabled and not self.standby()
         return {"ha_enabled": self.ha_enabled, "is_self": active, "active_time": "0001-01-01T00:00:00Z",
                 "leader_address": self.address if active else "", "leader_cluster_address": "",
                 "performance_standby": False, "performance_standby_last_remote_wal": 0, "raft_committed_index": 0}
