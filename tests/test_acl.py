@@ -516,9 +516,10 @@ def test_the_agents_dns_token_answers_dns_and_only_dns(acl_server: ServerProcess
     import dns.rcode
 
     admin.agent.service.register("dnsapi", service_id="dnsapi-1", address="127.0.0.1", port=8)
+    secret = admin.acl.token.create(templated_policies=[{"builtin/dns": {}}])["SecretID"]
     query = dns.message.make_query("dnsapi.service.consul", "SRV")
     assert dns.query.udp(query, "127.0.0.1", port=acl_server.dns_port, timeout=5).rcode() == dns.rcode.NXDOMAIN
-    secret = admin.acl.token.create(templated_policies=[{"builtin/dns": {}}])["SecretID"]
+    # Setting the token writes nothing to the store: the view DNS just cut must still be cut again.
     assert call(acl_server, "PUT", "/v1/agent/token/dns", MANAGEMENT, json={"Token": secret}).status_code == 200
     try:
         answer = dns.query.udp(query, "127.0.0.1", port=acl_server.dns_port, timeout=5)

@@ -123,6 +123,7 @@ class ACLState:
         self.default_token = ""  # /v1/agent/token/default: used for requests that send no token
         self.agent_tokens: dict[str, str] = {}  # by Consul's kind (token_file.PERSISTED_KINDS)
         self.tokens_from_api: set[str] = set()  # the kinds set through the API: what token persistence keeps
+        self.generation = 0  # bumped by every invalidation: caches of decisions (DNS's cut views) follow it
         self._cache: dict[str, tuple[Authorizer, float]] = {}
         self._follow: asyncio.Task[None] | None = None
 
@@ -165,6 +166,7 @@ class ACLState:
 
     def invalidate(self) -> None:
         self._cache.clear()
+        self.generation += 1
 
     async def _create_if_absent(self, key: str, record: dict[str, Any]) -> None:
         await self.store.txn([Compare(key, "create", "=", 0)], [Put(key, orjson.dumps(record))])

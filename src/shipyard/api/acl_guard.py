@@ -136,22 +136,30 @@ def _filter_response(response: web.StreamResponse, keep_only: Filter, authorizer
         response.headers[FILTERED_HEADER] = "true"
 
 
-def dns_restriction(state: ACLState) -> Callable[[CatalogView], Awaitable[CatalogView]]:
+class DnsRestriction:
     """The DNS interface's ACL edge: each catalog view cut down to what the agent's dns token (else the default, else
     the anonymous token) may read, the cut kept while neither the view nor the token's Authorizer changes (so DNS's
-    reply cache keeps working)."""
-    last: list[tuple[CatalogView, Authorizer, CatalogView]] = []
+    reply cache keeps working). Its version is the ACL state's: a token set through the API re-cuts the next view."""
 
-    async def restrict(view: CatalogView) -> CatalogView:
+    def __init__(self, state: ACLState) -> None:
+        self.state = state
+        self._last: tuple[CatalogView, Authorizer, CatalogView] | None = None
+
+    def version(self) -> int:
+        return self.state.generation
+
+    async def __call__(self, view: CatalogView) -> CatalogView:
         try:
-            authorizer = await state.resolve(state.dns_token)  # "": the default token, else anonymous
+            authorizer = await self.state.resolve(self.state.dns_token)  # "": the default token, else anonymous
         except ShipyardError:  # an unknown dns or default token: nothing is readable
             authorizer = Authorizer([], default_allow=False)
-        if last and last[0][0] is view and last[0][1] is authorizer:
-            last[0][2].revision = view.revision
-            return last[0][2]
+        if self._last is not None and self._last[0] is view and self._last[1] is authorizer:
+            self._last[2].revision = view.revision
+            return self._last[2]
         cut = restrict_view(view, lambda resource, name: authorizer.allows(resource, name, READ))
-        last[:] = [(view, authorizer, cut)]
+        self._last = (view, authorizer, cut)
         return cut
 
-    return restrict
+
+def dns_restriction(state: ACLState) -> DnsRestriction:
+    return DnsRestriction(state)

@@ -13,7 +13,7 @@ import logging
 import random
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from shipyard.api.context import DnsConfig
 from shipyard.api.dns import wire
@@ -37,6 +37,15 @@ REPLY_CACHE_ENTRIES = 512
 REPLY_CACHE_ORDERINGS = 24
 
 
+class Restriction(Protocol):
+    """What ACLs let DNS name: a cut of a catalog view, and a version that changes whenever the token DNS answers
+    as may have changed (set through the API without any write to the store)."""
+
+    async def __call__(self, view: CatalogView) -> CatalogView: ...
+
+    def version(self) -> int: ...
+
+
 class DnsResponder:
     """Answers one DNS message: at once when the catalog view is current, else after refreshing it or asking a
     recursor (respond_now then hands back the parsed Query for `respond`)."""
@@ -55,7 +64,8 @@ class DnsResponder:
         self._replies: dict[bytes, tuple[bytes, ...]] = {}  # question bytes after the id -> replies after it
         self._replies_view: CatalogView | None = None
         # With --acl: what the default (else anonymous) token may read of a view; None: everything.
-        self.restrict: Callable[[CatalogView], Awaitable[CatalogView]] | None = None
+        self.restrict: Restriction | None = None
+        self._restricted_as = -1  # the restriction's version the current view was cut with
         self._whole: CatalogView | None = None  # the unrestricted view the current one was cut from
 
     # ---- entry points ---------------------------------------------------------------------------
@@ -114,6 +124,8 @@ class DnsResponder:
         # "<", not "!=": on etcd a read can be ahead of the revision this server's follow stream has reached.
         if view is None or not self.config.allow_stale or view.revision < self.catalog.store.revision:
             return None
+        if self.restrict is not None and self.restrict.version() != self._restricted_as:
+            return None
         if time.monotonic() - self._read_at > self.config.max_stale:
             return None
         return view
@@ -139,6 +151,7 @@ class DnsResponder:
         else:
             view.revision = snapshot.revision  # other prefixes changed: the same catalog, current at a later revision
         if self.restrict is not None:
+            self._restricted_as = self.restrict.version()
             self._whole, view = view, await self.restrict(view)
         self._view, self._read_at = view, time.monotonic()
         return view
