@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shlex
 import subprocess
 import sys
@@ -688,5 +689,11 @@ def test_http_allocs_usage_is_the_instances_real_cpu_and_memory(server) -> None:
     plain = requests.get(_api(server, "/allocs?job=api-hog"), timeout=10).json()["allocations"]
     assert all("usage" not in a for a in plain)  # only when asked: it costs a /proc pass
     _error(requests.get(_api(server, "/allocs?usage=maybe"), timeout=10), 400)
+    # `shipyard ps --json` has them too.
+    listed = subprocess.run([sys.executable, "-m", "shipyard.cli.main", "--http-addr", server.addr, "ps", "api-hog",
+                             "--json"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    [row] = [a for a in json.loads(listed.stdout)["allocations"] if a["desired"] == "run"]
+    assert row["usage"]["rss_bytes"] >= 64 << 20
     for spec in jobs:
         assert requests.delete(_api(server, f"/jobs/{spec['name']}"), timeout=10).status_code == 200

@@ -36,8 +36,12 @@ def _unreadable(api: ApiClient, listing: dict[str, Any], service: str | None) ->
     return unreadable
 
 
-def _rows(api: ApiClient, service: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    allocs = api.request("GET", "/api/v1/allocs", params={"job": service} if service else None).json()["allocations"]
+def _rows(api: ApiClient, service: str | None, usage: bool = False
+          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    # usage: each instance's real CPU and memory, which the server reads from /proc (only for --json: the table
+    # has no room left in 100 columns)
+    params = {**({"job": service} if service else {}), **({"usage": "1"} if usage else {})}
+    allocs = api.request("GET", "/api/v1/allocs", params=params or None).json()["allocations"]
     listing = api.get_json("/api/v1/jobs")
     jobs = listing["jobs"]
     unreadable = _unreadable(api, listing, service)
@@ -147,13 +151,14 @@ def _table(allocs: list[dict[str, Any]], unreadable: list[dict[str, Any]], wide:
 @click.argument("service", required=False)
 @click.option("-o", "--output", type=click.Choice(["table", "wide"]), default="table", show_default=True,
               help="wide: also the allocation id, node, healthy-for and the agent's message.")
-@click.option("--json", "as_json", is_flag=True, help="Print the allocations as JSON (everything the API has).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the allocations as JSON (everything the API has, with each instance's CPU and memory use).")
 @click.pass_context
 def ps(ctx: click.Context, service: str | None, output: str, as_json: bool) -> None:
     """List instances (of SERVICE): state, ports, pid, restarts, last exit; below the table, why an instance is
     not healthy with its last stderr lines, and how limits are enforced."""
     api = ApiClient(ctx.obj["http_addr"])
-    allocs, unreadable = _rows(api, service)
+    allocs, unreadable = _rows(api, service, usage=as_json)
     if as_json:
         click.echo(json.dumps({"allocations": allocs, "unreadable": unreadable}, indent=2, sort_keys=True))
         return
