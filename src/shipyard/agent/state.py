@@ -42,14 +42,21 @@ def read_json(path: Path) -> Any | None:
         return None
 
 
-def proc_stat(pid: int) -> tuple[str, int, int, int] | None:
-    """(state, ppid, pgid, starttime ticks) from /proc/<pid>/stat, or None when the pid is gone."""
+def proc_stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat from the state on (field 3 of proc(5) is [0]), or None when the pid is gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_bytes()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     # The command name may contain spaces and parentheses; the fields start after the last ')'.
-    fields = raw[raw.rindex(b")") + 2 :].split()
+    return raw[raw.rindex(b")") + 2 :].split()
+
+
+def proc_stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, ppid, pgid, starttime ticks) from /proc/<pid>/stat, or None when the pid is gone."""
+    fields = proc_stat_fields(pid)
+    if fields is None:
+        return None
     return fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[19])
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shipyard.agent.limits import PAGE_SIZE, descendant_pids
+from shipyard.agent.state import proc_stat_fields
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MIN_INTERVAL = 1.0  # seconds: below this a CPU share is mostly rounding of clock ticks
@@ -45,19 +46,11 @@ class _Sample:
     usage: Usage
 
 
-def _stat_fields(pid: int) -> list[bytes] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    return raw[raw.rindex(b")") + 2 :].split()  # the name may hold spaces and ')': fields start after the last
-
-
 def _tree_totals(pids: set[int]) -> tuple[float, int, int]:
     """(cpu seconds, rss bytes, live processes) over `pids`; a process gone meanwhile counts for nothing."""
     ticks = rss_pages = count = 0
     for pid in pids:
-        fields = _stat_fields(pid)
+        fields = proc_stat_fields(pid)
         if fields is None or fields[0] in (b"Z", b"X"):
             continue
         # utime, stime, cutime, cstime (fields 14-17 of proc(5)); rss in pages (field 24)
@@ -85,14 +78,15 @@ class UsageMeter:
         now = time.monotonic()
         with self._lock:
             last = self._last.get(alloc_id)
-        if last is not None and (last.pid, last.start_time) == (pid, start_time) and now - last.monotonic < \
-                self.min_interval:
+        if last is not None and (last.pid, last.start_time) != (pid, start_time):
+            last = None  # the allocation's previous run: this one is measured on its own
+        if last is not None and now - last.monotonic < self.min_interval:
             return last.usage
-        fields = _stat_fields(pid)
+        fields = proc_stat_fields(pid)
         if fields is None or int(fields[19]) != start_time or fields[0] in (b"Z", b"X"):
             return None  # exited, or the pid was reused by another process
         cpu, rss, count = _tree_totals(descendant_pids(shim_pid) | {pid})
-        if last is not None and (last.pid, last.start_time) == (pid, start_time):
+        if last is not None:
             elapsed, used = now - last.monotonic, cpu - last.cpu_seconds
         else:  # a new run (first reading, or restarted): its life so far
             elapsed, used = _uptime() - start_time / CLOCK_TICKS, cpu
