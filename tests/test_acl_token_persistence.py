@@ -12,6 +12,8 @@ import pytest
 import requests
 
 from shipyard.acl.token_file import TOKENS_FILE, TokenFileError, canonical_kind, read_tokens, write_tokens
+from shipyard.api.context import ServerConfig
+from shipyard.cli.consul_config import apply_config_files
 from support import ServerProcess
 
 MANAGEMENT = str(uuid.uuid4())
@@ -88,3 +90,11 @@ def test_token_file_round_trip_kinds_and_bad_files(tmp_path: Path) -> None:
     assert read_tokens(str(tmp_path / "absent")) == {}
     assert (canonical_kind("acl_agent_token"), canonical_kind("dns"), canonical_kind("master")) == ("agent", "dns",
                                                                                                      None)
+
+
+def test_config_file_tokens_include_the_dns_token(tmp_path: Path) -> None:
+    path = tmp_path / "consul.hcl"
+    path.write_text('acl {\n  enable_token_persistence = true\n  tokens {\n    dns = "d-1"\n  }\n}\n')
+    config = ServerConfig(data_dir=None)
+    apply_config_files(config, [path], set())
+    assert (config.acl_dns_token, config.acl_token_persistence) == ("d-1", True)

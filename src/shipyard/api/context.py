@@ -102,7 +102,9 @@ class ServerConfig:
     acl_initial_management: str = ""  # a SecretID made a global-management token at start (Consul's initial_management)
     acl_default_token: str = ""  # Consul's acl.tokens.default: the token of requests that send none
     acl_agent_token: str = ""  # Consul's acl.tokens.agent (kept; this server's own processes get their own tokens)
-    acl_token_persistence: bool = False  # Consul's acl.enable_token_persistence (agent tokens stay in memory)
+    acl_dns_token: str = ""  # Consul's acl.tokens.dns: the token DNS answers as (else the default token)
+    # Consul's acl.enable_token_persistence: tokens set through /v1/agent/token/* kept in data_dir/acl-tokens.json
+    acl_token_persistence: bool = False
 
 
 @dataclass

@@ -206,6 +206,8 @@ async def start_platform(platform: Platform) -> None:
         acl.default_token = platform.config.acl_default_token
         if platform.config.acl_agent_token:
             acl.agent_tokens["agent"] = platform.config.acl_agent_token
+        if platform.config.acl_dns_token:
+            acl.set_agent_token("dns", platform.config.acl_dns_token, from_api=False)
         if platform.agent is not None:
             platform.agent.instance_env = service_token_env(acl, internal_key(platform.config.data_dir))
     await platform.catalog.start()

@@ -135,6 +135,7 @@ KEYS: dict[str, tuple[str, Setter]] = {
     "acl.tokens.master": _field("acl_initial_management", _str),  # Consul's name before 1.11
     "acl.tokens.default": _field("acl_default_token", _str, "acl_default_token"),
     "acl.tokens.agent": _field("acl_agent_token", _str, "acl_agent_token"),
+    "acl.tokens.dns": _field("acl_dns_token", _str, "acl_dns_token"),
     "acl.enable_token_persistence": _field("acl_token_persistence", _bool, "acl_token_persistence"),
     "tls.defaults.ca_file": _tls_field("ca_file", _str, "tls_ca"),
     "tls.defaults.cert_file": _tls_field("cert_file", _str, "tls_cert"),
