@@ -148,7 +148,7 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self.proc.wait(30)  # a loaded CI machine (two test workers) can take a while to drain
             except subprocess.TimeoutExpired:
                 self.kill9()
         if not keep_instances:

@@ -298,7 +298,7 @@ def test_logs_interleave_stdout_and_stderr(quiet_server: ServerProcess, tmp_path
         assert "request /ping" in seen
     finally:
         follow.send_signal(signal.SIGINT)
-        follow.wait(10)
+        follow.wait(30)
     assert shipyard("stop", "talk", cwd=proj, env=env).returncode == 0
 
 
