@@ -287,6 +287,11 @@ def test_an_agent_cut_off_has_its_instance_replaced_and_stops_it_when_back(
         assert logs.status_code == 200, logs.text
         assert f"hello from {alloc} on {agent.address} control {server.addr}" in logs.text, logs.text
     assert requests.get(f"http://{cut.address}:{cut.port}/api/v1/allocs/{on_cut}/logs", timeout=5).status_code == 403
+    # Their CPU and memory likewise: one request to each agent, relayed (the agent's own port: its secret only).
+    allocs = requests.get(server.url + "/api/v1/allocs?job=web&usage=1", timeout=10).json()["allocations"]
+    usage = {a["id"]: a["usage"] for a in allocs}
+    assert usage[on_cut]["rss_bytes"] > 0 and usage[on_other]["rss_bytes"] > 0, allocs
+    assert requests.get(f"http://{cut.address}:{cut.port}/api/v1/node-usage", timeout=5).status_code == 403
 
     shims = cut.shim_pids()
     assert shims, f"no instance found in {cut.data_dir}: {cut.log_tail()}"

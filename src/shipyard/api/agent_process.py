@@ -27,6 +27,7 @@ from shipyard.agent.node_agent import DEFAULT_DRAIN_DELAY, NodeAgent
 from shipyard.api.errors import error_middleware
 from shipyard.api.native.agent_logs import AGENT_LOGS, secret_middleware
 from shipyard.api.native.logs_api import routes as log_routes
+from shipyard.api.native.usage_relay import routes as usage_routes
 from shipyard.api.server import lock_data_dir
 from shipyard.errors import ShipyardError
 from shipyard.private_files import make_data_dir_private, make_process_private
@@ -157,6 +158,7 @@ class RemoteAgent:
         app = web.Application(middlewares=[error_middleware, secret_middleware(self.secret)])
         app[AGENT_LOGS] = self.agent
         app.add_routes(log_routes)
+        app.add_routes(usage_routes)  # its instances' CPU and memory, for the servers' views
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.agent.address, self.config.port, reuse_address=True)

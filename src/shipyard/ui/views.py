@@ -17,8 +17,8 @@ import yaml
 
 from shipyard.acl import Authorizer
 from shipyard.agent.logfiles import read_tail_lines
-from shipyard.agent.usage import Usage
 from shipyard.api.context import Platform
+from shipyard.api.native.usage_relay import instances_usage
 from shipyard.bus import Bus
 from shipyard.errors import ShipyardError
 from shipyard.gateway.entities import CONSUMERS, PLUGINS, ROUTES, SERVICES, Kind
@@ -131,18 +131,18 @@ async def _job_rows(jobs: JobService, auth: Authorizer | None,
     return rows
 
 
-def _usage_cells(usage: Usage | None) -> dict[str, str] | None:
+def _usage_cells(usage: dict[str, Any] | None) -> dict[str, str] | None:
     """CPU as a share of one core and RSS, rounded so that an idle instance's row (and so the live view) stays put."""
     if usage is None:
         return None
-    cpu = usage.cpu_percent
-    mib = usage.rss_bytes / (1 << 20)
+    cpu = float(usage["cpu_percent"])
+    mib = int(usage["rss_bytes"]) / (1 << 20)
     return {"cpu": "<1%" if cpu < 1 else f"{cpu:.0f}%",  # idle: 0 or 1 clock tick a reading, not worth a wake-up
             "memory": f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"}
 
 
 def _instance_row(alloc: Allocation, status: AllocStatus | None, snap: CatalogSnapshot,
-                  usage: Usage | None = None) -> dict[str, Any]:
+                  usage: dict[str, Any] | None = None) -> dict[str, Any]:
     entry = snap.services.get((alloc.node, alloc.id))
     checks = [_check_row(alloc.node, c.data) for c in snap.service_checks(alloc.node, alloc.id)] if entry else []
     st = status or AllocStatus(client=alloc.client)
@@ -171,8 +171,8 @@ async def service(platform: Platform, auth: Authorizer | None, name: str) -> dic
         allocs = await jobs.allocations(name)
         allocs.sort(key=lambda pair: (pair[0].desired != "run", pair[0].index, -pair[0].version))
         dep = await jobs.deployment(name)
-        # One /proc pass for every instance of the view (those running on this server's node).
-        usage = await platform.agent.usage({a.id for a, _ in allocs}) if platform.agent is not None else {}
+        # One reading per node for every instance of the view (this server's own node, each agent's asked once).
+        usage = await instances_usage(platform, [a for a, _ in allocs])
         out.update(
             job={"id": job.id, "kind": job.spec.kind, "version": job.version, "status": job.status,
                  "instances": job.spec.instances, "cmd": job.spec.cmd, "stable": job.stable_version},

@@ -14,6 +14,7 @@ from aiohttp import web
 from shipyard.api.body import read_limited
 from shipyard.api.context import platform_of
 from shipyard.api.guard import JSON_TYPES, YAML_TYPES, accepts_body
+from shipyard.api.native.usage_relay import instances_usage
 from shipyard.errors import BadRequest, ShipyardError
 from shipyard.scheduler.jobs import DeployResult, JobService, job_json
 from shipyard.scheduler.model import Allocation, Deployment, Job
@@ -266,15 +267,14 @@ async def list_deployments(request: web.Request) -> web.Response:
 async def _with_usage(request: web.Request, allocs: list[tuple[Allocation, AllocStatus | None]]
                       ) -> list[dict[str, Any]]:
     """The allocations as JSON; with ?usage=1 each also carries its instance's real CPU and memory ("usage"), read
-    in one pass by this server's own node agent: null for an instance that is not running on this node."""
+    in one pass per node (this server's own, and each `shipyard agent` asked once): null for an instance that is
+    not running, or whose node does not answer."""
     rows = [alloc_json(a, s) for a, s in allocs]
     if not _flag(request.query.get("usage", "false"), "usage"):
         return rows
-    agent = getattr(platform_of(request), "agent", None)
-    found = await agent.usage({a.id for a, _ in allocs}) if agent is not None else {}
+    found = await instances_usage(platform_of(request), [a for a, _ in allocs])
     for row in rows:
-        usage = found.get(row["id"])
-        row["usage"] = usage.to_dict() if usage is not None else None
+        row["usage"] = found.get(row["id"])
     return rows
 
 
