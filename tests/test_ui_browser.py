@@ -201,6 +201,7 @@ def test_console_on_the_demo(browser: Browser, mediahub: Mediahub) -> None:
     sample = (EXAMPLE / "sample" / "harbour.jpg").read_bytes()
     pool = concurrent.futures.ThreadPoolExecutor(1)
     user_made = pool.submit(_user_with_a_broken_upload, hub.gateway, sample)
+    pool.shutdown(wait=False)  # no more work for it; this runs on while the browser logs in
 
     reader = browser.new_context(viewport={"width": 1280, "height": 800})
     reader_page = reader.new_page()
@@ -221,7 +222,6 @@ def test_console_on_the_demo(browser: Browser, mediahub: Mediahub) -> None:
     watched_other = Watched(other)
     other.goto(hub.api + "/ui/")
     user = user_made.result(timeout=60)
-    pool.shutdown()
     _live_config(other, hub, user)
     _rolled_out_then_scaled(page, version)
     _dead_letter_retried(other, hub, user, sample)
@@ -230,6 +230,7 @@ def test_console_on_the_demo(browser: Browser, mediahub: Mediahub) -> None:
     page.close()  # before the log-out in the other tab, which would send its live view to the login
     _phone_overview_with_a_failing_service(other, hub)
     context.close()
+    user.http.close()
 
     # The limited token has expired meanwhile: its next view returns to the login, with why.
     remaining = datetime.fromisoformat(limited["ExpirationTime"]).timestamp() - time.time()
