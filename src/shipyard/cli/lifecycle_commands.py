@@ -98,14 +98,24 @@ def _deploy_with_plan(api: ApiClient, project: ProjectSpec, force: bool) -> list
     return [Target.of(item["job"]) for item in _send(api, project, force)]
 
 
-def vault_dev_note(state_dir: Path, port: int) -> str:
+def _log_size(state_dir: Path) -> int:
+    try:
+        return (state_dir / "server.log").stat().st_size
+    except OSError:
+        return 0
+
+
+def vault_dev_note(state_dir: Path, port: int, log_from: int = 0) -> str:
     """What `up` says of the secrets engine it started in dev mode: where, and its root token (as vault -dev).
-    The control API answers before the engine has started: the server's "ready" line comes after it."""
+    The control API answers before the engine has started: the server's "ready" line comes after it. The log is
+    appended to by every server started here: only what this one wrote (from `log_from` on) counts."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            if "shipyard server ready" in (state_dir / "server.log").read_text(errors="replace"):
-                break
+            with open(state_dir / "server.log", "rb") as log:
+                log.seek(log_from)
+                if b"shipyard server ready" in log.read():
+                    break
         except OSError:
             pass
         time.sleep(0.05)
@@ -213,10 +223,11 @@ def up(ctx: click.Context, directory: str, force: bool, timeout: float, crash_li
         # A laptop's platform: the secrets engine unseals itself (and says so).
         extra += ["--vault-dev", *(["--vault-port", str(vault_port)] if vault_port else [])]
         extra += ["--acl"] if acl else []
+        log_from = _log_size(state_dir)
         with console.status(f"starting shipyard server at {api.base_url}"):
             pid = start_server(api, state_dir, extra)
         console.print(f"started shipyard server (pid {pid}, logs in {state_dir})", highlight=False)
-        console.print(vault_dev_note(state_dir, vault_port or 8200), highlight=False, soft_wrap=True)
+        console.print(vault_dev_note(state_dir, vault_port or 8200, log_from), highlight=False, soft_wrap=True)
         if acl:
             api.use_token(bootstrap_acl(api, state_dir / "data"))
     else:
