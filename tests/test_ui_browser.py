@@ -102,8 +102,12 @@ def mediahub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mediahub]:
     cmd = [sys.executable, "-m", "shipyard.cli.main", "--http-addr", f"127.0.0.1:{http_port}", "up", "--acl",
            "--gateway-port", str(gateway_port), "--dns-port", str(free_port()), "--vault-port", str(free_port()),
            str(project)]
+    # Not a developer's client settings left by the demo's walk-through (their server, token or CA): `up` here talks
+    # to the server it starts.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SHIPYARD_HTTP", "CONSUL_HTTP", "SHIPYARD_CACERT",
+                                                                      "CONSUL_CACERT"))}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=ROOT)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=ROOT, env=env)
         assert done.returncode == 0, done.stdout + done.stderr
         token = (project / ".shipyard" / "data" / "acl-management-token").read_text().strip()
         yield Mediahub(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{gateway_port}", token, project)
