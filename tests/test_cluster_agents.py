@@ -35,7 +35,7 @@ APP = """\
 import http.server, os
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        self.send_response(200); self.end_headers(); self.wfile.write(b"ok\\n")
+        self.send_response(200); self.send_header("Content-Length", "3"); self.end_headers(); self.wfile.write(b"ok\\n")
     def log_message(self, *args): pass
 print("hello from", os.environ["SHIPYARD_ALLOC_ID"], "on", os.environ["HOST"], "control",
       os.environ["SHIPYARD_HTTP_ADDR"], flush=True)
