@@ -136,8 +136,10 @@ class RemoteAgent:
         self.heartbeat = AgentHeartbeat(self.store, info, ttl=self.config.ttl, on_rejoined=self.rejoin)
         await self.heartbeat.start()
         await self.catalog.start()  # its node, with its meta and a passing serfHealth
-        await self.health.start()
+        # Adoption first: what was replaced while this agent was down is deregistered and stopped before its checker
+        # could probe it passing again.
         await self.agent.start()  # its node record for placement, adoption, then its allocations
+        await self.health.start()
         log.info("shipyard agent ready: node %s at %s (logs on port %d), servers %s, %s", self.node.name,
                  self.agent.address, port, ", ".join(self.config.servers), _capacity_summary(self.agent))
 
@@ -226,6 +228,7 @@ async def run_agent(config: AgentConfig) -> None:
         kept = len(agent.agent.runners)
         await agent.stop()
         if kept:
-            print(f"{kept} instance{'s' if kept != 1 else ''} keep running and will be adopted by the next agent "
-                  f"started with --data-dir {config.data_dir}", file=sys.stderr, flush=True)
+            what = "1 instance keeps" if kept == 1 else f"{kept} instances keep"
+            print(f"{what} running and will be adopted by the next agent started with --data-dir {config.data_dir}",
+                  file=sys.stderr, flush=True)
         os.close(lock_fd)
