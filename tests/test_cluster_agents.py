@@ -246,68 +246,94 @@ def passing_nodes(server: LabServer) -> dict[str, str]:
     return {e["Service"]["ID"]: e["Node"]["Node"] for e in entries}
 
 
-def test_an_agent_cut_off_has_its_instance_replaced_and_stops_it_when_back(
-        lab: tuple[Lab, LabServer, list[AgentProcess]], tmp_path: Path) -> None:
-    net, server, (cut, other) = lab
-    # Only the agents run instances: the server's own node is not eligible.
-    r = requests.post(server.url + "/api/v1/nodes/srv/eligibility", json={"eligible": False}, timeout=5)
-    assert r.status_code == 200, r.text
+def members(server: LabServer) -> dict[str, tuple[str, int]]:
+    listed = requests.get(server.url + "/v1/agent/members", timeout=5).json()
+    return {m["Name"]: (m["Addr"], m["Status"]) for m in listed}
 
-    def members() -> dict[str, tuple[str, int]]:
-        listed = requests.get(server.url + "/v1/agent/members", timeout=5).json()
-        return {m["Name"]: (m["Addr"], m["Status"]) for m in listed}
 
+def check_agents_listed(server: LabServer, cut: AgentProcess, other: AgentProcess) -> None:
+    """Members (API and CLI) and catalog nodes list the agents at their advertised addresses, with their meta."""
     wait_for("both agents alive among the members", lambda: all(
-        members().get(a.name) == (a.address, 1) for a in (cut, other)), timeout=30)
+        members(server).get(a.name) == (a.address, 1) for a in (cut, other)), timeout=30)
     nodes = {n["Node"]: n for n in requests.get(server.url + "/v1/catalog/nodes", timeout=5).json()}
     assert nodes[cut.name]["Address"] == cut.address and nodes[cut.name]["Meta"]["rack"] == "r1"
     listed = subprocess.run([sys.executable, "-m", "shipyard.cli.main", "--http-addr", server.addr, "members"],
                             capture_output=True, text=True, timeout=30)
     assert listed.returncode == 0 and f"{cut.address}:{cut.port}" in listed.stdout, listed.stdout + listed.stderr
 
+
+def deploy_web(server: LabServer, tmp_path: Path, cut: AgentProcess, other: AgentProcess) -> tuple[str, str]:
+    """The job, spread over the agents' racks: (its instance on `cut`, its instance on `other`) once passing."""
     app = tmp_path / "app.py"
     app.write_text(APP)
     spec: dict[str, Any] = {"name": "web", "args": [sys.executable, str(app)], "instances": COUNT,
-            "ports": {"http": {}},
-            "health": {"http": "/", "interval": "1s", "timeout": "1s", "grace": "2s"},
-            "resources": {"cpu": 10, "memory": 32}, "stop_grace": "2s",
-            "spread": [{"attribute": "${meta.rack}"}],
-            "update": {"max_parallel": MAX_PARALLEL, "min_healthy_time": "1s"}}
+                            "ports": {"http": {}},
+                            "health": {"http": "/", "interval": "1s", "timeout": "1s", "grace": "2s"},
+                            "resources": {"cpu": 10, "memory": 32}, "stop_grace": "2s",
+                            "spread": [{"attribute": "${meta.rack}"}],
+                            "update": {"max_parallel": MAX_PARALLEL, "min_healthy_time": "1s"}}
     r = requests.post(server.url + "/api/v1/jobs", json=spec, timeout=10)
     assert r.status_code in (200, 201), r.text
-    placed = wait_for("one passing instance on each agent", lambda: (
-        p if sorted((p := passing_nodes(server)).values()) == [cut.name, other.name] else None), timeout=45)
-    on_cut = next(alloc for alloc, node in placed.items() if node == cut.name)
-    on_other = next(alloc for alloc, node in placed.items() if node == other.name)
 
-    # Its logs, asked of the server, come from the agent that runs it; the agent's own port serves no one else.
-    # Instances reach the platform at a server that answers (agent 2 was given a dead one first).
-    for alloc, agent in ((on_cut, cut), (on_other, other)):
+    def one_on_each() -> dict[str, str] | None:
+        placed = passing_nodes(server)
+        return placed if sorted(placed.values()) == [cut.name, other.name] else None
+
+    placed = wait_for("one passing instance on each agent", one_on_each, timeout=45)
+    by_node = {node: alloc for alloc, node in placed.items()}
+    return by_node[cut.name], by_node[other.name]
+
+
+def check_relayed(server: LabServer, on: dict[str, AgentProcess]) -> None:
+    """Logs and usage asked of the server come from the agent that runs the instance; an agent's own port serves
+    no one without its secret. Instances reach the platform at a server that answers (agent 2 was given a dead one
+    first)."""
+    for alloc, agent in on.items():
         logs = requests.get(server.url + f"/api/v1/allocs/{alloc}/logs", timeout=10)
         assert logs.status_code == 200, logs.text
         assert f"hello from {alloc} on {agent.address} control {server.addr}" in logs.text, logs.text
-    assert requests.get(f"http://{cut.address}:{cut.port}/api/v1/allocs/{on_cut}/logs", timeout=5).status_code == 403
-    # Their CPU and memory likewise: one request to each agent, relayed (the agent's own port: its secret only).
     allocs = requests.get(server.url + "/api/v1/allocs?job=web&usage=1", timeout=10).json()["allocations"]
     usage = {a["id"]: a["usage"] for a in allocs}
-    assert usage[on_cut]["rss_bytes"] > 0 and usage[on_other]["rss_bytes"] > 0, allocs
-    assert requests.get(f"http://{cut.address}:{cut.port}/api/v1/node-usage", timeout=5).status_code == 403
+    assert all(usage[alloc]["rss_bytes"] > 0 for alloc in on), allocs
+    for alloc, agent in on.items():
+        base = f"http://{agent.address}:{agent.port}/api/v1"
+        assert requests.get(f"{base}/allocs/{alloc}/logs", timeout=5).status_code == 403
+        assert requests.get(f"{base}/node-usage", timeout=5).status_code == 403
+
+
+def instance_critical(server: LabServer, node: str) -> bool:
+    entries = requests.get(server.url + "/v1/health/service/web", timeout=5).json()
+    mine = [e for e in entries if e["Node"]["Node"] == node]
+    return bool(mine) and all(any(c["Status"] == "critical" and c["ServiceID"] for c in e["Checks"]) for e in mine)
+
+
+def back_and_clean(server: LabServer, node: str) -> bool:
+    """The agent alive again, its node passing, and nothing of web left registered on it."""
+    node_checks = requests.get(server.url + f"/v1/health/node/{node}", timeout=5).json()
+    web_nodes = {e["Node"]["Node"] for e in requests.get(server.url + "/v1/health/service/web", timeout=5).json()}
+    return members(server)[node][1] == 1 and all(c["Status"] == "passing" for c in node_checks) \
+        and node not in web_nodes
+
+
+def test_an_agent_cut_off_has_its_instance_replaced_and_stops_it_when_back(
+        lab: tuple[Lab, LabServer, list[AgentProcess]], tmp_path: Path) -> None:
+    net, server, (cut, other) = lab
+    # Only the agents run instances: the server's own node is not eligible.
+    r = requests.post(server.url + "/api/v1/nodes/srv/eligibility", json={"eligible": False}, timeout=5)
+    assert r.status_code == 200, r.text
+    check_agents_listed(server, cut, other)
+    on_cut, on_other = deploy_web(server, tmp_path, cut, other)
+    check_relayed(server, {on_cut: cut, on_other: other})
 
     shims = cut.shim_pids()
     assert shims, f"no instance found in {cut.data_dir}: {cut.log_tail()}"
     with PassingWatch(server.url) as watch:
         net.link(1, "down")
         cut_at = time.monotonic()
-
-        def instance_critical() -> bool:
-            entries = requests.get(server.url + "/v1/health/service/web", timeout=5).json()
-            mine = [e for e in entries if e["Node"]["Node"] == cut.name]
-            return bool(mine) and all(
-                any(c["Status"] == "critical" and c["ServiceID"] for c in e["Checks"]) for e in mine)
-
-        wait_for("the cut-off agent's instance critical", instance_critical, timeout=TTL + 10)
+        wait_for("the cut-off agent's instance critical", lambda: instance_critical(server, cut.name),
+                 timeout=TTL + 10)
         critical_after = time.monotonic() - cut_at
-        assert members()[cut.name][1] == 4
+        assert members(server)[cut.name][1] == 4
         wait_for("two passing instances, both on the other agent", lambda: list(
             passing_nodes(server).values()) == [other.name] * COUNT, timeout=20)
         replaced_after = time.monotonic() - cut_at
@@ -318,11 +344,8 @@ def test_an_agent_cut_off_has_its_instance_replaced_and_stops_it_when_back(
         wait_for("the superseded instance stopped once the agent is back",
                  lambda: not any(alive(p) for p in shims), timeout=30)
         stopped_after = time.monotonic() - back_at
-        wait_for("the agent alive again, its node passing and without web", lambda: members()[cut.name][1] == 1
-                 and all(c["Status"] == "passing" for c in requests.get(
-                     server.url + f"/v1/health/node/{cut.name}", timeout=5).json())
-                 and cut.name not in {e["Node"]["Node"] for e in requests.get(
-                     server.url + "/v1/health/service/web", timeout=5).json()}, timeout=30)
+        wait_for("the agent alive again, its node passing and without web", lambda: back_and_clean(server, cut.name),
+                 timeout=30)
         assert sorted(passing_nodes(server).values()) == [other.name] * COUNT
     print(f"\nagent cut off (lease {TTL}s, --node-lost-after {LOST_AFTER}s): its instance critical after "
           f"{critical_after:.2f}s, replaced on the other agent after {replaced_after:.2f}s; link back: the "
