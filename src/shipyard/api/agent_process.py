@@ -144,13 +144,17 @@ class RemoteAgent:
                  self.agent.address, port, ", ".join(self.config.servers), _capacity_summary(self.agent))
 
     async def _first_contact(self) -> None:
-        """Waits for some server to answer (an agent may well start before them)."""
+        """Waits for some server to answer (an agent may well start before them); a refused token is fatal."""
         said = False
         while True:
             try:
                 await self.store.range("nodes/", prefix=True)
                 return
             except StoreError as exc:
+                if exc.status in (401, 403):
+                    raise ShipyardError(f"the server at {self.store.base_url} refuses this agent's token "
+                                        f"({exc.message}): give SHIPYARD_HTTP_TOKEN a token whose policy has "
+                                        'store = "write"') from None
                 if not said:
                     log.warning("no server answers yet (%s); trying every %.0fs", exc.message, FIRST_CONTACT_RETRY)
                     said = True
