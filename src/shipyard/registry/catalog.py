@@ -5,6 +5,7 @@ Owns every write under catalog/ and the read model the Consul endpoints answer f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ import orjson
 
 from shipyard.errors import NotFound
 from shipyard.registry.node import NodeIdentity
-from shipyard.store import Compare, Delete, KeyValue, Put, Store
+from shipyard.store import Compare, Delete, Get, KeyValue, Put, Store
 
 log = logging.getLogger("shipyard.catalog")
 
@@ -92,6 +93,22 @@ class Entry:
         return out
 
 
+def _add_record(snap: CatalogSnapshot, kv: KeyValue) -> None:
+    key = kv.key
+    if key.startswith(SERVICE_INDEX):
+        snap.service_index[unquote(key[len(SERVICE_INDEX) :])] = kv.mod_revision
+        return
+    entry = _entry(kv)
+    if entry is None:
+        return
+    if key.startswith(NODES):
+        snap.nodes[unquote(key[len(NODES) :])] = entry
+    elif key.startswith(SERVICES):
+        snap.services[_split_key(key, SERVICES)] = entry
+    elif key.startswith(CHECKS):
+        snap.checks[_split_key(key, CHECKS)] = entry
+
+
 def _entry(kv: KeyValue) -> Entry | None:
     try:
         data = orjson.loads(kv.value)
@@ -116,25 +133,53 @@ class CatalogSnapshot:
     nodes_index: int = 0
     services_index: int = 0
     checks_index: int = 0
+    # Lookup tables, built on first use (a snapshot is complete before anyone queries it, and never changes after):
+    # a health query of one service on a catalog of 10,000 instances scanned every check of every instance.
+    _by_name: dict[str, list[tuple[str, Entry]]] | None = field(default=None, repr=False, compare=False)
+    _services_by_node: dict[str, list[Entry]] | None = field(default=None, repr=False, compare=False)
+    _checks_by_owner: dict[tuple[str, str], list[Entry]] | None = field(default=None, repr=False, compare=False)
+    _checks_by_node: dict[str, list[Entry]] | None = field(default=None, repr=False, compare=False)
 
     # ---- lookups ----------------------------------------------------------------------------
 
+    def _service_tables(self) -> tuple[dict[str, list[tuple[str, Entry]]], dict[str, list[Entry]]]:
+        if self._by_name is None or self._services_by_node is None:
+            by_name: dict[str, list[tuple[str, Entry]]] = {}
+            by_node: dict[str, list[Entry]] = {}
+            for (node, _), e in self.services.items():
+                by_name.setdefault(e.data.get("Service"), []).append((node, e))  # type: ignore[arg-type]
+                by_node.setdefault(node, []).append(e)
+            for found in by_name.values():
+                found.sort(key=lambda pair: (pair[0], pair[1].data.get("ID", "")))
+            self._by_name, self._services_by_node = by_name, by_node
+        return self._by_name, self._services_by_node
+
+    def _check_tables(self) -> tuple[dict[tuple[str, str], list[Entry]], dict[str, list[Entry]]]:
+        if self._checks_by_owner is None or self._checks_by_node is None:
+            by_owner: dict[tuple[str, str], list[Entry]] = {}
+            by_node: dict[str, list[Entry]] = {}
+            for (node, _), e in self.checks.items():
+                by_owner.setdefault((node, e.data.get("ServiceID") or ""), []).append(e)
+                by_node.setdefault(node, []).append(e)
+            self._checks_by_owner, self._checks_by_node = by_owner, by_node
+        return self._checks_by_owner, self._checks_by_node
+
     def services_named(self, name: str) -> list[tuple[str, Entry]]:
-        found = [(node, e) for (node, _), e in self.services.items() if e.data.get("Service") == name]
-        found.sort(key=lambda pair: (pair[0], pair[1].data.get("ID", "")))
-        return found
+        return list(self._service_tables()[0].get(name, ()))
 
     def node_checks(self, node: str) -> list[Entry]:
-        return [e for (n, _), e in self.checks.items() if n == node and not e.data.get("ServiceID")]
+        return list(self._check_tables()[0].get((node, ""), ()))
 
     def service_checks(self, node: str, service_id: str) -> list[Entry]:
-        return [e for (n, _), e in self.checks.items() if n == node and e.data.get("ServiceID") == service_id]
+        if not service_id:
+            return [e for (n, _), e in self.checks.items() if n == node and e.data.get("ServiceID") == service_id]
+        return list(self._check_tables()[0].get((node, service_id), ()))
 
     def checks_of_node(self, node: str) -> list[Entry]:
-        return [e for (n, _), e in self.checks.items() if n == node]
+        return list(self._check_tables()[1].get(node, ()))
 
     def services_of_node(self, node: str) -> list[Entry]:
-        return [e for (n, _), e in self.services.items() if n == node]
+        return list(self._service_tables()[1].get(node, ()))
 
     def name_index(self, name: str) -> int:
         """X-Consul-Index of per-service-name queries."""
@@ -277,6 +322,7 @@ class Catalog:
         self.node = node
         self.node_meta = dict(node_meta or {})  # an agent's --meta, on its node record (Consul's NodeMeta)
         self._cache: CatalogSnapshot | None = None
+        self._loading: asyncio.Task[CatalogSnapshot] | None = None  # the full read in flight (etcd), shared
 
     async def start(self) -> None:
         record = _node_record(self.node)
@@ -290,31 +336,50 @@ class Catalog:
 
     async def snapshot(self) -> CatalogSnapshot:
         """The whole catalog at one revision; re-parsed only when something under catalog/ changed."""
-        rr = await self.store.range(PREFIX, prefix=True)
         cached = self._cache
+        index_of = getattr(self.store, "prefix_index", None)
+        if cached is not None and index_of is not None:
+            # etcd: whether anything changed costs one key, not the whole catalog (a blocking query woken with a
+            # thousand others, a write on a large catalog)
+            index, revision = await index_of(PREFIX)
+            if index == cached.index:
+                cached.revision = revision
+                return cached
+            # Woken together, a thousand blocking queries share one full read, if it saw this change too.
+            loading = self._loading
+            if loading is not None:
+                shared = await asyncio.shield(loading)
+                if shared.index >= index:
+                    return shared
+            self._loading = asyncio.ensure_future(self._load(cached))
+            try:
+                return await asyncio.shield(self._loading)
+            finally:
+                if self._loading is not None and self._loading.done():
+                    self._loading = None
+        return await self._load(cached)
+
+    async def _load(self, cached: CatalogSnapshot | None) -> CatalogSnapshot:
+        rr = await self.store.range(PREFIX, prefix=True)
         if cached is not None and cached.index == rr.index:
             cached.revision = rr.revision
             return cached
         snap = CatalogSnapshot(revision=rr.revision, index=rr.index)
         for kv in rr.kvs:
-            key = kv.key
-            if key.startswith(SERVICE_INDEX):
-                snap.service_index[unquote(key[len(SERVICE_INDEX) :])] = kv.mod_revision
-                continue
-            entry = _entry(kv)
-            if entry is None:
-                continue
-            if key.startswith(NODES):
-                snap.nodes[unquote(key[len(NODES) :])] = entry
-            elif key.startswith(SERVICES):
-                snap.services[_split_key(key, SERVICES)] = entry
-            elif key.startswith(CHECKS):
-                snap.checks[_split_key(key, CHECKS)] = entry
-        snap.nodes_index = (await self.store.range(NODES, prefix=True)).index
-        snap.services_index = (await self.store.range(SERVICES, prefix=True)).index
-        snap.checks_index = (await self.store.range(CHECKS, prefix=True)).index
-        self._cache = snap
+            _add_record(snap, kv)
+        snap.nodes_index = await self._prefix_index(NODES)
+        snap.services_index = await self._prefix_index(SERVICES)
+        snap.checks_index = await self._prefix_index(CHECKS)
+        if self._cache is None or snap.index >= self._cache.index:  # a slower, older read never replaces a newer
+            self._cache = snap
         return snap
+
+    async def _prefix_index(self, prefix: str) -> int:
+        """The range index of a prefix; without its values where the store can (etcd: one key instead of them all)."""
+        index_of = getattr(self.store, "prefix_index", None)
+        if index_of is not None:
+            return int((await index_of(prefix))[0])
+        return (await self.store.range(prefix, prefix=True)).index
 
     async def get_check(self, node: str, check_id: str) -> dict[str, Any] | None:
         kv = await self.store.get(check_key(node, check_id))
@@ -575,7 +640,7 @@ class Catalog:
 
         Such checks are stored as given and never run, as in Consul."""
         for _ in range(MAX_CAS_RETRIES):
-            snap = await self.snapshot()
+            snap = await self._registration_view(name, node, service, checks)
             compares: list[Compare] = []
             ops: list[Put | Delete] = []
             names: set[str] = set()
@@ -621,6 +686,31 @@ class Catalog:
             if result.succeeded:
                 return
         raise RuntimeError("catalog registration kept conflicting with concurrent writes")
+
+    async def _registration_view(self, name: str, node: dict[str, Any] | None, service: dict[str, Any] | None,
+                                 checks: list[dict[str, Any]]) -> CatalogSnapshot:
+        """The part of the catalog a registration reads, in one txn of Gets: the node, the service and the checks it
+        names, and the services its checks belong to; all the node's services only where the names of every service
+        on it are needed (the node record changes, or a check is the node's own). The whole catalog, re-read on
+        every registration, made registering N instances cost N^2 on etcd."""
+        gets = [Get(node_key(name))]
+        if service is not None:
+            gets.append(Get(service_key(name, service["ID"])))
+        for check in checks:
+            gets.append(Get(check_key(name, check["CheckID"])))
+            if check.get("ServiceID"):
+                gets.append(Get(service_key(name, check["ServiceID"])))
+        result = await self.store.txn((), gets)
+        snap = CatalogSnapshot(revision=result.revision, index=0)
+        for kvs in result.ranges():
+            for kv in kvs:
+                _add_record(snap, kv)
+        existing = snap.nodes.get(name)
+        node_changes = node is not None and (existing is None or {**existing.data, **node} != existing.data)
+        if node_changes or any(not c.get("ServiceID") for c in checks):
+            for kv in (await self.store.range(f"{SERVICES}{_q(name)}/", prefix=True)).kvs:
+                _add_record(snap, kv)
+        return snap
 
     # ---- helpers ----------------------------------------------------------------------------
 

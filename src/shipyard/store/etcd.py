@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,7 +50,9 @@ _TARGETS = {
 _RESULTS = {"=": "EQUAL", "!=": "NOT_EQUAL", "<": "LESS", ">": "GREATER"}
 # "value is (not) absent" as a compare of the version with 0
 _ABSENT_VERSION_OPS: dict[str, CompareOp] = {"=": "=", "!=": ">"}
-RECENT_MAX = 100_000  # keys remembered as write hints (recent())
+RECENT_MAX = 100_000  # keys remembered as write hints (recent())...
+RECENT_BYTES = 64 << 20  # ...and the bytes of their values at most
+RECENT_EVENTS = 10_000  # (revision, key) of the latest changes the follow stream saw, for wait_for_change()
 
 
 def _b64(data: bytes) -> str:
@@ -79,6 +82,7 @@ class EtcdWatcher:
         self._response: aiohttp.ClientResponse | None = None
         self._pending: list[list[Event]] = []
         self._cancelled = False
+        self._buffer = bytearray()
 
     def __aiter__(self) -> EtcdWatcher:
         return self
@@ -107,9 +111,7 @@ class EtcdWatcher:
         await self.start()
         assert self._response is not None
         while not self._pending:
-            line = await self._response.content.readline()
-            if not line:
-                raise StopAsyncIteration
+            line = await self._next_line()
             if not line.strip():
                 continue
             result = orjson.loads(line).get("result", {})
@@ -127,6 +129,19 @@ class EtcdWatcher:
             if batch:
                 self._pending.append(batch)
         return self._pending.pop(0)
+
+    async def _next_line(self) -> bytes:
+        """One message of the stream, however long (aiohttp's readline refuses lines past 64 KiB: a batch of events
+        with a large value would break the stream at that revision, again at each reconnection)."""
+        assert self._response is not None
+        while (cut := self._buffer.find(b"\n")) < 0:
+            chunk = await self._response.content.readany()
+            if not chunk:
+                raise StopAsyncIteration
+            self._buffer += chunk
+        line = bytes(self._buffer[:cut])
+        del self._buffer[: cut + 1]
+        return line
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -158,6 +173,14 @@ class EtcdStore:
         # The latest version of each key this process saw (follow stream, own writes; None: deleted): a hint for
         # optimistic writers (see recent()), never an answer to a read.
         self._recent: dict[str, KeyValue | None] = {}
+        self._recent_bytes = 0
+        # Changes the follow stream saw, and who waits for one (blocking queries): a thousand blocking queries share
+        # that one stream instead of opening a thousand etcd watches.
+        self._events: deque[tuple[int, str]] = deque(maxlen=RECENT_EVENTS)
+        self._events_from = 0  # every change after this revision is in _events
+        self._following = False  # the follow stream is connected (else waiters watch etcd themselves)
+        self._key_waiters: dict[str, list[tuple[int, asyncio.Future[bool]]]] = {}
+        self._prefix_waiters: list[tuple[str, int, asyncio.Future[bool]]] = []
         self._follower: asyncio.Task[None] | None = None
 
     @classmethod
@@ -165,6 +188,7 @@ class EtcdStore:
         store = cls(url, namespace=namespace)
         status = await store._call("/v3/maintenance/status", {})
         store._revision = int(status["header"].get("revision", 0))
+        store._events_from = store._revision
         ready = asyncio.Event()
         store._follower = asyncio.create_task(store._follow(ready), name="etcd-follow")
         await asyncio.wait_for(ready.wait(), 10)
@@ -299,6 +323,19 @@ class EtcdStore:
             index = self._tombstones.get(key, 0)
         return RangeResult(kvs, int(data["header"]["revision"]), index)
 
+    async def prefix_index(self, prefix: str) -> tuple[int, int]:
+        """(range index of `prefix`, store revision): what range(prefix, prefix=True) reports, without the values:
+        etcd sends only the key modified last (and the deletions remembered here count, as in range)."""
+        request = {**self._key_range(prefix, True), "limit": "1", "sort_order": "DESCEND", "sort_target": "MOD",
+                   "keys_only": True}
+        data = await self._call("/v3/kv/range", request)
+        index = max((int(raw.get("mod_revision", 0)) for raw in data.get("kvs", [])), default=0)
+        for k in self._tombstones.irange(minimum=prefix):
+            if not k.startswith(prefix):
+                break
+            index = max(index, self._tombstones[k])
+        return index, int(data["header"]["revision"])
+
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
         return (await self.txn((), (Put(key, value, lease),))).revision
 
@@ -353,9 +390,11 @@ class EtcdStore:
             try:
                 await watcher.start()
                 ready.set()
+                self._following = True
                 async for batch in watcher:
                     for event in batch:
                         self._note_change(event)
+                        self._seen(event.revision, event.kv.key)
                     next_revision = batch[-1].revision + 1
                     self._revision = max(self._revision, batch[-1].revision)
             except asyncio.CancelledError:
@@ -364,8 +403,11 @@ class EtcdStore:
             except Compacted as exc:
                 self._compact_revision = exc.compact_revision
                 next_revision = exc.compact_revision + 1
+                self._lost_events(exc.compact_revision)
             except Exception as exc:
                 log.warning("etcd follow stream broke (%s); reconnecting", exc)
+                self._following = False
+                self._wake_all()  # they wait through etcd watches of their own until it is back
                 await asyncio.sleep(0.5)
             finally:
                 watcher.cancel()
@@ -383,9 +425,69 @@ class EtcdStore:
             known = self._recent[key]
             if revision <= (known.mod_revision if known is not None else 0):
                 return  # never back to an older version (the follow stream lags behind this process's own txns)
-        if len(self._recent) >= RECENT_MAX:
+            self._recent_bytes -= len(known.value) if known is not None else 0
+        size = len(kv.value) if kv is not None else 0
+        if len(self._recent) >= RECENT_MAX or self._recent_bytes + size > RECENT_BYTES:
             self._recent.clear()  # a bounded hint, not a mirror: forgetting costs a read, nothing else
+            self._recent_bytes = 0
         self._recent[key] = kv
+        self._recent_bytes += size
+
+    async def wait_for_change(self, key: str, *, prefix: bool, after: int, timeout: float) -> bool | None:
+        """Waits for a change of `key` (or under it) at a revision after `after`, as seen by the follow stream: True
+        once there is one, False after `timeout`; None when this process cannot tell (`after` is older than the
+        changes it remembers): the caller watches etcd instead."""
+        if after < self._events_from or not self._following:
+            return None
+        for revision, changed in reversed(self._events):
+            if revision <= after:
+                break
+            if changed == key or (prefix and changed.startswith(key)):
+                return True
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if prefix:
+            entry: tuple[str, int, asyncio.Future[bool]] = (key, after, future)
+            self._prefix_waiters.append(entry)
+        else:
+            self._key_waiters.setdefault(key, []).append((after, future))
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            if prefix:
+                self._prefix_waiters.remove(entry)
+            else:
+                waiting = self._key_waiters.get(key, [])
+                waiting[:] = [w for w in waiting if w[1] is not future]
+                if not waiting:
+                    self._key_waiters.pop(key, None)
+
+    def _seen(self, revision: int, key: str) -> None:
+        if len(self._events) == self._events.maxlen:
+            self._events_from = self._events[0][0]  # about to be forgotten
+        self._events.append((revision, key))
+        for after, future in self._key_waiters.get(key, ()):
+            if revision > after and not future.done():
+                future.set_result(True)
+        for prefix, after, future in self._prefix_waiters:
+            if revision > after and key.startswith(prefix) and not future.done():
+                future.set_result(True)
+
+    def _lost_events(self, revision: int) -> None:
+        """The follow stream skipped to `revision` (compaction): whoever waits is woken, to read again."""
+        self._events.clear()
+        self._events_from = revision
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        for waiting in self._key_waiters.values():
+            for _, future in waiting:
+                if not future.done():
+                    future.set_result(True)
+        for _, _, future in self._prefix_waiters:
+            if not future.done():
+                future.set_result(True)
 
     def _note_change(self, event: Event) -> None:
         self._remember(event.kv.key, event.kv if event.type == EventType.PUT else None, event.revision)

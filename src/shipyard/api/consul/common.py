@@ -228,18 +228,25 @@ async def blocking_query(
         remaining = deadline - loop.time()
         if remaining <= 0:
             break
-        try:
-            watcher = store.watch(watch_key, prefix=prefix, from_revision=revision + 1)
-        except Compacted:
-            return await _reread(read)
-        try:
-            await asyncio.wait_for(watcher.__anext__(), remaining)
-        except (TimeoutError, StopAsyncIteration):
+        # etcd: the store's one follow stream tells, rather than one etcd watch per blocking query
+        shared_wait = getattr(store, "wait_for_change", None)
+        woken = None if shared_wait is None else await shared_wait(watch_key, prefix=prefix, after=revision,
+                                                                     timeout=remaining)
+        if woken is False:
             break
-        except Compacted:
-            return await _reread(read)
-        finally:
-            watcher.cancel()
+        if woken is None:
+            try:
+                watcher = store.watch(watch_key, prefix=prefix, from_revision=revision + 1)
+            except Compacted:
+                return await _reread(read)
+            try:
+                await asyncio.wait_for(watcher.__anext__(), remaining)
+            except (TimeoutError, StopAsyncIteration):
+                break
+            except Compacted:
+                return await _reread(read)
+            finally:
+                watcher.cancel()
         result, index, revision = await read()
     return result, index
 
