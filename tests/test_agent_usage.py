@@ -40,7 +40,7 @@ def test_readings_of_a_busy_process_then_of_its_restart() -> None:
 
         busy.kill()
         busy.wait()
-        meter.retain(set())
+        meter.forget("web.0")
         assert read() is None  # exited: no reading
         assert meter.read("web.0", idle.pid, idle.pid, idle_start + 1) is None  # not the process that started then
     finally:

@@ -26,7 +26,7 @@ from shipyard.agent.state import STDERR_LOG, STDOUT_LOG, ExitRecord
 from shipyard.agent.supervisor import BACKOFF, RUNNING, STARTING, Supervisor
 from shipyard.agent.task import RestartPolicy
 from shipyard.agent.task import TaskSpec as InstanceSpec
-from shipyard.agent.usage import Usage, UsageMeter
+from shipyard.agent.usage import Usage
 from shipyard.errors import NotFound, ShipyardError
 from shipyard.registry.catalog import CHECKS, CRITICAL, PASSING, Catalog
 from shipyard.registry.machine import machine_attributes
@@ -520,7 +520,6 @@ class NodeAgent:
         self.ports = PortAllocator(port_range) if port_range else PortAllocator()
         self.mhz_per_core = cpu_mhz_per_core()
         self.runners: dict[str, AllocRunner] = {}
-        self.meter = UsageMeter()  # instances' previous CPU readings, which usage() measures against
         self._allocs_prefix = f"{ALLOCS}{_q(node.name)}/"
         self._status_prefix = f"{ALLOC_STATUS}{_q(node.name)}/"
         self._checks_prefix = f"{CHECKS}{_q(node.name)}/"
@@ -862,17 +861,11 @@ class NodeAgent:
         await self.store.put(alloc_status_key(self.node.name, alloc_id), encode_status(status))
 
     async def usage(self, alloc_ids: set[str] | None = None) -> dict[str, Usage]:
-        """Real CPU and memory of the instances running on this node (of `alloc_ids`, or all), one /proc pass
-        off the event loop; an instance that is not running here has no entry."""
-        running = dict(self.driver.running)
-        wanted = [i for a, i in running.items() if (alloc_ids is None or a in alloc_ids) and i.running]
-
-        def read() -> dict[str, Usage]:
-            self.meter.retain(set(running))
-            found = {i.alloc_id: self.meter.read(i.alloc_id, i.shim_pid, i.pid, i.state.start_time) for i in wanted}
-            return {alloc_id: usage for alloc_id, usage in found.items() if usage is not None}
-
-        return await asyncio.to_thread(read) if wanted else {}
+        """Real CPU and memory of the instances running on this node (of `alloc_ids`, or all): the driver's stats
+        of each, read at once; an instance that is not running here has no entry."""
+        wanted = [i for a, i in self.driver.running.items() if alloc_ids is None or a in alloc_ids]
+        readings = await asyncio.gather(*(self.driver.stats(i) for i in wanted))
+        return {i.alloc_id: usage for i, usage in zip(wanted, readings, strict=True) if usage is not None}
 
     def log_file(self, alloc_id: str, stream: str = "stdout") -> Path:
         """The live log file of an allocation's instance on this node (its rotations sit next to it)."""

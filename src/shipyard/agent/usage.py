@@ -96,8 +96,7 @@ class UsageMeter:
             self._last[alloc_id] = _Sample(pid, start_time, cpu, now, usage)
         return usage
 
-    def retain(self, alloc_ids: set[str]) -> None:
-        """Forget the readings of instances no longer running here."""
+    def forget(self, alloc_id: str) -> None:
+        """The instance's run ended: its reading goes (a next run is measured on its own anyway)."""
         with self._lock:
-            for gone in set(self._last) - alloc_ids:
-                del self._last[gone]
+            self._last.pop(alloc_id, None)

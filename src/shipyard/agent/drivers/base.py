@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 if TYPE_CHECKING:
     from shipyard.agent.state import ExitRecord, InstanceState
     from shipyard.agent.task import TaskSpec
+    from shipyard.agent.usage import Usage
 
 
 class DriverInstance(Protocol):
@@ -58,8 +59,8 @@ class TaskDriver(Protocol[Inst]):
         """Until the run ends, with how it ended."""
         ...
 
-    async def stats(self, instance: Inst) -> dict[str, int]:
-        """What the run uses now: {"rss_bytes": ..., "processes": ...}."""
+    async def stats(self, instance: Inst) -> Usage | None:
+        """What the run uses now (CPU share and time, resident memory, processes); None once it has ended."""
         ...
 
     def logs(self, alloc_id: str, stream: str) -> Path:

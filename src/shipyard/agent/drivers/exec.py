@@ -25,13 +25,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import quote
 
 import shipyard
-from shipyard.agent.limits import (
-    CgroupSupport,
-    create_instance_cgroup,
-    detect_cgroup_support,
-    instance_pids,
-    rss_bytes,
-)
+from shipyard.agent.limits import CgroupSupport, create_instance_cgroup, detect_cgroup_support
 from shipyard.agent.logfiles import read_tail
 from shipyard.agent.state import (
     EXIT_FILE,
@@ -49,6 +43,7 @@ from shipyard.agent.state import (
     write_json_atomic,
 )
 from shipyard.agent.task import TaskSpec
+from shipyard.agent.usage import Usage, UsageMeter
 from shipyard.errors import Conflict, ShipyardError
 from shipyard.private_files import operator_umask
 
@@ -284,6 +279,7 @@ class ExecDriver:
         self.python = python
         self.running: dict[str, ExecInstance] = {}
         self.fork_server = ShimForkServer(python, self.data_dir)
+        self.meter = UsageMeter()  # each running instance's previous reading, which stats() measures CPU against
 
     def instance_dir(self, alloc_id: str) -> Path:
         return self.instances_dir / quote(alloc_id, safe="")
@@ -366,12 +362,13 @@ class ExecDriver:
     async def wait(self, instance: ExecInstance) -> ExitRecord:
         return await instance.wait()
 
-    async def stats(self, instance: ExecInstance) -> dict[str, int]:
-        """Resident memory and process count of the instance's whole tree (read from /proc, off the loop)."""
-        def read() -> dict[str, int]:
-            pids = instance_pids(instance.shim_pid, instance.pgid) if instance.running else set()
-            return {"rss_bytes": rss_bytes(pids), "processes": len(pids)}
-        return await asyncio.to_thread(read)
+    async def stats(self, instance: ExecInstance) -> Usage | None:
+        """CPU and resident memory of the instance's process tree under its shim (agent/usage.py: read from /proc,
+        off the loop); None once it has exited."""
+        if not instance.running:
+            return None
+        state = instance.state
+        return await asyncio.to_thread(self.meter.read, state.alloc_id, state.shim_pid, state.pid, state.start_time)
 
     def logs(self, alloc_id: str, stream: str) -> Path:
         if stream not in ("stdout", "stderr"):
@@ -440,6 +437,7 @@ class ExecDriver:
     def _forget_running(self, instance: ExecInstance) -> None:
         if self.running.get(instance.alloc_id) is instance:
             del self.running[instance.alloc_id]
+            self.meter.forget(instance.alloc_id)
 
 
 def shim_environment() -> dict[str, str]:
