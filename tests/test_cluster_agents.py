@@ -216,10 +216,24 @@ class PassingWatch:
             self._stop.wait(0.1)
 
 
+def remove_stale_labs() -> None:
+    """Namespaces a run killed before its teardown left behind (its pid gone, nothing running inside)."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    for name in listed:
+        head, _, rest = name.partition("-")
+        if not (head.startswith("sy") and head[2:].isdigit() and rest in ("hub", "a1", "a2")):
+            continue
+        pid = int(head[2:])
+        inside = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.strip()
+        if pid != os.getpid() and not Path(f"/proc/{pid}").exists() and not inside:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[tuple[Lab, LabServer, list[AgentProcess]]]:
     need_peer("network namespaces", netns_usable(), "needs root and iproute2 (ip netns)")
-    tag = f"sy{os.getpid() % 100000}"
+    remove_stale_labs()
+    tag = f"sy{os.getpid()}"
     net = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
     lab = Lab(tag, net)
     agents: list[AgentProcess] = []
