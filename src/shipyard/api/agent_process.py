@@ -130,10 +130,11 @@ class RemoteAgent:
         await self._partial_capacity()
         port = await self._listen()
         await self._first_contact()
-        self.agent.platform_env.update(instance_env(self.config, self.store.base_url))  # a server that answers
+        self._follow_server()
         info = AgentInfo(self.node.name, self.node.id, self.agent.address, port, self.node.datacenter,
                          dict(self.config.meta), self.secret)
-        self.heartbeat = AgentHeartbeat(self.store, info, ttl=self.config.ttl, on_rejoined=self.rejoin)
+        self.heartbeat = AgentHeartbeat(self.store, info, ttl=self.config.ttl, on_rejoined=self.rejoin,
+                                        on_beat=self._follow_server)
         await self.heartbeat.start()
         await self.catalog.start()  # its node, with its meta and a passing serfHealth
         # Adoption first: what was replaced while this agent was down is deregistered and stopped before its checker
@@ -142,6 +143,11 @@ class RemoteAgent:
         await self.health.start()
         log.info("shipyard agent ready: node %s at %s (logs on port %d), servers %s, %s", self.node.name,
                  self.agent.address, port, ", ".join(self.config.servers), _capacity_summary(self.agent))
+
+    def _follow_server(self) -> None:
+        """Instances started from now on are told the server that answers now (the store moved on to the next
+        --server when one stopped answering); running ones keep what they were given."""
+        self.agent.platform_env.update(instance_env(self.config, self.store.base_url))
 
     async def _first_contact(self) -> None:
         """Waits for some server to answer (an agent may well start before them); a refused token is fatal."""

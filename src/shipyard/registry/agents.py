@@ -97,11 +97,12 @@ class AgentHeartbeat:
     cannot be reached is only logged: what the agent runs keeps running."""
 
     def __init__(self, store: Store, info: AgentInfo, *, ttl: int = DEFAULT_AGENT_TTL,
-                 on_rejoined: Hook | None = None) -> None:
+                 on_rejoined: Hook | None = None, on_beat: Callable[[], None] | None = None) -> None:
         self.store = store
         self.info = info
         self.ttl = ttl
         self.on_rejoined = on_rejoined
+        self.on_beat = on_beat  # after each heartbeat a server confirmed
         self.reachable = True
         self._lease = 0
         self._task: asyncio.Task[None] | None = None
@@ -139,6 +140,8 @@ class AgentHeartbeat:
                 if not self.reachable:
                     log.info("agent %s: servers reachable again", self.info.name)
                 self.reachable = True
+                if self.on_beat is not None:
+                    self.on_beat()
                 if rejoin_pending and self.on_rejoined is not None:
                     await self.on_rejoined()  # outside the timeout: it may stop instances, which takes a while
                 rejoin_pending = False
