@@ -365,6 +365,8 @@ def test_an_agent_cut_off_has_its_instance_replaced_and_stops_it_when_back(
           f"{critical_after:.2f}s, replaced on the other agent after {replaced_after:.2f}s; link back: the "
           f"superseded instance stopped after {stopped_after:.2f}s; most passing at once: {watch.most}")
     assert watch.most <= COUNT + MAX_PARALLEL, f"more than count + max_parallel passing at once: {watch.seen}"
+    other.stop()  # SIGTERM: it says it left
+    wait_for("the stopped agent listed as left", lambda: members(server)[other.name] == (other.address, 3), timeout=15)
 
 
 # ---- without namespaces: the agent's flags --------------------------------------------------------------------
