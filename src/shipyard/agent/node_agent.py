@@ -22,7 +22,7 @@ from shipyard.agent.adopt import adopt_instances
 from shipyard.agent.drivers.exec import ExecDriver, ExecInstance
 from shipyard.agent.ports import PortAllocator
 from shipyard.agent.registration import AGENT_OUTPUT_PREFIX, check_id_for, check_record, service_record
-from shipyard.agent.state import STDERR_LOG, STDOUT_LOG, ExitRecord
+from shipyard.agent.state import ExitRecord
 from shipyard.agent.supervisor import BACKOFF, RUNNING, STARTING, Supervisor
 from shipyard.agent.task import RestartPolicy
 from shipyard.agent.task import TaskSpec as InstanceSpec
@@ -869,12 +869,10 @@ class NodeAgent:
 
     def log_file(self, alloc_id: str, stream: str = "stdout") -> Path:
         """The live log file of an allocation's instance on this node (its rotations sit next to it)."""
-        if stream not in ("stdout", "stderr"):
-            raise ShipyardError(f"stream must be stdout or stderr, not {stream!r}", status=400)
-        directory = self.driver.instance_dir(alloc_id)
-        if not directory.is_dir():
+        path = self.driver.logs(alloc_id, stream)  # the driver's interface: it knows where its logs are
+        if not path.parent.is_dir():
             raise NotFound(f"no instance of allocation {alloc_id!r} ran on node {self.node.name}")
-        return directory / (STDOUT_LOG if stream == "stdout" else STDERR_LOG)
+        return path
 
 
 def _q(part: str) -> str:
