@@ -480,6 +480,12 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     if config.data_dir is not None:
         make_data_dir_private(config.data_dir)
     lock_fd = lock_data_dir(config.data_dir) if config.data_dir is not None else None
+    # Handlers first: the API answers before "ready", and a SIGTERM in between must still stop what was started
+    # (a --dev server's instances, the gateway workers) rather than kill the process with no cleanup.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     platform = await build_platform(config)
     prepare_vault(config, platform, tls_context)
     runner: web.AppRunner | None = None
@@ -518,10 +524,6 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
             config.data_dir or "in memory (--dev)",
             bus_summary(platform),
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         if ready is not None:
             ready.set()
         await stop.wait()
