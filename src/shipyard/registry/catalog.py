@@ -27,6 +27,7 @@ CHECKS = "catalog/checks/"
 # catalog or health answers: its mod_revision is the X-Consul-Index of per-service queries, and it
 # survives the last instance's removal so a blocking reader still sees the removal as a change.
 SERVICE_INDEX = "catalog/service-index/"
+PATCH_MAX = 2000  # changed keys applied to a cached snapshot at most; past that the whole catalog is read again
 
 PASSING, WARNING, CRITICAL, MAINTENANCE = "passing", "warning", "critical", "maintenance"
 STATUSES = (PASSING, WARNING, CRITICAL)
@@ -107,6 +108,17 @@ def _add_record(snap: CatalogSnapshot, kv: KeyValue) -> None:
         snap.services[_split_key(key, SERVICES)] = entry
     elif key.startswith(CHECKS):
         snap.checks[_split_key(key, CHECKS)] = entry
+
+
+def _drop_record(snap: CatalogSnapshot, key: str) -> None:
+    if key.startswith(SERVICE_INDEX):
+        snap.service_index.pop(unquote(key[len(SERVICE_INDEX) :]), None)
+    elif key.startswith(NODES):
+        snap.nodes.pop(unquote(key[len(NODES) :]), None)
+    elif key.startswith(SERVICES):
+        snap.services.pop(_split_key(key, SERVICES), None)
+    elif key.startswith(CHECKS):
+        snap.checks.pop(_split_key(key, CHECKS), None)
 
 
 def _entry(kv: KeyValue) -> Entry | None:
@@ -337,27 +349,81 @@ class Catalog:
     async def snapshot(self) -> CatalogSnapshot:
         """The whole catalog at one revision; re-parsed only when something under catalog/ changed."""
         cached = self._cache
+        if cached is None:
+            return await self._load(None)
+        index, revision = await self._current_index(cached)
+        if index is None:
+            return await self._load(cached)
+        if index <= cached.index:
+            cached.revision = max(cached.revision, revision)
+            return cached
+        latest = self._cache
+        if latest is not None and latest.index >= index:
+            return latest  # another caller brought it up to date meanwhile
+        # Woken together, a thousand blocking queries share one refresh, if it saw this change too.
+        loading = self._loading
+        if loading is not None:
+            shared = await asyncio.shield(loading)
+            if shared.index >= index:
+                return shared
+        self._loading = asyncio.ensure_future(self._refresh(index))
+        try:
+            return await asyncio.shield(self._loading)
+        finally:
+            if self._loading is not None and self._loading.done():
+                self._loading = None
+
+    async def _current_index(self, cached: CatalogSnapshot) -> tuple[int | None, int]:
+        """(catalog index now, store revision) without reading the catalog, where the store can tell: etcd's follow
+        stream names the changes since the cached index (once it has caught up with what this process wrote), else
+        etcd's last modified key under catalog/ (etcd sorts the whole prefix for it: the fallback). (None, 0) on a
+        store that cannot (SQLite reads the whole catalog locally)."""
+        changes_known = getattr(self.store, "changes_known", None)
+        if changes_known is not None:
+            changes = await changes_known(PREFIX, cached.index)
+            if changes is not None:
+                return max([cached.index, *(rev for rev, _ in changes)]), self.store.revision
         index_of = getattr(self.store, "prefix_index", None)
-        if cached is not None and index_of is not None:
-            # etcd: whether anything changed costs one key, not the whole catalog (a blocking query woken with a
-            # thousand others, a write on a large catalog)
-            index, revision = await index_of(PREFIX)
-            if index == cached.index:
-                cached.revision = revision
-                return cached
-            # Woken together, a thousand blocking queries share one full read, if it saw this change too.
-            loading = self._loading
-            if loading is not None:
-                shared = await asyncio.shield(loading)
-                if shared.index >= index:
-                    return shared
-            self._loading = asyncio.ensure_future(self._load(cached))
-            try:
-                return await asyncio.shield(self._loading)
-            finally:
-                if self._loading is not None and self._loading.done():
-                    self._loading = None
-        return await self._load(cached)
+        if index_of is None:
+            return None, 0
+        index, revision = await index_of(PREFIX)
+        return int(index), int(revision)
+
+    async def _refresh(self, index: int) -> CatalogSnapshot:
+        cached = self._cache
+        patched = None if cached is None else await self._patch(cached, index)
+        return patched if patched is not None else await self._load(cached)
+
+    async def _patch(self, cached: CatalogSnapshot, index: int) -> CatalogSnapshot | None:
+        """etcd: the cached snapshot with the keys changed since it re-read (the store's follow stream names them,
+        up to the index just seen), instead of the whole catalog (10,000 instances: megabytes through etcd's JSON
+        gateway, seconds, for each change). None when the store cannot name them all (then the whole is read)."""
+        changes_since = getattr(self.store, "changes_since", None)
+        changes = None if changes_since is None else changes_since(PREFIX, cached.index, index)
+        if changes is None or len(changes) > PATCH_MAX:
+            return None
+        keys = sorted({key for _, key in changes})
+        result = await self.store.txn((), [Get(key) for key in keys])
+        snap = CatalogSnapshot(
+            revision=result.revision, index=max([cached.index, *(rev for rev, _ in changes)]),
+            nodes=dict(cached.nodes), services=dict(cached.services), checks=dict(cached.checks),
+            service_index=dict(cached.service_index), nodes_index=cached.nodes_index,
+            services_index=cached.services_index, checks_index=cached.checks_index)
+        for key, kvs in zip(keys, result.ranges(), strict=True):
+            if kvs:
+                _add_record(snap, kvs[0])
+            else:
+                _drop_record(snap, key)
+        for rev, key in changes:
+            if key.startswith(NODES):
+                snap.nodes_index = max(snap.nodes_index, rev)
+            elif key.startswith(SERVICES):
+                snap.services_index = max(snap.services_index, rev)
+            elif key.startswith(CHECKS):
+                snap.checks_index = max(snap.checks_index, rev)
+        if self._cache is None or snap.index >= self._cache.index:
+            self._cache = snap
+        return snap
 
     async def _load(self, cached: CatalogSnapshot | None) -> CatalogSnapshot:
         rr = await self.store.range(PREFIX, prefix=True)

@@ -179,6 +179,7 @@ class EtcdStore:
         self._events: deque[tuple[int, str]] = deque(maxlen=RECENT_EVENTS)
         self._events_from = 0  # every change after this revision is in _events
         self._following = False  # the follow stream is connected (else waiters watch etcd themselves)
+        self._followed = 0  # the last revision the follow stream applied
         self._key_waiters: dict[str, list[tuple[int, asyncio.Future[bool]]]] = {}
         self._prefix_waiters: list[tuple[str, int, asyncio.Future[bool]]] = []
         self._follower: asyncio.Task[None] | None = None
@@ -188,7 +189,7 @@ class EtcdStore:
         store = cls(url, namespace=namespace)
         status = await store._call("/v3/maintenance/status", {})
         store._revision = int(status["header"].get("revision", 0))
-        store._events_from = store._revision
+        store._events_from = store._followed = store._revision
         ready = asyncio.Event()
         store._follower = asyncio.create_task(store._follow(ready), name="etcd-follow")
         await asyncio.wait_for(ready.wait(), 10)
@@ -396,6 +397,7 @@ class EtcdStore:
                         self._note_change(event)
                         self._seen(event.revision, event.kv.key)
                     next_revision = batch[-1].revision + 1
+                    self._followed = batch[-1].revision
                     self._revision = max(self._revision, batch[-1].revision)
             except asyncio.CancelledError:
                 watcher.cancel()
@@ -462,6 +464,31 @@ class EtcdStore:
                 waiting[:] = [w for w in waiting if w[1] is not future]
                 if not waiting:
                     self._key_waiters.pop(key, None)
+
+    async def changes_known(self, prefix: str, after: int, *, wait: float = 0.1) -> list[tuple[int, str]] | None:
+        """changes_since(prefix, after) up to every revision this process has seen so far (its own writes, answers
+        from etcd), once the follow stream has caught up with it (waiting up to `wait`); None if it cannot tell."""
+        target = self._revision
+        deadline = asyncio.get_running_loop().time() + wait
+        while self._followed < target and self._following:
+            if asyncio.get_running_loop().time() >= deadline:
+                return None
+            await asyncio.sleep(0.005)
+        return self.changes_since(prefix, after, target)
+
+    def changes_since(self, prefix: str, after: int, upto: int) -> list[tuple[int, str]] | None:
+        """(revision, key) of every change under `prefix` after revision `after`, as the follow stream saw them, once
+        it has seen revision `upto`; None when it cannot name them all (not following, not there yet, or `after` is
+        older than the changes it remembers)."""
+        if not self._following or after < self._events_from or self._followed < upto:
+            return None
+        out = []
+        for revision, key in reversed(self._events):
+            if revision <= after:
+                break
+            if key.startswith(prefix):
+                out.append((revision, key))
+        return out
 
     def _seen(self, revision: int, key: str) -> None:
         if len(self._events) == self._events.maxlen:
