@@ -1,7 +1,9 @@
 """`shipyard agent` on machines without a server, in network namespaces: a server (SQLite, bound on a bridge address
 of the host's namespace) and two agents, each in its own namespace with its own address on the bridge. One agent's
 link is cut: its instance turns critical, is replaced on the other agent, and is stopped once the link is back; no
-moment has more passing instances than count + max_parallel.
+moment has more passing instances than count + max_parallel. The other agent is an entry point: a client in the
+host's namespace loops through its gateway all along (no request may fail), and its DNS names the instances of
+both agents.
 
 Needs root (ip netns); every name carries this process's id, and everything it creates is deleted at the end.
 """
@@ -35,7 +37,9 @@ APP = """\
 import http.server, os
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        self.send_response(200); self.send_header("Content-Length", "3"); self.end_headers(); self.wfile.write(b"ok\\n")
+        body = os.environ["HOST"].encode()  # which agent answered, seen through the gateway
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
     def log_message(self, *args): pass
 print("hello from", os.environ["SHIPYARD_ALLOC_ID"], "on", os.environ["HOST"], "control",
       os.environ["SHIPYARD_HTTP_ADDR"], flush=True)
@@ -128,12 +132,17 @@ class AgentProcess:
         self.port = free_port()
         self.data_dir = base / self.name
         self.log_path = base / f"{self.name}.log"
-        # Agent 2 is given a server that is down first: it must go on to the next one.
+        # Agent 2 is given a server that is down first: it must go on to the next one (its gateway workers too).
         dead = ["--server", f"http://{server.address}:{free_port()}"] if i == 2 else []
+        self.dns_port, self.gateway_port = free_port(), free_port()
+        # Agent 2 is an entry point: gateway and DNS on its bridge address (plain HTTP servers: --insecure-bind);
+        # agent 1's DNS stays on its loopback.
+        entry = ["--gateway", "--gateway-port", str(self.gateway_port), "--insecure-bind"] if i == 2 else []
         self.command = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "shipyard.cli.main", "agent",
                         *dead, "--server", server.url, "--node", self.name, "--advertise", self.address,
                         "--port", str(self.port), "--meta", f"rack=r{i}", "--data-dir", str(self.data_dir),
-                        "--heartbeat-ttl", str(TTL), "--drain-delay", "0.2"]
+                        "--heartbeat-ttl", str(TTL), "--drain-delay", "0.2", "--dns-port", str(self.dns_port),
+                        *entry]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -216,6 +225,56 @@ class PassingWatch:
             self._stop.wait(0.1)
 
 
+class GatewayLoad:
+    """One client in the host's namespace looping GETs through an agent's gateway (keep-alive, 5 s timeout): every
+    non-200 or transport error is a failure; answers are counted by the agent address the instance gave."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.ok = 0
+        self.failures: list[str] = []
+        self.by_answer: dict[str, int] = {}
+        self.slowest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> GatewayLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def _run(self) -> None:
+        with requests.Session() as session:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    r = session.get(self.url, timeout=5)
+                except requests.RequestException as exc:
+                    self.failures.append(f"{started:.2f} {exc}")
+                    continue
+                self.slowest = max(self.slowest, time.monotonic() - started)
+                if r.status_code != 200:
+                    self.failures.append(f"{started:.2f} {r.status_code} {r.text[:100]}")
+                    continue
+                self.ok += 1
+                self.by_answer[r.text] = self.by_answer.get(r.text, 0) + 1
+                self._stop.wait(0.01)
+
+
+def dig(agent: AgentProcess, name: str) -> set[str]:
+    """The A records the agent's DNS gives for name (asked from the host's namespace, over UDP)."""
+    out = subprocess.run(["dig", f"@{agent.address}", "-p", str(agent.dns_port), "+short", "+time=2", "+tries=1",
+                          name], capture_output=True, text=True, timeout=10)
+    return set(out.stdout.split()) if out.returncode == 0 else set()
+
+
+def answered_by(url: str) -> set[str]:
+    return {requests.get(url, timeout=5).text for _ in range(6)}
+
+
 def remove_stale_labs() -> None:
     """Namespaces a run killed before its teardown left behind (its pid gone, nothing running inside)."""
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
@@ -232,6 +291,7 @@ def remove_stale_labs() -> None:
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[tuple[Lab, LabServer, list[AgentProcess]]]:
     need_peer("network namespaces", netns_usable(), "needs root and iproute2 (ip netns)")
+    need_peer("dig", shutil.which("dig") is not None, "asks the agent's DNS (apt-get install dnsutils)")
     remove_stale_labs()
     tag = f"sy{os.getpid()}"
     net = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
@@ -285,7 +345,8 @@ def deploy_web(server: LabServer, tmp_path: Path, cut: AgentProcess, other: Agen
                             "health": {"http": "/", "interval": "1s", "timeout": "1s", "grace": "2s"},
                             "resources": {"cpu": 10, "memory": 32}, "stop_grace": "2s",
                             "spread": [{"attribute": "${meta.rack}"}],
-                            "update": {"max_parallel": MAX_PARALLEL, "min_healthy_time": "1s"}}
+                            "update": {"max_parallel": MAX_PARALLEL, "min_healthy_time": "1s"},
+                            "routes": [{"paths": ["/web"], "strip_path": True}]}
     r = requests.post(server.url + "/api/v1/jobs", json=spec, timeout=10)
     assert r.status_code in (200, 201), r.text
 
@@ -338,10 +399,17 @@ def test_an_agent_cut_off_has_its_instance_replaced_and_stops_it_when_back(
     check_agents_listed(server, cut, other)
     on_cut, on_other = deploy_web(server, tmp_path, cut, other)
     check_relayed(server, {on_cut: cut, on_other: other})
+    # Agent 2 as an entry point: its gateway (reached from the host's namespace) and its DNS see both agents.
+    gateway = f"http://{other.address}:{other.gateway_port}/web/"
+    both = {cut.address, other.address}
+    wait_for("agent 2's gateway answering from both agents", lambda: answered_by(gateway) == both, timeout=15)
+    wait_for("agent 2's DNS naming the instances of both agents", lambda: dig(other, "web.service.consul") == both,
+             timeout=10)
 
     shims = cut.shim_pids()
     assert shims, f"no instance found in {cut.data_dir}: {cut.log_tail()}"
-    with PassingWatch(server.url) as watch:
+    with PassingWatch(server.url) as watch, GatewayLoad(gateway) as load:
+        wait_for("the load answered by both agents", lambda: len(load.by_answer) == 2, timeout=10)
         net.link(1, "down")
         cut_at = time.monotonic()
         wait_for("the cut-off agent's instance critical", lambda: instance_critical(server, cut.name),
@@ -352,6 +420,8 @@ def test_an_agent_cut_off_has_its_instance_replaced_and_stops_it_when_back(
             passing_nodes(server).values()) == [other.name] * COUNT, timeout=20)
         replaced_after = time.monotonic() - cut_at
         assert all(alive(p) for p in shims), "an agent that cannot reach a server keeps its instances running"
+        wait_for("agent 2's DNS naming only its own instances", lambda: dig(other, "web.service.consul") == {
+            other.address}, timeout=10)
 
         net.link(1, "up")
         back_at = time.monotonic()
@@ -363,8 +433,11 @@ def test_an_agent_cut_off_has_its_instance_replaced_and_stops_it_when_back(
         assert sorted(passing_nodes(server).values()) == [other.name] * COUNT
     print(f"\nagent cut off (lease {TTL}s, --node-lost-after {LOST_AFTER}s): its instance critical after "
           f"{critical_after:.2f}s, replaced on the other agent after {replaced_after:.2f}s; link back: the "
-          f"superseded instance stopped after {stopped_after:.2f}s; most passing at once: {watch.most}")
+          f"superseded instance stopped after {stopped_after:.2f}s; most passing at once: {watch.most}; through "
+          f"agent 2's gateway: {load.ok} answered {load.by_answer}, {len(load.failures)} failed, slowest "
+          f"{load.slowest:.2f}s")
     assert watch.most <= COUNT + MAX_PARALLEL, f"more than count + max_parallel passing at once: {watch.seen}"
+    assert not load.failures, f"requests through the gateway failed: {load.failures[:5]}\n{other.log_tail()}"
     other.stop()  # SIGTERM: it says it left
     wait_for("the stopped agent listed as left", lambda: members(server)[other.name] == (other.address, 3), timeout=15)
 

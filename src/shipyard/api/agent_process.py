@@ -1,7 +1,8 @@
 """Composition root of `shipyard agent`: a node without a server. It reaches the servers' store over HTTP
 (RemoteStore, failing over between --server URLs), registers its node, heartbeats on a lease, runs the instances the
-scheduler places on its node (the same NodeAgent a server runs for itself), probes their checks locally, and serves
-their logs to the servers on a small listener.
+scheduler places on its node (the same NodeAgent a server runs for itself), probes their checks locally, serves
+their logs to the servers on a small listener, answers Consul DNS and, with --gateway, runs gateway workers
+(api/agent_entry.py).
 
 It wires parts together and runs them; it never decides placement, and it never stops an instance because the
 servers cannot be reached (only because its allocations are gone, once it sees that they are).
@@ -24,6 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from shipyard.agent.node_agent import DEFAULT_DRAIN_DELAY, NodeAgent
+from shipyard.api.agent_entry import DEFAULT_DNS_PORT, AgentEntry, EntryConfig, check_entry_ports, check_gateway_bind
 from shipyard.api.errors import error_middleware
 from shipyard.api.native.agent_logs import AGENT_LOGS, secret_middleware
 from shipyard.api.native.logs_api import routes as log_routes
@@ -66,6 +68,17 @@ class AgentConfig:
     ttl: int = DEFAULT_AGENT_TTL
     drain_delay: float = DEFAULT_DRAIN_DELAY
     enable_script_checks: bool = False
+    dns_port: int = DEFAULT_DNS_PORT  # 0: no DNS
+    dns_token: str = ""
+    gateway_port: int = 0  # 0: no gateway workers
+    gateway_workers: int = 1
+    insecure_bind: bool = False  # DNS and the gateway may face the network without TLS and ACLs
+
+    def entry(self) -> EntryConfig:
+        return EntryConfig(address=self.advertise, servers=self.servers, token=self.token, ca_file=self.ca_file,
+                           cert_file=self.cert_file, key_file=self.key_file, dns_port=self.dns_port,
+                           dns_token=self.dns_token, gateway_port=self.gateway_port,
+                           gateway_workers=self.gateway_workers, insecure_bind=self.insecure_bind)
 
 
 def server_url(raw: str) -> str:
@@ -117,6 +130,7 @@ class RemoteAgent:
         self.secret = secrets.token_urlsafe(32)
         self.runner: web.AppRunner | None = None
         self.heartbeat: AgentHeartbeat | None = None
+        self.entry = AgentEntry(config.entry(), self.store, self.catalog, config.data_dir)
 
     async def _partial_capacity(self) -> None:
         """Only one of --cpu-mhz / --memory-mb given: the other is detected."""
@@ -141,6 +155,7 @@ class RemoteAgent:
         # could probe it passing again.
         await self.agent.start()  # its node record for placement, adoption, then its allocations
         await self.health.start()
+        await self.entry.start(port)  # DNS and gateway workers: this machine as an entry point of the cluster
         log.info("shipyard agent ready: node %s at %s (logs on port %d), servers %s, %s", self.node.name,
                  self.agent.address, port, ", ".join(self.config.servers), _capacity_summary(self.agent))
 
@@ -193,6 +208,8 @@ class RemoteAgent:
 
     async def stop(self) -> None:
         """Leaves (members show 3); instances keep running under their shims for the next agent on this data dir."""
+        with contextlib.suppress(Exception):
+            await self.entry.stop()  # the gateway first: its workers finish their requests while the node is live
         if self.heartbeat is not None:
             await self.heartbeat.stop()
         with contextlib.suppress(Exception):
@@ -213,6 +230,8 @@ def _capacity_summary(agent: NodeAgent) -> str:
 
 async def run_agent(config: AgentConfig) -> None:
     """Runs an agent until SIGINT/SIGTERM."""
+    check_gateway_bind(config.entry())
+    check_entry_ports(config.entry(), config.port)
     make_process_private()
     make_data_dir_private(config.data_dir)
     lock_fd = lock_data_dir(config.data_dir)

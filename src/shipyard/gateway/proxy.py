@@ -193,6 +193,8 @@ class Request:
     excluded: set[str] | None = None
     replay: list[bytes] | None = None  # the whole body as sent upstream (held for a retry); None if streamed
     fresh_retry = False  # retrying after a pooled connection was found closed: a new connection if need be
+    connecting: Target | None = None  # the target of the connect in progress (None: none, or it was abandoned)
+    connect_started = 0.0
     head_sent = False
     response_done = False
     down_chunked = False
@@ -639,7 +641,7 @@ class ClientConnection:
         if target is None and req.fresh_retry and req.target is not None:
             # No other instance: the one whose pooled connection was closed under us, on a new connection.
             req.fresh_retry = False
-            self.gw.spawn(self._connect(req, req.target))
+            self._spawn_connect(req, req.target)
             return
         if target is None:
             if req.attempts:
@@ -658,7 +660,12 @@ class ClientConnection:
         if conn is not None:
             self._attach(req, conn)
         else:
-            self.gw.spawn(self._connect(req, target))
+            self._spawn_connect(req, target)
+
+    def _spawn_connect(self, req: Request, target: Target) -> None:
+        req.connecting = target
+        req.connect_started = self.gw.clock
+        self.gw.spawn(self._connect(req, target))
 
     def _hash_key(self, req: Request, spec: Any) -> bytes | None:
         if spec.hash_on == "ip":
@@ -685,15 +692,17 @@ class ClientConnection:
             conn = await self.gw.pool.connect(target, backend.spec.connect_timeout, backend.spec.tls,
                                               backend.spec.tls_verify)
         except (OSError, TimeoutError) as exc:
-            if self.closed or req is not self.current:
-                return
+            if self.closed or req is not self.current or req.connecting is not target:
+                return  # the request is over, or went elsewhere when this connect was abandoned
+            req.connecting = None
             self._upstream_failure(req, target, timeout=isinstance(exc, TimeoutError), connect=True,
                                    refused=isinstance(exc, ConnectionError))
             self.flush_down()
             return
-        if self.closed or req is not self.current or req.response_done:
+        if self.closed or req is not self.current or req.response_done or req.connecting is not target:
             self.gw.pool.give_back(conn, self.gw.clock)
             return
+        req.connecting = None
         self._attach(req, conn)
 
     def _attach(self, req: Request, conn: UpstreamConnection) -> None:
@@ -1203,6 +1212,30 @@ class ClientConnection:
             self.transport.abort()
 
     # ---- timeouts (called by the worker's ticker, about twice a second) ----------------------------------------
+    def abandon_unrouted(self, routed: frozenset[str], now: float, silence: float) -> None:
+        """The request in flight waits on an instance no longer in the route table (its checks went critical: its
+        node's link cut, its agent gone) and has heard nothing from it for `silence` seconds: it goes to another
+        instance now instead of waiting for the connect or read timeout, by the usual retry rules (a connect: any
+        method, nothing was sent; a request sent: idempotent methods, within the retry budget; else 504). Nothing
+        of an answer may have reached the client yet."""
+        req = self.current
+        if req is None or self.closed or self.tunnel is not None or req.head_sent or req.response_done:
+            return
+        target = req.connecting
+        if target is not None:
+            if target.address not in routed and now - req.connect_started >= silence:
+                req.connecting = None  # its connect, when it ends, finds the request gone elsewhere
+                self._upstream_failure(req, target, timeout=True, connect=True)
+                self.flush_down()
+            return
+        target = req.target
+        if req.upstream is None or target is None or target.address in routed or not req.complete or req.upgrade:
+            return
+        if self.up_paused or now - self.up_activity < silence:
+            return
+        self._upstream_failure(req, target, timeout=True, connect=False)
+        self.flush_down()
+
     def check_timeouts(self, now: float) -> None:
         s = self.settings
         if self.down_paused and now - self.down_paused_at > s.write_timeout:

@@ -45,6 +45,10 @@ log = logging.getLogger("shipyard.gateway.worker")
 
 WATCHED_PREFIXES = ("gateway/", "catalog/", "jobs/")
 TICK = 0.5  # seconds: the coarse clock and timeout checks
+# A request that heard nothing this long from an instance that left the route table (its checks critical: its
+# node's link cut, its agent gone) goes to another one (proxy.abandon_unrouted) rather than wait for the connect (5 s)
+# or read (60 s) timeout: clients with shorter ones would fail though the platform knows the instance is gone.
+GONE_SILENCE = 1.0
 REBUILD_DELAY = 0.02  # coalesce bursts of store events into one table build
 
 
@@ -72,6 +76,7 @@ class GatewayWorker:
         self.server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.routed: frozenset[str] = frozenset()  # every target address of the current table
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """A task for an exchange's async step (upstream connect, plugin phases), referenced until done."""
@@ -81,12 +86,14 @@ class GatewayWorker:
 
     def set_table(self, table: RouteTable) -> None:
         self.table = table  # connections read it per request: in-flight exchanges keep their match
+        self.routed = frozenset(t.address for route in table.routes for t in route.backend.spec.targets)
 
     def _tick(self) -> None:
         now = self.clock = self.loop.time()
         for conn in list(self.connections):
             try:
                 conn.check_timeouts(now)
+                conn.abandon_unrouted(self.routed, now, GONE_SILENCE)
             except Exception:
                 log.exception("timeout check failed")
         self.pool.close_idle(now)
@@ -203,7 +210,7 @@ class RouteFollower:
 
 def control_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     """The client context for an https control API: its CA, and our certificate if it verifies clients."""
-    if not args.control.startswith("https://"):
+    if not any(url.startswith("https://") for url in args.control):
         return None
     return client_context(args.control_ca, args.control_cert, args.control_key)
 
@@ -227,7 +234,9 @@ def _die_with_parent() -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m shipyard.gateway.worker", description=__doc__)
-    p.add_argument("--control", required=True, help="the server's control API, e.g. http://127.0.0.1:8500")
+    p.add_argument("--control", required=True, action="append",
+                   help="the server's control API, e.g. http://127.0.0.1:8500; repeatable (servers of one cluster: "
+                        "the next is used when one cannot be reached, as an agent's workers do)")
     p.add_argument("--bind", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--server-port", type=int, action="append", default=[],
@@ -262,7 +271,7 @@ async def run_worker(args: argparse.Namespace) -> None:
     )
     worker = GatewayWorker(settings, loop)
     store = RemoteStore(args.control, ssl_context=control_tls(args))
-    own = OwnListeners.of_this_host({args.port, *args.server_port}, args.bind, args.control)
+    own = OwnListeners.of_this_host({args.port, *args.server_port}, args.bind, args.control[0])
     worker.pool.own = own
     follower = RouteFollower(store, worker.set_table, own)
     follower.certificates = default_certificates(args) if args.tls_port else None

@@ -110,7 +110,11 @@ class RemoteWatcher:
             if "error" in data:
                 raise WatchOverflow(data["error"])
             if data["events"]:
-                return [_event(e, self._store.namespace) for e in data["events"]]
+                events = [_event(e, self._store.namespace) for e in data["events"]]
+                # What a watch saw is seen too: readers that compare a cached answer with `revision` (an agent's
+                # DNS) learn of changes made elsewhere, not only of this client's own reads and writes.
+                self._store._seen(events[-1].revision)
+                return events
 
     async def start(self) -> RemoteWatcher:
         """Opens the stream now, so that events from this point on are not missed."""
