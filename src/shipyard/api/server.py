@@ -212,12 +212,14 @@ async def start_platform(platform: Platform) -> None:
             platform.agent.instance_env = service_token_env(acl, internal_key(platform.config.data_dir))
     await platform.catalog.start()
     await platform.sessions.start()
-    await platform.health.start()
     vault = platform.extras.get("vault")
     if isinstance(vault, VaultService):
         await attach_vault(vault, platform)
     if platform.agent is not None:
         await platform.agent.start()
+    # Probing starts once the agent has deregistered what it ran for allocations replaced while this server was
+    # down: probed first, a superseded instance still running would pass and be counted next to its replacement.
+    await platform.health.start()
     bus = platform.extras.get("bus")
     if isinstance(bus, Bus):
         await bus.start()  # RabbitMQ: says now if it is unreachable, then keeps trying in the background
