@@ -457,4 +457,8 @@ def test_bad_agent_flags_are_one_clear_line(tmp_path: Path) -> None:
     assert no_value.returncode == 2 and "key=value" in no_value.stderr, no_value.stderr
     wildcard = agent("--server", "127.0.0.1:8500", "--advertise", "0.0.0.0")
     assert wildcard.returncode != 0 and "--advertise" in wildcard.stderr, wildcard.stderr
+    # A gateway facing the network needs HTTPS servers with ACLs and a token, as a server's non-loopback bind does.
+    exposed = agent("--server", "10.0.0.1:8500", "--advertise", "10.0.0.7", "--gateway")
+    assert exposed.returncode != 0 and "--insecure-bind" in exposed.stderr, exposed.stderr
+    assert len(exposed.stderr.strip().splitlines()) == 1, exposed.stderr
     assert not (tmp_path / "d").exists()  # refused before it touched anything
