@@ -1,9 +1,10 @@
-"""The headline fault of a cluster: kill -9 of the leading server in the middle of a rolling deploy, while a client
-loads a gateway on another node and a KV writer writes through a follower. Nothing a client was told may be lost.
+"""The headline fault of a cluster: kill -9 of the leading server in the middle of a rolling deploy, while clients
+load a gateway on another node and a KV writer writes through a follower. Nothing a client was told may be lost.
 
 Three real servers on one real etcd, each on its own loopback address (127.0.0.2-4) as on its own machine, RabbitMQ
 as the bus. The instances of the killed server's node keep running under their shims, as on a machine whose server
-process died: they leave `?passing` (and the gateway) when its lease expires and are replaced after --node-lost-after.
+process died: they leave `?passing` (and the gateway) when its lease expires and are replaced after --node-lost-after;
+the killed server, restarted, stops them without their ever being counted next to their replacements.
 """
 
 from __future__ import annotations
