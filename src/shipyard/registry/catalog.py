@@ -349,58 +349,48 @@ class Catalog:
     async def snapshot(self) -> CatalogSnapshot:
         """The whole catalog at one revision; re-parsed only when something under catalog/ changed."""
         cached = self._cache
-        if cached is None:
-            return await self._load(None)
-        index, revision = await self._current_index(cached)
-        if index is None:
-            return await self._load(cached)
-        if index <= cached.index:
-            cached.revision = max(cached.revision, revision)
+        news = None if cached is None else await self._news(cached)
+        if cached is None or news is None:
+            return await self._load(cached)  # SQLite: a local read (a parse only when something changed)
+        target, changes = news
+        if changes is not None and not changes:
+            cached.revision = max(cached.revision, target)  # nothing changed up to etcd's revision now
             return cached
         latest = self._cache
-        if latest is not None and latest.index >= index:
+        if latest is not None and latest.revision >= target:
             return latest  # another caller brought it up to date meanwhile
-        # Woken together, a thousand blocking queries share one refresh, if it saw this change too.
+        # Woken together, a thousand blocking queries share one refresh, if it read after they came.
         loading = self._loading
         if loading is not None:
             shared = await asyncio.shield(loading)
-            if shared.index >= index:
+            if shared.revision >= target:
                 return shared
-        self._loading = asyncio.ensure_future(self._refresh(index))
+        self._loading = asyncio.ensure_future(self._refresh(changes))
         try:
             return await asyncio.shield(self._loading)
         finally:
             if self._loading is not None and self._loading.done():
                 self._loading = None
 
-    async def _current_index(self, cached: CatalogSnapshot) -> tuple[int | None, int]:
-        """(catalog index now, store revision) without reading the catalog, where the store can tell: etcd's follow
-        stream names the changes since the cached index (once it has caught up with what this process wrote), else
-        etcd's last modified key under catalog/ (etcd sorts the whole prefix for it: the fallback). (None, 0) on a
-        store that cannot (SQLite reads the whole catalog locally)."""
+    async def _news(self, cached: CatalogSnapshot) -> tuple[int, list[tuple[int, str]] | None] | None:
+        """etcd: (its revision now, the catalog keys changed since the cached snapshot as its follow stream saw them,
+        or None when it cannot name them all), without reading the catalog. None on a store that cannot tell."""
         changes_known = getattr(self.store, "changes_known", None)
-        if changes_known is not None:
-            changes = await changes_known(PREFIX, cached.index)
-            if changes is not None:
-                return max([cached.index, *(rev for rev, _ in changes)]), self.store.revision
-        index_of = getattr(self.store, "prefix_index", None)
-        if index_of is None:
-            return None, 0
-        index, revision = await index_of(PREFIX)
-        return int(index), int(revision)
+        if changes_known is None:
+            return None
+        target, changes = await changes_known(PREFIX, cached.index)
+        return int(target), changes
 
-    async def _refresh(self, index: int) -> CatalogSnapshot:
+    async def _refresh(self, changes: list[tuple[int, str]] | None) -> CatalogSnapshot:
         cached = self._cache
-        patched = None if cached is None else await self._patch(cached, index)
+        patched = None if cached is None or changes is None else await self._patch(cached, changes)
         return patched if patched is not None else await self._load(cached)
 
-    async def _patch(self, cached: CatalogSnapshot, index: int) -> CatalogSnapshot | None:
-        """etcd: the cached snapshot with the keys changed since it re-read (the store's follow stream names them,
-        up to the index just seen), instead of the whole catalog (10,000 instances: megabytes through etcd's JSON
-        gateway, seconds, for each change). None when the store cannot name them all (then the whole is read)."""
-        changes_since = getattr(self.store, "changes_since", None)
-        changes = None if changes_since is None else changes_since(PREFIX, cached.index, index)
-        if changes is None or len(changes) > PATCH_MAX:
+    async def _patch(self, cached: CatalogSnapshot, changes: list[tuple[int, str]]) -> CatalogSnapshot | None:
+        """etcd: the cached snapshot with the keys changed since (named by the store's follow stream), instead of
+        the whole catalog (10,000 instances: megabytes through etcd's JSON gateway, seconds, for each change).
+        None past PATCH_MAX changes (then the whole is read)."""
+        if len(changes) > PATCH_MAX:
             return None
         keys = sorted({key for _, key in changes})
         result = await self.store.txn((), [Get(key) for key in keys])

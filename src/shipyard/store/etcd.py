@@ -83,6 +83,8 @@ class EtcdWatcher:
         self._pending: list[list[Event]] = []
         self._cancelled = False
         self._buffer = bytearray()
+        self._answer_revision = 0  # etcd's revision when it sent the message being handed out
+        self.progress = 0  # every change in the watched range up to this revision has been handed out
 
     def __aiter__(self) -> EtcdWatcher:
         return self
@@ -115,6 +117,7 @@ class EtcdWatcher:
             if not line.strip():
                 continue
             result = orjson.loads(line).get("result", {})
+            self._answer_revision = int((result.get("header") or {}).get("revision", 0))
             if result.get("canceled"):
                 if "compact_revision" in result:
                     raise Compacted(int(result["compact_revision"]))
@@ -128,7 +131,11 @@ class EtcdWatcher:
                 batch.append(event)
             if batch:
                 self._pending.append(batch)
-        return self._pending.pop(0)
+        batch = self._pending.pop(0)
+        # etcd sent this message at its revision then, with every change in range up to it: once the message's last
+        # batch is out, nothing older can come
+        self.progress = max(batch[-1].revision, self._answer_revision if not self._pending else 0)
+        return batch
 
     async def _next_line(self) -> bytes:
         """One message of the stream, however long (aiohttp's readline refuses lines past 64 KiB: a batch of events
@@ -180,6 +187,9 @@ class EtcdStore:
         self._events_from = 0  # every change after this revision is in _events
         self._following = False  # the follow stream is connected (else waiters watch etcd themselves)
         self._followed = 0  # the last revision the follow stream applied
+        self._next_read: asyncio.Future[int] | None = None  # callers of revision_now() waiting for the next read
+        self._reading = False
+        self._reader: asyncio.Future[None] | None = None
         self._key_waiters: dict[str, list[tuple[int, asyncio.Future[bool]]]] = {}
         self._prefix_waiters: list[tuple[str, int, asyncio.Future[bool]]] = []
         self._follower: asyncio.Task[None] | None = None
@@ -397,7 +407,7 @@ class EtcdStore:
                         self._note_change(event)
                         self._seen(event.revision, event.kv.key)
                     next_revision = batch[-1].revision + 1
-                    self._followed = batch[-1].revision
+                    self._followed = max(self._followed, watcher.progress)
                     self._revision = max(self._revision, batch[-1].revision)
             except asyncio.CancelledError:
                 watcher.cancel()
@@ -465,16 +475,42 @@ class EtcdStore:
                 if not waiting:
                     self._key_waiters.pop(key, None)
 
-    async def changes_known(self, prefix: str, after: int, *, wait: float = 0.1) -> list[tuple[int, str]] | None:
-        """changes_since(prefix, after) up to every revision this process has seen so far (its own writes, answers
-        from etcd), once the follow stream has caught up with it (waiting up to `wait`); None if it cannot tell."""
-        target = self._revision
+    async def revision_now(self) -> int:
+        """etcd's revision at some moment after this call (one key counted, not read). Callers that come while a
+        read is on its way share the next one (a read that started before them could predate their request): a
+        thousand blocking queries woken together cost two reads, not a thousand."""
+        future = self._next_read
+        if future is None:
+            future = self._next_read = asyncio.get_running_loop().create_future()
+            if not self._reading:
+                self._reading = True  # from now: a caller after this one joins the queue, never a second reader
+                self._reader = asyncio.ensure_future(self._read_revisions())
+        return await asyncio.shield(future)
+
+    async def _read_revisions(self) -> None:
+        try:
+            while self._next_read is not None:
+                future, self._next_read = self._next_read, None
+                try:
+                    data = await self._call("/v3/kv/range", {"key": _b64(self._ns), "count_only": True})
+                    future.set_result(int(data["header"]["revision"]))
+                except Exception as exc:  # handed to every caller waiting for this read
+                    future.set_exception(exc)
+        finally:
+            self._reading = False
+
+    async def changes_known(self, prefix: str, after: int, *,
+                            wait: float = 0.5) -> tuple[int, list[tuple[int, str]] | None]:
+        """(etcd's revision now, changes_since(prefix, after) up to it once the follow stream has caught up with it,
+        waiting up to `wait`; None instead when it cannot name them all: writes outside the namespace may hold the
+        follow stream back, or `after` is older than what it remembers)."""
+        target = await self.revision_now()  # so that a change made through another server is included
         deadline = asyncio.get_running_loop().time() + wait
-        while self._followed < target and self._following:
+        while self._followed < target and self._following and after >= self._events_from:
             if asyncio.get_running_loop().time() >= deadline:
-                return None
+                return target, None
             await asyncio.sleep(0.005)
-        return self.changes_since(prefix, after, target)
+        return target, self.changes_since(prefix, after, target)
 
     def changes_since(self, prefix: str, after: int, upto: int) -> list[tuple[int, str]] | None:
         """(revision, key) of every change under `prefix` after revision `after`, as the follow stream saw them, once
