@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -264,11 +265,21 @@ class GatewayLoad:
                 self._stop.wait(0.01)
 
 
-def dig(agent: AgentProcess, name: str) -> set[str]:
-    """The A records the agent's DNS gives for name (asked from the host's namespace, over UDP)."""
-    out = subprocess.run(["dig", f"@{agent.address}", "-p", str(agent.dns_port), "+short", "+time=2", "+tries=1",
-                          name], capture_output=True, text=True, timeout=10)
+def dig(agent: AgentProcess, name: str, *, inside: bool = False) -> set[str]:
+    """The A records the agent's DNS gives for name, over UDP: asked from the host's namespace at its address, or
+    from inside its own namespace at 127.0.0.1."""
+    where = ["ip", "netns", "exec", agent.netns] if inside else []
+    out = subprocess.run([*where, "dig", f"@{'127.0.0.1' if inside else agent.address}", "-p", str(agent.dns_port),
+                          "+short", "+time=2", "+tries=1", name], capture_output=True, text=True, timeout=10)
     return set(out.stdout.split()) if out.returncode == 0 else set()
+
+
+def refused(address: str, port: int) -> bool:
+    try:
+        socket.create_connection((address, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def answered_by(url: str) -> set[str]:
@@ -405,6 +416,9 @@ def test_an_agent_cut_off_has_its_instance_replaced_and_stops_it_when_back(
     wait_for("agent 2's gateway answering from both agents", lambda: answered_by(gateway) == both, timeout=15)
     wait_for("agent 2's DNS naming the instances of both agents", lambda: dig(other, "web.service.consul") == both,
              timeout=10)
+    # Agent 1 has neither --insecure-bind nor HTTPS servers with ACLs: its DNS answers on its loopback only.
+    assert dig(cut, "web.service.consul", inside=True) == both
+    assert refused(cut.address, cut.dns_port)
 
     shims = cut.shim_pids()
     assert shims, f"no instance found in {cut.data_dir}: {cut.log_tail()}"
