@@ -10,11 +10,13 @@ Needs root (ip netns); every name carries this process's id, and everything it c
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -476,3 +478,64 @@ def test_bad_agent_flags_are_one_clear_line(tmp_path: Path) -> None:
     assert exposed.returncode != 0 and "--insecure-bind" in exposed.stderr, exposed.stderr
     assert len(exposed.stderr.strip().splitlines()) == 1, exposed.stderr
     assert not (tmp_path / "d").exists()  # refused before it touched anything
+
+
+def test_an_agents_gateway_and_the_servers_share_rate_limits(tmp_path: Path) -> None:
+    """An agent on this machine's loopback with --gateway, and a lone server (SQLite) with its own gateway: a
+    `day: 10` limit holds across both, either way; the agent's DNS answers too."""
+    need_peer("dig", shutil.which("dig") is not None, "asks the agent's DNS (apt-get install dnsutils)")
+    upstream_port = free_port()
+    upstream = subprocess.Popen([sys.executable, "-m", "http.server", str(upstream_port), "--bind", "127.0.0.1",
+                                 "--directory", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = ServerProcess(tmp_path / "server", "--vault-port", "0", "--node", "srv", dev=True)
+    dns_port, gateway_port = free_port(), free_port()
+    log_path = tmp_path / "agent.log"
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        server.start()
+        admin = server.url + "/api/gateway"
+        configuration: list[tuple[str, dict[str, Any]]] = [
+            ("/upstreams", {"name": "files"}), ("/upstreams/files/targets", {"target": f"127.0.0.1:{upstream_port}"}),
+            ("/services", {"name": "files", "host": "files"}),
+            ("/services/files/routes", {"name": "limited", "paths": ["/limited"]}),
+            ("/routes/limited/plugins", {"name": "rate-limiting", "config": {"day": 10}})]
+        for path, body in configuration:
+            r = requests.post(admin + path, json=body, timeout=10)
+            assert r.status_code == 201, r.text
+        with open(log_path, "ab") as log:
+            agent = subprocess.Popen([sys.executable, "-m", "shipyard.cli.main", "agent", "--server", server.addr,
+                                      "--node", "edge", "--port", str(free_port()), "--data-dir", str(tmp_path / "a"),
+                                      "--dns-port", str(dns_port), "--gateway", "--gateway-port", str(gateway_port)],
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        edge = f"http://127.0.0.1:{gateway_port}/limited/"
+        wait_for("the agent's gateway", lambda: requests.get(edge, timeout=5).status_code == 200, timeout=30)
+        assert "127.0.0.1" in subprocess.run(["dig", "@127.0.0.1", "-p", str(dns_port), "+short", "edge.node.consul"],
+                                             capture_output=True, text=True, timeout=10).stdout
+
+        def counts_published(expected: list[int]) -> bool:
+            """The gateways' keys hold what each admitted (each key: b"SRL1" and entries of key hash, window start,
+            window length, count; gateway/cluster_counters.py)."""
+            kvs = requests.get(server.url + "/api/v1/store/kv/gateway-counters/?prefix=1", timeout=5).json()["kvs"]
+            raw = [base64.b64decode(kv["value"])[4:] for kv in kvs]
+            return sorted(sum(entry[3] for entry in struct.iter_unpack("<Qqqq", r)) for r in raw) == expected
+
+        through_server = [requests.get(server.gateway_url + "/limited/", timeout=5).status_code for _ in range(8)]
+        assert through_server == [200] * 8
+        wait_for("both gateways' counts in the store", lambda: counts_published([1, 8]), timeout=10)
+        through_agent = [requests.get(edge, timeout=5).status_code for _ in range(5)]
+        # And the other way: the server's gateway counts what the agent's admitted.
+        wait_for("the agent's second request in the store", lambda: counts_published([2, 8]), timeout=10)
+        server_after = requests.get(server.gateway_url + "/limited/", timeout=5).status_code
+    finally:
+        if agent is not None and agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGTERM)
+            agent.wait(15)
+        server.stop()
+        upstream.terminate()
+        upstream.wait(10)
+    # 1 through the agent while waiting for it, 8 through the server (seen in the store, hence on its way to the
+    # agent's counters file through its watch): 1 left of 10.
+    admitted = through_agent.count(200)
+    print(f"\n`day: 10` over a server's and an agent's gateways: 1 + 8 admitted, then {admitted} of 5 via the agent")
+    assert through_agent == [200] + [429] * 4, (through_agent, log_path.read_text()[-2000:])
+    assert server_after == 429

@@ -1,5 +1,6 @@
-"""Wires a server's gateway into its cluster: with several servers on etcd, the rate-limit counts of its gateway
-workers are shared with every other server's (gateway/cluster_counters.py does the work).
+"""Wires a server's gateway into its cluster: the rate-limit counts of its gateway workers are shared with every other
+server's (several servers on etcd) and every agent's gateway (`shipyard agent --gateway`); gateway/cluster_counters.py
+does the work.
 
 It only decides whether to share and starts and stops the sync; it never counts or admits a request.
 """
@@ -15,14 +16,15 @@ GATEWAY_COUNTERS = "gateway-counters"
 
 
 async def start_gateway_counters(platform: Platform, shared_path: str) -> None:
-    """Several servers on etcd: this server's gateway counts are published and the others' added to its counters
-    file, so a rate limit holds across every gateway of the cluster. Alone (SQLite, or --single-server on etcd)
-    there is nobody to share with: nothing starts."""
+    """This server's gateway counts are published and the other gateways' added to its counters file, so a rate limit
+    holds across every gateway of the cluster. A lone server (SQLite, or --single-server on etcd) shares only once
+    some agent's gateway has published its counts: until then it reads and writes nothing."""
     config = platform.config
-    if not isinstance(platform.store, EtcdStore) or config.single_server or not shared_path:
+    if not shared_path:
         return
+    alone = not isinstance(platform.store, EtcdStore) or config.single_server
     sync = ClusterCounters(platform.store, shared_counters(shared_path), platform.node.id,
-                           interval=config.gateway_sync)
+                           interval=config.gateway_sync, wait_for_others=alone)
     platform.extras[GATEWAY_COUNTERS] = sync
     await sync.start()
 

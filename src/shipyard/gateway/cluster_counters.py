@@ -81,8 +81,10 @@ class ClusterCounters:
     """Publishes this server's gateway counts and applies the other servers' to the node's counters file."""
 
     def __init__(self, store: Store, counters: SharedCounters, server_id: str, *,
-                 interval: float = DEFAULT_INTERVAL) -> None:
+                 interval: float = DEFAULT_INTERVAL, wait_for_others: bool = False) -> None:
         self.store = store
+        # A lone server publishes nothing (and reads no counts) until another gateway (an agent's) has published.
+        self.wait_for_others = wait_for_others
         self.counters = counters
         self.key = PREFIX + server_id
         self.interval = interval
@@ -128,6 +130,8 @@ class ClusterCounters:
                 failing = True
 
     async def publish(self) -> None:
+        if self.wait_for_others and not self.others:
+            return
         value = encode_counts(self.local.read(time.time()))
         if value == self.published:
             return
