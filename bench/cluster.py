@@ -195,25 +195,30 @@ def run_agents(args: argparse.Namespace, phase: str, servers: list[ClusterServer
 # ---- fan-out and failover -------------------------------------------------------------------------------------------
 
 
-async def fanout(servers: list[ClusterServer], watchers: int, settle: float, timeout: float) -> dict[str, float]:
+async def fanout(servers: list[ClusterServer], watchers: int, settle: float, timeout: float) -> dict[str, object]:
     """`watchers` blocking health queries on `web`, spread over the servers; one new web instance; time to all."""
     first = servers[0]
     control = await connect(first.port)
-    status, _ = await control.send(http_request("GET", f"/v1/health/service/{WATCHED}", first.port))
-    assert status == 200, status
-    index = control.consul_index
     conns: list[HttpConnection] = []
     answers = []
+    indexes = []
     for k, server in enumerate(servers):
+        # each watcher blocks on the index its own server answered, as a Consul client does
+        probe = await connect(server.port)
+        status, body = await probe.send(http_request("GET", f"/v1/health/service/{WATCHED}", server.port))
+        if status != 200:
+            raise RuntimeError(f"{server.name}: /v1/health/service/{WATCHED} answered {status}: {body[:300]!r}")
+        indexes.append(probe.consul_index)
+        probe.close()
         share = watchers // len(servers) + (1 if k < watchers % len(servers) else 0)
         mine = await connect_many(server.port, share)
-        query = http_request("GET", f"/v1/health/service/{WATCHED}?index={index}&wait=120s", server.port)
+        query = http_request("GET", f"/v1/health/service/{WATCHED}?index={indexes[-1]}&wait=120s", server.port)
         answers += [conn.send(query) for conn in mine]
         conns += mine
     await asyncio.sleep(settle)  # a blocking query gives no "registered" signal: time for every server to take them
     early = sum(1 for a in answers if a.done())
     if early:
-        raise RuntimeError(f"{early} blocking queries answered before the change")
+        raise RuntimeError(f"{early} blocking queries answered before the change (indexes {indexes})")
     change = register_body("agent-000", WATCHED, f"{WATCHED}-fanout-{time.time_ns()}", "new", True)
     t0 = time.perf_counter()
     ack = control.send(http_request("PUT", "/v1/catalog/register", first.port, change))
@@ -223,7 +228,7 @@ async def fanout(servers: list[ClusterServer], watchers: int, settle: float, tim
     for conn in [*conns, control]:
         conn.close()
     all_s = (max(answered) - t0) if len(answered) == watchers else float("inf")
-    return {"watchers": watchers, "answered": len(answered), "all_answered_s": round(all_s, 4),
+    return {"watchers": watchers, "answered": len(answered), "all_answered_s": round(all_s, 4), "indexes": indexes,
             "first_answer_s": round(min(answered) - t0, 4) if answered else float("inf"),
             "write_ack_s": round(write_ack, 4)}
 
@@ -281,7 +286,7 @@ def run(args: argparse.Namespace, servers: list[ClusterServer]) -> dict[str, obj
     progress(f"heartbeats: {heartbeats}")
     failed_over = failover(servers)
     progress(f"failover: {failed_over}")
-    fan_s = statistics.median(f["all_answered_s"] for f in fanouts)
+    fan_s = statistics.median(float(f["all_answered_s"]) for f in fanouts)  # type: ignore[arg-type]
     return {
         "bench": "cluster",
         "servers": len(servers), "agents": args.agents, "instances": args.instances, "watchers": args.watchers,
@@ -312,6 +317,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fanout-timeout", type=float, default=30.0)
     parser.add_argument("--leader-ttl", type=int, default=3, help="the servers' --leader-ttl")
     parser.add_argument("--workdir", default=None, help="parent of the temp dirs (default: system temp)")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep the servers' data and logs")
     # internal: one process of agents
     parser.add_argument("--agent-phase", choices=("register", "heartbeat"), help=argparse.SUPPRESS)
     parser.add_argument("--agent-range", help=argparse.SUPPRESS)
@@ -345,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for server in servers:
             server.stop()
         etcd.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(figures), flush=True)
     return 0
 

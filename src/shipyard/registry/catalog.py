@@ -28,6 +28,7 @@ CHECKS = "catalog/checks/"
 # survives the last instance's removal so a blocking reader still sees the removal as a change.
 SERVICE_INDEX = "catalog/service-index/"
 PATCH_MAX = 2000  # changed keys applied to a cached snapshot at most; past that the whole catalog is read again
+TXN_GETS = 128  # etcd's default --max-txn-ops
 
 PASSING, WARNING, CRITICAL, MAINTENANCE = "passing", "warning", "critical", "maintenance"
 STATUSES = (PASSING, WARNING, CRITICAL)
@@ -393,17 +394,20 @@ class Catalog:
         if len(changes) > PATCH_MAX:
             return None
         keys = sorted({key for _, key in changes})
-        result = await self.store.txn((), [Get(key) for key in keys])
         snap = CatalogSnapshot(
-            revision=result.revision, index=max([cached.index, *(rev for rev, _ in changes)]),
+            revision=0, index=max([cached.index, *(rev for rev, _ in changes)]),
             nodes=dict(cached.nodes), services=dict(cached.services), checks=dict(cached.checks),
             service_index=dict(cached.service_index), nodes_index=cached.nodes_index,
             services_index=cached.services_index, checks_index=cached.checks_index)
-        for key, kvs in zip(keys, result.ranges(), strict=True):
-            if kvs:
-                _add_record(snap, kvs[0])
-            else:
-                _drop_record(snap, key)
+        for at in range(0, len(keys), TXN_GETS):  # etcd refuses a txn of more than 128 operations (--max-txn-ops)
+            part = keys[at:at + TXN_GETS]
+            result = await self.store.txn((), [Get(key) for key in part])
+            snap.revision = snap.revision or result.revision  # every part was read after the caller's revision
+            for key, kvs in zip(part, result.ranges(), strict=True):
+                if kvs:
+                    _add_record(snap, kvs[0])
+                else:
+                    _drop_record(snap, key)
         for rev, key in changes:
             if key.startswith(NODES):
                 snap.nodes_index = max(snap.nodes_index, rev)
