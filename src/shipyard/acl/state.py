@@ -75,6 +75,12 @@ def node_identity_rules(name: str) -> list[Rule]:
     return parse_rules(f'node "{name}" {{ policy = "write" }}\nservice_prefix "" {{ policy = "read" }}')
 
 
+def derived_secret(key: bytes, name: str) -> str:
+    """The SecretID of the internal token `name` under `key`: a UUID, the same for as long as the key is kept."""
+    digest = hmac.new(key, name.encode(), hashlib.sha256).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=4))
+
+
 def internal_key(data_dir: str | None) -> bytes:
     """The key internal tokens' secrets are derived from: data_dir/acl-internal.key (0600), made on first use; a
     --dev server (no data dir) keeps one in memory."""
@@ -451,8 +457,13 @@ class ACLState:
         """The SecretID of the token `name` (e.g. "gateway", "service:web") with these rules (and the service
         identity of `service`): derived from the key, so the same across restarts, so that instances adopted by
         the next server keep working; written to the store only when it changed."""
-        digest = hmac.new(key, name.encode(), hashlib.sha256).digest()
-        secret = str(uuid.UUID(bytes=digest[:16], version=4))
+        secret = derived_secret(key, name)
+        await self.internal_token_with(secret, name, rules, service=service)
+        return secret
+
+    async def internal_token_with(self, secret: str, name: str, rules: str, *, service: str = "") -> None:
+        """The token `name` with these rules (and `service`'s identity) holds `secret` (given by its holder: a
+        `shipyard agent` derives its instances' tokens from its own key); refused when another token holds it."""
         accessor = str(uuid.uuid5(_INTERNAL, "token:" + name))
         policy_id = str(uuid.uuid5(_INTERNAL, "policy:" + name))
         policy_name = "shipyard-" + re.sub(r"[^A-Za-z0-9\-_]", "-", name)
@@ -460,6 +471,9 @@ class ACLState:
         if existing is None or existing["Rules"] != rules:
             await self.put_policy({"Name": policy_name, "Description": f"Shipyard's own {name}", "Rules": rules},
                                   policy_id)
+        holder = await self.store.get(SECRETS + secret_hash(secret))
+        if holder is not None and holder.value.decode() != accessor:
+            raise ShipyardError("this SecretID belongs to another token", status=409)
         token = await self._read(TOKENS + accessor)
         if token is None or token["SecretHash"] != secret_hash(secret) or token.get("ShipyardService") != service:
             if token is not None:
@@ -469,7 +483,6 @@ class ACLState:
             fresh["AccessorID"] = accessor
             fresh["ShipyardService"] = service  # its instances also get the operator's policy service-<name>
             await self._put_token(fresh)
-        return secret
 
     # ---- resolution ------------------------------------------------------------------------------------------
     async def resolve(self, secret: str) -> Authorizer:

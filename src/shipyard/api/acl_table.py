@@ -332,6 +332,9 @@ NATIVE: dict[tuple[str, str], Rule] = {
     ("GET", "/api/v1/nodes/{node}"): named("node", READ, "node"),
     ("POST", "/api/v1/nodes/{node}/eligibility"): named("node", WRITE, "node"),
     ("POST", "/api/v1/nodes/{node}/drain"): named("node", WRITE, "node"),
+    # An agent making its instances' token (api/native/service_tokens_api.py): its own node and its store access.
+    ("PUT", "/api/v1/nodes/{node}/service-tokens/{service}"): both(named("node", WRITE, "node"),
+                                                                   fixed(("store", "", WRITE))),
     ("GET", "/api/v1/bus/queues"): filtered(lambda q: [("bus", str(q.get("name", "")), READ)]
                                             if isinstance(q, dict) else []),
     ("GET", "/api/v1/bus/status"): fixed(("bus", "", READ)),

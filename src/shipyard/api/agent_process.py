@@ -1,7 +1,8 @@
 """Composition root of `shipyard agent`: a node without a server. It reaches the servers' store over HTTP
 (RemoteStore, failing over between --server URLs), registers its node, heartbeats on a lease, runs the instances the
 scheduler places on its node (the same NodeAgent a server runs for itself), probes their checks locally, serves
-their logs to the servers on a small listener, answers Consul DNS and, with --gateway, runs gateway workers
+their logs to the servers on a small listener, serves the HTTP API to its instances on 127.0.0.1 by forwarding to
+the servers (api/agent_forward.py), answers Consul DNS and, with --gateway, runs gateway workers
 (api/agent_entry.py).
 
 It wires parts together and runs them; it never decides placement, and it never stops an instance because the
@@ -19,17 +20,27 @@ import signal
 import ssl
 import sys
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from aiohttp import web
 
+from shipyard.acl.state import derived_secret, internal_key
 from shipyard.agent.node_agent import DEFAULT_DRAIN_DELAY, NodeAgent
-from shipyard.api.agent_entry import DEFAULT_DNS_PORT, AgentEntry, EntryConfig, check_entry_ports, check_gateway_bind
+from shipyard.api.agent_entry import (
+    DEFAULT_DNS_PORT,
+    AgentEntry,
+    EntryConfig,
+    acls_on,
+    check_entry_ports,
+    check_gateway_bind,
+)
+from shipyard.api.agent_forward import DEFAULT_HTTP_PORT, Forwarder
 from shipyard.api.errors import error_middleware
 from shipyard.api.native.agent_logs import AGENT_LOGS, secret_middleware
 from shipyard.api.native.logs_api import routes as log_routes
 from shipyard.api.native.usage_relay import routes as usage_routes
+from shipyard.api.ports import check_ports_free
 from shipyard.api.server import lock_data_dir
 from shipyard.errors import ShipyardError
 from shipyard.private_files import make_data_dir_private, make_process_private
@@ -37,9 +48,11 @@ from shipyard.registry.agents import DEFAULT_AGENT_TTL, AgentHeartbeat, AgentInf
 from shipyard.registry.catalog import Catalog
 from shipyard.registry.health import HealthChecker
 from shipyard.registry.node import NodeIdentity
+from shipyard.spec import TaskSpec
 from shipyard.store import StoreError
 from shipyard.store.remote import RemoteStore
 from shipyard.tls.contexts import client_context
+from shipyard.tokens import TOKEN_VARIABLES
 
 log = logging.getLogger("shipyard.agent")
 
@@ -73,6 +86,7 @@ class AgentConfig:
     gateway_port: int = 0  # 0: no gateway workers
     gateway_workers: int = 1
     insecure_bind: bool = False  # DNS and the gateway may face the network without TLS and ACLs
+    http_port: int = DEFAULT_HTTP_PORT  # the local API on 127.0.0.1, forwarded to the servers (0: none)
 
     def entry(self) -> EntryConfig:
         return EntryConfig(address=self.advertise, servers=self.servers, token=self.token, ca_file=self.ca_file,
@@ -92,15 +106,43 @@ def server_url(raw: str) -> str:
     return url
 
 
-def instance_env(config: AgentConfig, url: str) -> dict[str, str]:
-    """What every instance is told: the control API of a server (`url`: the one that answered the agent first; where
-    it calls the catalog, KV and bus), the CA when that is HTTPS, and the platform's own python/shipyard on PATH (as
-    a server does)."""
-    env = {"SHIPYARD_HTTP_ADDR": url.removeprefix("http://"), "SHIPYARD_BUS_URL": url}
+def instance_env(config: AgentConfig, url: str, local_port: int = 0) -> dict[str, str]:
+    """What every instance is told: where it calls the catalog and KV (the agent's local API when it has one, so a
+    server failover needs nothing from it; else `url`, the server that answers the agent now), the bus (a server:
+    the embedded bus is a WebSocket the local API does not forward), the CA when that is HTTPS, and the platform's
+    own python/shipyard on PATH (as a server does)."""
+    api = f"127.0.0.1:{local_port}" if local_port else url.removeprefix("http://")
+    env = {"SHIPYARD_HTTP_ADDR": api, "CONSUL_HTTP_ADDR": api, "SHIPYARD_BUS_URL": url}
     if url.startswith("https://") and config.ca_file:
         env["SHIPYARD_CACERT"] = os.path.abspath(config.ca_file)
     env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), os.environ.get("PATH", "")) if p)
     return env
+
+
+class ServiceTokens:
+    """With ACLs on at the servers, each instance's SHIPYARD_HTTP_TOKEN / CONSUL_HTTP_TOKEN: its service's token for
+    this node, whose SecretID the agent derives from its own key (<data dir>/acl-internal.key) and has a server store
+    (api/native/service_tokens_api.py) once per service. Delivered as secret env (memory only, over the shim's pipe),
+    never written to disk or logged."""
+
+    def __init__(self, store: RemoteStore, node: str, key: bytes) -> None:
+        self.store = store
+        self.node = node
+        self.key = key
+        self.made: dict[str, str] = {}  # service -> SecretID a server has stored
+
+    async def env_for(self, spec: TaskSpec) -> dict[str, str]:
+        secret = self.made.get(spec.name)
+        if secret is None:
+            secret = derived_secret(self.key, f"service:{spec.name}@{self.node}")
+            path = f"/api/v1/nodes/{quote(self.node, safe='')}/service-tokens/{quote(spec.name, safe='')}"
+            try:
+                await self.store._call("PUT", path, json_body={"SecretID": secret})  # its failover between servers
+            except StoreError as exc:
+                log.warning("%s: no ACL token for its instances (%s)", spec.name, exc.message)
+                return {}
+            self.made[spec.name] = secret
+        return dict.fromkeys(TOKEN_VARIABLES, secret)
 
 
 def tls_context(config: AgentConfig) -> ssl.SSLContext | None:
@@ -131,6 +173,8 @@ class RemoteAgent:
         self.runner: web.AppRunner | None = None
         self.heartbeat: AgentHeartbeat | None = None
         self.entry = AgentEntry(config.entry(), self.store, self.catalog, config.data_dir)
+        self.forwarder = Forwarder(config.servers, tls_context(config)) if config.http_port else None
+        self.local_port = 0
 
     async def _partial_capacity(self) -> None:
         """Only one of --cpu-mhz / --memory-mb given: the other is detected."""
@@ -143,8 +187,13 @@ class RemoteAgent:
     async def start(self) -> None:
         await self._partial_capacity()
         port = await self._listen()
+        if self.forwarder is not None:
+            self.local_port = await self.forwarder.start(self.config.http_port)
         await self._first_contact()
         self._follow_server()
+        if await acls_on(self.store):
+            tokens = ServiceTokens(self.store, self.node.name, internal_key(self.config.data_dir))
+            self.agent.instance_env = tokens.env_for
         info = AgentInfo(self.node.name, self.node.id, self.agent.address, port, self.node.datacenter,
                          dict(self.config.meta), self.secret)
         self.heartbeat = AgentHeartbeat(self.store, info, ttl=self.config.ttl, on_rejoined=self.rejoin,
@@ -162,7 +211,7 @@ class RemoteAgent:
     def _follow_server(self) -> None:
         """Instances started from now on are told the server that answers now (the store moved on to the next
         --server when one stopped answering); running ones keep what they were given."""
-        self.agent.platform_env.update(instance_env(self.config, self.store.base_url))
+        self.agent.platform_env.update(instance_env(self.config, self.store.base_url, self.local_port))
 
     async def _first_contact(self) -> None:
         """Waits for some server to answer (an agent may well start before them); a refused token is fatal."""
@@ -219,6 +268,8 @@ class RemoteAgent:
                 await part.stop()
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.forwarder is not None:
+            await self.forwarder.stop()
         await self.store.close()
 
 
@@ -232,6 +283,7 @@ async def run_agent(config: AgentConfig) -> None:
     """Runs an agent until SIGINT/SIGTERM."""
     check_gateway_bind(config.entry())
     check_entry_ports(config.entry(), config.port)
+    check_ports_free("127.0.0.1", [(config.http_port, "--http-port", False)])
     make_process_private()
     make_data_dir_private(config.data_dir)
     lock_fd = lock_data_dir(config.data_dir)

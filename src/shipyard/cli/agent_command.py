@@ -55,6 +55,9 @@ def parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--drain-delay", default=1.0, show_default=True, type=click.FloatRange(0, 600),
               help="Seconds between deregistering an instance and sending it SIGTERM.")
 @click.option("--enable-script-checks", is_flag=True, help="Allow health checks that run commands.")
+@click.option("--http-port", default=8500, show_default=True, type=click.IntRange(0, 65535),
+              help="The HTTP API for this machine's instances and tools, on 127.0.0.1 only, forwarded to the servers "
+                   "(0: none); its instances are told SHIPYARD_HTTP_ADDR / CONSUL_HTTP_ADDR = this address.")
 @click.option("--dns-port", default=8600, show_default=True, type=click.IntRange(0, 65535),
               help="Consul DNS for the cluster, UDP and TCP (0: none); on --advertise when it may face the network "
                    "(see --insecure-bind), else on 127.0.0.1.")
@@ -73,7 +76,8 @@ def agent(servers: tuple[str, ...], node_name: str, advertise: str, meta: tuple[
           data_dir: str, port: int,
           datacenter: str, token: str, ca_file: str, client_cert: str, client_key: str, cpu_mhz: int | None,
           memory_mb: int | None, heartbeat_ttl: int, drain_delay: float, enable_script_checks: bool,
-          dns_port: int, dns_token: str, gateway: bool, gateway_port: int, gateway_workers: int, insecure_bind: bool,
+          http_port: int, dns_port: int, dns_token: str, gateway: bool, gateway_port: int, gateway_workers: int,
+          insecure_bind: bool,
           log_level: str) -> None:
     """Run this machine as a node of a cluster: register it, heartbeat, run what the servers place here."""
     from shipyard.api.agent_process import AgentConfig, run_agent, server_url
@@ -87,7 +91,7 @@ def agent(servers: tuple[str, ...], node_name: str, advertise: str, meta: tuple[
         token=token or token_from_env() or None,
         ca_file=ca_file, cert_file=client_cert, key_file=client_key, cpu_mhz=cpu_mhz, memory_mb=memory_mb,
         ttl=heartbeat_ttl, drain_delay=drain_delay, enable_script_checks=enable_script_checks,
-        dns_port=dns_port, dns_token=dns_token, gateway_port=gateway_port if gateway else 0,
+        http_port=http_port, dns_port=dns_port, dns_token=dns_token, gateway_port=gateway_port if gateway else 0,
         gateway_workers=gateway_workers, insecure_bind=insecure_bind,
     )
     if advertise in ("", "0.0.0.0", "::"):

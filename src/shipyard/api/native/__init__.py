@@ -15,6 +15,7 @@ from shipyard.api.native import (
     jobs_api,
     logs_api,
     nodes_api,
+    service_tokens_api,
     store_api,
 )
 
@@ -28,3 +29,4 @@ def add_native_routes(app: web.Application) -> None:
     app.router.add_routes(gateway_tls_api.routes)
     app.router.add_routes(health_api.routes)
     app.router.add_routes(nodes_api.routes)
+    app.router.add_routes(service_tokens_api.routes)

@@ -1,0 +1,215 @@
+"""`shipyard agent` on this machine's loopback (no namespaces) against a real server with --acl: its local HTTP API
+(127.0.0.1:--http-port) forwards everything to a live server (the first --server it is given is dead), tokens and
+blocking queries and streams included; and its instances get their service's own token, made through the guarded
+PUT /api/v1/nodes/<node>/service-tokens/<service>, that lets them read the catalog through the agent and nothing
+beyond their service's rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from support import ServerProcess, free_port
+
+MANAGEMENT = str(uuid.uuid4())
+AGENT_RULES = 'store = "write"\nnode "edge" { policy = "write" }'
+APP = """\
+import http.server, json, os, urllib.error, urllib.request
+def call(path):
+    request = urllib.request.Request("http://" + os.environ["SHIPYARD_HTTP_ADDR"] + path,
+                                     headers={"X-Consul-Token": os.environ.get("CONSUL_HTTP_TOKEN", "")})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, json.loads(answer.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        nodes = call("/v1/catalog/nodes")
+        seen = {"addr": os.environ["SHIPYARD_HTTP_ADDR"], "consul_addr": os.environ["CONSUL_HTTP_ADDR"],
+                "same_token": os.environ.get("SHIPYARD_HTTP_TOKEN") == os.environ.get("CONSUL_HTTP_TOKEN"),
+                "nodes": [nodes[0], sorted(n["Node"] for n in nodes[1] or [])],
+                "own_kv": call("/v1/kv/tokapp/config")[0], "other_kv": call("/v1/kv/secret/x")[0]}
+        body = json.dumps(seen).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args): pass
+http.server.HTTPServer((os.environ["HOST"], int(os.environ["PORT"])), Handler).serve_forever()
+"""
+
+
+@dataclass
+class Setup:
+    server: ServerProcess
+    local: str  # the agent's local API
+    agent_token: str
+    agent_log: Path
+    data_dir: Path
+
+
+def call(base: str, method: str, path: str, token: str = MANAGEMENT, **kw: Any) -> requests.Response:
+    headers = {"X-Consul-Token": token} if token else {}
+    return requests.request(method, base + path, headers=headers, timeout=kw.pop("timeout", 10), **kw)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except requests.RequestException as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def agent_token(server: ServerProcess) -> str:
+    policy = call(server.url, "PUT", "/v1/acl/policy", json={"Name": "edge-agent", "Rules": AGENT_RULES})
+    assert policy.status_code == 200, policy.text
+    token = call(server.url, "PUT", "/v1/acl/token", json={"Policies": [{"ID": policy.json()["ID"]}]})
+    assert token.status_code == 200, token.text
+    return str(token.json()["SecretID"])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    base = tmp_path_factory.mktemp("local-api")
+    server = ServerProcess(base / "server", "--acl", "--acl-initial-management", MANAGEMENT, "--no-gateway",
+                           "--vault-port", "0", "--node", "srv", dev=True)
+    agent: subprocess.Popen[bytes] | None = None
+    http_port = free_port()
+    log_path = base / "agent.log"
+    try:
+        server.start()
+        token = agent_token(server)
+        env = {k: v for k, v in os.environ.items() if k not in ("CONSUL_HTTP_TOKEN", "CONSUL_HTTP_ADDR")}
+        env["SHIPYARD_HTTP_TOKEN"] = token
+        with open(log_path, "ab") as log:
+            # The first --server is dead: the local API and the agent move on to the next.
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "shipyard.cli.main", "agent", "--server", f"127.0.0.1:{free_port()}",
+                 "--server", server.addr, "--node", "edge", "--port", str(free_port()), "--dns-port", "0",
+                 "--http-port", str(http_port), "--data-dir", str(base / "agent"), "--drain-delay", "0.2"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        wait_for("the agent's node", lambda: any(
+            n["Node"] == "edge" for n in call(server.url, "GET", "/v1/catalog/nodes").json()), timeout=30)
+        yield Setup(server, f"http://127.0.0.1:{http_port}", token, log_path, base / "agent")
+    finally:
+        if agent is not None and agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGTERM)
+            agent.wait(15)
+        server.stop()
+        for state in (base / "agent" / "agent" / "instances").glob("*/state.json"):
+            pid = int(json.loads(state.read_text())["shim_pid"])  # instances outlive their agent by design
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def test_the_local_api_forwards_tokens_blocking_queries_writes_and_streams(setup: Setup) -> None:
+    local, server = setup.local, setup.server.url
+    # A write through the agent is the server's.
+    put = call(local, "PUT", "/v1/kv/app/x", data=b"one")
+    assert put.status_code == 200 and put.json() is True, put.text
+    first = call(server, "GET", "/v1/kv/app/x?raw")
+    assert first.content == b"one"
+    # A blocking query through the agent is held until a write made at the server wakes it.
+    index = int(first.headers["X-Consul-Index"])
+    woke: dict[str, Any] = {}
+
+    def block() -> None:
+        answer = call(local, "GET", f"/v1/kv/app/x?index={index}&wait=30s", timeout=40)
+        woke.update(status=answer.status_code, index=int(answer.headers["X-Consul-Index"]),
+                    value=answer.json()[0]["Value"])
+
+    waiter = threading.Thread(target=block)
+    waiter.start()
+    # Meanwhile: the caller's token goes through as it came (header or bearer); without one the server answers
+    # as anonymous.
+    nodes = call(local, "GET", "/v1/catalog/nodes")
+    assert nodes.status_code == 200 and {"srv", "edge"} <= {n["Node"] for n in nodes.json()}, nodes.text
+    bearer = requests.get(local + "/v1/catalog/nodes", headers={"Authorization": f"Bearer {MANAGEMENT}"}, timeout=10)
+    assert {n["Node"] for n in bearer.json()} == {n["Node"] for n in nodes.json()}
+    assert call(local, "GET", "/v1/kv/app/x", token="").status_code == 403
+    assert not woke, woke  # still held: nothing was written
+    assert call(server, "PUT", "/v1/kv/app/x", data=b"two").status_code == 200
+    waiter.join(40)
+    assert woke["status"] == 200 and woke["index"] > index and woke["value"] == "dHdv", woke  # base64 of "two"
+    # A stream (the store's NDJSON watch) comes through line by line, as the server sends it.
+    with requests.get(local + "/api/v1/store/watch/kv/app/?prefix=1", headers={"X-Consul-Token": MANAGEMENT},
+                      stream=True, timeout=30) as stream:
+        assert stream.status_code == 200, stream.text
+        lines = stream.iter_lines()
+        next(lines)  # the opening line
+        assert call(server, "PUT", "/v1/kv/app/y", data=b"three").status_code == 200
+        event = next(line for line in lines if line.strip())
+        assert b"app/y" in event, event
+    # Nothing secret in the agent's log; it says where it forwards.
+    logged = setup.agent_log.read_text()
+    assert MANAGEMENT not in logged and setup.agent_token not in logged
+    assert "local API on http://127.0.0.1" in logged, logged[-2000:]
+
+
+def test_instances_on_an_agent_get_their_services_token_through_the_guarded_route(setup: Setup, tmp_path: Path,
+                                                                                  ) -> None:
+    server = setup.server.url
+    assert call(server, "POST", "/api/v1/nodes/srv/eligibility", json={"eligible": False}).status_code == 200
+    assert call(server, "PUT", "/v1/kv/tokapp/config", data=b"cfg").status_code == 200
+    app = tmp_path / "app.py"
+    app.write_text(APP)
+    spec = {"name": "tokapp", "args": [sys.executable, str(app)], "instances": 1, "ports": {"http": {}},
+            "resources": {"cpu": 10, "memory": 32}, "stop_grace": "2s"}
+    deployed = call(server, "POST", "/api/v1/jobs", json=spec)
+    assert deployed.status_code in (200, 201), deployed.text
+
+    def instance() -> str:
+        entries = call(server, "GET", "/v1/catalog/service/tokapp").json()
+        return f"http://{entries[0]['ServiceAddress']}:{entries[0]['ServicePort']}/" if entries else ""
+
+    url = wait_for("the instance registered", instance, timeout=45)
+    seen = wait_for("the instance answering", lambda: requests.get(url, timeout=15).json(), timeout=30)
+    local_addr = setup.local.removeprefix("http://")
+    assert seen["addr"] == local_addr and seen["consul_addr"] == local_addr, seen
+    # Its token (both variables) reads the catalog through the agent, its own KV prefix, and nothing else.
+    assert seen["same_token"] and seen["nodes"] == [200, ["edge", "srv"]], seen
+    assert seen["own_kv"] == 200 and seen["other_kv"] == 403, seen
+
+    # The route is guarded: the agent's token makes tokens only for services placed on its own node, only for
+    # its node, and never takes a SecretID another token holds.
+    def mint(node: str, service: str, secret: str) -> requests.Response:
+        return call(server, "PUT", f"/api/v1/nodes/{node}/service-tokens/{service}", token=setup.agent_token,
+                    json={"SecretID": secret})
+
+    assert mint("edge", "other", str(uuid.uuid4())).status_code == 403
+    assert mint("srv", "tokapp", str(uuid.uuid4())).status_code == 403
+    assert mint("edge", "tokapp", MANAGEMENT).status_code == 409
+    assert mint("edge", "tokapp", "not-a-uuid").status_code == 400
+    assert call(server, "GET", "/v1/acl/token/self").status_code == 200  # the management token still works
+    # The secret travelled in memory only: nowhere in the agent's data dir or log.
+    tokens = call(server, "GET", "/v1/acl/tokens").json()
+    mine = [t for t in tokens if t.get("ServiceIdentities") == [{"ServiceName": "tokapp"}]]
+    assert len(mine) == 1, tokens
+    secret = call(server, "GET", f"/v1/acl/token/{mine[0]['AccessorID']}").json()["SecretID"]
+    assert secret not in setup.agent_log.read_text()
+    for path in setup.data_dir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
