@@ -50,6 +50,11 @@ http.server.HTTPServer((os.environ["HOST"], int(os.environ["PORT"])), Handler).s
 """
 
 
+# What an instance does to reach the platform: the node names of /v1/catalog/nodes at its agent's local API.
+LOCAL_NODES = ("import json, urllib.request; print(*sorted(n['Node'] for n in json.load(urllib.request.urlopen("
+               "'http://127.0.0.1:8500/v1/catalog/nodes', timeout=10))))")
+
+
 def netns_usable() -> bool:
     if os.geteuid() != 0 or shutil.which("ip") is None:
         return False
@@ -374,12 +379,15 @@ def deploy_web(server: LabServer, tmp_path: Path, cut: AgentProcess, other: Agen
 
 def check_relayed(server: LabServer, on: dict[str, AgentProcess]) -> None:
     """Logs and usage asked of the server come from the agent that runs the instance; an agent's own port serves
-    no one without its secret. Instances reach the platform at a server that answers (agent 2 was given a dead one
-    first)."""
+    no one without its secret. Instances reach the platform through their agent's local API (127.0.0.1:8500 in
+    its namespace), which answers from a server (agent 2 was given a dead one first)."""
     for alloc, agent in on.items():
         logs = requests.get(server.url + f"/api/v1/allocs/{alloc}/logs", timeout=10)
         assert logs.status_code == 200, logs.text
-        assert f"hello from {alloc} on {agent.address} control {server.addr}" in logs.text, logs.text
+        assert f"hello from {alloc} on {agent.address} control 127.0.0.1:8500" in logs.text, logs.text
+        nodes = subprocess.run(["ip", "netns", "exec", agent.netns, sys.executable, "-c", LOCAL_NODES],
+                               capture_output=True, text=True, timeout=30)
+        assert nodes.returncode == 0 and nodes.stdout.split() == ["agent-1", "agent-2", "srv"], nodes.stderr
     allocs = requests.get(server.url + "/api/v1/allocs?job=web&usage=1", timeout=10).json()["allocations"]
     usage = {a["id"]: a["usage"] for a in allocs}
     assert all(usage[alloc]["rss_bytes"] > 0 for alloc in on), allocs
@@ -505,7 +513,8 @@ def test_an_agents_gateway_and_the_servers_share_rate_limits(tmp_path: Path) -> 
         with open(log_path, "ab") as log:
             agent = subprocess.Popen([sys.executable, "-m", "shipyard.cli.main", "agent", "--server", server.addr,
                                       "--node", "edge", "--port", str(free_port()), "--data-dir", str(tmp_path / "a"),
-                                      "--dns-port", str(dns_port), "--gateway", "--gateway-port", str(gateway_port)],
+                                      "--dns-port", str(dns_port), "--gateway", "--gateway-port", str(gateway_port),
+                                      "--http-port", "0"],
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         edge = f"http://127.0.0.1:{gateway_port}/limited/"
         wait_for("the agent's gateway", lambda: requests.get(edge, timeout=5).status_code == 200, timeout=30)
