@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -52,6 +53,35 @@ http.server.HTTPServer((os.environ["HOST"], int(os.environ["PORT"])), Handler).s
 """
 
 
+class DroppingServer:
+    """A server that dies with each request: it reads the request's head, notes its first line, and closes the
+    connection unanswered (as a server killed once it received a request)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.seen: list[str] = []
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    head += chunk
+                self.seen.append(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 @dataclass
 class Setup:
     server: ServerProcess
@@ -59,6 +89,7 @@ class Setup:
     agent_token: str
     agent_log: Path
     data_dir: Path
+    dropping: tuple[DroppingServer, DroppingServer]
 
 
 def call(base: str, method: str, path: str, token: str = MANAGEMENT, **kw: Any) -> requests.Response:
@@ -97,26 +128,31 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     agent: subprocess.Popen[bytes] | None = None
     http_port = free_port()
     log_path = base / "agent.log"
+    dropping = (DroppingServer(), DroppingServer())
     try:
         server.start()
         token = agent_token(server)
         env = {k: v for k, v in os.environ.items() if k not in ("CONSUL_HTTP_TOKEN", "CONSUL_HTTP_ADDR")}
         env["SHIPYARD_HTTP_TOKEN"] = token
         with open(log_path, "ab") as log:
-            # The first --server is dead: the local API and the agent move on to the next.
+            # Two servers that drop every request, then a dead one, then the real one: the local API and the
+            # agent move on to the next.
             agent = subprocess.Popen(
-                [sys.executable, "-m", "shipyard.cli.main", "agent", "--server", f"127.0.0.1:{free_port()}",
+                [sys.executable, "-m", "shipyard.cli.main", "agent", "--server", f"127.0.0.1:{dropping[0].port}",
+                 "--server", f"127.0.0.1:{dropping[1].port}", "--server", f"127.0.0.1:{free_port()}",
                  "--server", server.addr, "--node", "edge", "--port", str(free_port()), "--dns-port", "0",
                  "--http-port", str(http_port), "--data-dir", str(base / "agent"), "--drain-delay", "0.2"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         wait_for("the agent's node", lambda: any(
             n["Node"] == "edge" for n in call(server.url, "GET", "/v1/catalog/nodes").json()), timeout=30)
-        yield Setup(server, f"http://127.0.0.1:{http_port}", token, log_path, base / "agent")
+        yield Setup(server, f"http://127.0.0.1:{http_port}", token, log_path, base / "agent", dropping)
     finally:
         if agent is not None and agent.poll() is None:
             os.killpg(agent.pid, signal.SIGTERM)
             agent.wait(15)
         server.stop()
+        for each in dropping:
+            each.close()
         for state in (base / "agent" / "agent" / "instances").glob("*/state.json"):
             pid = int(json.loads(state.read_text())["shim_pid"])  # instances outlive their agent by design
             try:
@@ -127,6 +163,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 
 def test_the_local_api_forwards_tokens_blocking_queries_writes_and_streams(setup: Setup) -> None:
     local, server = setup.local, setup.server.url
+    # The local API starts at the first --server, which takes the request and dies: a write is not sent again...
+    lost = call(local, "PUT", "/v1/kv/app/z", data=b"once")
+    assert lost.status_code == 502 and "not sent again" in lost.text, lost.text
+    assert setup.dropping[0].seen.count("PUT /v1/kv/app/z HTTP/1.1") == 1
+    # ... and the next request goes to the next server; a read that server drops is tried on the next (dead: not
+    # connected to) and the next: the real server answers (the write above never reached it).
+    assert call(local, "GET", "/v1/kv/app/z").status_code == 404
+    assert setup.dropping[1].seen.count("GET /v1/kv/app/z HTTP/1.1") == 1
+    assert "PUT /v1/kv/app/z HTTP/1.1" not in setup.dropping[1].seen
     # A write through the agent is the server's.
     put = call(local, "PUT", "/v1/kv/app/x", data=b"one")
     assert put.status_code == 200 and put.json() is True, put.text
@@ -163,6 +208,10 @@ def test_the_local_api_forwards_tokens_blocking_queries_writes_and_streams(setup
         assert call(server, "PUT", "/v1/kv/app/y", data=b"three").status_code == 200
         event = next(line for line in lines if line.strip())
         assert b"app/y" in event, event
+    # A body beyond the bound is refused before anything is sent on.
+    big = call(local, "PUT", "/v1/kv/app/big", data=b"x" * (33 << 20))
+    assert big.status_code == 413, big.text
+    assert call(server, "GET", "/v1/kv/app/big").status_code == 404
     # Nothing secret in the agent's log; it says where it forwards.
     logged = setup.agent_log.read_text()
     assert MANAGEMENT not in logged and setup.agent_token not in logged

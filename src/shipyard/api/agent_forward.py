@@ -58,6 +58,10 @@ class Forwarder:
             # auto_decompress off: a compressed answer goes back byte for byte with its Content-Encoding.
             self._session = aiohttp.ClientSession(connector=connector, timeout=FORWARD_TIMEOUT,
                                                   auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+            # aiohttp sends a PUT or DELETE again on a new connection when the server dropped the first one
+            # (RFC 9110 calls them idempotent; Consul's are not: ?cas, ?acquire, /v1/txn, sessions). This
+            # forwarder decides itself what may be sent twice (_send); no public option turns that retry off.
+            self._session._retry_connection = False
         return self._session
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
