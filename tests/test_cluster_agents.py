@@ -485,6 +485,11 @@ def test_bad_agent_flags_are_one_clear_line(tmp_path: Path) -> None:
     exposed = agent("--server", "10.0.0.1:8500", "--advertise", "10.0.0.7", "--gateway")
     assert exposed.returncode != 0 and "--insecure-bind" in exposed.stderr, exposed.stderr
     assert len(exposed.stderr.strip().splitlines()) == 1, exposed.stderr
+    # The local API's port taken (a server on this machine holds 8500): one line naming --http-port.
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = agent("--server", "127.0.0.1:8500", "--http-port", str(taken.getsockname()[1]), "--dns-port", "0")
+    assert busy.returncode != 0 and "--http-port" in busy.stderr, busy.stderr
+    assert len(busy.stderr.strip().splitlines()) == 1, busy.stderr
     assert not (tmp_path / "d").exists()  # refused before it touched anything
 
 
