@@ -88,6 +88,6 @@ def test_http_addr_after_the_subcommand(server: ServerProcess, args: list[str]) 
 
 def test_every_command_that_talks_to_a_server_takes_http_addr() -> None:
     lacking = [path for path, command in _commands()
-               if path not in ("shipyard", "shipyard server")
+               if path not in ("shipyard", "shipyard server", "shipyard agent")  # daemons: --server, --bind
                and not any(isinstance(p, click.Option) and "--http-addr" in p.opts for p in command.params)]
     assert lacking == []

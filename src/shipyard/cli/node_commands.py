@@ -6,6 +6,7 @@ instances, this only asks for it and follows the drain until it is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -171,8 +172,8 @@ class DrainFollower:
         return notes
 
 
-def _follow_drain(api: ApiClient, name: str, timeout: float | None) -> None:
-    follower = DrainFollower(api, name)
+def _follow_drain(follower: DrainFollower, timeout: float | None) -> None:
+    name = follower.name
     n = follower.poll()
     total = max(len(follower.seen), 1)
     started = time.monotonic()
@@ -238,13 +239,16 @@ def drain(ctx: click.Context, name: str, deadline: str, no_deadline: bool, disab
         console.print(f"node {escape(name)}: drain stopped ({state})", highlight=False)
         return
     seconds = None if no_deadline else _deadline(deadline)
+    follower = DrainFollower(api, name)
+    with contextlib.suppress(ShipyardError):  # an unknown node is said by the drain request itself
+        follower.poll()  # what runs there now: with --deadline 0 it may all be stopped before the next look
     n = api.request("POST", _path(name, "drain"), json={"deadline": seconds}).json()["node"]
     if detach:
         console.print(f"node {escape(name)}: drain started ({n['allocs']} instance(s) to move)", highlight=False)
         return
     if timeout is None and seconds is not None:
         timeout = seconds + DEADLINE_GRACE
-    _follow_drain(api, name, timeout)
+    _follow_drain(follower, timeout)
 
 
 def register(cli: click.Group) -> None:
