@@ -39,7 +39,8 @@ def parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
               help="Where its instances' state and logs are kept (instances outlive the agent and are adopted).")
 @click.option("--port", default=8510, show_default=True, type=click.IntRange(0, 65535),
               help="Port (on --advertise) where the servers fetch its instances' logs.")
-@click.option("--datacenter", default="dc1", show_default=True)
+@click.option("--datacenter", default="dc1", show_default=True,
+              help="The datacenter this node is in (as Consul's; the servers' own).")
 @click.option("--token", default="", envvar="SHIPYARD_HTTP_TOKEN", show_envvar=True, metavar="TOKEN",
               help="ACL token for the servers (better through the environment: flags show in ps; "
                    "CONSUL_HTTP_TOKEN works too).")
@@ -71,7 +72,8 @@ def parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--insecure-bind", is_flag=True,
               help="Let DNS and the gateway listen on a non-loopback --advertise without HTTPS servers and ACLs.")
 @click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              help="How much the agent logs to stderr.")
 def agent(servers: tuple[str, ...], node_name: str, advertise: str, meta: tuple[str, ...], node_class: str,
           data_dir: str, port: int,
           datacenter: str, token: str, ca_file: str, client_cert: str, client_key: str, cpu_mhz: int | None,
