@@ -93,7 +93,7 @@ class Setup:
 
 
 def call(base: str, method: str, path: str, token: str = MANAGEMENT, **kw: Any) -> requests.Response:
-    headers = {"X-Consul-Token": token} if token else {}
+    headers = {**({"X-Consul-Token": token} if token else {}), **kw.pop("headers", {})}
     return requests.request(method, base + path, headers=headers, timeout=kw.pop("timeout", 10), **kw)
 
 
@@ -208,6 +208,14 @@ def test_the_local_api_forwards_tokens_blocking_queries_writes_and_streams(setup
         assert call(server, "PUT", "/v1/kv/app/y", data=b"three").status_code == 200
         event = next(line for line in lines if line.strip())
         assert b"app/y" in event, event
+    # The server never sees the caller's Host, so the local API checks it, and Origin, as a server does: a page
+    # whose name was rebound to 127.0.0.1, or another site's page, gets nothing; the page of this origin may write.
+    port = local.rsplit(":", 1)[1]
+    rebound = call(local, "GET", "/v1/kv/app/x", headers={"Host": f"evil.example:{port}"})
+    foreign = call(local, "PUT", "/v1/kv/app/page", data=b"p", headers={"Origin": "http://evil.example"})
+    assert rebound.status_code == 421 and foreign.status_code == 403, (rebound.text, foreign.text)
+    own = call(local, "PUT", "/v1/kv/app/page", data=b"p", headers={"Origin": local})
+    assert own.status_code == 200, own.text
     # A body beyond the bound is refused before anything is sent on.
     big = call(local, "PUT", "/v1/kv/app/big", data=b"x" * (33 << 20))
     assert big.status_code == 413, big.text

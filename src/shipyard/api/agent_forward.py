@@ -17,8 +17,9 @@ import ssl
 from collections.abc import Mapping, Sequence
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 
+from shipyard.api.guard import RequestGuard
 from shipyard.errors import ShipyardError
 
 log = logging.getLogger("shipyard.agent")
@@ -49,6 +50,9 @@ class Forwarder:
         self.current = 0
         self.ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
+        # A server checks Host and Origin against its own names, but it sees the Host of the agent's request: the
+        # local listener checks them itself (a page whose name was rebound to 127.0.0.1 gets nothing).
+        self.guard = RequestGuard(["127.0.0.1", "localhost"])
         self.runner: web.AppRunner | None = None
 
     def session(self) -> aiohttp.ClientSession:
@@ -65,6 +69,11 @@ class Forwarder:
         return self._session
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            self.guard.check_host(request)
+            self.guard.check_origin(request)
+        except ShipyardError as exc:
+            return web.Response(status=exc.status, text=exc.message + "\n")
         body = await request.read() if request.body_exists else None  # bounded by client_max_size (413)
         upstream = await self._send(request, body)
         try:
@@ -75,10 +84,13 @@ class Forwarder:
     async def _send(self, request: web.Request, body: bytes | None) -> aiohttp.ClientResponse:
         """The server's answer, from the first server that can be connected to; a GET or HEAD is tried on the next
         server after any failure, anything else only when it never left."""
-        headers = _forwardable(request.headers)
         last = ""
         for _ in range(len(self.servers)):
             server = self.servers[self.current]
+            headers = _forwardable(request.headers)
+            if hdrs.ORIGIN in request.headers:
+                # Same-origin here (checked above), so same-origin there: the server's body checks still see a page.
+                headers = [(k, server if k.lower() == "origin" else v) for k, v in headers]
             try:
                 return await self.session().request(request.method, server + request.rel_url.raw_path_qs,
                                                     headers=headers, data=body, allow_redirects=False)
