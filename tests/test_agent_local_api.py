@@ -220,6 +220,20 @@ def test_the_local_api_forwards_tokens_blocking_queries_writes_and_streams(setup
     big = call(local, "PUT", "/v1/kv/app/big", data=b"x" * (33 << 20))
     assert big.status_code == 413, big.text
     assert call(server, "GET", "/v1/kv/app/big").status_code == 404
+    # "This agent"'s services and checks are the agent's own, as with a Consul client agent: a service registered
+    # at the local API is on the agent's node, its TTL check passed there, and the rules are the server's (no
+    # token: refused, failing closed).
+    definition = {"Name": "sdkapp", "ID": "sdkapp-1", "Port": 9999, "Check": {"TTL": "30s", "CheckID": "sdk-ttl"}}
+    assert call(local, "PUT", "/v1/agent/service/register", token="", json=definition).status_code == 403
+    assert call(local, "PUT", "/v1/agent/service/register", json=definition).status_code == 200
+    assert [e["Node"] for e in call(server, "GET", "/v1/catalog/service/sdkapp").json()] == ["edge"]
+    assert "sdkapp-1" in call(local, "GET", "/v1/agent/services").json()
+    assert "sdkapp-1" not in call(server, "GET", "/v1/agent/services").json()
+    assert call(local, "PUT", "/v1/agent/check/pass/sdk-ttl?note=fine").status_code == 200
+    checks = {c["CheckID"]: c for c in call(server, "GET", "/v1/health/node/edge").json()}
+    assert checks["sdk-ttl"]["Status"] == "passing" and checks["sdk-ttl"]["Output"] == "fine", checks
+    assert call(local, "PUT", "/v1/agent/service/deregister/sdkapp-1").status_code == 200
+    assert call(server, "GET", "/v1/catalog/service/sdkapp").json() == []
     # Nothing secret in the agent's log; it says where it forwards.
     logged = setup.agent_log.read_text()
     assert MANAGEMENT not in logged and setup.agent_token not in logged

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -23,6 +23,7 @@ from shipyard.api.guard import RequestGuard
 from shipyard.errors import ShipyardError
 
 log = logging.getLogger("shipyard.agent")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 DEFAULT_HTTP_PORT = 8500
 MAX_BODY = 32 * 1024 * 1024  # a request body beyond this is refused (413) before anything is sent on
@@ -68,12 +69,16 @@ class Forwarder:
             self._session._retry_connection = False
         return self._session
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    @web.middleware
+    async def check(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             self.guard.check_host(request)
             self.guard.check_origin(request)
         except ShipyardError as exc:
             return web.Response(status=exc.status, text=exc.message + "\n")
+        return await handler(request)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read() if request.body_exists else None  # bounded by client_max_size (413)
         upstream = await self._send(request, body)
         try:
@@ -127,9 +132,12 @@ class Forwarder:
         await response.write_eof()
         return response
 
-    async def start(self, port: int) -> int:
-        """Listens on 127.0.0.1:port (0: an ephemeral one); the port bound."""
-        app = web.Application(client_max_size=MAX_BODY)
+    async def start(self, port: int, local: Callable[[web.Application], None] | None = None) -> int:
+        """Listens on 127.0.0.1:port (0: an ephemeral one), forwarding everything but what `local` routes; the port
+        bound."""
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self.check])
+        if local is not None:
+            local(app)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()

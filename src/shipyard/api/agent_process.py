@@ -25,7 +25,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from aiohttp import web
 
-from shipyard.acl.state import derived_secret, internal_key
+from shipyard.acl.state import ACLState, derived_secret, internal_key
 from shipyard.agent.node_agent import DEFAULT_DRAIN_DELAY, NodeAgent
 from shipyard.api.agent_entry import (
     DEFAULT_DNS_PORT,
@@ -36,6 +36,7 @@ from shipyard.api.agent_entry import (
     check_gateway_bind,
 )
 from shipyard.api.agent_forward import DEFAULT_HTTP_PORT, Forwarder
+from shipyard.api.agent_local import add_local_routes, local_platform
 from shipyard.api.errors import error_middleware
 from shipyard.api.native.agent_logs import AGENT_LOGS, secret_middleware
 from shipyard.api.native.logs_api import routes as log_routes
@@ -175,6 +176,7 @@ class RemoteAgent:
         self.entry = AgentEntry(config.entry(), self.store, self.catalog, config.data_dir)
         self.forwarder = Forwarder(config.servers, tls_context(config)) if config.http_port else None
         self.local_port = 0
+        self.acl: ACLState | None = None  # with ACLs on at the servers: what the local /v1/agent/* routes enforce
 
     async def _partial_capacity(self) -> None:
         """Only one of --cpu-mhz / --memory-mb given: the other is detected."""
@@ -187,13 +189,18 @@ class RemoteAgent:
     async def start(self) -> None:
         await self._partial_capacity()
         port = await self._listen()
-        if self.forwarder is not None:
-            self.local_port = await self.forwarder.start(self.config.http_port)
         await self._first_contact()
-        self._follow_server()
         if await acls_on(self.store):
             tokens = ServiceTokens(self.store, self.node.name, internal_key(self.config.data_dir))
             self.agent.instance_env = tokens.env_for
+            # Fail closed, as the agent's DNS: the servers' default policy is not in the store.
+            self.acl = ACLState(self.store, default_allow=False)
+            await self.acl.start()
+        if self.forwarder is not None:
+            platform = local_platform(self.store, self.node, self.catalog, self.health)
+            self.local_port = await self.forwarder.start(
+                self.config.http_port, lambda app: add_local_routes(app, platform, self.acl))
+        self._follow_server()
         info = AgentInfo(self.node.name, self.node.id, self.agent.address, port, self.node.datacenter,
                          dict(self.config.meta), self.secret)
         self.heartbeat = AgentHeartbeat(self.store, info, ttl=self.config.ttl, on_rejoined=self.rejoin,
@@ -270,6 +277,8 @@ class RemoteAgent:
             await self.runner.cleanup()
         if self.forwarder is not None:
             await self.forwarder.stop()
+        if self.acl is not None:
+            await self.acl.stop()
         await self.store.close()
 
 
