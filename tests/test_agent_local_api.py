@@ -234,6 +234,8 @@ def test_the_local_api_forwards_tokens_blocking_queries_writes_and_streams(setup
     assert checks["sdk-ttl"]["Status"] == "passing" and checks["sdk-ttl"]["Output"] == "fine", checks
     assert call(local, "PUT", "/v1/agent/service/deregister/sdkapp-1").status_code == 200
     assert call(server, "GET", "/v1/catalog/service/sdkapp").json() == []
+    # Setting an agent token there would set a server's: refused.
+    assert call(local, "PUT", "/v1/agent/token/default", json={"Token": "x"}).status_code == 400
     # Nothing secret in the agent's log; it says where it forwards.
     logged = setup.agent_log.read_text()
     assert MANAGEMENT not in logged and setup.agent_token not in logged
@@ -284,3 +286,8 @@ def test_instances_on_an_agent_get_their_services_token_through_the_guarded_rout
     for path in setup.data_dir.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+    # Leave through the local API: the agent leaves (members: 3), not the server.
+    assert call(setup.local, "PUT", "/v1/agent/leave").status_code == 200
+    wait_for("the agent listed as left", lambda: {m["Name"]: m["Status"] for m in call(
+        server, "GET", "/v1/agent/members").json()}.get("edge") == 3, timeout=20)
+    assert call(server, "GET", "/v1/status/leader").status_code == 200

@@ -20,6 +20,8 @@ from shipyard.acl.state import ACLState
 from shipyard.api.acl_guard import Rule, acl_middleware
 from shipyard.api.acl_table import rule_for
 from shipyard.api.consul import agent as consul_agent
+from shipyard.api.consul import agent_runtime
+from shipyard.api.consul.common import ConsulError
 from shipyard.api.context import PLATFORM, Platform, ServerConfig
 from shipyard.api.errors import error_middleware
 from shipyard.registry.catalog import Catalog
@@ -38,7 +40,9 @@ LOCAL_PATHS = frozenset({
     "/v1/agent/check/fail/{check_id:.+}", "/v1/agent/check/update/{check_id:.+}",
     "/v1/agent/service/maintenance/{service_id:.*}", "/v1/agent/maintenance",
     "/v1/agent/services", "/v1/agent/service/{service_id:.+}", "/v1/agent/checks",
+    "/v1/agent/reload", "/v1/agent/leave",  # this agent's: leave stops it (SIGTERM to itself), not a server
 })
+TOKEN_PATH = "/v1/agent/token/{kind:.*}"
 
 
 def local_platform(store: Store, node: NodeIdentity, catalog: Catalog, health: HealthChecker) -> Platform:
@@ -73,6 +77,13 @@ def add_local_routes(app: web.Application, platform: Platform, acl: ACLState | N
     app.middlewares.append(local_only(error_middleware))
     if acl is not None:
         app.middlewares.append(acl_middleware(acl, local_rule))
-    for number, route in enumerate(consul_agent.routes):
+    for number, route in enumerate([*consul_agent.routes, *agent_runtime.routes]):
         if isinstance(route, web.RouteDef) and route.path in LOCAL_PATHS:
             app.router.add_route(route.method, route.path, route.handler, name=f"{LOCAL}{number}")
+    app.router.add_put(TOKEN_PATH, refuse_token, name=f"{LOCAL}-token")
+
+
+async def refuse_token(request: web.Request) -> web.Response:
+    """Setting a token over the local API would set a server's: an agent's tokens are its own flags."""
+    raise ConsulError(400, "an agent's tokens are its environment and flags (SHIPYARD_HTTP_TOKEN, --dns-token): "
+                           "restart it with new ones")
