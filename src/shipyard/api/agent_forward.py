@@ -102,7 +102,7 @@ class Forwarder:
             except aiohttp.ClientConnectorError as exc:
                 last = f"{server}: {exc.strerror or type(exc).__name__}"
             except (aiohttp.ClientError, TimeoutError) as exc:
-                last = f"{server}: {exc or type(exc).__name__}"
+                last = f"{server}: {type(exc).__name__}"  # not str(exc): some name the URL, ?token= and all
                 if request.method not in IDEMPOTENT:
                     self._next(server, last)
                     raise web.HTTPBadGateway(text=f"the server may have received this request but did not answer "
