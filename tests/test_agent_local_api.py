@@ -286,6 +286,12 @@ def test_instances_on_an_agent_get_their_services_token_through_the_guarded_rout
     for path in setup.data_dir.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+    # The job gone from the node, the agent deletes its token there.
+    assert call(server, "DELETE", "/api/v1/jobs/tokapp").status_code == 200
+    wait_for("the instance's token deleted", lambda: not any(t.get("ServiceIdentities") == [{"ServiceName": "tokapp"}]
+                                                             for t in call(server, "GET", "/v1/acl/tokens").json()),
+             timeout=30)
+    assert call(server, "GET", "/v1/acl/token/self", token=secret).status_code == 403
     # Leave through the local API: the agent leaves (members: 3), not the server.
     assert call(setup.local, "PUT", "/v1/agent/leave").status_code == 200
     wait_for("the agent listed as left", lambda: {m["Name"]: m["Status"] for m in call(

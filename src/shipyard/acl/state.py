@@ -484,6 +484,11 @@ class ACLState:
             fresh["ShipyardService"] = service  # its instances also get the operator's policy service-<name>
             await self._put_token(fresh)
 
+    async def delete_internal_token(self, name: str) -> None:
+        """The token `name` and its policy are gone (its secret no longer resolves)."""
+        await self.delete_token(str(uuid.uuid5(_INTERNAL, "token:" + name)))
+        await self.delete_policy(str(uuid.uuid5(_INTERNAL, "policy:" + name)))
+
     # ---- resolution ------------------------------------------------------------------------------------------
     async def resolve(self, secret: str) -> Authorizer:
         """The Authorizer of the token whose SecretID this is ("" -> the default token or anonymous)."""

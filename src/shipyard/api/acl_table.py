@@ -335,6 +335,8 @@ NATIVE: dict[tuple[str, str], Rule] = {
     # An agent making its instances' token (api/native/service_tokens_api.py): its own node and its store access.
     ("PUT", "/api/v1/nodes/{node}/service-tokens/{service}"): both(named("node", WRITE, "node"),
                                                                    fixed(("store", "", WRITE))),
+    ("DELETE", "/api/v1/nodes/{node}/service-tokens/{service}"): both(named("node", WRITE, "node"),
+                                                                      fixed(("store", "", WRITE))),
     ("GET", "/api/v1/bus/queues"): filtered(lambda q: [("bus", str(q.get("name", "")), READ)]
                                             if isinstance(q, dict) else []),
     ("GET", "/api/v1/bus/status"): fixed(("bus", "", READ)),

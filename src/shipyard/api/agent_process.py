@@ -61,6 +61,7 @@ DEFAULT_AGENT_PORT = 8510
 # Calls to a server give up quickly, so a cut link is noticed within a heartbeat or two (watches have their own).
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=10, sock_connect=3)
 FIRST_CONTACT_RETRY = 1.0
+TOKEN_SWEEP_EVERY = 5.0  # how soon the token of a service that left this node is deleted
 
 
 @dataclass
@@ -123,27 +124,56 @@ def instance_env(config: AgentConfig, url: str, local_port: int = 0) -> dict[str
 class ServiceTokens:
     """With ACLs on at the servers, each instance's SHIPYARD_HTTP_TOKEN / CONSUL_HTTP_TOKEN: its service's token for
     this node, whose SecretID the agent derives from its own key (<data dir>/acl-internal.key) and has a server store
-    (api/native/service_tokens_api.py) once per service. Delivered as secret env (memory only, over the shim's pipe),
-    never written to disk or logged."""
+    (api/native/service_tokens_api.py) once per service, and delete once it runs no instance of that service.
+    Delivered as secret env (memory only, over the shim's pipe), never written to disk or logged."""
 
-    def __init__(self, store: RemoteStore, node: str, key: bytes) -> None:
+    def __init__(self, store: RemoteStore, agent: NodeAgent, key: bytes) -> None:
         self.store = store
-        self.node = node
+        self.agent = agent
         self.key = key
         self.made: dict[str, str] = {}  # service -> SecretID a server has stored
 
+    def _path(self, service: str) -> str:
+        return f"/api/v1/nodes/{quote(self.agent.node.name, safe='')}/service-tokens/{quote(service, safe='')}"
+
+    async def _make(self, service: str) -> str | None:
+        secret = derived_secret(self.key, f"service:{service}@{self.agent.node.name}")
+        try:
+            await self.store._call("PUT", self._path(service), json_body={"SecretID": secret})  # its failover
+        except StoreError as exc:
+            log.warning("%s: no ACL token for its instances (%s)", service, exc.message)
+            return None
+        self.made[service] = secret
+        return secret
+
     async def env_for(self, spec: TaskSpec) -> dict[str, str]:
-        secret = self.made.get(spec.name)
-        if secret is None:
-            secret = derived_secret(self.key, f"service:{spec.name}@{self.node}")
-            path = f"/api/v1/nodes/{quote(self.node, safe='')}/service-tokens/{quote(spec.name, safe='')}"
+        secret = self.made.get(spec.name) or await self._make(spec.name)
+        return dict.fromkeys(TOKEN_VARIABLES, secret) if secret else {}
+
+    def _running(self) -> set[str]:
+        return {runner.alloc.job for runner in self.agent.runners.values()}
+
+    async def sweep(self) -> None:
+        """Deletes the tokens of services this node runs no instance of any more (one started meanwhile gets its
+        token made again)."""
+        for service in [s for s in self.made if s not in self._running()]:
+            del self.made[service]
             try:
-                await self.store._call("PUT", path, json_body={"SecretID": secret})  # its failover between servers
+                await self.store._call("DELETE", self._path(service))
             except StoreError as exc:
-                log.warning("%s: no ACL token for its instances (%s)", spec.name, exc.message)
-                return {}
-            self.made[spec.name] = secret
-        return dict.fromkeys(TOKEN_VARIABLES, secret)
+                log.warning("%s: its ACL token stays for now (%s)", service, exc.message)
+                self.made.setdefault(service, "")  # tried again at the next sweep
+                continue
+            if service in self.made or service in self._running():
+                await self._make(service)
+
+    async def sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TOKEN_SWEEP_EVERY)
+            try:
+                await self.sweep()
+            except Exception:  # the next sweep tries again; the agent goes on
+                log.exception("sweeping the tokens of services that left this node")
 
 
 def tls_context(config: AgentConfig) -> ssl.SSLContext | None:
@@ -177,6 +207,7 @@ class RemoteAgent:
         self.forwarder = Forwarder(config.servers, tls_context(config)) if config.http_port else None
         self.local_port = 0
         self.acl: ACLState | None = None  # with ACLs on at the servers: what the local /v1/agent/* routes enforce
+        self.sweeping: asyncio.Task[None] | None = None
 
     async def _partial_capacity(self) -> None:
         """Only one of --cpu-mhz / --memory-mb given: the other is detected."""
@@ -191,8 +222,9 @@ class RemoteAgent:
         port = await self._listen()
         await self._first_contact()
         if await acls_on(self.store):
-            tokens = ServiceTokens(self.store, self.node.name, internal_key(self.config.data_dir))
+            tokens = ServiceTokens(self.store, self.agent, internal_key(self.config.data_dir))
             self.agent.instance_env = tokens.env_for
+            self.sweeping = asyncio.create_task(tokens.sweep_forever(), name="service token sweep")
             # Fail closed, as the agent's DNS: the servers' default policy is not in the store.
             self.acl = ACLState(self.store, default_allow=False)
             await self.acl.start()
@@ -279,6 +311,10 @@ class RemoteAgent:
             await self.forwarder.stop()
         if self.acl is not None:
             await self.acl.stop()
+        if self.sweeping is not None:
+            self.sweeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sweeping
         await self.store.close()
 
 

@@ -5,7 +5,8 @@ The agent gives the SecretID (derived from its own key, so the same across its r
 asks, and never sent back); the token is that service's identity plus its KV prefix and the bus (service_rules),
 nothing else. The route needs node:write on that node and store:write (an agent's token, api/acl_table.py), and the
 service must have an allocation to run on that node: an agent's token never mints a token of another policy, nor one
-of a service placed elsewhere. It never returns or logs a secret.
+of a service placed elsewhere. DELETE on the same path (same rule) removes it, once the agent runs no instance of the
+service. It never returns or logs a secret.
 """
 
 from __future__ import annotations
@@ -70,3 +71,13 @@ async def put_service_token(request: web.Request) -> web.Response:
                             "node its instances are placed on", status=403)
     await acl.internal_token_with(secret, token_name(node, service), service_rules(service), service=service)
     return web.json_response({"Node": node, "Service": service})
+
+
+@routes.delete(PATH)
+async def delete_service_token(request: web.Request) -> web.Response:
+    """The agent runs no instance of `service` any more: its token for that node is deleted."""
+    acl = platform_of(request).extras.get(ACL_STATE)
+    if not isinstance(acl, ACLState):
+        raise BadRequest("ACLs are off on this server (--acl): instances need no token")
+    await acl.delete_internal_token(token_name(request.match_info["node"], request.match_info["service"]))
+    return web.json_response(None)
