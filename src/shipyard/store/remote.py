@@ -173,6 +173,9 @@ class RemoteStore:
             connector = aiohttp.TCPConnector(ssl=self.ssl_context) if self.ssl_context is not None else None
             self._session = aiohttp.ClientSession(timeout=self.timeout, connector=connector,
                                                   headers=self.headers)
+            # aiohttp sends a PUT or DELETE again on a new connection when the server dropped the first one; a
+            # call that may have been sent is never sent twice here (the caller is told), so that retry is off.
+            self._session._retry_connection = False
         return self._session
 
     async def _call(self, method: str, path: str, *, params: dict[str, str] | None = None, data: Any = None,
