@@ -254,6 +254,7 @@ def test_service_token_registers_only_its_service(acl_server: ServerProcess, adm
     assert c.agent.service.register("billing", service_id="billing-1", port=3) is True
     with pytest.raises(consul.ACLPermissionDenied):
         c.agent.service.register("payments", service_id="payments-1", port=4)
+    admin.agent.service.register("web", service_id="web-1", port=1)  # this test's own, whatever ran before it
     denied = call(acl_server, "PUT", "/v1/agent/service/deregister/web-1", token)
     assert denied.status_code == 403 and "'service:write' on \"web\"" in denied.text
     assert c.agent.service.deregister("billing-1") is True

@@ -286,8 +286,11 @@ def test_logs_interleave_stdout_and_stderr(quiet_server: ServerProcess, tmp_path
     assert shipyard("logs", "talk", "--stderr", cwd=proj, env=env).stdout.splitlines() == ["err 2", "err 4"]
     assert shipyard("logs", "talk", "--tail", "2", cwd=proj, env=env).stdout.splitlines() == ["out 3", "err 4"]
 
+    # Ctrl-C as at a terminal: a run started in the background of a non-interactive shell (as CI may be) has
+    # SIGINT ignored, which children inherit, and Python then installs no KeyboardInterrupt for it.
     follow = subprocess.Popen([sys.executable, "-m", "shipyard.cli.main", "logs", "talk", "-f", "--tail", "0"],
-                              cwd=proj, env=env, stdout=subprocess.PIPE, text=True)
+                              cwd=proj, env=env, stdout=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         port = instance_port(quiet_server.addr, "talk", proj)
         deadline = time.monotonic() + 60

@@ -175,7 +175,8 @@ async def test_serve_in_process_registers_runs_hooks_and_stops(server: ServerPro
         calls.append("shutdown")
 
     serving = asyncio.create_task(service.serve())
-    async with httpx.AsyncClient(base_url=server.url) as http:
+    # A blocking query may answer after its wait plus Consul's jitter (wait/16): beyond httpx's default 5 s timeout.
+    async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
         index = 0
         while True:
             r = await http.get("/v1/health/service/embedded", params={"index": index, "wait": "5s"} if index else {})

@@ -476,13 +476,17 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     """Runs the server until SIGINT/SIGTERM."""
     check_bind(config)
     tls_context = https_context(config)  # a missing or unreadable certificate is one line before anything listens
+    # A data dir some server already used is locked first: a second server on it is told so, not that a port
+    # (likely the first one's) is taken. A new one is made only once the ports are known to be free.
+    in_use = config.data_dir is not None and (Path(config.data_dir) / "LOCK").exists()
+    lock_fd = lock_data_dir(config.data_dir) if config.data_dir is not None and in_use else None
+    # A taken port is one line and exit 1 now, not a traceback (control, DNS) or workers crash-looping (gateway).
+    check_ports_free(config.bind, listener_ports(config, tls_context is not None))
     make_process_private()  # store, bus, logs, counters: 0600 files in 0700 dirs, whatever the operator's umask
     if config.data_dir is not None:
         make_data_dir_private(config.data_dir)
-    # The data dir first: a second server on it is told so, not that some port (likely the first one's) is taken.
-    lock_fd = lock_data_dir(config.data_dir) if config.data_dir is not None else None
-    # A taken port is one line and exit 1 now, not a traceback (control, DNS) or workers crash-looping (gateway).
-    check_ports_free(config.bind, listener_ports(config, tls_context is not None))
+        if lock_fd is None:
+            lock_fd = lock_data_dir(config.data_dir)
     # Handlers first: the API answers before "ready", and a SIGTERM in between must still stop what was started
     # (a --dev server's instances, the gateway workers) rather than kill the process with no cleanup.
     stop = asyncio.Event()

@@ -6,9 +6,6 @@ It only reads the logs API; it never touches an instance or its files.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import threading
 from typing import Any
 
@@ -76,13 +73,7 @@ def _follow(api: ApiClient, service: str, allocs: list[dict[str, Any]], params: 
             while thread.is_alive():
                 thread.join(0.5)
     except KeyboardInterrupt:
-        # Ctrl-C ends the follow at once. A normal interpreter exit can stall behind a pump thread that holds
-        # stdout's lock while blocked in a write or a streamed read (seen on a loaded machine: no exit for 30 s),
-        # so what was printed is flushed under our lock and the process ends here.
-        if lock.acquire(timeout=1.0):
-            with contextlib.suppress(OSError, ValueError):
-                sys.stdout.flush()
-        os._exit(0)
+        return
     if failures:
         raise failures[0]
 
