@@ -279,6 +279,8 @@ async def run_worker(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if args.parent_pid:  # from the start: a server gone before the first table would leave us waiting forever
+        worker.spawn(_watch_parent(args.parent_pid, stop))
     ready = asyncio.ensure_future(follower.ready.wait())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -292,8 +294,6 @@ async def run_worker(args: argparse.Namespace) -> None:
             await worker.listen_tls(args.bind, args.tls_port, follower.certificates.listening)
         log.info("gateway worker %d serving http://%s:%d (%d routes; data plane: %s)", os.getpid(), args.bind,
                  args.port, len(worker.table), DATA_PLANE_BUILD)
-        if args.parent_pid:
-            worker.spawn(_watch_parent(args.parent_pid, stop))
         await stop.wait()
     await worker.drain(args.shutdown_grace)
     follow_task.cancel()
@@ -316,6 +316,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway[%(process)d] %(levelname)s %(message)s",
                         stream=sys.stderr)
     _die_with_parent()
+    if args.parent_pid and os.getppid() != args.parent_pid:
+        # The server died while we were starting, before the death signal was asked for: nothing would send it.
+        log.warning("gateway worker %d: its server (pid %d) is gone; exiting", os.getpid(), args.parent_pid)
+        return
     for module in args.plugin_module:
         importlib.import_module(module)
     uvloop.run(run_worker(args))
