@@ -13,7 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -95,6 +97,22 @@ def need_binary(name: str) -> str:
     return path
 
 
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Polls `check` until it is truthy (a failed HTTP call counts as not yet); the timeout bounds, not measures."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except requests.RequestException as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
 class ServerProcess:
     """A real `shipyard server` on free ports in its own data dir."""
 
@@ -172,6 +190,28 @@ class ServerProcess:
     def restart(self) -> ServerProcess:
         self.stop(keep_instances=True)
         return self.start()
+
+
+
+class LoopbackServer(ServerProcess):
+    """A server on its own loopback address (127.0.0.2, ...), as if on its own machine: cluster tests' hosts."""
+
+    def __init__(self, data_dir: Path, address: str, name: str, *args: str) -> None:
+        super().__init__(data_dir, *args, "--bind", address, "--node", name, "--vault-port", "0")
+        self.address = address
+        self.name = name
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.http_port}"
+
+    @property
+    def addr(self) -> str:
+        return f"{self.address}:{self.http_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.address}:{self.gateway_port}"
 
 
 class EtcdProcess:

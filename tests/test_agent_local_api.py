@@ -14,9 +14,8 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 import requests
 
-from support import ServerProcess, free_port
+from support import ServerProcess, free_port, wait_for
 
 MANAGEMENT = str(uuid.uuid4())
 AGENT_RULES = 'store = "write"\nnode "edge" { policy = "write" }'
@@ -95,21 +94,6 @@ class Setup:
 def call(base: str, method: str, path: str, token: str = MANAGEMENT, **kw: Any) -> requests.Response:
     headers = {**({"X-Consul-Token": token} if token else {}), **kw.pop("headers", {})}
     return requests.request(method, base + path, headers=headers, timeout=kw.pop("timeout", 10), **kw)
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except requests.RequestException as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def agent_token(server: ServerProcess) -> str:

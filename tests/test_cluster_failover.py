@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import requests
 
-from support import EtcdProcess, ServerProcess, need_peer
+from support import EtcdProcess, LoopbackServer, need_peer
 from test_cluster_servers import (
     LOST_AFTER,
     NAMESPACE,
@@ -61,28 +61,14 @@ services:
 """
 
 
-class FailoverServer(ServerProcess):
+class FailoverServer(LoopbackServer):
     """A server on its own loopback address, as if on its own machine; gateway workers only where asked."""
 
     def __init__(self, data_dir: Path, index: int, etcd: EtcdProcess, gateway: bool) -> None:
-        self.address = f"127.0.0.{index + 2}"
-        self.name = f"server-{index}"
-        super().__init__(data_dir, "--store", f"etcd://127.0.0.1:{etcd.client_port}/{NAMESPACE}",
+        super().__init__(data_dir, f"127.0.0.{index + 2}", f"server-{index}",
+                         "--store", f"etcd://127.0.0.1:{etcd.client_port}/{NAMESPACE}",
                          "--bus", RABBIT_URL, "--leader-ttl", str(TTL), "--node-lost-after", str(LOST_AFTER),
-                         "--bind", self.address, "--node", self.name, "--vault-port", "0",
                          *([] if gateway else ["--no-gateway"]))
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}:{self.http_port}"
-
-    @property
-    def addr(self) -> str:
-        return f"{self.address}:{self.http_port}"
-
-    @property
-    def gateway_url(self) -> str:
-        return f"http://{self.address}:{self.gateway_port}"
 
     def leader(self) -> str:
         return str(requests.get(self.url + "/v1/status/leader", timeout=2).json())

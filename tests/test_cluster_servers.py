@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from shipyard.scheduler.records import ALLOCS, PLAN_GUARD, encode_node, node_key
 from shipyard.spec import Resources, TaskSpec
 from shipyard.store import Put
 from shipyard.store.etcd import EtcdStore
-from support import EtcdProcess, ServerProcess, free_port, need_peer
+from support import EtcdProcess, LoopbackServer, ServerProcess, free_port, need_peer, wait_for
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 TTL = 2  # --leader-ttl of the servers under test
@@ -55,39 +55,13 @@ def loopback_aliases_work() -> bool:
         return False
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except requests.RequestException as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-class ClusterServer(ServerProcess):
+class ClusterServer(LoopbackServer):
     """A server on its own loopback address, as if on its own machine."""
 
     def __init__(self, data_dir: Path, address: str, name: str, etcd: EtcdProcess) -> None:
-        super().__init__(data_dir, "--store", f"etcd://127.0.0.1:{etcd.client_port}/{NAMESPACE}",
+        super().__init__(data_dir, address, name, "--store", f"etcd://127.0.0.1:{etcd.client_port}/{NAMESPACE}",
                          "--bus", RABBIT_URL, "--leader-ttl", str(TTL), "--node-lost-after", str(LOST_AFTER),
-                         "--no-gateway", "--bind", address,
-                         "--node", name, "--vault-port", "0")
-        self.address = address
-        self.name = name
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}:{self.http_port}"
-
-    @property
-    def addr(self) -> str:
-        return f"{self.address}:{self.http_port}"
+                         "--no-gateway")
 
     def leader(self) -> str:
         return str(requests.get(self.url + "/v1/status/leader", timeout=2).json())

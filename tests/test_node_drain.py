@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from support import EtcdProcess, ServerProcess, need_peer
+from support import EtcdProcess, LoopbackServer, need_peer
 from test_cluster_servers import NAMESPACE, RABBIT_URL, loopback_aliases_work, rabbit_up, wait_for
 
 APP = Path(__file__).parent / "apps" / "node_http.py"
@@ -41,27 +41,12 @@ services:
 NODE_OF = {"127.0.0.2": "node-a", "127.0.0.3": "node-b"}  # the app answers its address
 
 
-class NodeServer(ServerProcess):
+class NodeServer(LoopbackServer):
     """A server on its own loopback address, as if on its own machine; only the first one runs a gateway."""
 
     def __init__(self, data_dir: Path, address: str, name: str, etcd: EtcdProcess, gateway: bool) -> None:
-        super().__init__(data_dir, "--store", f"etcd://127.0.0.1:{etcd.client_port}/{NAMESPACE}",
-                         "--bus", RABBIT_URL, "--leader-ttl", "2", "--bind", address, "--node", name,
-                         "--vault-port", "0", *([] if gateway else ["--no-gateway"]))
-        self.address = address
-        self.name = name
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}:{self.http_port}"
-
-    @property
-    def addr(self) -> str:
-        return f"{self.address}:{self.http_port}"
-
-    @property
-    def gateway_url(self) -> str:
-        return f"http://{self.address}:{self.gateway_port}"
+        super().__init__(data_dir, address, name, "--store", f"etcd://127.0.0.1:{etcd.client_port}/{NAMESPACE}",
+                         "--bus", RABBIT_URL, "--leader-ttl", "2", *([] if gateway else ["--no-gateway"]))
 
 
 @pytest.fixture
