@@ -472,21 +472,28 @@ async def start_vault(config: ServerConfig, platform: Platform,
     return vault
 
 
-async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> None:
-    """Runs the server until SIGINT/SIGTERM."""
-    check_bind(config)
-    tls_context = https_context(config)  # a missing or unreadable certificate is one line before anything listens
-    # A data dir some server already used is locked first: a second server on it is told so, not that a port
-    # (likely the first one's) is taken. A new one is made only once the ports are known to be free.
+def claim_data_dir_and_ports(config: ServerConfig, https: bool) -> int | None:
+    """Locks the data dir (held for the process's life: the returned fd) and checks every listener's port.
+
+    A data dir some server already used is locked first: a second server on it is told so, not that a port (likely
+    the first one's) is taken. A new one is made only once the ports are known to be free."""
     in_use = config.data_dir is not None and (Path(config.data_dir) / "LOCK").exists()
     lock_fd = lock_data_dir(config.data_dir) if config.data_dir is not None and in_use else None
     # A taken port is one line and exit 1 now, not a traceback (control, DNS) or workers crash-looping (gateway).
-    check_ports_free(config.bind, listener_ports(config, tls_context is not None))
+    check_ports_free(config.bind, listener_ports(config, https))
     make_process_private()  # store, bus, logs, counters: 0600 files in 0700 dirs, whatever the operator's umask
     if config.data_dir is not None:
         make_data_dir_private(config.data_dir)
         if lock_fd is None:
             lock_fd = lock_data_dir(config.data_dir)
+    return lock_fd
+
+
+async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> None:
+    """Runs the server until SIGINT/SIGTERM."""
+    check_bind(config)
+    tls_context = https_context(config)  # a missing or unreadable certificate is one line before anything listens
+    lock_fd = claim_data_dir_and_ports(config, tls_context is not None)
     # Handlers first: the API answers before "ready", and a SIGTERM in between must still stop what was started
     # (a --dev server's instances, the gateway workers) rather than kill the process with no cleanup.
     stop = asyncio.Event()
