@@ -40,6 +40,7 @@ class NodeMember:
     alive_key: str
     kind: str  # "server" | "agent"
     rejoins_itself: bool = False
+    lease_ttl: float = 0.0  # its lease's TTL: found expired, it has been silent at least this long
 
 
 MemberSource = Callable[[], Awaitable[list[NodeMember]]]
@@ -47,14 +48,15 @@ MemberSource = Callable[[], Awaitable[list[NodeMember]]]
 
 def server_members(cluster: ServerCluster) -> MemberSource:
     async def members() -> list[NodeMember]:
-        return [NodeMember(m.server.name, m.status, SERVERS + m.server.id, "server") for m in await cluster.members()]
+        return [NodeMember(m.server.name, m.status, SERVERS + m.server.id, "server", lease_ttl=cluster.ttl)
+                for m in await cluster.members()]
     return members
 
 
 def agent_node_members(store: Store) -> MemberSource:
     async def members() -> list[NodeMember]:
-        return [NodeMember(m.info.name, m.status, agent_alive_key(m.info.name), "agent", rejoins_itself=True)
-                for m in await agent_members(store)]
+        return [NodeMember(m.info.name, m.status, agent_alive_key(m.info.name), "agent", rejoins_itself=True,
+                           lease_ttl=m.info.ttl) for m in await agent_members(store)]
     return members
 
 
@@ -68,8 +70,9 @@ class NodeLiveness:
         self.sources = sources
         self.me = me  # this server's own node: never marked by itself
         self.node_lost_after = node_lost_after
-        # node name -> monotonic time this leader first saw it down (a new leader starts counting afresh: it
-        # may replace instances later than node_lost_after, never sooner)
+        # node name -> monotonic time since which it is known silent: first seen down minus its lease TTL (an
+        # expired lease means no heartbeat for at least that long). A new leader starts counting afresh: it may
+        # replace instances later than node_lost_after after the node fell silent, never sooner.
         self._down_since: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -93,7 +96,13 @@ class NodeLiveness:
                 raise
             except Exception as exc:
                 log.warning("node liveness pass failed (%s: %s); trying again", type(exc).__name__, exc)
-            await asyncio.sleep(CHECK_EVERY)
+            await asyncio.sleep(self.next_pass_in(time.monotonic()))
+
+    def next_pass_in(self, now: float) -> float:
+        """Every CHECK_EVERY, or sooner when a down node's node_lost_after ends before that: its instances are
+        placed elsewhere on time rather than up to a pass late."""
+        due = [since + self.node_lost_after - now for since in self._down_since.values()]
+        return max(0.05, min([CHECK_EVERY, *(d for d in due if d > 0)]))
 
     async def members(self) -> list[NodeMember]:
         out: list[NodeMember] = []
@@ -109,7 +118,7 @@ class NodeLiveness:
                     # Back (it says so itself too; this covers a pass of ours that raced its return).
                     await self.catalog.update_check_status(name, SERF_CHECK_ID, PASSING, "Agent alive and reachable")
                 continue
-            since = self._down_since.setdefault(name, now)
+            since = self._down_since.setdefault(name, now - member.lease_ttl)
             why = "left the cluster" if member.status == 3 else "its lease expired (failed or cut off)"
             if await self.catalog.update_check_status(name, SERF_CHECK_ID, CRITICAL, f"Agent not live: {why}"):
                 log.warning("cluster: %s %s is gone (%s): its node is critical", member.kind, name, why)
@@ -138,7 +147,7 @@ class NodeLiveness:
                                        Compare(node_key(name), "mod", "=", node[0].mod_revision)],
                                       [Delete(node_key(name))])
         if result.succeeded:
-            log.warning("cluster: node %s lost for %.0fs: removed from placement; its instances will be placed "
+            log.warning("cluster: node %s silent for %.0fs: removed from placement; its instances will be placed "
                         "elsewhere", name, self.node_lost_after)
 
 

@@ -36,13 +36,14 @@ from shipyard.api.agent_entry import (
     check_gateway_bind,
 )
 from shipyard.api.agent_forward import DEFAULT_HTTP_PORT, Forwarder
+from shipyard.api.agent_metrics import METRICS_PATH, MetricsSource, add_metrics_route
 from shipyard.api.agent_local import add_local_routes, local_platform
 from shipyard.api.errors import error_middleware
 from shipyard.api.native.agent_logs import AGENT_LOGS, secret_middleware
 from shipyard.api.native.logs_api import routes as log_routes
 from shipyard.api.native.usage_relay import routes as usage_routes
 from shipyard.api.ports import check_ports_free
-from shipyard.api.server import lock_data_dir
+from shipyard.api.server import is_loopback, lock_data_dir
 from shipyard.errors import ShipyardError
 from shipyard.private_files import make_data_dir_private, make_process_private
 from shipyard.registry.agents import DEFAULT_AGENT_TTL, AgentHeartbeat, AgentInfo
@@ -87,6 +88,9 @@ class AgentConfig:
     dns_token: str = ""
     gateway_port: int = 0  # 0: no gateway workers
     gateway_workers: int = 1
+    gateway_tls_port: int = 0  # the gateway's HTTPS port (0: none)
+    gateway_tls_cert: str = ""  # its default certificate ("": self-signed); the admin API's certificates by SNI
+    gateway_tls_key: str = ""
     insecure_bind: bool = False  # DNS and the gateway may face the network without TLS and ACLs
     http_port: int = DEFAULT_HTTP_PORT  # the local API on 127.0.0.1, forwarded to the servers (0: none)
 
@@ -94,7 +98,9 @@ class AgentConfig:
         return EntryConfig(address=self.advertise, servers=self.servers, token=self.token, ca_file=self.ca_file,
                            cert_file=self.cert_file, key_file=self.key_file, dns_port=self.dns_port,
                            dns_token=self.dns_token, gateway_port=self.gateway_port,
-                           gateway_workers=self.gateway_workers, insecure_bind=self.insecure_bind)
+                           gateway_workers=self.gateway_workers, gateway_tls_port=self.gateway_tls_port,
+                           gateway_tls_cert=self.gateway_tls_cert, gateway_tls_key=self.gateway_tls_key,
+                           insecure_bind=self.insecure_bind)
 
 
 def server_url(raw: str) -> str:
@@ -234,7 +240,7 @@ class RemoteAgent:
                 self.config.http_port, lambda app: add_local_routes(app, platform, self.acl))
         self._follow_server()
         info = AgentInfo(self.node.name, self.node.id, self.agent.address, port, self.node.datacenter,
-                         dict(self.config.meta), self.secret)
+                         dict(self.config.meta), self.secret, self.config.ttl)
         self.heartbeat = AgentHeartbeat(self.store, info, ttl=self.config.ttl, on_rejoined=self.rejoin,
                                         on_beat=self._follow_server)
         await self.heartbeat.start()
@@ -270,10 +276,15 @@ class RemoteAgent:
                 await asyncio.sleep(FIRST_CONTACT_RETRY)
 
     async def _listen(self) -> int:
-        app = web.Application(middlewares=[error_middleware, secret_middleware(self.secret)])
+        guard = secret_middleware(self.secret, own_guard=frozenset({METRICS_PATH}))
+        app = web.Application(middlewares=[error_middleware, guard])
         app[AGENT_LOGS] = self.agent
         app.add_routes(log_routes)
         app.add_routes(usage_routes)  # its instances' CPU and memory, for the servers' views
+        # Its gateway's metrics, for Prometheus to scrape here (api/agent_metrics.py says why here).
+        add_metrics_route(app, MetricsSource(lambda: self.entry.gateway, lambda: self.acl,
+                                             open_without_acl=self.config.insecure_bind
+                                             or is_loopback(self.config.advertise)))
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.agent.address, self.config.port, reuse_address=True)

@@ -82,8 +82,8 @@ def cli(ctx: click.Context, http_addr: str) -> None:
 @click.option("--leader-ttl", default=3, show_default=True, type=click.IntRange(2, 60),
               help="With --store etcd: seconds of the leadership lease; a dead leader is replaced within about this.")
 @click.option("--node-lost-after", default=15.0, show_default=True, type=click.FloatRange(0, 3600),
-              help="Seconds a server (with --store etcd) or an agent may be gone before the instances on its node "
-                   "are replaced.")
+              help="Seconds a server (with --store etcd) or an agent may be silent (counted from its last possible "
+                   "heartbeat: its lease's expiry minus its TTL) before the instances on its node are replaced.")
 @click.option("--gateway-sync", default=0.1, show_default=True, type=click.FloatRange(0.01, 10),
               help="With --store etcd (several servers): seconds between syncs of the gateways' rate-limit counts "
                    "(docs/cluster.md: the tolerance of a limit grows with it).")

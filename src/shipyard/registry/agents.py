@@ -38,6 +38,7 @@ class AgentInfo:
     datacenter: str = "dc1"
     meta: dict[str, str] = field(default_factory=dict)
     logs_secret: str = ""
+    ttl: int = DEFAULT_AGENT_TTL  # its heartbeat lease's TTL: once expired, it has been silent at least this long
 
     def encode(self, **extra: object) -> bytes:
         return orjson.dumps({**asdict(self), **extra})
@@ -48,7 +49,7 @@ class AgentInfo:
         meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
         return cls(str(data["name"]), str(data.get("id", "")), str(data["address"]), int(data.get("logs_port", 0)),
                    str(data.get("datacenter", "dc1")), {str(k): str(v) for k, v in meta.items()},
-                   str(data.get("logs_secret", "")))
+                   str(data.get("logs_secret", "")), int(data.get("ttl", DEFAULT_AGENT_TTL)))
 
 
 @dataclass(frozen=True)
