@@ -1,5 +1,6 @@
 """An agent as an entry point of its cluster: Consul DNS and (with --gateway) gateway workers on the agent's machine,
-both reading the servers' store over HTTP (DNS through the agent's RemoteStore, each worker through its own).
+plain HTTP and, with --gateway-tls-port, HTTPS with the cluster's gateway certificates, all reading the servers'
+store over HTTP (DNS through the agent's RemoteStore, each worker through its own).
 
 It decides where they listen and starts and stops them; it never writes routes or catalog entries, never answers a
 name from anything but the servers' catalog, and never listens beyond loopback unless the cluster is locked down
@@ -20,7 +21,7 @@ from shipyard.api.acl_guard import dns_restriction
 from shipyard.api.context import DnsConfig
 from shipyard.api.dns import DnsServer
 from shipyard.api.ports import check_ports_free
-from shipyard.api.server import is_loopback
+from shipyard.api.server import gateway_certificate_files, is_loopback
 from shipyard.errors import ShipyardError
 from shipyard.gateway.cluster_counters import DEFAULT_INTERVAL, ClusterCounters
 from shipyard.gateway.counters import shared_counters
@@ -28,6 +29,7 @@ from shipyard.gateway.supervisor import GatewaySupervisor
 from shipyard.registry.catalog import Catalog
 from shipyard.store.follow import follow_prefix
 from shipyard.store.remote import RemoteStore
+from shipyard.tls.contexts import server_context
 from shipyard.tokens import TOKEN_VARIABLES
 
 log = logging.getLogger("shipyard.agent")
@@ -50,14 +52,26 @@ class EntryConfig:
     dns_token: str = ""  # with ACLs: the token DNS answers as ("": anonymous)
     gateway_port: int = 0
     gateway_workers: int = 1
+    gateway_tls_port: int = 0  # 0: the gateway serves plain HTTP only
+    gateway_tls_cert: str = ""  # the TLS port's default certificate ("": a self-signed one kept in the data dir)
+    gateway_tls_key: str = ""
     insecure_bind: bool = False
+
+    @property
+    def tls_port(self) -> int:
+        """The gateway's TLS port, when there is a gateway at all."""
+        return self.gateway_tls_port if self.gateway_port else 0
 
 
 def check_entry_ports(config: EntryConfig, logs_port: int) -> None:
     """The gateway and DNS ports are free and distinct from the logs port (one line and exit, not a traceback or
     workers crash-looping)."""
     dns_host = config.address if may_face_network(config) else "127.0.0.1"
-    check_ports_free(config.address, [(logs_port, "--port", False), (config.gateway_port, "--gateway-port", False)])
+    check_ports_free(config.address, [(logs_port, "--port", False), (config.gateway_port, "--gateway-port", False),
+                                      (config.tls_port, "--gateway-tls-port", False)])
+    if config.tls_port and config.gateway_tls_cert:  # one line now, rather than every worker exiting at start
+        server_context(config.gateway_tls_cert, config.gateway_tls_key or config.gateway_tls_cert,
+                       what="--gateway-tls-cert")
     check_ports_free(dns_host, [(config.dns_port, "--dns-port", True)])
 
 
@@ -142,6 +156,7 @@ class AgentEntry:
             extra += ["--control", url]
         for port in (config.dns_port, logs_port):
             extra += ["--server-port", str(port)] if port else []
+        extra += self._tls_args()
         if any(url.startswith("https://") for url in config.servers):
             extra += ["--control-ca", os.path.abspath(config.ca_file)] if config.ca_file else []
             if config.cert_file:
@@ -155,6 +170,17 @@ class AgentEntry:
             gateway.extra_env[TOKEN_VARIABLES[0]] = config.token
         return gateway
 
+    def _tls_args(self) -> list[str]:
+        """The workers' TLS port, as a server's: its default certificate (--gateway-tls-cert, else a self-signed
+        one made once in the agent's data dir), and the certificates and SNIs of the gateway admin API, which each
+        worker follows from the servers' store: a certificate added through any server reaches this gateway too."""
+        config = self.config
+        if not config.tls_port:
+            return []
+        cert, key = gateway_certificate_files(config.gateway_tls_cert, config.gateway_tls_key, self.data_dir)
+        return ["--tls-port", str(config.tls_port), "--server-port", str(config.tls_port), "--tls-cert", cert,
+                "--tls-key", key]
+
     async def _start_gateway(self, logs_port: int) -> None:
         self.gateway = self.supervisor(logs_port)
         await self.gateway.start()
@@ -164,7 +190,8 @@ class AgentEntry:
         self.counters = ClusterCounters(self.store, shared_counters(self.gateway.shared_path), self.catalog.node.id,
                                         interval=DEFAULT_INTERVAL)
         await self.counters.start()
-        log.info("gateway on http://%s:%d (%d workers)", self.config.address, self.config.gateway_port,
+        https = f" and https://{self.config.address}:{self.config.tls_port}" if self.config.tls_port else ""
+        log.info("gateway on http://%s:%d%s (%d workers)", self.config.address, self.config.gateway_port, https,
                  self.gateway.workers)
 
     async def stop(self) -> None:

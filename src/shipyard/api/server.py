@@ -342,9 +342,15 @@ def gateway_default_certificate(config: ServerConfig) -> tuple[str, str]:
     """--gateway-tls-cert, else one self-signed certificate for every worker (Kong's default certificate), made once
     in the data dir (a temporary directory under --dev)."""
     tls = config.tls
-    if tls.gateway_cert_file:
-        return os.path.abspath(tls.gateway_cert_file), os.path.abspath(tls.gateway_key_file or tls.gateway_cert_file)
-    folder = Path(config.data_dir or tempfile.mkdtemp(prefix="shipyard-gateway-tls-"))
+    return gateway_certificate_files(tls.gateway_cert_file, tls.gateway_key_file, config.data_dir)
+
+
+def gateway_certificate_files(cert_file: str, key_file: str, data_dir: str | None) -> tuple[str, str]:
+    """The gateway's default certificate and key files: the operator's, else a self-signed pair kept in `data_dir`
+    (a temporary directory without one), made once. A server's and a `shipyard agent`'s gateway alike."""
+    if cert_file:
+        return os.path.abspath(cert_file), os.path.abspath(key_file or cert_file)
+    folder = Path(data_dir or tempfile.mkdtemp(prefix="shipyard-gateway-tls-"))
     cert, key = folder / "gateway-default-cert.pem", folder / "gateway-default-key.pem"
     if not (cert.exists() and key.exists()):
         cert.unlink(missing_ok=True)

@@ -69,6 +69,14 @@ def parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
               help="Port (on --advertise) of the gateway.")
 @click.option("--gateway-workers", default=1, show_default=True, type=click.IntRange(0, 256),
               help="Gateway worker processes (0: the number of cores).")
+@click.option("--gateway-tls-port", default=0, show_default=True, type=click.IntRange(0, 65535),
+              envvar="SHIPYARD_GATEWAY_TLS_PORT",
+              help="Port (on --advertise) where the gateway also terminates TLS (e.g. 8443; 0: none), as a server's: "
+                   "the certificates and snis of the gateway admin API, --gateway-tls-cert otherwise.")
+@click.option("--gateway-tls-cert", default="", metavar="FILE", envvar="SHIPYARD_GATEWAY_TLS_CERT",
+              help="Default certificate of --gateway-tls-port (default: a self-signed one kept in --data-dir).")
+@click.option("--gateway-tls-key", default="", metavar="FILE", envvar="SHIPYARD_GATEWAY_TLS_KEY",
+              help="Key of --gateway-tls-cert.")
 @click.option("--insecure-bind", is_flag=True,
               help="Let DNS and the gateway listen on a non-loopback --advertise without HTTPS servers and ACLs.")
 @click.option("--log-level", default="info", show_default=True,
@@ -79,7 +87,7 @@ def agent(servers: tuple[str, ...], node_name: str, advertise: str, meta: tuple[
           datacenter: str, token: str, ca_file: str, client_cert: str, client_key: str, cpu_mhz: int | None,
           memory_mb: int | None, heartbeat_ttl: int, drain_delay: float, enable_script_checks: bool,
           http_port: int, dns_port: int, dns_token: str, gateway: bool, gateway_port: int, gateway_workers: int,
-          insecure_bind: bool,
+          gateway_tls_port: int, gateway_tls_cert: str, gateway_tls_key: str, insecure_bind: bool,
           log_level: str) -> None:
     """Run this machine as a node of a cluster: register it, heartbeat, run what the servers place here."""
     from shipyard.api.agent_process import AgentConfig, run_agent, server_url
@@ -94,7 +102,8 @@ def agent(servers: tuple[str, ...], node_name: str, advertise: str, meta: tuple[
         ca_file=ca_file, cert_file=client_cert, key_file=client_key, cpu_mhz=cpu_mhz, memory_mb=memory_mb,
         ttl=heartbeat_ttl, drain_delay=drain_delay, enable_script_checks=enable_script_checks,
         http_port=http_port, dns_port=dns_port, dns_token=dns_token, gateway_port=gateway_port if gateway else 0,
-        gateway_workers=gateway_workers, insecure_bind=insecure_bind,
+        gateway_workers=gateway_workers, gateway_tls_port=gateway_tls_port, gateway_tls_cert=gateway_tls_cert,
+        gateway_tls_key=gateway_tls_key, insecure_bind=insecure_bind,
     )
     if advertise in ("", "0.0.0.0", "::"):
         raise ShipyardError("--advertise must be an address the servers and other nodes can reach", status=2)

@@ -75,12 +75,16 @@ def _agent_error(agent: AgentInfo, status: int, body: bytes) -> ShipyardError:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def secret_middleware(secret: str) -> Any:
-    """An agent's listener: only a caller that read its record in the store (a server) may read its logs."""
+def secret_middleware(secret: str, *, own_guard: frozenset[str] = frozenset()) -> Any:
+    """An agent's listener: only a caller that read its record in the store (a server) may read its logs. The
+    paths of `own_guard` are not the servers' and check their caller themselves (the gateway metrics a Prometheus
+    scrapes, behind an ACL token: api/agent_metrics.py)."""
     expected = secret.encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in own_guard:
+            return await handler(request)
         given = request.headers.get(SECRET_HEADER, "").encode()
         if not hmac.compare_digest(given, expected):
             return web.json_response({"error": "this agent serves logs to the servers of its cluster only"},
