@@ -5,6 +5,10 @@ moment has more passing instances than count + max_parallel. The other agent is 
 host's namespace loops through its gateway all along (no request may fail), and its DNS names the instances of
 both agents.
 
+It runs the configuration the docs give for production: the server locked down (ACLs on default deny, TLS with a CA
+made by `shipyard tls`), each agent reaching it over HTTPS with its own token (its node's write, the store), and
+the instances using the service tokens their agent hands them.
+
 Needs root (ip netns); every name carries this process's id, and everything it creates is deleted at the end.
 """
 
@@ -29,15 +33,16 @@ from typing import Any
 import pytest
 import requests
 
-from support import ServerProcess, free_port, need_peer, wait_for
+from support import ServerProcess, free_port, need_peer, wait_for, wait_until_answering
 
 pytestmark = pytest.mark.xdist_group("netns")
 
+MANAGEMENT = "6a1f3c1e-9f0d-4c55-8c59-2f4a2b7d1e01"
 TTL = 2  # the agents' --heartbeat-ttl
 LOST_AFTER = 3  # the server's --node-lost-after
 COUNT, MAX_PARALLEL = 2, 1
 APP = """\
-import http.server, os
+import http.server, json, os, urllib.request
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = os.environ["HOST"].encode()  # which agent answered, seen through the gateway
@@ -46,13 +51,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args): pass
 print("hello from", os.environ["SHIPYARD_ALLOC_ID"], "on", os.environ["HOST"], "control",
       os.environ["SHIPYARD_HTTP_ADDR"], flush=True)
+# The platform through its agent's local API, with the service token the agent handed it (ACLs deny anonymous).
+ask = urllib.request.Request("http://" + os.environ["SHIPYARD_HTTP_ADDR"] + "/v1/catalog/nodes",
+                             headers={"X-Consul-Token": os.environ["SHIPYARD_HTTP_TOKEN"]})
+print("nodes:", *sorted(n["Node"] for n in json.load(urllib.request.urlopen(ask, timeout=10))), flush=True)
 http.server.HTTPServer((os.environ["HOST"], int(os.environ["PORT"])), Handler).serve_forever()
 """
-
-
-# What an instance does to reach the platform: the node names of /v1/catalog/nodes at its agent's local API.
-LOCAL_NODES = ("import json, urllib.request; print(*sorted(n['Node'] for n in json.load(urllib.request.urlopen("
-               "'http://127.0.0.1:8500/v1/catalog/nodes', timeout=10))))")
 
 
 def netns_usable() -> bool:
@@ -119,19 +123,77 @@ class Lab:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
+@dataclass
+class Pki:
+    """A CA and the server's certificate for its bridge address, made by `shipyard tls` as an operator would."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, where: Path, address: str) -> Pki:
+        where.mkdir()
+        for args in (["ca", "create"], ["cert", "create", "--server", "--ip", address]):
+            made = subprocess.run([sys.executable, "-m", "shipyard.cli.main", "tls", *args, "--dir", str(where)],
+                                  capture_output=True, text=True, timeout=60, cwd=where)
+            assert made.returncode == 0, made.stderr
+        return cls(where / "consul-agent-ca.pem", where / "dc1-server-consul-0.pem",
+                   where / "dc1-server-consul-0-key.pem")
+
+
 class LabServer(ServerProcess):
-    def __init__(self, data_dir: Path, address: str) -> None:
-        super().__init__(data_dir, "--bind", address, "--insecure-bind", "--no-gateway", "--vault-port", "0",
-                         "--node", "srv", "--node-lost-after", str(LOST_AFTER), dev=True)
-        self.address = address
+    """Locked down (ACLs on default deny and TLS), so it may bind its bridge address without --insecure-bind."""
+
+    def __init__(self, data_dir: Path, address: str, pki: Pki) -> None:
+        self.https_port = free_port()
+        super().__init__(data_dir, "--bind", address, "--no-gateway", "--vault-port", "0", "--node", "srv",
+                         "--node-lost-after", str(LOST_AFTER), "--acl", "--acl-initial-management", MANAGEMENT,
+                         "--tls-cert", str(pki.cert), "--tls-key", str(pki.key), "--tls-ca", str(pki.ca),
+                         "--https-port", str(self.https_port), dev=True)
+        self.address, self.pki = address, pki
+        self.http = self.session()
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}:{self.http_port}"
+        return f"https://{self.address}:{self.https_port}"
 
     @property
     def addr(self) -> str:
-        return f"{self.address}:{self.http_port}"
+        return f"{self.address}:{self.https_port}"
+
+    def start(self, timeout: float = 20.0) -> ServerProcess:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # With TLS, plain HTTP stays on loopback (this namespace's): readiness is asked there.
+        wait_until_answering(self.proc, f"http://127.0.0.1:{self.http_port}/v1/status/leader", (200,),
+                             "server", self.log_path, timeout)
+        return self
+
+    def session(self) -> requests.Session:
+        """The operator's: the management token, the server's certificate checked against the CA."""
+        session = requests.Session()
+        session.trust_env = False  # REQUESTS_CA_BUNDLE in the environment would replace `verify`
+        session.headers["X-Consul-Token"] = MANAGEMENT
+        session.verify = str(self.pki.ca)
+        return session
+
+    def agent_token(self, node: str) -> str:
+        """What an agent needs: write its own node (and its instances' service tokens), the store."""
+        with self.session() as http:
+            rules = f'store = "write"\nnode "{node}" {{ policy = "write" }}'
+            policy = http.put(self.url + "/v1/acl/policy", json={"Name": f"agent-{node}", "Rules": rules}, timeout=10)
+            assert policy.status_code == 200, policy.text
+            token = http.put(self.url + "/v1/acl/token", json={"Policies": [{"ID": policy.json()["ID"]}]}, timeout=10)
+            assert token.status_code == 200, token.text
+            return str(token.json()["SecretID"])
+
+    def dns_token(self) -> str:
+        """Consul's way to let DNS answer under default deny: a token of the builtin/dns templated policy."""
+        made = self.http.put(self.url + "/v1/acl/token", json={
+            "Description": "agents' DNS", "TemplatedPolicies": [{"TemplateName": "builtin/dns"}]}, timeout=10)
+        assert made.status_code == 200, made.text
+        return str(made.json()["SecretID"])
 
 
 class AgentProcess:
@@ -141,21 +203,26 @@ class AgentProcess:
         self.data_dir = base / self.name
         self.log_path = base / f"{self.name}.log"
         # Agent 2 is given a server that is down first: it must go on to the next one (its gateway workers too).
-        dead = ["--server", f"http://{server.address}:{free_port()}"] if i == 2 else []
+        dead = ["--server", f"https://{server.address}:{free_port()}"] if i == 2 else []
         self.dns_port, self.gateway_port = free_port(), free_port()
-        # Agent 2 is an entry point: gateway and DNS on its bridge address (plain HTTP servers: --insecure-bind);
-        # agent 1's DNS stays on its loopback.
-        entry = ["--gateway", "--gateway-port", str(self.gateway_port), "--insecure-bind"] if i == 2 else []
+        # Agent 2 is an entry point: its gateway on its bridge address (allowed: HTTPS servers, ACLs, a token).
+        # Both agents' DNS answer on their bridge address for the same reason.
+        entry = ["--gateway", "--gateway-port", str(self.gateway_port)] if i == 2 else []
         self.command = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "shipyard.cli.main", "agent",
-                        *dead, "--server", server.url, "--node", self.name, "--advertise", self.address,
-                        "--port", str(self.port), "--meta", f"rack=r{i}", "--data-dir", str(self.data_dir),
-                        "--heartbeat-ttl", str(TTL), "--drain-delay", "0.2", "--dns-port", str(self.dns_port),
-                        *entry]
+                        *dead, "--server", server.url, "--ca-file", str(server.pki.ca), "--node", self.name,
+                        "--advertise", self.address, "--port", str(self.port), "--meta", f"rack=r{i}",
+                        "--data-dir", str(self.data_dir), "--heartbeat-ttl", str(TTL), "--drain-delay", "0.2",
+                        "--dns-port", str(self.dns_port), *entry]
+        self.token, self.dns_token = server.agent_token(self.name), server.dns_token()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+        env["SHIPYARD_HTTP_TOKEN"] = self.token  # from the environment, never on a command line
+        env["SHIPYARD_DNS_TOKEN"] = self.dns_token
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=env)
 
     def shim_pids(self) -> list[int]:
         pids = []
@@ -189,8 +256,9 @@ def alive(pid: int) -> bool:
 class PassingWatch:
     """Polls /v1/health/service/web?passing in the background: the most passing instances ever seen at once."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, server: LabServer) -> None:
+        self.url = server.url
+        self.http = server.session()
         self.most = 0
         self.seen: list[tuple[float, list[str]]] = []
         self._stop = threading.Event()
@@ -203,11 +271,12 @@ class PassingWatch:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
+        self.http.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                entries = requests.get(self.url + "/v1/health/service/web?passing", timeout=2).json()
+                entries = self.http.get(self.url + "/v1/health/service/web?passing", timeout=2).json()
             except (requests.RequestException, ValueError):
                 continue
             where = sorted(f"{e['Service']['ID']}@{e['Node']['Node']}" for e in entries)
@@ -266,14 +335,6 @@ def dig(agent: AgentProcess, name: str, *, inside: bool = False) -> set[str]:
     return set(out.stdout.split()) if out.returncode == 0 else set()
 
 
-def refused(address: str, port: int) -> bool:
-    try:
-        socket.create_connection((address, port), timeout=5).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
 def answered_by(url: str) -> set[str]:
     return {requests.get(url, timeout=5).text for _ in range(6)}
 
@@ -303,7 +364,7 @@ def lab(tmp_path: Path) -> Iterator[tuple[Lab, LabServer, list[AgentProcess]]]:
     server: LabServer | None = None
     try:
         lab.up(2)
-        server = LabServer(tmp_path / "server", lab.addr(254))
+        server = LabServer(tmp_path / "server", lab.addr(254), Pki.make(tmp_path / "pki", lab.addr(254)))
         server.start()
         agents = [AgentProcess(lab, i, server, tmp_path) for i in (1, 2)]
         for agent in agents:
@@ -319,12 +380,12 @@ def lab(tmp_path: Path) -> Iterator[tuple[Lab, LabServer, list[AgentProcess]]]:
 
 def passing_nodes(server: LabServer) -> dict[str, str]:
     """alloc id -> node of every passing instance of web."""
-    entries = requests.get(server.url + "/v1/health/service/web?passing", timeout=5).json()
+    entries = server.http.get(server.url + "/v1/health/service/web?passing", timeout=5).json()
     return {e["Service"]["ID"]: e["Node"]["Node"] for e in entries}
 
 
 def members(server: LabServer) -> dict[str, tuple[str, int]]:
-    listed = requests.get(server.url + "/v1/agent/members", timeout=5).json()
+    listed = server.http.get(server.url + "/v1/agent/members", timeout=5).json()
     return {m["Name"]: (m["Addr"], m["Status"]) for m in listed}
 
 
@@ -332,10 +393,11 @@ def check_agents_listed(server: LabServer, cut: AgentProcess, other: AgentProces
     """Members (API and CLI) and catalog nodes list the agents at their advertised addresses, with their meta."""
     wait_for("both agents alive among the members", lambda: all(
         members(server).get(a.name) == (a.address, 1) for a in (cut, other)), timeout=30)
-    nodes = {n["Node"]: n for n in requests.get(server.url + "/v1/catalog/nodes", timeout=5).json()}
+    nodes = {n["Node"]: n for n in server.http.get(server.url + "/v1/catalog/nodes", timeout=5).json()}
     assert nodes[cut.name]["Address"] == cut.address and nodes[cut.name]["Meta"]["rack"] == "r1"
-    listed = subprocess.run([sys.executable, "-m", "shipyard.cli.main", "--http-addr", server.addr, "members"],
-                            capture_output=True, text=True, timeout=30)
+    env = {**os.environ, "CONSUL_HTTP_TOKEN": MANAGEMENT, "CONSUL_CACERT": str(server.pki.ca)}
+    listed = subprocess.run([sys.executable, "-m", "shipyard.cli.main", "--http-addr", server.url, "members"],
+                            capture_output=True, text=True, timeout=30, env=env)
     assert listed.returncode == 0 and f"{cut.address}:{cut.port}" in listed.stdout, listed.stdout + listed.stderr
 
 
@@ -350,7 +412,7 @@ def deploy_web(server: LabServer, tmp_path: Path, cut: AgentProcess, other: Agen
                             "spread": [{"attribute": "${meta.rack}"}],
                             "update": {"max_parallel": MAX_PARALLEL, "min_healthy_time": "1s"},
                             "routes": [{"paths": ["/web"], "strip_path": True}]}
-    r = requests.post(server.url + "/api/v1/jobs", json=spec, timeout=10)
+    r = server.http.post(server.url + "/api/v1/jobs", json=spec, timeout=10)
     assert r.status_code in (200, 201), r.text
 
     def one_on_each() -> dict[str, str] | None:
@@ -365,15 +427,14 @@ def deploy_web(server: LabServer, tmp_path: Path, cut: AgentProcess, other: Agen
 def check_relayed(server: LabServer, on: dict[str, AgentProcess]) -> None:
     """Logs and usage asked of the server come from the agent that runs the instance; an agent's own port serves
     no one without its secret. Instances reach the platform through their agent's local API (127.0.0.1:8500 in
-    its namespace), which answers from a server (agent 2 was given a dead one first)."""
+    its namespace) with the service token it handed them; it answers from a server (agent 2 was given a dead one
+    first)."""
     for alloc, agent in on.items():
-        logs = requests.get(server.url + f"/api/v1/allocs/{alloc}/logs", timeout=10)
+        logs = server.http.get(server.url + f"/api/v1/allocs/{alloc}/logs", timeout=10)
         assert logs.status_code == 200, logs.text
         assert f"hello from {alloc} on {agent.address} control 127.0.0.1:8500" in logs.text, logs.text
-        nodes = subprocess.run(["ip", "netns", "exec", agent.netns, sys.executable, "-c", LOCAL_NODES],
-                               capture_output=True, text=True, timeout=30)
-        assert nodes.returncode == 0 and nodes.stdout.split() == ["agent-1", "agent-2", "srv"], nodes.stderr
-    allocs = requests.get(server.url + "/api/v1/allocs?job=web&usage=1", timeout=10).json()["allocations"]
+        assert "nodes: agent-1 agent-2 srv" in logs.text, logs.text
+    allocs = server.http.get(server.url + "/api/v1/allocs?job=web&usage=1", timeout=10).json()["allocations"]
     usage = {a["id"]: a["usage"] for a in allocs}
     assert all(usage[alloc]["rss_bytes"] > 0 for alloc in on), allocs
     for alloc, agent in on.items():
@@ -383,15 +444,15 @@ def check_relayed(server: LabServer, on: dict[str, AgentProcess]) -> None:
 
 
 def instance_critical(server: LabServer, node: str) -> bool:
-    entries = requests.get(server.url + "/v1/health/service/web", timeout=5).json()
+    entries = server.http.get(server.url + "/v1/health/service/web", timeout=5).json()
     mine = [e for e in entries if e["Node"]["Node"] == node]
     return bool(mine) and all(any(c["Status"] == "critical" and c["ServiceID"] for c in e["Checks"]) for e in mine)
 
 
 def back_and_clean(server: LabServer, node: str) -> bool:
     """The agent alive again, its node passing, and nothing of web left registered on it."""
-    node_checks = requests.get(server.url + f"/v1/health/node/{node}", timeout=5).json()
-    web_nodes = {e["Node"]["Node"] for e in requests.get(server.url + "/v1/health/service/web", timeout=5).json()}
+    node_checks = server.http.get(server.url + f"/v1/health/node/{node}", timeout=5).json()
+    web_nodes = {e["Node"]["Node"] for e in server.http.get(server.url + "/v1/health/service/web", timeout=5).json()}
     return members(server)[node][1] == 1 and all(c["Status"] == "passing" for c in node_checks) \
         and node not in web_nodes
 
@@ -400,7 +461,7 @@ def test_an_agent_cut_off_has_its_instance_replaced_and_stops_it_when_back(
         lab: tuple[Lab, LabServer, list[AgentProcess]], tmp_path: Path) -> None:
     net, server, (cut, other) = lab
     # Only the agents run instances: the server's own node is not eligible.
-    r = requests.post(server.url + "/api/v1/nodes/srv/eligibility", json={"eligible": False}, timeout=5)
+    r = server.http.post(server.url + "/api/v1/nodes/srv/eligibility", json={"eligible": False}, timeout=5)
     assert r.status_code == 200, r.text
     check_agents_listed(server, cut, other)
     on_cut, on_other = deploy_web(server, tmp_path, cut, other)
@@ -411,13 +472,13 @@ def test_an_agent_cut_off_has_its_instance_replaced_and_stops_it_when_back(
     wait_for("agent 2's gateway answering from both agents", lambda: answered_by(gateway) == both, timeout=15)
     wait_for("agent 2's DNS naming the instances of both agents", lambda: dig(other, "web.service.consul") == both,
              timeout=10)
-    # Agent 1 has neither --insecure-bind nor HTTPS servers with ACLs: its DNS answers on its loopback only.
-    assert dig(cut, "web.service.consul", inside=True) == both
-    assert refused(cut.address, cut.dns_port)
+    # Agent 1 (HTTPS servers, ACLs, a token: no --insecure-bind needed) answers on its address, not loopback.
+    assert dig(cut, "web.service.consul") == both
+    assert dig(cut, "web.service.consul", inside=True) == set()
 
     shims = cut.shim_pids()
     assert shims, f"no instance found in {cut.data_dir}: {cut.log_tail()}"
-    with PassingWatch(server.url) as watch, GatewayLoad(gateway) as load:
+    with PassingWatch(server) as watch, GatewayLoad(gateway) as load:
         wait_for("the load answered by both agents", lambda: len(load.by_answer) == 2, timeout=10)
         net.link(1, "down")
         cut_at = time.monotonic()
