@@ -1,5 +1,6 @@
 """Wires a server into its cluster: which loops only the leader runs (scheduler, session reaping, autoscaler, the
-servers' node liveness), the fence on the scheduler's commits, and the refusal of an embedded bus on etcd.
+servers' node liveness, reaping of members gone for --reconnect-timeout), the fence on the scheduler's commits, and
+the refusal of an embedded bus on etcd.
 
 It composes parts (registry/servers.py elects, the loops do their work); it never decides leadership itself.
 """
@@ -11,6 +12,7 @@ import logging
 from typing import Any
 
 from shipyard.agent.liveness import NodeLiveness, ServerNodeLiveness, agent_node_members
+from shipyard.agent.reaper import MemberReaper
 from shipyard.api.context import Platform, ServerConfig
 from shipyard.bus.autoscaler import BusAutoscaler
 from shipyard.errors import ShipyardError
@@ -22,6 +24,7 @@ log = logging.getLogger("shipyard.cluster")
 
 CLUSTER = "cluster"
 LIVENESS = "server-node-liveness"
+REAPER = "member-reaper"
 
 
 def check_cluster_bus(config: ServerConfig) -> None:
@@ -50,6 +53,8 @@ def attach_cluster(platform: Platform) -> None:
     """On etcd: a ServerCluster whose leadership starts and stops the leader's loops, and fences the scheduler.
     Alone on SQLite: the liveness of the agents' nodes (`shipyard agent` on other machines), which it leads."""
     config, node = platform.config, platform.node
+    platform.extras[REAPER] = MemberReaper(platform.store, platform.catalog, me=node.name,
+                                           reconnect_timeout=config.reconnect_timeout)
     if not isinstance(platform.store, EtcdStore):
         platform.extras[LIVENESS] = NodeLiveness(platform.store, platform.catalog, [agent_node_members(platform.store)],
                                                  me=node.name, node_lost_after=config.node_lost_after)
@@ -87,6 +92,9 @@ async def start_leader_duties(platform: Platform) -> None:
     liveness = platform.extras.get(LIVENESS)
     if isinstance(liveness, NodeLiveness):
         await liveness.start()
+    reaper = platform.extras.get(REAPER)
+    if isinstance(reaper, MemberReaper):
+        await reaper.start()
 
 
 async def stop_leader_duties(platform: Platform) -> None:
@@ -94,6 +102,9 @@ async def stop_leader_duties(platform: Platform) -> None:
     liveness = platform.extras.get(LIVENESS)
     if isinstance(liveness, NodeLiveness):
         await liveness.stop()
+    reaper = platform.extras.get(REAPER)
+    if isinstance(reaper, MemberReaper):
+        await reaper.stop()
     autoscaler = platform.extras.get("autoscaler")
     if isinstance(autoscaler, BusAutoscaler):
         with contextlib.suppress(Exception):

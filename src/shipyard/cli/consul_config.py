@@ -126,6 +126,7 @@ KEYS: dict[str, tuple[str, Setter]] = {
     "client_addr": _field("bind", _str),
     "bind_addr": _field("bind", _str),
     "enable_script_checks": _field("enable_script_checks", _bool),
+    "reconnect_timeout": _field("reconnect_timeout", _through(Duration())),
     "ports.http": _field("http_port", _port),
     "ports.dns": _field("dns_port", _port),
     "ports.https": _tls_field("https_port", _port, "https_port"),

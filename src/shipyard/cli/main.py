@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 
 from shipyard import __version__
-from shipyard.cli.dns_options import dns_config, dns_options
+from shipyard.cli.dns_options import Duration, dns_config, dns_options
 from shipyard.cli.options import HTTP_ADDR_ENV, HTTP_ADDR_HELP, add_http_addr
 from shipyard.cli.tls_commands import tls_config, tls_options
 from shipyard.cli.vault_options import vault_options, vault_settings
@@ -84,6 +84,9 @@ def cli(ctx: click.Context, http_addr: str) -> None:
 @click.option("--node-lost-after", default=15.0, show_default=True, type=click.FloatRange(0, 3600),
               help="Seconds a server (with --store etcd) or an agent may be silent (counted from its last possible "
                    "heartbeat: its lease's expiry minus its TTL) before the instances on its node are replaced.")
+@click.option("--reconnect-timeout", default="72h", show_default=True, type=Duration(), metavar="DURATION",
+              help="An agent or server failed (or left) this long is removed from the members, the catalog and "
+                   "placement, as Consul's reconnect_timeout (0: never). `shipyard node force-leave` does it now.")
 @click.option("--gateway-sync", default=0.1, show_default=True, type=click.FloatRange(0.01, 10),
               help="With --store etcd (several servers): seconds between syncs of the gateways' rate-limit counts "
                    "(docs/cluster.md: the tolerance of a limit grows with it).")
@@ -133,6 +136,7 @@ def server(
     single_server: bool,
     leader_ttl: int,
     node_lost_after: float,
+    reconnect_timeout: float,
     gateway_sync: float,
     enable_script_checks: bool,
     http_check_output: bool,
@@ -181,6 +185,7 @@ def server(
         single_server=single_server,
         leader_ttl=leader_ttl,
         node_lost_after=node_lost_after,
+        reconnect_timeout=reconnect_timeout,
         node_meta=_node_meta(node_meta),
         node_class=node_class,
         gateway_sync=gateway_sync,

@@ -1,7 +1,9 @@
-"""`shipyard node status|eligibility|drain`: the cluster's nodes, what runs on them, and taking one out of service.
+"""`shipyard node status|eligibility|drain|force-leave`: the cluster's nodes, what runs on them, and taking one out
+of service (or out of the cluster, once it is gone).
 
-They speak only the server's /api/v1/nodes API (and read jobs for why an instance waits); the scheduler moves the
-instances, this only asks for it and follows the drain until it is complete.
+They speak only the server's /api/v1/nodes API and Consul's /v1/agent/members and force-leave (and read jobs for why
+an instance waits); the scheduler moves the instances, this only asks for it and follows the drain until it is
+complete.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _path(node: str, *rest: str) -> str:
 
 @click.group()
 def node() -> None:
-    """The cluster's nodes: status, eligibility for new instances, drain."""
+    """The cluster's nodes: status, eligibility for new instances, drain, force-leave."""
 
 
 # ---- status -----------------------------------------------------------------------------------------------------
@@ -249,6 +251,34 @@ def drain(ctx: click.Context, name: str, deadline: str, no_deadline: bool, disab
     if timeout is None and seconds is not None:
         timeout = seconds + DEADLINE_GRACE
     _follow_drain(follower, timeout)
+
+
+# ---- force-leave ------------------------------------------------------------------------------------------------
+
+MEMBER_STATUS = {1: "alive", 2: "leaving", 3: "left", 4: "failed"}
+
+
+@node.command("force-leave")
+@click.argument("name")
+@click.option("--prune", is_flag=True, help="Remove NAME from the members at once too (else: listed as left until "
+                                            "the servers' --reconnect-timeout).")
+@click.pass_context
+def force_leave(ctx: click.Context, name: str, prune: bool) -> None:
+    """A failed node is gone for good: left at once, out of the catalog and placement (its instances are placed
+    elsewhere), as `consul force-leave`. A live node is left alone. Needs operator:write with ACLs."""
+    api = ApiClient(ctx.obj["http_addr"])
+    members = {m.get("Name"): m.get("Status") for m in api.request("GET", "/v1/agent/members").json()}
+    status = MEMBER_STATUS.get(members.get(name, 0), "")
+    api.request("PUT", "/v1/agent/force-leave/" + quote(name, safe=""), params={"prune": ""} if prune else None)
+    if status == "alive":
+        console.print(f"node {escape(name)} is alive: nothing changed (force-leave removes failed or left nodes; "
+                      "stop its agent first)", highlight=False)
+    elif prune:
+        console.print(f"node {escape(name)} ({status}): removed from the members, the catalog and placement",
+                      highlight=False)
+    else:
+        console.print(f"node {escape(name)} ({status}): left; out of the catalog and placement, its instances placed "
+                      "elsewhere", highlight=False)
 
 
 def register(cli: click.Group) -> None:

@@ -606,15 +606,18 @@ class Catalog:
         snap = await self.snapshot()
         if node not in snap.nodes and not snap.services_of_node(node) and not snap.checks_of_node(node):
             return False
-        names = self._names_on_node(snap, node)
+        await self.store.txn((), self.node_removal_ops(snap, node))
+        return True
+
+    def node_removal_ops(self, snap: CatalogSnapshot, node: str) -> list[Put | Delete]:
+        """The writes that remove a node with its services and checks (and wake the blocking queries on its
+        services' names), for a caller that guards them in its own txn (the leader reaping a failed agent)."""
         ops: list[Put | Delete] = [
             Delete(node_key(node)),
             Delete(f"{SERVICES}{_q(node)}/", prefix=True),
             Delete(f"{CHECKS}{_q(node)}/", prefix=True),
         ]
-        ops += [Put(service_index_key(n), b"{}") for n in sorted(names)]
-        await self.store.txn((), ops)
-        return True
+        return ops + [Put(service_index_key(n), b"{}") for n in sorted(self._names_on_node(snap, node))]
 
     async def update_check_status(self, node: str, check_id: str, status: str, output: str) -> bool:
         """Sets a check's Status and Output; writes only when either changes. True when it wrote.

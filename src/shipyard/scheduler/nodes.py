@@ -1,4 +1,5 @@
-"""NodeService: the only writer of node-control/ — node eligibility and drain — and the reader behind node status.
+"""NodeService: the only writer of node-control/ — node eligibility and drain — and the reader behind node status;
+and what to delete of a node gone for good (forget_node_ops).
 
 It records what an operator decided about a node, each write guarded by the record it read; it must never move or
 stop an instance itself: the scheduler plans the drain (planner, reconcile), the node's agent stops what it is told.
@@ -10,11 +11,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from shipyard.errors import BadRequest, Conflict, NotFound
 from shipyard.scheduler.model import TERMINAL, Allocation, Node
 from shipyard.scheduler.records import (
+    ALLOC_STATUS,
     ALLOCS,
     NODE_CONTROL,
     NODES,
@@ -26,7 +28,7 @@ from shipyard.scheduler.records import (
     node_control_key,
     node_key,
 )
-from shipyard.store import Compare, Get, KeyValue, Put, Store
+from shipyard.store import Compare, Delete, Get, KeyValue, Put, Store
 
 WRITE_ATTEMPTS = 8
 MAX_DEADLINE = 30 * 24 * 3600.0  # a month: a longer drain deadline is a typo
@@ -92,6 +94,16 @@ def parse_deadline(value: Any) -> float | None:
     if seconds > MAX_DEADLINE:
         raise BadRequest(f"deadline must be at most 30 days, got {value!r}")
     return seconds
+
+
+def forget_node_ops(name: str) -> list[Delete]:
+    """Everything placement keeps about a node that is gone for good (reaped or force-left, as Nomad's node GC):
+    its agent's record, the operators' decisions (a machine that returns is a new node: eligible), and its leftover
+    allocations and their status (replaced when the node was lost: the scheduler deletes the stopped ones of a
+    vanished node itself, this only takes what it had not yet)."""
+    return [Delete(node_key(name)), Delete(node_control_key(name)),
+            Delete(f"{ALLOCS}{quote(name, safe='')}/", prefix=True),
+            Delete(f"{ALLOC_STATUS}{quote(name, safe='')}/", prefix=True)]
 
 
 class NodeService:

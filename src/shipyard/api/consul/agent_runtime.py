@@ -1,6 +1,7 @@
 """Consul /v1/agent endpoints about the running agent itself: reload, leave, force-leave, metrics and monitor.
 
-Answers for this server process as Consul's agent answers for itself; it never changes the catalog.
+Answers for this server process as Consul's agent answers for itself; it never changes the catalog, except for
+force-leave, which removes a member that is already gone (agent/reaper.py does the writes).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from datetime import UTC, datetime
 import orjson
 from aiohttp import web
 
+from shipyard.agent.reaper import find_member, force_leave
 from shipyard.api.consul.common import ConsulError, bad_request, json_response, query_flag
 from shipyard.api.context import Platform, platform_of
 
@@ -47,15 +49,23 @@ async def agent_leave(request: web.Request) -> web.Response:
 
 @routes.put("/v1/agent/force-leave/{node}")
 async def agent_force_leave(request: web.Request) -> web.Response:
+    """A failed (or left) agent or server becomes left at once: its node leaves the catalog and placement (its
+    instances are placed elsewhere); ?prune removes it from the members too (agent/reaper.py). A live member, this
+    server included, is left alone, as serf does (it would rejoin at once). ?wan: the servers' pool only."""
     platform = platform_of(request)
     node = request.match_info["node"]
     wan = query_flag(request, "wan")
-    member = f"{platform.node.name}.{platform.node.datacenter}" if wan else platform.node.name
-    if node != member:
+    me = f"{platform.node.name}.{platform.node.datacenter}" if wan else platform.node.name
+    if node == me:
+        return json_response(None)
+    record = await find_member(platform.store, node.removesuffix(f".{platform.node.datacenter}") if wan else node)
+    if record is None or (wan and record.kind != "server"):
         # Consul's agent.ForceLeave refuses a name that is no member of the pool (?prune does not change that).
         raise ConsulError(500, f"agent: No node found with name '{node}'")
-    # The only member is this server, alive: force-leave (with or without ?prune) only moves failed or left members
-    # on, so it changes nothing, as serf does for a live member.
+    prune = query_flag(request, "prune")
+    if await force_leave(platform.store, platform.catalog, record, prune=prune):
+        log.warning("force-leave: %s %s %s", record.kind, record.name,
+                    "removed from the members" if prune else "left; its node is out of the catalog and placement")
     return json_response(None)
 
 
