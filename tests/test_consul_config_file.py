@@ -168,3 +168,19 @@ def test_a_server_answers_dns_as_its_config_file_says(tmp_path: Path) -> None:
         assert rrset.ttl == 42
     finally:
         server.stop()
+
+
+def test_reconnect_timeout_from_a_config_file_and_the_flag_wins(tmp_path: Path) -> None:
+    path = tmp_path / "consul.hcl"
+    path.write_text('reconnect_timeout = "8h"\n')
+    config = ServerConfig(data_dir=None)
+    assert config.reconnect_timeout == 72 * 3600  # Consul's default
+    apply_config_files(config, [path], set())
+    assert config.reconnect_timeout == 8 * 3600
+    flagged = ServerConfig(data_dir=None, reconnect_timeout=30.0)
+    apply_config_files(flagged, [path], {"reconnect_timeout"})
+    assert flagged.reconnect_timeout == 30.0
+    path.write_text('reconnect_timeout = "later"\n')
+    with pytest.raises(ConfigFileError) as info:
+        apply_config_files(ServerConfig(data_dir=None), [path], set())
+    assert "reconnect_timeout: 'later' is not a duration" in info.value.message, info.value.message
