@@ -113,6 +113,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         server.stop()
 
 
+def instance_tokens(server: ServerProcess, node: str) -> list[str]:
+    """Descriptions of the ACL tokens `node`'s agent had made for its instances (one per service)."""
+    listed = call(server, "GET", "/v1/acl/tokens").json()
+    return [t["Description"] for t in listed if t.get("Description", "").endswith(f"@{node}")]
+
+
 def allocs_of(server: ServerProcess, node: str) -> list[dict[str, Any]]:
     listed = call(server, "GET", f"/api/v1/store/kv/allocs/{node}/?prefix=1")
     assert listed.status_code == 200, listed.text
@@ -137,6 +143,7 @@ def test_a_failed_agent_is_reaped_after_the_reconnect_timeout_and_registers_agai
         first = wait_for("the instance on the agent", lambda: running_on(server, agent.name)
                          and agent.shim_pids().keys() >= set(running_on(server, agent.name)) and
                          running_on(server, agent.name), timeout=45)[0]
+        assert instance_tokens(server, agent.name) == [f"Shipyard's own service:sleeper@{agent.name}"]
         agent.kill9()
         wait_for("the agent failed", lambda: agent.status() == 4)
         assert agent.in_catalog() and alive(agent.shim_pids()[first])  # failed: still listed; its instance runs
@@ -146,6 +153,7 @@ def test_a_failed_agent_is_reaped_after_the_reconnect_timeout_and_registers_agai
                  timeout=RECONNECT_TIMEOUT + 20)
         assert call(server, "GET", f"/api/v1/nodes/{agent.name}").status_code == 404
         assert allocs_of(server, agent.name) == []
+        wait_for("its instances' ACL token deleted", lambda: instance_tokens(server, agent.name) == [])
         assert call(server, "GET", f"/v1/health/node/{agent.name}").json() == []
         job = call(server, "GET", "/api/v1/jobs/sleeper")
         assert job.status_code == 200 and job.json().get("unplaceable"), job.text  # it says why nothing runs

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,12 +118,14 @@ class MemberReaper:
     reconnect_timeout. The stamp is in the store, so a new leader goes on counting where the last one was."""
 
     def __init__(self, store: Store, catalog: Catalog, *, reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
-                 me: str = "", clock: Callable[[], float] = time.time) -> None:
+                 me: str = "", clock: Callable[[], float] = time.time,
+                 on_gone: Callable[[str], Awaitable[object]] | None = None) -> None:
         self.store = store
         self.catalog = catalog
         self.reconnect_timeout = reconnect_timeout  # 0: never
         self.me = me
         self.clock = clock
+        self.on_gone = on_gone  # after a node was reaped: what else it leaves behind (its instances' ACL tokens)
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -163,3 +165,5 @@ class MemberReaper:
                 state = "left" if record.left else "failed"
                 log.warning("cluster: %s %s %s for %.0fs (--reconnect-timeout): reaped from the members, the "
                             "catalog and placement", record.kind, record.name, state, now - since)
+                if self.on_gone is not None:
+                    await self.on_gone(record.name)  # a failure here is retried by nobody: logged by the loop

@@ -54,7 +54,8 @@ def attach_cluster(platform: Platform) -> None:
     Alone on SQLite: the liveness of the agents' nodes (`shipyard agent` on other machines), which it leads."""
     config, node = platform.config, platform.node
     platform.extras[REAPER] = MemberReaper(platform.store, platform.catalog, me=node.name,
-                                           reconnect_timeout=config.reconnect_timeout)
+                                           reconnect_timeout=config.reconnect_timeout,
+                                           on_gone=lambda name: _forget_node_tokens(platform, name))
     if not isinstance(platform.store, EtcdStore):
         platform.extras[LIVENESS] = NodeLiveness(platform.store, platform.catalog, [agent_node_members(platform.store)],
                                                  me=node.name, node_lost_after=config.node_lost_after)
@@ -80,6 +81,13 @@ def attach_cluster(platform: Platform) -> None:
     if platform.scheduler is not None:
         platform.scheduler.fence = cluster.fence
         platform.scheduler.owner = node.name
+
+
+async def _forget_node_tokens(platform: Platform, node: str) -> int:
+    # Imported here: the native API imports the Consul API, which imports this module.
+    from shipyard.api.native.service_tokens_api import forget_node_tokens
+
+    return await forget_node_tokens(platform, node)
 
 
 async def start_leader_duties(platform: Platform) -> None:

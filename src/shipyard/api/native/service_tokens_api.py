@@ -19,7 +19,7 @@ from aiohttp import web
 from shipyard.acl.state import ACLState, service_rules
 from shipyard.api.body import read_limited
 from shipyard.api.consul.acl_api import ACL_STATE
-from shipyard.api.context import platform_of
+from shipyard.api.context import Platform, platform_of
 from shipyard.errors import BadRequest, ShipyardError
 from shipyard.scheduler.records import ALLOCS, _q, decode_alloc
 
@@ -31,6 +31,21 @@ MAX_BODY = 4096
 def token_name(node: str, service: str) -> str:
     """One token per (node, service): each agent's holds its own secret; deleting it touches no other node."""
     return f"service:{service}@{node}"
+
+
+async def forget_node_tokens(platform: Platform, node: str) -> int:
+    """The tokens a node's agent made for its instances, deleted once the node is gone for good (reaped or
+    force-left: agent/reaper.py), so an instance still running on a dead machine holds a secret that no longer
+    resolves. Only internal tokens are touched (deleted by their derived AccessorID). How many were deleted."""
+    acl = platform.extras.get(ACL_STATE)
+    if not isinstance(acl, ACLState):
+        return 0
+    prefix, suffix = "Shipyard's own service:", f"@{node}"  # internal_token_with's Description of token_name()
+    services = [str(t.get("Description", ""))[len(prefix):-len(suffix)] for t in await acl.tokens()
+                if str(t.get("Description", "")).startswith(prefix) and str(t.get("Description", "")).endswith(suffix)]
+    for service in services:
+        await acl.delete_internal_token(token_name(node, service))
+    return len(services)
 
 
 async def _secret_of(request: web.Request) -> str:
