@@ -217,9 +217,10 @@ class LoopbackServer(ServerProcess):
 class EtcdProcess:
     """A private etcd (Debian's etcd-server) on free ports in a temporary data dir."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *args: str) -> None:
         self.binary = need_binary("etcd")
         self.data_dir = data_dir
+        self.args = args  # more etcd flags (--max-txn-ops 8, ...)
         self.client_port = free_port()
         self.peer_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -236,7 +237,7 @@ class EtcdProcess:
                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                 "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
-                "--initial-cluster", f"test=http://127.0.0.1:{self.peer_port}",
+                "--initial-cluster", f"test=http://127.0.0.1:{self.peer_port}", *self.args,
             ],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
