@@ -5,9 +5,13 @@ identically for both; never imports Shipyard internals — it measures only what
 
 Phases in the same run: the server on its embedded SQLite store against etcd (PUT, GET, blocking-query fan-out
 against etcd watches); with --acl and a scoped token against the plain server; and a server on the bench's own etcd
-(--single-server) against etcd's gateway on that same etcd (PUT, GET), the cost of the etcd store's path.
+(--single-server) against etcd's gateway on that same etcd (PUT, GET), the cost of the etcd store's path. In that
+last phase the server's etcd store commits concurrent KV writes as one etcd txn each (group commit) and reads
+concurrent keys in one read-only txn; each line reports CPU per operation of the server, of its etcd, and of this
+client, since all three share the machine's cores (the server is one event loop: its CPU per PUT bounds the ratio).
 
-Usage: python bench/kv.py [--quick]   (progress on stderr, one JSON line with all figures on stdout)
+Usage: python bench/kv.py [--quick] [--phases sqlite,acl,etcd-store]
+       (progress on stderr, one JSON line with all figures on stdout)
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -43,6 +48,7 @@ FANOUT_TARGET_S = 1.0
 ACL_RATIO_TARGET = 0.8  # KV with a token under --acl (default deny) vs the same server kind without ACLs
 ETCD_STORE_RATIO_TARGET = 0.7  # the Consul KV API of a server on etcd vs etcd's own gateway, same etcd
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+PHASES = ("sqlite", "acl", "etcd-store")
 
 
 def progress(message: str) -> None:
@@ -396,6 +402,7 @@ class PhaseResult:
     latencies: list[float] = field(repr=False)
     server_cpu_s: float
     client_cpu_s: float
+    store_cpu_s: float = 0.0  # CPU of the server's own store process (etcd under shipyard-etcd), same interval
 
     @property
     def ops_per_s(self) -> float:
@@ -440,15 +447,16 @@ async def closed_loop(
             if status != 200 or (expect is not None and expect[i] not in body):
                 errors += 1
 
-    cpu0, client0 = server.cpu(), time.process_time()
+    backing = server.etcd if isinstance(server, ShipyardOnEtcdServer) else None
+    cpu0, client0, store0 = server.cpu(), time.process_time(), backing.cpu() if backing else 0.0
     t0 = time.perf_counter()
     stop_at = t0 + duration
     await asyncio.gather(*(drive(j) for j in range(concurrency)))
     elapsed = time.perf_counter() - t0
-    cpu1, client1 = server.cpu(), time.process_time()
+    cpu1, client1, store1 = server.cpu(), time.process_time(), backing.cpu() if backing else 0.0
     for conn in conns:
         conn.close()
-    return PhaseResult(counter, elapsed, errors, latencies, cpu1 - cpu0, client1 - client0)
+    return PhaseResult(counter, elapsed, errors, latencies, cpu1 - cpu0, client1 - client0, store1 - store0)
 
 
 async def populate(server: ServerUnderTest, workload: Workload, concurrency: int) -> None:
@@ -575,6 +583,7 @@ def summarise(runs: list[PhaseResult]) -> dict[str, float]:
         "errors": sum(r.errors for r in runs),
         "server_cpu_us_per_op": round(sum(r.server_cpu_s for r in runs) / ops * 1e6, 1) if ops else 0.0,
         "client_cpu_us_per_op": round(sum(r.client_cpu_s for r in runs) / ops * 1e6, 1) if ops else 0.0,
+        "store_cpu_us_per_op": round(sum(r.store_cpu_s for r in runs) / ops * 1e6, 1) if ops else 0.0,
         "runs_ops_per_s": [round(r.ops_per_s, 1) for r in runs],  # type: ignore[dict-item]
     }
 
@@ -590,7 +599,54 @@ def summarise_fanout(runs: list[FanoutResult]) -> dict[str, float]:
     }
 
 
+def describe(r: PhaseResult) -> str:
+    def per_op(seconds: float) -> str:
+        return f"{seconds / max(r.ops, 1) * 1e6:.0f} us"
+
+    return (f"{r.ops_per_s:9.0f} ops/s  p50 {r.percentile_ms(0.5):6.2f} ms  p99 {r.percentile_ms(0.99):6.2f} ms  "
+            f"errors {r.errors}  cpu/op: server {per_op(r.server_cpu_s)}"
+            + (f", its etcd {per_op(r.store_cpu_s)}" if r.store_cpu_s else "") + f", client {per_op(r.client_cpu_s)}")
+
+
+async def measure_fanout(args: argparse.Namespace, servers: dict[str, ServerUnderTest],
+                         results: dict[str, dict[str, list]], rep: int) -> None:
+    for name in ("shipyard", "etcd"):
+        if name not in servers:
+            continue
+        if name == "shipyard":
+            f = await fanout_shipyard(servers[name], args.watchers, args.settle, args.fanout_timeout)
+        else:
+            f = await fanout_etcd(servers[name], args.watchers, args.fanout_timeout)
+        results[name]["fanout"].append(f)
+        progress(
+            f"run {rep + 1}/{args.repeats} {name:8} fan-out: {f.answered}/{f.watchers} answered, "
+            f"all in {f.all_answered_s * 1000:.1f} ms (first {f.first_answer_s * 1000:.1f} ms, "
+            f"write ack {f.write_ack_s * 1000:.1f} ms)"
+        )
+
+
+def ratios_of(figures: dict[str, dict[str, Any]], acl: dict[str, Any] | None,
+              on_etcd: dict[str, Any] | None) -> dict[str, float | None]:
+    """Throughput ratios: the server on SQLite against etcd, with ACLs against without, on etcd against etcd."""
+    def ops(side: dict[str, Any] | None, op: str) -> float:
+        return float(side[op]["ops_per_s"]) if side else 0.0
+
+    def ratio(ours: float, theirs: float) -> float | None:
+        return round(ours / theirs, 3) if ours and theirs else None
+
+    plain, etcd = figures.get("shipyard"), figures.get("etcd")
+    ratios: dict[str, float | None] = {}
+    for op in ("put", "get"):
+        ratios[op] = ratio(ops(plain, op), ops(etcd, op))
+    for op in ("put", "get"):
+        ratios[f"acl_{op}"] = ratio(ops(acl, op), ops(plain, op))
+    for op in ("put", "get"):
+        ratios[f"etcd_store_{op}"] = ratio(ops(on_etcd, op), ops(etcd, op))
+    return ratios
+
+
 async def run(args: argparse.Namespace, servers: dict[str, ServerUnderTest]) -> dict[str, object]:
+    load_at_start = os.getloadavg()[0]
     pairs = make_keys_and_values(args.keys, args.key_bytes, args.value_bytes)
     builders: dict[str, Callable[..., Workload]] = {"shipyard": shipyard_workload, "etcd": etcd_workload,
                                                     "shipyard-acl": shipyard_workload,
@@ -615,23 +671,9 @@ async def run(args: argparse.Namespace, servers: dict[str, ServerUnderTest]) -> 
                 requests, expect = (w.put_requests, None) if op == "put" else (w.get_requests, w.expect_in_get)
                 r = await closed_loop(server, requests, args.concurrency, args.duration, expect)
                 results[name][op].append(r)
-                progress(
-                    f"run {rep + 1}/{args.repeats} {name:8} {op}: {r.ops_per_s:9.0f} ops/s  "
-                    f"p50 {r.percentile_ms(0.5):6.2f} ms  p99 {r.percentile_ms(0.99):6.2f} ms  errors {r.errors}"
-                )
-        for name, server in servers.items():
-            if name in ("shipyard-acl", "shipyard-etcd"):
-                continue  # the ACL and etcd-store phases measure KV GET/PUT only
-            if name == "shipyard":
-                f = await fanout_shipyard(server, args.watchers, args.settle, args.fanout_timeout)
-            else:
-                f = await fanout_etcd(server, args.watchers, args.fanout_timeout)
-            results[name]["fanout"].append(f)
-            progress(
-                f"run {rep + 1}/{args.repeats} {name:8} fan-out: {f.answered}/{f.watchers} answered, "
-                f"all in {f.all_answered_s * 1000:.1f} ms (first {f.first_answer_s * 1000:.1f} ms, "
-                f"write ack {f.write_ack_s * 1000:.1f} ms)"
-            )
+                progress(f"run {rep + 1}/{args.repeats} {name:8} {op}: {describe(r)}")
+        if "sqlite" in args.phases:  # the ACL and etcd-store phases measure KV GET/PUT only
+            await measure_fanout(args, servers, results, rep)
 
     figures: dict[str, dict[str, object]] = {}
     for name in servers:
@@ -643,21 +685,7 @@ async def run(args: argparse.Namespace, servers: dict[str, ServerUnderTest]) -> 
     acl = figures.pop("shipyard-acl", None)
     on_etcd = figures.pop("shipyard-etcd", None)
 
-    def ratio(op: str) -> float | None:
-        if len(figures) < 2:
-            return None
-        ours = figures["shipyard"][op]["ops_per_s"]  # type: ignore[index]
-        theirs = figures["etcd"][op]["ops_per_s"]  # type: ignore[index]
-        return round(ours / theirs, 3) if theirs else 0.0
-
-    ratios = {"put": ratio("put"), "get": ratio("get")}
-    for op in ("put", "get"):
-        plain = figures["shipyard"][op]["ops_per_s"] if acl and "shipyard" in figures else 0  # type: ignore[index]
-        ratios[f"acl_{op}"] = round(acl[op]["ops_per_s"] / plain, 3) if acl and plain else None  # type: ignore[index]
-    for op in ("put", "get"):
-        etcd_ops = figures["etcd"][op]["ops_per_s"] if on_etcd and "etcd" in figures else 0  # type: ignore[index]
-        ratios[f"etcd_store_{op}"] = (
-            round(on_etcd[op]["ops_per_s"] / etcd_ops, 3) if on_etcd and etcd_ops else None)  # type: ignore[index]
+    ratios = ratios_of(figures, acl, on_etcd)
     fanout_s = figures["shipyard"]["fanout"]["all_answered_s"] if "shipyard" in figures else None  # type: ignore[index]
     return {
         "bench": "kv",
@@ -669,6 +697,9 @@ async def run(args: argparse.Namespace, servers: dict[str, ServerUnderTest]) -> 
         "duration_s": args.duration,
         "repeats": args.repeats,
         "cpus": os.cpu_count(),
+        "phases": sorted(args.phases),
+        # other load on the machine (1-minute load average at the start and the end) skews every ratio
+        "load_average_1m": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
         "shipyard": figures.get("shipyard"),
         "etcd": figures.get("etcd"),
         "shipyard_acl": acl,
@@ -711,11 +742,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-acl", action="store_true", help="skip the ACL phase (a second server with --acl)")
     parser.add_argument("--no-etcd-store", action="store_true",
                         help="skip the etcd-store phase (a server on the bench's etcd against etcd's own gateway)")
+    parser.add_argument(
+        "--phases", default=",".join(PHASES),
+        help=f"comma-separated phases to run, of {','.join(PHASES)} (default: all; etcd-store alone runs etcd and the "
+             "server on it only)")
     parser.add_argument("--workdir", default=None, help="parent of the temp dirs (default: system temp)")
     parser.add_argument(
         "--only", choices=("shipyard", "etcd"), default=None, help="measure one side only (no ratios; for debugging)"
     )
     args = parser.parse_args(argv)
+    args.phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    if unknown := args.phases - set(PHASES):
+        parser.error(f"unknown phases: {', '.join(sorted(unknown))} (known: {', '.join(PHASES)})")
+    if args.no_acl:
+        args.phases.discard("acl")
+    if args.no_etcd_store:
+        args.phases.discard("etcd-store")
     if args.quick:
         args.duration, args.repeats, args.warmup, args.settle = 2.0, 1, 1.0, 1.0
     return args
@@ -728,10 +770,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="shipyard-bench-kv-", dir=args.workdir))
     etcd = EtcdServer(workdir)
-    servers: dict[str, ServerUnderTest] = {"shipyard": ShipyardServer(workdir), "etcd": etcd}
-    if not args.no_etcd_store:
+    servers: dict[str, ServerUnderTest] = {"etcd": etcd}
+    if args.phases & {"sqlite", "acl"}:
+        servers = {"shipyard": ShipyardServer(workdir), **servers}  # the ACL phase's reference is the plain server
+    if "etcd-store" in args.phases:
         servers["shipyard-etcd"] = ShipyardOnEtcdServer(workdir, etcd)  # after etcd: started once etcd is up
-    if not args.no_acl:
+    if "acl" in args.phases:
         servers["shipyard-acl"] = ShipyardAclServer(workdir)
     if args.only:
         servers = {args.only: servers[args.only]}
