@@ -501,8 +501,9 @@ class NodeAgent:
     ) -> None:
         self.store = store
         self.platform_env = dict(platform_env or {})  # given to every instance: where the bus is, etc.
-        # More env for one task's instances (with --acl: the service's own token); set by the server.
-        self.instance_env: Callable[[JobSpec], Awaitable[dict[str, str]]] | None = None
+        # More env for one allocation's instance start (with --acl: the service's own token; with a secrets engine:
+        # its engine token and secrets); set by the server, or by `shipyard agent` (which asks a server for them).
+        self.instance_env: Callable[[JobSpec, Allocation], Awaitable[dict[str, str]]] | None = None
         self.catalog = catalog
         self.node = node
         self.data_dir = Path(data_dir)
@@ -702,6 +703,7 @@ class NodeAgent:
         try:
             task = await self._instance_spec(spec, alloc)
         except ShipyardError as exc:  # e.g. a secret it needs cannot be read yet (sealed engine): not started
+            self.ports.release(ports.values())  # taken again at the next try
             await self.write_status(alloc.id, AllocStatus(
                 client="pending", address=self.address, updated_at=time.time(), message=str(exc.message),
             ))  # fmt: skip
@@ -724,7 +726,7 @@ class NodeAgent:
     async def _instance_spec(self, spec: JobSpec, alloc: Allocation) -> InstanceSpec:
         """What the driver runs for `alloc`, with what the instance_env hook delivers split into public env and
         secret env (memory only)."""
-        delivered = await self.instance_env(spec) if self.instance_env is not None else {}
+        delivered = await self.instance_env(spec, alloc) if self.instance_env is not None else {}
         public = {k: v for k, v in delivered.items() if k in PUBLIC_DELIVERED_ENV}
         secret = {k: v for k, v in delivered.items() if k not in PUBLIC_DELIVERED_ENV}
         return instance_spec_for(spec, alloc, mhz_per_core=self.mhz_per_core,
@@ -769,6 +771,10 @@ class NodeAgent:
             alloc_id = split_node_alloc(kv.key, ALLOC_STATUS)[1]
             if alloc_id not in keep:
                 await self.store.delete(kv.key)
+
+    def reconcile_soon(self) -> None:
+        """Asks for a pass now rather than at the next tick (e.g. an instance start that waited for something)."""
+        self._dirty.set()
 
     async def _reconcile_loop(self) -> None:
         while True:

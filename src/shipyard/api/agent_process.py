@@ -36,20 +36,23 @@ from shipyard.api.agent_entry import (
     check_gateway_bind,
 )
 from shipyard.api.agent_forward import DEFAULT_HTTP_PORT, Forwarder
-from shipyard.api.agent_metrics import METRICS_PATH, MetricsSource, add_metrics_route
 from shipyard.api.agent_local import add_local_routes, local_platform
+from shipyard.api.agent_metrics import METRICS_PATH, MetricsSource, add_metrics_route
+from shipyard.api.agent_secrets import AgentSecrets
 from shipyard.api.errors import error_middleware
 from shipyard.api.native.agent_logs import AGENT_LOGS, secret_middleware
 from shipyard.api.native.logs_api import routes as log_routes
 from shipyard.api.native.usage_relay import routes as usage_routes
 from shipyard.api.ports import check_ports_free
 from shipyard.api.server import is_loopback, lock_data_dir
+from shipyard.api.vault.delivery import files_root_for
 from shipyard.errors import ShipyardError
 from shipyard.private_files import make_data_dir_private, make_process_private
 from shipyard.registry.agents import DEFAULT_AGENT_TTL, AgentHeartbeat, AgentInfo
 from shipyard.registry.catalog import Catalog
 from shipyard.registry.health import HealthChecker
 from shipyard.registry.node import NodeIdentity
+from shipyard.scheduler.model import Allocation
 from shipyard.spec import TaskSpec
 from shipyard.store import StoreError
 from shipyard.store.remote import RemoteStore
@@ -152,7 +155,7 @@ class ServiceTokens:
         self.made[service] = secret
         return secret
 
-    async def env_for(self, spec: TaskSpec) -> dict[str, str]:
+    async def env_for(self, spec: TaskSpec, alloc: Allocation) -> dict[str, str]:
         secret = self.made.get(spec.name) or await self._make(spec.name)
         return dict.fromkeys(TOKEN_VARIABLES, secret) if secret else {}
 
@@ -214,6 +217,7 @@ class RemoteAgent:
         self.local_port = 0
         self.acl: ACLState | None = None  # with ACLs on at the servers: what the local /v1/agent/* routes enforce
         self.sweeping: asyncio.Task[None] | None = None
+        self.secrets: AgentSecrets | None = None
 
     async def _partial_capacity(self) -> None:
         """Only one of --cpu-mhz / --memory-mb given: the other is detected."""
@@ -234,6 +238,9 @@ class RemoteAgent:
             # Fail closed, as the agent's DNS: the servers' default policy is not in the store.
             self.acl = ACLState(self.store, default_allow=False)
             await self.acl.start()
+        # Instances with secrets get them from a server at each start (after their ACL token).
+        self.secrets = AgentSecrets(self.store, self.agent, files_root_for(self.config.data_dir))
+        self.secrets.attach()
         if self.forwarder is not None:
             platform = local_platform(self.store, self.node, self.catalog, self.health)
             self.local_port = await self.forwarder.start(
@@ -322,6 +329,8 @@ class RemoteAgent:
             await self.forwarder.stop()
         if self.acl is not None:
             await self.acl.stop()
+        if self.secrets is not None:
+            await self.secrets.stop()
         if self.sweeping is not None:
             self.sweeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -57,6 +57,7 @@ from shipyard.registry.node import NodeIdentity
 from shipyard.registry.sessions import SessionManager
 from shipyard.scheduler.jobs import JobService
 from shipyard.scheduler.loop import SchedulerLoop
+from shipyard.scheduler.model import Allocation
 from shipyard.spec import TaskSpec
 from shipyard.store import SqliteStore, Store, StoreError
 from shipyard.store.etcd import EtcdStore
@@ -246,10 +247,10 @@ async def stop_platform(platform: Platform) -> None:
     await platform.store.close()
 
 
-def service_token_env(acl: ACLState, key: bytes) -> Callable[[TaskSpec], Awaitable[dict[str, str]]]:
+def service_token_env(acl: ACLState, key: bytes) -> Callable[[TaskSpec, Allocation], Awaitable[dict[str, str]]]:
     """With --acl, each instance gets its service's own token (SHIPYARD_HTTP_TOKEN): its service identity (register
-    itself, read the catalog), its KV prefix, the bus."""
-    async def env_for(spec: TaskSpec) -> dict[str, str]:
+    itself, read the catalog), its KV prefix, the bus (one token per service: the allocation does not matter)."""
+    async def env_for(spec: TaskSpec, alloc: Allocation) -> dict[str, str]:
         try:
             secret = await acl.internal_token(key, f"service:{spec.name}", service_rules(spec.name),
                                               service=spec.name)

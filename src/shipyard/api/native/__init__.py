@@ -14,6 +14,7 @@ from shipyard.api.native import (
     health_api,
     jobs_api,
     logs_api,
+    node_secrets_api,
     nodes_api,
     service_tokens_api,
     store_api,
@@ -30,3 +31,4 @@ def add_native_routes(app: web.Application) -> None:
     app.router.add_routes(health_api.routes)
     app.router.add_routes(nodes_api.routes)
     app.router.add_routes(service_tokens_api.routes)
+    app.router.add_routes(node_secrets_api.routes)

@@ -21,6 +21,7 @@ from aiohttp.web_server import Server
 
 from shipyard.agent.node_agent import NodeAgent
 from shipyard.api.vault.delivery import SecretChangeWatcher, files_root_for, secrets_env_hook
+from shipyard.api.vault.node_delivery import ClusterSecretChangeWatcher
 from shipyard.errors import ShipyardError
 from shipyard.scheduler.jobs import JobService
 from shipyard.secrets.barrier import Barrier
@@ -179,8 +180,8 @@ class VaultService:
 
     def attach(self, agent: NodeAgent, jobs: JobService | None) -> None:
         """Instances get their secrets at each start, wait for an unseal when sealed, and follow changes."""
-        self.watcher = SecretChangeWatcher(self.core, self.core.barrier.store, agent, jobs,
-                                           files_root_for(self.data_dir))
+        self.watcher = ClusterSecretChangeWatcher(self.core, self.core.barrier.store, agent, jobs,
+                                                  files_root_for(self.data_dir))
         agent.instance_env = secrets_env_hook(self.core, self.address, agent.instance_env, self.watcher)
         self.core.on_unseal.append(agent.reconcile)
         self.watcher.start()

@@ -17,15 +17,17 @@ import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shipyard.errors import ShipyardError
+from shipyard.scheduler.model import Allocation
 from shipyard.secrets import wrapping
 from shipyard.secrets.approle import AppRole
 from shipyard.secrets.barrier import DATA
 from shipyard.secrets.core import VaultCore
 from shipyard.secrets.request import Missing, PermissionDenied, Request
-from shipyard.secrets.tokens import TokenRequest, hash_token
+from shipyard.secrets.tokens import TokenEntry, TokenRequest, hash_token
 from shipyard.spec import TaskSpec
 from shipyard.store import Store, follow_prefix
 
@@ -46,7 +48,7 @@ def files_root_for(data_dir: str | None) -> str:
     return os.path.join(base, f"shipyard-secrets-{os.getuid()}-{key}")
 
 
-def _replace_files(folder: str, files: dict[str, str]) -> None:
+def replace_secret_files(folder: str, files: dict[str, str]) -> None:
     for name, value in files.items():
         draft = os.path.join(folder, f".{name}.new")
         fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -55,7 +57,7 @@ def _replace_files(folder: str, files: dict[str, str]) -> None:
         os.replace(draft, os.path.join(folder, name))  # an instance reading it sees the old or the new, whole
 
 
-def _remove_stale_dirs(root: str, live: set[str], older_than: float) -> None:
+def remove_stale_secret_dirs(root: str, live: set[str], older_than: float) -> None:
     try:
         names = os.listdir(root)
     except FileNotFoundError:
@@ -66,7 +68,7 @@ def _remove_stale_dirs(root: str, live: set[str], older_than: float) -> None:
             if folder not in live and os.stat(folder).st_mtime < older_than:
                 shutil.rmtree(folder, ignore_errors=True)
 
-EnvHook = Callable[[TaskSpec], Awaitable[dict[str, str]]]
+EnvHook = Callable[[TaskSpec, Allocation], Awaitable[dict[str, str]]]
 
 
 class SecretUnavailable(ShipyardError):
@@ -94,7 +96,7 @@ async def _read_ref(core: VaultCore, spec: TaskSpec, token: str, ref: str) -> st
     return _field(response, ref, field)
 
 
-def _write_files(root: str, spec: TaskSpec, accessor: str, files: dict[str, str]) -> str:
+def write_secret_files(root: str, spec: TaskSpec, accessor: str, files: dict[str, str]) -> str:
     """The instance's secret files: 0600 in a 0700 folder of its own under a tmpfs root (never the data dir)."""
     os.makedirs(root, mode=0o700, exist_ok=True)
     folder = os.path.join(root, f"{spec.name}.{accessor}")
@@ -106,29 +108,61 @@ def _write_files(root: str, spec: TaskSpec, accessor: str, files: dict[str, str]
     return folder
 
 
-async def instance_secrets(core: VaultCore, spec: TaskSpec, vault_addr: str, files_root: str = "") -> dict[str, str]:
-    """VAULT_ADDR, a fresh VAULT_TOKEN with the job's policies, the job's secrets read with that token as env, and
-    its secret files (SECRETS_DIR)."""
-    if not spec.secrets and not spec.vault_policies and not spec.vault_files:
-        return {}
+def needs_secrets(spec: TaskSpec) -> bool:
+    return bool(spec.secrets or spec.vault_policies or spec.vault_files)
+
+
+@dataclass
+class Delivery:
+    """One instance start's engine token and the values its job's references name, read with that token."""
+
+    token: str
+    entry: TokenEntry
+    env: dict[str, str]  # environment variable -> secret value
+    files: dict[str, str]  # file name -> secret value
+
+
+async def read_job_secrets(core: VaultCore, spec: TaskSpec, token: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The job's `secrets:` (env) and `vault.files` values, read with `token` (so only what its policies allow)."""
+    env = {name: await _read_ref(core, spec, token, ref) for name, ref in sorted(spec.secrets.items())}
+    files = {name: await _read_ref(core, spec, token, ref) for name, ref in sorted(spec.vault_files.items())}
+    return env, files
+
+
+async def deliver(core: VaultCore, spec: TaskSpec, meta: dict[str, str]) -> Delivery:
+    """A fresh orphan token with the job's policies and its secrets read with it; `meta` says whose sweep may
+    revoke the token (a server's files root, or the agent node and allocation it was delivered to)."""
     if core.barrier.sealed:
         raise SecretUnavailable(f"{spec.name}: the secrets engine is sealed; instances start once it is unsealed")
     token, entry = await core.tokens.create(TokenRequest(
         policies=["default", *spec.vault_policies], display_name=f"job-{spec.name}", orphan=True,
-        # Its leases list and revoke by job (revoke-prefix); "server" says whose sweep may revoke it.
-        meta={"job": spec.name, "server": files_root}, path=f"auth/shipyard/job/{spec.name}"), None)
-    # The accessor is not secret: the agent keeps it on record so that its sweep knows the token is in use.
-    env = {"VAULT_ADDR": vault_addr, "VAULT_TOKEN": token, "VAULT_TOKEN_ACCESSOR": entry.accessor}
+        # Its leases list and revoke by job (revoke-prefix).
+        meta={"job": spec.name, **meta}, path=f"auth/shipyard/job/{spec.name}"), None)
     try:
-        for name, ref in sorted(spec.secrets.items()):
-            env[name] = await _read_ref(core, spec, token, ref)
-        files = {name: await _read_ref(core, spec, token, ref) for name, ref in sorted(spec.vault_files.items())}
-        if files:
-            if not files_root:
-                raise SecretUnavailable(f"{spec.name}: secret files need the engine's delivery (not attached)")
-            env["SECRETS_DIR"] = await asyncio.to_thread(_write_files, files_root, spec, entry.accessor, files)
+        env, files = await read_job_secrets(core, spec, token)
     except ShipyardError:
         await core.tokens.revoke_tree(entry)  # the instance does not start: its token goes now
+        raise
+    return Delivery(token, entry, env, files)
+
+
+async def instance_secrets(core: VaultCore, spec: TaskSpec, vault_addr: str, files_root: str = "") -> dict[str, str]:
+    """VAULT_ADDR, a fresh VAULT_TOKEN with the job's policies, the job's secrets read with that token as env, and
+    its secret files (SECRETS_DIR)."""
+    if not needs_secrets(spec):
+        return {}
+    delivery = await deliver(core, spec, {"server": files_root})
+    # The accessor is not secret: the agent keeps it on record so that its sweep knows the token is in use.
+    env = {"VAULT_ADDR": vault_addr, "VAULT_TOKEN": delivery.token, "VAULT_TOKEN_ACCESSOR": delivery.entry.accessor,
+           **delivery.env}
+    try:
+        if delivery.files:
+            if not files_root:
+                raise SecretUnavailable(f"{spec.name}: secret files need the engine's delivery (not attached)")
+            env["SECRETS_DIR"] = await asyncio.to_thread(write_secret_files, files_root, spec,
+                                                         delivery.entry.accessor, delivery.files)
+    except ShipyardError:
+        await core.tokens.revoke_tree(delivery.entry)
         raise
     return env
 
@@ -138,8 +172,8 @@ def secrets_env_hook(core: VaultCore, vault_addr: str, previous: EnvHook | None,
     """The agent's instance_env hook: what was there before (the ACL token), plus the secrets; the watcher learns
     which values each job was started with."""
 
-    async def env_for(spec: TaskSpec) -> dict[str, str]:
-        before = await previous(spec) if previous is not None else {}
+    async def env_for(spec: TaskSpec, alloc: Allocation) -> dict[str, str]:
+        before = await previous(spec, alloc) if previous is not None else {}
         env = await instance_secrets(core, spec, vault_addr, watcher.files_root if watcher is not None else "")
         if watcher is not None and (spec.secrets or spec.vault_files):
             watcher.delivered[spec.name] = await secrets_digest(core, spec)
@@ -218,7 +252,7 @@ class SecretChangeWatcher:
                     and entry.accessor not in live_accessors and now - entry.creation_time > grace
                     and entry.meta.get("server") == self.files_root):
                 await self.core.tokens.revoke_tree(entry)
-        await asyncio.to_thread(_remove_stale_dirs, self.files_root, live_dirs, now - grace)
+        await asyncio.to_thread(remove_stale_secret_dirs, self.files_root, live_dirs, now - grace)
         await wrapping.purge_expired(self.core, now)  # responses wrapped and never unwrapped
 
     async def _resync(self) -> int:
@@ -236,15 +270,18 @@ class SecretChangeWatcher:
     async def check(self) -> None:
         if self.core.barrier.sealed:
             return
-        specs = {runner.spec.name: runner.spec for runner in list(self.agent.runners.values())
-                 if runner.spec is not None and (runner.spec.secrets or runner.spec.vault_files)
-                 and not runner.stopping}
-        for name, spec in specs.items():
+        for name, spec in (await self.watched_specs()).items():
             digest = await secrets_digest(self.core, spec)
             if self.delivered.setdefault(name, digest) == digest:
                 continue
             self.delivered[name] = digest
             await self._act(spec)
+
+    async def watched_specs(self) -> dict[str, TaskSpec]:
+        """The jobs whose secrets this watcher acts on, by name: those this server's node runs."""
+        return {runner.spec.name: runner.spec for runner in list(self.agent.runners.values())
+                if runner.spec is not None and (runner.spec.secrets or runner.spec.vault_files)
+                and not runner.stopping}
 
     async def _rerender(self, spec: TaskSpec, env: dict[str, str]) -> None:
         """Rewrites a running instance's secret files with the current values, read with its own token."""
@@ -260,7 +297,7 @@ class SecretChangeWatcher:
         except ShipyardError as exc:
             log.warning("secrets of %s changed, but its files keep the old values: %s", spec.name, exc.message)
             return
-        await asyncio.to_thread(_replace_files, folder, files)
+        await asyncio.to_thread(replace_secret_files, folder, files)
 
     async def _act(self, spec: TaskSpec) -> None:
         if spec.vault_change_mode == "signal":

@@ -1,0 +1,233 @@
+"""Secrets of instances placed on a `shipyard agent` node (a real server with --acl and its engine, and a real agent
+on loopback): the instance gets its secret as env and as a file on the agent's tmpfs, under its own engine token
+minted by the server for that node and allocation; nothing in either data dir holds a value; a changed secret reaches
+a new instance (change_mode restart) or the running one (signal); another node's agent token, and an allocation not
+placed on the caller's node, are refused; a stopped instance's token is revoked and its files removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from hvac import exceptions as hvac_errors
+
+from support import free_port, wait_for
+from vault_support import VaultServer
+
+MANAGEMENT = str(uuid.uuid4())
+ROOT = "agent-secrets-root"
+APP = Path(__file__).parent / "apps" / "vault_reader.py"
+PASSWORD = "edge-db-password-4e1f"
+
+
+@dataclass
+class Setup:
+    server: VaultServer
+    agent_token: str
+    agent_log: Path
+    agent_dir: Path
+    base: Path
+
+
+def call(base: str, method: str, path: str, token: str = MANAGEMENT, **kw: Any) -> requests.Response:
+    return requests.request(method, base + path, headers={"X-Consul-Token": token} if token else {},
+                            timeout=kw.pop("timeout", 10), **kw)
+
+
+def node_token(server: VaultServer, node: str) -> str:
+    """A token as an agent of `node` is given: its node and the store."""
+    rules = f'store = "write"\nnode "{node}" {{ policy = "write" }}'
+    policy = call(server.url, "PUT", "/v1/acl/policy", json={"Name": f"agent-{node}", "Rules": rules})
+    assert policy.status_code == 200, policy.text
+    token = call(server.url, "PUT", "/v1/acl/token", json={"Policies": [{"ID": policy.json()["ID"]}]})
+    assert token.status_code == 200, token.text
+    return str(token.json()["SecretID"])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    base = tmp_path_factory.mktemp("agent-secrets")
+    server = VaultServer(base / "server", "--acl", "--acl-initial-management", MANAGEMENT, "--node", "srv",
+                         "--vault-dev", "--vault-dev-root-token-id", ROOT)
+    agent: subprocess.Popen[bytes] | None = None
+    log_path = base / "agent.log"
+    try:
+        server.start()
+        admin = server.client(ROOT)
+        admin.secrets.kv.v2.create_or_update_secret("mediahub/db", secret={"password": PASSWORD})
+        admin.sys.create_or_update_policy("mediahub-db", 'path "secret/data/mediahub/*" { capabilities = ["read"] }')
+        token = node_token(server, "edge")
+        env = {k: v for k, v in os.environ.items() if k not in ("CONSUL_HTTP_TOKEN", "CONSUL_HTTP_ADDR")}
+        env["SHIPYARD_HTTP_TOKEN"] = token
+        with open(log_path, "ab") as log:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "shipyard.cli.main", "agent", "--server", server.addr, "--node", "edge",
+                 "--port", str(free_port()), "--dns-port", "0", "--http-port", "0",
+                 "--data-dir", str(base / "agent"), "--drain-delay", "0.2"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        wait_for("the agent's node", lambda: any(
+            n["Node"] == "edge" for n in call(server.url, "GET", "/v1/catalog/nodes").json()), timeout=30)
+        # Everything goes to the agent's node.
+        assert call(server.url, "POST", "/api/v1/nodes/srv/eligibility", json={"eligible": False}).status_code == 200
+        yield Setup(server, token, log_path, base / "agent", base)
+    finally:
+        if agent is not None and agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGTERM)
+            agent.wait(15)
+        server.stop()
+        for state in (base / "agent" / "agent" / "instances").glob("*/state.json"):
+            pid = int(json.loads(state.read_text())["shim_pid"])  # instances outlive their agent by design
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def deploy(setup: Setup, name: str, out: Path, change_mode: str) -> None:
+    spec = {"name": name, "args": [sys.executable, str(APP)], "instances": 1, "stop_grace": "1s",
+            "resources": {"cpu": 10, "memory": 128},  # the SDK, on SIGHUP, takes ~50 MB
+            "env": {"OUT": str(out), "OWN": "secret/data/mediahub/db", "OTHER": "secret/data/billing/db"},
+            "secrets": {"DB_PASSWORD": "secret/data/mediahub/db#password"},
+            "vault": {"policies": ["mediahub-db"], "change_mode": change_mode,
+                      "files": {"db.password": "secret/data/mediahub/db#password"}},
+            "update": {"max_parallel": 1, "min_healthy_time": "0s"}}
+    deployed = call(setup.server.url, "POST", "/api/v1/jobs", json=spec)
+    assert deployed.status_code in (200, 201), deployed.text
+
+
+def report_of(out: Path, until: Callable[[dict[str, Any]], bool] = bool, timeout: float = 60) -> dict[str, Any]:
+    def read() -> dict[str, Any] | None:
+        try:
+            report = dict(json.loads(out.read_text()))
+        except (OSError, ValueError):
+            return None
+        return report if until(report) else None
+
+    found = wait_for(f"the instance's report in {out.name}", read, timeout=timeout)
+    assert isinstance(found, dict)
+    return found
+
+
+def allocs_of(setup: Setup, job: str) -> list[dict[str, Any]]:
+    listed = call(setup.server.url, "GET", "/api/v1/allocs").json()
+    items = listed.get("allocations", listed) if isinstance(listed, dict) else listed
+    return [a for a in items if a.get("job") == job and a.get("desired") == "run"]
+
+
+def holding(folder: Path, values: list[str]) -> list[str]:
+    """Files under `folder` holding any of `values`, read as bytes (logs, launch and state files included)."""
+    found = []
+    for path in folder.rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            found += [f"{path}: {value[:6]}…" for value in values if value.encode() in blob]
+    return found
+
+
+def test_an_instance_on_an_agent_reads_its_secrets_and_nothing_is_on_disk(setup: Setup, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    deploy(setup, "mediahub", out, "restart")
+    report = report_of(out)
+    assert report["DB_PASSWORD"] == PASSWORD and report["token_prefix"] == "hvs.", report
+    assert (report["own"], report["other"]) == (200, 403)  # its token reads its secret, not another job's
+    files = report["secret_files"]
+    assert files["files"] == {"db.password": PASSWORD}
+    assert files["dir_mode"] == "0o700" and files["modes"] == {"db.password": "0o600"}
+    assert files["dir"].startswith("/dev/shm/") or not Path("/dev/shm").is_dir()
+    assert not files["dir"].startswith(str(setup.base))
+    [alloc] = allocs_of(setup, "mediahub")
+    assert alloc["node"] == "edge", alloc
+    # The token was minted for that node and allocation.
+    looked_up = setup.server.client(ROOT).auth.token.lookup_accessor(report["accessor"])["data"]
+    assert looked_up["meta"] == {"job": "mediahub", "node": "edge", "alloc": alloc["id"]}, looked_up
+    # The values travelled in memory only: nowhere in either data dir, nor in the agent's or the server's log.
+    values = [PASSWORD, report["token"]]
+    assert holding(setup.agent_dir, values) == [] and holding(setup.server.data_dir, values) == []
+    logs = setup.agent_log.read_bytes() + setup.server.log_path.read_bytes()
+    assert not [v for v in values if v.encode() in logs]
+
+
+def test_the_route_is_for_the_callers_own_node_and_its_allocations(setup: Setup) -> None:
+    [alloc] = allocs_of(setup, "mediahub")
+    url = setup.server.url
+
+    def ask(node: str, token: str, alloc_id: str) -> requests.Response:
+        return call(url, "POST", f"/api/v1/nodes/{node}/secrets", token=token, json={"Alloc": alloc_id})
+
+    # Another node's agent token: refused, for this node and for its own (nothing of it is placed there).
+    other = node_token(setup.server, "other")
+    assert ask("edge", other, alloc["id"]).status_code == 403
+    assert ask("other", other, alloc["id"]).status_code == 403
+    # The edge agent's token: not for another node, not for an allocation not placed on its node.
+    assert ask("srv", setup.agent_token, alloc["id"]).status_code == 403
+    assert ask("edge", setup.agent_token, str(uuid.uuid4())).status_code == 403
+    assert ask("edge", "", alloc["id"]).status_code == 403  # anonymous
+    # Another instance's token is not taken to read values again.
+    refresh = call(url, "POST", "/api/v1/nodes/edge/secrets", token=setup.agent_token,
+                   json={"Alloc": alloc["id"], "Token": ROOT})
+    assert refresh.status_code == 403, refresh.text
+    # Its own: answered, never cached; the token minted here is bound to the node and allocation.
+    answer = ask("edge", setup.agent_token, alloc["id"])
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["Cache-Control"] == "no-store"
+    body = answer.json()
+    assert body["Env"] == {"DB_PASSWORD": PASSWORD} and body["Files"] == {"db.password": PASSWORD}
+    assert setup.server.client(ROOT).auth.token.lookup_accessor(body["Accessor"])["data"]["meta"]["node"] == "edge"
+
+
+def test_a_changed_secret_restarts_the_instance_with_the_new_value(setup: Setup, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    deploy(setup, "mediahub", out, "restart")  # a new version (its OUT): a new instance, reporting here
+    first = report_of(out)
+    admin = setup.server.client(ROOT)
+    admin.secrets.kv.v2.create_or_update_secret("mediahub/db", secret={"password": "rotated-on-edge"})
+    second = report_of(out, until=lambda r: r["DB_PASSWORD"] == "rotated-on-edge")
+    assert second["pid"] != first["pid"] and second["signals"] == 0
+    assert second["secret_files"]["files"] == {"db.password": "rotated-on-edge"}
+    assert second["token"] != first["token"]
+
+
+def test_a_stopped_instance_loses_its_token_and_files(setup: Setup, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    deploy(setup, "mediahub", out, "restart")
+    report = report_of(out)
+    admin = setup.server.client(ROOT)
+    assert admin.auth.token.lookup_accessor(report["accessor"])["data"]["meta"]["node"] == "edge"
+    stopped = call(setup.server.url, "POST", "/api/v1/jobs/mediahub/stop", json={})
+    assert stopped.status_code == 200, stopped.text
+
+    def revoked() -> bool:
+        try:
+            admin.auth.token.lookup_accessor(report["accessor"])
+        except hvac_errors.InvalidRequest:
+            return True
+        return False
+
+    wait_for("the stopped instance's token revoked", revoked, timeout=60)
+    wait_for("its secret files removed", lambda: not Path(report["secret_files"]["dir"]).exists(), timeout=60)
+
+
+def test_a_signal_job_on_an_agent_gets_its_files_rewritten_then_its_signal(setup: Setup, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    admin = setup.server.client(ROOT)
+    admin.secrets.kv.v2.create_or_update_secret("mediahub/db", secret={"password": PASSWORD})
+    deploy(setup, "sighub", out, "signal")
+    first = report_of(out)
+    assert first["DB_PASSWORD"] == PASSWORD
+    admin.secrets.kv.v2.create_or_update_secret("mediahub/db", secret={"password": "signalled-on-edge"})
+    second = report_of(out, until=lambda r: r["signals"] >= 1)
+    assert second["pid"] == first["pid"] and second["DB_PASSWORD"] == "signalled-on-edge"
+    assert second["secret_files"]["files"] == {"db.password": "signalled-on-edge"}
+    assert second["secret_files"]["dir"] == first["secret_files"]["dir"]
+    assert call(setup.server.url, "DELETE", "/api/v1/jobs/sighub").status_code == 200
