@@ -174,7 +174,7 @@ def test_a_failed_agent_is_reaped_after_the_reconnect_timeout_and_registers_agai
 def test_force_leave_and_prune_then_the_agent_returns(server: ServerProcess, tmp_path: Path) -> None:
     agent = Agent(server, tmp_path, "gone-b", "127.0.0.3").start()
     try:
-        operator = make_token(server, "operator", 'operator = "write"')
+        operator = make_token(server, "operator", 'operator = "write"\nnode_prefix "" { policy = "read" }')
         # A live agent is left alone (as serf: it would rejoin at once); an unknown name is Consul's 500.
         assert call(server, "PUT", f"/v1/agent/force-leave/{agent.name}", token=operator).status_code == 200
         assert agent.status() == 1 and agent.in_catalog()
@@ -191,7 +191,7 @@ def test_force_leave_and_prune_then_the_agent_returns(server: ServerProcess, tmp
         pruned = subprocess.run([sys.executable, "-m", "shipyard.cli.main", "node", "force-leave", "--prune",
                                  agent.name], capture_output=True, text=True, timeout=30, env=env)
         assert pruned.returncode == 0, pruned.stdout + pruned.stderr
-        assert "removed from the members" in pruned.stdout, pruned.stdout
+        assert "(was left): removed from the members" in pruned.stdout, pruned.stdout
         assert agent.status() is None and not agent.in_catalog()
         # It comes back: registered again, alive, in the catalog with a passing serfHealth.
         agent.start()

@@ -268,16 +268,17 @@ def force_leave(ctx: click.Context, name: str, prune: bool) -> None:
     elsewhere), as `consul force-leave`. A live node is left alone. Needs operator:write with ACLs."""
     api = ApiClient(ctx.obj["http_addr"])
     members = {m.get("Name"): m.get("Status") for m in api.request("GET", "/v1/agent/members").json()}
-    status = MEMBER_STATUS.get(members.get(name, 0), "")
+    status = MEMBER_STATUS.get(members.get(name, 0), "")  # "" when the token may not read it: the server decides
     api.request("PUT", "/v1/agent/force-leave/" + quote(name, safe=""), params={"prune": ""} if prune else None)
+    was = f" (was {status})" if status else ""
     if status == "alive":
         console.print(f"node {escape(name)} is alive: nothing changed (force-leave removes failed or left nodes; "
                       "stop its agent first)", highlight=False)
     elif prune:
-        console.print(f"node {escape(name)} ({status}): removed from the members, the catalog and placement",
+        console.print(f"node {escape(name)}{was}: removed from the members, the catalog and placement",
                       highlight=False)
     else:
-        console.print(f"node {escape(name)} ({status}): left; out of the catalog and placement, its instances placed "
+        console.print(f"node {escape(name)}{was}: left; out of the catalog and placement, its instances placed "
                       "elsewhere", highlight=False)
 
 
