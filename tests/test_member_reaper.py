@@ -1,10 +1,10 @@
-"""The leader's reaping of members gone for good (agent/reaper.py), in-process on a real SQLite store with the time
-given explicitly: the down-since stamp lives in the store (a new leader goes on counting), a member that came back
-between the read and the removal is never touched, and everything of a reaped node is gone."""
+"""The leader's reaping of members gone for good (agent/reaper.py), in-process on a real SQLite store and a real etcd,
+with the time given explicitly: the down-since stamp lives in the store (a new leader goes on counting), a member
+that came back between the read and the removal is never touched, and everything of a reaped node is gone."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -14,14 +14,28 @@ from shipyard.registry.catalog import Catalog
 from shipyard.registry.node import NodeIdentity
 from shipyard.scheduler.records import alloc_key, alloc_status_key, node_control_key, node_key
 from shipyard.store import Put, SqliteStore, Store
+from shipyard.store.etcd import EtcdStore
+from support import EtcdProcess
 
 TIMEOUT = 100.0
 EDGE = AgentInfo("edge", "edge-id", "10.0.0.7", 8510)
 
 
-@pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    opened = await SqliteStore.open(None)
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
+    proc = EtcdProcess(tmp_path_factory.mktemp("reaper-etcd") / "data").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """The embedded store and etcd (a cluster's): the guards and prefix deletes behave alike on both."""
+    if request.param == "sqlite":
+        opened: Store = await SqliteStore.open(None)
+    else:
+        etcd = request.getfixturevalue("etcd")
+        opened = await EtcdStore.open(etcd.url, namespace=f"reaper-{request.node.name}/")
     yield opened
     await opened.close()
 
