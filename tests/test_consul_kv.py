@@ -127,6 +127,21 @@ def test_acquire_and_release_with_sessions(client: consul.Consul) -> None:
     client.session.destroy(s2)
 
 
+def test_plain_put_keeps_the_lock_and_an_unchanged_one_writes_nothing(client: consul.Consul) -> None:
+    key = unique("plain")
+    sid = client.session.create(name="holder", behavior="delete", lock_delay=0)
+    assert client.kv.put(key, "v", acquire=sid) is True
+    _, held = client.kv.get(key)
+    assert client.kv.put(key, "v") is True  # same value and flags: Consul skips the write
+    assert client.kv.get(key)[1]["ModifyIndex"] == held["ModifyIndex"]
+    assert client.kv.put(key, "w", flags=7) is True
+    _, after = client.kv.get(key)
+    assert (after["Session"], after["LockIndex"], after["Flags"], after["Value"]) == (sid, held["LockIndex"], 7, b"w")
+    assert after["ModifyIndex"] > held["ModifyIndex"]
+    client.session.destroy(sid)
+    assert client.kv.get(key)[1] is None  # the behaviour recorded at acquire time outlived the plain puts
+
+
 def test_acquire_with_unknown_session_is_500_invalid_session(server: ServerProcess) -> None:
     r = requests.put(f"{server.url}/v1/kv/{unique()}?acquire=no-such-session", data=b"x")
     assert r.status_code == 500

@@ -60,6 +60,9 @@ def accepts_any_body(handler: Handler) -> Handler:
     return handler
 
 
+_VERDICTS_MAX = 1024
+
+
 def _is_loopback_name(host: str) -> bool:
     # RFC 6761: browsers resolve localhost and *.localhost to loopback themselves, so DNS cannot rebind them.
     if host == "localhost" or host.endswith(".localhost"):
@@ -91,6 +94,10 @@ class RequestGuard:
 
     def __init__(self, names: Iterable[str]) -> None:
         self.names = frozenset(_normal(n) for n in names if n and _normal(n) not in ("", "0.0.0.0", "::"))
+        # (Host header, local address) -> allowed: clients send the same few Host values on every request, and
+        # parsing one (urlsplit, ipaddress) cost about 5% of the server's CPU per Consul KV request. Bounded: a
+        # client sending ever new values only empties it.
+        self._verdicts: dict[tuple[str, str | None], bool] = {}
 
     def host_allowed(self, host: str, local_address: str | None) -> bool:
         # The address the connection arrived on is the server's own (a wildcard bind answers on several).
@@ -101,10 +108,16 @@ class RequestGuard:
         raw = request.headers.get(hdrs.HOST)
         if raw is None:
             return  # HTTP/1.0 without Host: no browser sends that
-        parsed = _split_authority(raw)
         sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
         local = sockname[0] if isinstance(sockname, tuple) and sockname else None
-        if parsed is None or not self.host_allowed(parsed[0], local):
+        allowed = self._verdicts.get((raw, local))
+        if allowed is None:
+            parsed = _split_authority(raw)
+            allowed = parsed is not None and self.host_allowed(parsed[0], local)
+            if len(self._verdicts) >= _VERDICTS_MAX:
+                self._verdicts.clear()
+            self._verdicts[raw, local] = allowed
+        if not allowed:
             raise MisdirectedRequest(
                 f"Host {raw!r} is not a name of this server: use a loopback address, one of its configured "
                 "names or addresses, or start the server with --allowed-host NAME",

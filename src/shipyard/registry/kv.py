@@ -144,6 +144,19 @@ def decode_entry(kv: KeyValue) -> KVEntry:
     return KVEntry(key, raw, create_index=kv.create_revision, modify_index=kv.mod_revision)
 
 
+def _set_value(kv: KeyValue | None, key: str, value: bytes, flags: int) -> bytes | None:
+    """What a plain set stores over `kv`: the new value and flags, the lock (session, LockIndex, behaviour, delay)
+    kept, as Consul does; None when that is what is stored already (Consul then skips the write, and the ModifyIndex
+    stays). The same entry as ConsulKV._set's."""
+    if kv is None:
+        return encode_entry(KVEntry(key, value, flags))
+    existing = decode_entry(kv)
+    if existing.value == value and existing.flags == flags:
+        return None
+    return encode_entry(KVEntry(key, value, flags, existing.session, existing.lock_index,
+                                behavior=existing.behavior, lock_delay_ms=existing.lock_delay_ms))
+
+
 @dataclass(frozen=True, slots=True)
 class TxnOp:
     """One Consul txn KV operation, already validated for types."""
@@ -285,7 +298,8 @@ class ConsulKV:
         elif cas is not None:
             op = TxnOp("cas", key, value, flags, index=cas)
         else:
-            op = TxnOp("set", key, value, flags)
+            await self._set_plain(key, value, flags)
+            return True
         outcome = await self.transact([op])
         if outcome.errors:
             what = outcome.errors[0][1]
@@ -293,6 +307,22 @@ class ConsulKV:
                 raise InvalidSession(what)
             return False
         return True
+
+    async def _set_plain(self, key: str, value: bytes, flags: int) -> None:
+        """PUT without cas, acquire or release, the most common write: what transact([set]) does (one read, one
+        write guarded on the version read, again on a conflict), without the general play of a Consul txn, which
+        cost about a sixth of the server's CPU per such PUT."""
+        skey = store_key(key)
+        hints = getattr(self.store, "recent", None)  # as _Simulation's optimistic first attempt
+        for attempt in range(_MAX_ATTEMPTS):
+            seen, kv = hints(skey) if hints is not None and attempt == 0 else (False, None)
+            if not seen:
+                kv = await self.store.get(skey)
+            stored = _set_value(kv, key, value, flags)
+            guard = [Compare(skey, "mod", "=", kv.mod_revision if kv is not None else 0)]
+            if (await self.store.txn(guard, [Put(skey, stored)] if stored is not None else [])).succeeded:
+                return
+        raise ShipyardError("transaction kept conflicting with concurrent writes; retry", status=500)
 
     async def delete(self, key: str, *, recurse: bool = False, cas: int | None = None) -> bool:
         validate_key(key, allow_empty=recurse)
