@@ -166,9 +166,11 @@ def test_a_failed_agent_is_reaped_after_the_reconnect_timeout_and_registers_agai
         wait_for("the superseded instance stopped", lambda: not alive(agent.shim_pids().get(first, 0) or 0))
         wait_for("the new instance running", lambda: alive(agent.shim_pids().get(second, 0) or 0))
     finally:
-        call(server, "DELETE", "/api/v1/jobs/sleeper")
-        wait_for("the job's instances stopped", lambda: not running_on(server, agent.name))
-        agent.stop()
+        try:
+            call(server, "DELETE", "/api/v1/jobs/sleeper")
+            wait_for("the job's instances stopped", lambda: not running_on(server, agent.name))
+        finally:
+            agent.stop()  # whatever failed above: no agent or instance is left behind
 
 
 def test_force_leave_and_prune_then_the_agent_returns(server: ServerProcess, tmp_path: Path) -> None:
