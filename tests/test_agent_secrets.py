@@ -23,7 +23,7 @@ import requests
 from hvac import exceptions as hvac_errors
 
 from support import free_port, wait_for
-from vault_support import VaultServer
+from vault_support import VaultServer, init_and_unseal
 
 MANAGEMENT = str(uuid.uuid4())
 ROOT = "agent-secrets-root"
@@ -231,3 +231,61 @@ def test_a_signal_job_on_an_agent_gets_its_files_rewritten_then_its_signal(setup
     assert second["secret_files"]["files"] == {"db.password": "signalled-on-edge"}
     assert second["secret_files"]["dir"] == first["secret_files"]["dir"]
     assert call(setup.server.url, "DELETE", "/api/v1/jobs/sighub").status_code == 200
+
+
+@pytest.fixture
+def sealed_cluster(tmp_path: Path) -> Iterator[tuple[VaultServer, list[str], str]]:
+    """A server without ACLs whose engine is initialised (not dev: it can be sealed), and an agent of node edge."""
+    server = VaultServer(tmp_path / "server", "--node", "srv")
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        server.start()
+        root, keys = init_and_unseal(server)
+        admin = server.client(root)
+        admin.sys.enable_secrets_engine("kv", path="secret", options={"version": "2"})
+        admin.secrets.kv.v2.create_or_update_secret("mediahub/db", secret={"password": PASSWORD})
+        admin.sys.create_or_update_policy("mediahub-db", 'path "secret/data/mediahub/*" { capabilities = ["read"] }')
+        with open(tmp_path / "agent.log", "ab") as log:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "shipyard.cli.main", "agent", "--server", server.addr, "--node", "edge",
+                 "--port", str(free_port()), "--dns-port", "0", "--http-port", "0",
+                 "--data-dir", str(tmp_path / "agent"), "--drain-delay", "0.2"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for("the agent's node", lambda: any(
+            n["Node"] == "edge" for n in call(server.url, "GET", "/v1/catalog/nodes", token="").json()), timeout=30)
+        assert call(server.url, "POST", "/api/v1/nodes/srv/eligibility", token="",
+                    json={"eligible": False}).status_code == 200
+        yield server, keys, root
+    finally:
+        if agent is not None and agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGTERM)
+            agent.wait(15)
+        server.stop()
+        for state in (tmp_path / "agent" / "agent" / "instances").glob("*/state.json"):
+            try:
+                os.kill(int(json.loads(state.read_text())["shim_pid"]), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def test_without_acls_a_start_on_an_agent_waits_while_the_engine_is_sealed(
+        sealed_cluster: tuple[VaultServer, list[str], str], tmp_path: Path) -> None:
+    server, keys, root = sealed_cluster
+    server.client(root).sys.seal()
+    out = tmp_path / "report.json"
+    spec = {"name": "mediahub", "args": [sys.executable, str(APP)], "instances": 1, "stop_grace": "1s",
+            "resources": {"cpu": 10, "memory": 128},
+            "env": {"OUT": str(out), "OWN": "secret/data/mediahub/db", "OTHER": "secret/data/billing/db"},
+            "secrets": {"DB_PASSWORD": "secret/data/mediahub/db#password"}, "vault": {"policies": ["mediahub-db"]}}
+    assert call(server.url, "POST", "/api/v1/jobs", token="", json=spec).status_code in (200, 201)
+
+    def waiting() -> str:
+        listed = call(server.url, "GET", "/api/v1/allocs?job=mediahub", token="").json()["allocations"]
+        messages = [str((a.get("status") or {}).get("message", "")) for a in listed if a["node"] == "edge"]
+        return next((m for m in messages if "sealed" in m), "")
+
+    assert "sealed" in wait_for("the start waiting for an unseal", waiting, timeout=30)
+    assert not out.exists()
+    server.client().sys.submit_unseal_keys(keys[:2])
+    report = report_of(out)  # retried by the agent once a server answers unsealed
+    assert report["DB_PASSWORD"] == PASSWORD and report["own"] == 200
