@@ -1,6 +1,6 @@
 """Wires a server into its cluster: which loops only the leader runs (scheduler, session reaping, autoscaler, the
-servers' node liveness, reaping of members gone for --reconnect-timeout), the fence on the scheduler's commits, and
-the refusal of an embedded bus on etcd.
+servers' node liveness, reaping of members gone for --reconnect-timeout, etcd compaction), the fence on the
+scheduler's commits, and the refusal of an embedded bus on etcd.
 
 It composes parts (registry/servers.py elects, the loops do their work); it never decides leadership itself.
 """
@@ -18,6 +18,7 @@ from shipyard.bus.autoscaler import BusAutoscaler
 from shipyard.errors import ShipyardError
 from shipyard.registry.agents import agent_members
 from shipyard.registry.servers import ServerCluster, ServerInfo
+from shipyard.store.compaction import PeriodicCompactor
 from shipyard.store.etcd import EtcdStore
 
 log = logging.getLogger("shipyard.cluster")
@@ -25,6 +26,7 @@ log = logging.getLogger("shipyard.cluster")
 CLUSTER = "cluster"
 LIVENESS = "server-node-liveness"
 REAPER = "member-reaper"
+COMPACTOR = "etcd-compactor"
 
 
 def check_cluster_bus(config: ServerConfig) -> None:
@@ -76,6 +78,7 @@ def attach_cluster(platform: Platform) -> None:
     cluster = ServerCluster(platform.store, me, ttl=config.leader_ttl, on_elected=elected, on_deposed=deposed,
                             on_rejoined=rejoined)
     platform.extras[CLUSTER] = cluster
+    platform.extras[COMPACTOR] = PeriodicCompactor(platform.store, config.etcd_compaction_interval)
     platform.extras[LIVENESS] = ServerNodeLiveness(cluster, platform.catalog, node_lost_after=config.node_lost_after)
     platform.sessions.reaping = False  # until elected
     if platform.scheduler is not None:
@@ -97,22 +100,18 @@ async def start_leader_duties(platform: Platform) -> None:
     autoscaler = platform.extras.get("autoscaler")
     if isinstance(autoscaler, BusAutoscaler):
         await autoscaler.start()
-    liveness = platform.extras.get(LIVENESS)
-    if isinstance(liveness, NodeLiveness):
-        await liveness.start()
-    reaper = platform.extras.get(REAPER)
-    if isinstance(reaper, MemberReaper):
-        await reaper.start()
+    for name in (LIVENESS, REAPER, COMPACTOR):
+        duty = platform.extras.get(name)
+        if isinstance(duty, (NodeLiveness, MemberReaper, PeriodicCompactor)):
+            await duty.start()
 
 
 async def stop_leader_duties(platform: Platform) -> None:
     platform.sessions.reaping = False
-    liveness = platform.extras.get(LIVENESS)
-    if isinstance(liveness, NodeLiveness):
-        await liveness.stop()
-    reaper = platform.extras.get(REAPER)
-    if isinstance(reaper, MemberReaper):
-        await reaper.stop()
+    for name in (LIVENESS, REAPER, COMPACTOR):
+        duty = platform.extras.get(name)
+        if isinstance(duty, (NodeLiveness, MemberReaper, PeriodicCompactor)):
+            await duty.stop()
     autoscaler = platform.extras.get("autoscaler")
     if isinstance(autoscaler, BusAutoscaler):
         with contextlib.suppress(Exception):

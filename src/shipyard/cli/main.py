@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from shipyard import __version__
 from shipyard.cli.dns_options import Duration, dns_config, dns_options
@@ -32,7 +33,7 @@ class ShipyardGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ShipyardError as exc:
-            err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False, soft_wrap=True)
             sys.exit(1)
 
 
@@ -87,6 +88,9 @@ def cli(ctx: click.Context, http_addr: str) -> None:
 @click.option("--reconnect-timeout", default="72h", show_default=True, type=Duration(), metavar="DURATION",
               help="An agent or server failed (or left) this long is removed from the members, the catalog and "
                    "placement, as Consul's reconnect_timeout (0: never). `shipyard node force-leave` does it now.")
+@click.option("--etcd-compaction-interval", default=300.0, show_default=True, type=click.FloatRange(0, 86400),
+              help="With --store etcd: every this many seconds the leader compacts etcd's history to the revision "
+                   "of the interval before, as Kubernetes' API server does (0: never, e.g. if etcd compacts itself).")
 @click.option("--gateway-sync", default=0.1, show_default=True, type=click.FloatRange(0.01, 10),
               help="With --store etcd (several servers): seconds between syncs of the gateways' rate-limit counts "
                    "(docs/cluster.md: the tolerance of a limit grows with it).")
@@ -137,6 +141,7 @@ def server(
     leader_ttl: int,
     node_lost_after: float,
     reconnect_timeout: float,
+    etcd_compaction_interval: float,
     gateway_sync: float,
     enable_script_checks: bool,
     http_check_output: bool,
@@ -186,6 +191,7 @@ def server(
         leader_ttl=leader_ttl,
         node_lost_after=node_lost_after,
         reconnect_timeout=reconnect_timeout,
+        etcd_compaction_interval=etcd_compaction_interval,
         node_meta=_node_meta(node_meta),
         node_class=node_class,
         gateway_sync=gateway_sync,
