@@ -53,6 +53,14 @@ def test_bus_help_names_the_scheme_the_server_accepts(tmp_path: object) -> None:
     assert done.returncode == 1 and "use amqp://user:pass@host:port/vhost" in done.stderr, done.stderr
 
 
+def test_an_error_with_square_brackets_is_printed_as_written() -> None:
+    """Rich markup is not applied to the message: `[/namespace]` once crashed the error printer with a traceback."""
+    done = run("server", "--dev", "--http-port", "0", "--dns-port", "0", "--no-gateway", "--single-server",
+               "--store", "http://127.0.0.1:1")
+    assert done.returncode == 1 and done.stderr.strip() == (
+        "error: unsupported --store 'http://127.0.0.1:1': use etcd://host:port[/namespace]"), done.stderr
+
+
 def _commands() -> list[tuple[str, click.Command]]:
     from shipyard.cli.main import _register_subcommands, cli
 

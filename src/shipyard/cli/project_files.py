@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from shipyard.cli.source_tree import read_source_tree, source_record
 from shipyard.errors import NotFound
@@ -34,7 +35,7 @@ def load_locally(spec_file: Path) -> ProjectSpec:
         return load_project(str(spec_file))
     except SpecError as exc:
         for problem in exc.problems:
-            err_console.print(f"[red]error:[/red] {problem}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
         raise SystemExit(1) from None
 
 
