@@ -289,3 +289,58 @@ def test_without_acls_a_start_on_an_agent_waits_while_the_engine_is_sealed(
     server.client().sys.submit_unseal_keys(keys[:2])
     report = report_of(out)  # retried by the agent once a server answers unsealed
     assert report["DB_PASSWORD"] == PASSWORD and report["own"] == 200
+
+
+def test_over_https_the_agent_gets_the_secrets_and_its_instance_the_engines_ca(tmp_path: Path) -> None:
+    """A cluster with TLS: the agent reaches the server over HTTPS only (--ca-file), and its instance is told the
+    engine's https address and the CA to check it with (VAULT_CACERT)."""
+    from tls_support import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    https_port = free_port()
+    server = VaultServer(tmp_path / "server", "--node", "srv", "--vault-dev", "--vault-dev-root-token-id", ROOT,
+                         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-ca",
+                         str(pki.ca), "--https-port", str(https_port))
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        server.start()
+        admin = hvac_client(server, pki.ca)
+        admin.secrets.kv.v2.create_or_update_secret("mediahub/db", secret={"password": PASSWORD})
+        admin.sys.create_or_update_policy("mediahub-db", 'path "secret/data/mediahub/*" { capabilities = ["read"] }')
+        with open(tmp_path / "agent.log", "ab") as log:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "shipyard.cli.main", "agent", "--server", f"https://127.0.0.1:{https_port}",
+                 "--ca-file", str(pki.ca), "--node", "edge", "--port", str(free_port()), "--dns-port", "0",
+                 "--http-port", "0", "--data-dir", str(tmp_path / "agent"), "--drain-delay", "0.2"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for("the agent's node", lambda: any(
+            n["Node"] == "edge" for n in call(server.url, "GET", "/v1/catalog/nodes", token="").json()), timeout=30)
+        assert call(server.url, "POST", "/api/v1/nodes/srv/eligibility", token="",
+                    json={"eligible": False}).status_code == 200
+        out = tmp_path / "report.json"
+        spec = {"name": "mediahub", "args": [sys.executable, str(APP)], "instances": 1, "stop_grace": "1s",
+                "resources": {"cpu": 10, "memory": 128},
+                "env": {"OUT": str(out), "OWN": "secret/data/mediahub/db", "OTHER": "secret/data/billing/db"},
+                "secrets": {"DB_PASSWORD": "secret/data/mediahub/db#password"},
+                "vault": {"policies": ["mediahub-db"]}}
+        assert call(server.url, "POST", "/api/v1/jobs", token="", json=spec).status_code in (200, 201)
+        report = report_of(out)
+        assert report["DB_PASSWORD"] == PASSWORD and (report["own"], report["other"]) == (200, 403), report
+        assert report["vault_addr"] == f"https://127.0.0.1:{server.vault_port}"
+        assert holding(tmp_path / "agent", [PASSWORD, report["token"]]) == []
+    finally:
+        if agent is not None and agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGTERM)
+            agent.wait(15)
+        server.stop()
+        for state in (tmp_path / "agent" / "agent" / "instances").glob("*/state.json"):
+            try:
+                os.kill(int(json.loads(state.read_text())["shim_pid"]), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def hvac_client(server: VaultServer, ca: Path) -> Any:
+    import hvac
+
+    return hvac.Client(url=f"https://127.0.0.1:{server.vault_port}", token=ROOT, verify=str(ca))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -18,8 +19,10 @@ from shipyard.sdk import config, secrets
 def get(path: str) -> tuple[int, Any]:
     request = urllib.request.Request(f"{os.environ['VAULT_ADDR']}/v1/{path}",
                                      headers={"X-Vault-Token": os.environ.get("VAULT_TOKEN", "")})
+    # An engine over HTTPS: its CA, as the instance is told (VAULT_CACERT), as Vault's clients do.
+    context = ssl.create_default_context(cafile=os.environ["VAULT_CACERT"]) if os.environ.get("VAULT_CACERT") else None
     try:
-        with urllib.request.urlopen(request, timeout=5) as answer:
+        with urllib.request.urlopen(request, timeout=5, context=context) as answer:
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as exc:
         return exc.code, None
@@ -45,7 +48,8 @@ report = {"DB_PASSWORD": os.environ.get("DB_PASSWORD"), "own": get(os.environ["O
           "other": get(os.environ["OTHER"])[0], "token_prefix": os.environ.get("VAULT_TOKEN", "")[:4],
           "accessor": (get("auth/token/lookup-self")[1] or {}).get("data", {}).get("accessor"),
           "secret_files": secret_files(), "pid": os.getpid(), "signals": 0,
-          "token": os.environ.get("VAULT_TOKEN", "")}  # the tests look for it in the server's data dir
+          "token": os.environ.get("VAULT_TOKEN", ""),  # the tests look for it in the server's data dir
+          "vault_addr": os.environ.get("VAULT_ADDR", "")}
 
 
 class DbSecrets(config.Settings):

@@ -62,9 +62,10 @@ RECONCILE_EVERY = 10.0  # a full pass heals anything a missed event left behind
 STATUS_TICK = 0.25  # how often a runner re-reads its supervisor when nothing wakes it
 MIN_CHECK_INTERVAL = 1.0  # the health checker never probes more often than this
 DEFAULT_MHZ_PER_CORE = 2000
-# What the instance_env hook gives that is not secret (where the engine is, which token, the secret files' folder):
-# kept in the instance's recorded spec. Everything else it gives (tokens, secret values) is secret env: memory only.
-PUBLIC_DELIVERED_ENV = frozenset({"VAULT_ADDR", "VAULT_TOKEN_ACCESSOR", "SECRETS_DIR"})
+# What the instance_env hook gives that is not secret (where the engine is and its CA, which token, the secret
+# files' folder): kept in the instance's recorded spec. Everything else it gives (tokens, secret values) is secret
+# env: memory only.
+PUBLIC_DELIVERED_ENV = frozenset({"VAULT_ADDR", "VAULT_CACERT", "VAULT_TOKEN_ACCESSOR", "SECRETS_DIR"})
 
 
 # ---- the machine ----------------------------------------------------------------------------------

@@ -105,6 +105,9 @@ class AgentSecrets:
         accessor = str(answer.get("Accessor", ""))
         env = {"VAULT_ADDR": str(answer.get("VaultAddr", "")), "VAULT_TOKEN": str(answer.get("Token", "")),
                "VAULT_TOKEN_ACCESSOR": accessor, **_strings(answer.get("Env"))}
+        ca_file = self.agent.platform_env.get("SHIPYARD_CACERT", "")
+        if env["VAULT_ADDR"].startswith("https://") and ca_file:
+            env["VAULT_CACERT"] = ca_file  # the engine speaks TLS with the control API's certificate: the same CA
         files = _strings(answer.get("Files"))
         if files:
             try:
