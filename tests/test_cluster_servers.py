@@ -410,11 +410,36 @@ def test_a_server_cut_off_has_its_instances_replaced_and_stops_them_when_back(cl
                  lambda: hosts(leader, "moved") - {cut.address} != set(), timeout=45)
         print(f"\ninstance of a cut-off server replaced after {time.monotonic() - cut_at:.2f}s "
               f"(lease {TTL}s, --node-lost-after {LOST_AFTER}s)")
+        # From now on (its lease long expired, its node critical) the superseded instance must never pass: when its
+        # server resumes, it stops that instance before it marks its node passing again.
+        passing_on: set[str] = set()
+        watching = threading.Event()
+        watcher = threading.Thread(target=watch_passing_nodes, args=(leader, "moved", passing_on, watching))
+        watcher.start()
     finally:
         os.killpg(cut.proc.pid, signal.SIGCONT)
-    wait_for("the superseded instance stopped once its server is back", lambda: not any(alive(p) for p in shims))
-    wait_for("one instance, not on the server that was cut off",
-             lambda: running(leader, "moved") == 1 and cut.address not in hosts(leader, "moved"))
+    try:
+        wait_for("the superseded instance stopped once its server is back", lambda: not any(alive(p) for p in shims))
+        wait_for("one instance, not on the server that was cut off",
+                 lambda: running(leader, "moved") == 1 and cut.address not in hosts(leader, "moved"))
+        node_health = leader.url + f"/v1/health/node/{cut.name}"
+        wait_for("the resumed server's node passing again", lambda: all(
+            c["Status"] == "passing" for c in requests.get(node_health, timeout=5).json()))
+    finally:
+        watching.set()
+        watcher.join(10)
+    assert cut.name not in passing_on, "the superseded instance was counted passing after its server resumed"
+
+
+def watch_passing_nodes(server: ClusterServer, service: str, seen: set[str], stop: threading.Event) -> None:
+    """Adds the node of every instance of `service` that ?passing names, until `stop`."""
+    while not stop.is_set():
+        try:
+            entries = requests.get(server.url + f"/v1/health/service/{service}?passing", timeout=2).json()
+        except (requests.RequestException, ValueError):
+            continue
+        seen.update(e["Node"]["Node"] for e in entries)
+        stop.wait(0.05)
 
 
 def instance_pids(server: ClusterServer) -> list[int]:

@@ -48,8 +48,9 @@ MemberSource = Callable[[], Awaitable[list[NodeMember]]]
 
 def server_members(cluster: ServerCluster) -> MemberSource:
     async def members() -> list[NodeMember]:
-        return [NodeMember(m.server.name, m.status, SERVERS + m.server.id, "server", lease_ttl=cluster.ttl)
-                for m in await cluster.members()]
+        # A server back marks its node passing itself, once its agent has stopped what was replaced meanwhile.
+        return [NodeMember(m.server.name, m.status, SERVERS + m.server.id, "server", rejoins_itself=True,
+                           lease_ttl=cluster.ttl) for m in await cluster.members()]
     return members
 
 

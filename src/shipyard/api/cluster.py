@@ -71,6 +71,10 @@ def attach_cluster(platform: Platform) -> None:
         await stop_leader_duties(platform)
 
     async def rejoined() -> None:
+        # As an agent back from a cut: first stop what was replaced meanwhile (its node's serfHealth is still
+        # critical, so no probe of a superseded instance is written passing), then say it is live and placeable.
+        if platform.agent is not None:
+            await platform.agent.settle()
         await platform.catalog.start()  # its node and a passing serfHealth again
         if platform.agent is not None:
             await platform.agent.write_node()  # placeable again

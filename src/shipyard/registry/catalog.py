@@ -619,10 +619,15 @@ class Catalog:
         ]
         return ops + [Put(service_index_key(n), b"{}") for n in sorted(self._names_on_node(snap, node))]
 
-    async def update_check_status(self, node: str, check_id: str, status: str, output: str) -> bool:
+    async def update_check_status(self, node: str, check_id: str, status: str, output: str, *,
+                                  while_node_live: bool = False) -> bool:
         """Sets a check's Status and Output; writes only when either changes. True when it wrote.
 
-        Guarded by the record's mod revision, so a check deregistered meanwhile is never recreated."""
+        Guarded by the record's mod revision, so a check deregistered meanwhile is never recreated. With
+        `while_node_live` (a probe's result), a status other than critical is written only while the node's
+        serfHealth is not critical, guarded on that record too: a node that was cut off or paused, whose instances
+        were replaced meanwhile, cannot show a superseded instance passing before its agent has stopped it (the
+        agent marks its node passing again only once it has)."""
         key = check_key(node, check_id)
         for _ in range(MAX_CAS_RETRIES):
             kv = await self.store.get(key)
@@ -634,13 +639,31 @@ class Catalog:
             data = entry.data
             if data.get("Status") == status and data.get("Output", "") == output:
                 return False
+            guard = [Compare(key, "mod", "=", kv.mod_revision)]
+            if while_node_live and status != CRITICAL:
+                live = await self._node_live_guard(node)
+                if live is None:
+                    return False
+                guard.append(live)
             updated = dict(data, Status=status, Output=output)
             ops: list[Put | Delete] = [Put(key, _dumps(updated))]
             ops += [Put(service_index_key(n), b"{}") for n in sorted(await self._names_for_status(node, data))]
-            result = await self.store.txn([Compare(key, "mod", "=", kv.mod_revision)], ops)
+            result = await self.store.txn(guard, ops)
             if result.succeeded:
                 return True
         return False
+
+    async def _node_live_guard(self, node: str) -> Compare | None:
+        """None while the node's serfHealth is critical; else a compare that it is still as read (absent: a node
+        registered without one, as through the catalog API, is never held back)."""
+        key = check_key(node, SERF_CHECK_ID)
+        serf = await self.store.get(key)
+        if serf is None:
+            return Compare(key, "version", "=", 0)
+        entry = _entry(serf)
+        if entry is not None and entry.data.get("Status") == CRITICAL:
+            return None
+        return Compare(key, "mod", "=", serf.mod_revision)
 
     # ---- maintenance ------------------------------------------------------------------------
 

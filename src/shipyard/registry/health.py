@@ -232,8 +232,11 @@ class HealthChecker:
             return  # replaced or removed while probing
         if status == runner.status and output == runner.output:
             return
-        await self.catalog.update_check_status(self.node.name, runner.check_id, status, output)
-        runner.observe(status, output)
+        # Observed only once written: a result held back while the node is not live (catalog.update_check_status)
+        # must be written on a later probe, and the watch brings the record's own status meanwhile.
+        if await self.catalog.update_check_status(self.node.name, runner.check_id, status, output,
+                                                  while_node_live=True):
+            runner.observe(status, output)
 
     async def _probe(self, runner: CheckRunner) -> tuple[str, str]:
         if runner.kind == "http":
