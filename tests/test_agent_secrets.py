@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 import requests
 from hvac import exceptions as hvac_errors
 
+from shipyard.api.vault.delivery import files_root_for
 from support import free_port, wait_for
 from vault_support import VaultServer, init_and_unseal
 
@@ -82,16 +84,21 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         assert call(server.url, "POST", "/api/v1/nodes/srv/eligibility", json={"eligible": False}).status_code == 200
         yield Setup(server, token, log_path, base / "agent", base)
     finally:
-        if agent is not None and agent.poll() is None:
-            os.killpg(agent.pid, signal.SIGTERM)
-            agent.wait(15)
-        server.stop()
-        for state in (base / "agent" / "agent" / "instances").glob("*/state.json"):
-            pid = int(json.loads(state.read_text())["shim_pid"])  # instances outlive their agent by design
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        stop_all(agent, server, base / "agent")
+
+
+def stop_all(agent: subprocess.Popen[bytes] | None, server: VaultServer, agent_dir: Path) -> None:
+    """The agent, the server, the instances (they outlive their agent by design) and the agent's tmpfs folder."""
+    if agent is not None and agent.poll() is None:
+        os.killpg(agent.pid, signal.SIGTERM)
+        agent.wait(15)
+    server.stop()
+    for state in (agent_dir / "agent" / "instances").glob("*/state.json"):
+        try:
+            os.kill(int(json.loads(state.read_text())["shim_pid"]), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(files_root_for(str(agent_dir)), ignore_errors=True)
 
 
 def deploy(setup: Setup, name: str, out: Path, change_mode: str) -> None:
@@ -257,15 +264,7 @@ def sealed_cluster(tmp_path: Path) -> Iterator[tuple[VaultServer, list[str], str
                     json={"eligible": False}).status_code == 200
         yield server, keys, root
     finally:
-        if agent is not None and agent.poll() is None:
-            os.killpg(agent.pid, signal.SIGTERM)
-            agent.wait(15)
-        server.stop()
-        for state in (tmp_path / "agent" / "agent" / "instances").glob("*/state.json"):
-            try:
-                os.kill(int(json.loads(state.read_text())["shim_pid"]), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        stop_all(agent, server, tmp_path / "agent")
 
 
 def test_without_acls_a_start_on_an_agent_waits_while_the_engine_is_sealed(
@@ -329,15 +328,7 @@ def test_over_https_the_agent_gets_the_secrets_and_its_instance_the_engines_ca(t
         assert report["vault_addr"] == f"https://127.0.0.1:{server.vault_port}"
         assert holding(tmp_path / "agent", [PASSWORD, report["token"]]) == []
     finally:
-        if agent is not None and agent.poll() is None:
-            os.killpg(agent.pid, signal.SIGTERM)
-            agent.wait(15)
-        server.stop()
-        for state in (tmp_path / "agent" / "agent" / "instances").glob("*/state.json"):
-            try:
-                os.kill(int(json.loads(state.read_text())["shim_pid"]), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        stop_all(agent, server, tmp_path / "agent")
 
 
 def hvac_client(server: VaultServer, ca: Path) -> Any:
