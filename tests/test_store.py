@@ -373,6 +373,22 @@ async def test_txn_responses(store: Store) -> None:
     assert await store.get("b") == KeyValue("b", b"bee2", base + 3, base + 4, 2)
 
 
+async def test_a_put_answers_the_version_it_replaced_also_when_a_compare_pins_it(store: Store) -> None:
+    # etcd: a compare naming the version replaced lets the store answer from what it saw, without etcd's prev_kv
+    lease = await store.grant_lease(30)
+    await store.put("p", b"one", lease=lease.id)
+    before = await store.get("p")
+    assert before is not None
+    pinned = await store.txn([Compare("p", "mod", "=", before.mod_revision)], [Put("p", b"two")])
+    assert pinned.responses == [before]  # its value, revisions, version and lease
+    after = await store.get("p")
+    again = await store.txn([Compare("p", "mod", "=", after.mod_revision)] if after else [], [Put("p", b"three")])
+    assert again.responses == [after]
+    assert (await store.txn([Compare("q", "version", "=", 0)], [Put("q", b"new")])).responses == [None]
+    assert (await store.txn([Compare("p", "version", "=", 0)], [Put("p", b"x")], [Get("p")])).succeeded is False
+    await store.revoke_lease(lease.id)
+
+
 async def test_read_only_txn_takes_no_revision(store: Store) -> None:
     rev = await store.put("a", b"1")
     result = await store.txn([Compare("a", "version", "=", 1)], [Get("a")], [])
