@@ -92,6 +92,14 @@ async def test_a_batch_etcd_refuses_as_a_whole_is_sent_member_by_member(tmp_path
         outcomes = await asyncio.gather(*txns, return_exceptions=True)
         assert isinstance(outcomes.pop(), LeaseNotFound)  # the member whose lease is gone, and only it
         assert all(isinstance(o, TxnResult) and o.succeeded for o in outcomes)
+        bare = await EtcdStore.open(small.url, namespace="")  # where a key may be empty, which etcd refuses
+        try:
+            puts = await asyncio.gather(bare.put("", b"x"), *(bare.put(f"ok{i}", b"v") for i in range(5)),
+                                        return_exceptions=True)
+        finally:
+            await bare.close()
+        assert isinstance(puts[0], StoreError) and "key is not provided" in str(puts[0])
+        assert all(isinstance(revision, int) for revision in puts[1:])
     finally:
         await store.close()
         small.stop()

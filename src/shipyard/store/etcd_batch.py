@@ -23,7 +23,7 @@ _OP_OVERHEAD = 96  # JSON field names and framing of one op or compare, in bytes
 # etcd refusals that are certain to have applied nothing, decided for the batch as a whole: its members are then sent
 # one by one, and each gets its own answer (a lease not found is checked before a txn applies anything).
 _REFUSED_WHOLE = ("duplicate key given in txn request", "too many operations in txn request",
-                  "request is too large", "larger than max")
+                  "request is too large", "larger than max", "key is not provided")
 _FIELDS = {"VERSION": "version", "CREATE": "create_revision", "MOD": "mod_revision", "LEASE": "lease"}
 
 
@@ -153,10 +153,14 @@ class GroupCommit:
         try:
             while self._queue:
                 batch = self._take()
-                if len(batch) == 1:
-                    await self._alone(batch[0])
-                elif batch:
-                    await self._commit(batch)
+                try:
+                    if len(batch) == 1:
+                        await self._alone(batch[0])
+                    elif batch:
+                        await self._commit(batch)
+                except Exception as exc:  # whatever went wrong reaches every caller: none is left waiting
+                    for member in batch:
+                        member.settle(exc)
         except asyncio.CancelledError:
             for member in batch:
                 member.settle(_closed())
