@@ -12,6 +12,7 @@ import pytest
 
 from shipyard.store import Compare, Get, LeaseNotFound, Put, StoreError, TxnResult
 from shipyard.store.etcd import EtcdStore
+from shipyard.store.etcd_batch import holds
 from support import EtcdProcess, free_port
 
 
@@ -171,3 +172,19 @@ async def test_an_unknown_outcome_reaches_every_member_and_nothing_is_sent_twice
         await store.close()
         await direct.close()
         dropper.close()
+
+
+@pytest.mark.parametrize("target", ["version", "create", "mod", "value", "lease"])
+@pytest.mark.parametrize("op", ["=", "!=", "<", ">"])
+async def test_the_batch_tells_whose_compare_failed_as_etcd_does(store: EtcdStore, target: str, op: str) -> None:
+    # A batch whose compares failed is split by this reading of etcd's rules; etcd is the reference.
+    await store.put("there", b"m")
+    kv = await store.get("there")
+    assert kv is not None
+    for key in ("there", "absent"):
+        for wanted in ((b"a", b"m", b"z") if target == "value" else (0, kv.mod_revision, kv.mod_revision + 1)):
+            cmp = Compare(key, target, op, wanted)  # type: ignore[arg-type]
+            encoded = store._compare(cmp)
+            found = (await store._send_txn({"success": [{"request_range": {"key": encoded["key"]}}]}))
+            raw = (found["responses"][0].get("response_range", {}).get("kvs") or [None])[0]
+            assert holds(encoded, raw) == (await store.txn([cmp], [])).succeeded, (key, target, op, wanted)
