@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -24,7 +25,7 @@ import requests
 from hvac import exceptions as hvac_errors
 
 from shipyard.api.vault.delivery import files_root_for
-from support import free_port, wait_for
+from support import EtcdProcess, free_port, need_peer, wait_for
 from vault_support import VaultServer, init_and_unseal
 
 MANAGEMENT = str(uuid.uuid4())
@@ -335,3 +336,56 @@ def hvac_client(server: VaultServer, ca: Path) -> Any:
     import hvac
 
     return hvac.Client(url=f"https://127.0.0.1:{server.vault_port}", token=ROOT, verify=str(ca))
+
+
+def test_in_a_cluster_an_agent_passes_over_a_sealed_server_for_an_unsealed_one(tmp_path: Path) -> None:
+    """Two servers on etcd share the engine, each unsealed on its own: the agent's first --server is sealed, so its
+    instance's start is answered by the next one at once, rather than waiting for an unseal there."""
+    need_peer("rabbitmq", rabbit_up(), "nothing listens on 127.0.0.1:5672 (rabbitmq-server -detached)")
+    etcd = EtcdProcess(tmp_path / "etcd").start()
+    store = f"etcd://127.0.0.1:{etcd.client_port}/agent-secrets"
+    a, b = (VaultServer(tmp_path / name, "--store", store, "--bus", "amqp://guest:guest@127.0.0.1:5672/",
+                        "--leader-ttl", "2", "--node", name) for name in ("a", "b"))
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        a.start()
+        b.start()
+        init = a.client().sys.initialize(secret_shares=1, secret_threshold=1)
+        a.client().sys.submit_unseal_keys(init["keys"])
+        assert b.client().sys.is_sealed()
+        admin = a.client(init["root_token"])
+        admin.sys.enable_secrets_engine("kv", path="secret", options={"version": "2"})
+        admin.secrets.kv.v2.create_or_update_secret("mediahub/db", secret={"password": PASSWORD})
+        admin.sys.create_or_update_policy("mediahub-db", 'path "secret/data/mediahub/*" { capabilities = ["read"] }')
+        with open(tmp_path / "agent.log", "ab") as log:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "shipyard.cli.main", "agent", "--server", b.addr, "--server", a.addr,
+                 "--node", "edge", "--port", str(free_port()), "--dns-port", "0", "--http-port", "0",
+                 "--data-dir", str(tmp_path / "agent"), "--drain-delay", "0.2"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for("the agent's node", lambda: any(
+            n["Node"] == "edge" for n in call(a.url, "GET", "/v1/catalog/nodes", token="").json()), timeout=30)
+        for name in ("a", "b"):
+            assert call(a.url, "POST", f"/api/v1/nodes/{name}/eligibility", token="",
+                        json={"eligible": False}).status_code == 200
+        out = tmp_path / "report.json"
+        spec = {"name": "mediahub", "args": [sys.executable, str(APP)], "instances": 1, "stop_grace": "1s",
+                "resources": {"cpu": 10, "memory": 128},
+                "env": {"OUT": str(out), "OWN": "secret/data/mediahub/db", "OTHER": "secret/data/billing/db"},
+                "secrets": {"DB_PASSWORD": "secret/data/mediahub/db#password"}, "vault": {"policies": ["mediahub-db"]}}
+        assert call(a.url, "POST", "/api/v1/jobs", token="", json=spec).status_code in (200, 201)
+        report = report_of(out)
+        assert report["DB_PASSWORD"] == PASSWORD and report["own"] == 200
+        assert report["vault_addr"] == a.vault_url  # the engine of the server that answered
+    finally:
+        b.stop()
+        stop_all(agent, a, tmp_path / "agent")
+        etcd.stop()
+
+
+def rabbit_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+            return True
+    except OSError:
+        return False

@@ -86,9 +86,22 @@ class AgentSecrets:
             self.store, CHANGES, lambda _: self.check(), self._resync, name="secrets engine changes")))
         self.tasks.append(loop.create_task(self._sweep_forever(), name="secret files sweep"))
 
+    async def _call(self, body: dict[str, str]) -> Any:
+        """The route on the current server (the store's failover, token and TLS); a server whose engine is sealed
+        refused before minting anything, so the next --server is asked at once (each is unsealed on its own), and
+        the agent's store moves on to it."""
+        for attempt in range(len(self.store.base_urls)):
+            try:
+                return await self.store._call("POST", self._path(), json_body=body)
+            except StoreError as exc:
+                if exc.status != 503 or "sealed" not in exc.message or attempt == len(self.store.base_urls) - 1:
+                    raise
+                self.store.next_server()
+        raise AssertionError("unreachable")
+
     async def _ask(self, spec: TaskSpec, body: dict[str, str]) -> dict[str, Any]:
         try:
-            answer = await self.store._call("POST", self._path(), json_body=body)  # its failover, token and TLS
+            answer = await self._call(body)
         except StoreError as exc:
             if exc.status in (502, 503, 504):  # sealed, or no server now: the start waits and is tried again
                 asyncio.get_running_loop().call_later(RETRY_SOON, self.agent.reconcile_soon)
