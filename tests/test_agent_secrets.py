@@ -241,43 +241,69 @@ def test_a_signal_job_on_an_agent_gets_its_files_rewritten_then_its_signal(setup
     assert call(setup.server.url, "DELETE", "/api/v1/jobs/sighub").status_code == 200
 
 
-@pytest.fixture
-def sealed_cluster(tmp_path: Path) -> Iterator[tuple[VaultServer, list[str], str]]:
-    """A server without ACLs whose engine is initialised (not dev: it can be sealed), and an agent of node edge."""
-    server = VaultServer(tmp_path / "server", "--node", "srv")
-    agent: subprocess.Popen[bytes] | None = None
-    try:
-        server.start()
-        root, keys = init_and_unseal(server)
-        admin = server.client(root)
+class LoneCluster:
+    """A server without ACLs whose engine is initialised (not dev: it can be sealed), and an agent of node edge that
+    can be stopped and started again on its data dir."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.server = VaultServer(base / "server", "--node", "srv")
+        self.agent: subprocess.Popen[bytes] | None = None
+        self.agent_port = free_port()
+        self.root = ""
+        self.keys: list[str] = []
+
+    def start(self) -> None:
+        self.server.start()
+        self.root, self.keys = init_and_unseal(self.server)
+        admin = self.server.client(self.root)
         admin.sys.enable_secrets_engine("kv", path="secret", options={"version": "2"})
         admin.secrets.kv.v2.create_or_update_secret("mediahub/db", secret={"password": PASSWORD})
         admin.sys.create_or_update_policy("mediahub-db", 'path "secret/data/mediahub/*" { capabilities = ["read"] }')
-        with open(tmp_path / "agent.log", "ab") as log:
-            agent = subprocess.Popen(
-                [sys.executable, "-m", "shipyard.cli.main", "agent", "--server", server.addr, "--node", "edge",
-                 "--port", str(free_port()), "--dns-port", "0", "--http-port", "0",
-                 "--data-dir", str(tmp_path / "agent"), "--drain-delay", "0.2"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for("the agent's node", lambda: any(
-            n["Node"] == "edge" for n in call(server.url, "GET", "/v1/catalog/nodes", token="").json()), timeout=30)
-        assert call(server.url, "POST", "/api/v1/nodes/srv/eligibility", token="",
+        self.start_agent()
+        assert call(self.server.url, "POST", "/api/v1/nodes/srv/eligibility", token="",
                     json={"eligible": False}).status_code == 200
-        yield server, keys, root
+
+    def start_agent(self) -> None:
+        with open(self.base / "agent.log", "ab") as log:
+            self.agent = subprocess.Popen(
+                [sys.executable, "-m", "shipyard.cli.main", "agent", "--server", self.server.addr, "--node", "edge",
+                 "--port", str(self.agent_port), "--dns-port", "0", "--http-port", "0",
+                 "--data-dir", str(self.base / "agent"), "--drain-delay", "0.2"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for("the agent live", lambda: any(m["Name"] == "edge" and m["Status"] == 1 for m in call(
+            self.server.url, "GET", "/v1/agent/members", token="").json()), timeout=30)
+
+    def stop_agent(self) -> None:
+        assert self.agent is not None
+        os.killpg(self.agent.pid, signal.SIGTERM)
+        self.agent.wait(15)
+
+    def deploy(self, out: Path) -> None:
+        spec = {"name": "mediahub", "args": [sys.executable, str(APP)], "instances": 1, "stop_grace": "1s",
+                "resources": {"cpu": 10, "memory": 128},
+                "env": {"OUT": str(out), "OWN": "secret/data/mediahub/db", "OTHER": "secret/data/billing/db"},
+                "secrets": {"DB_PASSWORD": "secret/data/mediahub/db#password"},
+                "vault": {"policies": ["mediahub-db"], "files": {"db.password": "secret/data/mediahub/db#password"}}}
+        assert call(self.server.url, "POST", "/api/v1/jobs", token="", json=spec).status_code in (200, 201)
+
+
+@pytest.fixture
+def lone(tmp_path: Path) -> Iterator[LoneCluster]:
+    cluster = LoneCluster(tmp_path)
+    try:
+        cluster.start()
+        yield cluster
     finally:
-        stop_all(agent, server, tmp_path / "agent")
+        stop_all(cluster.agent, cluster.server, tmp_path / "agent")
 
 
-def test_without_acls_a_start_on_an_agent_waits_while_the_engine_is_sealed(
-        sealed_cluster: tuple[VaultServer, list[str], str], tmp_path: Path) -> None:
-    server, keys, root = sealed_cluster
-    server.client(root).sys.seal()
+def test_without_acls_a_start_on_an_agent_waits_while_the_engine_is_sealed(lone: LoneCluster, tmp_path: Path,
+                                                                           ) -> None:
+    server = lone.server
+    server.client(lone.root).sys.seal()
     out = tmp_path / "report.json"
-    spec = {"name": "mediahub", "args": [sys.executable, str(APP)], "instances": 1, "stop_grace": "1s",
-            "resources": {"cpu": 10, "memory": 128},
-            "env": {"OUT": str(out), "OWN": "secret/data/mediahub/db", "OTHER": "secret/data/billing/db"},
-            "secrets": {"DB_PASSWORD": "secret/data/mediahub/db#password"}, "vault": {"policies": ["mediahub-db"]}}
-    assert call(server.url, "POST", "/api/v1/jobs", token="", json=spec).status_code in (200, 201)
+    lone.deploy(out)
 
     def waiting() -> str:
         listed = call(server.url, "GET", "/api/v1/allocs?job=mediahub", token="").json()["allocations"]
@@ -286,9 +312,49 @@ def test_without_acls_a_start_on_an_agent_waits_while_the_engine_is_sealed(
 
     assert "sealed" in wait_for("the start waiting for an unseal", waiting, timeout=30)
     assert not out.exists()
-    server.client().sys.submit_unseal_keys(keys[:2])
+    server.client().sys.submit_unseal_keys(lone.keys[:2])
     report = report_of(out)  # retried by the agent once a server answers unsealed
     assert report["DB_PASSWORD"] == PASSWORD and report["own"] == 200
+    # Without ACLs the route still answers only for an allocation placed on the node asked for.
+    [alloc] = [a for a in call(server.url, "GET", "/api/v1/allocs?job=mediahub", token="").json()["allocations"]
+               if a["desired"] == "run"]
+    for node, alloc_id in (("srv", alloc["id"]), ("edge", str(uuid.uuid4()))):
+        refused = call(server.url, "POST", f"/api/v1/nodes/{node}/secrets", token="", json={"Alloc": alloc_id})
+        assert refused.status_code == 403, refused.text
+
+
+def test_crash_restarts_keep_the_token_and_an_adopted_instance_gets_a_new_one_at_its_next_start(
+        lone: LoneCluster, tmp_path: Path) -> None:
+    """A crash restart by the agent reuses what it holds; after an agent restart the instance runs on (adopted),
+    and its next start fetches its secrets again under a new token; the old token is revoked (its allocation is
+    still placed there, so only once it goes), and no value is ever in the agent's data dir."""
+    out = tmp_path / "report.json"
+    lone.deploy(out)
+    first = report_of(out)
+    os.kill(first["pid"], signal.SIGKILL)
+    second = report_of(out, until=lambda r: r["pid"] != first["pid"])
+    assert second["DB_PASSWORD"] == PASSWORD and second["token"] == first["token"]
+    assert second["secret_files"]["files"] == {"db.password": PASSWORD}
+    lone.stop_agent()
+    lone.start_agent()  # the instance runs on under its shim; the new agent adopts it
+    wait_for("the instance adopted", lambda: "adopted instance" in (tmp_path / "agent.log").read_text(), timeout=30)
+    assert json.loads(out.read_text())["pid"] == second["pid"]
+    os.kill(second["pid"], signal.SIGKILL)
+    third = report_of(out, until=lambda r: r["pid"] != second["pid"])
+    assert third["DB_PASSWORD"] == PASSWORD and third["own"] == 200 and third["token"] != second["token"]
+    assert third["secret_files"]["files"] == {"db.password": PASSWORD}
+    assert holding(tmp_path / "agent", [PASSWORD, first["token"], third["token"]]) == []
+    assert call(lone.server.url, "POST", "/api/v1/jobs/mediahub/stop", token="", json={}).status_code == 200
+    admin = lone.server.client(lone.root)
+
+    def revoked(accessor: str) -> bool:
+        try:
+            admin.auth.token.lookup_accessor(accessor)
+        except hvac_errors.InvalidRequest:
+            return True
+        return False
+
+    wait_for("both tokens revoked", lambda: revoked(first["accessor"]) and revoked(third["accessor"]), timeout=60)
 
 
 def test_over_https_the_agent_gets_the_secrets_and_its_instance_the_engines_ca(tmp_path: Path) -> None:
