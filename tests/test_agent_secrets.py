@@ -82,10 +82,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         wait_for("the agent's node", lambda: any(
             n["Node"] == "edge" for n in call(server.url, "GET", "/v1/catalog/nodes").json()), timeout=30)
         # Everything goes to the agent's node.
-        assert call(server.url, "POST", "/api/v1/nodes/srv/eligibility", json={"eligible": False}).status_code == 200
+        make_ineligible(server.url, "srv", MANAGEMENT)
         yield Setup(server, token, log_path, base / "agent", base)
     finally:
         stop_all(agent, server, base / "agent")
+
+
+def make_ineligible(url: str, node: str, token: str = "") -> None:
+    """Nothing is placed on `node` (a server's): everything goes to the agent's (once the node is known)."""
+    wait_for(f"node {node} ineligible", lambda: call(url, "POST", f"/api/v1/nodes/{node}/eligibility", token=token,
+                                                      json={"eligible": False}).status_code == 200, timeout=30)
 
 
 def stop_all(agent: subprocess.Popen[bytes] | None, server: VaultServer, agent_dir: Path) -> None:
@@ -261,8 +267,7 @@ class LoneCluster:
         admin.secrets.kv.v2.create_or_update_secret("mediahub/db", secret={"password": PASSWORD})
         admin.sys.create_or_update_policy("mediahub-db", 'path "secret/data/mediahub/*" { capabilities = ["read"] }')
         self.start_agent()
-        assert call(self.server.url, "POST", "/api/v1/nodes/srv/eligibility", token="",
-                    json={"eligible": False}).status_code == 200
+        make_ineligible(self.server.url, "srv")
 
     def start_agent(self) -> None:
         with open(self.base / "agent.log", "ab") as log:
@@ -381,8 +386,7 @@ def test_over_https_the_agent_gets_the_secrets_and_its_instance_the_engines_ca(t
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for("the agent's node", lambda: any(
             n["Node"] == "edge" for n in call(server.url, "GET", "/v1/catalog/nodes", token="").json()), timeout=30)
-        assert call(server.url, "POST", "/api/v1/nodes/srv/eligibility", token="",
-                    json={"eligible": False}).status_code == 200
+        make_ineligible(server.url, "srv")
         out = tmp_path / "report.json"
         spec = {"name": "mediahub", "args": [sys.executable, str(APP)], "instances": 1, "stop_grace": "1s",
                 "resources": {"cpu": 10, "memory": 128},
@@ -432,8 +436,7 @@ def test_in_a_cluster_an_agent_passes_over_a_sealed_server_for_an_unsealed_one(t
         wait_for("the agent's node", lambda: any(
             n["Node"] == "edge" for n in call(a.url, "GET", "/v1/catalog/nodes", token="").json()), timeout=30)
         for name in ("a", "b"):
-            assert call(a.url, "POST", f"/api/v1/nodes/{name}/eligibility", token="",
-                        json={"eligible": False}).status_code == 200
+            make_ineligible(a.url, name)
         out = tmp_path / "report.json"
         spec = {"name": "mediahub", "args": [sys.executable, str(APP)], "instances": 1, "stop_grace": "1s",
                 "resources": {"cpu": 10, "memory": 128},
