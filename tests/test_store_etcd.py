@@ -65,3 +65,15 @@ async def test_a_late_put_from_the_follow_stream_does_not_erase_a_newer_tombston
     assert again is not None
     store._note_change(Event(EventType.PUT, again))  # a newer put does end the tombstone
     assert (await store.range("tree/", prefix=True)).index == again.mod_revision
+
+
+async def test_a_watch_without_previous_versions_gets_the_changes_alone(store: EtcdStore) -> None:
+    # prev_kv=False (the session manager's watch on kv/): etcd neither reads nor sends the version replaced
+    await store.put("w", b"1")
+    watcher = store.watch("w", from_revision=store.revision + 1, prev_kv=False)
+    try:
+        await store.put("w", b"2")
+        batch = await asyncio.wait_for(watcher.__anext__(), 5)
+        assert [(event.kv.value, event.prev_kv) for event in batch] == [(b"2", None)]
+    finally:
+        watcher.cancel()

@@ -487,8 +487,10 @@ class SessionManager:
         return self.store.revision
 
     async def _follow(self, prefix: str, on_batch: Any, resync: Any, revision: int) -> None:
-        """Feeds every change under prefix to on_batch; after a gap (compaction, overflow, error) resyncs."""
-        await follow_prefix(self.store, prefix, on_batch, resync, from_revision=revision, name=f"sessions {prefix}")
+        """Feeds every change under prefix to on_batch; after a gap (compaction, overflow, error) resyncs. None of
+        them looks at previous versions: on etcd, kv/ without them saves etcd a read per Consul KV write."""
+        await follow_prefix(self.store, prefix, on_batch, resync, from_revision=revision, name=f"sessions {prefix}",
+                            prev_kv=False)
 
 
 def _check_status(kv: KeyValue) -> str:

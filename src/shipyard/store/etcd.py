@@ -421,8 +421,8 @@ class EtcdStore:
                 responses.append([self._kv(kv) for kv in raw.get("response_range", {}).get("kvs", [])])
         return TxnResult(succeeded, revision, responses)
 
-    def watch(self, key: str, *, prefix: bool = False, from_revision: int = 0) -> EtcdWatcher:
-        return EtcdWatcher(self, key, prefix, from_revision)
+    def watch(self, key: str, *, prefix: bool = False, from_revision: int = 0, prev_kv: bool = True) -> EtcdWatcher:
+        return EtcdWatcher(self, key, prefix, from_revision, prev_kv=prev_kv)
 
     async def _follow(self, ready: asyncio.Event) -> None:
         """Keeps the revision current and remembers deletions (see the class docstring)."""

@@ -24,14 +24,15 @@ Resync = Callable[[], Awaitable[int]]
 
 
 async def follow_prefix(store: Store, prefix: str, on_events: OnEvents, resync: Resync, *,
-                        from_revision: int | None = None, name: str = "",
+                        from_revision: int | None = None, name: str = "", prev_kv: bool = True,
                         initial_delay: float = INITIAL_DELAY, max_delay: float = MAX_DELAY) -> None:
     """Feeds every batch of changes under `prefix` after `from_revision` to on_events (sync or async), forever.
 
     resync() re-reads whatever the caller derives from the prefix and returns the store revision it read at; it is
     called first when from_revision is None, and again after any gap (compaction, an overflowed watcher, a broken
     stream, an error in on_events). Every step, the resync included, runs inside the retry loop: a store error
-    anywhere is logged and retried with exponential backoff, never raised."""
+    anywhere is logged and retried with exponential backoff, never raised. prev_kv=False: on_events never looks at
+    Event.prev_kv (see Store.watch)."""
     what = name or prefix
     revision = from_revision
     delay = initial_delay
@@ -40,7 +41,7 @@ async def follow_prefix(store: Store, prefix: str, on_events: OnEvents, resync: 
         try:
             if revision is None:
                 revision = await resync()
-            watcher = store.watch(prefix, prefix=True, from_revision=revision + 1)
+            watcher = store.watch(prefix, prefix=True, from_revision=revision + 1, prev_kv=prev_kv)
             async for batch in watcher:
                 outcome = on_events(batch)
                 if inspect.isawaitable(outcome):

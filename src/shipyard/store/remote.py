@@ -287,7 +287,8 @@ class RemoteStore:
                 responses.append([_kv(k, ns) for k in raw])
         return TxnResult(data["succeeded"], self._seen(data["revision"]), responses)
 
-    def watch(self, key: str, *, prefix: bool = False, from_revision: int = 0) -> RemoteWatcher:
+    def watch(self, key: str, *, prefix: bool = False, from_revision: int = 0,
+              prev_kv: bool = True) -> RemoteWatcher:  # the server's store API always sends them
         return RemoteWatcher(self, key, prefix, from_revision)
 
     async def grant_lease(self, ttl: int) -> Lease:

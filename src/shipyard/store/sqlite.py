@@ -574,7 +574,8 @@ class SqliteStore:
 
     # ---- watches ------------------------------------------------------------------------------
 
-    def watch(self, key: str, *, prefix: bool = False, from_revision: int = 0) -> _SqliteWatcher:
+    def watch(self, key: str, *, prefix: bool = False, from_revision: int = 0,
+              prev_kv: bool = True) -> _SqliteWatcher:  # previous versions cost nothing here: always sent
         if self._closed:
             raise StoreError("store closed")
         if from_revision and from_revision <= self._compact_revision:
