@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from shipyard.store import Event, EventType
-from shipyard.store.etcd import EtcdStore, prefix_range_end
+from shipyard.store import Compacted, Event, EventType
+from shipyard.store.etcd import EtcdStore, FollowedWatcher, prefix_range_end
 from support import EtcdProcess
 
 
@@ -77,3 +78,64 @@ async def test_a_watch_without_previous_versions_gets_the_changes_alone(store: E
         assert [(event.kv.value, event.prev_kv) for event in batch] == [(b"2", None)]
     finally:
         watcher.cancel()
+
+
+async def test_a_watch_without_previous_versions_is_served_by_the_follow_stream(store: EtcdStore) -> None:
+    # One etcd watch per server: a prev_kv=False watch (the session manager's on kv/) is fed from it, and sees
+    # exactly what an etcd watch of its own sees.
+    start = store.revision + 1
+    followed = store.watch("kv/", prefix=True, from_revision=start, prev_kv=False)
+    own = store.watch("kv/", prefix=True, from_revision=start)
+    assert isinstance(followed, FollowedWatcher)
+    try:
+        await asyncio.gather(*(store.put(f"kv/{i}", b"%d" % i) for i in range(50)),
+                             *(store.put(f"other/{i}", b"x") for i in range(20)))
+        await store.delete("kv/", prefix=True)
+        final = store.revision
+
+        async def changes(watcher: Any) -> list[tuple[int, EventType, str, bytes]]:
+            seen: list[tuple[int, EventType, str, bytes]] = []
+            while not seen or seen[-1][0] < final:
+                batch = await asyncio.wait_for(watcher.__anext__(), 5)
+                assert len({event.revision for event in batch}) == 1
+                seen += [(event.revision, event.type, event.kv.key, event.kv.value) for event in batch]
+            return seen
+
+        expected = await changes(own)
+        assert len(expected) == 100  # 50 puts, 50 deletions, nothing from other/
+        assert await changes(followed) == expected
+    finally:
+        followed.cancel()
+        own.cancel()
+    with pytest.raises(StopAsyncIteration):
+        await followed.__anext__()
+
+
+async def test_a_watch_from_a_revision_the_stream_has_passed_asks_etcd(store: EtcdStore) -> None:
+    first = await store.put("old", b"1")
+    await store.put("old", b"2")
+    await asyncio.wait_for(_followed_up_to(store, store.revision), 5)
+    watcher = store.watch("old", from_revision=first, prev_kv=False)
+    try:
+        assert not isinstance(watcher, FollowedWatcher)
+        batch = await asyncio.wait_for(watcher.__anext__(), 5)
+        assert [event.kv.value for event in batch] == [b"1"]
+    finally:
+        watcher.cancel()
+
+
+async def test_a_gap_in_the_follow_stream_ends_the_watches_it_serves(store: EtcdStore) -> None:
+    watcher = store.watch("gap/", prefix=True, from_revision=store.revision + 1, prev_kv=False)
+    assert isinstance(watcher, FollowedWatcher)
+    await store.put("gap/a", b"1")
+    batch = await asyncio.wait_for(watcher.__anext__(), 5)
+    assert [event.kv.key for event in batch] == ["gap/a"]
+    store._lost_events(store.revision)  # what the stream does when compaction took revisions it had not seen
+    with pytest.raises(Compacted):  # follow_prefix then reads everything again
+        await asyncio.wait_for(watcher.__anext__(), 5)
+    watcher.cancel()
+
+
+async def _followed_up_to(store: EtcdStore, revision: int) -> None:
+    while store._followed < revision:
+        await asyncio.sleep(0.01)

@@ -7,9 +7,9 @@ this module never keeps state that etcd does not have, except the deletion memor
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
+from binascii import a2b_base64, b2a_base64
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +34,7 @@ from shipyard.store.base import (
     RangeResult,
     StoreError,
     TxnResult,
+    WatchOverflow,
     require_bytes,
 )
 from shipyard.store.etcd_batch import Answer, GroupCommit
@@ -54,10 +55,11 @@ _ABSENT_VERSION_OPS: dict[str, CompareOp] = {"=": "=", "!=": ">"}
 RECENT_MAX = 100_000  # keys remembered as write hints (recent())...
 RECENT_BYTES = 64 << 20  # ...and the bytes of their values at most
 RECENT_EVENTS = 10_000  # (revision, key) of the latest changes the follow stream saw, for wait_for_change()
+FOLLOWED_BACKLOG = 10_000  # revisions a watch served from the follow stream may lag before it must resync
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+    return b2a_base64(data, newline=False).decode()  # base64.b64encode's own work, without its Python layer
 
 
 def prefix_range_end(prefix: bytes) -> bytes:
@@ -157,6 +159,67 @@ class EtcdWatcher:
             self._response.close()
 
 
+class FollowedWatcher:
+    """A watch without previous versions served from the store's follow stream instead of an etcd watch of its own:
+    etcd sends each change once to this process, not once more per such watcher (the session manager follows kv/,
+    every Consul KV write). Made only from a revision the stream has not reached yet, so it misses nothing; a gap in
+    the stream (compaction) or a consumer too far behind ends it with the error that makes its follower resync."""
+
+    def __init__(self, store: EtcdStore, key: str, prefix: bool, from_revision: int) -> None:
+        self._store = store
+        self._key = key
+        self._prefix = prefix
+        self._from = from_revision
+        self._batches: deque[list[Event]] = deque()
+        self._error: StoreError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._cancelled = False
+
+    def __aiter__(self) -> FollowedWatcher:
+        return self
+
+    def offer(self, batch: list[Event]) -> None:
+        """One revision's changes as the follow stream saw them (the stream's order is etcd's)."""
+        key, prefix = self._key, self._prefix
+        mine = [e for e in batch if e.revision >= self._from
+                and (e.kv.key.startswith(key) if prefix else e.kv.key == key)]
+        if not mine or self._error is not None:
+            return
+        if len(self._batches) >= FOLLOWED_BACKLOG:
+            self.fail(WatchOverflow(f"watcher of {key!r} fell {FOLLOWED_BACKLOG} revisions behind"))
+            return
+        self._batches.append(mine)
+        self._wake()
+
+    def fail(self, error: StoreError) -> None:
+        """Ends the watch with `error` once what it already has is handed out."""
+        if self._error is None:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def __anext__(self) -> list[Event]:
+        while not self._batches:
+            if self._cancelled:
+                raise StopAsyncIteration
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._batches.popleft()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._store._followed_watchers.discard(self)
+        self._wake()
+
+
 class EtcdStore:
     """Store protocol on etcd. `url` is a client URL such as http://127.0.0.1:2379, or several members' URLs
     separated by commas: a member that cannot be reached is skipped for the next one (any member serves every
@@ -199,6 +262,7 @@ class EtcdStore:
         self._key_waiters: dict[str, list[tuple[int, asyncio.Future[bool]]]] = {}
         self._prefix_waiters: list[tuple[str, int, asyncio.Future[bool]]] = []
         self._follower: asyncio.Task[None] | None = None
+        self._followed_watchers: set[FollowedWatcher] = set()
 
     @classmethod
     async def open(cls, url: str, *, namespace: str = "shipyard/") -> EtcdStore:
@@ -268,10 +332,10 @@ class EtcdStore:
         return request
 
     def _kv(self, raw: dict[str, Any]) -> KeyValue:
-        key = base64.b64decode(raw["key"])[len(self._ns) :].decode()
+        key = a2b_base64(raw["key"])[len(self._ns) :].decode()  # = base64.b64decode, not strict, in half the time
         return KeyValue(
             key,
-            base64.b64decode(raw.get("value", "")),
+            a2b_base64(raw.get("value", "")),
             int(raw.get("create_revision", 0)),
             int(raw.get("mod_revision", 0)),
             int(raw.get("version", 0)),
@@ -421,7 +485,14 @@ class EtcdStore:
                 responses.append([self._kv(kv) for kv in raw.get("response_range", {}).get("kvs", [])])
         return TxnResult(succeeded, revision, responses)
 
-    def watch(self, key: str, *, prefix: bool = False, from_revision: int = 0, prev_kv: bool = True) -> EtcdWatcher:
+    def watch(self, key: str, *, prefix: bool = False, from_revision: int = 0,
+              prev_kv: bool = True) -> EtcdWatcher | FollowedWatcher:
+        # Every change after self._followed is still to come through the follow stream (it hands a revision to the
+        # followed watchers before it counts it as followed, with no await in between).
+        if not prev_kv and self._following and from_revision > self._followed:
+            watcher = FollowedWatcher(self, key, prefix, from_revision)
+            self._followed_watchers.add(watcher)
+            return watcher
         return EtcdWatcher(self, key, prefix, from_revision, prev_kv=prev_kv)
 
     async def _follow(self, ready: asyncio.Event) -> None:
@@ -439,9 +510,11 @@ class EtcdStore:
                     for event in batch:
                         self._note_change(event)
                         self._seen(event.revision, event.kv.key)
+                    for followed in list(self._followed_watchers):
+                        followed.offer(batch)
                     next_revision = batch[-1].revision + 1
                     self._followed = max(self._followed, watcher.progress)
-                    self._revision = max(self._revision, batch[-1].revision)
+                    self._revision = max(self._revision, self._followed)
             except asyncio.CancelledError:
                 watcher.cancel()
                 raise
@@ -572,6 +645,8 @@ class EtcdStore:
 
     def _lost_events(self, revision: int) -> None:
         """The follow stream skipped to `revision` (compaction): whoever waits is woken, to read again."""
+        for followed in list(self._followed_watchers):
+            followed.fail(Compacted(revision))
         self._events.clear()
         self._events_from = revision
         self._wake_all()
@@ -621,6 +696,8 @@ class EtcdStore:
             del self._tombstones[key]
 
     async def close(self) -> None:
+        for followed in list(self._followed_watchers):
+            followed.fail(StoreError("store closed", status=503))
         if self._follower is not None:
             self._follower.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
