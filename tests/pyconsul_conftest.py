@@ -39,7 +39,10 @@ class ServerPool:
         self.spare: ServerProcess | None = None
 
     def launch(self, *extra: str) -> ServerProcess:
+        # --node-agent embedded: py-consul counts the tokens of a fresh cluster (an agent process holds one), never
+        # runs a scheduled instance, and starts a server per test.
         proc = ServerProcess(DATA_ROOT / f"srv-{uuid.uuid4().hex[:8]}", "--no-gateway", "--enable-script-checks",
+                             "--node-agent", "embedded",
                              *extra, dev=True)
         log = open(proc.log_path, "ab")
         proc.proc = subprocess.Popen(proc.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

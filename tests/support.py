@@ -113,6 +113,21 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+def wait_until_ready(proc: subprocess.Popen[bytes], log_path: Path, offset: int, timeout: float) -> None:
+    """Waits for "shipyard server ready" in the log after `offset` (this start's part): the API answers before
+    that, while its node agent registers the node and the gateway workers come up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            if b"shipyard server ready" in f.read():
+                return
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log_tail(log_path, 4000)}")
+        time.sleep(0.05)
+    raise RuntimeError(f"server did not say ready: {log_tail(log_path, 4000)}")
+
+
 class ServerProcess:
     """A real `shipyard server` on free ports in its own data dir."""
 
@@ -148,8 +163,10 @@ class ServerProcess:
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
         log = open(self.log_path, "ab")
+        offset = log.tell()
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_until_answering(self.proc, self.url + "/v1/status/leader", (200,), "server", self.log_path, timeout)
+        wait_until_ready(self.proc, self.log_path, offset, timeout)
         return self
 
     def log_tail(self, n: int = 4000) -> str:

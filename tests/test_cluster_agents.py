@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 import requests
 
-from support import ServerProcess, free_port, need_peer, wait_for, wait_until_answering
+from support import ServerProcess, free_port, need_peer, wait_for, wait_until_answering, wait_until_ready
 
 pytestmark = pytest.mark.xdist_group("netns")
 
@@ -164,10 +164,12 @@ class LabServer(ServerProcess):
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
         log = open(self.log_path, "ab")
+        offset = log.tell()
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         # With TLS, plain HTTP stays on loopback (this namespace's): readiness is asked there.
         wait_until_answering(self.proc, f"http://127.0.0.1:{self.http_port}/v1/status/leader", (200,),
                              "server", self.log_path, timeout)
+        wait_until_ready(self.proc, self.log_path, offset, timeout)
         return self
 
     def session(self) -> requests.Session:

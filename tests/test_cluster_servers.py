@@ -146,7 +146,9 @@ def wait_until_ready(server: ClusterServer, timeout: float = 30.0) -> None:
     def ready() -> bool:
         if server.proc is not None and server.proc.poll() is not None:
             raise AssertionError(f"{server.name} exited: {server.log_tail()}")
-        return requests.get(server.url + "/v1/status/leader", timeout=1).status_code == 200
+        # It answers before it says ready (its node agent registers its node meanwhile).
+        return requests.get(server.url + "/v1/status/leader", timeout=1).status_code == 200 and (
+            "shipyard server ready" in server.log_tail(1_000_000))
 
     wait_for(f"{server.name} to answer", ready, timeout)
 

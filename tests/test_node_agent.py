@@ -377,6 +377,48 @@ def test_server_kill9_then_restart_adopts_instances_and_restarts_missing_ones(tm
         server.stop()
 
 
+def node_agent_of(server: ServerProcess) -> int | None:
+    """The pid of the `shipyard agent` this server started for its node (its --server-pid names the server)."""
+    assert server.proc is not None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"agent" in args and b"--server-pid" in args and args[args.index(b"--server-pid") + 1] == str(
+                server.proc.pid).encode():
+            return int(entry.name)
+    return None
+
+
+def test_the_servers_node_agent_is_a_process_that_is_restarted_and_adopts(tmp_path: Path) -> None:
+    """A server runs its node's instances through `shipyard agent`, the same process as on a machine without a
+    server: one member for the machine; killed, the agent is started again and adopts the running instances."""
+    server = ServerProcess(tmp_path / "data", "--drain-delay", "0").start()
+    try:
+        agent = node_agent_of(server)
+        assert agent is not None, "no shipyard agent started by the server"
+        members = requests.get(server.url + "/v1/agent/members", timeout=10).json()
+        assert len(members) == 1 and members[0]["Tags"]["role"] == "consul", members  # the machine once
+        platform = Platform(server, tmp_path)
+        platform.deploy("kept", instances=2)
+        pids = {a["id"]: a["status"]["pid"] for a in platform.wait_healthy("kept", 2)}
+
+        os.kill(agent, signal.SIGKILL)
+        again = wait_for(lambda: (pid := node_agent_of(server)) not in (None, agent) and pid, what="a new agent")
+        assert all(alive(pid) for pid in pids.values())  # instances live on under their shims
+        wait_for(lambda: len(platform.passing("kept")) == 2, what="both passing under the new agent")
+        after = {a["id"]: a["status"]["pid"] for a in platform.wait_healthy("kept", 2)}
+        assert after == pids  # adopted, not restarted
+        assert "this node's agent" in server.log_tail(20000) and again != agent
+        platform.stop("kept")
+        wait_gone("kept")
+    finally:
+        server.stop()
+
+
 def test_tcp_and_command_health_checks(platform: Platform, tmp_path: Path) -> None:
     flag = tmp_path / "command-fails"
     platform.deploy("tcpsvc", health={"tcp": "http", "interval": "1s", "timeout": "1s"})

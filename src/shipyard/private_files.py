@@ -18,12 +18,17 @@ KNOWN_FILES = ("store.db", "store.db-wal", "store.db-shm", "bus.db", "bus.db-wal
 _operator_umask: int | None = None
 
 
+OPERATOR_UMASK_ENV = "SHIPYARD_OPERATOR_UMASK"  # a server tells its node agent process the operator's umask
+
+
 def make_process_private() -> None:
-    """From now on this process creates files 0600 and directories 0700 (idempotent)."""
+    """From now on this process creates files 0600 and directories 0700 (idempotent). A server's node agent
+    process inherits the server's private umask: the operator's own comes in OPERATOR_UMASK_ENV (octal)."""
     global _operator_umask
     previous = os.umask(PRIVATE_UMASK)
+    given = os.environ.pop(OPERATOR_UMASK_ENV, "")
     if _operator_umask is None:
-        _operator_umask = previous
+        _operator_umask = int(given, 8) if given.isdigit() else previous
 
 
 def operator_umask() -> int:

@@ -24,6 +24,7 @@ import os
 import signal
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from shipyard.agent.drivers.exec import ExecDriver, ExecInstance
 from shipyard.agent.ports import PortAllocator
@@ -45,6 +46,19 @@ class AdoptionReport:
     missing: list[MissingInstance] = field(default_factory=list)
     reaped: list[ExitRecord] = field(default_factory=list)
     reaped_alloc_ids: list[str] = field(default_factory=list)
+
+
+def count_live_instances(agent_dir: str) -> int:
+    """How many instances still run under their shims in an agent's dir: what a server whose node agent is its
+    own process leaves running when it stops (its next agent adopts them)."""
+    count = 0
+    instances = os.path.join(agent_dir, "instances")
+    for name in os.listdir(instances) if os.path.isdir(instances) else []:
+        data = read_json(Path(instances, name, STATE_FILE))
+        if isinstance(data, dict) and is_same_live_process(int(data.get("shim_pid", 0) or 0),
+                                                           data.get("shim_start_time")):
+            count += 1
+    return count
 
 
 def _read_states(driver: ExecDriver) -> list[tuple[InstanceState, ExitRecord | None]]:

@@ -106,10 +106,14 @@ class NodeLiveness:
         return max(0.05, min([CHECK_EVERY, *(d for d in due if d > 0)]))
 
     async def members(self) -> list[NodeMember]:
+        """Every node once: a server whose node agent is a process of its own (api/local_agent.py) is also an
+        agent member of the same name, and then the agent's lease says whether the node is live (as a Nomad
+        client's does, whatever its server does); a server running its agent inside says it with its own lease."""
         out: list[NodeMember] = []
         for source in self.sources:
             out += await source()
-        return out
+        agents = {m.name for m in out if m.kind == "agent"}
+        return [m for m in out if m.kind == "agent" or m.name not in agents]
 
     async def check_once(self, now: float) -> None:
         for member in await self.members():

@@ -827,23 +827,11 @@ class NodeAgent:
     # ---- helpers used by runners ----------------------------------------------------------------
 
     async def job_spec(self, job: str, version: int) -> JobSpec | None:
-        """The spec of `job` at `version`: the job record when it is that version, else its version history."""
+        """The spec of `job` at `version` (stored_job_spec), cached: a version's spec never changes."""
         cached = self._spec_cache.get((job, version))
         if cached is not None:
             return cached
-        spec = None
-        kv = await self.store.get(job_key(job))
-        if kv is not None:
-            with contextlib.suppress(Exception):
-                record = decode_job(kv.value)
-                if record.version == version:
-                    spec = record.spec
-        if spec is None:
-            kv = await self.store.get(job_version_key(job, version))
-            if kv is not None:
-                with contextlib.suppress(Exception):
-                    data = orjson.loads(kv.value)
-                    spec = JobSpec.from_dict(data["spec"] if isinstance(data.get("spec"), dict) else data)
+        spec = await stored_job_spec(self.store, job, version)
         if spec is not None:
             self._spec_cache[(job, version)] = spec
         return spec
@@ -886,3 +874,21 @@ def _q(part: str) -> str:
     from urllib.parse import quote
 
     return quote(part, safe="")
+
+
+async def stored_job_spec(store: Store, job: str, version: int) -> JobSpec | None:
+    """The spec of `job` at `version`: the job record when it is that version, else its version history."""
+    spec = None
+    kv = await store.get(job_key(job))
+    if kv is not None:
+        with contextlib.suppress(Exception):
+            record = decode_job(kv.value)
+            if record.version == version:
+                spec = record.spec
+    if spec is None:
+        kv = await store.get(job_version_key(job, version))
+        if kv is not None:
+            with contextlib.suppress(Exception):
+                data = orjson.loads(kv.value)
+                spec = JobSpec.from_dict(data["spec"] if isinstance(data.get("spec"), dict) else data)
+    return spec

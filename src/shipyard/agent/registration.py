@@ -20,6 +20,18 @@ def check_id_for(alloc_id: str) -> str:
     return f"service:{alloc_id}"
 
 
+INSTANCE_CHECK_NOTES = "shipyard: "
+
+
+def is_instance_check(check: dict[str, Any]) -> bool:
+    """Whether a check record is one a node agent registered for an instance it runs (check_record below), as
+    opposed to one registered through the Consul API: a server whose node agent is its own process probes only the
+    latter, that agent only the former."""
+    service_id = check.get("ServiceID") or ""
+    return (isinstance(service_id, str) and bool(service_id) and check.get("CheckID") == check_id_for(service_id)
+            and str(check.get("Notes", "")).startswith(INSTANCE_CHECK_NOTES))
+
+
 def _duration_text(seconds: float) -> str:
     if seconds <= 0:
         return ""
@@ -88,7 +100,7 @@ def check_record(
         "CheckID": check_id_for(alloc_id),
         "Name": f"Service '{job}' check",
         "Status": CRITICAL,
-        "Notes": f"shipyard: {health.kind} {health.target}",
+        "Notes": f"{INSTANCE_CHECK_NOTES}{health.kind} {health.target}",
         "Output": "",
         "ServiceID": alloc_id,
         "ServiceName": job,

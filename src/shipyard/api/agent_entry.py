@@ -20,8 +20,8 @@ from shipyard.acl.state import TOKENS, ACLState
 from shipyard.api.acl_guard import dns_restriction
 from shipyard.api.context import DnsConfig
 from shipyard.api.dns import DnsServer
+from shipyard.api.machine import gateway_certificate_files, is_loopback
 from shipyard.api.ports import check_ports_free
-from shipyard.api.server import gateway_certificate_files, is_loopback
 from shipyard.errors import ShipyardError
 from shipyard.gateway.cluster_counters import DEFAULT_INTERVAL, ClusterCounters
 from shipyard.gateway.counters import shared_counters

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import secrets
 import signal
 import ssl
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -27,6 +28,7 @@ from aiohttp import web
 
 from shipyard.acl.state import ACLState, derived_secret, internal_key
 from shipyard.agent.node_agent import DEFAULT_DRAIN_DELAY, NodeAgent
+from shipyard.agent.registration import is_instance_check
 from shipyard.api.agent_entry import (
     DEFAULT_DNS_PORT,
     AgentEntry,
@@ -36,15 +38,14 @@ from shipyard.api.agent_entry import (
     check_gateway_bind,
 )
 from shipyard.api.agent_forward import DEFAULT_HTTP_PORT, Forwarder
-from shipyard.api.agent_local import add_local_routes, local_platform
 from shipyard.api.agent_metrics import METRICS_PATH, MetricsSource, add_metrics_route
 from shipyard.api.agent_secrets import AgentSecrets
 from shipyard.api.errors import error_middleware
+from shipyard.api.machine import is_loopback, lock_data_dir
 from shipyard.api.native.agent_logs import AGENT_LOGS, secret_middleware
 from shipyard.api.native.logs_api import routes as log_routes
 from shipyard.api.native.usage_relay import routes as usage_routes
 from shipyard.api.ports import check_ports_free
-from shipyard.api.server import is_loopback, lock_data_dir
 from shipyard.api.vault.delivery import files_root_for
 from shipyard.errors import ShipyardError
 from shipyard.private_files import make_data_dir_private, make_process_private
@@ -96,6 +97,13 @@ class AgentConfig:
     gateway_tls_key: str = ""
     insecure_bind: bool = False  # DNS and the gateway may face the network without TLS and ACLs
     http_port: int = DEFAULT_HTTP_PORT  # the local API on 127.0.0.1, forwarded to the servers (0: none)
+    # Set when a server starts this agent as its own node's (api/local_agent.py): the server's pid (the agent dies
+    # with it, takes no lock on the data dir the server holds, probes only its instances' checks), the node's id,
+    # what instances are told about the platform (the server's own env), and whether instances stop with it (--dev).
+    server_pid: int = 0
+    node_id: str = ""
+    instance_env: dict[str, str] = field(default_factory=dict)
+    stop_instances_on_exit: bool = False
 
     def entry(self) -> EntryConfig:
         return EntryConfig(address=self.advertise, servers=self.servers, token=self.token, ca_file=self.ca_file,
@@ -200,13 +208,17 @@ class RemoteAgent:
                                  timeout=CALL_TIMEOUT)
         self.node = NodeIdentity.load(config.data_dir, name=config.node_name, address=config.advertise,
                                       datacenter=config.datacenter)
+        if config.node_id:
+            self.node = replace(self.node, id=config.node_id)
         self.catalog = Catalog(self.store, self.node, node_meta=config.meta)
         self.health = HealthChecker(self.store, self.catalog, self.node,
-                                    enable_script_checks=config.enable_script_checks)
+                                    enable_script_checks=config.enable_script_checks,
+                                    runs=is_instance_check if config.server_pid else None)
         capacity = (config.cpu_mhz, config.memory_mb) if config.cpu_mhz and config.memory_mb else None
         self.agent = NodeAgent(self.store, self.catalog, self.node, os.path.join(config.data_dir, "agent"),
                                config.drain_delay, health=self.health, capacity=capacity,
-                               keep_instances_on_stop=True, platform_env=instance_env(config, config.servers[0]))
+                               keep_instances_on_stop=not config.stop_instances_on_exit,
+                               platform_env=dict(config.instance_env) or instance_env(config, config.servers[0]))
         self.agent.meta = dict(config.meta)
         self.agent.node_class = config.node_class
         self.secret = secrets.token_urlsafe(32)
@@ -242,6 +254,8 @@ class RemoteAgent:
         self.secrets = AgentSecrets(self.store, self.agent, files_root_for(self.config.data_dir))
         self.secrets.attach()
         if self.forwarder is not None:
+            from shipyard.api.agent_local import add_local_routes, local_platform  # the Consul API: not for all
+
             platform = local_platform(self.store, self.node, self.catalog, self.health)
             self.local_port = await self.forwarder.start(
                 self.config.http_port, lambda app: add_local_routes(app, platform, self.acl))
@@ -262,8 +276,10 @@ class RemoteAgent:
 
     def _follow_server(self) -> None:
         """Instances started from now on are told the server that answers now (the store moved on to the next
-        --server when one stopped answering); running ones keep what they were given."""
-        self.agent.platform_env.update(instance_env(self.config, self.store.base_url, self.local_port))
+        --server when one stopped answering); running ones keep what they were given. A server's own node agent
+        tells them what the server said."""
+        if not self.config.instance_env:
+            self.agent.platform_env.update(instance_env(self.config, self.store.base_url, self.local_port))
 
     async def _first_contact(self) -> None:
         """Waits for some server to answer (an agent may well start before them); a refused token is fatal."""
@@ -351,7 +367,8 @@ async def run_agent(config: AgentConfig) -> None:
     check_ports_free("127.0.0.1", [(config.http_port, "--http-port", False)])
     make_process_private()
     make_data_dir_private(config.data_dir)
-    lock_fd = lock_data_dir(config.data_dir)
+    # A server's own node agent shares the server's data dir, which the server has locked; it dies with the server.
+    lock_fd = die_with(config.server_pid) if config.server_pid else lock_data_dir(config.data_dir)
     agent = RemoteAgent(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -371,10 +388,23 @@ async def run_agent(config: AgentConfig) -> None:
         stopped.cancel()
         log.info("shipyard agent stopping")
     finally:
-        kept = len(agent.agent.runners)
+        kept = len(agent.agent.runners) if not config.server_pid else 0  # its server says what keeps running
         await agent.stop()
         if kept:
             what = "1 instance keeps" if kept == 1 else f"{kept} instances keep"
             print(f"{what} running and will be adopted by the next agent started with --data-dir {config.data_dir}",
                   file=sys.stderr, flush=True)
-        os.close(lock_fd)
+        if lock_fd >= 0:
+            os.close(lock_fd)
+
+
+def die_with(server_pid: int) -> int:
+    """Linux: SIGKILL this agent when the server that started it dies, even by kill -9, so that the server's next
+    start finds no agent of the old one still at work on its data dir (instances live on under their shims and are
+    adopted by the next agent). Exits now if that server is already gone. Returns -1: no lock is held."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != server_pid:
+        raise ShipyardError(f"the server (pid {server_pid}) that started this node agent is gone", status=1)
+    return -1

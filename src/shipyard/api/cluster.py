@@ -73,11 +73,12 @@ def attach_cluster(platform: Platform) -> None:
     async def rejoined() -> None:
         # As an agent back from a cut: first stop what was replaced meanwhile (its node's serfHealth is still
         # critical, so no probe of a superseded instance is written passing), then say it is live and placeable.
-        if platform.agent is not None:
-            await platform.agent.settle()
+        # A node agent of its own process does all of this itself when its own lease comes back.
+        if platform.agent is None:
+            return
+        await platform.agent.settle()
         await platform.catalog.start()  # its node and a passing serfHealth again
-        if platform.agent is not None:
-            await platform.agent.write_node()  # placeable again
+        await platform.agent.write_node()  # placeable again
 
     cluster = ServerCluster(platform.store, me, ttl=config.leader_ttl, on_elected=elected, on_deposed=deposed,
                             on_rejoined=rejoined)
@@ -164,7 +165,10 @@ async def cluster_members(platform: Platform, me: dict[str, Any], *, wan: bool =
             name = f"{server.name}.{server.datacenter}" if wan else server.name
             out.append({**me, "Name": name, "Addr": server.address, "Tags": tags, "Status": member.status})
     if not wan:
-        out += [agent_member_entry(me, agent.info, agent.status) for agent in await agent_members(platform.store)]
+        # A server's own node agent is that server's member already (one machine, one member, as in Consul).
+        servers = {entry["Name"] for entry in out}
+        out += [agent_member_entry(me, agent.info, agent.status) for agent in await agent_members(platform.store)
+                if agent.info.name not in servers]
     return out
 
 

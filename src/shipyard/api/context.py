@@ -89,6 +89,9 @@ class ServerConfig:
     node_lost_after: float = 15.0  # in a cluster: seconds a server may be gone before its instances are replaced
     reconnect_timeout: float = 72 * 3600.0  # Consul's: a member failed or left this long is reaped (0: never)
     etcd_compaction_interval: float = 300.0  # on etcd: the leader compacts history this often (0: never)
+    # "process": the server starts `shipyard agent` for its own node (api/local_agent.py); "embedded": the same
+    # NodeAgent inside the server process (the way before; kept for a machine that cannot spare the process).
+    node_agent: str = "process"
     node_meta: dict[str, str] = field(default_factory=dict)  # this server's node: catalog NodeMeta, ${meta.*}
     node_class: str = ""  # this server's node: ${node.class} in placement constraints
     gateway_sync: float = 0.1  # in a cluster: seconds between syncs of the gateway's rate-limit counts via etcd

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import ipaddress
 import logging
 import os
 import shutil
@@ -25,8 +23,10 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from shipyard.acl.state import GATEWAY_RULES, ACLState, internal_key, service_rules
+from shipyard.agent.adopt import count_live_instances
 from shipyard.agent.node_agent import NodeAgent
 from shipyard.agent.ports import port_is_free
+from shipyard.agent.registration import is_instance_check
 from shipyard.api.acl_guard import acl_middleware, dns_restriction
 from shipyard.api.acl_table import rule_for as acl_rule_for
 from shipyard.api.cluster import attach_cluster, check_cluster_bus, cluster_of, start_cluster, stop_cluster
@@ -38,6 +38,8 @@ from shipyard.api.dns import DnsServer
 from shipyard.api.errors import error_middleware
 from shipyard.api.guard import RequestGuard
 from shipyard.api.https import HttpsListener
+from shipyard.api.local_agent import NODE_AGENT, LocalNodeAgent, node_agent_rules
+from shipyard.api.machine import gateway_certificate_files, is_loopback, lock_data_dir
 from shipyard.api.marathon import add_marathon_routes
 from shipyard.api.native import add_native_routes
 from shipyard.api.native.gateway_api import seal_stored_keys
@@ -61,8 +63,7 @@ from shipyard.scheduler.model import Allocation
 from shipyard.spec import TaskSpec
 from shipyard.store import SqliteStore, Store, StoreError
 from shipyard.store.etcd import EtcdStore
-from shipyard.tls import self_signed, server_context
-from shipyard.tls.authority import write_private
+from shipyard.tls import server_context
 from shipyard.tokens import TOKEN_VARIABLES
 from shipyard.ui import add_ui_routes
 
@@ -70,37 +71,6 @@ log = logging.getLogger("shipyard.server")
 
 # Consul's agent accepts bodies this large on its HTTP API; KV values are capped lower (512 KiB).
 MAX_REQUEST_BODY = 8 << 20
-
-
-class DataDirInUse(ShipyardError):
-    status = 409
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def lock_data_dir(data_dir: str) -> int:
-    """Holds an exclusive lock on the data dir for the life of the process (released on exit or kill)."""
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(data_dir) / "LOCK"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise DataDirInUse(
-            f"data dir {data_dir} is in use by another shipyard server (pid {holder})"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 async def open_store(config: ServerConfig) -> Store:
@@ -173,23 +143,33 @@ async def build_platform(config: ServerConfig) -> Platform:
         config.data_dir, name=config.node_name, address=config.bind, datacenter=config.datacenter
     )
     catalog = Catalog(store, node, node_meta=config.node_meta)
+    own_process = config.node_agent == "process"
+    # With its node agent a process of its own, the server probes only the checks registered through its API; the
+    # agent probes its instances' (registration.is_instance_check).
     health = HealthChecker(store, catalog, node, enable_script_checks=config.enable_script_checks,
-                           http_check_output=config.http_check_output)
+                           http_check_output=config.http_check_output,
+                           runs=(lambda check: not is_instance_check(check)) if own_process else None)
     kv = ConsulKV(store)
     sessions = SessionManager(store, catalog, kv, node)
     platform = Platform(config, store, node, catalog, health, kv, sessions, started_at=time.time())
     platform.jobs = JobService(store, script_checks=health.scripts)
     platform.scheduler = SchedulerLoop(store)
     # Instances outlive the server under their shims; a --dev server has no data dir to adopt them from.
-    agent_dir = (
-        os.path.join(config.data_dir, "agent") if config.data_dir is not None
-        else tempfile.mkdtemp(prefix="shipyard-agent-")
-    )
-    platform.agent = NodeAgent(
-        store, catalog, node, agent_dir, config.drain_delay,
-        health=health, keep_instances_on_stop=config.data_dir is not None, platform_env=platform_env(config),
-    )  # fmt: skip
-    platform.agent.meta, platform.agent.node_class = dict(config.node_meta), config.node_class  # for placement
+    if own_process:
+        platform.extras[NODE_AGENT] = LocalNodeAgent(
+            config, node, config.data_dir or tempfile.mkdtemp(prefix="shipyard-agent-"),
+            control_url=local_control_url(config), instance_env=platform_env(config),
+            stop_instances=config.data_dir is None)
+    else:
+        agent_dir = (
+            os.path.join(config.data_dir, "agent") if config.data_dir is not None
+            else tempfile.mkdtemp(prefix="shipyard-agent-")
+        )
+        platform.agent = NodeAgent(
+            store, catalog, node, agent_dir, config.drain_delay,
+            health=health, keep_instances_on_stop=config.data_dir is not None, platform_env=platform_env(config),
+        )  # fmt: skip
+        platform.agent.meta, platform.agent.node_class = dict(config.node_meta), config.node_class  # placement
     platform.extras["bus"] = bus = await open_bus(config, store)
     platform.extras["autoscaler"] = BusAutoscaler(platform.jobs, bus)
     if config.acl:
@@ -211,6 +191,10 @@ async def start_platform(platform: Platform) -> None:
             acl.set_agent_token("dns", platform.config.acl_dns_token, from_api=False)
         if platform.agent is not None:
             platform.agent.instance_env = service_token_env(acl, internal_key(platform.config.data_dir))
+        local = platform.extras.get(NODE_AGENT)
+        if isinstance(local, LocalNodeAgent):
+            local.token = await acl.internal_token(internal_key(platform.config.data_dir), "node-agent",
+                                                   node_agent_rules(platform.node.name))
     await platform.catalog.start()
     await platform.sessions.start()
     vault = platform.extras.get("vault")
@@ -234,6 +218,9 @@ async def stop_platform(platform: Platform) -> None:
             await platform.agent.stop()
         if platform.config.data_dir is None:
             shutil.rmtree(platform.agent.data_dir, ignore_errors=True)
+    local = platform.extras.get(NODE_AGENT)
+    if isinstance(local, LocalNodeAgent) and platform.config.data_dir is None:
+        shutil.rmtree(local.data_dir, ignore_errors=True)  # a --dev server's: its agent has stopped
     for part in (platform.health, platform.sessions, platform.catalog):
         with contextlib.suppress(Exception):
             await part.stop()
@@ -263,11 +250,17 @@ def service_token_env(acl: ACLState, key: bytes) -> Callable[[TaskSpec, Allocati
 
 def instances_left_running(platform: Platform) -> str:
     """What a stopping server says about the instances it leaves behind (they outlive it on purpose when there is
-    a data dir, so that the next server adopts them); empty when it leaves none."""
+    a data dir, so that the next server adopts them); empty when it leaves none. Called once its node agent
+    stopped."""
     agent, data_dir = platform.agent, platform.config.data_dir
-    if agent is None or data_dir is None or not agent.keep_instances_on_stop or not agent.runners:
+    if data_dir is None:
         return ""
-    count = len(agent.runners)
+    if agent is None:
+        count = count_live_instances(os.path.join(data_dir, "agent"))
+    else:
+        count = len(agent.runners) if agent.keep_instances_on_stop else 0
+    if not count:
+        return ""
     return (f"{count} instance{'s' if count != 1 else ''} keep running and will be adopted by the next server "
             f"started with --data-dir {data_dir}; `shipyard down --data-dir {data_dir}` stops them")
 
@@ -344,22 +337,6 @@ def gateway_default_certificate(config: ServerConfig) -> tuple[str, str]:
     in the data dir (a temporary directory under --dev)."""
     tls = config.tls
     return gateway_certificate_files(tls.gateway_cert_file, tls.gateway_key_file, config.data_dir)
-
-
-def gateway_certificate_files(cert_file: str, key_file: str, data_dir: str | None) -> tuple[str, str]:
-    """The gateway's default certificate and key files: the operator's, else a self-signed pair kept in `data_dir`
-    (a temporary directory without one), made once. A server's and a `shipyard agent`'s gateway alike."""
-    if cert_file:
-        return os.path.abspath(cert_file), os.path.abspath(key_file or cert_file)
-    folder = Path(data_dir or tempfile.mkdtemp(prefix="shipyard-gateway-tls-"))
-    cert, key = folder / "gateway-default-cert.pem", folder / "gateway-default-key.pem"
-    if not (cert.exists() and key.exists()):
-        cert.unlink(missing_ok=True)
-        key.unlink(missing_ok=True)
-        cert_pem, key_pem = self_signed("localhost", ["localhost"])
-        write_private(key, key_pem, 0o600)
-        write_private(cert, cert_pem, 0o644)
-    return str(cert), str(key)
 
 
 def listener_ports(config: ServerConfig, tls: bool) -> list[tuple[int, str, bool]]:
@@ -452,8 +429,7 @@ async def attach_vault(vault: VaultService, platform: Platform) -> None:
     token hook); an unseal starts the instances that waited for it; a changed secret restarts or signals the
     instances that read it (their change_mode)."""
     await vault.unseal_if_dev()
-    if platform.agent is not None:
-        vault.attach(platform.agent, platform.jobs)
+    vault.attach(platform.agent, platform.jobs)
 
 
 async def start_vault(config: ServerConfig, platform: Platform,
@@ -496,6 +472,48 @@ def claim_data_dir_and_ports(config: ServerConfig, https: bool) -> int | None:
     return lock_fd
 
 
+async def start_dns(config: ServerConfig, platform: Platform) -> DnsServer | None:
+    if not config.dns_port:
+        return None
+    dns_server = DnsServer(platform.catalog, config.datacenter, config.bind, config.dns_port, config.dns)
+    acl = platform.extras.get(ACL_STATE)
+    if isinstance(acl, ACLState):
+        dns_server.responder.restrict = dns_restriction(acl)
+    await dns_server.start()
+    return dns_server
+
+
+async def start_gateway(config: ServerConfig, platform: Platform) -> GatewaySupervisor | None:
+    """The gateway workers (with a read-only token of their own under ACLs), once they listen."""
+    gateway = gateway_supervisor(config)
+    if gateway is None:
+        return None
+    platform.extras["gateway"] = gateway
+    acl = platform.extras.get(ACL_STATE)
+    if isinstance(acl, ACLState):
+        secret = await acl.internal_token(internal_key(config.data_dir), "gateway", GATEWAY_RULES)
+        gateway.extra_env[TOKEN_VARIABLES[0]] = secret
+    await gateway.start()
+    await gateway.wait_listening()
+    await start_gateway_counters(platform, gateway.shared_path)  # several servers: counts shared via etcd
+    return gateway
+
+
+async def stop_gateway_and_agent(config: ServerConfig, platform: Platform, gateway: GatewaySupervisor | None) -> None:
+    """The gateway workers, then the node agent while the API still answers it (it leaves; a --dev server's stops
+    its instances), then the workers' last counts, published while the store is still open."""
+    if gateway is not None:
+        await gateway.stop()
+    local_agent = platform.extras.get(NODE_AGENT)
+    if isinstance(local_agent, LocalNodeAgent):
+        await local_agent.stop()
+    await stop_gateway_counters(platform)
+    if gateway is not None and config.data_dir is None:
+        for path in gateway.shared_files:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
 async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> None:
     """Runs the server until SIGINT/SIGTERM."""
     check_bind(config)
@@ -520,23 +538,14 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         https = await start_control_listeners(config, runner, tls_context)
-        if config.dns_port:
-            dns_server = DnsServer(platform.catalog, config.datacenter, config.bind, config.dns_port, config.dns)
-            acl = platform.extras.get(ACL_STATE)
-            if isinstance(acl, ACLState):
-                dns_server.responder.restrict = dns_restriction(acl)
-            await dns_server.start()
-        gateway = gateway_supervisor(config)
-        if gateway is not None:
-            platform.extras["gateway"] = gateway
-            acl = platform.extras.get(ACL_STATE)
-            if isinstance(acl, ACLState):
-                secret = await acl.internal_token(internal_key(config.data_dir), "gateway", GATEWAY_RULES)
-                gateway.extra_env[TOKEN_VARIABLES[0]] = secret
-            await gateway.start()
-            await gateway.wait_listening()
-            await start_gateway_counters(platform, gateway.shared_path)  # several servers: counts shared via etcd
+        dns_server = await start_dns(config, platform)
+        local_agent = platform.extras.get(NODE_AGENT)
+        if isinstance(local_agent, LocalNodeAgent):
+            await local_agent.start()  # it reaches the API that listens now; the gateway starts meanwhile
+        gateway = await start_gateway(config, platform)
         vault = await start_vault(config, platform, tls_context)
+        if isinstance(local_agent, LocalNodeAgent):
+            await local_agent.wait_registered(platform.store)
         log.info(
             "shipyard server ready: %s, DNS on port %s (node %s, data dir %s, bus %s)",
             control_summary(config, tls_context is not None),
@@ -550,13 +559,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         await stop.wait()
         log.info("shipyard server stopping")
     finally:
-        if gateway is not None:
-            await gateway.stop()
-        await stop_gateway_counters(platform)  # the workers' last counts, published while the store is still open
-        if gateway is not None and config.data_dir is None:
-            for path in gateway.shared_files:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+        await stop_gateway_and_agent(config, platform, gateway)
         if dns_server is not None:
             await dns_server.stop()
         if https is not None:

@@ -5,6 +5,7 @@ It parses flags into an AgentConfig and runs the agent (api/agent_process.py); i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -24,6 +25,16 @@ def parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
             raise click.BadParameter(f"{pair!r}: give key=value", param_hint="--meta")
         meta[key.strip()] = value.strip()
     return meta
+
+
+def server_instance_env() -> dict[str, str]:
+    """What a server tells its node agent to give every instance (JSON in the environment, not on the command
+    line: it may hold the bus's credentials)."""
+    from shipyard.api.local_agent import SERVER_INSTANCE_ENV
+
+    raw = os.environ.pop(SERVER_INSTANCE_ENV, "")
+    data = json.loads(raw) if raw else {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
 @click.command()
@@ -82,13 +93,17 @@ def parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
               help="How much the agent logs to stderr.")
+@click.option("--server-pid", default=0, hidden=True, type=click.IntRange(0, None),
+              help="Set by a server starting its own node's agent: the server's pid (api/local_agent.py).")
+@click.option("--node-id", default="", hidden=True, help="Set by a server: its node's id.")
+@click.option("--stop-instances-on-exit", is_flag=True, hidden=True, help="Set by a --dev server.")
 def agent(servers: tuple[str, ...], node_name: str, advertise: str, meta: tuple[str, ...], node_class: str,
           data_dir: str, port: int,
           datacenter: str, token: str, ca_file: str, client_cert: str, client_key: str, cpu_mhz: int | None,
           memory_mb: int | None, heartbeat_ttl: int, drain_delay: float, enable_script_checks: bool,
           http_port: int, dns_port: int, dns_token: str, gateway: bool, gateway_port: int, gateway_workers: int,
           gateway_tls_port: int, gateway_tls_cert: str, gateway_tls_key: str, insecure_bind: bool,
-          log_level: str) -> None:
+          log_level: str, server_pid: int, node_id: str, stop_instances_on_exit: bool) -> None:
     """Run this machine as a node of a cluster: register it, heartbeat, run what the servers place here."""
     from shipyard.api.agent_process import AgentConfig, run_agent, server_url
 
@@ -104,6 +119,8 @@ def agent(servers: tuple[str, ...], node_name: str, advertise: str, meta: tuple[
         http_port=http_port, dns_port=dns_port, dns_token=dns_token, gateway_port=gateway_port if gateway else 0,
         gateway_workers=gateway_workers, gateway_tls_port=gateway_tls_port, gateway_tls_cert=gateway_tls_cert,
         gateway_tls_key=gateway_tls_key, insecure_bind=insecure_bind,
+        server_pid=server_pid, node_id=node_id, stop_instances_on_exit=stop_instances_on_exit,
+        instance_env=server_instance_env() if server_pid else {},
     )
     if advertise in ("", "0.0.0.0", "::"):
         raise ShipyardError("--advertise must be an address the servers and other nodes can reach", status=2)

@@ -91,6 +91,9 @@ def cli(ctx: click.Context, http_addr: str) -> None:
 @click.option("--etcd-compaction-interval", default=300.0, show_default=True, type=click.FloatRange(0, 86400),
               help="With --store etcd: every this many seconds the leader compacts etcd's history to the revision "
                    "of the interval before, as Kubernetes' API server does (0: never, e.g. if etcd compacts itself).")
+@click.option("--node-agent", default="process", show_default=True, type=click.Choice(["process", "embedded"]),
+              help="How this server runs its own node's instances: `shipyard agent` as a process of its own (as "
+                   "on every other machine), or the same agent code inside the server.")
 @click.option("--gateway-sync", default=0.1, show_default=True, type=click.FloatRange(0.01, 10),
               help="With --store etcd (several servers): seconds between syncs of the gateways' rate-limit counts "
                    "(docs/cluster.md: the tolerance of a limit grows with it).")
@@ -142,6 +145,7 @@ def server(
     node_lost_after: float,
     reconnect_timeout: float,
     etcd_compaction_interval: float,
+    node_agent: str,
     gateway_sync: float,
     enable_script_checks: bool,
     http_check_output: bool,
@@ -192,6 +196,7 @@ def server(
         node_lost_after=node_lost_after,
         reconnect_timeout=reconnect_timeout,
         etcd_compaction_interval=etcd_compaction_interval,
+        node_agent=node_agent,
         node_meta=_node_meta(node_meta),
         node_class=node_class,
         gateway_sync=gateway_sync,

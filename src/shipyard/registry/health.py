@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -81,8 +82,11 @@ class HealthChecker:
 
     def __init__(
         self, store: Store, catalog: Catalog, node: NodeIdentity, *, enable_script_checks: bool = False,
-        http_check_output: bool = False,
+        http_check_output: bool = False, runs: Callable[[dict[str, Any]], bool] | None = None,
     ) -> None:
+        # Which of its node's checks this checker probes (None: all): a server and its node agent process share a
+        # node, each probing its own (registration.is_instance_check says which are the agent's).
+        self.runs = runs
         self.http_check_output = http_check_output  # record HTTP checks' response bodies (--http-check-output)
         self.store = store
         self.catalog = catalog
@@ -176,7 +180,7 @@ class HealthChecker:
         """Makes the runner for check_id match its record (None: the check is gone)."""
         runner = self._runners.get(check_id)
         kind = check.get("Type") if check is not None else None
-        if check is None or kind not in RUNNABLE_TYPES:
+        if check is None or kind not in RUNNABLE_TYPES or (self.runs is not None and not self.runs(check)):
             if runner is not None:
                 self._stop_runner(runner)
                 del self._runners[check_id]

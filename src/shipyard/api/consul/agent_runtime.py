@@ -20,7 +20,6 @@ from aiohttp import web
 from shipyard.agent.reaper import find_member, force_leave
 from shipyard.api.consul.common import ConsulError, bad_request, json_response, query_flag
 from shipyard.api.context import Platform, platform_of
-from shipyard.api.native.service_tokens_api import forget_node_tokens
 
 routes = web.RouteTableDef()
 log = logging.getLogger("shipyard.agent.api")
@@ -67,6 +66,8 @@ async def agent_force_leave(request: web.Request) -> web.Response:
     if await force_leave(platform.store, platform.catalog, record, prune=prune):
         log.warning("force-leave: %s %s %s", record.kind, record.name,
                     "removed from the members" if prune else "left; its node is out of the catalog and placement")
+        from shipyard.api.native.service_tokens_api import forget_node_tokens  # native imports consul
+
         await forget_node_tokens(platform, record.name)  # its instances' ACL tokens
     return json_response(None)
 

@@ -61,6 +61,22 @@ async def proxy_agent_logs(request: web.Request, agent: AgentInfo, alloc_id: str
             return response
 
 
+async def agent_log_lines(agent: AgentInfo, alloc_id: str, stream: str, tail: int) -> list[str]:
+    """The last `tail` lines of an instance's stream, asked of its node's agent (the console's logs panel); none
+    when the agent does not answer or knows no such instance."""
+    host = f"[{agent.address}]" if ":" in agent.address else agent.address
+    url = f"http://{host}:{agent.logs_port}/api/v1/allocs/{quote(alloc_id, safe='')}/logs"
+    timeout = aiohttp.ClientTimeout(total=10, sock_connect=CONNECT_TIMEOUT)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(
+                url, params={"stream": stream, "tail": str(tail)}, headers={SECRET_HEADER: agent.logs_secret}) as got:
+            if got.status != 200:
+                return []
+            return (await got.text(errors="replace")).splitlines()
+    except (aiohttp.ClientError, TimeoutError):
+        return []
+
+
 def _agent_error(agent: AgentInfo, status: int, body: bytes) -> ShipyardError:
     message = body.decode(errors="replace")[:500]
     with contextlib.suppress(Exception):

@@ -19,6 +19,7 @@ from shipyard.agent.state import TIMELINE_LOG
 from shipyard.api.context import platform_of
 from shipyard.api.native.agent_logs import AGENT_LOGS, proxy_agent_logs, remote_agent_of
 from shipyard.errors import BadRequest, NotFound, ShipyardError
+from shipyard.registry.agents import agent_info
 
 routes = web.RouteTableDef()
 
@@ -119,14 +120,12 @@ class _LogReader:
 
 
 def _local_agent(request: web.Request) -> tuple[Any, bool]:
-    """(the node agent whose files to read, whether this is an agent's own listener rather than a server)."""
+    """(the node agent whose files to read: None when this server's node agent is its own process, whether this
+    is an agent's own listener rather than a server)."""
     own = request.app.get(AGENT_LOGS)
     if own is not None:
         return own, True
-    agent = getattr(platform_of(request), "agent", None)
-    if agent is None:
-        raise ShipyardError("this server runs no node agent", status=503)
-    return agent, False
+    return getattr(platform_of(request), "agent", None), False
 
 
 def _runs_here(agent: Any, alloc_id: str) -> bool:
@@ -145,10 +144,15 @@ async def alloc_logs(request: web.Request) -> web.StreamResponse:
         raise BadRequest(f"query parameter stream must be stdout, stderr or all, not {stream!r}")
     tail = _tail_param(request)
     follow = _follow_param(request)
-    if not on_agent and not await asyncio.to_thread(_runs_here, agent, alloc_id):
-        remote = await remote_agent_of(platform_of(request).store, alloc_id)
+    if not on_agent and (agent is None or not await asyncio.to_thread(_runs_here, agent, alloc_id)):
+        platform = platform_of(request)
+        remote = await remote_agent_of(platform.store, alloc_id)
+        if remote is None and agent is None:  # gone from the records: its logs may outlive it on this node
+            remote = await agent_info(platform.store, platform.node.name)
         if remote is not None:
             return await proxy_agent_logs(request, remote, alloc_id)
+        if agent is None:
+            raise NotFound(f"no logs for allocation {alloc_id!r}: no agent of its node is known")
     path, timeline = _stream_file(agent, alloc_id, stream)
     if timeline is not None:
         timeline.timestamps = _follow_param(request, "timestamps")

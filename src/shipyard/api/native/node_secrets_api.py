@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from shipyard.agent.node_agent import stored_job_spec
 from shipyard.api.body import read_limited
 from shipyard.api.context import platform_of
 from shipyard.api.vault import VaultService
@@ -62,7 +63,8 @@ async def node_secrets(request: web.Request) -> web.Response:
     alloc_id, token = await _body(request)
     alloc = await placed_alloc(platform.store, request.match_info["node"], alloc_id)
     agent = platform.agent
-    spec = await agent.job_spec(alloc.job, alloc.version) if agent is not None else None
+    spec = await (agent.job_spec(alloc.job, alloc.version) if agent is not None
+                  else stored_job_spec(platform.store, alloc.job, alloc.version))
     if spec is None:
         raise ShipyardError(f"job {alloc.job!r} version {alloc.version} not found in the store", status=404)
     answer: dict[str, Any]

@@ -178,12 +178,15 @@ class VaultService:
             with os.fdopen(fd, "w") as fh:
                 json.dump({"unseal_key": result["keys"][0], "root_token": self.root_token}, fh)
 
-    def attach(self, agent: NodeAgent, jobs: JobService | None) -> None:
-        """Instances get their secrets at each start, wait for an unseal when sealed, and follow changes."""
+    def attach(self, agent: NodeAgent | None, jobs: JobService | None) -> None:
+        """Instances get their secrets at each start, wait for an unseal when sealed, and follow changes. Without
+        an in-process agent (this server's node agent is its own process), that agent gets its instances' secrets
+        through the node API as every agent does; the watcher still acts on jobs that must restart."""
         self.watcher = ClusterSecretChangeWatcher(self.core, self.core.barrier.store, agent, jobs,
                                                   files_root_for(self.data_dir))
-        agent.instance_env = secrets_env_hook(self.core, self.address, agent.instance_env, self.watcher)
-        self.core.on_unseal.append(agent.reconcile)
+        if agent is not None:
+            agent.instance_env = secrets_env_hook(self.core, self.address, agent.instance_env, self.watcher)
+            self.core.on_unseal.append(agent.reconcile)
         self.watcher.start()
 
     async def stop(self) -> None:

@@ -211,8 +211,10 @@ class SecretChangeWatcher:
     """Follows the engine's storage; when a secret a running job reads changes, acts by the job's change_mode:
     a rolling restart (new instances read the new value), a signal to its instances, or nothing."""
 
-    def __init__(self, core: VaultCore, store: Store, agent: NodeAgent, jobs: JobService | None,
+    def __init__(self, core: VaultCore, store: Store, agent: NodeAgent | None, jobs: JobService | None,
                  files_root: str) -> None:
+        # agent None: this server's node agent is its own process (api/local_agent.py), which gets its instances'
+        # secrets through the node API as every agent does, and owns their files and signals.
         self.core, self.store, self.agent, self.jobs = core, store, agent, jobs
         self.files_root = files_root  # this server's tmpfs folder of instance secret files
         self.delivered: dict[str, str] = {}  # job -> digest of the values its latest instance start was given
@@ -237,6 +239,9 @@ class SecretChangeWatcher:
         """Revokes the engine tokens and removes the secret files of instances that no longer run here (older
         than `grace`, so an instance between its env and its start keeps them)."""
         if self.core.barrier.sealed:
+            return
+        if self.agent is None:
+            await wrapping.purge_expired(self.core, time.time())
             return
         live_tokens, live_accessors, live_dirs = set(), set(), set()
         for runner in list(self.agent.runners.values()):
@@ -279,7 +284,8 @@ class SecretChangeWatcher:
 
     async def watched_specs(self) -> dict[str, TaskSpec]:
         """The jobs whose secrets this watcher acts on, by name: those this server's node runs."""
-        return {runner.spec.name: runner.spec for runner in list(self.agent.runners.values())
+        runners = list(self.agent.runners.values()) if self.agent is not None else []
+        return {runner.spec.name: runner.spec for runner in runners
                 if runner.spec is not None and (runner.spec.secrets or runner.spec.vault_files)
                 and not runner.stopping}
 
@@ -302,7 +308,7 @@ class SecretChangeWatcher:
     async def _act(self, spec: TaskSpec) -> None:
         if spec.vault_change_mode == "signal":
             sig = signal.Signals[spec.vault_change_signal]
-            for runner in list(self.agent.runners.values()):
+            for runner in list(self.agent.runners.values()) if self.agent is not None else []:
                 same_job = runner.spec is not None and runner.spec.name == spec.name
                 instance = runner.supervisor.instance if same_job else None
                 if instance is not None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 from urllib.parse import unquote
 
 import orjson
 
+from shipyard.agent.node_agent import stored_job_spec
 from shipyard.api.vault.delivery import (
     SWEEP_GRACE,
     SecretChangeWatcher,
@@ -149,7 +151,10 @@ class ClusterSecretChangeWatcher(SecretChangeWatcher):
         specs = await super().watched_specs()
         if self.core.standby():
             return specs
-        elsewhere = await specs_placed_elsewhere(self.store, self.agent.node.name, self.agent.job_spec)
+        if self.agent is not None:
+            elsewhere = await specs_placed_elsewhere(self.store, self.agent.node.name, self.agent.job_spec)
+        else:  # this server's node agent is a process of its own: every node's instances are an agent's
+            elsewhere = await specs_placed_elsewhere(self.store, "", partial(stored_job_spec, self.store))
         for name, spec in elsewhere.items():
             if spec.vault_change_mode == "restart":
                 specs.setdefault(name, spec)
