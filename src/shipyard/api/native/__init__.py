@@ -23,6 +23,8 @@ from shipyard.api.native import (
 
 def add_native_routes(app: web.Application) -> None:
     app.router.add_routes(store_api.routes)
+    app[store_api.WATCH_STREAMS] = store_api.WatchStreams()
+    app.on_shutdown.append(store_api.end_watch_streams)
     app.router.add_routes(bus_api.routes)
     app.router.add_routes(jobs_api.routes)
     app.router.add_routes(logs_api.routes)

@@ -171,6 +171,26 @@ async def store_txn(request: web.Request) -> web.Response:
     )
 
 
+# The watch streams open now: a stopping server ends them (end_watch_streams) instead of waiting out its shutdown
+# timeout for handlers whose clients (agents, gateway workers) have gone and that notice only at the next heartbeat.
+class WatchStreams:
+    def __init__(self) -> None:
+        self.open: set[Any] = set()
+        self.closing = False
+
+
+WATCH_STREAMS: web.AppKey[WatchStreams] = web.AppKey("watch-streams", WatchStreams)
+
+
+async def end_watch_streams(app: web.Application) -> None:
+    """on_shutdown: every open watch stream ends (its client re-watches from its last revision elsewhere)."""
+    streams = app.get(WATCH_STREAMS)
+    if streams is not None:
+        streams.closing = True
+        for watcher in list(streams.open):
+            watcher.cancel()
+
+
 @routes.get(PREFIX + "/watch/{key:.*}")
 async def store_watch(request: web.Request) -> web.StreamResponse:
     """A stream of newline-delimited JSON: one line per revision's events, blank heartbeats between."""
@@ -181,6 +201,9 @@ async def store_watch(request: web.Request) -> web.StreamResponse:
         )
     except Compacted as exc:
         return _json({"error": exc.message, "detail": {"compact_revision": exc.compact_revision}}, status=410)
+    streams = request.app.get(WATCH_STREAMS)
+    if streams is not None:
+        streams.open.add(watcher)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
     await response.prepare(request)
     await response.write(orjson.dumps({"revision": store.revision, "events": []}) + b"\n")
@@ -199,8 +222,13 @@ async def store_watch(request: web.Request) -> web.StreamResponse:
         await response.write(orjson.dumps({"error": exc.message}) + b"\n")
     except (ConnectionResetError, asyncio.CancelledError):
         pass
+    except Exception:
+        if streams is None or not streams.closing:
+            raise  # ended by the server's shutdown otherwise (an etcd watch then fails as its stream is closed)
     finally:
         watcher.cancel()
+        if streams is not None:
+            streams.open.discard(watcher)
     return response
 
 
