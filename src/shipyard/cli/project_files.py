@@ -35,7 +35,7 @@ def load_locally(spec_file: Path) -> ProjectSpec:
         return load_project(str(spec_file))
     except SpecError as exc:
         for problem in exc.problems:
-            err_console.print(f"[red]error:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {escape(str(problem))}", highlight=False, soft_wrap=True)
         raise SystemExit(1) from None
 
 
