@@ -17,15 +17,15 @@ import yaml
 
 from shipyard.acl import Authorizer
 from shipyard.agent.logfiles import read_tail_lines
+from shipyard.agent.node_agent import NodeAgent
 from shipyard.api.context import Platform
-from shipyard.api.native.agent_logs import agent_log_lines, remote_agent_of
+from shipyard.api.native.agent_logs import agent_log_lines, logs_agent_of
 from shipyard.api.native.usage_relay import instances_usage
 from shipyard.bus import Bus
 from shipyard.errors import ShipyardError
 from shipyard.gateway.entities import CONSUMERS, PLUGINS, ROUTES, SERVICES, Kind
 from shipyard.gateway.plugins.prometheus import LATENCY, REQUESTS
 from shipyard.gateway.supervisor import GatewaySupervisor
-from shipyard.registry.agents import agent_info
 from shipyard.registry.catalog import CatalogSnapshot
 from shipyard.scheduler.jobs import JobService
 from shipyard.scheduler.model import Allocation
@@ -360,26 +360,28 @@ async def kv_entry(platform: Platform, key: str) -> dict[str, Any] | None:
 
 
 async def logs(platform: Platform, alloc_id: str, stream: str, lines: int = 80, grep: str = "") -> list[str]:
+    """The last `lines` of an instance's stream (those holding `grep`, among the last 5,000, when given)."""
+    wanted = lines if not grep else 5000
     agent = platform.agent
     if agent is None:  # this server's node agent is its own process, as on every other node: ask it
-        return await _agent_logs(platform, alloc_id, stream, lines, grep)
+        found = await _agent_logs(platform, alloc_id, stream, wanted)
+    else:
+        found = await _own_logs(agent, alloc_id, stream, wanted)
+    if grep:
+        found = [line for line in found if grep.lower() in line.lower()][-lines:]
+    return found
+
+
+async def _own_logs(agent: NodeAgent, alloc_id: str, stream: str, wanted: int) -> list[str]:
     try:
         path = agent.log_file(alloc_id, stream)
     except ShipyardError:  # an instance that never ran on this node, or a stream name not offered
         return []
     if not path.exists():
         return []
-    found = await asyncio.to_thread(read_tail_lines, path, lines if not grep else 5000)
-    if grep:
-        found = [line for line in found if grep.lower() in line.lower()][-lines:]
-    return found
+    return await asyncio.to_thread(read_tail_lines, path, wanted)
 
 
-async def _agent_logs(platform: Platform, alloc_id: str, stream: str, lines: int, grep: str) -> list[str]:
-    remote = await remote_agent_of(platform.store, alloc_id) or await agent_info(platform.store, platform.node.name)
-    if remote is None:
-        return []
-    found = await agent_log_lines(remote, alloc_id, stream, lines if not grep else 5000)
-    if grep:
-        found = [line for line in found if grep.lower() in line.lower()][-lines:]
-    return found
+async def _agent_logs(platform: Platform, alloc_id: str, stream: str, wanted: int) -> list[str]:
+    remote = await logs_agent_of(platform.store, alloc_id, platform.node.name)
+    return await agent_log_lines(remote, alloc_id, stream, wanted) if remote is not None else []

@@ -27,6 +27,16 @@ SECRET_HEADER = "X-Shipyard-Agent-Secret"
 CONNECT_TIMEOUT = 5.0
 
 
+def agent_url(agent: AgentInfo, path: str) -> str:
+    """A URL on an agent's logs listener (its advertised address, IPv6 in brackets)."""
+    host = f"[{agent.address}]" if ":" in agent.address else agent.address
+    return f"http://{host}:{agent.logs_port}{path}"
+
+
+def _logs_path(alloc_id: str) -> str:
+    return f"/api/v1/allocs/{quote(alloc_id, safe='')}/logs"
+
+
 async def remote_agent_of(store: Store, alloc_id: str) -> AgentInfo | None:
     """The agent of the node the allocation is (or was last reported) on; None when that is no agent's node."""
     suffix = "/" + quote(alloc_id, safe="")
@@ -38,9 +48,14 @@ async def remote_agent_of(store: Store, alloc_id: str) -> AgentInfo | None:
     return None
 
 
+async def logs_agent_of(store: Store, alloc_id: str, own_node: str) -> AgentInfo | None:
+    """The agent that holds an allocation's logs: its node's, or, once the allocation is gone from the records, the
+    agent of `own_node` (a server whose node agent is its own process: the logs outlive the instance there)."""
+    return await remote_agent_of(store, alloc_id) or await agent_info(store, own_node)
+
+
 async def proxy_agent_logs(request: web.Request, agent: AgentInfo, alloc_id: str) -> web.StreamResponse:
-    host = f"[{agent.address}]" if ":" in agent.address else agent.address
-    url = f"http://{host}:{agent.logs_port}/api/v1/allocs/{quote(alloc_id, safe='')}/logs"
+    url = agent_url(agent, _logs_path(alloc_id))
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         try:
@@ -64,8 +79,7 @@ async def proxy_agent_logs(request: web.Request, agent: AgentInfo, alloc_id: str
 async def agent_log_lines(agent: AgentInfo, alloc_id: str, stream: str, tail: int) -> list[str]:
     """The last `tail` lines of an instance's stream, asked of its node's agent (the console's logs panel); none
     when the agent does not answer or knows no such instance."""
-    host = f"[{agent.address}]" if ":" in agent.address else agent.address
-    url = f"http://{host}:{agent.logs_port}/api/v1/allocs/{quote(alloc_id, safe='')}/logs"
+    url = agent_url(agent, _logs_path(alloc_id))
     timeout = aiohttp.ClientTimeout(total=10, sock_connect=CONNECT_TIMEOUT)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session, session.get(

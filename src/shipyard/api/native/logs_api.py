@@ -17,9 +17,8 @@ from aiohttp import web
 from shipyard.agent.logfiles import read_tail_lines, split_timeline_line
 from shipyard.agent.state import TIMELINE_LOG
 from shipyard.api.context import platform_of
-from shipyard.api.native.agent_logs import AGENT_LOGS, proxy_agent_logs, remote_agent_of
+from shipyard.api.native.agent_logs import AGENT_LOGS, logs_agent_of, proxy_agent_logs, remote_agent_of
 from shipyard.errors import BadRequest, NotFound, ShipyardError
-from shipyard.registry.agents import agent_info
 
 routes = web.RouteTableDef()
 
@@ -146,9 +145,8 @@ async def alloc_logs(request: web.Request) -> web.StreamResponse:
     follow = _follow_param(request)
     if not on_agent and (agent is None or not await asyncio.to_thread(_runs_here, agent, alloc_id)):
         platform = platform_of(request)
-        remote = await remote_agent_of(platform.store, alloc_id)
-        if remote is None and agent is None:  # gone from the records: its logs may outlive it on this node
-            remote = await agent_info(platform.store, platform.node.name)
+        remote = (await remote_agent_of(platform.store, alloc_id) if agent is not None
+                  else await logs_agent_of(platform.store, alloc_id, platform.node.name))
         if remote is not None:
             return await proxy_agent_logs(request, remote, alloc_id)
         if agent is None:

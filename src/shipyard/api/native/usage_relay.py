@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from shipyard.api.context import Platform
-from shipyard.api.native.agent_logs import AGENT_LOGS, SECRET_HEADER
+from shipyard.api.native.agent_logs import AGENT_LOGS, SECRET_HEADER, agent_url
 from shipyard.registry.agents import AgentInfo, agent_info
 from shipyard.scheduler.model import Allocation
 
@@ -70,8 +70,7 @@ async def _remote(platform: Platform, node: str, ids: set[str]) -> dict[str, dic
 
 
 async def _ask(agent: AgentInfo, ids: set[str]) -> dict[str, dict[str, Any]]:
-    host = f"[{agent.address}]" if ":" in agent.address else agent.address
-    url = f"http://{host}:{agent.logs_port}{NODE_USAGE}"
+    url = agent_url(agent, NODE_USAGE)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=RELAY_TIMEOUT)) as session, session.get(
             url, params={"ids": ",".join(sorted(ids))}, headers={SECRET_HEADER: agent.logs_secret}) as response:
         if response.status != 200:
