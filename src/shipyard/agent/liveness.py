@@ -22,6 +22,7 @@ from shipyard.registry.catalog import CRITICAL, PASSING, SERF_CHECK_ID, Catalog
 from shipyard.registry.servers import SERVERS, ServerCluster
 from shipyard.scheduler.records import node_key
 from shipyard.store import Compare, Delete, Get, Store
+from shipyard.tasks import cancel_and_wait
 
 log = logging.getLogger("shipyard.cluster")
 
@@ -83,10 +84,7 @@ class NodeLiveness:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(task)
         self._down_since.clear()
 
     async def _run(self) -> None:

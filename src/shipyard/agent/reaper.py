@@ -25,6 +25,7 @@ from shipyard.registry.catalog import Catalog
 from shipyard.registry.servers import MEMBERS, SERVERS
 from shipyard.scheduler.nodes import forget_node_ops
 from shipyard.store import Compare, Delete, Get, KeyValue, Put, Store
+from shipyard.tasks import cancel_and_wait
 
 log = logging.getLogger("shipyard.cluster")
 
@@ -138,10 +139,7 @@ class MemberReaper:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import orjson
 
 from shipyard.store import Get, LeaseNotFound, Put, Store
+from shipyard.tasks import cancel_and_wait
 
 log = logging.getLogger("shipyard.agent")
 
@@ -115,10 +116,7 @@ class AgentHeartbeat:
     async def stop(self) -> None:
         """Leaves: members show 3 (left) and the lease is given back at once."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(task)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5):
                 await self.store.put(_key(AGENT_MEMBERS, self.info.name), self.info.encode(left=True))

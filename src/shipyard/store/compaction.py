@@ -13,11 +13,11 @@ history and needs none of this.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from shipyard.store import Compacted
 from shipyard.store.etcd import EtcdStore
+from shipyard.tasks import cancel_and_wait
 
 log = logging.getLogger("shipyard.cluster")
 
@@ -40,10 +40,7 @@ class PeriodicCompactor:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(task)
         self.previous = 0  # a leader elected again starts with a full interval of history kept
 
     async def _run(self) -> None:
