@@ -30,7 +30,7 @@ from shipyard.agent.usage import Usage
 from shipyard.errors import NotFound, ShipyardError
 from shipyard.registry.catalog import CHECKS, CRITICAL, PASSING, Catalog
 from shipyard.registry.machine import machine_attributes
-from shipyard.registry.node import NodeIdentity
+from shipyard.registry.node import NodeIdentity, reachable_address
 from shipyard.scheduler.model import Allocation, Node
 from shipyard.scheduler.records import (
     ALLOC_STATUS,
@@ -516,7 +516,7 @@ class NodeAgent:
         self.meta: dict[str, str] = {}  # an agent's --meta and --node-class: on its node record, for constraints
         self.node_class = ""
         self.keep_instances_on_stop = keep_instances_on_stop
-        self.address = node.address if node.address not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        self.address = reachable_address(node.address)
         self.platform_env.setdefault("SHIPYARD_NODE_ADDRESS", self.address)  # what its instances bind (HOST)
         self.driver = ExecDriver(self.data_dir)
         self.ports = PortAllocator(port_range) if port_range else PortAllocator()

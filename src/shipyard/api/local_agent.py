@@ -27,7 +27,7 @@ import time
 from shipyard.api.context import ServerConfig
 from shipyard.private_files import OPERATOR_UMASK_ENV, operator_umask
 from shipyard.registry.agents import agent_alive_key
-from shipyard.registry.node import NodeIdentity
+from shipyard.registry.node import NodeIdentity, reachable_address
 from shipyard.scheduler.records import node_key
 from shipyard.store import Get, Store
 from shipyard.tokens import TOKEN_VARIABLES
@@ -68,7 +68,7 @@ class LocalNodeAgent:
 
     def command(self) -> list[str]:
         config, node = self.config, self.node
-        address = node.address if node.address not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        address = reachable_address(node.address)
         args = [sys.executable, "-m", "shipyard.cli.main", "agent", "--server", self.control_url,
                 "--node", node.name, "--node-id", node.id, "--advertise", address, "--datacenter", node.datacenter,
                 "--data-dir", self.data_dir, "--port", "0", "--http-port", "0", "--dns-port", "0",

@@ -55,7 +55,7 @@ from shipyard.private_files import make_data_dir_private, make_process_private
 from shipyard.registry.catalog import Catalog
 from shipyard.registry.health import HealthChecker
 from shipyard.registry.kv import ConsulKV
-from shipyard.registry.node import NodeIdentity
+from shipyard.registry.node import NodeIdentity, reachable_address
 from shipyard.registry.sessions import SessionManager
 from shipyard.scheduler.jobs import JobService
 from shipyard.scheduler.loop import SchedulerLoop
@@ -100,7 +100,7 @@ def local_control_url(config: ServerConfig) -> str:
     """How processes on this machine reach the control API: plain HTTP where it listens (on loopback once TLS is
     on), else the HTTPS port (they then need the CA: SHIPYARD_CACERT)."""
     tls = config.tls
-    host = config.bind if config.bind not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    host = reachable_address(config.bind)
     if tls.enabled and not is_loopback(host):
         host = "127.0.0.1"  # plain HTTP is on loopback only; the certificates name 127.0.0.1 too
     scheme, port = ("http", config.http_port) if config.http_port or not tls.enabled else ("https", tls.https_port)

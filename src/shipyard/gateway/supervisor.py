@@ -15,6 +15,7 @@ import sys
 import time
 
 from shipyard.errors import ShipyardError
+from shipyard.registry.node import reachable_address
 
 log = logging.getLogger("shipyard.gateway")
 
@@ -80,7 +81,7 @@ class GatewaySupervisor:
         """Returns once the gateway port accepts connections; raises if every worker exited before that (so the
         server never says ready while its workers crash-loop). A slow start past `timeout` only logs."""
         deadline = time.monotonic() + timeout
-        host = self.bind if self.bind not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        host = reachable_address(self.bind)
         while time.monotonic() < deadline:
             try:
                 _, writer = await asyncio.open_connection(host, self.port)

@@ -28,3 +28,8 @@ class NodeIdentity:
             else:
                 path.write_text(node_id + "\n")
         return cls(name or socket.gethostname(), node_id, address, datacenter)
+
+
+def reachable_address(address: str) -> str:
+    """Where a process of this machine reaches what binds `address`: a wildcard (or nothing) means loopback."""
+    return address if address not in ("", "0.0.0.0", "::") else "127.0.0.1"
