@@ -97,6 +97,28 @@ def need_binary(name: str) -> str:
     return path
 
 
+def acl_token(url: str, management: str, name: str, rules: str, *, verify: bool | str = True) -> str:
+    """The SecretID of a new token of one new policy `name` with `rules`, made with the management token as an
+    operator makes one (PUT /v1/acl/policy, then /v1/acl/token)."""
+    headers = {"X-Consul-Token": management}
+    policy = requests.put(url + "/v1/acl/policy", json={"Name": name, "Rules": rules}, headers=headers, timeout=10,
+                          verify=verify)
+    assert policy.status_code == 200, policy.text
+    token = requests.put(url + "/v1/acl/token", json={"Policies": [{"ID": policy.json()["ID"]}]}, headers=headers,
+                         timeout=10, verify=verify)
+    assert token.status_code == 200, token.text
+    return str(token.json()["SecretID"])
+
+
+def rabbit_up() -> bool:
+    """Whether this machine's RabbitMQ answers on its standard port (the bus tests need it)."""
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
     """Polls `check` until it is truthy (a failed HTTP call counts as not yet); the timeout bounds, not measures."""
     deadline = time.monotonic() + timeout

@@ -28,7 +28,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from shipyard.tls.authority import CertRequest, build_ca, build_cert
-from support import ServerProcess, free_port, need_binary, wait_for
+from support import ServerProcess, acl_token, free_port, need_binary, wait_for
 from test_tls_gateway import _key_pem, _pem
 
 MANAGEMENT = str(uuid.uuid4())
@@ -56,11 +56,7 @@ def call(base: str, method: str, path: str, token: str = MANAGEMENT, **kw: Any) 
 
 
 def make_token(server: ServerProcess, name: str, rules: str) -> str:
-    policy = call(server.url, "PUT", "/v1/acl/policy", json={"Name": name, "Rules": rules})
-    assert policy.status_code == 200, policy.text
-    token = call(server.url, "PUT", "/v1/acl/token", json={"Policies": [{"ID": policy.json()["ID"]}]})
-    assert token.status_code == 200, token.text
-    return str(token.json()["SecretID"])
+    return acl_token(server.url, MANAGEMENT, name, rules)
 
 
 @pytest.fixture(scope="module")

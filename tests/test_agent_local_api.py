@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import requests
 
-from support import ServerProcess, free_port, wait_for
+from support import ServerProcess, acl_token, free_port, wait_for
 
 MANAGEMENT = str(uuid.uuid4())
 AGENT_RULES = 'store = "write"\nnode "edge" { policy = "write" }'
@@ -97,11 +97,7 @@ def call(base: str, method: str, path: str, token: str = MANAGEMENT, **kw: Any) 
 
 
 def agent_token(server: ServerProcess) -> str:
-    policy = call(server.url, "PUT", "/v1/acl/policy", json={"Name": "edge-agent", "Rules": AGENT_RULES})
-    assert policy.status_code == 200, policy.text
-    token = call(server.url, "PUT", "/v1/acl/token", json={"Policies": [{"ID": policy.json()["ID"]}]})
-    assert token.status_code == 200, token.text
-    return str(token.json()["SecretID"])
+    return acl_token(server.url, MANAGEMENT, "edge-agent", AGENT_RULES)
 
 
 @pytest.fixture(scope="module")

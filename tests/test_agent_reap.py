@@ -26,7 +26,8 @@ import pytest
 import requests
 
 from agent_support import alive
-from support import ServerProcess, free_port, wait_for
+from shipyard.api.local_agent import node_agent_rules
+from support import ServerProcess, acl_token, free_port, wait_for
 
 MANAGEMENT = str(uuid.uuid4())
 RECONNECT_TIMEOUT = 8  # seconds: the server's --reconnect-timeout here (72h by default)
@@ -39,11 +40,7 @@ def call(server: ServerProcess, method: str, path: str, token: str = MANAGEMENT,
 
 
 def make_token(server: ServerProcess, name: str, rules: str) -> str:
-    policy = call(server, "PUT", "/v1/acl/policy", json={"Name": name, "Rules": rules})
-    assert policy.status_code == 200, policy.text
-    token = call(server, "PUT", "/v1/acl/token", json={"Policies": [{"ID": policy.json()["ID"]}]})
-    assert token.status_code == 200, token.text
-    return str(token.json()["SecretID"])
+    return acl_token(server.url, MANAGEMENT, name, rules)
 
 
 class Agent:
@@ -53,7 +50,7 @@ class Agent:
         self.server, self.name, self.address = server, name, address
         self.data_dir = base / name
         self.log_path = base / f"{name}.log"
-        self.token = make_token(server, f"agent-{name}", f'store = "write"\nnode "{name}" {{ policy = "write" }}')
+        self.token = make_token(server, f"agent-{name}", node_agent_rules(name))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Agent:

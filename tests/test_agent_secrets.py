@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -24,8 +23,9 @@ import pytest
 import requests
 from hvac import exceptions as hvac_errors
 
+from shipyard.api.local_agent import node_agent_rules
 from shipyard.api.vault.delivery import files_root_for
-from support import EtcdProcess, free_port, need_peer, wait_for
+from support import EtcdProcess, acl_token, free_port, need_peer, rabbit_up, wait_for
 from vault_support import VaultServer, init_and_unseal
 
 MANAGEMENT = str(uuid.uuid4())
@@ -50,12 +50,7 @@ def call(base: str, method: str, path: str, token: str = MANAGEMENT, **kw: Any) 
 
 def node_token(server: VaultServer, node: str) -> str:
     """A token as an agent of `node` is given: its node and the store."""
-    rules = f'store = "write"\nnode "{node}" {{ policy = "write" }}'
-    policy = call(server.url, "PUT", "/v1/acl/policy", json={"Name": f"agent-{node}", "Rules": rules})
-    assert policy.status_code == 200, policy.text
-    token = call(server.url, "PUT", "/v1/acl/token", json={"Policies": [{"ID": policy.json()["ID"]}]})
-    assert token.status_code == 200, token.text
-    return str(token.json()["SecretID"])
+    return acl_token(server.url, MANAGEMENT, f"agent-{node}", node_agent_rules(node))
 
 
 @pytest.fixture(scope="module")
@@ -450,11 +445,3 @@ def test_in_a_cluster_an_agent_passes_over_a_sealed_server_for_an_unsealed_one(t
         b.stop()
         stop_all(agent, a, tmp_path / "agent")
         etcd.stop()
-
-
-def rabbit_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            return True
-    except OSError:
-        return False

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,9 @@ import requests
 from shipyard.bus import Bus, bus_from_url
 from shipyard.bus.base import Task
 from shipyard.bus.rabbitmq import amqp_name, dead_name
-from support import ServerProcess, need_peer
+from support import ServerProcess, need_peer, rabbit_up
 
 RABBIT_URL = "rabbitmq://guest:guest@127.0.0.1:5672/"
-
-
-def rabbit_up() -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 5672), timeout=1):
-        return True
-    return False
 
 
 def name(prefix: str) -> str:

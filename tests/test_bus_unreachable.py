@@ -16,13 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from support import ServerProcess, free_port, need_peer
-
-
-def rabbit_up() -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 5672), timeout=1):
-        return True
-    return False
+from support import ServerProcess, free_port, need_peer, rabbit_up
 
 
 class Forwarder:

@@ -33,7 +33,8 @@ from typing import Any
 import pytest
 import requests
 
-from support import ServerProcess, free_port, need_peer, wait_for, wait_until_answering, wait_until_ready
+from shipyard.api.local_agent import node_agent_rules
+from support import ServerProcess, acl_token, free_port, need_peer, wait_for, wait_until_answering, wait_until_ready
 
 pytestmark = pytest.mark.xdist_group("netns")
 
@@ -182,13 +183,7 @@ class LabServer(ServerProcess):
 
     def agent_token(self, node: str) -> str:
         """What an agent needs: write its own node (and its instances' service tokens), the store."""
-        with self.session() as http:
-            rules = f'store = "write"\nnode "{node}" {{ policy = "write" }}'
-            policy = http.put(self.url + "/v1/acl/policy", json={"Name": f"agent-{node}", "Rules": rules}, timeout=10)
-            assert policy.status_code == 200, policy.text
-            token = http.put(self.url + "/v1/acl/token", json={"Policies": [{"ID": policy.json()["ID"]}]}, timeout=10)
-            assert token.status_code == 200, token.text
-            return str(token.json()["SecretID"])
+        return acl_token(self.url, MANAGEMENT, f"agent-{node}", node_agent_rules(node), verify=str(self.pki.ca))
 
     def dns_token(self) -> str:
         """Consul's way to let DNS answer under default deny: a token of the builtin/dns templated policy."""

@@ -8,7 +8,6 @@ sync each gateway would admit 100 on its own, 200 in all.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from support import EtcdProcess, ServerProcess, free_port, need_peer
+from support import EtcdProcess, ServerProcess, free_port, need_peer, rabbit_up
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 LIMIT = 100
@@ -29,14 +28,6 @@ SENT = 300
 LATENCY_ALLOWANCE = 0.5  # seconds a synced count may take to reach the other gateway on a loaded 2-core machine
 
 pytestmark = pytest.mark.xdist_group("rabbitmq")  # shares RabbitMQ with the other cluster modules, one at a time
-
-
-def rabbit_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def wait_for_status(url: str, status: int, timeout: float = 30.0) -> None:

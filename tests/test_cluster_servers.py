@@ -30,20 +30,12 @@ from shipyard.scheduler.records import ALLOCS, PLAN_GUARD, encode_node, node_key
 from shipyard.spec import Resources, TaskSpec
 from shipyard.store import Put
 from shipyard.store.etcd import EtcdStore
-from support import EtcdProcess, LoopbackServer, ServerProcess, free_port, need_peer, wait_for
+from support import EtcdProcess, LoopbackServer, ServerProcess, free_port, need_peer, rabbit_up, wait_for
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 TTL = 2  # --leader-ttl of the servers under test
 LOST_AFTER = 3  # --node-lost-after: a dead server's instances are replaced this long after its lease expired
 NAMESPACE = "cluster-test"
-
-
-def rabbit_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def loopback_aliases_work() -> bool:

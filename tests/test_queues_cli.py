@@ -4,9 +4,7 @@ bus backend (embedded, and `--bus rabbitmq://` with the RabbitMQ on this machine
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
 import subprocess
 import sys
 import uuid
@@ -20,15 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shipyard.bus import bus_from_url
 from shipyard.bus.rabbitmq import amqp_name, dead_name
-from support import ServerProcess, need_peer
+from support import ServerProcess, need_peer, rabbit_up
 
 RABBIT_URL = "rabbitmq://guest:guest@127.0.0.1:5672/"
-
-
-def rabbit_up() -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 5672), timeout=1):
-        return True
-    return False
 
 
 def shipyard(addr: str, *args: str) -> subprocess.CompletedProcess[str]:

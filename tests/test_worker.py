@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,16 +25,10 @@ import requests
 
 from shipyard.bus.rabbitmq import amqp_name, dead_name
 from shipyard.sdk.bus import BusApp
-from support import ServerProcess, need_peer
+from support import ServerProcess, need_peer, rabbit_up
 
 RABBIT_URL = "rabbitmq://guest:guest@127.0.0.1:5672/"
 APPS = Path(__file__).parent / "apps"
-
-
-def rabbit_up() -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 5672), timeout=1):
-        return True
-    return False
 
 
 def wait_for(predicate, timeout: float = 60, what: str = "condition"):  # type: ignore[no-untyped-def]
