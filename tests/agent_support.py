@@ -59,6 +59,21 @@ def processes_with_env(name: str, value: str) -> list[int]:
     return found
 
 
+def process_groups_with_env(name: str, value: str) -> set[int]:
+    """The process groups of the live processes whose environment has name=value.
+
+    A short-lived child (a shell's `sleep`) may exit between the listing and the question: it is skipped, not an
+    error, since its group is the same as its parent's.
+    """
+    groups = set()
+    for pid in processes_with_env(name, value):
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            continue
+    return groups
+
+
 def read_pid_file(path: Path) -> int | None:
     try:
         text = path.read_text().strip()

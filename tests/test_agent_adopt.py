@@ -17,7 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from agent_support import PYTHON, alive, exists, processes_with_env, stop_leftover_shims, wait_until, write_script
+from agent_support import (
+    PYTHON,
+    alive,
+    exists,
+    process_groups_with_env,
+    processes_with_env,
+    stop_leftover_shims,
+    wait_until,
+    write_script,
+)
 from shipyard.agent.adopt import adopt_instances
 from shipyard.agent.drivers.exec import ExecDriver
 from shipyard.agent.limits import CgroupSupport
@@ -108,8 +117,7 @@ async def test_kill9_of_agent_then_adopt_without_duplicates(tmp_path: Path, data
         await driver.start(TaskSpec(service="web", alloc_id=A1, cmd=TICKER), {})
     for alloc in (A1, A2):
         # One instance per alloc id (the sh and its sleeps share one process group).
-        groups = {os.getpgid(pid) for pid in processes_with_env("SHIPYARD_ALLOC_ID", alloc)}
-        assert groups == {pids[alloc]}
+        assert process_groups_with_env("SHIPYARD_ALLOC_ID", alloc) == {pids[alloc]}
 
     supervisors = [Supervisor.for_adopted(driver, instance) for instance in report.adopted]
     for supervisor in supervisors:
