@@ -128,10 +128,26 @@ def report_of(out: Path, until: Callable[[dict[str, Any]], bool] = bool, timeout
     return found
 
 
-def allocs_of(setup: Setup, job: str) -> list[dict[str, Any]]:
+def every_alloc_of(setup: Setup, job: str) -> list[dict[str, Any]]:
     listed = call(setup.server.url, "GET", "/api/v1/allocs").json()
     items = listed.get("allocations", listed) if isinstance(listed, dict) else listed
-    return [a for a in items if a.get("job") == job and a.get("desired") == "run"]
+    return [a for a in items if a.get("job") == job]
+
+
+def allocs_of(setup: Setup, job: str) -> list[dict[str, Any]]:
+    return [a for a in every_alloc_of(setup, job) if a.get("desired") == "run"]
+
+
+def the_alloc_of(setup: Setup, job: str) -> dict[str, Any]:
+    """The job's one allocation to run, once a rolling update has stopped the previous one (the whole listing is
+    in the message when it does not come)."""
+    try:
+        found = wait_for(f"one allocation of {job} to run", lambda: len(allocs_of(setup, job)) == 1, timeout=30)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; every allocation of {job}: {every_alloc_of(setup, job)}") from None
+    assert found
+    [alloc] = allocs_of(setup, job)
+    return alloc
 
 
 def holding(folder: Path, values: list[str]) -> list[str]:
@@ -155,7 +171,7 @@ def test_an_instance_on_an_agent_reads_its_secrets_and_nothing_is_on_disk(setup:
     assert files["dir_mode"] == "0o700" and files["modes"] == {"db.password": "0o600"}
     assert files["dir"].startswith("/dev/shm/") or not Path("/dev/shm").is_dir()
     assert not files["dir"].startswith(str(setup.base))
-    [alloc] = allocs_of(setup, "mediahub")
+    alloc = the_alloc_of(setup, "mediahub")
     assert alloc["node"] == "edge", alloc
     # The token was minted for that node and allocation.
     looked_up = setup.server.client(ROOT).auth.token.lookup_accessor(report["accessor"])["data"]
@@ -167,8 +183,12 @@ def test_an_instance_on_an_agent_reads_its_secrets_and_nothing_is_on_disk(setup:
     assert not [v for v in values if v.encode() in logs]
 
 
-def test_the_route_is_for_the_callers_own_node_and_its_allocations(setup: Setup) -> None:
-    [alloc] = allocs_of(setup, "mediahub")
+def test_the_route_is_for_the_callers_own_node_and_its_allocations(setup: Setup, tmp_path: Path) -> None:
+    # Its own deployment, so that it holds also when run alone or on another worker than the test before.
+    out = tmp_path / "report.json"
+    deploy(setup, "mediahub", out, "restart")
+    report_of(out)
+    alloc = the_alloc_of(setup, "mediahub")
     url = setup.server.url
 
     def ask(node: str, token: str, alloc_id: str) -> requests.Response:
