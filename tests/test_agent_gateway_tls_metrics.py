@@ -4,8 +4,8 @@
 - HTTPS: a certificate added through the servers' gateway admin API after the agent started reaches the agent's
   gateway workers (they follow the store), which pick it by SNI; the client verifies it with the CA.
 - Metrics: requests that went through the agent's gateway are counted on the agent's own
-  /api/gateway/metrics (its --port), behind the servers' ACLs (`gateway = "read"`, a bearer token as Prometheus
-  sends it), and a real Prometheus scrapes them.
+  /api/gateway/metrics (its --port, HTTPS with the agent's certificate), behind the servers' ACLs
+  (`gateway = "read"`, a bearer token as Prometheus sends it), and a real Prometheus scrapes them over HTTPS.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class Setup:
     server: ServerProcess
     gateway: str  # the agent's plain HTTP gateway
     tls_port: int
-    metrics: str  # the agent's metrics URL
+    metrics: str  # the agent's metrics URL (https: the agent has a certificate)
+    cluster_ca: Path  # the CA of the agent's own certificate
     agent_token: str
     ca_file: Path
     ca: tuple[Any, Any]
@@ -68,6 +69,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     upstream = subprocess.Popen([sys.executable, UPSTREAM, str(upstream_port), "agent-up"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     agent: subprocess.Popen[bytes] | None = None
+    cluster_ca, agent_cert, agent_key = agent_pki(base)
     try:
         server.start()
         token = make_token(server, "edge-gw-agent", AGENT_RULES)
@@ -84,7 +86,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                 [sys.executable, "-m", "shipyard.cli.main", "agent", "--server", server.addr, "--node", "edge-gw",
                  "--advertise", ADDRESS, "--port", str(logs_port), "--dns-port", "0", "--http-port", "0",
                  "--gateway", "--gateway-port", str(gateway_port), "--gateway-tls-port", str(tls_port),
-                 "--data-dir", str(base / "agent")],
+                 "--data-dir", str(base / "agent"), "--client-cert", str(agent_cert), "--client-key", str(agent_key)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         gateway = f"http://{ADDRESS}:{gateway_port}"
         wait_for("the route through the agent's gateway",
@@ -92,8 +94,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         ca_cert, ca_key = build_ca()
         ca_file = base / "gateway-ca.pem"
         ca_file.write_text(_pem(ca_cert))
-        yield Setup(server, gateway, tls_port, f"http://{ADDRESS}:{logs_port}/api/gateway/metrics", token,
-                    ca_file, (ca_cert, ca_key), base)
+        yield Setup(server, gateway, tls_port, f"https://{ADDRESS}:{logs_port}/api/gateway/metrics", cluster_ca,
+                    token, ca_file, (ca_cert, ca_key), base)
     finally:
         if agent is not None and agent.poll() is None:
             os.killpg(agent.pid, signal.SIGTERM)
@@ -101,6 +103,23 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         server.stop()
         upstream.terminate()
         upstream.wait(10)
+
+
+def agent_pki(base: Path) -> tuple[Path, Path, Path]:
+    """The cluster's CA and the agent's certificate naming its address (`shipyard tls cert create --client --ip`)."""
+    ca_cert, ca_key = build_ca()
+    cert, key = build_cert(CertRequest(kind="client", ip_addresses=[ADDRESS]), ca_cert, ca_key)
+    paths = base / "cluster-ca.pem", base / "agent.pem", base / "agent-key.pem"
+    for path, text in zip(paths, (_pem(ca_cert), _pem(cert), _key_pem(key)), strict=True):
+        path.write_text(text)
+    return paths
+
+
+def scrape(setup: Setup, token: str = "", path: str = "") -> requests.Response:
+    """GET on the agent's HTTPS port as Prometheus does: its certificate checked against the cluster's CA."""
+    url = setup.metrics.replace("/api/gateway/metrics", path) if path else setup.metrics
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.get(url, headers=headers, timeout=10, verify=str(setup.cluster_ca))
 
 
 def https_get(setup: Setup, path: str) -> tuple[int, dict[str, Any]]:
@@ -143,29 +162,28 @@ def shop_requests(text: str) -> float:
 
 def test_the_agents_gateway_metrics_on_the_agent_behind_acls(setup: Setup) -> None:
     # Without a token, or with the agent's own (no gateway rule): refused, as at a server's /api/gateway/metrics.
-    assert requests.get(setup.metrics, timeout=10).status_code == 403
-    assert requests.get(setup.metrics, headers={"Authorization": f"Bearer {setup.agent_token}"},
-                        timeout=10).status_code == 403
+    assert scrape(setup).status_code == 403
+    assert scrape(setup, setup.agent_token).status_code == 403
     reader = make_token(setup.server, "gateway-metrics", 'gateway = "read"')
-    bearer = {"Authorization": f"Bearer {reader}"}
 
-    def scrape() -> str:
-        answer = requests.get(setup.metrics, headers=bearer, timeout=10)
+    def text() -> str:
+        answer = scrape(setup, reader)
         assert answer.status_code == 200, answer.text
         assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         return answer.text
 
     # Until the worker has the plugin, requests go uncounted: wait for a count that follows a request.
     wait_for("the prometheus plugin at the agent's gateway", lambda: (
-        requests.get(setup.gateway + "/shop/warm", timeout=5).status_code == 200 and shop_requests(scrape()) > 0))
-    before = shop_requests(scrape())
+        requests.get(setup.gateway + "/shop/warm", timeout=5).status_code == 200 and shop_requests(text()) > 0))
+    before = shop_requests(text())
     for i in range(20):
         assert requests.get(f"{setup.gateway}/shop/{i}", timeout=10).status_code == 200
-    assert shop_requests(scrape()) - before == 20
-    assert "shipyard_gateway_workers 1" in scrape()
-    # The listener's other routes still need the servers' secret.
-    assert requests.get(setup.metrics.replace("/api/gateway/metrics", "/api/v1/node-usage"), headers=bearer,
-                        timeout=10).status_code == 403
+    assert shop_requests(text()) - before == 20
+    assert "shipyard_gateway_workers 1" in text()
+    # The listener's other routes still need the servers' secret; plain HTTP gets no answer at all.
+    assert scrape(setup, reader, "/api/v1/node-usage").status_code == 403
+    with pytest.raises(requests.ConnectionError):
+        requests.get(setup.metrics.replace("https://", "http://"), timeout=10)
 
 
 def test_a_real_prometheus_scrapes_the_agents_gateway(setup: Setup) -> None:
@@ -174,18 +192,19 @@ def test_a_real_prometheus_scrapes_the_agents_gateway(setup: Setup) -> None:
     port = free_port()
     folder = setup.base / "prometheus"
     folder.mkdir()
-    target = setup.metrics.removeprefix("http://").split("/", 1)[0]
+    target = setup.metrics.removeprefix("https://").split("/", 1)[0]
     (folder / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, scrape_timeout: 1s}\n"
         "scrape_configs:\n"
         "  - job_name: shipyard-gateways\n"
         "    metrics_path: /api/gateway/metrics\n"
+        "    scheme: https\n"
+        f"    tls_config: {{ca_file: {setup.cluster_ca}}}\n"
         f"    authorization: {{credentials: {reader}}}\n"
         f"    static_configs: [{{targets: ['{target}']}}]\n")
     for i in range(7):
         assert requests.get(f"{setup.gateway}/shop/prom-{i}", timeout=10).status_code == 200
-    expected = shop_requests(requests.get(setup.metrics, headers={"Authorization": f"Bearer {reader}"},
-                                          timeout=10).text)
+    expected = shop_requests(scrape(setup, reader).text)
     with open(folder / "prometheus.log", "wb") as log:
         prometheus = subprocess.Popen(
             [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",

@@ -142,6 +142,17 @@ class Pki:
         return cls(where / "consul-agent-ca.pem", where / "dc1-server-consul-0.pem",
                    where / "dc1-server-consul-0-key.pem")
 
+    def client_cert(self, address: str) -> tuple[Path, Path]:
+        """An agent's certificate naming its address: it serves its --port over HTTPS with it."""
+        where = self.ca.parent
+        before = set(where.glob("dc1-client-consul-*.pem"))
+        made = subprocess.run([sys.executable, "-m", "shipyard.cli.main", "tls", "cert", "create", "--client",
+                               "--ip", address, "--dir", str(where)], capture_output=True, text=True, timeout=60,
+                              cwd=where)
+        assert made.returncode == 0, made.stderr
+        [cert] = [p for p in set(where.glob("dc1-client-consul-*.pem")) - before if not p.name.endswith("-key.pem")]
+        return cert, cert.with_name(cert.name.removesuffix(".pem") + "-key.pem")
+
 
 class LabServer(ServerProcess):
     """Locked down (ACLs on default deny and TLS), so it may bind its bridge address without --insecure-bind."""
@@ -205,11 +216,13 @@ class AgentProcess:
         # Agent 2 is an entry point: its gateway on its bridge address (allowed: HTTPS servers, ACLs, a token).
         # Both agents' DNS answer on their bridge address for the same reason.
         entry = ["--gateway", "--gateway-port", str(self.gateway_port)] if i == 2 else []
+        cert, key = server.pki.client_cert(self.address)  # its --port (logs, usage, metrics) is HTTPS
         self.command = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "shipyard.cli.main", "agent",
                         *dead, "--server", server.url, "--ca-file", str(server.pki.ca), "--node", self.name,
                         "--advertise", self.address, "--port", str(self.port), "--meta", f"rack=r{i}",
                         "--data-dir", str(self.data_dir), "--heartbeat-ttl", str(TTL), "--drain-delay", "0.2",
-                        "--dns-port", str(self.dns_port), *entry]
+                        "--dns-port", str(self.dns_port), "--client-cert", str(cert), "--client-key", str(key),
+                        *entry]
         self.token, self.dns_token = server.agent_token(self.name), server.dns_token()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -435,9 +448,13 @@ def check_relayed(server: LabServer, on: dict[str, AgentProcess]) -> None:
     usage = {a["id"]: a["usage"] for a in allocs}
     assert all(usage[alloc]["rss_bytes"] > 0 for alloc in on), allocs
     for alloc, agent in on.items():
-        base = f"http://{agent.address}:{agent.port}/api/v1"
-        assert requests.get(f"{base}/allocs/{alloc}/logs", timeout=5).status_code == 403
-        assert requests.get(f"{base}/node-usage", timeout=5).status_code == 403
+        # The agents' ports are HTTPS (their certificates name their addresses, checked by the server that
+        # relayed the above), and serve no one without the secret.
+        base = f"https://{agent.address}:{agent.port}/api/v1"
+        assert requests.get(f"{base}/allocs/{alloc}/logs", timeout=5, verify=str(server.pki.ca)).status_code == 403
+        assert requests.get(f"{base}/node-usage", timeout=5, verify=str(server.pki.ca)).status_code == 403
+        with pytest.raises(requests.ConnectionError):
+            requests.get(base.replace("https://", "http://") + "/node-usage", timeout=5)
 
 
 def instance_critical(server: LabServer, node: str) -> bool:

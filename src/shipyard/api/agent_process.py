@@ -57,7 +57,8 @@ from shipyard.scheduler.model import Allocation
 from shipyard.spec import TaskSpec
 from shipyard.store import StoreError
 from shipyard.store.remote import RemoteStore
-from shipyard.tls.contexts import client_context
+from shipyard.tasks import cancel_and_wait
+from shipyard.tls.contexts import client_context, server_context
 from shipyard.tokens import TOKEN_VARIABLES
 
 log = logging.getLogger("shipyard.agent")
@@ -261,7 +262,7 @@ class RemoteAgent:
                 self.config.http_port, lambda app: add_local_routes(app, platform, self.acl))
         self._follow_server()
         info = AgentInfo(self.node.name, self.node.id, self.agent.address, port, self.node.datacenter,
-                         dict(self.config.meta), self.secret, self.config.ttl)
+                         dict(self.config.meta), self.secret, self.config.ttl, self.serves_tls)
         self.heartbeat = AgentHeartbeat(self.store, info, ttl=self.config.ttl, on_rejoined=self.rejoin,
                                         on_beat=self._follow_server)
         await self.heartbeat.start()
@@ -271,8 +272,9 @@ class RemoteAgent:
         await self.agent.start()  # its node record for placement, adoption, then its allocations
         await self.health.start()
         await self.entry.start(port)  # DNS and gateway workers: this machine as an entry point of the cluster
-        log.info("shipyard agent ready: node %s at %s (logs on port %d), servers %s, %s", self.node.name,
-                 self.agent.address, port, ", ".join(self.config.servers), _capacity_summary(self.agent))
+        log.info("shipyard agent ready: node %s at %s (logs on port %d, %s), servers %s, %s", self.node.name,
+                 self.agent.address, port, "https" if self.serves_tls else "http", ", ".join(self.config.servers),
+                 _capacity_summary(self.agent))
 
     def _follow_server(self) -> None:
         """Instances started from now on are told the server that answers now (the store moved on to the next
@@ -310,7 +312,8 @@ class RemoteAgent:
                                              or is_loopback(self.config.advertise)))
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.agent.address, self.config.port, reuse_address=True)
+        site = web.TCPSite(self.runner, self.agent.address, self.config.port, reuse_address=True,
+                           ssl_context=self._listener_tls())
         try:
             await site.start()
         except OSError as exc:
@@ -319,6 +322,19 @@ class RemoteAgent:
         server = site._server  # the port actually bound (--port 0)
         sockets = getattr(server, "sockets", None) or []
         return int(sockets[0].getsockname()[1]) if sockets else self.config.port
+
+    @property
+    def serves_tls(self) -> bool:
+        return bool(self.config.cert_file and self.config.key_file)
+
+    def _listener_tls(self) -> ssl.SSLContext | None:
+        """With a certificate (--client-cert, as a Consul agent's one cert_file serves both ways), the listener the
+        servers fetch logs and usage from and Prometheus scrapes is HTTPS: the secret and the scrape's token do
+        not cross the network in clear. Its certificate must name --advertise (`shipyard tls cert create --client
+        --ip ADDR`): the servers check it as any HTTPS client would."""
+        if not self.serves_tls:
+            return None
+        return server_context(self.config.cert_file, self.config.key_file, what="--client-cert")
 
     async def rejoin(self) -> None:
         """Back after its lease expired: first stop what was replaced meanwhile (it deregisters first), then say
@@ -347,10 +363,7 @@ class RemoteAgent:
             await self.acl.stop()
         if self.secrets is not None:
             await self.secrets.stop()
-        if self.sweeping is not None:
-            self.sweeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.sweeping
+        await cancel_and_wait(self.sweeping)
         await self.store.close()
 
 
@@ -382,9 +395,7 @@ async def run_agent(config: AgentConfig) -> None:
             starting.result()
             await stop.wait()
         else:
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
+            await cancel_and_wait(starting)
         stopped.cancel()
         log.info("shipyard agent stopping")
     finally:

@@ -49,7 +49,8 @@ def server_instance_env() -> dict[str, str]:
 @click.option("--data-dir", default="./shipyard-agent", show_default=True,
               help="Where its instances' state and logs are kept (instances outlive the agent and are adopted).")
 @click.option("--port", default=8510, show_default=True, type=click.IntRange(0, 65535),
-              help="Port (on --advertise) where the servers fetch its instances' logs.")
+              help="Port (on --advertise) where the servers fetch its instances' logs and usage and Prometheus "
+                   "scrapes its gateway (HTTPS with --client-cert).")
 @click.option("--datacenter", default="dc1", show_default=True,
               help="The datacenter this node is in (as Consul's; the servers' own).")
 @click.option("--token", default="", envvar="SHIPYARD_HTTP_TOKEN", show_envvar=True, metavar="TOKEN",
@@ -58,7 +59,8 @@ def server_instance_env() -> dict[str, str]:
 @click.option("--ca-file", default="", envvar="CONSUL_CACERT", show_envvar=True,
               help="CA of https:// servers.")
 @click.option("--client-cert", default="", envvar="CONSUL_CLIENT_CERT", show_envvar=True,
-              help="Client certificate, for servers that verify incoming connections.")
+              help="This agent's certificate (`shipyard tls cert create --client --ip ADDR`): presented to servers "
+                   "that verify incoming connections, and served on --port, which is then HTTPS.")
 @click.option("--client-key", default="", envvar="CONSUL_CLIENT_KEY", show_envvar=True, help="Key of --client-cert.")
 @click.option("--cpu-mhz", type=click.IntRange(1, None), default=None, help="CPU to offer (default: detected).")
 @click.option("--memory-mb", type=click.IntRange(1, None), default=None, help="Memory to offer (default: detected).")

@@ -40,6 +40,7 @@ class AgentInfo:
     meta: dict[str, str] = field(default_factory=dict)
     logs_secret: str = ""
     ttl: int = DEFAULT_AGENT_TTL  # its heartbeat lease's TTL: once expired, it has been silent at least this long
+    tls: bool = False  # its logs port serves HTTPS (with its --client-cert)
 
     def encode(self, **extra: object) -> bytes:
         return orjson.dumps({**asdict(self), **extra})
@@ -50,7 +51,7 @@ class AgentInfo:
         meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
         return cls(str(data["name"]), str(data.get("id", "")), str(data["address"]), int(data.get("logs_port", 0)),
                    str(data.get("datacenter", "dc1")), {str(k): str(v) for k, v in meta.items()},
-                   str(data.get("logs_secret", "")), int(data.get("ttl", DEFAULT_AGENT_TTL)))
+                   str(data.get("logs_secret", "")), int(data.get("ttl", DEFAULT_AGENT_TTL)), data.get("tls") is True)
 
 
 @dataclass(frozen=True)

@@ -384,4 +384,6 @@ async def _own_logs(agent: NodeAgent, alloc_id: str, stream: str, wanted: int) -
 
 async def _agent_logs(platform: Platform, alloc_id: str, stream: str, wanted: int) -> list[str]:
     remote = await logs_agent_of(platform.store, alloc_id, platform.node.name)
-    return await agent_log_lines(remote, alloc_id, stream, wanted) if remote is not None else []
+    if remote is None:
+        return []
+    return await agent_log_lines(remote, alloc_id, stream, wanted, platform.config.tls)

@@ -8,9 +8,11 @@ It relays bytes only; it never reads a log file itself, and the secret never app
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
+import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -20,6 +22,7 @@ from shipyard.errors import ShipyardError
 from shipyard.registry.agents import AgentInfo, agent_info
 from shipyard.scheduler.records import ALLOC_STATUS, ALLOCS, split_node_alloc
 from shipyard.store import Store
+from shipyard.tls.contexts import client_context
 
 # The node agent an agent's own listener serves logs of (set only in `shipyard agent`'s app).
 AGENT_LOGS: web.AppKey[Any] = web.AppKey("agent-logs", object)
@@ -27,10 +30,32 @@ SECRET_HEADER = "X-Shipyard-Agent-Secret"
 CONNECT_TIMEOUT = 5.0
 
 
+class CallerTls(Protocol):
+    """What a server calls agents with: its CA, and its own certificate (api/context.py's TlsConfig)."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+
 def agent_url(agent: AgentInfo, path: str) -> str:
-    """A URL on an agent's logs listener (its advertised address, IPv6 in brackets)."""
+    """A URL on an agent's logs listener (its advertised address, IPv6 in brackets; https when it serves TLS)."""
     host = f"[{agent.address}]" if ":" in agent.address else agent.address
-    return f"http://{host}:{agent.logs_port}{path}"
+    return f"{'https' if agent.tls else 'http'}://{host}:{agent.logs_port}{path}"
+
+
+def agent_ssl(agent: AgentInfo, tls: CallerTls) -> ssl.SSLContext | bool:
+    """How a server checks the listener of an agent that serves HTTPS: the chain against the server's --tls-ca (the
+    system's CAs without one) and the agent's advertised address named in its certificate, as any HTTPS client
+    checks a server; the server presents its own certificate, as it does to other servers."""
+    if not agent.tls:
+        return True
+    return _verifying_context(tls.ca_file, tls.cert_file, tls.key_file)
+
+
+@functools.lru_cache(maxsize=4)
+def _verifying_context(ca_file: str, cert_file: str, key_file: str) -> ssl.SSLContext:
+    return client_context(ca_file, cert_file, key_file)
 
 
 def _logs_path(alloc_id: str) -> str:
@@ -54,12 +79,14 @@ async def logs_agent_of(store: Store, alloc_id: str, own_node: str) -> AgentInfo
     return await remote_agent_of(store, alloc_id) or await agent_info(store, own_node)
 
 
-async def proxy_agent_logs(request: web.Request, agent: AgentInfo, alloc_id: str) -> web.StreamResponse:
+async def proxy_agent_logs(request: web.Request, agent: AgentInfo, alloc_id: str,
+                           tls: CallerTls) -> web.StreamResponse:
     url = agent_url(agent, _logs_path(alloc_id))
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         try:
-            upstream = await session.get(url, params=request.query, headers={SECRET_HEADER: agent.logs_secret})
+            upstream = await session.get(url, params=request.query, headers={SECRET_HEADER: agent.logs_secret},
+                                         ssl=agent_ssl(agent, tls))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ShipyardError(f"the agent of node {agent.name} ({agent.address}:{agent.logs_port}) does not answer "
                                 f"for its logs: {type(exc).__name__}", status=502) from None
@@ -76,14 +103,15 @@ async def proxy_agent_logs(request: web.Request, agent: AgentInfo, alloc_id: str
             return response
 
 
-async def agent_log_lines(agent: AgentInfo, alloc_id: str, stream: str, tail: int) -> list[str]:
+async def agent_log_lines(agent: AgentInfo, alloc_id: str, stream: str, tail: int, tls: CallerTls) -> list[str]:
     """The last `tail` lines of an instance's stream, asked of its node's agent (the console's logs panel); none
     when the agent does not answer or knows no such instance."""
     url = agent_url(agent, _logs_path(alloc_id))
     timeout = aiohttp.ClientTimeout(total=10, sock_connect=CONNECT_TIMEOUT)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session, session.get(
-                url, params={"stream": stream, "tail": str(tail)}, headers={SECRET_HEADER: agent.logs_secret}) as got:
+                url, params={"stream": stream, "tail": str(tail)}, headers={SECRET_HEADER: agent.logs_secret},
+                ssl=agent_ssl(agent, tls)) as got:
             if got.status != 200:
                 return []
             return (await got.text(errors="replace")).splitlines()

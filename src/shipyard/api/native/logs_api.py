@@ -148,7 +148,7 @@ async def alloc_logs(request: web.Request) -> web.StreamResponse:
         remote = (await remote_agent_of(platform.store, alloc_id) if agent is not None
                   else await logs_agent_of(platform.store, alloc_id, platform.node.name))
         if remote is not None:
-            return await proxy_agent_logs(request, remote, alloc_id)
+            return await proxy_agent_logs(request, remote, alloc_id, platform.config.tls)
         if agent is None:
             raise NotFound(f"no logs for allocation {alloc_id!r}: no agent of its node is known")
     path, timeline = _stream_file(agent, alloc_id, stream)

@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from shipyard.api.context import Platform
-from shipyard.api.native.agent_logs import AGENT_LOGS, SECRET_HEADER, agent_url
+from shipyard.api.native.agent_logs import AGENT_LOGS, SECRET_HEADER, CallerTls, agent_ssl, agent_url
 from shipyard.registry.agents import AgentInfo, agent_info
 from shipyard.scheduler.model import Allocation
 
@@ -63,16 +63,17 @@ async def _remote(platform: Platform, node: str, ids: set[str]) -> dict[str, dic
     if agent is None or not agent.logs_port:
         return {}  # a server's node (each server reads its own) or no agent known: no figures
     try:
-        return await _ask(agent, ids)
+        return await _ask(agent, ids, platform.config.tls)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         log.debug("no usage from the agent of node %s: %s", node, type(exc).__name__)
         return {}
 
 
-async def _ask(agent: AgentInfo, ids: set[str]) -> dict[str, dict[str, Any]]:
+async def _ask(agent: AgentInfo, ids: set[str], tls: CallerTls) -> dict[str, dict[str, Any]]:
     url = agent_url(agent, NODE_USAGE)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=RELAY_TIMEOUT)) as session, session.get(
-            url, params={"ids": ",".join(sorted(ids))}, headers={SECRET_HEADER: agent.logs_secret}) as response:
+            url, params={"ids": ",".join(sorted(ids))}, headers={SECRET_HEADER: agent.logs_secret},
+            ssl=agent_ssl(agent, tls)) as response:
         if response.status != 200:
             return {}
         body = await response.json()
