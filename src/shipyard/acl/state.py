@@ -9,7 +9,6 @@ stolen data dir or store backup holds no working token. The secret is shown once
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -29,6 +28,7 @@ from shipyard.errors import BadRequest, ShipyardError
 from shipyard.store import Store
 from shipyard.store.base import Compare, Put
 from shipyard.store.follow import follow_prefix
+from shipyard.tasks import cancel_and_wait
 
 log = logging.getLogger("shipyard.acl")
 
@@ -161,10 +161,7 @@ class ACLState:
             follow_prefix(self.store, PREFIX, lambda _events: self.invalidate(), self._resync, name="acl"))
 
     async def stop(self) -> None:
-        if self._follow is not None:
-            self._follow.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follow
+        await cancel_and_wait(self._follow)
 
     async def _resync(self) -> int:
         self.invalidate()

@@ -51,6 +51,7 @@ from shipyard.scheduler.records import (
 from shipyard.script_checks import COMMAND_CHECKS_DISABLED, ScriptChecks
 from shipyard.spec import TaskSpec as JobSpec
 from shipyard.store import EventType, Store, follow_prefix
+from shipyard.tasks import cancel_all_and_wait, cancel_and_wait
 
 if TYPE_CHECKING:
     from shipyard.registry.health import HealthChecker
@@ -451,19 +452,13 @@ class AllocRunner:
 
     async def _cancel_loop(self) -> None:
         task, self._task = self._task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if task is not asyncio.current_task():
+            await cancel_and_wait(task)
 
     async def _cancel_side_tasks(self) -> None:
         current = asyncio.current_task()
         tasks = [t for t in self._side_tasks if t is not current]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all_and_wait(tasks)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -548,11 +543,7 @@ class NodeAgent:
     async def stop(self) -> None:
         """Server shutdown: instances keep running under their shims and are adopted by the next server;
         without a data dir (--dev) nothing could adopt them, so they are stopped."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all_and_wait(self._tasks)
         self._tasks.clear()
         stops = list(self._stops)
         if stops:

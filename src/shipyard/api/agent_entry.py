@@ -10,7 +10,6 @@ name from anything but the servers' catalog, and never listens beyond loopback u
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from shipyard.gateway.supervisor import GatewaySupervisor
 from shipyard.registry.catalog import Catalog
 from shipyard.store.follow import follow_prefix
 from shipyard.store.remote import RemoteStore
+from shipyard.tasks import cancel_and_wait
 from shipyard.tls.contexts import server_context
 from shipyard.tokens import TOKEN_VARIABLES
 
@@ -199,11 +199,7 @@ class AgentEntry:
             await self.gateway.stop()
         if self.counters is not None:
             await self.counters.stop()  # the workers' last counts, published while the store is still open
-        for task in (self._fresh,):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(self._fresh)
         if self.dns is not None:
             await self.dns.stop()
         if self.acl is not None:

@@ -10,7 +10,6 @@ for allocations placed on this node only) and revokes nothing (the active server
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import signal
@@ -34,6 +33,7 @@ from shipyard.secrets.barrier import DATA
 from shipyard.spec import TaskSpec
 from shipyard.store import StoreError, follow_prefix
 from shipyard.store.remote import RemoteStore
+from shipyard.tasks import cancel_all_and_wait
 
 log = logging.getLogger("shipyard.agent")
 RETRY_SOON = 2.0  # a start refused for now (sealed engine, no server): tried again this soon, not at the next tick
@@ -196,9 +196,5 @@ class AgentSecrets:
                 log.warning("secret files sweep failed: %s: %s", type(exc).__name__, exc)
 
     async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all_and_wait(self.tasks)
         self.tasks.clear()

@@ -15,6 +15,8 @@ import socket
 import ssl
 from collections.abc import Callable
 
+from shipyard.tasks import cancel_and_wait
+
 log = logging.getLogger("shipyard.https")
 
 TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a ClientHello
@@ -111,10 +113,7 @@ class HttpsListener:
             conn.close()
 
     async def stop(self) -> None:
-        if self._accepting is not None:
-            self._accepting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accepting
+        await cancel_and_wait(self._accepting)
         if self._sock is not None:
             self._sock.close()
         for task in list(self._connections):

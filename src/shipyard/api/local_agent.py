@@ -30,6 +30,7 @@ from shipyard.registry.agents import agent_alive_key
 from shipyard.registry.node import NodeIdentity, reachable_address
 from shipyard.scheduler.records import node_key
 from shipyard.store import Get, Store
+from shipyard.tasks import cancel_and_wait
 from shipyard.tokens import TOKEN_VARIABLES
 
 log = logging.getLogger("shipyard.server")
@@ -151,7 +152,4 @@ class LocalNodeAgent:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)

@@ -7,7 +7,6 @@ and placing or stopping instances stays with the scheduler loop and the agents.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -16,6 +15,7 @@ from shipyard.bus.base import Bus, QueueStats
 from shipyard.errors import Conflict, NotFound, ShipyardError
 from shipyard.scheduler.autoscale import desired_instances
 from shipyard.scheduler.jobs import JobService
+from shipyard.tasks import cancel_and_wait
 
 log = logging.getLogger("shipyard.bus.autoscaler")
 INTERVAL = 2.0
@@ -38,11 +38,8 @@ class BusAutoscaler:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="bus-autoscaler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -48,6 +48,7 @@ from shipyard.bus.base import (
 )
 from shipyard.bus.embedded import RateMeter
 from shipyard.errors import NotFound
+from shipyard.tasks import cancel_and_wait
 
 log = logging.getLogger("shipyard.bus.rabbitmq")
 T = TypeVar("T")
@@ -496,11 +497,8 @@ class RabbitBus(Bus):
         return out
 
     async def close(self) -> None:
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
-            self._keeper = None
+        await cancel_and_wait(self._keeper)
+        self._keeper = None
         if self.connection is not None:
             await self.connection.close()
         self.connection = self.channel = None

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from shipyard.gateway.counters import BUCKET_BYTES, SLOT, WINDOWS, SharedCounters
 from shipyard.store.base import Event, EventType, LeaseNotFound, Store
 from shipyard.store.follow import follow_prefix
+from shipyard.tasks import cancel_all_and_wait
 
 log = logging.getLogger("shipyard.gateway.cluster")
 
@@ -105,11 +106,7 @@ class ClusterCounters:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all_and_wait(self._tasks)
         with contextlib.suppress(Exception):
             await self.publish()  # the last requests counted still count, for the rest of their windows
 

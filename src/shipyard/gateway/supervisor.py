@@ -16,6 +16,7 @@ import time
 
 from shipyard.errors import ShipyardError
 from shipyard.registry.node import reachable_address
+from shipyard.tasks import cancel_all_and_wait
 
 log = logging.getLogger("shipyard.gateway")
 
@@ -140,8 +141,4 @@ class GatewaySupervisor:
                         proc.kill()
                     with contextlib.suppress(Exception):
                         await proc.wait()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all_and_wait(self._tasks)

@@ -39,6 +39,7 @@ from shipyard.gateway.upstream import UpstreamPool
 from shipyard.store.base import Event, EventType
 from shipyard.store.follow import follow_prefix
 from shipyard.store.remote import RemoteStore
+from shipyard.tasks import cancel_and_wait
 from shipyard.tls import client_context, self_signed
 
 log = logging.getLogger("shipyard.gateway.worker")
@@ -296,10 +297,8 @@ async def run_worker(args: argparse.Namespace) -> None:
                  args.port, len(worker.table), DATA_PLANE_BUILD)
         await stop.wait()
     await worker.drain(args.shutdown_grace)
-    follow_task.cancel()
     ready.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await follow_task
+    await cancel_and_wait(follow_task)
     await store.close()
 
 

@@ -18,6 +18,7 @@ import orjson
 
 from shipyard.errors import NotLeader
 from shipyard.store import Compare, Event, Get, LeaseNotFound, Put, Store, follow_prefix
+from shipyard.tasks import cancel_all_and_wait
 
 log = logging.getLogger("shipyard.cluster")
 
@@ -147,11 +148,7 @@ class ServerCluster:
         """Leaves the cluster: steps down, says it left (members show 3) and gives its lease back at once, so
         another server takes over without waiting for the TTL."""
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all_and_wait(tasks)
         await self._step_down("server stopping")
         with contextlib.suppress(Exception):
             await self.store.put(MEMBERS + self.me.id, orjson.dumps({**asdict(self.me), "left": True}))

@@ -21,6 +21,7 @@ import orjson
 from shipyard.errors import BadRequest, ShipyardError
 from shipyard.store import Compare, Delete, KeyValue, LeaseNotFound, Put, follow_prefix
 from shipyard.store.base import Event, EventType, Op
+from shipyard.tasks import cancel_all_and_wait
 
 if TYPE_CHECKING:
     from shipyard.registry.kv import ConsulKV
@@ -260,11 +261,7 @@ class SessionManager:
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all_and_wait(self._tasks)
         self._tasks = []
 
     # ---- API operations ----------------------------------------------------------------------

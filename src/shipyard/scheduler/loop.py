@@ -61,6 +61,7 @@ from shipyard.scheduler.records import (
     with_control,
 )
 from shipyard.store import Compare, Delete, Get, KeyValue, Put, Store, follow_prefix
+from shipyard.tasks import cancel_all_and_wait
 
 log = logging.getLogger("shipyard.scheduler")
 
@@ -210,11 +211,7 @@ class SchedulerLoop:
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all_and_wait(tasks)
 
     def wake(self) -> None:
         """Ask for a pass soon (the API calls this after a write so no watch latency is added)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import os
 import time
 import uuid
@@ -26,6 +25,7 @@ from shipyard.secrets.policy import ACL, DEFAULT_POLICY, Policy, parse_policy
 from shipyard.secrets.request import Missing, PermissionDenied, Request, data_response
 from shipyard.secrets.tokens import TokenEntry, TokenRequest, TokenStore
 from shipyard.store import follow_prefix
+from shipyard.tasks import cancel_all_and_wait
 
 VERSION = "1.15.0+shipyard"
 # Answered while sealed and without a token, as in Vault.
@@ -142,11 +142,7 @@ class VaultCore:
                                                                   name=f"secrets engine {prefix}")))
 
     async def stop_following(self) -> None:
-        for task in self._followers:
-            task.cancel()
-        for task in self._followers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all_and_wait(self._followers)
         self._followers = []
 
     async def seal_status(self) -> dict[str, Any]:

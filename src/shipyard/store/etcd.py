@@ -7,7 +7,6 @@ this module never keeps state that etcd does not have, except the deletion memor
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from binascii import a2b_base64, b2a_base64
 from collections import deque
@@ -39,6 +38,7 @@ from shipyard.store.base import (
 )
 from shipyard.store.etcd_batch import Answer, GroupCommit
 from shipyard.store.etcd_http import EtcdHttp, MaybeSent, Unreachable
+from shipyard.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -698,10 +698,7 @@ class EtcdStore:
     async def close(self) -> None:
         for followed in list(self._followed_watchers):
             followed.fail(StoreError("store closed", status=503))
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._follower
+        await cancel_and_wait(self._follower)
         await self._writes.close()
         await self._reads.close()
         for member in self._members.values():

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from shipyard.store.base import LeaseNotFound, StoreError
+from shipyard.tasks import cancel_all_and_wait
 
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops: compares, success ops and failure ops each
 MAX_BATCH_BYTES = 1 << 20  # under etcd's default --max-request-bytes (1.5 MiB), JSON and base64 included
@@ -247,10 +247,7 @@ class GroupCommit:
 
     async def close(self) -> None:
         """Stops sending; whoever still waits is told the store closed (a batch on its way may have applied)."""
-        for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all_and_wait(list(self._tasks))
         for member in self._queue:
             member.settle(StoreError("store closed", status=503))
         self._queue.clear()

@@ -38,6 +38,7 @@ from shipyard.store.base import (
     TxnResult,
     WatchOverflow,
 )
+from shipyard.tasks import cancel_all_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +257,7 @@ class SqliteStore:
         self._closed = True
         self._wakeup.set()
         writer, *others = self._tasks
-        for task in others:
-            task.cancel()
-        for task in others:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all_and_wait(others)
         # The writer is not cancelled: a group it has taken is committed (or fails) and its callers
         # are answered, instead of being left waiting forever on futures nobody will resolve.
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -10,7 +10,6 @@ event loop (the metrics file is read in a thread).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import math
@@ -27,6 +26,7 @@ from markupsafe import Markup, escape
 from shipyard.api.context import PLATFORM
 from shipyard.gateway.plugins.prometheus import LATENCY, REQUESTS
 from shipyard.gateway.supervisor import GatewaySupervisor
+from shipyard.tasks import cancel_and_wait
 
 log = logging.getLogger("shipyard.ui.traffic")
 
@@ -222,11 +222,7 @@ async def _start_sampler(app: web.Application) -> None:
 
 
 async def _stop_sampler(app: web.Application) -> None:
-    task = app[HISTORY].task
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await cancel_and_wait(app[HISTORY].task)
 
 
 def add_traffic_sampler(app: web.Application) -> None:

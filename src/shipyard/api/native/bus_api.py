@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import logging
 from dataclasses import asdict
 from typing import Any
@@ -33,6 +32,7 @@ from shipyard.bus.base import (
 )
 from shipyard.bus.embedded import BrokerConsumer, EmbeddedBroker, Entry
 from shipyard.errors import BadRequest
+from shipyard.tasks import cancel_and_wait
 
 log = logging.getLogger("shipyard.bus.api")
 routes = web.RouteTableDef()
@@ -366,8 +366,6 @@ async def consume(request: web.Request) -> web.StreamResponse:
             except (orjson.JSONDecodeError, BadRequest) as exc:
                 await ws.send_bytes(orjson.dumps({"error": "bad frame", "detail": str(exc)}))
     finally:
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await sender
+        await cancel_and_wait(sender)
         broker.detach(consumer)
     return ws

@@ -30,6 +30,7 @@ from shipyard.secrets.request import Missing, PermissionDenied, Request
 from shipyard.secrets.tokens import TokenEntry, TokenRequest, hash_token
 from shipyard.spec import TaskSpec
 from shipyard.store import Store, follow_prefix
+from shipyard.tasks import cancel_all_and_wait
 
 if TYPE_CHECKING:
     from shipyard.agent.node_agent import NodeAgent
@@ -266,11 +267,7 @@ class SecretChangeWatcher:
         return revision
 
     async def stop(self) -> None:
-        for task in (self.task, self.sweeper):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_all_and_wait((self.task, self.sweeper))
 
     async def check(self) -> None:
         if self.core.barrier.sealed:
