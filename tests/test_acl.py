@@ -292,6 +292,44 @@ def test_blocking_query_under_acls(acl_server: ServerProcess, admin: consul.Cons
     assert seen == [b"2"]
 
 
+def test_blocking_queries_woken_together_are_filtered_per_token(acl_server: ServerProcess,
+                                                                admin: consul.Consul) -> None:
+    """Watchers of the same health query share one read after a change (api/consul/common.py); each still gets
+    what its own token may see."""
+    def register(node: str, sid: str) -> None:
+        body = {"Node": node, "Address": "10.9.9.9", "Service": {"Service": "shared", "ID": sid, "Port": 80}}
+        assert call(acl_server, "PUT", "/v1/catalog/register", MANAGEMENT, json=body).status_code == 200
+
+    register("n-a", "shared-a")
+    register("n-b", "shared-b")
+    one_node = token_with(admin, 'service "shared" { policy = "read" }\nnode "n-a" { policy = "read" }')
+    every_node = token_with(admin, 'service "shared" { policy = "read" }\nnode_prefix "" { policy = "read" }')
+    index = call(acl_server, "GET", "/v1/health/service/shared", every_node).headers["X-Consul-Index"]
+    answers: dict[str, requests.Response] = {}
+
+    def block(name: str, token: str) -> None:
+        answers[name] = requests.get(f"{acl_server.url}/v1/health/service/shared?index={index}&wait=20s",
+                                     headers={"X-Consul-Token": token}, timeout=30)
+
+    waiters = [threading.Thread(target=block, args=(f"{kind}-{i}", token)) for i in range(5)
+               for kind, token in (("one", one_node), ("every", every_node))]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.5)  # all of them blocked on the same index
+    register("n-b", "shared-b2")
+    for waiter in waiters:
+        waiter.join(25)
+    assert len(answers) == 10
+    for name, answer in answers.items():
+        assert answer.status_code == 200 and int(answer.headers["X-Consul-Index"]) > int(index), answer.text
+        ids = sorted(e["Service"]["ID"] for e in answer.json())
+        if name.startswith("one"):
+            assert ids == ["shared-a"] and answer.headers["X-Consul-Results-Filtered-By-ACLs"] == "true", name
+        else:
+            assert ids == ["shared-a", "shared-b", "shared-b2"], name
+            assert "X-Consul-Results-Filtered-By-ACLs" not in answer.headers
+
+
 # ---- enforcement on Shipyard's own APIs ------------------------------------------------------------------------
 SPEC = {"name": "webapp", "cmd": "sleep 60", "instances": 0}
 NODE = socket.gethostname()  # the server's node (no --node given)

@@ -343,6 +343,44 @@ def test_blocking_health_service_wakes_only_for_its_service(client: consul.Consu
     assert entries4 == [] and int(index4) > int(index3)
 
 
+def test_blocking_queries_woken_together_each_get_their_own_answer(server: ServerProcess) -> None:
+    """Watchers woken by one change share a read only when they ask the same thing (path and query but index and
+    wait): each of these variants of one service's queries gets what a fresh query of it answers."""
+    def register(sid: str, tags: list[str], status: str) -> None:
+        body = {"Node": "shared-n", "Address": "10.9.9.8", "Service": {"Service": "fan", "ID": sid, "Tags": tags},
+                "Check": {"CheckID": f"c-{sid}", "ServiceID": sid, "Status": status}}
+        assert requests.put(server.url + "/v1/catalog/register", json=body, timeout=10).status_code == 200
+
+    register("fan-1", ["a"], "passing")
+    register("fan-2", ["b"], "critical")
+    # path -> how many instances a fresh query of it answers once fan-3 (tag a, passing) is there
+    variants = {"/v1/health/service/fan": 3, "/v1/health/service/fan?passing": 2, "/v1/health/service/fan?tag=a": 2,
+                "/v1/health/service/fan?filter=Service.ID%20%3D%3D%20%22fan-3%22": 1, "/v1/catalog/service/fan": 3,
+                "/v1/catalog/service/fan?tag=b": 1}
+    index = requests.get(server.url + "/v1/health/service/fan", timeout=10).headers["X-Consul-Index"]
+    answers: dict[tuple[str, int], Any] = {}
+
+    def block(path: str, i: int) -> None:
+        joiner = "&" if "?" in path else "?"
+        got = requests.get(f"{server.url}{path}{joiner}index={index}&wait=20s", timeout=30)
+        answers[(path, i)] = (got.status_code, int(got.headers["X-Consul-Index"]), got.json())
+
+    waiters = [threading.Thread(target=block, args=(path, i)) for path in variants for i in range(4)]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.5)  # all of them blocked on the same index
+    register("fan-3", ["a"], "passing")
+    for waiter in waiters:
+        waiter.join(25)
+    assert len(answers) == len(variants) * 4
+    for path, count in variants.items():
+        fresh = requests.get(server.url + path, timeout=10).json()
+        assert len(fresh) == count, (path, fresh)
+        for i in range(4):
+            status, new_index, body = answers[(path, i)]
+            assert status == 200 and new_index > int(index) and body == fresh, (path, body, fresh)
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 

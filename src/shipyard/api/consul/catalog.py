@@ -33,6 +33,7 @@ from shipyard.api.consul.common import (
     query_flag,
     read_json,
     request_filter,
+    same_answer,
 )
 from shipyard.api.context import platform_of
 from shipyard.errors import NotFound
@@ -215,7 +216,7 @@ async def _catalog_instances(request: web.Request, connect: bool) -> web.Respons
         index = snap.services_index if connect else max(snap.name_index(name), 1)
         return select(chosen, out), index, snap.revision
 
-    result, index = await blocking_query(request, platform.store, read, PREFIX, prefix=True)
+    result, index = await blocking_query(request, platform.store, read, PREFIX, prefix=True, share=same_answer(request))
     return json_response(result, index=index)
 
 

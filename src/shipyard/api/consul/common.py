@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 import orjson
@@ -204,6 +204,36 @@ def blocking_params(request: web.Request) -> tuple[int, float] | None:
 
 ReadResult = tuple[Any, int, int]  # (result, consul index, store revision read at)
 
+# Re-reads of woken blocking queries that ask the same thing (see same_answer), while one is under way.
+_SHARED_READS: dict[Hashable, asyncio.Future[ReadResult]] = {}
+
+
+def same_answer(request: web.Request) -> Hashable:
+    """What makes two requests to a handler whose read depends only on its path and query (and whose result is only
+    encoded afterwards) the same read: the path and the query without `index` and `wait`. ACLs filter the encoded
+    answer afterwards, per token (api/acl_guard.py), so the token is not part of it."""
+    query = tuple(sorted((k, v) for k, v in request.query.items() if k not in ("index", "wait")))
+    return request.path, query
+
+
+async def _shared_read(key: Hashable, read: Callable[[], Awaitable[ReadResult]]) -> ReadResult:
+    """One read for every blocking query with the same key woken at the same time: a thousand watchers of a service
+    on one server cost one read of the catalog snapshot after a change, not a thousand. The read runs on its own,
+    so a watcher that goes away does not cancel it for the others."""
+    running = _SHARED_READS.get(key)
+    if running is None:
+        running = asyncio.ensure_future(read())
+        _SHARED_READS[key] = running
+        running.add_done_callback(lambda done: _forget_read(key, done))
+    return await asyncio.shield(running)
+
+
+def _forget_read(key: Hashable, done: asyncio.Future[ReadResult]) -> None:
+    if _SHARED_READS.get(key) is done:
+        del _SHARED_READS[key]
+    if not done.cancelled():
+        done.exception()  # retrieved: when every watcher left before it ended, nobody else would
+
 
 async def blocking_query(
     request: web.Request,
@@ -212,11 +242,14 @@ async def blocking_query(
     watch_key: str,
     *,
     prefix: bool,
+    share: Hashable | None = None,
 ) -> tuple[Any, int]:
     """Runs `read`, and for a blocking request waits until its index passes the client's one.
 
     Only changes under `watch_key` wake the wait, so a write elsewhere never returns early; a
-    change there that leaves the result's index unchanged keeps waiting until the deadline."""
+    change there that leaves the result's index unchanged keeps waiting until the deadline. With
+    `share` (same_answer's key), the queries woken by one change that ask the same thing of the
+    same store share one read: the result must then not be changed by the caller."""
     result, index, revision = await read()
     params = blocking_params(request)
     if params is None:
@@ -247,7 +280,10 @@ async def blocking_query(
                 return await _reread(read)
             finally:
                 watcher.cancel()
-        result, index, revision = await read()
+        if share is None:
+            result, index, revision = await read()
+        else:
+            result, index, revision = await _shared_read((id(store), share, revision), read)
     return result, index
 
 

@@ -19,7 +19,7 @@ from shipyard.api.consul.catalog import (
     node_meta_filters,
     select,
 )
-from shipyard.api.consul.common import bad_request, blocking_query, json_response, request_filter
+from shipyard.api.consul.common import bad_request, blocking_query, json_response, request_filter, same_answer
 from shipyard.api.context import Platform, platform_of
 from shipyard.registry.catalog import CHECKS, PASSING, PREFIX, STATUSES, CatalogSnapshot, Entry, _q
 from shipyard.registry.config_entries import decode_entry, kind_prefix
@@ -94,7 +94,7 @@ async def _health_instances(request: web.Request, kind: str) -> web.Response:
 
     # Ingress answers also change with the gateways' config entries: watch everything for those.
     watch = PREFIX if kind != "ingress" else ""
-    result, index = await blocking_query(request, platform.store, read, watch, prefix=True)
+    result, index = await blocking_query(request, platform.store, read, watch, prefix=True, share=same_answer(request))
     return json_response(result, index=index)
 
 
