@@ -455,6 +455,15 @@ def check_relayed(server: LabServer, on: dict[str, AgentProcess]) -> None:
         assert requests.get(f"{base}/node-usage", timeout=5, verify=str(server.pki.ca)).status_code == 403
         with pytest.raises(requests.ConnectionError):
             requests.get(base.replace("https://", "http://") + "/node-usage", timeout=5)
+    # The server's own node agent, on the server's bridge address, serves HTTPS with the server's certificate: its
+    # record (what a server reads to call it) says so, and its secret gets an answer there, checked against the CA.
+    kvs = server.http.get(server.url + "/api/v1/store/kv/cluster/agent-members/srv", timeout=5).json()["kvs"]
+    record = json.loads(base64.b64decode(kvs[0]["value"]))
+    assert record["tls"] is True and record["address"] == server.address, record
+    own = f"https://{server.address}:{record['logs_port']}/api/v1/node-usage"
+    answer = requests.get(own, headers={"X-Shipyard-Agent-Secret": record["logs_secret"]}, timeout=5,
+                          verify=str(server.pki.ca))
+    assert answer.status_code == 200, answer.text
 
 
 def instance_critical(server: LabServer, node: str) -> bool:

@@ -25,6 +25,7 @@ import sys
 import time
 
 from shipyard.api.context import ServerConfig
+from shipyard.api.machine import is_loopback
 from shipyard.private_files import OPERATOR_UMASK_ENV, operator_umask
 from shipyard.registry.agents import agent_alive_key
 from shipyard.registry.node import NodeIdentity, reachable_address
@@ -81,8 +82,11 @@ class LocalNodeAgent:
             args += ["--node-class", config.node_class]
         if config.enable_script_checks:
             args.append("--enable-script-checks")
-        if self.control_url.startswith("https://"):  # as the gateway workers: the server's certificate is a client's
-            tls = config.tls
+        # The server's certificate is its agent's: a client's towards an HTTPS control API (as the gateway workers'),
+        # and, on a non-loopback address, what makes the agent's logs port HTTPS (the certificate names that
+        # address, as the server's HTTPS clients reach it there).
+        tls = config.tls
+        if self.control_url.startswith("https://") or (tls.enabled and not is_loopback(address)):
             args += ["--ca-file", os.path.abspath(tls.ca_file)] if tls.ca_file else []
             args += ["--client-cert", os.path.abspath(tls.cert_file), "--client-key", os.path.abspath(tls.key_file)]
         if self.stop_instances:
