@@ -226,3 +226,34 @@ def test_a_real_prometheus_scrapes_the_agents_gateway(setup: Setup) -> None:
         except subprocess.TimeoutExpired:
             prometheus.kill()
             prometheus.wait(10)
+
+
+def gateway_worker_tokens() -> set[str]:
+    """The SHIPYARD_HTTP_TOKEN of the agent's gateway workers (those bound on the agent's address)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"shipyard.gateway.worker" in cmdline and ADDRESS.encode() in cmdline:
+            found |= {v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"SHIPYARD_HTTP_TOKEN=")}
+    return found
+
+
+def test_the_agents_gateway_workers_hold_a_read_only_token_of_their_own(setup: Setup) -> None:
+    # The processes facing the network do not hold the agent's token (which writes the store), but a token with a
+    # server's workers' rules, made for this node.
+    [token] = gateway_worker_tokens()
+    assert token != setup.agent_token
+    me = call(setup.server.url, "GET", "/v1/acl/token/self", token=token)
+    assert me.status_code == 200 and me.json()["Description"] == "Shipyard's own gateway@edge-gw", me.text
+    assert call(setup.server.url, "GET", "/api/v1/store/kv/jobs/?prefix=1", token=token).status_code == 200
+    assert call(setup.server.url, "PUT", "/api/v1/store/kv/jobs/evil", token=token, data=b"x").status_code == 403
+    assert call(setup.server.url, "PUT", "/v1/kv/evil", token=token, data=b"x").status_code == 403
+    # Making it needs the node's write: another node's agent cannot make (or take over) edge-gw's.
+    other = make_token(setup.server, "other-agent", 'store = "write"\nnode "other" { policy = "write" }')
+    taken = call(setup.server.url, "PUT", "/api/v1/nodes/edge-gw/gateway-token", token=other,
+                 json={"SecretID": str(uuid.uuid4())})
+    assert taken.status_code == 403, taken.text

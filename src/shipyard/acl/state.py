@@ -111,6 +111,11 @@ GATEWAY_RULES = ('store = "read"\ngateway = "read"\nservice_prefix "" { policy =
                  'node_prefix "" { policy = "read" }')
 
 
+def gateway_token_name(node: str) -> str:
+    """The internal token of an agent's gateway workers (GATEWAY_RULES), one per node."""
+    return f"gateway@{node}"
+
+
 def _uuid_or_400(value: Any, what: str) -> str:
     """A client-chosen ID, checked to be a UUID and kept as written (Consul compares IDs and secrets as strings)."""
     try:

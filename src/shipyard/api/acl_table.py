@@ -337,6 +337,8 @@ NATIVE: dict[tuple[str, str], Rule] = {
                                                                    fixed(("store", "", WRITE))),
     ("DELETE", "/api/v1/nodes/{node}/service-tokens/{service}"): both(named("node", WRITE, "node"),
                                                                       fixed(("store", "", WRITE))),
+    # An agent making its gateway workers' read-only token (the same module): the same rule, its own node only.
+    ("PUT", "/api/v1/nodes/{node}/gateway-token"): both(named("node", WRITE, "node"), fixed(("store", "", WRITE))),
     # An agent getting its instances' secrets (api/native/node_secrets_api.py): the same rule, its own node only.
     ("POST", "/api/v1/nodes/{node}/secrets"): both(named("node", WRITE, "node"), fixed(("store", "", WRITE))),
     ("GET", "/api/v1/bus/queues"): filtered(lambda q: [("bus", str(q.get("name", "")), READ)]

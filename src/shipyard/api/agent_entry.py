@@ -13,9 +13,10 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from shipyard.acl.authorizer import ANONYMOUS_TOKEN_ID
-from shipyard.acl.state import TOKENS, ACLState
+from shipyard.acl.state import TOKENS, ACLState, derived_secret, gateway_token_name, internal_key
 from shipyard.api.acl_guard import dns_restriction
 from shipyard.api.context import DnsConfig
 from shipyard.api.dns import DnsServer
@@ -26,6 +27,7 @@ from shipyard.gateway.cluster_counters import DEFAULT_INTERVAL, ClusterCounters
 from shipyard.gateway.counters import shared_counters
 from shipyard.gateway.supervisor import GatewaySupervisor
 from shipyard.registry.catalog import Catalog
+from shipyard.store import StoreError
 from shipyard.store.follow import follow_prefix
 from shipyard.store.remote import RemoteStore
 from shipyard.tasks import cancel_and_wait
@@ -148,8 +150,8 @@ class AgentEntry:
         return (await self.store.range("catalog/nodes/" + self.catalog.node.name)).revision
 
     def supervisor(self, logs_port: int) -> GatewaySupervisor:
-        """Workers bound on --advertise that follow the servers' routes and catalog with the agent's token; the
-        agent's own ports are never a catalog target."""
+        """Workers bound on --advertise that follow the servers' routes and catalog (with the agent's token until
+        _start_gateway gives them their own); the agent's own ports are never a catalog target."""
         config = self.config
         extra: list[str] = []
         for url in config.servers[1:]:
@@ -181,8 +183,28 @@ class AgentEntry:
         return ["--tls-port", str(config.tls_port), "--server-port", str(config.tls_port), "--tls-cert", cert,
                 "--tls-key", key]
 
+    async def _workers_token(self) -> str | None:
+        """With ACLs on, the workers get a read-only token of their own (a server's workers' rules, GATEWAY_RULES),
+        made through a server from a secret derived from this agent's key: the processes that face the network
+        never hold the agent's token, which writes the store. Should no server make it, they get the agent's
+        (said in the log)."""
+        if self.acl is None:
+            return self.config.token
+        node = self.catalog.node.name
+        secret = derived_secret(internal_key(self.data_dir), gateway_token_name(node))
+        try:
+            await self.store._call("PUT", f"/api/v1/nodes/{quote(node, safe='')}/gateway-token",
+                                   json_body={"SecretID": secret})
+        except StoreError as exc:
+            log.warning("gateway workers: no read-only token of their own (%s); they hold the agent's", exc.message)
+            return self.config.token
+        return secret
+
     async def _start_gateway(self, logs_port: int) -> None:
         self.gateway = self.supervisor(logs_port)
+        token = await self._workers_token()
+        if token:
+            self.gateway.extra_env[TOKEN_VARIABLES[0]] = token
         await self.gateway.start()
         await self.gateway.wait_listening()
         # Rate limits hold across the cluster's gateways: this machine's counts are published under

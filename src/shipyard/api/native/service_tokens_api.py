@@ -1,5 +1,7 @@
 """PUT /api/v1/nodes/{node}/service-tokens/{service}: a `shipyard agent` makes the ACL token its instances of
-`service` get (SHIPYARD_HTTP_TOKEN), as a server makes them for its own node's instances (api/server.py).
+`service` get (SHIPYARD_HTTP_TOKEN), as a server makes them for its own node's instances (api/server.py); and
+PUT /api/v1/nodes/{node}/gateway-token: the read-only token its gateway workers get, as a server mints its own
+workers' (GATEWAY_RULES), so the processes that face the network never hold the agent's store-writing token.
 
 The agent gives the SecretID (derived from its own key, so the same across its restarts and whichever server it
 asks, and never sent back); the token is that service's identity plus its KV prefix and the bus (service_rules),
@@ -16,7 +18,7 @@ import uuid
 import orjson
 from aiohttp import web
 
-from shipyard.acl.state import ACLState, service_rules
+from shipyard.acl.state import GATEWAY_RULES, ACLState, gateway_token_name, service_rules
 from shipyard.api.body import read_limited
 from shipyard.api.consul.acl_api import ACL_STATE
 from shipyard.api.context import Platform, platform_of
@@ -26,6 +28,9 @@ from shipyard.scheduler.records import ALLOCS, _q, decode_alloc
 routes = web.RouteTableDef()
 PATH = "/api/v1/nodes/{node}/service-tokens/{service}"
 MAX_BODY = 4096
+
+
+GATEWAY_PATH = "/api/v1/nodes/{node}/gateway-token"
 
 
 def token_name(node: str, service: str) -> str:
@@ -45,6 +50,7 @@ async def forget_node_tokens(platform: Platform, node: str) -> int:
                 if str(t.get("Description", "")).startswith(prefix) and str(t.get("Description", "")).endswith(suffix)]
     for service in services:
         await acl.delete_internal_token(token_name(node, service))
+    await acl.delete_internal_token(gateway_token_name(node))
     return len(services)
 
 
@@ -74,12 +80,17 @@ async def _placed_here(request: web.Request, node: str, service: str) -> bool:
     return False
 
 
+def _acl_of(request: web.Request, who: str) -> ACLState:
+    acl = platform_of(request).extras.get(ACL_STATE)
+    if not isinstance(acl, ACLState):
+        raise BadRequest(f"ACLs are off on this server (--acl): {who} need no token")
+    return acl
+
+
 @routes.put(PATH)
 async def put_service_token(request: web.Request) -> web.Response:
     node, service = request.match_info["node"], request.match_info["service"]
-    acl = platform_of(request).extras.get(ACL_STATE)
-    if not isinstance(acl, ACLState):
-        raise BadRequest("ACLs are off on this server (--acl): instances need no token")
+    acl = _acl_of(request, "instances")
     secret = await _secret_of(request)
     if not await _placed_here(request, node, service):
         raise ShipyardError(f"no allocation of {service!r} runs on node {node!r}: its token is made only for the "
@@ -91,8 +102,15 @@ async def put_service_token(request: web.Request) -> web.Response:
 @routes.delete(PATH)
 async def delete_service_token(request: web.Request) -> web.Response:
     """The agent runs no instance of `service` any more: its token for that node is deleted."""
-    acl = platform_of(request).extras.get(ACL_STATE)
-    if not isinstance(acl, ACLState):
-        raise BadRequest("ACLs are off on this server (--acl): instances need no token")
+    acl = _acl_of(request, "instances")
     await acl.delete_internal_token(token_name(request.match_info["node"], request.match_info["service"]))
     return web.json_response(None)
+
+
+@routes.put(GATEWAY_PATH)
+async def put_gateway_token(request: web.Request) -> web.Response:
+    """The token of the node's gateway workers: read the store, the routes and the catalog, write nothing."""
+    node = request.match_info["node"]
+    acl = _acl_of(request, "gateway workers")
+    await acl.internal_token_with(await _secret_of(request), gateway_token_name(node), GATEWAY_RULES)
+    return web.json_response({"Node": node})
