@@ -8,13 +8,13 @@ It decides from the request head alone, before any handler runs; it never reads 
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
 
+from shipyard.api.machine import is_loopback
 from shipyard.errors import ShipyardError
 
 JSON_TYPES = frozenset({"application/json"})
@@ -65,12 +65,7 @@ _VERDICTS_MAX = 1024
 
 def _is_loopback_name(host: str) -> bool:
     # RFC 6761: browsers resolve localhost and *.localhost to loopback themselves, so DNS cannot rebind them.
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return host.endswith(".localhost") or is_loopback(host)
 
 
 def _normal(host: str) -> str:
