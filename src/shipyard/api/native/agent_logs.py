@@ -11,7 +11,7 @@ import contextlib
 import functools
 import hmac
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -58,6 +58,14 @@ def _verifying_context(ca_file: str, cert_file: str, key_file: str) -> ssl.SSLCo
     return client_context(ca_file, cert_file, key_file)
 
 
+def agent_get(session: aiohttp.ClientSession, agent: AgentInfo, path: str, tls: CallerTls,
+              params: Mapping[str, str]) -> Any:
+    """A server's GET on an agent's listener: its secret, and its certificate checked when it serves HTTPS (awaited
+    for the response, or used as `async with`)."""
+    return session.get(agent_url(agent, path), params=params, headers={SECRET_HEADER: agent.logs_secret},
+                       ssl=agent_ssl(agent, tls))
+
+
 def _logs_path(alloc_id: str) -> str:
     return f"/api/v1/allocs/{quote(alloc_id, safe='')}/logs"
 
@@ -81,12 +89,10 @@ async def logs_agent_of(store: Store, alloc_id: str, own_node: str) -> AgentInfo
 
 async def proxy_agent_logs(request: web.Request, agent: AgentInfo, alloc_id: str,
                            tls: CallerTls) -> web.StreamResponse:
-    url = agent_url(agent, _logs_path(alloc_id))
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         try:
-            upstream = await session.get(url, params=request.query, headers={SECRET_HEADER: agent.logs_secret},
-                                         ssl=agent_ssl(agent, tls))
+            upstream = await agent_get(session, agent, _logs_path(alloc_id), tls, request.query)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ShipyardError(f"the agent of node {agent.name} ({agent.address}:{agent.logs_port}) does not answer "
                                 f"for its logs: {type(exc).__name__}", status=502) from None
@@ -106,12 +112,10 @@ async def proxy_agent_logs(request: web.Request, agent: AgentInfo, alloc_id: str
 async def agent_log_lines(agent: AgentInfo, alloc_id: str, stream: str, tail: int, tls: CallerTls) -> list[str]:
     """The last `tail` lines of an instance's stream, asked of its node's agent (the console's logs panel); none
     when the agent does not answer or knows no such instance."""
-    url = agent_url(agent, _logs_path(alloc_id))
     timeout = aiohttp.ClientTimeout(total=10, sock_connect=CONNECT_TIMEOUT)
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(
-                url, params={"stream": stream, "tail": str(tail)}, headers={SECRET_HEADER: agent.logs_secret},
-                ssl=agent_ssl(agent, tls)) as got:
+        async with aiohttp.ClientSession(timeout=timeout) as session, agent_get(
+                session, agent, _logs_path(alloc_id), tls, {"stream": stream, "tail": str(tail)}) as got:
             if got.status != 200:
                 return []
             return (await got.text(errors="replace")).splitlines()

@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from shipyard.api.context import Platform
-from shipyard.api.native.agent_logs import AGENT_LOGS, SECRET_HEADER, CallerTls, agent_ssl, agent_url
+from shipyard.api.native.agent_logs import AGENT_LOGS, CallerTls, agent_get
 from shipyard.registry.agents import AgentInfo, agent_info
 from shipyard.scheduler.model import Allocation
 
@@ -70,10 +70,8 @@ async def _remote(platform: Platform, node: str, ids: set[str]) -> dict[str, dic
 
 
 async def _ask(agent: AgentInfo, ids: set[str], tls: CallerTls) -> dict[str, dict[str, Any]]:
-    url = agent_url(agent, NODE_USAGE)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=RELAY_TIMEOUT)) as session, session.get(
-            url, params={"ids": ",".join(sorted(ids))}, headers={SECRET_HEADER: agent.logs_secret},
-            ssl=agent_ssl(agent, tls)) as response:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=RELAY_TIMEOUT)) as session, agent_get(
+            session, agent, NODE_USAGE, tls, {"ids": ",".join(sorted(ids))}) as response:
         if response.status != 200:
             return {}
         body = await response.json()
