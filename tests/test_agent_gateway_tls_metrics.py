@@ -228,8 +228,10 @@ def test_a_real_prometheus_scrapes_the_agents_gateway(setup: Setup) -> None:
             prometheus.wait(10)
 
 
-def gateway_worker_tokens() -> set[str]:
-    """The SHIPYARD_HTTP_TOKEN of the agent's gateway workers (those bound on the agent's address)."""
+def gateway_worker_tokens(setup: Setup) -> set[str]:
+    """The SHIPYARD_HTTP_TOKEN of this agent's gateway workers (bound on its address and gateway port: another
+    test's agent may run workers on the same address)."""
+    port = setup.gateway.rsplit(":", 1)[1].encode()
     found = set()
     for entry in Path("/proc").iterdir():
         try:
@@ -237,7 +239,8 @@ def gateway_worker_tokens() -> set[str]:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"shipyard.gateway.worker" in cmdline and ADDRESS.encode() in cmdline:
+        if b"shipyard.gateway.worker" in cmdline and ADDRESS.encode() in cmdline \
+                and cmdline[cmdline.index(b"--port") + 1:][:1] == [port]:
             found |= {v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"SHIPYARD_HTTP_TOKEN=")}
     return found
 
@@ -245,7 +248,7 @@ def gateway_worker_tokens() -> set[str]:
 def test_the_agents_gateway_workers_hold_a_read_only_token_of_their_own(setup: Setup) -> None:
     # The processes facing the network do not hold the agent's token (which writes the store), but a token with a
     # server's workers' rules, made for this node.
-    [token] = gateway_worker_tokens()
+    [token] = gateway_worker_tokens(setup)
     assert token != setup.agent_token
     me = call(setup.server.url, "GET", "/v1/acl/token/self", token=token)
     assert me.status_code == 200 and me.json()["Description"] == "Shipyard's own gateway@edge-gw", me.text
