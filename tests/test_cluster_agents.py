@@ -403,7 +403,13 @@ def check_agents_listed(server: LabServer, cut: AgentProcess, other: AgentProces
     """Members (API and CLI) and catalog nodes list the agents at their advertised addresses, with their meta."""
     wait_for("both agents alive among the members", lambda: all(
         members(server).get(a.name) == (a.address, 1) for a in (cut, other)), timeout=30)
-    nodes = {n["Node"]: n for n in server.http.get(server.url + "/v1/catalog/nodes", timeout=5).json()}
+
+    def both_nodes() -> dict[str, Any] | None:
+        nodes = {n["Node"]: n for n in server.http.get(server.url + "/v1/catalog/nodes", timeout=5).json()}
+        return nodes if {cut.name, other.name} <= nodes.keys() else None
+
+    # An agent is a member (its heartbeat lease) a moment before it has registered its node in the catalog.
+    nodes = wait_for("both agents' nodes in the catalog", both_nodes, timeout=30)
     assert nodes[cut.name]["Address"] == cut.address and nodes[cut.name]["Meta"]["rack"] == "r1"
     env = {**os.environ, "CONSUL_HTTP_TOKEN": MANAGEMENT, "CONSUL_CACERT": str(server.pki.ca)}
     listed = subprocess.run([sys.executable, "-m", "shipyard.cli.main", "--http-addr", server.url, "members"],
